@@ -1,0 +1,279 @@
+//! Everything that crosses the line between tcpka's kernel programs and user
+//! space: map and program names, map key/value layouts and the kernel's
+//! limits for keepalive values.
+//!
+//! Layouts are `#[repr(C)]` without implicit padding, so both sides agree
+//! byte for byte. The [`aya::Pod`] impls are only compiled with the `user`
+//! feature.
+#![no_std]
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// The sock_ops program that applies rules to new connections.
+    pub const SOCK_OPS: &str = "tcpka_sockops";
+}
+
+/// Names of the maps in the eBPF object (also their pin file names).
+pub mod maps {
+    /// Rules for new connections: [`crate::rules::RuleKey`] -> [`crate::rules::RuleValue`].
+    pub const RULES: &str = "TCPKA_RULES";
+    /// Connections tcpka applied a policy to: socket cookie -> [`crate::conns::ConnInfo`].
+    pub const CONNS: &str = "TCPKA_CONNS";
+    /// Per-CPU counters, indexed by [`crate::stats`] constants.
+    pub const STATS: &str = "TCPKA_STATS";
+    /// Ring buffer of [`crate::events::Event`]s.
+    pub const EVENTS: &str = "TCPKA_EVENTS";
+    /// One [`crate::meta::Meta`] record describing the installation.
+    pub const META: &str = "TCPKA_META";
+    /// All maps, in the order they are pinned.
+    pub const ALL: [&str; 5] = [RULES, CONNS, STATS, EVENTS, META];
+}
+
+/// Kernel limits on keepalive values (`net/ipv4/tcp.c`: `MAX_TCP_KEEPIDLE`,
+/// `MAX_TCP_KEEPINTVL`, `MAX_TCP_KEEPCNT`).
+pub mod limits {
+    /// Largest TCP_KEEPIDLE, in seconds.
+    pub const IDLE_MAX: u32 = 32767;
+    /// Largest TCP_KEEPINTVL, in seconds.
+    pub const INTERVAL_MAX: u32 = 32767;
+    /// Largest TCP_KEEPCNT.
+    pub const COUNT_MAX: u32 = 127;
+    /// Largest TCP_USER_TIMEOUT tcpka accepts, in milliseconds (the kernel
+    /// takes any non-negative `int`).
+    pub const USER_TIMEOUT_MAX_MS: u32 = i32::MAX as u32;
+}
+
+/// Socket option numbers used with `bpf_setsockopt` (`include/uapi/linux`).
+pub mod sockopt {
+    pub const SOL_SOCKET: i32 = 1;
+    pub const SO_KEEPALIVE: i32 = 9;
+    pub const SOL_TCP: i32 = 6;
+    pub const TCP_KEEPIDLE: i32 = 4;
+    pub const TCP_KEEPINTVL: i32 = 5;
+    pub const TCP_KEEPCNT: i32 = 6;
+    pub const TCP_USER_TIMEOUT: i32 = 18;
+}
+
+/// A keepalive policy as the programs apply it.
+pub mod policy {
+    /// [`Policy::flags`]: the policy sets TCP_USER_TIMEOUT.
+    pub const FLAG_USER_TIMEOUT: u32 = 1;
+
+    /// Keepalive values to apply to one connection.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Policy {
+        /// TCP_KEEPIDLE, seconds (1..=[`crate::limits::IDLE_MAX`]).
+        pub idle: u32,
+        /// TCP_KEEPCNT (1..=[`crate::limits::COUNT_MAX`]).
+        pub count: u32,
+        /// TCP_KEEPINTVL, seconds (1..=[`crate::limits::INTERVAL_MAX`]).
+        pub interval: u32,
+        /// TCP_USER_TIMEOUT in milliseconds; applied only with
+        /// [`FLAG_USER_TIMEOUT`].
+        pub user_timeout_ms: u32,
+        /// `FLAG_*` bits.
+        pub flags: u32,
+    }
+}
+
+/// The rule table: an LPM trie so that the kernel finds the longest
+/// `--remote` prefix in one lookup per port combination.
+pub mod rules {
+    use crate::policy::Policy;
+
+    /// Bits of the key data before the address: both ports (2 x 16 bits).
+    /// A rule's prefix length is this plus its address prefix length.
+    pub const PORTS_PREFIX_LEN: u32 = 32;
+    /// Longest prefix: ports plus a full IPv6 address.
+    pub const MAX_PREFIX_LEN: u32 = PORTS_PREFIX_LEN + 128;
+
+    /// [`RuleValue::fields`]: the rule sets a local port.
+    pub const FIELD_LOCAL_PORT: u32 = 1;
+    /// [`RuleValue::fields`]: the rule sets a remote port.
+    pub const FIELD_REMOTE_PORT: u32 = 2;
+    /// [`RuleValue::fields`]: the rule sets a remote prefix.
+    pub const FIELD_REMOTE: u32 = 4;
+
+    /// Data part of the LPM key. Ports are always fully part of the prefix
+    /// (0 stands for "any port"), so the trie's longest match is only ever
+    /// about the address.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RuleKey {
+        /// Local port, host byte order; 0 = any.
+        pub local_port: u16,
+        /// Remote port, host byte order; 0 = any.
+        pub remote_port: u16,
+        /// Remote address as IPv6, network byte order; IPv4 is stored
+        /// IPv4-mapped (`::ffff:a.b.c.d`), so IPv4 rules also match
+        /// IPv4-mapped IPv6 connections.
+        pub addr: [u8; 16],
+    }
+
+    /// What a rule applies and how specific it is.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RuleValue {
+        /// Rule id shown to users; unique among rules.
+        pub id: u32,
+        /// `FIELD_*` bits the rule sets.
+        pub fields: u32,
+        /// Remote prefix length in IPv6 bits (IPv4 /n is 96 + n); 0 when
+        /// the rule has no remote.
+        pub remote_prefix_len: u32,
+        /// Precedence: number of fields set, then the remote prefix length
+        /// (see [`rank`]). Higher wins; ties go to the lower id.
+        pub rank: u32,
+        /// Values to apply.
+        pub policy: Policy,
+    }
+
+    /// Precedence of a rule: more fields set beats fewer; among equals, the
+    /// longer remote prefix wins.
+    pub const fn rank(fields: u32, remote_prefix_len: u32) -> u32 {
+        (fields.count_ones() << 8) | remote_prefix_len
+    }
+}
+
+/// Connections tcpka manages, keyed by socket cookie.
+pub mod conns {
+    use crate::policy::Policy;
+
+    /// [`ConnInfo::source`]: the policy came from a rule.
+    pub const SOURCE_RULE: u32 = 1;
+    /// [`ConnInfo::source`]: the policy came from an enable command.
+    pub const SOURCE_COMMAND: u32 = 2;
+
+    /// The policy a connection got and where it came from.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ConnInfo {
+        /// What was applied.
+        pub policy: Policy,
+        /// `SOURCE_*`.
+        pub source: u32,
+        /// Id of the rule for [`SOURCE_RULE`], else 0.
+        pub rule_id: u32,
+        pub _pad: u32,
+        /// `bpf_ktime_get_ns()` when the policy was applied.
+        pub applied_ns: u64,
+    }
+}
+
+/// Indices into the per-CPU counter array.
+pub mod stats {
+    /// Connections that got a policy from a rule.
+    pub const APPLIED_RULE: u32 = 0;
+    /// `bpf_setsockopt` calls the kernel refused.
+    pub const SETSOCKOPT_ERRORS: u32 = 1;
+    /// Connection entries that did not fit in the connection map.
+    pub const CONNS_FULL: u32 = 2;
+    /// Connection entries removed at close.
+    pub const CONNS_CLOSED: u32 = 3;
+    /// Events lost because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 4;
+    /// Number of counters.
+    pub const LEN: u32 = 8;
+}
+
+/// Events the programs report to user space through the ring buffer.
+pub mod events {
+    use crate::policy::Policy;
+
+    /// A policy was applied to a connection.
+    pub const KIND_APPLIED: u32 = 1;
+
+    /// One event. Addresses are IPv6, network byte order; IPv4 connections
+    /// (family 2) carry them IPv4-mapped.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Event {
+        /// `KIND_*`.
+        pub kind: u32,
+        /// Socket family: 2 (IPv4) or 10 (IPv6).
+        pub family: u32,
+        /// Socket cookie.
+        pub cookie: u64,
+        /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+        pub ts_ns: u64,
+        /// Local address, network byte order.
+        pub local_addr: [u8; 16],
+        /// Remote address, network byte order.
+        pub remote_addr: [u8; 16],
+        /// Local port, host byte order.
+        pub local_port: u16,
+        /// Remote port, host byte order.
+        pub remote_port: u16,
+        /// Rule id, 0 when the policy did not come from a rule.
+        pub rule_id: u32,
+        /// The policy in force.
+        pub policy: Policy,
+        /// [`crate::conns`] `SOURCE_*`.
+        pub source: u32,
+    }
+
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub const RING_BYTES: u32 = 256 * 1024;
+}
+
+/// The installation record, written by the loader.
+pub mod meta {
+    /// Longest cgroup path the record holds.
+    pub const PATH_MAX: usize = 256;
+
+    /// Where tcpka is attached and the next rule id.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Meta {
+        /// Inode number of the cgroup v2 directory (the cgroup id).
+        pub cgroup_id: u64,
+        /// Id the next rule gets.
+        pub next_rule_id: u32,
+        /// Bytes used in `cgroup_path`.
+        pub cgroup_path_len: u32,
+        /// Cgroup directory path, UTF-8.
+        pub cgroup_path: [u8; PATH_MAX],
+    }
+}
+
+/// Capacity of the connection map. Entries exist only while a managed
+/// connection is open.
+pub const CONNS_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of the rule table.
+pub const RULES_MAX_ENTRIES: u32 = 4096;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)] with only integer fields and no padding.
+    unsafe impl aya::Pod for crate::policy::Policy {}
+    unsafe impl aya::Pod for crate::rules::RuleKey {}
+    unsafe impl aya::Pod for crate::rules::RuleValue {}
+    unsafe impl aya::Pod for crate::conns::ConnInfo {}
+    unsafe impl aya::Pod for crate::events::Event {}
+    unsafe impl aya::Pod for crate::meta::Meta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<policy::Policy>(), 20);
+        assert_eq!(size_of::<rules::RuleKey>(), 20);
+        assert_eq!(size_of::<rules::RuleValue>(), 16 + 20);
+        assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
+        assert_eq!(size_of::<events::Event>(), 88);
+        assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX);
+    }
+
+    #[test]
+    fn rank_orders_fields_before_prefix() {
+        let all_ports = rules::FIELD_LOCAL_PORT | rules::FIELD_REMOTE_PORT;
+        assert!(rules::rank(all_ports, 0) > rules::rank(rules::FIELD_REMOTE, 128));
+        assert!(rules::rank(rules::FIELD_REMOTE, 120) > rules::rank(rules::FIELD_REMOTE, 104));
+    }
+}

@@ -1,0 +1,89 @@
+//! Rule lookup and the `bpf_setsockopt` calls, shared by the programs.
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::generated::bpf_setsockopt, maps::lpm_trie::Key};
+use keepalive_common::{
+    events::Event,
+    policy::{Policy, FLAG_USER_TIMEOUT},
+    rules::{RuleKey, RuleValue, MAX_PREFIX_LEN},
+    sockopt::*,
+    stats,
+};
+
+use crate::maps::{count, EVENTS, RULES};
+
+/// Sends an event to user space; a full ring buffer is counted, not fatal.
+#[inline(always)]
+pub fn emit(event: &Event) {
+    if EVENTS.output::<Event>(event, 0).is_err() {
+        count(stats::EVENTS_DROPPED);
+    }
+}
+
+/// Finds the best rule for a connection: one trie lookup per port
+/// combination (both, local only, remote only, none), each giving the
+/// longest address prefix; the highest rank wins, ties go to the lower id.
+#[inline(always)]
+pub fn best_rule(local_port: u16, remote_port: u16, addr: [u8; 16]) -> Option<RuleValue> {
+    let mut best: Option<RuleValue> = None;
+    let combos = [
+        (local_port, remote_port),
+        (local_port, 0),
+        (0, remote_port),
+        (0, 0),
+    ];
+    for (lp, rp) in combos {
+        let key = Key::new(
+            MAX_PREFIX_LEN,
+            RuleKey {
+                local_port: lp,
+                remote_port: rp,
+                addr,
+            },
+        );
+        if let Some(rule) = RULES.get(&key) {
+            let better = match &best {
+                None => true,
+                Some(b) => rule.rank > b.rank || (rule.rank == b.rank && rule.id < b.id),
+            };
+            if better {
+                best = Some(*rule);
+            }
+        }
+    }
+    best
+}
+
+#[inline(always)]
+fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
+    let mut v = value as i32;
+    // SAFETY: `sk` is a socket pointer the verifier accepts for this program
+    // type; `v` lives for the call.
+    let ret = unsafe {
+        bpf_setsockopt(
+            sk,
+            level,
+            name,
+            &mut v as *mut i32 as *mut c_void,
+            size_of::<i32>() as i32,
+        )
+    };
+    if ret != 0 {
+        count(stats::SETSOCKOPT_ERRORS);
+    }
+    ret == 0
+}
+
+/// Applies a policy: values first, then SO_KEEPALIVE on, so the keepalive
+/// timer starts with the new idle time. Returns whether every call worked.
+#[inline(always)]
+pub fn apply_policy(sk: *mut c_void, p: &Policy) -> bool {
+    let mut ok = set(sk, SOL_TCP, TCP_KEEPIDLE, p.idle);
+    ok &= set(sk, SOL_TCP, TCP_KEEPINTVL, p.interval);
+    ok &= set(sk, SOL_TCP, TCP_KEEPCNT, p.count);
+    if p.flags & FLAG_USER_TIMEOUT != 0 {
+        ok &= set(sk, SOL_TCP, TCP_USER_TIMEOUT, p.user_timeout_ms);
+    }
+    ok &= set(sk, SOL_SOCKET, SO_KEEPALIVE, 1);
+    ok
+}

@@ -1,0 +1,20 @@
+//! tcpka's kernel programs. Each program has one job and lives in its own
+//! module; lookups and `bpf_setsockopt` calls they share are in `apply`.
+#![no_std]
+#![no_main]
+
+mod apply;
+mod maps;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier proves no panic path is reachable; this only
+    // satisfies the compiler.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

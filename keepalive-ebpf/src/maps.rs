@@ -1,0 +1,41 @@
+//! Map definitions. Names come from `keepalive_common::maps`; the loader pins
+//! them under tcpka's bpffs directory.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use keepalive_common::{
+    conns::ConnInfo,
+    events::RING_BYTES,
+    meta::Meta,
+    rules::{RuleKey, RuleValue},
+    stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
+};
+
+#[map(name = "TCPKA_RULES")]
+pub static RULES: LpmTrie<RuleKey, RuleValue> = LpmTrie::with_max_entries(RULES_MAX_ENTRIES, 0);
+
+// NB: BPF_F_NO_PREALLOC (1): entries exist only for open managed connections;
+// preallocating the whole capacity would cost memory on every host.
+#[map(name = "TCPKA_CONNS")]
+pub static CONNS: HashMap<u64, ConnInfo> = HashMap::with_max_entries(CONNS_MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0);
+
+#[map(name = "TCPKA_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Written and read by user space only; defined here so that it is created
+/// and pinned with the other maps.
+#[map(name = "TCPKA_META")]
+pub static META: Array<Meta> = Array::with_max_entries(1, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,111 @@
+//! tcpka's library: everything the CLI, the daemon and the tests share.
+//!
+//! - [`policy`] and [`rule`]: validated input.
+//! - [`loader`]: load, attach, pin, adopt and unload the kernel programs.
+//! - [`enforcer`]: rule and connection operations on the pinned maps.
+//! - [`events`]: what the programs report, rendered for people and scripts.
+pub mod cgroup;
+pub mod enforcer;
+pub mod events;
+pub mod loader;
+pub mod paths;
+pub mod policy;
+pub mod rule;
+mod sys;
+
+use std::path::PathBuf;
+
+/// The eBPF object, built by build.rs from `keepalive-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
+
+/// Input that tcpka refuses before touching anything.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InvalidInput {
+    #[error("{what} must be in {min}..={max}, got {value}")]
+    OutOfRange {
+        what: &'static str,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
+    #[error("{what} must be a whole number, got {value:?}")]
+    NotANumber { what: &'static str, value: String },
+    #[error("invalid port {0:?}: must be in 1..=65535")]
+    Port(String),
+    #[error("invalid address prefix {value:?}: {reason}")]
+    Cidr { value: String, reason: &'static str },
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error("tcpka is not loaded (no pins in {pin_dir}); run `tcpka load` first")]
+    NotLoaded { pin_dir: PathBuf },
+    #[error(
+        "tcpka is already loaded on cgroup {loaded}, not {requested}; run `tcpka unload` first"
+    )]
+    LoadedElsewhere { loaded: String, requested: String },
+    #[error("no such rule: {0}")]
+    NoSuchRule(u32),
+    #[error("a rule with the same match already exists (id {0})")]
+    DuplicateRule(u32),
+    #[error("the rule table is full ({0} rules)")]
+    RulesFull(u32),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Map {
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{what}")]
+    Program {
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("loading the eBPF object")]
+    Ebpf(#[source] aya::EbpfError),
+    #[error("{what}")]
+    Pin {
+        what: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for invalid input, 1 for a
+    /// failed operation.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Invalid(_) => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn map(what: impl Into<String>, source: aya::maps::MapError) -> Self {
+        Error::Map {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,326 @@
+//! Loading, attaching and pinning the kernel programs, adopting an
+//! installation that is already pinned, and removing it again.
+//!
+//! A load that fails halfway removes whatever it pinned: the host is left
+//! as it was.
+use std::{
+    fs::File,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, Map, MapData},
+    programs::{
+        links::{CgroupAttachMode, FdLink},
+        SockOps,
+    },
+    EbpfLoader,
+};
+use keepalive_common::{maps, meta::Meta, programs};
+
+use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
+
+/// Where an installation is attached.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Installation {
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+}
+
+/// What `load` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// Programs loaded, attached and pinned now.
+    Loaded(Installation),
+    /// The same installation was already pinned; nothing changed.
+    AlreadyLoaded(Installation),
+}
+
+impl LoadOutcome {
+    pub fn installation(&self) -> &Installation {
+        match self {
+            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) => i,
+        }
+    }
+}
+
+/// An exclusive lock on one installation, held while it changes, so that
+/// concurrent `tcpka` processes never interleave a load, an unload or a
+/// rule change. Released on drop.
+pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
+
+impl Lock {
+    pub fn acquire(layout: &PinLayout) -> Result<Self> {
+        let path = layout.lock_file();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: plain flock(2) on an fd we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(
+                format!("locking {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Self(file))
+    }
+}
+
+/// Reads the installation record, or `None` when nothing is loaded.
+pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
+    if !layout.sock_ops_link().exists() {
+        return Ok(None);
+    }
+    let meta = read_meta(layout)?;
+    let len = (meta.cgroup_path_len as usize).min(meta.cgroup_path.len());
+    Ok(Some(Installation {
+        pin_dir: layout.dir().to_path_buf(),
+        cgroup: PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned()),
+        cgroup_id: meta.cgroup_id,
+    }))
+}
+
+/// Opens a pinned map of a loaded installation.
+pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
+    if !layout.sock_ops_link().exists() {
+        return Err(Error::NotLoaded {
+            pin_dir: layout.dir().into(),
+        });
+    }
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| Error::map(format!("opening {}", path.display()), e))?;
+    Map::from_map_data(data).map_err(|e| Error::map(format!("opening {}", path.display()), e))
+}
+
+pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
+    let map = open_map(layout, maps::META)?;
+    let array: Array<_, Meta> =
+        Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+    array
+        .get(&0, 0)
+        .map_err(|e| Error::map("reading the installation record", e))
+}
+
+pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
+    let map = open_map(layout, maps::META)?;
+    let mut array: Array<_, Meta> =
+        Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+    array
+        .set(0, meta, 0)
+        .map_err(|e| Error::map("writing the installation record", e))
+}
+
+/// Loads, attaches and pins everything, or adopts what is already pinned
+/// for the same cgroup. Never attaches a second time.
+pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
+    let _lock = Lock::acquire(layout)?;
+    if let Some(current) = installed(layout)? {
+        if current.cgroup_id == cgroup.id {
+            return Ok(LoadOutcome::AlreadyLoaded(current));
+        }
+        return Err(Error::LoadedElsewhere {
+            loaded: current.cgroup.display().to_string(),
+            requested: cgroup.path.display().to_string(),
+        });
+    }
+    // Pins without a link are left over from an interrupted run: they carry
+    // no enforcement, so start afresh.
+    remove_pins(layout)?;
+    let mut undo = Undo {
+        layout,
+        armed: true,
+    };
+    let installation = load_and_pin(layout, cgroup)?;
+    undo.armed = false;
+    Ok(LoadOutcome::Loaded(installation))
+}
+
+/// Removes the pins of a load that failed halfway.
+struct Undo<'a> {
+    layout: &'a PinLayout,
+    armed: bool,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = detach_and_remove(self.layout) {
+                log::warn!("undoing a failed load: {e}");
+            }
+        }
+    }
+}
+
+/// Makes sure the pin directory's parent is on bpffs, mounting bpffs at its
+/// usual place `/sys/fs/bpf` when nothing is mounted there (as `bpftool`
+/// does).
+fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
+    let parent = layout.dir().parent().unwrap_or(Path::new("/"));
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent == Path::new(crate::paths::BPFFS) {
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::io(format!("mounting bpffs on {}", parent.display()), e.into()))?;
+        return Ok(());
+    }
+    Err(Error::io(
+        format!("{} is not on a bpffs mount", parent.display()),
+        std::io::ErrorKind::InvalidInput.into(),
+    ))
+}
+
+fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
+    ensure_bpffs(layout)?;
+    std::fs::create_dir_all(layout.dir())
+        .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
+    let mut ebpf = EbpfLoader::new()
+        .load(crate::EBPF_OBJECT)
+        .map_err(Error::Ebpf)?;
+    for name in maps::ALL {
+        let map = ebpf.map(name).ok_or_else(|| Error::Io {
+            what: format!("the eBPF object has no map {name}"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        map.pin(layout.map(name)).map_err(|e| Error::Pin {
+            what: format!("pinning map {name}"),
+            source: e,
+        })?;
+    }
+    let path_bytes = cgroup.path.to_string_lossy().into_owned().into_bytes();
+    let mut meta = Meta {
+        cgroup_id: cgroup.id,
+        next_rule_id: 1,
+        cgroup_path_len: 0,
+        cgroup_path: [0; keepalive_common::meta::PATH_MAX],
+    };
+    let n = path_bytes.len().min(meta.cgroup_path.len());
+    meta.cgroup_path[..n].copy_from_slice(&path_bytes[..n]);
+    meta.cgroup_path_len = n as u32;
+    {
+        let map = ebpf.map_mut(maps::META).expect("checked above");
+        let mut array: Array<_, Meta> =
+            Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+        array
+            .set(0, meta, 0)
+            .map_err(|e| Error::map("writing the installation record", e))?;
+    }
+
+    let prog: &mut SockOps = ebpf
+        .program_mut(programs::SOCK_OPS)
+        .ok_or_else(|| Error::Io {
+            what: format!("the eBPF object has no program {}", programs::SOCK_OPS),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?
+        .try_into()
+        .map_err(|e| Error::Program {
+            what: "the sock_ops program has the wrong type".into(),
+            source: e,
+        })?;
+    prog.load().map_err(|e| Error::Program {
+        what: "loading the sock_ops program (verifier log follows)".into(),
+        source: e,
+    })?;
+    let cgroup_dir = File::open(&cgroup.path)
+        .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.path.display()), e))?;
+    // NB: CgroupAttachMode::Single: aya 0.14 passes AllowMultiple's flag to
+    // BPF_LINK_CREATE, which the kernel rejects with EINVAL; links may be
+    // combined with other programs on the cgroup anyway.
+    let link_id = prog
+        .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+        .map_err(|e| Error::Program {
+            what: format!("attaching to cgroup {}", cgroup.path.display()),
+            source: e,
+        })?;
+    let link = prog.take_link(link_id).map_err(|e| Error::Program {
+        what: "taking the sock_ops link".into(),
+        source: e,
+    })?;
+    let link = FdLink::try_from(link).map_err(|e| Error::Io {
+        what: format!("the sock_ops link is not a BPF link: {e}"),
+        source: std::io::ErrorKind::Unsupported.into(),
+    })?;
+    link.pin(layout.sock_ops_link()).map_err(|e| Error::Pin {
+        what: "pinning the sock_ops link".into(),
+        source: e,
+    })?;
+    Ok(Installation {
+        pin_dir: layout.dir().to_path_buf(),
+        cgroup: cgroup.path.clone(),
+        cgroup_id: cgroup.id,
+    })
+}
+
+/// Detaches the programs and removes every pin. Returns whether anything
+/// was there.
+pub fn unload(layout: &PinLayout) -> Result<bool> {
+    let _lock = Lock::acquire(layout)?;
+    detach_and_remove(layout)
+}
+
+fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
+    let link_path = layout.sock_ops_link();
+    let mut found = false;
+    if link_path.exists() {
+        found = true;
+        let link = sys::obj_get(&link_path)
+            .map_err(|e| Error::io(format!("opening {}", link_path.display()), e))?;
+        // Detach now even if another process (a running `tcpka serve`)
+        // still holds the link open.
+        sys::link_detach(link.as_fd()).map_err(|e| Error::io("detaching the sock_ops link", e))?;
+        drop(link);
+    }
+    found |= remove_pins(layout)?;
+    Ok(found)
+}
+
+/// Removes tcpka's pin files and then the directory if it is empty.
+fn remove_pins(layout: &PinLayout) -> Result<bool> {
+    let mut found = false;
+    let names = maps::ALL
+        .iter()
+        .map(|n| layout.map(n))
+        .chain([layout.sock_ops_link()]);
+    for path in names {
+        match std::fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+    match std::fs::remove_dir(layout.dir()) {
+        Ok(()) => found = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("removing {} (not empty?)", layout.dir().display()),
+                e,
+            ))
+        }
+    }
+    Ok(found)
+}
+
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}

@@ -1,0 +1,296 @@
+//! `tcpka`: the command-line front end. It parses arguments, calls the
+//! library and prints; nothing else.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use tcpka::{
+    cgroup::Cgroup,
+    enforcer::Enforcer,
+    loader::{self, LoadOutcome},
+    paths::PinLayout,
+    policy::{parse_u32, Policy},
+    rule::{parse_port, Cidr, RuleMatch},
+    Error,
+};
+
+mod serve;
+
+/// Kernel-side TCP keepalive policy enforcer.
+///
+/// tcpka attaches a sock_ops eBPF program to a cgroup v2 and sets
+/// SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT (and
+/// TCP_USER_TIMEOUT when asked) on TCP connections of any process in that
+/// cgroup, so dead peers are detected without changing the server.
+///
+/// Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
+#[derive(Parser, Debug)]
+#[command(name = "tcpka", version, propagate_version = true)]
+struct Cli {
+    /// bpffs directory holding tcpka's pinned programs and maps.
+    #[arg(long, global = true, env = tcpka::paths::PIN_DIR_ENV, default_value = tcpka::paths::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the kernel programs, attach them to a cgroup and pin everything,
+    /// so enforcement goes on after tcpka exits. Loading again is a no-op.
+    Load(LoadArgs),
+    /// Detach the programs and remove every pin (also fine when nothing is
+    /// loaded). Connections keep the keepalive values they already have.
+    Unload,
+    /// Rules for new connections.
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// Show whether tcpka is loaded, where, and its kernel-side counters.
+    Info(JsonArg),
+    /// Load (or adopt the pinned installation) and log, in the foreground,
+    /// every policy the kernel applies. Ctrl-C stops logging; enforcement
+    /// stays in place.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct LoadArgs {
+    /// cgroup v2 directory to attach to [default: the root of the cgroup v2
+    /// mount, i.e. every process on the host].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// cgroup v2 directory to attach to when not loaded yet [default: the
+    /// root of the cgroup v2 mount].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Log one JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum RuleCommand {
+    /// Add a rule for connections established from now on; prints its id.
+    ///
+    /// Arguments in the reference module's order: IDLE COUNT INTERVAL.
+    /// The rule with the most fields set wins; among --remote prefixes the
+    /// longest wins; on a tie the older rule (lower id) wins.
+    Add(RuleAddArgs),
+    /// Delete a rule. Connections that already got its policy keep it.
+    Del {
+        /// Rule id, as printed by `rule add` and `rule list`.
+        #[arg(value_parser = |s: &str| parse_u32("ID", s))]
+        id: u32,
+    },
+    /// List the rules.
+    List(JsonArg),
+}
+
+#[derive(Args, Debug)]
+struct RuleAddArgs {
+    /// Only connections whose local port is P (a server's listening port
+    /// for inbound connections).
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    local_port: Option<u16>,
+    /// Only connections whose remote port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    remote_port: Option<u16>,
+    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
+    /// bare address means one host).
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
+    remote: Option<Cidr>,
+    /// Also set TCP_USER_TIMEOUT to MS milliseconds (0 = kernel default).
+    /// A non-zero value makes the kernel ignore COUNT.
+    #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
+    user_timeout: Option<u32>,
+    /// Seconds idle before the first probe (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("IDLE", s))]
+    idle: u32,
+    /// Unanswered probes before the connection is dropped (1..=127).
+    #[arg(value_parser = |s: &str| parse_u32("COUNT", s))]
+    count: u32,
+    /// Seconds between probes (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("INTERVAL", s))]
+    interval: u32,
+    /// Print the new rule as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialising plain data")
+    );
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let layout = PinLayout::new(cli.pin_dir);
+    match cli.command {
+        Command::Load(args) => {
+            let cgroup = Cgroup::open_or_root(args.cgroup.as_deref())?;
+            let outcome = loader::load(&layout, &cgroup)?;
+            let i = outcome.installation();
+            let loaded = matches!(outcome, LoadOutcome::Loaded(_));
+            if args.json {
+                print_json(&serde_json::json!({
+                    "loaded": loaded,
+                    "already_loaded": !loaded,
+                    "installation": i,
+                }));
+            } else if loaded {
+                println!(
+                    "loaded: attached to cgroup {}, pinned in {}",
+                    i.cgroup.display(),
+                    i.pin_dir.display()
+                );
+            } else {
+                println!(
+                    "already loaded: attached to cgroup {}, pinned in {}; nothing changed",
+                    i.cgroup.display(),
+                    i.pin_dir.display()
+                );
+            }
+        }
+        Command::Unload => {
+            if loader::unload(&layout)? {
+                println!("unloaded: detached and removed {}", layout.dir().display());
+            } else {
+                println!("not loaded: nothing to do");
+            }
+        }
+        Command::Rule(RuleCommand::Add(a)) => {
+            let policy = Policy::new(a.idle, a.count, a.interval, a.user_timeout)?;
+            let m = RuleMatch {
+                local_port: a.local_port,
+                remote_port: a.remote_port,
+                remote: a.remote,
+            };
+            let rule = Enforcer::new(layout).add_rule(m, policy)?;
+            if a.json {
+                print_json(&rule);
+            } else {
+                println!("{}", rule.id);
+            }
+        }
+        Command::Rule(RuleCommand::Del { id }) => {
+            Enforcer::new(layout).delete_rule(id)?;
+            println!("deleted rule {id}");
+        }
+        Command::Rule(RuleCommand::List(a)) => {
+            let rules = Enforcer::new(layout).rules()?;
+            if a.json {
+                print_json(&rules);
+            } else if rules.is_empty() {
+                println!("no rules");
+            } else {
+                println!(
+                    "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
+                    "ID",
+                    "LOCAL_PORT",
+                    "REMOTE_PORT",
+                    "REMOTE",
+                    "IDLE",
+                    "COUNT",
+                    "INTERVAL",
+                    "USER_TIMEOUT"
+                );
+                let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
+                for r in rules {
+                    println!(
+                        "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
+                        r.id,
+                        any(r.local_port.map(|p| p.to_string())),
+                        any(r.remote_port.map(|p| p.to_string())),
+                        any(r.remote.map(|c| c.to_string())),
+                        r.idle,
+                        r.count,
+                        r.interval,
+                        r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                    );
+                }
+            }
+        }
+        Command::Info(a) => {
+            let installation = loader::installed(&layout)?;
+            let Some(installation) = installation else {
+                if a.json {
+                    print_json(&serde_json::json!({ "loaded": false }));
+                }
+                return Err(Error::NotLoaded {
+                    pin_dir: layout.dir().into(),
+                });
+            };
+            let enforcer = Enforcer::new(layout);
+            let rules = enforcer.rules()?.len();
+            let managed = enforcer.managed()?.len();
+            let counters = enforcer.counters()?;
+            if a.json {
+                print_json(&serde_json::json!({
+                    "loaded": true,
+                    "installation": installation,
+                    "rules": rules,
+                    "managed_connections": managed,
+                    "counters": counters,
+                }));
+            } else {
+                println!("loaded: cgroup {}", installation.cgroup.display());
+                println!("pins: {}", installation.pin_dir.display());
+                println!("rules: {rules}");
+                println!("managed connections: {managed}");
+                println!("applied by rule: {}", counters.applied_by_rule);
+                println!("setsockopt errors: {}", counters.setsockopt_errors);
+                println!("connection map full: {}", counters.conns_map_full);
+                println!("events dropped: {}", counters.events_dropped);
+            }
+        }
+        Command::Serve(a) => {
+            let cgroup = Cgroup::open_or_root(a.cgroup.as_deref())?;
+            serve::run(layout, cgroup, a.json)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Every filesystem location tcpka uses.
+use std::path::{Path, PathBuf};
+
+/// Where bpffs is mounted on a usual host.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Default bpffs directory holding tcpka's pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpka";
+/// Environment variable that overrides the pin directory (tests use it to
+/// keep their pins apart from the host's).
+pub const PIN_DIR_ENV: &str = "TCPKA_PIN_DIR";
+/// Directory of the lock files that serialise changes to one installation.
+pub const LOCK_DIR: &str = "/run/tcpka";
+/// Pin name of the sock_ops cgroup link, inside the pin directory.
+pub const SOCK_OPS_LINK: &str = "link_sockops";
+
+/// The pins of one installation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinLayout {
+    dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Pin of a map, by its name from `keepalive_common::maps`.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Pin of the sock_ops cgroup link.
+    pub fn sock_ops_link(&self) -> PathBuf {
+        self.dir.join(SOCK_OPS_LINK)
+    }
+
+    /// Lock file for this installation (outside bpffs, which only holds
+    /// BPF objects).
+    pub fn lock_file(&self) -> PathBuf {
+        let name: String = self
+            .dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        Path::new(LOCK_DIR).join(format!("{name}.lock"))
+    }
+}
+
+impl Default for PinLayout {
+    fn default() -> Self {
+        Self::new(
+            std::env::var_os(PIN_DIR_ENV)
+                .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), PathBuf::from),
+        )
+    }
+}
