@@ -1,1 +1,406 @@
+//! Guards and helpers for tcpka's real-kernel tests. Every test makes its
+//! own network namespace, child cgroup and pin directory; each guard undoes
+//! itself on drop, so the host's own connections are never touched.
+//!
+//! Tests panic on failure rather than return errors.
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
+use nix::sched::{setns, unshare, CloneFlags};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Fails loudly when not root: these tests need a real kernel and root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the kernel tests must run as root (kernel {})",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+}
+
+/// The current thread in a fresh network namespace with `lo` up; restores
+/// the previous namespace on drop. Processes spawned from this thread
+/// inherit the namespace.
+pub struct NetNs {
+    previous: File,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        require_root();
+        let previous = File::open("/proc/thread-self/ns/net").expect("open current netns");
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        set_link_up("lo");
+        Self { previous }
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        setns(self.previous.as_fd(), CloneFlags::CLONE_NEWNET).expect("restore netns");
+    }
+}
+
+/// Brings an interface of the current namespace up (SIOCSIFFLAGS).
+pub fn set_link_up(name: &str) {
+    // SAFETY: plain socket/ioctl calls on an ifreq we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket for ioctl");
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().enumerate() {
+            ifr.ifr_name[i] = b as libc::c_char;
+        }
+        assert_eq!(
+            libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr),
+            0,
+            "SIOCGIFFLAGS {name}"
+        );
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        assert_eq!(
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut ifr),
+            0,
+            "SIOCSIFFLAGS {name}"
+        );
+        libc::close(fd);
+    }
+}
+
+/// Runs `f` with the current thread in the namespace behind `ns_path`
+/// (e.g. `/run/netns/NAME`); sockets made in `f` stay in that namespace.
+pub fn in_netns<T>(ns_path: &Path, f: impl FnOnce() -> T) -> T {
+    let previous = File::open("/proc/thread-self/ns/net").expect("open current netns");
+    let target = File::open(ns_path).expect("open target netns");
+    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns target");
+    let out = f();
+    setns(previous.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns back");
+    out
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup2_root() -> PathBuf {
+    tcpka::cgroup::cgroup2_mount().expect("a cgroup v2 mount")
+}
+
+/// A child cgroup of the cgroup v2 root. [`CgroupDir::enter`] moves this
+/// whole process into it; drop moves it back and removes the directory.
+pub struct CgroupDir {
+    pub path: PathBuf,
+    home: PathBuf,
+}
+
+impl CgroupDir {
+    pub fn new() -> Self {
+        require_root();
+        let root = cgroup2_root();
+        let path = root.join(unique("tcpka-test"));
+        std::fs::create_dir(&path).expect("create test cgroup");
+        Self {
+            path,
+            home: current_cgroup(&root),
+        }
+    }
+
+    /// Moves the whole test process into this cgroup: sockets created from
+    /// now on belong to it.
+    pub fn enter(&self) {
+        std::fs::write(
+            self.path.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .expect("move into test cgroup");
+    }
+
+    /// Moves the process back to where it started.
+    pub fn leave(&self) {
+        std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .expect("move back to original cgroup");
+    }
+}
+
+impl Default for CgroupDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        self.leave();
+        // A cgroup whose last socket is still being freed can briefly refuse.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}
+
+fn current_cgroup(root: &Path) -> PathBuf {
+    let s = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    let rel = s
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line in /proc/self/cgroup");
+    root.join(rel.trim_start_matches('/'))
+}
+
+/// The `tcpka` binary, run with its own pin directory. Drop unloads.
+pub struct Tcpka {
+    pub pin_dir: PathBuf,
+}
+
+/// What one `tcpka` run did.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Panics unless the run exited 0.
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "tcpka failed: {self:?}");
+        self
+    }
+}
+
+/// Path of the `tcpka` binary: `$TCPKA_BIN`, or next to the test binary's
+/// directory (`target/debug/tcpka`).
+pub fn tcpka_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TCPKA_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tcpka");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+impl Tcpka {
+    pub fn new() -> Self {
+        require_root();
+        Self {
+            pin_dir: Path::new("/sys/fs/bpf").join(unique("tcpka-test")),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(tcpka_bin());
+        c.env("TCPKA_PIN_DIR", &self.pin_dir);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd().args(args).output().expect("run tcpka"))
+    }
+
+    /// `tcpka load --cgroup DIR`, asserting success.
+    pub fn load(&self, cgroup: &Path) -> Run {
+        self.run(&["load", "--cgroup", cgroup.to_str().unwrap()])
+            .ok()
+    }
+
+    /// `tcpka rule add ARGS...`, returning the new id.
+    pub fn rule_add(&self, args: &[&str]) -> u32 {
+        let mut a = vec!["rule", "add"];
+        a.extend_from_slice(args);
+        let r = self.run(&a).ok();
+        r.stdout.trim().parse().expect("rule id on stdout")
+    }
+
+    pub fn layout(&self) -> tcpka::paths::PinLayout {
+        tcpka::paths::PinLayout::new(&self.pin_dir)
+    }
+
+    /// Entries in the per-connection map.
+    pub fn managed_count(&self) -> usize {
+        tcpka::enforcer::Enforcer::new(self.layout())
+            .managed()
+            .expect("read the connection map")
+            .len()
+    }
+}
+
+impl Default for Tcpka {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Tcpka {
+    fn drop(&mut self) {
+        let _ = tcpka::loader::unload(&self.layout());
+    }
+}
+
+/// Keepalive settings of a socket as the kernel reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub enabled: bool,
+    pub idle: i32,
+    pub interval: i32,
+    pub count: i32,
+    pub user_timeout_ms: i32,
+}
+
+fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(ret, 0, "getsockopt({level}, {name})");
+    v
+}
+
+/// Reads SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and
+/// TCP_USER_TIMEOUT with getsockopt.
+pub fn keepalive(fd: &impl AsRawFd) -> Keepalive {
+    Keepalive {
+        enabled: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        idle: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        interval: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        count: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        user_timeout_ms: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    }
+}
+
+/// What a fresh namespace's sockets get by default (net.ipv4.tcp_keepalive_*).
+pub const KERNEL_DEFAULT: Keepalive = Keepalive {
+    enabled: false,
+    idle: 7200,
+    interval: 75,
+    count: 9,
+    user_timeout_ms: 0,
+};
+
+/// The keepalive a test expects from a policy.
+pub fn expect(idle: i32, count: i32, interval: i32, user_timeout_ms: i32) -> Keepalive {
+    Keepalive {
+        enabled: true,
+        idle,
+        interval,
+        count,
+        user_timeout_ms,
+    }
+}
+
+/// The socket cookie (SO_COOKIE).
+pub fn cookie(fd: &impl AsRawFd) -> u64 {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(ret, 0, "getsockopt(SO_COOKIE)");
+    v
+}
+
+/// A connected pair over the given listener: (client, accepted server side).
+pub fn connect(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let addr = listener.local_addr().unwrap();
+    let client = TcpStream::connect(addr).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+/// A listener on `addr` (port 0 picks one).
+pub fn listen(addr: &str) -> TcpListener {
+    TcpListener::bind(addr.parse::<SocketAddr>().expect("listen address")).expect("bind")
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Programs attached to a cgroup directly, as bpftool reports them.
+pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show", cgroup.to_str().unwrap(), "--json"])
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,1 +1,137 @@
-fn main() {}
+//! Project tasks that cargo alone cannot do: install the toolchain pieces,
+//! run the daemon, run every test.
+//!
+//! `cargo xtask setup` is idempotent and fast when everything is present;
+//! `run` and `test` call it first, so a fresh machine needs no other step.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(about = "tcpka project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, bpf-linker,
+    /// rust-src); does nothing when all is present.
+    Setup,
+    /// Set up, build (release) and run `tcpka serve` in the foreground.
+    /// Extra arguments go to `tcpka serve` (e.g. `-- --cgroup PATH`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test: unit tests and the real-kernel
+    /// integration tests (as root). Extra arguments filter test names.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("entering the workspace")?;
+    match cli.command {
+        Task::Setup => setup::run(),
+        Task::Run { args } => {
+            setup::run()?;
+            step("build (release)", || {
+                cargo(&[
+                    "build",
+                    "--release",
+                    "-p",
+                    "keepalive-user",
+                    "--bin",
+                    "tcpka",
+                ])
+            })?;
+            let bin = root.join("target/release/tcpka");
+            eprintln!("xtask: running {} serve {}", bin.display(), args.join(" "));
+            let status = Command::new(&bin)
+                .arg("serve")
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            // The shell convention for "stopped by Ctrl-C" is not a failure.
+            if !status.success() && status.code().is_some() {
+                bail!("tcpka serve exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            step("build", || {
+                cargo(&["build", "-p", "keepalive-user", "--bin", "tcpka"])
+            })?;
+            let bin = root.join("target/debug/tcpka");
+            // Kernel tests move the test process between cgroups and
+            // network namespaces, so they run one at a time.
+            let mut cmd = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
+            cmd.extend(args.iter().map(String::as_str));
+            step("test", || {
+                let status = Command::new(cargo_bin())
+                    .args(&cmd)
+                    .env("TCPKA_BIN", &bin)
+                    .status()
+                    .context("starting cargo test")?;
+                if !status.success() {
+                    bail!("tests failed ({status})");
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .args(args)
+        .status()
+        .with_context(|| format!("starting cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs one named step, printing how long it took; a failure names it.
+pub fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let start = Instant::now();
+    f().with_context(|| format!("step '{name}' failed"))?;
+    eprintln!(
+        "xtask: {name}: done in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `cargo xtask setup`: installs what is missing, checks before it acts.
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::step;
+
+/// Debian packages: LLVM 22 for bpf-linker (rustc 1.95 uses LLVM 22),
+/// iproute2 for the tests' network namespaces, bpftool for inspection.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libzstd-dev", "iproute2", "bpftool"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> Result<()> {
+    let start = std::time::Instant::now();
+    step("setup: apt packages", apt)?;
+    step("setup: rust-src", rust_src)?;
+    step("setup: bpf-linker", bpf_linker)?;
+    step("setup: bpffs", bpffs)?;
+    eprintln!(
+        "xtask: setup complete in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_cmd(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what}: exited with {status}");
+    }
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run_cmd(
+        "apt-get update",
+        Command::new("apt-get").args(["-q", "update"]),
+    )?;
+    run_cmd(
+        &format!("apt-get install {}", missing.join(" ")),
+        Command::new("apt-get")
+            .args(["-q", "install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .context("rustup is needed to install rust-src")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    run_cmd(
+        "rustup component add rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src"]),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+        eprintln!("xtask: found {}, want {BPF_LINKER_VERSION}", v.trim());
+    }
+    run_cmd(
+        &format!("cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22, about a minute)"),
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            // Without it bpf-linker's build finds /usr/bin/llvm-config
+            // (an older LLVM) and fails to link.
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        return Ok(());
+    }
+    run_cmd(
+        "mount -t bpf bpf /sys/fs/bpf",
+        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
+    )
+}
