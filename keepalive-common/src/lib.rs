@@ -11,6 +11,17 @@
 pub mod programs {
     /// The sock_ops program that applies rules to new connections.
     pub const SOCK_OPS: &str = "tcpka_sockops";
+    /// iter/tcp program that applies pending requests to live connections.
+    pub const ITER_APPLY: &str = "tcpka_iter_apply";
+    /// iter/tcp program that reports managed connections.
+    pub const ITER_STATUS: &str = "tcpka_iter_status";
+    /// tp_btf/inet_sock_set_state program that forgets closed connections.
+    pub const CLOSE: &str = "tcpka_close";
+    /// Read-only global: offset of `skc_v6_daddr` in `struct sock_common`,
+    /// from the kernel's BTF.
+    pub const GLOBAL_V6_DADDR_OFF: &str = "SKC_V6_DADDR_OFF";
+    /// Read-only global: offset of `skc_v6_rcv_saddr` in `struct sock_common`.
+    pub const GLOBAL_V6_SADDR_OFF: &str = "SKC_V6_RCV_SADDR_OFF";
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).
@@ -25,8 +36,13 @@ pub mod maps {
     pub const EVENTS: &str = "TCPKA_EVENTS";
     /// One [`crate::meta::Meta`] record describing the installation.
     pub const META: &str = "TCPKA_META";
+    /// Pending requests for live connections by peer endpoint:
+    /// [`crate::requests::PeerKey`] -> [`crate::requests::Request`].
+    pub const REQ_PEER: &str = "TCPKA_REQ_PEER";
+    /// Pending requests for live connections by socket cookie.
+    pub const REQ_COOKIE: &str = "TCPKA_REQ_COOKIE";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 5] = [RULES, CONNS, STATS, EVENTS, META];
+    pub const ALL: [&str; 7] = [RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE];
 }
 
 /// Kernel limits on keepalive values (`net/ipv4/tcp.c`: `MAX_TCP_KEEPIDLE`,
@@ -177,6 +193,81 @@ pub mod stats {
     pub const LEN: u32 = 8;
 }
 
+/// Requests for live connections, applied by the iter/tcp program.
+pub mod requests {
+    use crate::policy::Policy;
+
+    /// Apply the policy (SO_KEEPALIVE on and the values).
+    pub const OP_ENABLE: u32 = 1;
+    /// SO_KEEPALIVE off.
+    pub const OP_DISABLE: u32 = 2;
+    /// Change nothing, only report the connection.
+    pub const OP_QUERY: u32 = 3;
+
+    /// A peer endpoint.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct PeerKey {
+        /// Remote address as IPv6 (IPv4 mapped), network byte order.
+        pub addr: [u8; 16],
+        /// Remote port, host byte order.
+        pub port: u16,
+        pub _pad: u16,
+    }
+
+    /// What to do with the matching connections.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Request {
+        /// `OP_*`.
+        pub op: u32,
+        /// 1 when only connections with this local end match.
+        pub has_local: u32,
+        /// Local address as IPv6 (IPv4 mapped), network byte order.
+        pub local_addr: [u8; 16],
+        /// Local port, host byte order.
+        pub local_port: u16,
+        pub _pad: u16,
+        /// Values for [`OP_ENABLE`].
+        pub policy: Policy,
+    }
+
+    /// What the iterators write for each connection they report, read back
+    /// from the kernel with `bpf_getsockopt`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ConnRecord {
+        pub cookie: u64,
+        /// 2 (IPv4) or 10 (IPv6).
+        pub family: u32,
+        /// TCP state (`BPF_TCP_*`, 1 = established).
+        pub state: u32,
+        /// Network byte order, IPv6 (IPv4 mapped).
+        pub local_addr: [u8; 16],
+        /// Network byte order, IPv6 (IPv4 mapped).
+        pub remote_addr: [u8; 16],
+        /// Host byte order.
+        pub local_port: u16,
+        /// Host byte order.
+        pub remote_port: u16,
+        /// SO_KEEPALIVE.
+        pub keepalive: u32,
+        pub idle: u32,
+        pub interval: u32,
+        pub count: u32,
+        pub user_timeout_ms: u32,
+        /// [`crate::conns`] `SOURCE_*`, 0 when not managed.
+        pub source: u32,
+        pub rule_id: u32,
+        /// 0 when every `bpf_setsockopt` of the request worked.
+        pub apply_failed: u32,
+        pub _pad: u32,
+    }
+
+    /// Capacity of each request map (requests live for one pass).
+    pub const MAX_ENTRIES: u32 = 16_384;
+}
+
 /// Events the programs report to user space through the ring buffer.
 pub mod events {
     use crate::policy::Policy;
@@ -252,6 +343,9 @@ mod pod {
     unsafe impl aya::Pod for crate::conns::ConnInfo {}
     unsafe impl aya::Pod for crate::events::Event {}
     unsafe impl aya::Pod for crate::meta::Meta {}
+    unsafe impl aya::Pod for crate::requests::PeerKey {}
+    unsafe impl aya::Pod for crate::requests::Request {}
+    unsafe impl aya::Pod for crate::requests::ConnRecord {}
 }
 
 #[cfg(test)]
@@ -268,6 +362,9 @@ mod tests {
         assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
         assert_eq!(size_of::<events::Event>(), 88);
         assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX);
+        assert_eq!(size_of::<requests::PeerKey>(), 20);
+        assert_eq!(size_of::<requests::Request>(), 48);
+        assert_eq!(size_of::<requests::ConnRecord>(), 84 + 4);
     }
 
     #[test]

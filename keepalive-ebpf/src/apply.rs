@@ -55,7 +55,7 @@ pub fn best_rule(local_port: u16, remote_port: u16, addr: [u8; 16]) -> Option<Ru
 }
 
 #[inline(always)]
-fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
+pub fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
     let mut v = value as i32;
     // SAFETY: `sk` is a socket pointer the verifier accepts for this program
     // type; `v` lives for the call.

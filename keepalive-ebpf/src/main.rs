@@ -4,6 +4,8 @@
 #![no_main]
 
 mod apply;
+mod close;
+mod iter;
 mod maps;
 mod sockops;
 

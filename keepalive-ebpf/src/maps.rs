@@ -8,6 +8,7 @@ use keepalive_common::{
     conns::ConnInfo,
     events::RING_BYTES,
     meta::Meta,
+    requests::{self, PeerKey, Request},
     rules::{RuleKey, RuleValue},
     stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
 };
@@ -30,6 +31,13 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 /// and pinned with the other maps.
 #[map(name = "TCPKA_META")]
 pub static META: Array<Meta> = Array::with_max_entries(1, 0);
+
+#[map(name = "TCPKA_REQ_PEER")]
+pub static REQ_PEER: HashMap<PeerKey, Request> =
+    HashMap::with_max_entries(requests::MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_REQ_COOKIE")]
+pub static REQ_COOKIE: HashMap<u64, Request> = HashMap::with_max_entries(requests::MAX_ENTRIES, 1);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

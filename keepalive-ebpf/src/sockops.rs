@@ -1,5 +1,5 @@
 //! sock_ops: applies the best matching rule when a connection is
-//! established (either side) and forgets the connection when it closes.
+//! established (either side). `close.rs` forgets it when it closes.
 //!
 //! # Minimum kernel version
 //! 5.7 (cgroup links); `bpf_setsockopt` for TCP_USER_TIMEOUT needs 5.x.
@@ -8,7 +8,6 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
@@ -51,18 +50,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = field!(ops, op);
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            established(ctx, ops)
-        }
-        BPF_SOCK_OPS_STATE_CB => {
-            // args[1] is the new state; the callback runs before the change.
-            if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE {
-                // SAFETY: sock_ops context is a valid argument for the helper.
-                let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-                if CONNS.remove(&cookie).is_ok() {
-                    count(stats::CONNS_CLOSED);
-                }
-            }
-            Ok(())
+            established(ops)
         }
         _ => Ok(()),
     }
@@ -95,7 +83,7 @@ macro_rules! addr {
     }};
 }
 
-fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) -> Result<(), ()> {
+fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     let family = field!(ops, family);
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
@@ -137,16 +125,6 @@ fn established(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) -> Result<(), ()> {
     });
     if CONNS.insert(&cookie, &info, 0).is_err() {
         count(stats::CONNS_FULL);
-        return Ok(());
-    }
-    // Ask for the STATE callback so the entry goes when the connection
-    // closes. The helper returns the bits it could not set.
-    let flags = field!(ops, bpf_sock_ops_cb_flags);
-    if ctx
-        .set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-        .is_err()
-    {
-        let _ = CONNS.remove(&cookie);
     }
     Ok(())
 }

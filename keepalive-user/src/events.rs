@@ -1,8 +1,5 @@
 //! Events from the kernel programs, rendered for people and scripts.
-use std::{
-    fmt,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-};
+use std::fmt;
 
 use keepalive_common::{
     conns::{SOURCE_COMMAND, SOURCE_RULE},
@@ -27,16 +24,7 @@ pub struct Record {
     pub monotonic_ns: u64,
 }
 
-/// Builds a socket address the way users write it: IPv4 for IPv4 sockets,
-/// `[v6]:port` for IPv6 ones (IPv4-mapped addresses keep their form).
-pub fn endpoint(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
-    let v6 = Ipv6Addr::from(addr);
-    let ip = match (family, v6.to_ipv4_mapped()) {
-        (2, Some(v4)) => IpAddr::V4(v4),
-        _ => IpAddr::V6(v6),
-    };
-    SocketAddr::new(ip, port)
-}
+pub use crate::conn::endpoint;
 
 /// Names a `SOURCE_*` value.
 pub fn source_name(source: u32) -> &'static str {
@@ -90,7 +78,10 @@ mod tests {
             .octets();
         assert_eq!(endpoint(2, v4, 5060).to_string(), "10.0.0.2:5060");
         assert_eq!(endpoint(10, v4, 5060).to_string(), "[::ffff:10.0.0.2]:5060");
-        let v6 = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let v6 = "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
         assert_eq!(endpoint(10, v6, 5061).to_string(), "[2001:db8::1]:5061");
     }
 }

@@ -4,7 +4,9 @@
 //! - [`loader`]: load, attach, pin, adopt and unload the kernel programs.
 //! - [`enforcer`]: rule and connection operations on the pinned maps.
 //! - [`events`]: what the programs report, rendered for people and scripts.
+pub mod btf;
 pub mod cgroup;
+pub mod conn;
 pub mod enforcer;
 pub mod events;
 pub mod loader;
@@ -32,6 +34,8 @@ pub enum InvalidInput {
     NotANumber { what: &'static str, value: String },
     #[error("invalid port {0:?}: must be in 1..=65535")]
     Port(String),
+    #[error("invalid connection {value:?}: {reason}")]
+    Conn { value: String, reason: &'static str },
     #[error("invalid address prefix {value:?}: {reason}")]
     Cidr { value: String, reason: &'static str },
 }
@@ -72,6 +76,16 @@ pub enum Error {
         what: String,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("reading kernel BTF")]
+    Btf(#[from] btf::BtfError),
+    #[error("no such connection: {0}")]
+    NoSuchConnection(String),
+    #[error("network namespace {path}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("loading the eBPF object")]
     Ebpf(#[source] aya::EbpfError),

@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, Map, MapData},
     programs::{
         links::{CgroupAttachMode, FdLink},
-        SockOps,
+        BtfTracePoint, Iter, SockOps,
     },
     EbpfLoader,
 };
@@ -190,7 +190,17 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     ensure_bpffs(layout)?;
     std::fs::create_dir_all(layout.dir())
         .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
+    let kernel_btf = crate::btf::Btf::from_sys_fs()?;
+    let v6_daddr = kernel_btf.member_offset("sock_common", "skc_v6_daddr")?;
+    let v6_saddr = kernel_btf.member_offset("sock_common", "skc_v6_rcv_saddr")?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Io {
+        what: format!("reading kernel BTF: {e}"),
+        source: std::io::ErrorKind::NotFound.into(),
+    })?;
     let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .override_global(programs::GLOBAL_V6_DADDR_OFF, &v6_daddr, true)
+        .override_global(programs::GLOBAL_V6_SADDR_OFF, &v6_saddr, true)
         .load(crate::EBPF_OBJECT)
         .map_err(Error::Ebpf)?;
     for name in maps::ALL {
@@ -220,6 +230,45 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         array
             .set(0, meta, 0)
             .map_err(|e| Error::map("writing the installation record", e))?;
+    }
+
+    // Connection cleanup first, so nothing the other programs record can
+    // outlive its connection.
+    {
+        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::CLOSE)?;
+        prog.load("inet_sock_set_state", &btf)
+            .map_err(|e| Error::Program {
+                what: "loading the close tracepoint program".into(),
+                source: e,
+            })?;
+        let id = prog.attach().map_err(|e| Error::Program {
+            what: "attaching to tracepoint inet_sock_set_state".into(),
+            source: e,
+        })?;
+        let link = prog.take_link(id).map_err(|e| Error::Program {
+            what: "taking the tracepoint link".into(),
+            source: e,
+        })?;
+        pin_link(link, &layout.close_link())?;
+    }
+    for (name, pin) in [
+        (programs::ITER_APPLY, layout.iter_apply()),
+        (programs::ITER_STATUS, layout.iter_status()),
+    ] {
+        let prog: &mut Iter = program(&mut ebpf, name)?;
+        prog.load("tcp", &btf).map_err(|e| Error::Program {
+            what: format!("loading iterator {name}"),
+            source: e,
+        })?;
+        let id = prog.attach().map_err(|e| Error::Program {
+            what: format!("attaching iterator {name}"),
+            source: e,
+        })?;
+        let link = prog.take_link(id).map_err(|e| Error::Program {
+            what: format!("taking the {name} link"),
+            source: e,
+        })?;
+        pin_link(link, &pin)?;
     }
 
     let prog: &mut SockOps = ebpf
@@ -252,19 +301,44 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         what: "taking the sock_ops link".into(),
         source: e,
     })?;
-    let link = FdLink::try_from(link).map_err(|e| Error::Io {
-        what: format!("the sock_ops link is not a BPF link: {e}"),
-        source: std::io::ErrorKind::Unsupported.into(),
-    })?;
-    link.pin(layout.sock_ops_link()).map_err(|e| Error::Pin {
-        what: "pinning the sock_ops link".into(),
-        source: e,
-    })?;
+    pin_link(link, &layout.sock_ops_link())?;
     Ok(Installation {
         pin_dir: layout.dir().to_path_buf(),
         cgroup: cgroup.path.clone(),
         cgroup_id: cgroup.id,
     })
+}
+
+fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Io {
+            what: format!("the eBPF object has no program {name}"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?
+        .try_into()
+        .map_err(|e| Error::Program {
+            what: format!("program {name} has the wrong type"),
+            source: e,
+        })
+}
+
+fn pin_link<L>(link: L, path: &Path) -> Result<()>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let link = FdLink::try_from(link).map_err(|e| Error::Io {
+        what: format!("{}: not a BPF link: {e}", path.display()),
+        source: std::io::ErrorKind::Unsupported.into(),
+    })?;
+    link.pin(path).map_err(|e| Error::Pin {
+        what: format!("pinning {}", path.display()),
+        source: e,
+    })?;
+    Ok(())
 }
 
 /// Detaches the programs and removes every pin. Returns whether anything
@@ -293,10 +367,11 @@ fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
 /// Removes tcpka's pin files and then the directory if it is empty.
 fn remove_pins(layout: &PinLayout) -> Result<bool> {
     let mut found = false;
-    let names = maps::ALL
-        .iter()
-        .map(|n| layout.map(n))
-        .chain([layout.sock_ops_link()]);
+    let names = layout
+        .links()
+        .into_iter()
+        .rev()
+        .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {
             Ok(()) => found = true,

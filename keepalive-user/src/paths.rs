@@ -12,6 +12,12 @@ pub const PIN_DIR_ENV: &str = "TCPKA_PIN_DIR";
 pub const LOCK_DIR: &str = "/run/tcpka";
 /// Pin name of the sock_ops cgroup link, inside the pin directory.
 pub const SOCK_OPS_LINK: &str = "link_sockops";
+/// Pin name of the close tracepoint link.
+pub const CLOSE_LINK: &str = "link_close";
+/// Pin name of the apply iterator (reading it runs one pass).
+pub const ITER_APPLY: &str = "iter_apply";
+/// Pin name of the status iterator.
+pub const ITER_STATUS: &str = "iter_status";
 
 /// The pins of one installation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +43,32 @@ impl PinLayout {
     /// Pin of the sock_ops cgroup link.
     pub fn sock_ops_link(&self) -> PathBuf {
         self.dir.join(SOCK_OPS_LINK)
+    }
+
+    /// Pin of the close tracepoint link.
+    pub fn close_link(&self) -> PathBuf {
+        self.dir.join(CLOSE_LINK)
+    }
+
+    /// Pin of the apply iterator.
+    pub fn iter_apply(&self) -> PathBuf {
+        self.dir.join(ITER_APPLY)
+    }
+
+    /// Pin of the status iterator.
+    pub fn iter_status(&self) -> PathBuf {
+        self.dir.join(ITER_STATUS)
+    }
+
+    /// Every link pin, the sock_ops link last (its presence means
+    /// "loaded", so it is pinned last and removed first).
+    pub fn links(&self) -> [PathBuf; 4] {
+        [
+            self.close_link(),
+            self.iter_apply(),
+            self.iter_status(),
+            self.sock_ops_link(),
+        ]
     }
 
     /// Lock file for this installation (outside bpffs, which only holds

@@ -1,0 +1,259 @@
+//! iter/tcp programs: the only way to reach an idle, already established
+//! connection on demand. Reading a pinned iterator link walks every TCP
+//! socket of the reader's network namespace and runs the program on each.
+//!
+//! - `tcpka_iter_apply` applies pending requests (by cookie or by peer
+//!   endpoint) and reports the connections it touched;
+//! - `tcpka_iter_status` reports the connections tcpka manages.
+//!
+//! Both report with `bpf_seq_write`, values read back with `bpf_getsockopt`.
+//!
+//! # Minimum kernel version
+//! 5.9 (iter/tcp); `bpf_setsockopt` from iterators needs 6.0.
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{
+    bpf_get_socket_cookie, bpf_probe_read_kernel_buf,
+    generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
+};
+use keepalive_common::{
+    conns::{ConnInfo, SOURCE_COMMAND},
+    requests::{ConnRecord, PeerKey, Request, OP_DISABLE, OP_ENABLE},
+    sockopt::*,
+};
+
+use crate::{
+    apply::{apply_policy, set},
+    maps::{CONNS, REQ_COOKIE, REQ_PEER},
+};
+
+/// `struct bpf_iter_meta`: only the seq_file pointer is used.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut c_void,
+}
+
+/// `struct bpf_iter__tcp`.
+#[repr(C)]
+struct IterTcp {
+    meta: *mut IterMeta,
+    sk_common: *mut u8,
+    uid: u32,
+}
+
+// Offsets of the IPv6 addresses in `struct sock_common` depend on the
+// kernel's configuration; the loader reads them from BTF and sets these
+// before load. Rust eBPF has no CO-RE field relocations.
+#[unsafe(no_mangle)]
+static SKC_V6_DADDR_OFF: u32 = 56;
+#[unsafe(no_mangle)]
+static SKC_V6_RCV_SADDR_OFF: u32 = 72;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+// Stable offsets in `struct sock_common`.
+const SKC_DADDR: usize = 0;
+const SKC_RCV_SADDR: usize = 4;
+const SKC_DPORT: usize = 12;
+const SKC_NUM: usize = 14;
+const SKC_FAMILY: usize = 16;
+const SKC_STATE: usize = 18;
+
+/// The addresses and ports of one socket.
+struct Ends {
+    family: u16,
+    local_addr: [u8; 16],
+    remote_addr: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    state: u8,
+}
+
+#[inline(always)]
+fn read<T: Copy + Default>(sk: *const u8, off: usize) -> T {
+    let mut v = T::default();
+    // SAFETY: reads kernel memory through the probe helper; a fault leaves
+    // the default value.
+    let buf =
+        unsafe { core::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
+    let _ = unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(off), buf) };
+    v
+}
+
+#[inline(always)]
+fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+    ]
+}
+
+#[inline(always)]
+fn ends(sk: *const u8) -> Option<Ends> {
+    let family: u16 = read(sk, SKC_FAMILY);
+    let (local_addr, remote_addr) = if family == AF_INET {
+        (
+            v4_mapped(read(sk, SKC_RCV_SADDR)),
+            v4_mapped(read(sk, SKC_DADDR)),
+        )
+    } else if family == AF_INET6 {
+        // SAFETY: read-only globals set by the loader.
+        let (d, s) = unsafe {
+            (
+                core::ptr::read_volatile(&SKC_V6_DADDR_OFF),
+                core::ptr::read_volatile(&SKC_V6_RCV_SADDR_OFF),
+            )
+        };
+        (read(sk, s as usize), read(sk, d as usize))
+    } else {
+        return None;
+    };
+    let dport: u16 = read(sk, SKC_DPORT);
+    Some(Ends {
+        family,
+        local_addr,
+        remote_addr,
+        local_port: read(sk, SKC_NUM),
+        remote_port: u16::from_be(dport),
+        state: read(sk, SKC_STATE),
+    })
+}
+
+#[inline(always)]
+fn get(tp: *mut c_void, level: i32, name: i32) -> u32 {
+    let mut v: i32 = 0;
+    // SAFETY: `tp` is a full TCP socket from bpf_skc_to_tcp_sock.
+    unsafe {
+        bpf_getsockopt(
+            tp,
+            level,
+            name,
+            &mut v as *mut i32 as *mut c_void,
+            size_of::<i32>() as i32,
+        )
+    };
+    v as u32
+}
+
+/// Writes one record with the values the kernel now holds.
+#[inline(always)]
+fn report(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, apply_failed: u32) {
+    let (source, rule_id) = match unsafe { CONNS.get(&cookie) } {
+        Some(info) => (info.source, info.rule_id),
+        None => (0, 0),
+    };
+    let mut rec = ConnRecord {
+        cookie,
+        family: e.family as u32,
+        state: e.state as u32,
+        local_addr: e.local_addr,
+        remote_addr: e.remote_addr,
+        local_port: e.local_port,
+        remote_port: e.remote_port,
+        keepalive: get(tp, SOL_SOCKET, SO_KEEPALIVE),
+        idle: get(tp, SOL_TCP, TCP_KEEPIDLE),
+        interval: get(tp, SOL_TCP, TCP_KEEPINTVL),
+        count: get(tp, SOL_TCP, TCP_KEEPCNT),
+        user_timeout_ms: get(tp, SOL_TCP, TCP_USER_TIMEOUT),
+        source,
+        rule_id,
+        apply_failed,
+        _pad: 0,
+    };
+    // SAFETY: `seq` is the iterator's seq_file; `rec` lives for the call.
+    unsafe {
+        bpf_seq_write(
+            seq.cast(),
+            &mut rec as *mut ConnRecord as *mut c_void,
+            size_of::<ConnRecord>() as u32,
+        )
+    };
+}
+
+#[inline(always)]
+fn find_request(cookie: u64, e: &Ends) -> Option<Request> {
+    // SAFETY: map values are only read here.
+    if let Some(r) = unsafe { REQ_COOKIE.get(&cookie) } {
+        return Some(*r);
+    }
+    let key = PeerKey {
+        addr: e.remote_addr,
+        port: e.remote_port,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    let r = *unsafe { REQ_PEER.get(&key) }?;
+    if r.has_local != 0 && (r.local_port != e.local_port || r.local_addr != e.local_addr) {
+        return None;
+    }
+    Some(r)
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
+    let ctx = ctx as *const IterTcp;
+    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
+    let (sk, seq) = unsafe { ((*ctx).sk_common, (*(*ctx).meta).seq) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: a sock_common pointer from the iterator.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *mut c_void;
+    if tp.is_null() {
+        return 0; // request and time-wait sockets carry no options
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let Some(e) = ends(sk) else { return 0 };
+    let Some(req) = find_request(cookie, &e) else {
+        return 0;
+    };
+    let mut failed = 0;
+    if req.op == OP_ENABLE {
+        if !apply_policy(tp, &req.policy) {
+            failed = 1;
+        }
+        let info = ConnInfo {
+            policy: req.policy,
+            source: SOURCE_COMMAND,
+            rule_id: 0,
+            _pad: 0,
+            // SAFETY: helper without arguments.
+            applied_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        let _ = CONNS.insert(&cookie, &info, 0);
+    } else if req.op == OP_DISABLE {
+        if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
+            failed = 1;
+        }
+        let _ = CONNS.remove(&cookie);
+    }
+    report(seq, tp, cookie, &e, failed);
+    0
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
+    let ctx = ctx as *const IterTcp;
+    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
+    let (sk, seq) = unsafe { ((*ctx).sk_common, (*(*ctx).meta).seq) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: a sock_common pointer from the iterator.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *mut c_void;
+    if tp.is_null() {
+        return 0;
+    }
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    // SAFETY: read-only lookup.
+    if unsafe { CONNS.get(&cookie) }.is_none() {
+        return 0;
+    }
+    let Some(e) = ends(sk) else { return 0 };
+    report(seq, tp, cookie, &e, 0);
+    0
+}
