@@ -1,14 +1,19 @@
 //! Operations on a loaded installation: rules and managed connections. The
 //! CLI, the daemon and the tests all go through here.
+use std::{fs::File, io::Read as _, net::SocketAddr, path::Path};
+
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapError, PerCpuArray};
 use keepalive_common::{
     conns::ConnInfo,
     maps,
+    requests::{ConnRecord, PeerKey, Request, OP_DISABLE, OP_ENABLE, OP_QUERY},
     rules::{RuleKey, RuleValue},
     stats, RULES_MAX_ENTRIES,
 };
 
 use crate::{
+    conn::{endpoint, peer_key, v6_bytes, ConnSpec},
+    events::source_name,
     loader::{self, Lock},
     paths::PinLayout,
     policy::Policy,
@@ -150,4 +155,208 @@ impl Enforcer {
 fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {
     let m = RuleMatch::from_key(key.prefix_len(), &key.data(), value.fields);
     Rule::new(value.id, m, Policy::from_raw(&value.policy))
+}
+
+/// What to do with live connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// SO_KEEPALIVE on with these values (the reference's
+    /// `tcp_keepalive_enable`).
+    Enable(Policy),
+    /// SO_KEEPALIVE off (`tcp_keepalive_disable`).
+    Disable,
+    /// Change nothing; report the matching connections.
+    Query,
+}
+
+/// Keepalive settings read back from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeepaliveState {
+    pub enabled: bool,
+    pub idle: u32,
+    pub count: u32,
+    pub interval: u32,
+    /// TCP_USER_TIMEOUT, `None` when 0 (kernel default).
+    pub user_timeout_ms: Option<u32>,
+    /// True when a non-zero user timeout makes the kernel ignore `count`:
+    /// it drops the connection once the user timeout has passed and one
+    /// probe went unanswered.
+    pub count_ignored: bool,
+}
+
+/// One connection as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ConnStatus {
+    pub cookie: u64,
+    pub local: String,
+    pub remote: String,
+    pub state: &'static str,
+    pub keepalive: KeepaliveState,
+    /// `"rule"` or `"command"`; `None` when tcpka does not manage it.
+    pub source: Option<&'static str>,
+    pub rule: Option<u32>,
+    /// Some `bpf_setsockopt` of the request failed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub apply_failed: bool,
+}
+
+/// Name of a TCP state (`include/net/tcp_states.h`).
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        1 => "established",
+        2 => "syn-sent",
+        3 => "syn-recv",
+        4 => "fin-wait-1",
+        5 => "fin-wait-2",
+        6 => "time-wait",
+        7 => "close",
+        8 => "close-wait",
+        9 => "last-ack",
+        10 => "listen",
+        11 => "closing",
+        12 => "new-syn-recv",
+        _ => "unknown",
+    }
+}
+
+impl ConnStatus {
+    fn from_raw(r: &ConnRecord) -> Self {
+        let user_timeout_ms = (r.user_timeout_ms != 0).then_some(r.user_timeout_ms);
+        Self {
+            cookie: r.cookie,
+            local: endpoint(r.family, r.local_addr, r.local_port).to_string(),
+            remote: endpoint(r.family, r.remote_addr, r.remote_port).to_string(),
+            state: state_name(r.state),
+            keepalive: KeepaliveState {
+                enabled: r.keepalive != 0,
+                idle: r.idle,
+                count: r.count,
+                interval: r.interval,
+                user_timeout_ms,
+                count_ignored: r.keepalive != 0 && user_timeout_ms.is_some(),
+            },
+            source: (r.source != 0).then(|| source_name(r.source)),
+            rule: (r.rule_id != 0).then_some(r.rule_id),
+            apply_failed: r.apply_failed != 0,
+        }
+    }
+}
+
+/// Parses what an iterator pass wrote.
+fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
+    let size = size_of::<ConnRecord>();
+    buf.chunks_exact(size)
+        .map(|c| {
+            // SAFETY: the programs write whole `ConnRecord`s; read unaligned.
+            let r: ConnRecord = unsafe { std::ptr::read_unaligned(c.as_ptr().cast()) };
+            ConnStatus::from_raw(&r)
+        })
+        .collect()
+}
+
+/// Runs one pass of a pinned iterator in the given network namespace (the
+/// iterator walks the namespace of the process that opens it).
+fn run_pass(pin: &Path, netns: Option<&Path>) -> Result<Vec<u8>> {
+    let open = || {
+        File::open(pin).map_err(|e| Error::io(format!("running the iterator {}", pin.display()), e))
+    };
+    let mut file = match netns {
+        None => open()?,
+        Some(ns) => {
+            let netns_err = |source| Error::Netns {
+                path: ns.into(),
+                source,
+            };
+            let own = File::open("/proc/thread-self/ns/net").map_err(netns_err)?;
+            let target = File::open(ns).map_err(netns_err)?;
+            nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| netns_err(e.into()))?;
+            let file = open();
+            nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| netns_err(e.into()))?;
+            file?
+        }
+    };
+    let mut buf = Vec::with_capacity(64 * 1024);
+    file.read_to_end(&mut buf)
+        .map_err(|e| Error::io(format!("reading the iterator {}", pin.display()), e))?;
+    Ok(buf)
+}
+
+impl Enforcer {
+    /// Applies an action to live connections at once, also idle ones and
+    /// ones established before tcpka was loaded, in the network namespace
+    /// `netns` (default: our own). Returns the connections it touched,
+    /// with the values read back from the kernel; fails with
+    /// [`Error::NoSuchConnection`] when none matched (nothing changed).
+    pub fn apply(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        action: Action,
+        netns: Option<&Path>,
+    ) -> Result<Vec<ConnStatus>> {
+        let (op, policy) = match action {
+            Action::Enable(p) => (OP_ENABLE, p.to_raw()),
+            Action::Disable => (OP_DISABLE, Default::default()),
+            Action::Query => (OP_QUERY, Default::default()),
+        };
+        let request = Request {
+            op,
+            has_local: local.is_some() as u32,
+            local_addr: local.map_or([0; 16], |l| v6_bytes(l.ip())),
+            local_port: local.map_or(0, |l| l.port()),
+            _pad: 0,
+            policy,
+        };
+        // One pass at a time per installation: a pass applies every pending
+        // request, so serialising keeps each command's result its own.
+        let _lock = Lock::acquire(&self.layout)?;
+        let found = match conn {
+            ConnSpec::Cookie(cookie) => {
+                let map = loader::open_map(&self.layout, maps::REQ_COOKIE)?;
+                let mut reqs: HashMap<_, u64, Request> =
+                    HashMap::try_from(map).map_err(|e| Error::map("opening requests", e))?;
+                reqs.insert(cookie, request, 0)
+                    .map_err(|e| Error::map("queueing the request", e))?;
+                let out = run_pass(&self.layout.iter_apply(), netns);
+                let _ = reqs.remove(&cookie);
+                out?
+            }
+            ConnSpec::Peer(peer) => {
+                let map = loader::open_map(&self.layout, maps::REQ_PEER)?;
+                let mut reqs: HashMap<_, PeerKey, Request> =
+                    HashMap::try_from(map).map_err(|e| Error::map("opening requests", e))?;
+                let key = peer_key(peer);
+                reqs.insert(key, request, 0)
+                    .map_err(|e| Error::map("queueing the request", e))?;
+                let out = run_pass(&self.layout.iter_apply(), netns);
+                let _ = reqs.remove(&key);
+                out?
+            }
+        };
+        let touched = parse_records(&found);
+        if touched.is_empty() {
+            let mut what = conn.to_string();
+            if let Some(l) = local {
+                what.push_str(&format!(" with local end {l}"));
+            }
+            return Err(Error::NoSuchConnection(what));
+        }
+        Ok(touched)
+    }
+
+    /// Every connection tcpka manages in `netns`, values read back from the
+    /// kernel.
+    pub fn status(&self, netns: Option<&Path>) -> Result<Vec<ConnStatus>> {
+        if loader::installed(&self.layout)?.is_none() {
+            return Err(Error::NotLoaded {
+                pin_dir: self.layout.dir().into(),
+            });
+        }
+        let buf = run_pass(&self.layout.iter_status(), netns)?;
+        let mut out = parse_records(&buf);
+        out.sort_by_key(|c| c.cookie);
+        Ok(out)
+    }
 }

@@ -2,12 +2,13 @@
 //! library and prints; nothing else.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
-    enforcer::Enforcer,
+    conn::{parse_endpoint, ConnSpec},
+    enforcer::{Action, ConnStatus, Enforcer},
     loader::{self, LoadOutcome},
     paths::PinLayout,
     policy::{parse_u32, Policy},
@@ -47,6 +48,17 @@ enum Command {
     /// Rules for new connections.
     #[command(subcommand)]
     Rule(RuleCommand),
+    /// Enable keepalive on live connections now, idle or not, whichever
+    /// process owns them (the reference's tcp_keepalive_enable).
+    ///
+    /// Prints how many connections changed; exits 1 with "no such
+    /// connection" when none matches.
+    Enable(EnableArgs),
+    /// Turn keepalive off on live connections now (tcp_keepalive_disable).
+    Disable(ConnArgs),
+    /// Show managed connections (or, with CONN, the matching connections
+    /// whether managed or not) with the values read back from the kernel.
+    Status(StatusArgs),
     /// Show whether tcpka is loaded, where, and its kernel-side counters.
     Info(JsonArg),
     /// Load (or adopt the pinned installation) and log, in the foreground,
@@ -73,6 +85,63 @@ struct ServeArgs {
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// Log one JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// CONN: the peer endpoint `IP:PORT` or `[IPv6]:PORT` (Kamailio's
+/// `$si:$sp`), optionally prefixed `tcp:`, `tls:`, `ws:` or `wss:`; a SIP URI
+/// such as `sip:10.0.0.2:5060;transport=tcp`; or `cookie:N` (decimal or 0x
+/// hex, as SO_COOKIE and `ss -e` `sk:` show it).
+#[derive(Args, Debug)]
+struct ConnArgs {
+    /// The connection(s): peer endpoint, SIP URI or cookie:N.
+    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
+    conn: ConnSpec,
+    /// Only the connection with this local end (Kamailio's `$Ri:$Rp`).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    local: Option<SocketAddr>,
+    /// Act in another network namespace, e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// Print the connections changed as JSON (as `status --json`).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct EnableArgs {
+    #[command(flatten)]
+    target: ConnArgs,
+    /// Seconds idle before the first probe (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("IDLE", s))]
+    idle: u32,
+    /// Unanswered probes before the connection is dropped (1..=127).
+    #[arg(value_parser = |s: &str| parse_u32("COUNT", s))]
+    count: u32,
+    /// Seconds between probes (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("INTERVAL", s))]
+    interval: u32,
+    /// Also set TCP_USER_TIMEOUT to MS milliseconds. Non-zero makes the
+    /// kernel ignore COUNT.
+    #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
+    user_timeout: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Show this connection (peer endpoint, SIP URI or cookie:N), managed
+    /// or not; exit 1 when there is none.
+    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
+    conn: Option<ConnSpec>,
+    /// With CONN: only the connection with this local end.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint, requires = "conn")]
+    local: Option<SocketAddr>,
+    /// Network namespace to look in [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// Print a JSON array.
     #[arg(long)]
     json: bool,
 }
@@ -167,6 +236,63 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
+fn report_changed(changed: &[ConnStatus], what: &str, policy: &str, json: bool) {
+    if json {
+        print_json(&changed);
+        return;
+    }
+    let n = changed.len();
+    let plural = if n == 1 { "connection" } else { "connections" };
+    if policy.is_empty() {
+        println!("{what} on {n} {plural}");
+    } else {
+        println!("{what} on {n} {plural} ({policy})");
+    }
+    if changed.iter().any(|c| c.apply_failed) {
+        eprintln!("warning: the kernel refused some values; see `tcpka status`");
+    }
+}
+
+fn print_status(conns: &[ConnStatus]) {
+    println!(
+        "{:<18}  {:<46}  {:<46}  {:<12}  {:<34}  SOURCE",
+        "COOKIE", "LOCAL", "REMOTE", "STATE", "KEEPALIVE"
+    );
+    for c in conns {
+        let k = &c.keepalive;
+        let mut ka = if k.enabled {
+            format!(
+                "on idle={}s count={} intvl={}s",
+                k.idle, k.count, k.interval
+            )
+        } else {
+            "off".to_owned()
+        };
+        if let Some(ms) = k.user_timeout_ms {
+            ka.push_str(&format!(" user_timeout={ms}ms"));
+        }
+        let source = match (c.source, c.rule) {
+            (_, Some(id)) => format!("rule {id}"),
+            (Some(s), None) => s.to_owned(),
+            (None, None) => "-".to_owned(),
+        };
+        println!(
+            "{:<18}  {:<46}  {:<46}  {:<12}  {:<34}  {source}",
+            format!("{:#x}", c.cookie),
+            c.local,
+            c.remote,
+            c.state,
+            ka
+        );
+        if k.count_ignored {
+            println!(
+                "{:<18}  note: TCP_USER_TIMEOUT is set, so the kernel ignores count={} and drops the connection {}ms after data stops being acknowledged",
+                "", k.count, k.user_timeout_ms.unwrap_or(0)
+            );
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     let layout = PinLayout::new(cli.pin_dir);
     match cli.command {
@@ -252,6 +378,40 @@ fn run(cli: Cli) -> Result<(), Error> {
                         r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
                     );
                 }
+            }
+        }
+        Command::Enable(a) => {
+            let policy = Policy::new(a.idle, a.count, a.interval, a.user_timeout)?;
+            let t = a.target;
+            let changed = Enforcer::new(layout).apply(
+                t.conn,
+                t.local,
+                Action::Enable(policy),
+                t.netns.as_deref(),
+            )?;
+            report_changed(&changed, "enabled keepalive", &policy.to_string(), t.json);
+        }
+        Command::Disable(t) => {
+            let changed = Enforcer::new(layout).apply(
+                t.conn,
+                t.local,
+                Action::Disable,
+                t.netns.as_deref(),
+            )?;
+            report_changed(&changed, "disabled keepalive", "", t.json);
+        }
+        Command::Status(a) => {
+            let enforcer = Enforcer::new(layout);
+            let conns = match a.conn {
+                Some(conn) => enforcer.apply(conn, a.local, Action::Query, a.netns.as_deref())?,
+                None => enforcer.status(a.netns.as_deref())?,
+            };
+            if a.json {
+                print_json(&conns);
+            } else if conns.is_empty() {
+                println!("no managed connections");
+            } else {
+                print_status(&conns);
             }
         }
         Command::Info(a) => {
