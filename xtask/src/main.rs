@@ -12,6 +12,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod setup;
 
 #[derive(Parser)]
@@ -32,6 +33,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release) and measure `tcpka enable` end to end and
+    /// the kernel pass with 1,000, 10,000 and 100,000 other open TCP
+    /// connections, in a private network namespace.
+    Bench {
+        /// Connection counts to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        sizes: Vec<usize>,
+        /// Samples per measurement.
+        #[arg(long, default_value_t = 31)]
+        samples: usize,
+    },
+    /// (internal) Hold COUNT loopback connections until stdin closes.
+    #[command(hide = true)]
+    BenchHold { src: String, count: usize },
     /// Set up, build, and run every test: unit tests and the real-kernel
     /// integration tests (as root). Extra arguments filter test names.
     Test {
@@ -53,6 +68,21 @@ fn real_main() -> Result<()> {
     std::env::set_current_dir(&root).context("entering the workspace")?;
     match cli.command {
         Task::Setup => setup::run(),
+        Task::BenchHold { src, count } => bench::hold(&src, count),
+        Task::Bench { sizes, samples } => {
+            setup::run()?;
+            step("build (release)", || {
+                cargo(&[
+                    "build",
+                    "--release",
+                    "-p",
+                    "keepalive-user",
+                    "--bin",
+                    "tcpka",
+                ])
+            })?;
+            bench::run(&root.join("target/release/tcpka"), &sizes, samples)
+        }
         Task::Run { args } => {
             setup::run()?;
             step("build (release)", || {

@@ -1,0 +1,219 @@
+//! `cargo xtask bench`: what `tcpka enable` costs as the number of other
+//! TCP connections in the namespace grows. Everything runs in a private
+//! network namespace, cgroup and pin directory, removed afterwards.
+//!
+//! Printed figures: median and p90 over the samples, all sizes measured in
+//! one run.
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Connections one holder process keeps open: 2 fds each plus its listener
+/// stay under the 20,000 open-file limit.
+const PER_HOLDER: usize = 9000;
+
+/// Holds `count` loopback connections (client bound to `src`) until stdin
+/// closes; prints "ready" once they are all up.
+pub fn hold(src: &str, count: usize) -> Result<()> {
+    let listener = TcpListener::bind((src, 0)).context("bind holder listener")?;
+    let addr = listener.local_addr()?;
+    let mut conns = Vec::with_capacity(count * 2);
+    for _ in 0..count {
+        let c = TcpStream::connect(addr).context("holder connect")?;
+        let (s, _) = listener.accept()?;
+        conns.push(c);
+        conns.push(s);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+struct Holders(Vec<Child>);
+
+impl Holders {
+    /// Opens `total` connections spread over holder processes, each on its
+    /// own 127.0.x.y source address (ephemeral ports are per address).
+    fn open(total: usize, first: usize) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        let mut left = total;
+        let mut i = first;
+        while left > 0 {
+            let n = left.min(PER_HOLDER);
+            let src = format!("127.0.{}.{}", 1 + i / 250, 2 + i % 250);
+            let child = Command::new(&exe)
+                .args(["bench-hold", &src, &n.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("start holder")?;
+            children.push(child);
+            left -= n;
+            i += 1;
+        }
+        for c in &mut children {
+            let mut buf = [0u8; 6];
+            c.stdout
+                .as_mut()
+                .expect("piped")
+                .read_exact(&mut buf)
+                .context("holder did not start (open files limit?)")?;
+        }
+        Ok(Self(children))
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+}
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (ms(v[v.len() / 2]), ms(v[(v.len() * 9) / 10]))
+}
+
+fn sockets_in_netns() -> usize {
+    std::fs::read_to_string("/proc/net/tcp")
+        .map(|s| s.lines().count() - 1)
+        .unwrap_or(0)
+        + std::fs::read_to_string("/proc/net/tcp6")
+            .map(|s| s.lines().count().saturating_sub(1))
+            .unwrap_or(0)
+}
+
+pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
+    // A private network namespace for this process and its children.
+    // SAFETY: plain unshare(2); xtask is single-threaded here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    if !st.success() {
+        bail!("ip link set lo up failed");
+    }
+    let cg_root = cgroup2_mount()?;
+    let cgroup = cg_root.join(format!("tcpka-bench-{}", std::process::id()));
+    std::fs::create_dir(&cgroup).context("create bench cgroup")?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/tcpka-bench-{}", std::process::id()));
+    let guard = Cleanup {
+        tcpka: tcpka.to_path_buf(),
+        pin_dir: pin_dir.clone(),
+        cgroup: cgroup.clone(),
+    };
+    let out = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", &pin_dir)
+        .args(["load", "--cgroup"])
+        .arg(&cgroup)
+        .output()?;
+    if !out.status.success() {
+        bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The connection every command targets.
+    let target_l = TcpListener::bind("127.0.0.1:0")?;
+    let _target = TcpStream::connect(target_l.local_addr()?)?;
+    let _target_server = target_l.accept()?;
+    let peer = target_l.local_addr()?.to_string();
+
+    println!(
+        "{:>12}  {:>12}  {:>22}  {:>22}  {:>22}",
+        "other conns",
+        "tcp sockets",
+        "enable e2e median/p90",
+        "kernel pass median/p90",
+        "process start median"
+    );
+    let mut holders: Vec<Holders> = Vec::new();
+    let mut open = 0;
+    let mut holder_index = 0;
+    for &size in sizes {
+        if size > open {
+            eprintln!("bench: opening {} more connections…", size - open);
+            let h = Holders::open(size - open, holder_index)?;
+            holder_index += h.0.len();
+            holders.push(h);
+            open = size;
+        }
+        let sockets = sockets_in_netns();
+        let mut e2e = Vec::new();
+        let mut pass = Vec::new();
+        let mut spawn = Vec::new();
+        for i in 0..samples {
+            let idle = (100 + i).to_string();
+            let t = Instant::now();
+            let out = Command::new(tcpka)
+                .env("TCPKA_PIN_DIR", &pin_dir)
+                .args(["enable", &peer, &idle, "5", "5"])
+                .output()?;
+            e2e.push(t.elapsed());
+            if !out.status.success() {
+                bail!("tcpka enable: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            // The kernel side alone: one iterator pass over every socket.
+            let t = Instant::now();
+            let mut f = File::open(pin_dir.join("iter_apply"))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            pass.push(t.elapsed());
+            // What starting a process costs here, for scale.
+            let t = Instant::now();
+            Command::new(tcpka).arg("--version").output()?;
+            spawn.push(t.elapsed());
+        }
+        let (e_med, e_p90) = stats(e2e);
+        let (p_med, p_p90) = stats(pass);
+        let (s_med, _) = stats(spawn);
+        println!(
+            "{:>12}  {:>12}  {:>13.2} / {:>5.2} ms  {:>13.2} / {:>5.2} ms  {:>17.2} ms",
+            size, sockets, e_med, e_p90, p_med, p_p90, s_med
+        );
+    }
+    drop(holders);
+    drop(guard);
+    Ok(())
+}
+
+struct Cleanup {
+    tcpka: PathBuf,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.tcpka)
+            .env("TCPKA_PIN_DIR", &self.pin_dir)
+            .arg("unload")
+            .output();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup v2 mount")
+}
