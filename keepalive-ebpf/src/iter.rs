@@ -189,22 +189,51 @@ fn find_request(cookie: u64, e: &Ends) -> Option<Request> {
     Some(r)
 }
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/tcp")]
-pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
+/// One full TCP socket visited by an iterator.
+struct Visit {
+    seq: *mut c_void,
+    sk: *const u8,
+    tp: *mut c_void,
+    cookie: u64,
+}
+
+/// Unpacks the iterator context; `None` for the final call (no socket) and
+/// for request and time-wait sockets, which carry no options.
+#[inline(always)]
+fn visit(ctx: *mut c_void) -> Option<Visit> {
     let ctx = ctx as *const IterTcp;
     // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
     let (sk, seq) = unsafe { ((*ctx).sk_common, (*(*ctx).meta).seq) };
     if sk.is_null() {
-        return 0;
+        return None;
     }
     // SAFETY: a sock_common pointer from the iterator.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *mut c_void;
     if tp.is_null() {
-        return 0; // request and time-wait sockets carry no options
+        return None;
     }
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    Some(Visit {
+        seq,
+        sk,
+        tp,
+        cookie,
+    })
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
+    let Some(Visit {
+        seq,
+        sk,
+        tp,
+        cookie,
+    }) = visit(ctx)
+    else {
+        return 0;
+    };
     let Some(e) = ends(sk) else { return 0 };
     let Some(req) = find_request(cookie, &e) else {
         return 0;
@@ -236,19 +265,15 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
-    let ctx = ctx as *const IterTcp;
-    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
-    let (sk, seq) = unsafe { ((*ctx).sk_common, (*(*ctx).meta).seq) };
-    if sk.is_null() {
+    let Some(Visit {
+        seq,
+        sk,
+        tp,
+        cookie,
+    }) = visit(ctx)
+    else {
         return 0;
-    }
-    // SAFETY: a sock_common pointer from the iterator.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *mut c_void;
-    if tp.is_null() {
-        return 0;
-    }
-    // SAFETY: as above.
-    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    };
     // SAFETY: read-only lookup.
     if unsafe { CONNS.get(&cookie) }.is_none() {
         return 0;

@@ -276,7 +276,10 @@ impl Default for Tcpka {
 
 impl Drop for Tcpka {
     fn drop(&mut self) {
-        let _ = tcpka::loader::unload(&self.layout());
+        let layout = self.layout();
+        let _ = tcpka::loader::unload(&layout);
+        // The lock file tcpka made for this test's pin directory.
+        let _ = std::fs::remove_file(layout.lock_file());
     }
 }
 

@@ -204,6 +204,14 @@ impl Drop for Cleanup {
             .arg("unload")
             .output();
         let _ = std::fs::remove_dir(&self.cgroup);
+        // tcpka's lock file for this pin directory (see keepalive-user paths.rs).
+        let name: String = self
+            .pin_dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let _ = std::fs::remove_file(format!("/run/tcpka/{name}.lock"));
     }
 }
 
