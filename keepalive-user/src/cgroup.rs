@@ -78,7 +78,7 @@ impl Cgroup {
             path: path.into(),
             source: e.into(),
         })?;
-        if !meta.is_dir() || fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        if !meta.is_dir() || fs.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
             return Err(CgroupError::NotCgroup2 { path: path.into() });
         }
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
