@@ -114,6 +114,14 @@ struct ConnArgs {
 struct EnableArgs {
     #[command(flatten)]
     target: ConnArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// IDLE COUNT INTERVAL in the reference module's order, plus the optional
+/// user timeout: shared by `enable` and `rule add`.
+#[derive(Args, Debug)]
+struct PolicyArgs {
     /// Seconds idle before the first probe (1..=32767).
     #[arg(value_parser = |s: &str| parse_u32("IDLE", s))]
     idle: u32,
@@ -123,10 +131,21 @@ struct EnableArgs {
     /// Seconds between probes (1..=32767).
     #[arg(value_parser = |s: &str| parse_u32("INTERVAL", s))]
     interval: u32,
-    /// Also set TCP_USER_TIMEOUT to MS milliseconds. Non-zero makes the
-    /// kernel ignore COUNT.
+    /// Also set TCP_USER_TIMEOUT to MS milliseconds (0 = kernel default).
+    /// A non-zero value makes the kernel ignore COUNT.
     #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
     user_timeout: Option<u32>,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Result<Policy, Error> {
+        Ok(Policy::new(
+            self.idle,
+            self.count,
+            self.interval,
+            self.user_timeout,
+        )?)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -184,19 +203,8 @@ struct RuleAddArgs {
     /// bare address means one host).
     #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
     remote: Option<Cidr>,
-    /// Also set TCP_USER_TIMEOUT to MS milliseconds (0 = kernel default).
-    /// A non-zero value makes the kernel ignore COUNT.
-    #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
-    user_timeout: Option<u32>,
-    /// Seconds idle before the first probe (1..=32767).
-    #[arg(value_parser = |s: &str| parse_u32("IDLE", s))]
-    idle: u32,
-    /// Unanswered probes before the connection is dropped (1..=127).
-    #[arg(value_parser = |s: &str| parse_u32("COUNT", s))]
-    count: u32,
-    /// Seconds between probes (1..=32767).
-    #[arg(value_parser = |s: &str| parse_u32("INTERVAL", s))]
-    interval: u32,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Print the new rule as JSON.
     #[arg(long)]
     json: bool,
@@ -329,7 +337,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Rule(RuleCommand::Add(a)) => {
-            let policy = Policy::new(a.idle, a.count, a.interval, a.user_timeout)?;
+            let policy = a.policy.policy()?;
             let m = RuleMatch {
                 local_port: a.local_port,
                 remote_port: a.remote_port,
@@ -381,7 +389,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Enable(a) => {
-            let policy = Policy::new(a.idle, a.count, a.interval, a.user_timeout)?;
+            let policy = a.policy.policy()?;
             let t = a.target;
             let changed = Enforcer::new(layout).apply(
                 t.conn,

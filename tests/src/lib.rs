@@ -407,3 +407,69 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A test environment: a fresh network namespace, a fresh cgroup with
+/// tcpka loaded on it, and a private pin directory. Fields drop in order:
+/// unload, then the cgroup, then the namespace.
+pub struct Env {
+    pub tcpka: Tcpka,
+    pub cgroup: CgroupDir,
+    _netns: NetNs,
+}
+
+impl Env {
+    /// Loaded, with the test process inside the cgroup: new connections
+    /// go through sock_ops.
+    pub fn entered() -> Self {
+        let e = Self::outside();
+        e.cgroup.enter();
+        e
+    }
+
+    /// Loaded, with the test process outside the cgroup: sock_ops never
+    /// sees the test's connections, so whatever changes them is the
+    /// iterator pass.
+    pub fn outside() -> Self {
+        let netns = NetNs::new();
+        let cgroup = CgroupDir::new();
+        let tcpka = Tcpka::new();
+        tcpka.load(&cgroup.path);
+        Self {
+            tcpka,
+            cgroup,
+            _netns: netns,
+        }
+    }
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct NamedNetns {
+    pub name: String,
+}
+
+impl NamedNetns {
+    pub fn new() -> Self {
+        let name = unique("tcpka-test-ns");
+        sh(&["ip", "netns", "add", &name]);
+        Self { name }
+    }
+
+    /// `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Default for NamedNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

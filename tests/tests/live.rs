@@ -9,24 +9,10 @@ use std::{
 
 use tcpka_tests::*;
 
-/// Loaded on a fresh cgroup that the test process is NOT in, so sock_ops
-/// never sees the test's connections: whatever changes, the iterator did.
-struct Env {
-    tcpka: Tcpka,
-    _cgroup: CgroupDir,
-    _netns: NetNs,
-}
-
+/// Loaded on a fresh cgroup that the test process is NOT in, so whatever
+/// changes the test's connections is the iterator pass.
 fn env() -> Env {
-    let netns = NetNs::new();
-    let cgroup = CgroupDir::new();
-    let tcpka = Tcpka::new();
-    tcpka.load(&cgroup.path);
-    Env {
-        tcpka,
-        _cgroup: cgroup,
-        _netns: netns,
-    }
+    Env::outside()
 }
 
 fn enable(t: &Tcpka, args: &[&str]) -> Run {
@@ -172,16 +158,8 @@ fn enable_reaches_another_process_connection() {
 #[test]
 fn enable_in_another_network_namespace_with_netns() {
     let e = env();
-    let name = unique("tcpka-test-ns");
-    sh(&["ip", "netns", "add", &name]);
-    struct DelNs(String);
-    impl Drop for DelNs {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        }
-    }
-    let _del = DelNs(name.clone());
-    let ns = std::path::PathBuf::from("/run/netns").join(&name);
+    let named = NamedNetns::new();
+    let ns = named.path();
     let (l, c, _s) = in_netns(&ns, || {
         set_link_up("lo");
         let l = listen("127.0.0.1:0");

@@ -6,25 +6,8 @@ use std::{
 
 use tcpka_tests::*;
 
-/// A loaded installation on a fresh cgroup the test process is in, inside
-/// a fresh network namespace.
-struct Env {
-    tcpka: Tcpka,
-    cgroup: CgroupDir,
-    _netns: NetNs,
-}
-
 fn env() -> Env {
-    let netns = NetNs::new();
-    let cgroup = CgroupDir::new();
-    let tcpka = Tcpka::new();
-    tcpka.load(&cgroup.path);
-    cgroup.enter();
-    Env {
-        tcpka,
-        cgroup,
-        _netns: netns,
-    }
+    Env::entered()
 }
 
 #[test]
@@ -316,17 +299,8 @@ fn dead_peer_times_out() {
     let (idle, count, interval) = (1u64, 3u64, 1u64);
     e.tcpka.rule_add(&["--remote", "10.199.0.2", "1", "3", "1"]);
 
-    let peer_ns = unique("tcpka-test-peer");
-    sh(&["ip", "netns", "add", &peer_ns]);
-    struct DelNs(String);
-    impl Drop for DelNs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
-    let _del = DelNs(peer_ns.clone());
+    let peer = NamedNetns::new();
+    let peer_ns = peer.name.clone();
     sh(&[
         "ip", "link", "add", "tka0", "type", "veth", "peer", "name", "tka1", "netns", &peer_ns,
     ]);
@@ -344,7 +318,7 @@ fn dead_peer_times_out() {
     ]);
     sh(&["ip", "-n", &peer_ns, "link", "set", "tka1", "up"]);
 
-    let ns_path = std::path::PathBuf::from("/run/netns").join(&peer_ns);
+    let ns_path = peer.path();
     let listener = in_netns(&ns_path, || listen("10.199.0.2:0"));
     let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut server, _) = listener.accept().unwrap();

@@ -71,30 +71,12 @@ fn real_main() -> Result<()> {
         Task::BenchHold { src, count } => bench::hold(&src, count),
         Task::Bench { sizes, samples } => {
             setup::run()?;
-            step("build (release)", || {
-                cargo(&[
-                    "build",
-                    "--release",
-                    "-p",
-                    "keepalive-user",
-                    "--bin",
-                    "tcpka",
-                ])
-            })?;
+            build_release()?;
             bench::run(&root.join("target/release/tcpka"), &sizes, samples)
         }
         Task::Run { args } => {
             setup::run()?;
-            step("build (release)", || {
-                cargo(&[
-                    "build",
-                    "--release",
-                    "-p",
-                    "keepalive-user",
-                    "--bin",
-                    "tcpka",
-                ])
-            })?;
+            build_release()?;
             let bin = root.join("target/release/tcpka");
             eprintln!("xtask: running {} serve {}", bin.display(), args.join(" "));
             let status = Command::new(&bin)
@@ -131,6 +113,20 @@ fn real_main() -> Result<()> {
             })
         }
     }
+}
+
+/// Builds the release `tcpka` binary.
+fn build_release() -> Result<()> {
+    step("build (release)", || {
+        cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "keepalive-user",
+            "--bin",
+            "tcpka",
+        ])
+    })
 }
 
 fn workspace_root() -> PathBuf {
