@@ -41,8 +41,14 @@ pub mod maps {
     pub const REQ_PEER: &str = "TCPKA_REQ_PEER";
     /// Pending requests for live connections by socket cookie.
     pub const REQ_COOKIE: &str = "TCPKA_REQ_COOKIE";
+    /// Prefilter for the apply pass: `u32` flags indexed by remote port,
+    /// non-zero while a peer request for that port is pending; index 0
+    /// ([`crate::requests::COOKIES_PENDING`]) while a cookie request is.
+    pub const REQ_PORTS: &str = "TCPKA_REQ_PORTS";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 7] = [RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE];
+    pub const ALL: [&str; 8] = [
+        RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE, REQ_PORTS,
+    ];
 }
 
 /// Kernel limits on keepalive values (`net/ipv4/tcp.c`: `MAX_TCP_KEEPIDLE`,
@@ -266,6 +272,11 @@ pub mod requests {
 
     /// Capacity of each request map (requests live for one pass).
     pub const MAX_ENTRIES: u32 = 16_384;
+    /// Entries in the port prefilter: every port, 0 used as the cookie flag.
+    pub const PORTS_LEN: u32 = 65_536;
+    /// Index in the port prefilter that flags pending cookie requests (no
+    /// peer has port 0).
+    pub const COOKIES_PENDING: u32 = 0;
 }
 
 /// Events the programs report to user space through the ring buffer.

@@ -39,6 +39,9 @@ pub static REQ_PEER: HashMap<PeerKey, Request> =
 #[map(name = "TCPKA_REQ_COOKIE")]
 pub static REQ_COOKIE: HashMap<u64, Request> = HashMap::with_max_entries(requests::MAX_ENTRIES, 1);
 
+#[map(name = "TCPKA_REQ_PORTS")]
+pub static REQ_PORTS: Array<u32> = Array::with_max_entries(requests::PORTS_LEN, 0);
+
 /// Adds one to a per-CPU counter.
 #[inline(always)]
 pub fn count(index: u32) {

@@ -2,11 +2,11 @@
 //! CLI, the daemon and the tests all go through here.
 use std::{fs::File, io::Read as _, net::SocketAddr, path::Path};
 
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapError, PerCpuArray};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use keepalive_common::{
     conns::ConnInfo,
     maps,
-    requests::{ConnRecord, PeerKey, Request, OP_DISABLE, OP_ENABLE, OP_QUERY},
+    requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
     rules::{RuleKey, RuleValue},
     stats, RULES_MAX_ENTRIES,
 };
@@ -48,7 +48,7 @@ impl Enforcer {
         &self.layout
     }
 
-    fn rules_map(&self) -> Result<LpmTrie<aya::maps::MapData, RuleKey, RuleValue>> {
+    fn rules_map(&self) -> Result<LpmTrie<MapData, RuleKey, RuleValue>> {
         let map = loader::open_map(&self.layout, maps::RULES)?;
         LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
     }
@@ -255,8 +255,10 @@ fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
 }
 
 /// Runs one pass of a pinned iterator in the given network namespace (the
-/// iterator walks the namespace of the process that opens it).
-fn run_pass(pin: &Path, netns: Option<&Path>) -> Result<Vec<u8>> {
+/// iterator walks the namespace of the process that opens it). With
+/// `limit`, stops reading once that many records arrived: the kernel walks
+/// the socket table only as far as it is read.
+fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -> Result<Vec<u8>> {
     let open = || {
         File::open(pin).map_err(|e| Error::io(format!("running the iterator {}", pin.display()), e))
     };
@@ -277,10 +279,79 @@ fn run_pass(pin: &Path, netns: Option<&Path>) -> Result<Vec<u8>> {
             file?
         }
     };
+    let read_err = |e| Error::io(format!("reading the iterator {}", pin.display()), e);
     let mut buf = Vec::with_capacity(64 * 1024);
-    file.read_to_end(&mut buf)
-        .map_err(|e| Error::io(format!("reading the iterator {}", pin.display()), e))?;
+    match limit {
+        None => {
+            file.read_to_end(&mut buf).map_err(read_err)?;
+        }
+        Some(n) => {
+            // NB: a read returns as soon as the kernel has written enough
+            // to fill the buffer, so one record per read stops the walk
+            // right after the last expected match.
+            let mut record = [0u8; size_of::<ConnRecord>()];
+            while buf.len() < n * record.len() {
+                let got = file.read(&mut record).map_err(read_err)?;
+                if got == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&record[..got]);
+            }
+        }
+    }
     Ok(buf)
+}
+
+/// The pending-request maps of one installation. Requests live for one
+/// pass, under the installation lock.
+struct Pending {
+    peer: HashMap<MapData, PeerKey, Request>,
+    cookie: HashMap<MapData, u64, Request>,
+    ports: Array<MapData, u32>,
+}
+
+impl Pending {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let open = |name| loader::open_map(layout, name);
+        let err = |e| Error::map("opening the request maps", e);
+        Ok(Self {
+            peer: HashMap::try_from(open(maps::REQ_PEER)?).map_err(err)?,
+            cookie: HashMap::try_from(open(maps::REQ_COOKIE)?).map_err(err)?,
+            ports: Array::try_from(open(maps::REQ_PORTS)?).map_err(err)?,
+        })
+    }
+
+    /// Queues a request and raises the prefilter flag it needs.
+    fn queue(&mut self, conn: ConnSpec, request: Request) -> Result<()> {
+        let err = |e| Error::map("queueing the request", e);
+        match conn {
+            ConnSpec::Cookie(cookie) => {
+                self.cookie.insert(cookie, request, 0).map_err(err)?;
+                self.ports.set(COOKIES_PENDING, 1, 0).map_err(err)
+            }
+            ConnSpec::Peer(peer) => {
+                self.peer.insert(peer_key(peer), request, 0).map_err(err)?;
+                self.ports.set(u32::from(peer.port()), 1, 0).map_err(err)
+            }
+        }
+    }
+
+    /// Removes every request and flag: after a pass, and before one in case
+    /// an earlier tcpka died mid-pass (the lock is held, so nothing else is
+    /// pending).
+    fn clear(&mut self) -> Result<()> {
+        let err = |e| Error::map("clearing the request maps", e);
+        let peers: Vec<PeerKey> = self.peer.keys().filter_map(|k| k.ok()).collect();
+        for key in peers {
+            let _ = self.peer.remove(&key);
+            self.ports.set(u32::from(key.port), 0, 0).map_err(err)?;
+        }
+        let cookies: Vec<u64> = self.cookie.keys().filter_map(|k| k.ok()).collect();
+        for key in cookies {
+            let _ = self.cookie.remove(&key);
+        }
+        self.ports.set(COOKIES_PENDING, 0, 0).map_err(err)
+    }
 }
 
 impl Enforcer {
@@ -312,29 +383,15 @@ impl Enforcer {
         // One pass at a time per installation: a pass applies every pending
         // request, so serialising keeps each command's result its own.
         let _lock = Lock::acquire(&self.layout)?;
-        let found = match conn {
-            ConnSpec::Cookie(cookie) => {
-                let map = loader::open_map(&self.layout, maps::REQ_COOKIE)?;
-                let mut reqs: HashMap<_, u64, Request> =
-                    HashMap::try_from(map).map_err(|e| Error::map("opening requests", e))?;
-                reqs.insert(cookie, request, 0)
-                    .map_err(|e| Error::map("queueing the request", e))?;
-                let out = run_pass(&self.layout.iter_apply(), netns);
-                let _ = reqs.remove(&cookie);
-                out?
-            }
-            ConnSpec::Peer(peer) => {
-                let map = loader::open_map(&self.layout, maps::REQ_PEER)?;
-                let mut reqs: HashMap<_, PeerKey, Request> =
-                    HashMap::try_from(map).map_err(|e| Error::map("opening requests", e))?;
-                let key = peer_key(peer);
-                reqs.insert(key, request, 0)
-                    .map_err(|e| Error::map("queueing the request", e))?;
-                let out = run_pass(&self.layout.iter_apply(), netns);
-                let _ = reqs.remove(&key);
-                out?
-            }
-        };
+        let mut pending = Pending::open(&self.layout)?;
+        pending.clear()?;
+        pending.queue(conn, request)?;
+        // A cookie, or a peer with a local end, names at most one socket:
+        // the walk can stop at it.
+        let exact = matches!(conn, ConnSpec::Cookie(_)) || local.is_some();
+        let found = run_pass(&self.layout.iter_apply(), netns, exact.then_some(1));
+        pending.clear()?;
+        let found = found?;
         let touched = parse_records(&found);
         if touched.is_empty() {
             let mut what = conn.to_string();
@@ -354,7 +411,7 @@ impl Enforcer {
                 pin_dir: self.layout.dir().into(),
             });
         }
-        let buf = run_pass(&self.layout.iter_status(), netns)?;
+        let buf = run_pass(&self.layout.iter_status(), netns, None)?;
         let mut out = parse_records(&buf);
         out.sort_by_key(|c| c.cookie);
         Ok(out)

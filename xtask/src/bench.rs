@@ -127,19 +127,29 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
         bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    // The connection every command targets.
-    let target_l = TcpListener::bind("127.0.0.1:0")?;
-    let _target = TcpStream::connect(target_l.local_addr()?)?;
-    let _target_server = target_l.accept()?;
-    let peer = target_l.local_addr()?.to_string();
+    // One target connection per sample, each with its own listener, so
+    // the medians cover sockets at many places in the kernel's table.
+    let mut targets = Vec::new();
+    for _ in 0..samples {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let c = TcpStream::connect(l.local_addr()?)?;
+        let (s, _) = l.accept()?;
+        targets.push((l, c, s));
+    }
 
     println!(
-        "{:>12}  {:>12}  {:>22}  {:>22}  {:>22}",
-        "other conns",
-        "tcp sockets",
-        "enable e2e median/p90",
-        "kernel pass median/p90",
-        "process start median"
+        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
+        "conns",
+        "sockets",
+        "enable PEER",
+        "enable PEER+local",
+        "enable cookie",
+        "kernel pass",
+        "spawn"
+    );
+    println!(
+        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
+        "", "", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med ms"
     );
     let mut holders: Vec<Holders> = Vec::new();
     let mut open = 0;
@@ -153,21 +163,22 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
             open = size;
         }
         let sockets = sockets_in_netns();
-        let mut e2e = Vec::new();
-        let mut pass = Vec::new();
-        let mut spawn = Vec::new();
-        for i in 0..samples {
+        let (mut peer, mut local, mut by_cookie, mut pass, mut spawn) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, (l, c, _)) in targets.iter().enumerate() {
             let idle = (100 + i).to_string();
-            let t = Instant::now();
-            let out = Command::new(tcpka)
-                .env("TCPKA_PIN_DIR", &pin_dir)
-                .args(["enable", &peer, &idle, "5", "5"])
-                .output()?;
-            e2e.push(t.elapsed());
-            if !out.status.success() {
-                bail!("tcpka enable: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            // The kernel side alone: one iterator pass over every socket.
+            let target = l.local_addr()?.to_string();
+            let local_end = c.local_addr()?.to_string();
+            let ck = format!("cookie:{}", cookie(c)?);
+            peer.push(time_cmd(tcpka, &pin_dir, &["enable", &target, &idle, "5", "5"])?);
+            local.push(time_cmd(
+                tcpka,
+                &pin_dir,
+                &["enable", &target, "--local", &local_end, &idle, "5", "5"],
+            )?);
+            by_cookie.push(time_cmd(tcpka, &pin_dir, &["enable", &ck, &idle, "5", "5"])?);
+            // The kernel side alone: one full iterator pass with nothing
+            // pending, i.e. the walk plus the program's prefilter.
             let t = Instant::now();
             let mut f = File::open(pin_dir.join("iter_apply"))?;
             let mut buf = Vec::new();
@@ -178,17 +189,60 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
             Command::new(tcpka).arg("--version").output()?;
             spawn.push(t.elapsed());
         }
-        let (e_med, e_p90) = stats(e2e);
-        let (p_med, p_p90) = stats(pass);
-        let (s_med, _) = stats(spawn);
+        let fmt = |v: Vec<Duration>| {
+            let (m, p) = stats(v);
+            format!("{m:>7.2} / {p:>7.2}")
+        };
         println!(
-            "{:>12}  {:>12}  {:>13.2} / {:>5.2} ms  {:>13.2} / {:>5.2} ms  {:>17.2} ms",
-            size, sockets, e_med, e_p90, p_med, p_p90, s_med
+            "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8.2}",
+            size,
+            sockets,
+            fmt(peer),
+            fmt(local),
+            fmt(by_cookie),
+            fmt(pass),
+            stats(spawn).0
         );
     }
     drop(holders);
     drop(guard);
     Ok(())
+}
+
+/// Runs one tcpka command, failing the bench if it fails; returns its
+/// wall time.
+fn time_cmd(tcpka: &Path, pin_dir: &Path, args: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let out = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .args(args)
+        .output()?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        bail!("tcpka {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+/// The socket cookie (SO_COOKIE).
+fn cookie(s: &TcpStream) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    let ret = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        bail!("SO_COOKIE: {}", std::io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 struct Cleanup {
