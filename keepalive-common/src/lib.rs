@@ -15,8 +15,34 @@ pub mod programs {
     pub const ITER_APPLY: &str = "tcpka_iter_apply";
     /// iter/tcp program that reports managed connections.
     pub const ITER_STATUS: &str = "tcpka_iter_status";
-    /// tp_btf/inet_sock_set_state program that forgets closed connections.
+    /// tp_btf/inet_sock_set_state program: indexes established connections
+    /// and forgets closed ones.
     pub const CLOSE: &str = "tcpka_close";
+    /// iter/tcp program that indexes the connections of one namespace that
+    /// existed before tcpka was loaded.
+    pub const SEED_PEERS: &str = "tcpka_seed_peers";
+    /// iter/task_file program that records who holds each TCP socket.
+    pub const SEED_FDS: &str = "tcpka_seed_fds";
+    /// syscalls/sys_exit_accept{,4} program: records who holds an accepted
+    /// socket.
+    pub const ACCEPT_EXIT: &str = "tcpka_accept_exit";
+    /// syscalls/sys_enter_connect program: records who holds a connecting
+    /// socket.
+    pub const CONNECT_ENTER: &str = "tcpka_connect_enter";
+    /// Read-only globals: offsets of `task_struct.files`,
+    /// `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd` and
+    /// `file.private_data`, from BTF.
+    pub const GLOBAL_TASK_FILES_OFF: &str = "TASK_FILES_OFF";
+    pub const GLOBAL_FILES_FDT_OFF: &str = "FILES_FDT_OFF";
+    pub const GLOBAL_FDT_MAX_FDS_OFF: &str = "FDT_MAX_FDS_OFF";
+    pub const GLOBAL_FDT_FD_OFF: &str = "FDT_FD_OFF";
+    pub const GLOBAL_FILE_PRIVATE_OFF: &str = "FILE_PRIVATE_OFF";
+    /// Read-only global: offset of `skc_net` in `struct sock_common`.
+    pub const GLOBAL_NET_OFF: &str = "SKC_NET_OFF";
+    /// Read-only global: offset of `ns.inum` in `struct net`.
+    pub const GLOBAL_NS_INUM_OFF: &str = "NET_NS_INUM_OFF";
+    /// Read-only global: offset of `tgid` in `struct task_struct`.
+    pub const GLOBAL_TASK_TGID_OFF: &str = "TASK_TGID_OFF";
     /// Read-only global: offset of `skc_v6_daddr` in `struct sock_common`,
     /// from the kernel's BTF.
     pub const GLOBAL_V6_DADDR_OFF: &str = "SKC_V6_DADDR_OFF";
@@ -45,9 +71,19 @@ pub mod maps {
     /// non-zero while a peer request for that port is pending; index 0
     /// ([`crate::requests::COOKIES_PENDING`]) while a cookie request is.
     pub const REQ_PORTS: &str = "TCPKA_REQ_PORTS";
+    /// Peer index: [`crate::index::IndexKey`] -> socket cookie.
+    pub const PEERS: &str = "TCPKA_PEERS";
+    /// Each indexed socket: cookie -> [`crate::index::SlotInfo`].
+    pub const SLOTS: &str = "TCPKA_SLOTS";
+    /// Holder of each TCP socket: `struct sock` address ->
+    /// [`crate::index::FdOwner`] (LRU).
+    pub const FDS: &str = "TCPKA_FDS";
+    /// Network namespaces whose older connections were indexed: inode -> 1.
+    pub const SEEDED: &str = "TCPKA_SEEDED";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 8] = [
-        RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE, REQ_PORTS,
+    pub const ALL: [&str; 12] = [
+        RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE, REQ_PORTS, PEERS, SLOTS, FDS,
+        SEEDED,
     ];
 }
 
@@ -195,6 +231,9 @@ pub mod stats {
     pub const CONNS_CLOSED: u32 = 3;
     /// Events lost because the ring buffer was full.
     pub const EVENTS_DROPPED: u32 = 4;
+    /// Connections the index could not hold (map full): user space stops
+    /// trusting the index for peer lookups.
+    pub const INDEX_FULL: u32 = 5;
     /// Number of counters.
     pub const LEN: u32 = 8;
 }
@@ -279,6 +318,57 @@ pub mod requests {
     pub const COOKIES_PENDING: u32 = 0;
 }
 
+/// The connection index that lets user space reach one idle connection
+/// without walking every socket: peer endpoint -> cookies, cookie -> the
+/// process and fd that hold it.
+pub mod index {
+    /// Slots per peer endpoint; more connections to one peer mark the peer
+    /// as overflowed and user space walks the socket table for it.
+    pub const PEER_SLOTS: u16 = 8;
+    /// [`IndexKey::slot`] of the overflow marker (value unused).
+    pub const SLOT_OVERFLOW: u16 = 0xffff;
+
+    /// One slot of one peer endpoint in one network namespace.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct IndexKey {
+        /// Inode number of the network namespace.
+        pub netns: u32,
+        /// Remote address as IPv6 (IPv4 mapped), network byte order.
+        pub addr: [u8; 16],
+        /// Remote port, host byte order.
+        pub port: u16,
+        /// 0..[`PEER_SLOTS`], or [`SLOT_OVERFLOW`].
+        pub slot: u16,
+    }
+
+    /// Where an indexed socket sits.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SlotInfo {
+        /// Its slot under its peer in the peer index.
+        pub slot: u32,
+        pub _pad: u32,
+        /// Address of its `struct sock`, the key of the fd map.
+        pub sk: u64,
+    }
+
+    /// A process and descriptor that last received a TCP socket.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FdOwner {
+        /// Thread group id (the process id) in the initial pid namespace.
+        pub tgid: u32,
+        pub fd: u32,
+    }
+
+    /// Capacity of the peer index and the slot map.
+    pub const MAX_ENTRIES: u32 = 1 << 20;
+    /// Capacity of the fd map (LRU: descriptors closed without a TCP close
+    /// age out).
+    pub const FDS_MAX_ENTRIES: u32 = 1 << 19;
+}
+
 /// Events the programs report to user space through the ring buffer.
 pub mod events {
     use crate::policy::Policy;
@@ -357,6 +447,9 @@ mod pod {
     unsafe impl aya::Pod for crate::requests::PeerKey {}
     unsafe impl aya::Pod for crate::requests::Request {}
     unsafe impl aya::Pod for crate::requests::ConnRecord {}
+    unsafe impl aya::Pod for crate::index::IndexKey {}
+    unsafe impl aya::Pod for crate::index::FdOwner {}
+    unsafe impl aya::Pod for crate::index::SlotInfo {}
 }
 
 #[cfg(test)]
@@ -374,6 +467,8 @@ mod tests {
         assert_eq!(size_of::<events::Event>(), 88);
         assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX);
         assert_eq!(size_of::<requests::PeerKey>(), 20);
+        assert_eq!(size_of::<index::IndexKey>(), 24);
+        assert_eq!(size_of::<index::FdOwner>(), 8);
         assert_eq!(size_of::<requests::Request>(), 48);
         assert_eq!(size_of::<requests::ConnRecord>(), 84 + 4);
     }

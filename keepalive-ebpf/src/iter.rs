@@ -13,7 +13,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
-    bpf_get_socket_cookie, bpf_probe_read_kernel_buf,
+    bpf_get_socket_cookie,
     generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use keepalive_common::{
@@ -24,7 +24,9 @@ use keepalive_common::{
 
 use crate::{
     apply::{apply_policy, set},
+    index,
     maps::{CONNS, REQ_COOKIE, REQ_PEER, REQ_PORTS},
+    sock::{ends, load, Ends, SKC_DPORT},
 };
 
 /// `struct bpf_iter_meta`: only the seq_file pointer is used.
@@ -39,95 +41,6 @@ struct IterTcp {
     meta: *mut IterMeta,
     sk_common: *mut u8,
     uid: u32,
-}
-
-// Offsets of the IPv6 addresses in `struct sock_common` depend on the
-// kernel's configuration; the loader reads them from BTF and sets these
-// before load. Rust eBPF has no CO-RE field relocations.
-#[unsafe(no_mangle)]
-static SKC_V6_DADDR_OFF: u32 = 56;
-#[unsafe(no_mangle)]
-static SKC_V6_RCV_SADDR_OFF: u32 = 72;
-
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
-
-// Stable offsets in `struct sock_common`.
-const SKC_DADDR: usize = 0;
-const SKC_RCV_SADDR: usize = 4;
-const SKC_DPORT: usize = 12;
-const SKC_NUM: usize = 14;
-const SKC_FAMILY: usize = 16;
-const SKC_STATE: usize = 18;
-
-/// The addresses and ports of one socket.
-struct Ends {
-    family: u16,
-    local_addr: [u8; 16],
-    remote_addr: [u8; 16],
-    local_port: u16,
-    remote_port: u16,
-    state: u8,
-}
-
-/// Reads a field at a configuration-dependent offset through the probe
-/// helper; a fault leaves the default value.
-#[inline(always)]
-fn read<T: Copy + Default>(sk: *const u8, off: usize) -> T {
-    let mut v = T::default();
-    // SAFETY: `buf` covers exactly `v`.
-    let buf =
-        unsafe { core::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
-    // SAFETY: the helper checks the kernel address.
-    let _ = unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(off), buf) };
-    v
-}
-
-/// Loads a field at one of the stable `sock_common` offsets directly: the
-/// verifier checks it against BTF and turns it into a fault-safe load,
-/// cheaper than a helper call on the path every socket takes.
-#[inline(always)]
-fn load<T: Copy>(sk: *const u8, off: usize) -> T {
-    // SAFETY: `sk` is the iterator's `sock_common`; `off` is a constant
-    // offset of a field of type T.
-    unsafe { core::ptr::read_volatile(sk.add(off) as *const T) }
-}
-
-#[inline(always)]
-fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
-    ]
-}
-
-#[inline(always)]
-fn ends(sk: *const u8) -> Option<Ends> {
-    let family: u16 = load(sk, SKC_FAMILY);
-    let (local_addr, remote_addr) = if family == AF_INET {
-        let saddr: u32 = load(sk, SKC_RCV_SADDR);
-        let daddr: u32 = load(sk, SKC_DADDR);
-        (v4_mapped(saddr.to_ne_bytes()), v4_mapped(daddr.to_ne_bytes()))
-    } else if family == AF_INET6 {
-        // SAFETY: read-only globals set by the loader.
-        let (d, s) = unsafe {
-            (
-                core::ptr::read_volatile(&SKC_V6_DADDR_OFF),
-                core::ptr::read_volatile(&SKC_V6_RCV_SADDR_OFF),
-            )
-        };
-        (read(sk, s as usize), read(sk, d as usize))
-    } else {
-        return None;
-    };
-    let dport: u16 = load(sk, SKC_DPORT);
-    Some(Ends {
-        family,
-        local_addr,
-        remote_addr,
-        local_port: load(sk, SKC_NUM),
-        remote_port: u16::from_be(dport),
-        state: load(sk, SKC_STATE),
-    })
 }
 
 #[inline(always)]
@@ -306,5 +219,24 @@ pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
     }
     let Some(e) = ends(sk) else { return 0 };
     report(seq, tp, cookie, &e, 0);
+    0
+}
+
+/// Indexes the connections of the reader's network namespace that existed
+/// before tcpka was loaded (later ones are indexed by `close.rs` when they
+/// become established).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcpka_seed_peers(ctx: *mut c_void) -> i32 {
+    let Some(Visit { sk, cookie, .. }) = visit(ctx) else {
+        return 0;
+    };
+    // Not yet connected (SYN_SENT 2, SYN_RECV 3), listening (10) or closed
+    // (7) sockets have no peer to index.
+    let state: u8 = load(sk, crate::sock::SKC_STATE);
+    if matches!(state, 2 | 3 | 7 | 10) {
+        return 0;
+    }
+    index::add(sk, cookie);
     0
 }

@@ -5,8 +5,11 @@
 
 mod apply;
 mod close;
+mod fds;
+mod index;
 mod iter;
 mod maps;
+mod sock;
 mod sockops;
 
 #[cfg(not(test))]

@@ -2,11 +2,12 @@
 //! them under tcpka's bpffs directory.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use keepalive_common::{
     conns::ConnInfo,
     events::RING_BYTES,
+    index::{self, FdOwner, IndexKey, SlotInfo},
     meta::Meta,
     requests::{self, PeerKey, Request},
     rules::{RuleKey, RuleValue},
@@ -41,6 +42,18 @@ pub static REQ_COOKIE: HashMap<u64, Request> = HashMap::with_max_entries(request
 
 #[map(name = "TCPKA_REQ_PORTS")]
 pub static REQ_PORTS: Array<u32> = Array::with_max_entries(requests::PORTS_LEN, 0);
+
+#[map(name = "TCPKA_PEERS")]
+pub static PEERS: HashMap<IndexKey, u64> = HashMap::with_max_entries(index::MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_SLOTS")]
+pub static SLOTS: HashMap<u64, SlotInfo> = HashMap::with_max_entries(index::MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_FDS")]
+pub static FDS: LruHashMap<u64, FdOwner> = LruHashMap::with_max_entries(index::FDS_MAX_ENTRIES, 0);
+
+#[map(name = "TCPKA_SEEDED")]
+pub static SEEDED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

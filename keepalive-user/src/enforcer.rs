@@ -1,10 +1,10 @@
 //! Operations on a loaded installation: rules and managed connections. The
 //! CLI, the daemon and the tests all go through here.
-use std::{fs::File, io::Read as _, net::SocketAddr, path::Path};
+use std::{fs::File, io::Read as _, net::SocketAddr, os::fd::AsRawFd, path::Path};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use keepalive_common::{
-    conns::ConnInfo,
+    conns::{ConnInfo, SOURCE_COMMAND},
     maps,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
     rules::{RuleKey, RuleValue},
@@ -13,6 +13,7 @@ use keepalive_common::{
 
 use crate::{
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
+    index::Held,
     events::source_name,
     loader::{self, Lock},
     paths::PinLayout,
@@ -242,6 +243,58 @@ impl ConnStatus {
     }
 }
 
+fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
+    let mut what = conn.to_string();
+    if let Some(l) = local {
+        what.push_str(&format!(" with local end {l}"));
+    }
+    Error::NoSuchConnection(what)
+}
+
+const TCP_CLOSE: u8 = 7;
+
+fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
+    let v = value as libc::c_int;
+    // SAFETY: valid fd and a value of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd and out-pointers of the right size.
+    unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut libc::c_int).cast(), &mut len)
+    };
+    v as u32
+}
+
+/// `tcpi_state`, the first byte of `struct tcp_info`.
+fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+    };
+    (ret == 0).then_some(info[0])
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Parses what an iterator pass wrote.
 fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
     let size = size_of::<ConnRecord>();
@@ -258,7 +311,7 @@ fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
 /// iterator walks the namespace of the process that opens it). With
 /// `limit`, stops reading once that many records arrived: the kernel walks
 /// the socket table only as far as it is read.
-fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -> Result<Vec<u8>> {
+pub(crate) fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -> Result<Vec<u8>> {
     let open = || {
         File::open(pin).map_err(|e| Error::io(format!("running the iterator {}", pin.display()), e))
     };
@@ -383,6 +436,20 @@ impl Enforcer {
         // One pass at a time per installation: a pass applies every pending
         // request, so serialising keeps each command's result its own.
         let _lock = Lock::acquire(&self.layout)?;
+        // The direct path, when the connection index can vouch for the
+        // answer; otherwise the walk below.
+        crate::index::seed_netns(&self.layout, netns)?;
+        if let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? {
+            log::debug!("{conn}: {} connection(s) via the index", held.len());
+            if held.is_empty() {
+                return Err(no_such(conn, local));
+            }
+            return held
+                .iter()
+                .map(|h| self.apply_held(h, action, &request))
+                .collect();
+        }
+        log::debug!("{conn}: the index cannot vouch for it; walking the socket table");
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
         pending.queue(conn, request)?;
@@ -394,13 +461,80 @@ impl Enforcer {
         let found = found?;
         let touched = parse_records(&found);
         if touched.is_empty() {
-            let mut what = conn.to_string();
-            if let Some(l) = local {
-                what.push_str(&format!(" with local end {l}"));
-            }
-            return Err(Error::NoSuchConnection(what));
+            return Err(no_such(conn, local));
         }
         Ok(touched)
+    }
+
+    /// Applies an action to a connection held through its owner's
+    /// descriptor: the same socket options `bpf_setsockopt` would set, then
+    /// the same record of it, read back from the kernel.
+    fn apply_held(&self, h: &Held, action: Action, request: &Request) -> Result<ConnStatus> {
+        let fd = &h.stream;
+        let mut failed = false;
+        match action {
+            Action::Enable(p) => {
+                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, p.idle);
+                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, p.interval);
+                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, p.count);
+                if let Some(ms) = p.user_timeout_ms {
+                    failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+                }
+                failed |= !set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+            }
+            Action::Disable => failed |= !set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0),
+            Action::Query => {}
+        }
+        let map = loader::open_map(&self.layout, maps::CONNS)?;
+        let mut conns: HashMap<_, u64, ConnInfo> =
+            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        match action {
+            Action::Enable(_) => {
+                let info = ConnInfo {
+                    policy: request.policy,
+                    source: SOURCE_COMMAND,
+                    rule_id: 0,
+                    _pad: 0,
+                    applied_ns: monotonic_ns(),
+                };
+                conns
+                    .insert(h.cookie, info, 0)
+                    .map_err(|e| Error::map("recording the connection", e))?;
+                // NB: insert first, then look at the state: a close after
+                // this point runs the close program, which removes the entry.
+                if tcp_state(fd) == Some(TCP_CLOSE) {
+                    let _ = conns.remove(&h.cookie);
+                }
+            }
+            Action::Disable => {
+                let _ = conns.remove(&h.cookie);
+            }
+            Action::Query => {}
+        }
+        let (source, rule_id) = conns
+            .get(&h.cookie, 0)
+            .map_or((0, 0), |i| (i.source, i.rule_id));
+        let local = fd.local_addr().map_err(|e| Error::io("reading the local end", e))?;
+        let remote = fd.peer_addr().map_err(|e| Error::io("reading the remote end", e))?;
+        let rec = ConnRecord {
+            cookie: h.cookie,
+            family: if local.is_ipv4() { 2 } else { 10 },
+            state: tcp_state(fd).unwrap_or(0).into(),
+            local_addr: v6_bytes(local.ip()),
+            remote_addr: v6_bytes(remote.ip()),
+            local_port: local.port(),
+            remote_port: remote.port(),
+            keepalive: get_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            idle: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            interval: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            count: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+            user_timeout_ms: get_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            source,
+            rule_id,
+            apply_failed: failed.into(),
+            _pad: 0,
+        };
+        Ok(ConnStatus::from_raw(&rec))
     }
 
     /// Every connection tcpka manages in `netns`, values read back from the

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod conn;
 pub mod enforcer;
 pub mod events;
+pub mod index;
 pub mod loader;
 pub mod paths;
 pub mod policy;

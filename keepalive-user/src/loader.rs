@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, Map, MapData},
     programs::{
         links::{CgroupAttachMode, FdLink},
-        BtfTracePoint, Iter, SockOps,
+        BtfTracePoint, Iter, SockOps, TracePoint,
     },
     EbpfLoader,
 };
@@ -193,6 +193,26 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     let kernel_btf = crate::btf::Btf::from_sys_fs()?;
     let v6_daddr = kernel_btf.member_offset("sock_common", "skc_v6_daddr")?;
     let v6_saddr = kernel_btf.member_offset("sock_common", "skc_v6_rcv_saddr")?;
+    let net_off = kernel_btf.member_offset("sock_common", "skc_net")?;
+    let ns_inum_off =
+        kernel_btf.member_offset("net", "ns")? + kernel_btf.member_offset("ns_common", "inum")?;
+    let tgid_off = kernel_btf.member_offset("task_struct", "tgid")?;
+    let task_files_off = kernel_btf.member_offset("task_struct", "files")?;
+    let files_fdt_off = kernel_btf.member_offset("files_struct", "fdt")?;
+    let fdt_max_fds_off = kernel_btf.member_offset("fdtable", "max_fds")?;
+    let fdt_fd_off = kernel_btf.member_offset("fdtable", "fd")?;
+    let file_private_off = kernel_btf.member_offset("file", "private_data")?;
+    // The fd programs read `struct socket` at fixed offsets; refuse a kernel
+    // where they moved rather than read garbage.
+    for (member, want) in [("type", 4), ("file", 16), ("sk", 24)] {
+        let got = kernel_btf.member_offset("socket", member)?;
+        if got != want {
+            return Err(Error::Io {
+                what: format!("struct socket.{member} is at {got} in this kernel, not {want}"),
+                source: std::io::ErrorKind::Unsupported.into(),
+            });
+        }
+    }
     let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Io {
         what: format!("reading kernel BTF: {e}"),
         source: std::io::ErrorKind::NotFound.into(),
@@ -201,6 +221,14 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         .btf(Some(&btf))
         .override_global(programs::GLOBAL_V6_DADDR_OFF, &v6_daddr, true)
         .override_global(programs::GLOBAL_V6_SADDR_OFF, &v6_saddr, true)
+        .override_global(programs::GLOBAL_NET_OFF, &net_off, true)
+        .override_global(programs::GLOBAL_NS_INUM_OFF, &ns_inum_off, true)
+        .override_global(programs::GLOBAL_TASK_TGID_OFF, &tgid_off, true)
+        .override_global(programs::GLOBAL_TASK_FILES_OFF, &task_files_off, true)
+        .override_global(programs::GLOBAL_FILES_FDT_OFF, &files_fdt_off, true)
+        .override_global(programs::GLOBAL_FDT_MAX_FDS_OFF, &fdt_max_fds_off, true)
+        .override_global(programs::GLOBAL_FDT_FD_OFF, &fdt_fd_off, true)
+        .override_global(programs::GLOBAL_FILE_PRIVATE_OFF, &file_private_off, true)
         .load(crate::EBPF_OBJECT)
         .map_err(Error::Ebpf)?;
     for name in maps::ALL {
@@ -251,12 +279,37 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         })?;
         pin_link(link, &layout.close_link())?;
     }
-    for (name, pin) in [
-        (programs::ITER_APPLY, layout.iter_apply()),
-        (programs::ITER_STATUS, layout.iter_status()),
+    // Who holds each socket: accepted and connecting ones from now on.
+    for (name, category, event, pin) in [
+        (programs::ACCEPT_EXIT, "syscalls", "sys_exit_accept4", layout.accept4_link()),
+        (programs::ACCEPT_EXIT, "syscalls", "sys_exit_accept", layout.accept_link()),
+        (programs::CONNECT_ENTER, "syscalls", "sys_enter_connect", layout.connect_link()),
+    ] {
+        let prog: &mut TracePoint = program(&mut ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| Error::Program {
+                what: format!("loading {name}"),
+                source: e,
+            })?;
+        }
+        let id = prog.attach(category, event).map_err(|e| Error::Program {
+            what: format!("attaching to tracepoint {category}:{event}"),
+            source: e,
+        })?;
+        let link = prog.take_link(id).map_err(|e| Error::Program {
+            what: format!("taking the {event} link"),
+            source: e,
+        })?;
+        pin_link(link, &pin)?;
+    }
+    for (name, kind, pin) in [
+        (programs::ITER_APPLY, "tcp", layout.iter_apply()),
+        (programs::ITER_STATUS, "tcp", layout.iter_status()),
+        (programs::SEED_PEERS, "tcp", layout.iter_seed_peers()),
+        (programs::SEED_FDS, "task_file", layout.iter_seed_fds()),
     ] {
         let prog: &mut Iter = program(&mut ebpf, name)?;
-        prog.load("tcp", &btf).map_err(|e| Error::Program {
+        prog.load(kind, &btf).map_err(|e| Error::Program {
             what: format!("loading iterator {name}"),
             source: e,
         })?;
@@ -302,6 +355,13 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         source: e,
     })?;
     pin_link(link, &layout.sock_ops_link())?;
+
+    // Index what existed before: who holds each socket (all processes),
+    // and the connections of our own namespace (others are indexed when
+    // first asked about). fd_install and the state tracepoint are attached
+    // already, so nothing falls between the two.
+    crate::index::seed_fds(layout)?;
+    crate::index::seed_netns(layout, None)?;
     Ok(Installation {
         pin_dir: layout.dir().to_path_buf(),
         cgroup: cgroup.path.clone(),

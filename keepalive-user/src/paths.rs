@@ -14,6 +14,13 @@ pub const LOCK_DIR: &str = "/run/tcpka";
 pub const SOCK_OPS_LINK: &str = "link_sockops";
 /// Pin name of the close tracepoint link.
 pub const CLOSE_LINK: &str = "link_close";
+/// Pin names of the syscall tracepoint links that record socket holders.
+pub const ACCEPT4_LINK: &str = "link_accept4";
+pub const ACCEPT_LINK: &str = "link_accept";
+pub const CONNECT_LINK: &str = "link_connect";
+/// Pin names of the index seed iterators.
+pub const ITER_SEED_PEERS: &str = "iter_seed_peers";
+pub const ITER_SEED_FDS: &str = "iter_seed_fds";
 /// Pin name of the apply iterator (reading it runs one pass).
 pub const ITER_APPLY: &str = "iter_apply";
 /// Pin name of the status iterator.
@@ -50,6 +57,29 @@ impl PinLayout {
         self.dir.join(CLOSE_LINK)
     }
 
+    /// Pins of the syscall tracepoint links.
+    pub fn accept4_link(&self) -> PathBuf {
+        self.dir.join(ACCEPT4_LINK)
+    }
+
+    pub fn accept_link(&self) -> PathBuf {
+        self.dir.join(ACCEPT_LINK)
+    }
+
+    pub fn connect_link(&self) -> PathBuf {
+        self.dir.join(CONNECT_LINK)
+    }
+
+    /// Pin of the iterator that indexes one namespace's connections.
+    pub fn iter_seed_peers(&self) -> PathBuf {
+        self.dir.join(ITER_SEED_PEERS)
+    }
+
+    /// Pin of the iterator that records every socket's holder.
+    pub fn iter_seed_fds(&self) -> PathBuf {
+        self.dir.join(ITER_SEED_FDS)
+    }
+
     /// Pin of the apply iterator.
     pub fn iter_apply(&self) -> PathBuf {
         self.dir.join(ITER_APPLY)
@@ -62,11 +92,16 @@ impl PinLayout {
 
     /// Every link pin, the sock_ops link last (its presence means
     /// "loaded", so it is pinned last and removed first).
-    pub fn links(&self) -> [PathBuf; 4] {
+    pub fn links(&self) -> [PathBuf; 9] {
         [
             self.close_link(),
+            self.accept4_link(),
+            self.accept_link(),
+            self.connect_link(),
             self.iter_apply(),
             self.iter_status(),
+            self.iter_seed_peers(),
+            self.iter_seed_fds(),
             self.sock_ops_link(),
         ]
     }

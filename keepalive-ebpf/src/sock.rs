@@ -1,0 +1,115 @@
+//! Reading a socket's addresses, ports, state and network namespace from
+//! `struct sock_common`, shared by the programs that see socket pointers.
+use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
+
+// Offsets of the IPv6 addresses in `struct sock_common` depend on the
+// kernel's configuration; the loader reads them from BTF and sets these
+// before load. Rust eBPF has no CO-RE field relocations.
+#[unsafe(no_mangle)]
+pub static SKC_V6_DADDR_OFF: u32 = 56;
+#[unsafe(no_mangle)]
+pub static SKC_V6_RCV_SADDR_OFF: u32 = 72;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+// Stable offsets in `struct sock_common`.
+pub const SKC_DADDR: usize = 0;
+pub const SKC_RCV_SADDR: usize = 4;
+pub const SKC_DPORT: usize = 12;
+pub const SKC_NUM: usize = 14;
+pub const SKC_FAMILY: usize = 16;
+pub const SKC_STATE: usize = 18;
+
+/// The addresses and ports of one socket.
+pub struct Ends {
+    pub family: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub state: u8,
+}
+
+/// Reads a field at a configuration-dependent offset through the probe
+/// helper; a fault leaves the default value.
+#[inline(always)]
+pub fn read<T: Copy + Default>(sk: *const u8, off: usize) -> T {
+    let mut v = T::default();
+    // SAFETY: `buf` covers exactly `v`.
+    let buf =
+        unsafe { core::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
+    // SAFETY: the helper checks the kernel address.
+    let _ = unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(off), buf) };
+    v
+}
+
+/// Loads a field at one of the stable `sock_common` offsets directly: the
+/// verifier checks it against BTF and turns it into a fault-safe load,
+/// cheaper than a helper call on the path every socket takes.
+#[inline(always)]
+pub fn load<T: Copy>(sk: *const u8, off: usize) -> T {
+    // SAFETY: `sk` is the iterator's `sock_common`; `off` is a constant
+    // offset of a field of type T.
+    unsafe { core::ptr::read_volatile(sk.add(off) as *const T) }
+}
+
+#[inline(always)]
+pub fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+    ]
+}
+
+#[inline(always)]
+pub fn ends(sk: *const u8) -> Option<Ends> {
+    let family: u16 = load(sk, SKC_FAMILY);
+    let (local_addr, remote_addr) = if family == AF_INET {
+        let saddr: u32 = load(sk, SKC_RCV_SADDR);
+        let daddr: u32 = load(sk, SKC_DADDR);
+        (v4_mapped(saddr.to_ne_bytes()), v4_mapped(daddr.to_ne_bytes()))
+    } else if family == AF_INET6 {
+        // SAFETY: read-only globals set by the loader.
+        let (d, s) = unsafe {
+            (
+                core::ptr::read_volatile(&SKC_V6_DADDR_OFF),
+                core::ptr::read_volatile(&SKC_V6_RCV_SADDR_OFF),
+            )
+        };
+        (read(sk, s as usize), read(sk, d as usize))
+    } else {
+        return None;
+    };
+    let dport: u16 = load(sk, SKC_DPORT);
+    Some(Ends {
+        family,
+        local_addr,
+        remote_addr,
+        local_port: load(sk, SKC_NUM),
+        remote_port: u16::from_be(dport),
+        state: load(sk, SKC_STATE),
+    })
+}
+
+
+/// `sock_common.skc_net` (a `struct net *`), from BTF.
+#[unsafe(no_mangle)]
+pub static SKC_NET_OFF: u32 = 48;
+/// `net.ns.inum`, from BTF: the namespace's inode number, as `stat` on
+/// `/proc/PID/ns/net` shows it.
+#[unsafe(no_mangle)]
+pub static NET_NS_INUM_OFF: u32 = 176;
+
+/// Inode number of the socket's network namespace.
+#[inline(always)]
+pub fn netns_inum(sk: *const u8) -> u32 {
+    // SAFETY: read-only globals set by the loader.
+    let (net_off, inum_off) = unsafe {
+        (
+            core::ptr::read_volatile(&SKC_NET_OFF),
+            core::ptr::read_volatile(&NET_NS_INUM_OFF),
+        )
+    };
+    let net: u64 = read(sk, net_off as usize);
+    read(net as *const u8, inum_off as usize)
+}

@@ -1,0 +1,200 @@
+//! The direct path to a live connection: the kernel keeps an index of
+//! peer endpoint -> socket cookies and cookie -> holding process and fd
+//! (see `keepalive-ebpf/src/index.rs`). With it, `enable` reaches one
+//! connection with `pidfd_getfd` and a plain `setsockopt`, in time that
+//! does not grow with the number of sockets on the host.
+//!
+//! The index is a shortcut, never the authority: whenever it cannot vouch
+//! for the complete answer (a peer with more connections than slots, a
+//! full map, a holder that closed or passed on its descriptor, a cookie it
+//! never saw) the caller walks the socket table instead.
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::Path,
+};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use keepalive_common::{
+    index::{FdOwner, IndexKey, SlotInfo, PEER_SLOTS, SLOT_OVERFLOW},
+    maps, stats,
+};
+
+use crate::{
+    conn::{v6_bytes, ConnSpec},
+    enforcer::run_pass,
+    loader,
+    paths::PinLayout,
+    Error, Result,
+};
+
+/// Inode number of a network namespace (`--netns PATH`, or ours).
+pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
+    let path = netns.unwrap_or(Path::new("/proc/thread-self/ns/net"));
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| Error::Netns {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Records the holder of every socket that exists (one pass over all
+/// processes' descriptors).
+pub fn seed_fds(layout: &PinLayout) -> Result<()> {
+    run_pass(&layout.iter_seed_fds(), None, None).map(drop)
+}
+
+/// Indexes the connections of a network namespace that existed before
+/// tcpka was loaded, once per namespace. Call with the installation lock
+/// held.
+pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<()> {
+    let inode = netns_inode(netns)? as u32;
+    let map = loader::open_map(layout, maps::SEEDED)?;
+    let mut seeded: HashMap<_, u32, u32> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the seeded-namespace map", e))?;
+    if seeded.get(&inode, 0).is_ok() {
+        return Ok(());
+    }
+    run_pass(&layout.iter_seed_peers(), netns, None)?;
+    seeded
+        .insert(inode, 1, 0)
+        .map_err(|e| Error::map("recording the indexed namespace", e))
+}
+
+/// A live connection held through a duplicate of its owner's descriptor.
+pub struct Held {
+    pub cookie: u64,
+    pub stream: TcpStream,
+}
+
+/// The connections `conn` names in namespace `netns`, found through the
+/// index; `None` when the index cannot vouch for the complete answer.
+pub fn resolve(
+    layout: &PinLayout,
+    conn: ConnSpec,
+    local: Option<SocketAddr>,
+    netns: Option<&Path>,
+) -> Result<Option<Vec<Held>>> {
+    let inode = netns_inode(netns)?;
+    let cookies = match conn {
+        ConnSpec::Cookie(c) => vec![c],
+        ConnSpec::Peer(peer) => {
+            if index_overflowed(layout)? {
+                return Ok(None);
+            }
+            let map = loader::open_map(layout, maps::PEERS)?;
+            let peers: HashMap<_, IndexKey, u64> =
+                HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+            let mut key = IndexKey {
+                netns: inode as u32,
+                addr: v6_bytes(peer.ip()),
+                port: peer.port(),
+                slot: SLOT_OVERFLOW,
+            };
+            if peers.get(&key, 0).is_ok() {
+                return Ok(None);
+            }
+            (0..PEER_SLOTS)
+                .filter_map(|slot| {
+                    key.slot = slot;
+                    peers.get(&key, 0).ok()
+                })
+                .collect()
+        }
+    };
+    let map = loader::open_map(layout, maps::SLOTS)?;
+    let slots: HashMap<MapData, u64, SlotInfo> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the slot map", e))?;
+    let map = loader::open_map(layout, maps::FDS)?;
+    let fds: HashMap<MapData, u64, FdOwner> = HashMap::try_from(map)
+        .map_err(|e| Error::map("opening the socket holder map", e))?;
+    let mut held = Vec::with_capacity(cookies.len());
+    for cookie in cookies {
+        let Ok(owner) = slots.get(&cookie, 0).and_then(|s| fds.get(&s.sk, 0)) else {
+            return Ok(None);
+        };
+        let Some(stream) = borrow(owner, cookie) else {
+            return Ok(None);
+        };
+        if socket_netns(&stream) != Some(inode) {
+            // A cookie names one socket host-wide: in another namespace it
+            // is not the one asked for. Peers are indexed per namespace.
+            continue;
+        }
+        if let Some(l) = local {
+            if !same_end(stream.local_addr().ok(), l) {
+                continue;
+            }
+        }
+        held.push(Held { cookie, stream });
+    }
+    Ok(Some(held))
+}
+
+/// Set when the kernel could not index some connection: peer lookups are
+/// not complete any more and must walk.
+fn index_overflowed(layout: &PinLayout) -> Result<bool> {
+    let map = loader::open_map(layout, maps::STATS)?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
+    let full = counters
+        .get(&stats::INDEX_FULL, 0)
+        .map_err(|e| Error::map("reading the counters", e))?;
+    Ok(full.iter().sum::<u64>() > 0)
+}
+
+/// Duplicates the holder's descriptor (`pidfd_getfd`) and checks that it is
+/// still the same socket.
+fn borrow(owner: FdOwner, cookie: u64) -> Option<TcpStream> {
+    // SAFETY: plain syscalls; the returned fds are owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, owner.tgid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: as above.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), owner.fd, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: pidfd_getfd returned a new descriptor that we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // The holder may have closed the descriptor and reused its number.
+    (sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_COOKIE) == Some(cookie))
+        .then(|| TcpStream::from(fd))
+}
+
+fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> Option<u64> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointers of the right size.
+    let ret = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut u64).cast(), &mut len)
+    };
+    (ret == 0).then_some(v)
+}
+
+/// Inode of the network namespace a socket lives in (SIOCGSKNS).
+fn socket_netns(s: &TcpStream) -> Option<u64> {
+    const SIOCGSKNS: libc::c_ulong = 0x894c;
+    // SAFETY: the ioctl returns a new namespace fd or fails.
+    let ns = unsafe { libc::ioctl(s.as_raw_fd(), SIOCGSKNS) };
+    if ns < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd we own.
+    let ns = unsafe { File::from_raw_fd(ns) };
+    ns.metadata().ok().map(|m| m.ino())
+}
+
+/// Local ends compare as the kernel sees them: an IPv4 address equals its
+/// IPv4-mapped IPv6 form.
+fn same_end(a: Option<SocketAddr>, b: SocketAddr) -> bool {
+    a.is_some_and(|a| a.port() == b.port() && v6_bytes(a.ip()) == v6_bytes(b.ip()))
+}
