@@ -6,7 +6,9 @@
 //! # Minimum kernel version
 //! 5.5 (BTF-enabled raw tracepoints).
 use aya_ebpf::{
-    bindings::{BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED}, helpers::bpf_get_socket_cookie, macros::btf_tracepoint,
+    bindings::{BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED},
+    helpers::bpf_get_socket_cookie,
+    macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use keepalive_common::stats;

@@ -67,7 +67,10 @@ pub fn ends(sk: *const u8) -> Option<Ends> {
     let (local_addr, remote_addr) = if family == AF_INET {
         let saddr: u32 = load(sk, SKC_RCV_SADDR);
         let daddr: u32 = load(sk, SKC_DADDR);
-        (v4_mapped(saddr.to_ne_bytes()), v4_mapped(daddr.to_ne_bytes()))
+        (
+            v4_mapped(saddr.to_ne_bytes()),
+            v4_mapped(daddr.to_ne_bytes()),
+        )
     } else if family == AF_INET6 {
         // SAFETY: read-only globals set by the loader.
         let (d, s) = unsafe {
@@ -90,7 +93,6 @@ pub fn ends(sk: *const u8) -> Option<Ends> {
         state: load(sk, SKC_STATE),
     })
 }
-
 
 /// `sock_common.skc_net` (a `struct net *`), from BTF.
 #[unsafe(no_mangle)]

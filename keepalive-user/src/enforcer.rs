@@ -13,8 +13,8 @@ use keepalive_common::{
 
 use crate::{
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
-    index::Held,
     events::source_name,
+    index::Held,
     loader::{self, Lock},
     paths::PinLayout,
     policy::Policy,
@@ -272,7 +272,13 @@ fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.
     unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     v as u32
 }
@@ -283,13 +289,22 @@ fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes.
     let ret = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
     };
     (ret == 0).then_some(info[0])
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -514,8 +529,12 @@ impl Enforcer {
         let (source, rule_id) = conns
             .get(&h.cookie, 0)
             .map_or((0, 0), |i| (i.source, i.rule_id));
-        let local = fd.local_addr().map_err(|e| Error::io("reading the local end", e))?;
-        let remote = fd.peer_addr().map_err(|e| Error::io("reading the remote end", e))?;
+        let local = fd
+            .local_addr()
+            .map_err(|e| Error::io("reading the local end", e))?;
+        let remote = fd
+            .peer_addr()
+            .map_err(|e| Error::io("reading the remote end", e))?;
         let rec = ConnRecord {
             cookie: h.cookie,
             family: if local.is_ipv4() { 2 } else { 10 },

@@ -111,8 +111,8 @@ pub fn resolve(
     let slots: HashMap<MapData, u64, SlotInfo> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the slot map", e))?;
     let map = loader::open_map(layout, maps::FDS)?;
-    let fds: HashMap<MapData, u64, FdOwner> = HashMap::try_from(map)
-        .map_err(|e| Error::map("opening the socket holder map", e))?;
+    let fds: HashMap<MapData, u64, FdOwner> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the socket holder map", e))?;
     let mut held = Vec::with_capacity(cookies.len());
     for cookie in cookies {
         let Ok(owner) = slots.get(&cookie, 0).and_then(|s| fds.get(&s.sk, 0)) else {
@@ -175,7 +175,13 @@ fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> Option<
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, out-pointers of the right size.
     let ret = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut u64).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
     };
     (ret == 0).then_some(v)
 }

@@ -281,9 +281,24 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     }
     // Who holds each socket: accepted and connecting ones from now on.
     for (name, category, event, pin) in [
-        (programs::ACCEPT_EXIT, "syscalls", "sys_exit_accept4", layout.accept4_link()),
-        (programs::ACCEPT_EXIT, "syscalls", "sys_exit_accept", layout.accept_link()),
-        (programs::CONNECT_ENTER, "syscalls", "sys_enter_connect", layout.connect_link()),
+        (
+            programs::ACCEPT_EXIT,
+            "syscalls",
+            "sys_exit_accept4",
+            layout.accept4_link(),
+        ),
+        (
+            programs::ACCEPT_EXIT,
+            "syscalls",
+            "sys_exit_accept",
+            layout.accept_link(),
+        ),
+        (
+            programs::CONNECT_ENTER,
+            "syscalls",
+            "sys_enter_connect",
+            layout.connect_link(),
+        ),
     ] {
         let prog: &mut TracePoint = program(&mut ebpf, name)?;
         if prog.fd().is_err() {

@@ -170,13 +170,21 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
             let target = l.local_addr()?.to_string();
             let local_end = c.local_addr()?.to_string();
             let ck = format!("cookie:{}", cookie(c)?);
-            peer.push(time_cmd(tcpka, &pin_dir, &["enable", &target, &idle, "5", "5"])?);
+            peer.push(time_cmd(
+                tcpka,
+                &pin_dir,
+                &["enable", &target, &idle, "5", "5"],
+            )?);
             local.push(time_cmd(
                 tcpka,
                 &pin_dir,
                 &["enable", &target, "--local", &local_end, &idle, "5", "5"],
             )?);
-            by_cookie.push(time_cmd(tcpka, &pin_dir, &["enable", &ck, &idle, "5", "5"])?);
+            by_cookie.push(time_cmd(
+                tcpka,
+                &pin_dir,
+                &["enable", &ck, &idle, "5", "5"],
+            )?);
             // The kernel side alone: one full iterator pass with nothing
             // pending, i.e. the walk plus the program's prefilter.
             let t = Instant::now();
@@ -219,7 +227,11 @@ fn time_cmd(tcpka: &Path, pin_dir: &Path, args: &[&str]) -> Result<Duration> {
         .output()?;
     let took = t.elapsed();
     if !out.status.success() {
-        bail!("tcpka {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "tcpka {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(took)
 }
