@@ -366,7 +366,7 @@ pub mod index {
     pub const MAX_ENTRIES: u32 = 1 << 20;
     /// Capacity of the fd map (LRU: descriptors closed without a TCP close
     /// age out).
-    pub const FDS_MAX_ENTRIES: u32 = 1 << 19;
+    pub const FDS_MAX_ENTRIES: u32 = 1 << 18;
 }
 
 /// Events the programs report to user space through the ring buffer.

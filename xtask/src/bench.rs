@@ -118,14 +118,8 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.clone(),
     };
-    let out = Command::new(tcpka)
-        .env("TCPKA_PIN_DIR", &pin_dir)
-        .args(["load", "--cgroup"])
-        .arg(&cgroup)
-        .output()?;
-    if !out.status.success() {
-        bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    churn(tcpka, &pin_dir, &cgroup, &cg_root)?;
+    load(tcpka, &pin_dir, &cgroup)?;
 
     // One target connection per sample, each with its own listener, so
     // the medians cover sockets at many places in the kernel's table.
@@ -214,6 +208,92 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
     }
     drop(holders);
     drop(guard);
+    Ok(())
+}
+
+fn load(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    let out = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .args(["load", "--cgroup"])
+        .arg(cgroup)
+        .output()?;
+    if !out.status.success() {
+        bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Opens and closes `n` loopback connections; returns connections/s.
+fn churn_rate(n: usize) -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let c = TcpStream::connect(addr)?;
+        let (s, _) = l.accept()?;
+        // RST on close: no TIME_WAIT, so the port range never runs out.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a valid linger struct.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        drop(c);
+        drop(s);
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// What tcpka costs connections that come and go: the rate without tcpka,
+/// with it loaded (the state and syscall tracepoints see every TCP
+/// connection on the host), and inside the attached cgroup with a rule
+/// applied to each connection. Rounds interleave the three.
+fn churn(tcpka: &Path, pin_dir: &Path, cgroup: &Path, cg_root: &Path) -> Result<()> {
+    const N: usize = 5000;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let home = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    const ROUNDS: usize = 5;
+    let me = std::process::id().to_string();
+    let (mut off, mut loaded, mut ruled) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        off.push(churn_rate(N)?);
+        load(tcpka, pin_dir, cgroup)?;
+        loaded.push(churn_rate(N)?);
+        time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
+        std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+        let r = churn_rate(N);
+        std::fs::write(home.join("cgroup.procs"), &me)?;
+        ruled.push(r?);
+        time_cmd(tcpka, pin_dir, &["unload"])?;
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, loaded, ruled) = (med(off), med(loaded), med(ruled));
+    println!("connection churn ({N} open+close per round, {ROUNDS} rounds, median):");
+    println!("  without tcpka               {off:>9.0} conn/s");
+    println!(
+        "  loaded, outside the cgroup  {loaded:>9.0} conn/s  ({:.2}x)",
+        loaded / off
+    );
+    println!(
+        "  in the cgroup, rule applied {ruled:>9.0} conn/s  ({:.2}x)",
+        ruled / off
+    );
+    println!();
     Ok(())
 }
 
