@@ -41,6 +41,10 @@ pub mod programs {
     pub const GLOBAL_NET_OFF: &str = "SKC_NET_OFF";
     /// Read-only global: offset of `ns.inum` in `struct net`.
     pub const GLOBAL_NS_INUM_OFF: &str = "NET_NS_INUM_OFF";
+    /// Read-only global: offset of `sk_err` in `struct sock`.
+    pub const GLOBAL_SK_ERR_OFF: &str = "SK_ERR_OFF";
+    /// Read-only global: offset of `inet_sport` in `struct inet_sock`.
+    pub const GLOBAL_INET_SPORT_OFF: &str = "INET_SPORT_OFF";
     /// Read-only global: offset of `tgid` in `struct task_struct`.
     pub const GLOBAL_TASK_TGID_OFF: &str = "TASK_TGID_OFF";
     /// Read-only global: offset of `skc_v6_daddr` in `struct sock_common`,
@@ -80,10 +84,15 @@ pub mod maps {
     pub const FDS: &str = "TCPKA_FDS";
     /// Network namespaces whose older connections were indexed: inode -> 1.
     pub const SEEDED: &str = "TCPKA_SEEDED";
+    /// Holders of a connection's keepalive: [`crate::holders::HolderKey`]
+    /// -> 1.
+    pub const HOLDERS: &str = "TCPKA_HOLDERS";
+    /// Number of holders per connection: cookie -> count; removed at close.
+    pub const HOLDER_COUNT: &str = "TCPKA_HOLDER_COUNT";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE, REQ_PORTS, PEERS, SLOTS, FDS,
-        SEEDED,
+        SEEDED, HOLDERS, HOLDER_COUNT,
     ];
 }
 
@@ -369,12 +378,40 @@ pub mod index {
     pub const FDS_MAX_ENTRIES: u32 = 1 << 18;
 }
 
+/// Holders: who needs a connection's keepalive (a SIP controller passes
+/// the Call-ID), so that one call's disable does not turn it off under the
+/// calls still up on a shared connection.
+pub mod holders {
+    /// Longest holder id, in bytes.
+    pub const ID_MAX: usize = 64;
+
+    /// One holder of one connection.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct HolderKey {
+        pub cookie: u64,
+        /// The id, zero padded.
+        pub id: [u8; ID_MAX],
+    }
+
+    /// Capacity of the holder map.
+    pub const MAX_ENTRIES: u32 = 1 << 20;
+}
+
 /// Events the programs report to user space through the ring buffer.
 pub mod events {
     use crate::policy::Policy;
 
     /// A policy was applied to a connection.
     pub const KIND_APPLIED: u32 = 1;
+    /// A managed connection closed in order (no error).
+    pub const KIND_CLOSED: u32 = 2;
+    /// A managed connection was reset (`ECONNRESET`, `EPIPE`).
+    pub const KIND_RESET: u32 = 3;
+    /// A managed connection's peer stopped answering: keepalive probes or
+    /// retransmissions gave up (`ETIMEDOUT`, or the ICMP error that ended
+    /// them, such as `EHOSTUNREACH`).
+    pub const KIND_TIMEOUT: u32 = 4;
 
     /// One event. Addresses are IPv6, network byte order; IPv4 connections
     /// (family 2) carry them IPv4-mapped.
@@ -403,6 +440,9 @@ pub mod events {
         pub policy: Policy,
         /// [`crate::conns`] `SOURCE_*`.
         pub source: u32,
+        /// The socket's error (`sk_err`) when it closed, else 0.
+        pub error: u32,
+        pub _pad: u32,
     }
 
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
@@ -450,6 +490,7 @@ mod pod {
     unsafe impl aya::Pod for crate::index::IndexKey {}
     unsafe impl aya::Pod for crate::index::FdOwner {}
     unsafe impl aya::Pod for crate::index::SlotInfo {}
+    unsafe impl aya::Pod for crate::holders::HolderKey {}
 }
 
 #[cfg(test)]
@@ -464,7 +505,7 @@ mod tests {
         assert_eq!(size_of::<rules::RuleKey>(), 20);
         assert_eq!(size_of::<rules::RuleValue>(), 16 + 20);
         assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
-        assert_eq!(size_of::<events::Event>(), 88);
+        assert_eq!(size_of::<events::Event>(), 96);
         assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX);
         assert_eq!(size_of::<requests::PeerKey>(), 20);
         assert_eq!(size_of::<index::IndexKey>(), 24);

@@ -11,11 +11,18 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use keepalive_common::stats;
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
+use keepalive_common::{
+    conns::ConnInfo,
+    events::{Event, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
+    stats,
+};
 
 use crate::{
+    apply::emit,
     index,
-    maps::{count, CONNS},
+    maps::{count, CONNS, HOLDER_COUNT},
+    sock::{ends, read},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -32,9 +39,62 @@ pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
         index::add(sk as *const u8, cookie);
         return 0;
     }
-    if CONNS.remove(&cookie).is_ok() {
+    // SAFETY: read-only lookup.
+    if let Some(info) = unsafe { CONNS.get(&cookie) }.copied() {
+        report_end(sk as *const u8, cookie, &info);
+        let _ = CONNS.remove(&cookie);
         count(stats::CONNS_CLOSED);
     }
+    let _ = HOLDER_COUNT.remove(&cookie);
     index::remove(sk as *const u8, cookie);
     0
+}
+
+/// Offset of `sk_err` in `struct sock`, set by the loader from BTF.
+#[unsafe(no_mangle)]
+static SK_ERR_OFF: u32 = 0;
+/// Offset of `inet_sport` in `struct inet_sock`: the local port, which
+/// stays when closing has already released `skc_num`.
+#[unsafe(no_mangle)]
+static INET_SPORT_OFF: u32 = 0;
+
+const EPIPE: u32 = 32;
+const ECONNRESET: u32 = 104;
+
+/// Tells user space how a managed connection ended: the socket error that
+/// ended it decides timeout, reset or orderly close.
+#[inline(always)]
+fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
+    let Some(e) = ends(sk) else { return };
+    // SAFETY: read-only globals set by the loader.
+    let (off, sport_off) = unsafe {
+        (
+            core::ptr::read_volatile(&SK_ERR_OFF),
+            core::ptr::read_volatile(&INET_SPORT_OFF),
+        )
+    };
+    let sport: u16 = read(sk, sport_off as usize);
+    let error: i32 = read(sk, off as usize);
+    let error = error.unsigned_abs();
+    let kind = match error {
+        0 => KIND_CLOSED,
+        ECONNRESET | EPIPE => KIND_RESET,
+        _ => KIND_TIMEOUT,
+    };
+    emit(&Event {
+        kind,
+        family: e.family as u32,
+        cookie,
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        local_addr: e.local_addr,
+        remote_addr: e.remote_addr,
+        local_port: u16::from_be(sport),
+        remote_port: e.remote_port,
+        rule_id: info.rule_id,
+        policy: info.policy,
+        source: info.source,
+        error,
+        _pad: 0,
+    });
 }

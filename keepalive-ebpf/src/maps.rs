@@ -7,6 +7,7 @@ use aya_ebpf::{
 use keepalive_common::{
     conns::ConnInfo,
     events::RING_BYTES,
+    holders::{self, HolderKey},
     index::{self, FdOwner, IndexKey, SlotInfo},
     meta::Meta,
     requests::{self, PeerKey, Request},
@@ -57,6 +58,14 @@ pub static FDS: LruHashMap<u64, FdOwner> = LruHashMap::with_max_entries(index::F
 
 #[map(name = "TCPKA_SEEDED")]
 pub static SEEDED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+// Written by user space; the count goes with the connection (close.rs), the
+// holder entries of closed connections are swept by user space.
+#[map(name = "TCPKA_HOLDERS")]
+pub static HOLDERS: HashMap<HolderKey, u8> = HashMap::with_max_entries(holders::MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_HOLDER_COUNT")]
+pub static HOLDER_COUNT: HashMap<u64, u32> = HashMap::with_max_entries(holders::MAX_ENTRIES, 1);
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

@@ -122,6 +122,8 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         rule_id: rule.id,
         policy,
         source: SOURCE_RULE,
+        error: 0,
+        _pad: 0,
     });
     if CONNS.insert(&cookie, &info, 0).is_err() {
         count(stats::CONNS_FULL);

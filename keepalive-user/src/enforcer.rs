@@ -14,6 +14,7 @@ use keepalive_common::{
 use crate::{
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
     events::source_name,
+    holders::Holders,
     index::Held,
     loader::{self, Lock},
     paths::PinLayout,
@@ -199,6 +200,25 @@ pub struct ConnStatus {
     /// Some `bpf_setsockopt` of the request failed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub apply_failed: bool,
+    /// Holders of its keepalive (shown by status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holders: Option<Vec<String>>,
+}
+
+/// What a disable did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Disabled {
+    /// Connections whose keepalive is now off.
+    pub changed: Vec<ConnStatus>,
+    /// Connections that keep keepalive for their other holders.
+    pub kept: Vec<Kept>,
+}
+
+/// A connection that kept keepalive.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Kept {
+    pub connection: ConnStatus,
+    pub holders_remaining: u32,
 }
 
 /// Name of a TCP state (`include/net/tcp_states.h`).
@@ -239,6 +259,7 @@ impl ConnStatus {
             source: (r.source != 0).then(|| source_name(r.source)),
             rule: (r.rule_id != 0).then_some(r.rule_id),
             apply_failed: r.apply_failed != 0,
+            holders: None,
         }
     }
 }
@@ -435,6 +456,87 @@ impl Enforcer {
         action: Action,
         netns: Option<&Path>,
     ) -> Result<Vec<ConnStatus>> {
+        // One pass at a time per installation: a pass applies every pending
+        // request, so serialising keeps each command's result its own.
+        let _lock = Lock::acquire(&self.layout)?;
+        self.apply_locked(conn, local, action, netns)
+    }
+
+    /// Enables keepalive and, with a holder, records it on every connection
+    /// changed.
+    pub fn enable(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        policy: Policy,
+        holder: Option<&str>,
+        netns: Option<&Path>,
+    ) -> Result<Vec<ConnStatus>> {
+        let _lock = Lock::acquire(&self.layout)?;
+        let mut changed = self.apply_locked(conn, local, Action::Enable(policy), netns)?;
+        if let Some(id) = holder {
+            let mut holders = Holders::open(&self.layout)?;
+            for c in &mut changed {
+                holders.add(c.cookie, id)?;
+                c.holders = None;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Disables keepalive. With a holder, only removes that holder from
+    /// connections that still have others (they keep keepalive); without,
+    /// disables and forgets every holder, like the reference module.
+    pub fn disable(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        holder: Option<&str>,
+        netns: Option<&Path>,
+    ) -> Result<Disabled> {
+        let _lock = Lock::acquire(&self.layout)?;
+        let mut holders = Holders::open(&self.layout)?;
+        let Some(id) = holder else {
+            let changed = self.apply_locked(conn, local, Action::Disable, netns)?;
+            for c in &changed {
+                holders.clear(c.cookie);
+            }
+            return Ok(Disabled {
+                changed,
+                kept: Vec::new(),
+            });
+        };
+        let found = self.apply_locked(conn, local, Action::Query, netns)?;
+        let mut out = Disabled {
+            changed: Vec::new(),
+            kept: Vec::new(),
+        };
+        for c in found {
+            let remaining = holders.remove(c.cookie, id)?;
+            if remaining > 0 {
+                out.kept.push(Kept {
+                    connection: c,
+                    holders_remaining: remaining,
+                });
+            } else {
+                out.changed.extend(self.apply_locked(
+                    ConnSpec::Cookie(c.cookie),
+                    None,
+                    Action::Disable,
+                    netns,
+                )?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_locked(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        action: Action,
+        netns: Option<&Path>,
+    ) -> Result<Vec<ConnStatus>> {
         let (op, policy) = match action {
             Action::Enable(p) => (OP_ENABLE, p.to_raw()),
             Action::Disable => (OP_DISABLE, Default::default()),
@@ -448,9 +550,6 @@ impl Enforcer {
             _pad: 0,
             policy,
         };
-        // One pass at a time per installation: a pass applies every pending
-        // request, so serialising keeps each command's result its own.
-        let _lock = Lock::acquire(&self.layout)?;
         // The direct path, when the connection index can vouch for the
         // answer; otherwise the walk below.
         crate::index::seed_netns(&self.layout, netns)?;
@@ -567,6 +666,16 @@ impl Enforcer {
         let buf = run_pass(&self.layout.iter_status(), netns, None)?;
         let mut out = parse_records(&buf);
         out.sort_by_key(|c| c.cookie);
+        self.attach_holders(&mut out)?;
         Ok(out)
+    }
+
+    /// Fills in each connection's holders.
+    pub fn attach_holders(&self, conns: &mut [ConnStatus]) -> Result<()> {
+        let mut all = Holders::open(&self.layout)?.all();
+        for c in conns {
+            c.holders = Some(all.remove(&c.cookie).unwrap_or_default());
+        }
+        Ok(())
     }
 }

@@ -9,11 +9,13 @@ pub mod cgroup;
 pub mod conn;
 pub mod enforcer;
 pub mod events;
+pub mod holders;
 pub mod index;
 pub mod loader;
 pub mod paths;
 pub mod policy;
 pub mod rule;
+pub mod server;
 mod sys;
 
 use std::path::PathBuf;
@@ -37,6 +39,10 @@ pub enum InvalidInput {
     Port(String),
     #[error("invalid connection {value:?}: {reason}")]
     Conn { value: String, reason: &'static str },
+    #[error("invalid listen address: {0}")]
+    Listen(String),
+    #[error("invalid holder {0:?}: 1 to 64 printable ASCII characters without spaces")]
+    Holder(String),
     #[error("invalid address prefix {value:?}: {reason}")]
     Cidr { value: String, reason: &'static str },
 }

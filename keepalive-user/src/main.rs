@@ -8,15 +8,16 @@ use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
     conn::{parse_endpoint, ConnSpec},
+    holders::parse_holder,
     enforcer::{Action, ConnStatus, Enforcer},
     loader::{self, LoadOutcome},
     paths::PinLayout,
     policy::{parse_u32, Policy},
     rule::{parse_port, Cidr, RuleMatch},
+    server::{self, Listen},
     Error,
 };
 
-mod serve;
 
 /// Kernel-side TCP keepalive policy enforcer.
 ///
@@ -61,10 +62,17 @@ enum Command {
     Status(StatusArgs),
     /// Show whether tcpka is loaded, where, and its kernel-side counters.
     Info(JsonArg),
-    /// Load (or adopt the pinned installation) and log, in the foreground,
-    /// every policy the kernel applies. Ctrl-C stops logging; enforcement
-    /// stays in place.
+    /// Load (or adopt the pinned installation), serve the HTTP/JSON API
+    /// for a SIP controller, and log every event (policies applied,
+    /// connections closed, reset or timed out). Ctrl-C stops the daemon;
+    /// enforcement stays in place.
+    ///
+    /// API: POST /v1/enable, POST /v1/disable, GET /v1/connections,
+    /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
+    /// stream), GET /metrics (Prometheus), GET /healthz.
     Serve(ServeArgs),
+    /// Print events as they happen (from a running `tcpka serve`).
+    Watch(WatchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +95,30 @@ struct ServeArgs {
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+    /// Where the API listens: ADDR:PORT or unix:/path. A non-loopback
+    /// address needs --token.
+    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN, value_parser = |s: &str| s.parse::<Listen>())]
+    listen: Listen,
+    /// Require `Authorization: Bearer TOKEN` on every request.
+    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// POST each timeout/reset/closed event as JSON to this URL (retried
+    /// with backoff; a bounded queue, drops counted in /metrics).
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    /// The API of `tcpka serve` (host:port).
+    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN)]
+    api: String,
+    /// Token of the API, if it has one.
+    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// CONN: the peer endpoint `IP:PORT` or `[IPv6]:PORT` (Kamailio's
@@ -105,6 +137,12 @@ struct ConnArgs {
     /// /proc/PID/ns/net [default: tcpka's own].
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+    /// Who needs the keepalive (a SIP controller passes the Call-ID). A
+    /// connection keeps keepalive while any holder remains: `disable
+    /// --holder` only turns it off when the last holder goes; `disable`
+    /// without one turns it off and forgets all holders.
+    #[arg(long, value_name = "ID", value_parser = parse_holder)]
+    holder: Option<String>,
     /// Print the connections changed as JSON (as `status --json`).
     #[arg(long)]
     json: bool,
@@ -244,7 +282,66 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))
+}
+
+/// Streams `GET /v1/events` and prints each event.
+async fn watch(a: WatchArgs) -> Result<(), Error> {
+    let url = format!("http://{}/v1/events", a.api);
+    let fail = |what: String| Error::Io {
+        what,
+        source: std::io::ErrorKind::Other.into(),
+    };
+    let client = reqwest::Client::new();
+    let mut req = client.get(&url);
+    if let Some(t) = &a.token {
+        req = req.bearer_auth(t);
+    }
+    let mut resp = req
+        .send()
+        .await
+        .map_err(|e| fail(format!("connecting to {url} (is `tcpka serve` running?): {e}")))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("{url}: HTTP {}", resp.status())));
+    }
+    let mut pending = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| fail(format!("reading {url}: {e}")))?
+    {
+        pending.extend_from_slice(&chunk);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if a.json {
+                println!("{line}");
+            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                println!(
+                    "{} {} {} -> {} cookie={} {}",
+                    v["time"].as_str().unwrap_or("-"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["local"].as_str().unwrap_or("?"),
+                    v["remote"].as_str().unwrap_or("?"),
+                    v["cookie"],
+                    v["error"].as_u64().map(|e| format!("error={e}")).unwrap_or_default(),
+                );
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        }
+    }
+    Ok(())
+}
+
 fn report_changed(changed: &[ConnStatus], what: &str, policy: &str, json: bool) {
+    if !json && changed.is_empty() {
+        return;
+    }
     if json {
         print_json(&changed);
         return;
@@ -292,6 +389,9 @@ fn print_status(conns: &[ConnStatus]) {
             c.state,
             ka
         );
+        if let Some(h) = c.holders.as_ref().filter(|h| !h.is_empty()) {
+            println!("{:<18}  holders: {}", "", h.join(", "));
+        }
         if k.count_ignored {
             println!(
                 "{:<18}  note: TCP_USER_TIMEOUT is set, so the kernel ignores count={} and drops the connection {}ms after data stops being acknowledged",
@@ -391,27 +491,43 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Enable(a) => {
             let policy = a.policy.policy()?;
             let t = a.target;
-            let changed = Enforcer::new(layout).apply(
+            let changed = Enforcer::new(layout).enable(
                 t.conn,
                 t.local,
-                Action::Enable(policy),
+                policy,
+                t.holder.as_deref(),
                 t.netns.as_deref(),
             )?;
             report_changed(&changed, "enabled keepalive", &policy.to_string(), t.json);
         }
         Command::Disable(t) => {
-            let changed = Enforcer::new(layout).apply(
+            let done = Enforcer::new(layout).disable(
                 t.conn,
                 t.local,
-                Action::Disable,
+                t.holder.as_deref(),
                 t.netns.as_deref(),
             )?;
-            report_changed(&changed, "disabled keepalive", "", t.json);
+            if t.json {
+                print_json(&done);
+            } else {
+                report_changed(&done.changed, "disabled keepalive", "", false);
+                for k in &done.kept {
+                    println!(
+                        "kept keepalive on {} -> {}: {} other holder(s) remain",
+                        k.connection.local, k.connection.remote, k.holders_remaining
+                    );
+                }
+            }
         }
         Command::Status(a) => {
             let enforcer = Enforcer::new(layout);
             let conns = match a.conn {
-                Some(conn) => enforcer.apply(conn, a.local, Action::Query, a.netns.as_deref())?,
+                Some(conn) => {
+                    let mut found =
+                        enforcer.apply(conn, a.local, Action::Query, a.netns.as_deref())?;
+                    enforcer.attach_holders(&mut found)?;
+                    found
+                }
                 None => enforcer.status(a.netns.as_deref())?,
             };
             if a.json {
@@ -457,8 +573,15 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Serve(a) => {
             let cgroup = Cgroup::open_or_root(a.cgroup.as_deref())?;
-            serve::run(layout, cgroup, a.json)?;
+            let config = server::Config {
+                listen: a.listen,
+                token: a.token,
+                webhook: a.webhook,
+                json: a.json,
+            };
+            runtime()?.block_on(server::run(layout, cgroup, config))?;
         }
+        Command::Watch(a) => runtime()?.block_on(watch(a))?,
     }
     Ok(())
 }

@@ -1,0 +1,756 @@
+//! `tcpka serve`: the HTTP/JSON API a SIP controller drives, the event
+//! stream, the webhook and the metrics. Thin: every request goes to the
+//! same [`Enforcer`] the CLI uses.
+//!
+//! Replies carry `"result": 1` or `"result": -1` like the reference module,
+//! with HTTP 200, 400 (invalid input), 401 (token), 404 (no such
+//! connection or rule), 503 (not loaded) or 500.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::RingBuf;
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path as UrlPath, Query, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+    Json, Router,
+};
+use keepalive_common::{events::Event, maps};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+    sync::{broadcast, mpsc},
+};
+use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
+
+use crate::{
+    conn::{parse_endpoint, ConnSpec},
+    enforcer::{Action, Enforcer},
+    events::Record,
+    holders::parse_holder,
+    loader,
+    paths::PinLayout,
+    policy::Policy,
+    rule::{parse_port, Cidr, RuleMatch},
+    Error, InvalidInput,
+};
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
+/// Webhook deliveries waiting at most; more are dropped (and counted).
+pub const WEBHOOK_QUEUE: usize = 1024;
+
+/// Where the API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Listen::Unix(path.into()));
+        }
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|_| format!("{s:?} is not ADDR:PORT or unix:/path"))
+    }
+}
+
+impl Listen {
+    /// Whether only this host can connect.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listen::Tcp(a) => a.ip().is_loopback(),
+            Listen::Unix(_) => true,
+        }
+    }
+}
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Listen,
+    pub token: Option<String>,
+    pub webhook: Option<String>,
+    /// Log events as JSON lines instead of text.
+    pub json: bool,
+}
+
+#[derive(Clone)]
+struct AppState {
+    enforcer: Enforcer,
+    events: broadcast::Sender<Arc<Record>>,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<str>>,
+}
+
+/// Prometheus metrics.
+struct Metrics {
+    registry: Registry,
+    commands: Family<Vec<(String, String)>, Counter>,
+    applied: Family<Vec<(String, String)>, Counter>,
+    errors: Family<Vec<(String, String)>, Counter>,
+    events: Family<Vec<(String, String)>, Counter>,
+    webhook: Family<Vec<(String, String)>, Counter>,
+    pass_seconds: Histogram,
+    /// Kernel counters are read at scrape time; these hold what was
+    /// already added to the Prometheus counters.
+    seen_rule_applied: AtomicU64,
+    seen_kernel_dropped: AtomicU64,
+    seen_setsockopt_errors: AtomicU64,
+    scrape: Mutex<()>,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("tcpka");
+        let commands = Family::default();
+        let applied = Family::default();
+        let errors = Family::default();
+        let events = Family::default();
+        let webhook = Family::default();
+        let pass_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+        );
+        registry.register(
+            "commands",
+            "API commands by operation and result",
+            commands.clone(),
+        );
+        registry.register(
+            "connections_applied",
+            "Connections given a policy, by source (rule or command)",
+            applied.clone(),
+        );
+        registry.register("errors", "Errors by kind", errors.clone());
+        registry.register(
+            "events",
+            "Events from the kernel by kind",
+            events.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries by outcome (delivered, retried, dropped)",
+            webhook.clone(),
+        );
+        registry.register(
+            "kernel_pass_seconds",
+            "Time to apply one enable/disable/query in the kernel",
+            pass_seconds.clone(),
+        );
+        Self {
+            registry,
+            commands,
+            applied,
+            errors,
+            events,
+            webhook,
+            pass_seconds,
+            seen_rule_applied: AtomicU64::new(0),
+            seen_kernel_dropped: AtomicU64::new(0),
+            seen_setsockopt_errors: AtomicU64::new(0),
+            scrape: Mutex::new(()),
+        }
+    }
+
+    fn command(&self, op: &str, result: &str) {
+        self.commands
+            .get_or_create(&labels(&[("op", op), ("result", result)]))
+            .inc();
+    }
+
+    fn error(&self, kind: &str) {
+        self.errors.get_or_create(&labels(&[("kind", kind)])).inc();
+    }
+
+    fn webhook(&self, outcome: &str) {
+        self.webhook
+            .get_or_create(&labels(&[("outcome", outcome)]))
+            .inc();
+    }
+}
+
+/// A JSON reply with the reference's result code.
+fn reply(status: StatusCode, mut body: Value) -> Response {
+    let result = if status.is_success() { 1 } else { -1 };
+    body["result"] = json!(result);
+    (status, Json(body)).into_response()
+}
+
+fn invalid(msg: impl std::fmt::Display) -> Response {
+    reply(StatusCode::BAD_REQUEST, json!({ "error": msg.to_string() }))
+}
+
+/// Maps a library error to a status and a reply; counts it.
+fn failure(state: &AppState, op: &str, e: &Error) -> Response {
+    let (status, result) = match e {
+        Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+        Error::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_loaded"),
+        Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
+    };
+    state.metrics.command(op, result);
+    if status.is_server_error() {
+        state.metrics.error(op);
+    }
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        msg.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    reply(status, json!({ "error": msg }))
+}
+
+/// Reads a JSON body: anything unreadable, too large or malformed is 400.
+async fn json_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, Response> {
+    let bytes: Bytes = axum::body::to_bytes(body, BODY_LIMIT)
+        .await
+        .map_err(|_| invalid(format!("request body missing, unreadable or over {BODY_LIMIT} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnableBody {
+    conn: String,
+    idle: u32,
+    count: u32,
+    interval: u32,
+    local: Option<String>,
+    user_timeout_ms: Option<u32>,
+    holder: Option<String>,
+    netns: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisableBody {
+    conn: String,
+    local: Option<String>,
+    holder: Option<String>,
+    netns: Option<PathBuf>,
+}
+
+type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
+
+fn target(conn: &str, local: Option<&str>, holder: Option<&str>) -> Result<Target, InvalidInput> {
+    Ok((
+        conn.parse()?,
+        local.map(parse_endpoint).transpose()?,
+        holder.map(parse_holder).transpose()?,
+    ))
+}
+
+/// Runs blocking enforcer work off the async threads, timing it.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(Enforcer) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let enforcer = state.enforcer.clone();
+    let start = Instant::now();
+    let out = tokio::task::spawn_blocking(move || f(enforcer))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::Io {
+                what: format!("worker failed: {e}"),
+                source: std::io::ErrorKind::Other.into(),
+            })
+        });
+    state
+        .metrics
+        .pass_seconds
+        .observe(start.elapsed().as_secs_f64());
+    out
+}
+
+async fn enable(State(state): State<AppState>, body: Body) -> Response {
+    let b: EnableBody = match json_body(body).await {
+        Ok(b) => b,
+        Err(r) => {
+            state.metrics.command("enable", "invalid");
+            return r;
+        }
+    };
+    let parsed = target(&b.conn, b.local.as_deref(), b.holder.as_deref()).and_then(|t| {
+        Ok((t, Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?))
+    });
+    let ((conn, local, holder), policy) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.command("enable", "invalid");
+            return invalid(e);
+        }
+    };
+    let netns = b.netns;
+    match blocking(&state, move |e| {
+        e.enable(conn, local, policy, holder.as_deref(), netns.as_deref())
+    })
+    .await
+    {
+        Ok(changed) => {
+            state.metrics.command("enable", "ok");
+            state
+                .metrics
+                .applied
+                .get_or_create(&labels(&[("source", "command")]))
+                .inc_by(changed.len() as u64);
+            reply(
+                StatusCode::OK,
+                json!({ "changed": changed.len(), "connections": changed }),
+            )
+        }
+        Err(e) => failure(&state, "enable", &e),
+    }
+}
+
+async fn disable(State(state): State<AppState>, body: Body) -> Response {
+    let b: DisableBody = match json_body(body).await {
+        Ok(b) => b,
+        Err(r) => {
+            state.metrics.command("disable", "invalid");
+            return r;
+        }
+    };
+    let (conn, local, holder) = match target(&b.conn, b.local.as_deref(), b.holder.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            state.metrics.command("disable", "invalid");
+            return invalid(e);
+        }
+    };
+    let netns = b.netns;
+    match blocking(&state, move |e| {
+        e.disable(conn, local, holder.as_deref(), netns.as_deref())
+    })
+    .await
+    {
+        Ok(done) => {
+            state.metrics.command("disable", "ok");
+            reply(
+                StatusCode::OK,
+                json!({
+                    "changed": done.changed.len(),
+                    "connections": done.changed,
+                    "kept": done.kept,
+                }),
+            )
+        }
+        Err(e) => failure(&state, "disable", &e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ConnQuery {
+    conn: Option<String>,
+    local: Option<String>,
+    netns: Option<PathBuf>,
+}
+
+async fn connections(State(state): State<AppState>, Query(q): Query<ConnQuery>) -> Response {
+    let spec = match q.conn.as_deref().map(|c| target(c, q.local.as_deref(), None)).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            state.metrics.command("status", "invalid");
+            return invalid(e);
+        }
+    };
+    let netns = q.netns;
+    let out = blocking(&state, move |e| {
+        let mut conns = match spec {
+            Some((conn, local, _)) => e.apply(conn, local, Action::Query, netns.as_deref())?,
+            None => return e.status(netns.as_deref()),
+        };
+        e.attach_holders(&mut conns)?;
+        Ok(conns)
+    })
+    .await;
+    match out {
+        Ok(conns) => {
+            state.metrics.command("status", "ok");
+            (StatusCode::OK, Json(conns)).into_response()
+        }
+        Err(e) => failure(&state, "status", &e),
+    }
+}
+
+async fn rules_list(State(state): State<AppState>) -> Response {
+    match blocking(&state, |e| e.rules()).await {
+        Ok(rules) => (StatusCode::OK, Json(rules)).into_response(),
+        Err(e) => failure(&state, "rule_list", &e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleBody {
+    local_port: Option<u32>,
+    remote_port: Option<u32>,
+    remote: Option<String>,
+    idle: u32,
+    count: u32,
+    interval: u32,
+    user_timeout_ms: Option<u32>,
+}
+
+async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
+    let b: RuleBody = match json_body(body).await {
+        Ok(b) => b,
+        Err(r) => {
+            state.metrics.command("rule_add", "invalid");
+            return r;
+        }
+    };
+    let parsed = (|| -> Result<(RuleMatch, Policy), InvalidInput> {
+        let port = |p: Option<u32>| p.map(|p| parse_port(&p.to_string())).transpose();
+        Ok((
+            RuleMatch {
+                local_port: port(b.local_port)?,
+                remote_port: port(b.remote_port)?,
+                remote: b.remote.as_deref().map(str::parse::<Cidr>).transpose()?,
+            },
+            Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?,
+        ))
+    })();
+    let (m, policy) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.command("rule_add", "invalid");
+            return invalid(e);
+        }
+    };
+    match blocking(&state, move |e| e.add_rule(m, policy)).await {
+        Ok(rule) => {
+            state.metrics.command("rule_add", "ok");
+            reply(StatusCode::CREATED, json!({ "rule": rule }))
+        }
+        Err(e) => failure(&state, "rule_add", &e),
+    }
+}
+
+async fn rules_del(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    let Ok(id) = id.parse::<u32>() else {
+        state.metrics.command("rule_del", "invalid");
+        return invalid(format!("rule id must be a whole number, got {id:?}"));
+    };
+    match blocking(&state, move |e| e.delete_rule(id)).await {
+        Ok(rule) => {
+            state.metrics.command("rule_del", "ok");
+            reply(StatusCode::OK, json!({ "rule": rule }))
+        }
+        Err(e) => failure(&state, "rule_del", &e),
+    }
+}
+
+/// Newline-delimited JSON, one event per line, until the client goes.
+async fn events(State(state): State<AppState>) -> Response {
+    let stream = BroadcastStream::new(state.events.subscribe()).filter_map(|r| {
+        r.ok().map(|rec| {
+            let mut line = serde_json::to_vec(&*rec).expect("plain data");
+            line.push(b'\n');
+            Ok::<_, std::convert::Infallible>(Bytes::from(line))
+        })
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let layout = state.enforcer.layout().clone();
+    match tokio::task::spawn_blocking(move || loader::installed(&layout)).await {
+        Ok(Ok(Some(_))) => (StatusCode::OK, "ok\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not loaded\n").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let enforcer = state.enforcer.clone();
+    let counters = tokio::task::spawn_blocking(move || enforcer.counters())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let m = &state.metrics;
+    let mut text = String::new();
+    {
+        let _one = m.scrape.lock().expect("not poisoned");
+        if let Some(c) = counters {
+            let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
+                let before = seen.swap(now, Ordering::Relaxed);
+                counter.inc_by(now.saturating_sub(before));
+            };
+            add(
+                &m.seen_rule_applied,
+                c.applied_by_rule,
+                &m.applied.get_or_create(&labels(&[("source", "rule")])),
+            );
+            add(
+                &m.seen_kernel_dropped,
+                c.events_dropped,
+                &m.errors.get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
+            );
+            add(
+                &m.seen_setsockopt_errors,
+                c.setsockopt_errors,
+                &m.errors.get_or_create(&labels(&[("kind", "setsockopt")])),
+            );
+        }
+        if encode(&mut text, &m.registry).is_err() {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Every request must carry the token when one is set.
+async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(&**token) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": "missing or wrong token (Authorization: Bearer TOKEN)" }),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/enable", post(enable))
+        .route("/v1/disable", post(disable))
+        .route("/v1/connections", get(connections))
+        .route("/v1/rules", get(rules_list).post(rules_add))
+        .route("/v1/rules/{id}", delete(rules_del))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Reads the kernel's event ring and fans events out: log, stream
+/// subscribers, webhook.
+fn spawn_event_reader(
+    layout: &PinLayout,
+    state: &AppState,
+    webhook: Option<mpsc::Sender<Arc<Record>>>,
+    json_log: bool,
+) -> Result<(), Error> {
+    let map = loader::open_map(layout, maps::EVENTS)?;
+    let ring = RingBuf::try_from(map).map_err(|e| Error::map("opening the event ring", e))?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| Error::io("polling the event ring", e.into()))?;
+    let state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else {
+                state.metrics.error("event_ring");
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<Event>() {
+                    continue;
+                }
+                // SAFETY: the programs write whole `Event`s; read unaligned.
+                let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let rec = Arc::new(Record::from_raw(&raw));
+                state
+                    .metrics
+                    .events
+                    .get_or_create(&labels(&[("kind", rec.kind)]))
+                    .inc();
+                if json_log {
+                    println!("{}", serde_json::to_string(&*rec).expect("plain data"));
+                } else {
+                    println!("{rec}");
+                }
+                if let Some(tx) = &webhook {
+                    // Only how connections ended: that is what a controller
+                    // acts on.
+                    if rec.kind != "applied" && tx.try_send(rec.clone()).is_err() {
+                        state.metrics.webhook("dropped");
+                    }
+                }
+                let _ = state.events.send(rec);
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// POSTs each event to the webhook, retrying with backoff; gives up on an
+/// event after 6 attempts (about 6 s) and counts it dropped.
+fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>> {
+    let (tx, mut rx) = mpsc::channel::<Arc<Record>>(WEBHOOK_QUEUE);
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client without TLS");
+        while let Some(rec) = rx.recv().await {
+            let mut delay = Duration::from_millis(100);
+            let mut delivered = false;
+            for attempt in 0..6 {
+                if attempt > 0 {
+                    metrics.webhook("retried");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                match client.post(&url).json(&*rec).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        delivered = true;
+                        break;
+                    }
+                    Ok(r) => log::warn!("webhook {url}: HTTP {}", r.status()),
+                    Err(e) => log::warn!("webhook {url}: {e}"),
+                }
+            }
+            metrics.webhook(if delivered { "delivered" } else { "dropped" });
+        }
+    });
+    tx
+}
+
+/// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
+/// Stopping leaves enforcement in place.
+pub async fn run(layout: PinLayout, cgroup: crate::cgroup::Cgroup, config: Config) -> Result<(), Error> {
+    if !config.listen.is_local() && config.token.is_none() {
+        return Err(Error::Invalid(InvalidInput::Listen(
+            "listening on a non-loopback address needs --token".into(),
+        )));
+    }
+    let outcome = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup))
+            .await
+            .expect("load task")?
+    };
+    let i = outcome.installation();
+    let verb = match outcome {
+        loader::LoadOutcome::Loaded(_) => "loaded",
+        loader::LoadOutcome::AlreadyLoaded(_) => "adopted",
+    };
+    eprintln!(
+        "tcpka: {verb} the installation on cgroup {} pinned in {}",
+        i.cgroup.display(),
+        i.pin_dir.display()
+    );
+    let metrics = Arc::new(Metrics::new());
+    let (events_tx, _) = broadcast::channel(4096);
+    let state = AppState {
+        enforcer: Enforcer::new(layout.clone()),
+        events: events_tx,
+        metrics: metrics.clone(),
+        token: config.token.as_deref().map(Arc::from),
+    };
+    let webhook = config
+        .webhook
+        .clone()
+        .map(|url| spawn_webhook(url, metrics.clone()));
+    spawn_event_reader(&layout, &state, webhook, config.json)?;
+    let app = router(state);
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT", e))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    };
+    match &config.listen {
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+            eprintln!("tcpka: API on http://{addr}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(|e| Error::io("serving", e))?;
+        }
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+            eprintln!("tcpka: API on unix:{}", path.display());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(|e| Error::io("serving", e))?;
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    eprintln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:7077".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:7077".parse().unwrap())
+        );
+        assert!("127.0.0.1:7077".parse::<Listen>().unwrap().is_local());
+        assert!(!"0.0.0.0:7077".parse::<Listen>().unwrap().is_local());
+        assert!("unix:/run/tcpka.sock".parse::<Listen>().unwrap().is_local());
+        for bad in ["unix:", "localhost:7077", "7077", ""] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad:?}");
+        }
+    }
+}
