@@ -91,8 +91,20 @@ pub mod maps {
     pub const HOLDER_COUNT: &str = "TCPKA_HOLDER_COUNT";
     /// All maps, in the order they are pinned.
     pub const ALL: [&str; 14] = [
-        RULES, CONNS, STATS, EVENTS, META, REQ_PEER, REQ_COOKIE, REQ_PORTS, PEERS, SLOTS, FDS,
-        SEEDED, HOLDERS, HOLDER_COUNT,
+        RULES,
+        CONNS,
+        STATS,
+        EVENTS,
+        META,
+        REQ_PEER,
+        REQ_COOKIE,
+        REQ_PORTS,
+        PEERS,
+        SLOTS,
+        FDS,
+        SEEDED,
+        HOLDERS,
+        HOLDER_COUNT,
     ];
 }
 

@@ -5,13 +5,13 @@
 //!
 //! # Minimum kernel version
 //! 5.5 (BTF-enabled raw tracepoints).
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::{
     bindings::{BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED},
     helpers::bpf_get_socket_cookie,
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use keepalive_common::{
     conns::ConnInfo,
     events::{Event, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},

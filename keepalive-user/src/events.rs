@@ -43,7 +43,10 @@ pub fn kind_name(kind: u32) -> &'static str {
 /// Converts a CLOCK_MONOTONIC time to wall-clock RFC 3339 (UTC).
 pub fn rfc3339_from_monotonic(monotonic_ns: u64) -> String {
     let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid out-pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -124,7 +127,10 @@ mod tests {
     #[test]
     fn formats_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_795_651_200_123_000_000), "2026-11-26T00:00:00.123Z");
+        assert_eq!(
+            rfc3339(1_795_651_200_123_000_000),
+            "2026-11-26T00:00:00.123Z"
+        );
         assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
     }
 

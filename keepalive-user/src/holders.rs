@@ -52,8 +52,7 @@ impl Holders {
         let err = |e| Error::map("opening the holder maps", e);
         Ok(Self {
             set: HashMap::try_from(loader::open_map(layout, maps::HOLDERS)?).map_err(err)?,
-            count: HashMap::try_from(loader::open_map(layout, maps::HOLDER_COUNT)?)
-                .map_err(err)?,
+            count: HashMap::try_from(loader::open_map(layout, maps::HOLDER_COUNT)?).map_err(err)?,
         })
     }
 

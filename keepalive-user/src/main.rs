@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
     conn::{parse_endpoint, ConnSpec},
-    holders::parse_holder,
     enforcer::{Action, ConnStatus, Enforcer},
+    holders::parse_holder,
     loader::{self, LoadOutcome},
     paths::PinLayout,
     policy::{parse_u32, Policy},
@@ -17,7 +17,6 @@ use tcpka::{
     server::{self, Listen},
     Error,
 };
-
 
 /// Kernel-side TCP keepalive policy enforcer.
 ///
@@ -301,10 +300,11 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
     if let Some(t) = &a.token {
         req = req.bearer_auth(t);
     }
-    let mut resp = req
-        .send()
-        .await
-        .map_err(|e| fail(format!("connecting to {url} (is `tcpka serve` running?): {e}")))?;
+    let mut resp = req.send().await.map_err(|e| {
+        fail(format!(
+            "connecting to {url} (is `tcpka serve` running?): {e}"
+        ))
+    })?;
     if !resp.status().is_success() {
         return Err(fail(format!("{url}: HTTP {}", resp.status())));
     }
@@ -328,7 +328,10 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
                     v["local"].as_str().unwrap_or("?"),
                     v["remote"].as_str().unwrap_or("?"),
                     v["cookie"],
-                    v["error"].as_u64().map(|e| format!("error={e}")).unwrap_or_default(),
+                    v["error"]
+                        .as_u64()
+                        .map(|e| format!("error={e}"))
+                        .unwrap_or_default(),
                 );
             }
             use std::io::Write as _;

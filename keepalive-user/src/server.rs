@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::RingBuf;
 use axum::{
     body::{Body, Bytes},
     extract::{Path as UrlPath, Query, Request, State},
@@ -25,6 +24,7 @@ use axum::{
     routing::{delete, get, post},
     Json, Router,
 };
+use aya::maps::RingBuf;
 use keepalive_common::{events::Event, maps};
 use prometheus_client::{
     encoding::text::encode,
@@ -56,6 +56,8 @@ use crate::{
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
+/// How long in-flight requests may take after SIGINT/SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Webhook deliveries waiting at most; more are dropped (and counted).
 pub const WEBHOOK_QUEUE: usize = 1024;
 
@@ -156,11 +158,7 @@ impl Metrics {
             applied.clone(),
         );
         registry.register("errors", "Errors by kind", errors.clone());
-        registry.register(
-            "events",
-            "Events from the kernel by kind",
-            events.clone(),
-        );
+        registry.register("events", "Events from the kernel by kind", events.clone());
         registry.register(
             "webhook_deliveries",
             "Webhook deliveries by outcome (delivered, retried, dropped)",
@@ -238,9 +236,11 @@ fn failure(state: &AppState, op: &str, e: &Error) -> Response {
 
 /// Reads a JSON body: anything unreadable, too large or malformed is 400.
 async fn json_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, Response> {
-    let bytes: Bytes = axum::body::to_bytes(body, BODY_LIMIT)
-        .await
-        .map_err(|_| invalid(format!("request body missing, unreadable or over {BODY_LIMIT} bytes")))?;
+    let bytes: Bytes = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|_| {
+        invalid(format!(
+            "request body missing, unreadable or over {BODY_LIMIT} bytes"
+        ))
+    })?;
     serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
 }
 
@@ -307,7 +307,10 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
         }
     };
     let parsed = target(&b.conn, b.local.as_deref(), b.holder.as_deref()).and_then(|t| {
-        Ok((t, Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?))
+        Ok((
+            t,
+            Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?,
+        ))
     });
     let ((conn, local, holder), policy) = match parsed {
         Ok(p) => p,
@@ -382,7 +385,12 @@ struct ConnQuery {
 }
 
 async fn connections(State(state): State<AppState>, Query(q): Query<ConnQuery>) -> Response {
-    let spec = match q.conn.as_deref().map(|c| target(c, q.local.as_deref(), None)).transpose() {
+    let spec = match q
+        .conn
+        .as_deref()
+        .map(|c| target(c, q.local.as_deref(), None))
+        .transpose()
+    {
         Ok(t) => t,
         Err(e) => {
             state.metrics.command("status", "invalid");
@@ -523,7 +531,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
             add(
                 &m.seen_kernel_dropped,
                 c.events_dropped,
-                &m.errors.get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
+                &m.errors
+                    .get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
             );
             add(
                 &m.seen_setsockopt_errors,
@@ -546,7 +555,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Every request must carry the token when one is set.
-async fn auth(State(state): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(token) = &state.token {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -664,7 +678,11 @@ fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>
 
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
 /// Stopping leaves enforcement in place.
-pub async fn run(layout: PinLayout, cgroup: crate::cgroup::Cgroup, config: Config) -> Result<(), Error> {
+pub async fn run(
+    layout: PinLayout,
+    cgroup: crate::cgroup::Cgroup,
+    config: Config,
+) -> Result<(), Error> {
     if !config.listen.is_local() && config.token.is_none() {
         return Err(Error::Invalid(InvalidInput::Listen(
             "listening on a non-loopback address needs --token".into(),
@@ -701,36 +719,59 @@ pub async fn run(layout: PinLayout, cgroup: crate::cgroup::Cgroup, config: Confi
     spawn_event_reader(&layout, &state, webhook, config.json)?;
     let app = router(state);
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM", e))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT", e))?;
-    let shutdown = async move {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
+        let _ = stop_tx.send(true);
+    });
+    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    match &config.listen {
-        Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-            eprintln!("tcpka: API on http://{addr}");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(|e| Error::io("serving", e))?;
+    // Requests in flight get a moment to finish; event streams never do,
+    // so the daemon does not wait for them past the grace period.
+    let grace = {
+        let rx = stop_rx.clone();
+        async move {
+            stopping(rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
-        Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-            eprintln!("tcpka: API on unix:{}", path.display());
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(|e| Error::io("serving", e))?;
-            let _ = std::fs::remove_file(path);
+    };
+    let serving = async {
+        match &config.listen {
+            Listen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+                eprintln!("tcpka: API on http://{addr}");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping(stop_rx.clone()))
+                    .await
+                    .map_err(|e| Error::io("serving", e))
+            }
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = tokio::net::UnixListener::bind(path)
+                    .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+                eprintln!("tcpka: API on unix:{}", path.display());
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping(stop_rx.clone()))
+                    .await
+                    .map_err(|e| Error::io("serving", e))
+            }
         }
+    };
+    tokio::select! {
+        r = serving => r?,
+        _ = grace => {},
+    }
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
     }
     eprintln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())

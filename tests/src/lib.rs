@@ -473,3 +473,226 @@ impl Drop for NamedNetns {
             .status();
     }
 }
+
+/// A running `tcpka serve` on its own address; stopped (SIGINT) on drop.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Serve {
+    /// Starts `tcpka serve --listen ADDR EXTRA...` and waits for /healthz.
+    pub fn start(t: &Tcpka, cgroup: &Path, addr: &str, extra: &[&str]) -> Self {
+        let child = t
+            .cmd()
+            .args([
+                "serve",
+                "--cgroup",
+                cgroup.to_str().unwrap(),
+                "--listen",
+                addr,
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start tcpka serve");
+        let s = Self {
+            child,
+            addr: addr.to_owned(),
+        };
+        let token = extra
+            .windows(2)
+            .find(|w| w[0] == "--token")
+            .map(|w| w[1].to_owned());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = http(&s.addr, "GET", "/healthz", None, token.as_deref()) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tcpka serve did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request (Connection: close); returns status and body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let body = body.unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    parse_response(&out)
+}
+
+/// Splits a raw HTTP/1.1 response into status and (de-chunked) body.
+pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no HTTP status"))?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || after.len() < n {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+/// `http` with a JSON body, parsing the JSON reply.
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (code, text) = http(addr, method, path, Some(body.to_string().as_bytes()), None)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// A free TCP port on 127.0.0.1 in the current namespace.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A peer host in its own network namespace behind a veth pair:
+/// 10.199.0.1 (ours, `tka0`) <-> 10.199.0.2 (the peer, `tka1`).
+/// [`VethPeer::cut`] takes the peer's link down: its packets stop.
+pub struct VethPeer {
+    pub ns: NamedNetns,
+}
+
+impl VethPeer {
+    pub const ADDR: &'static str = "10.199.0.2";
+
+    pub fn new() -> Self {
+        let ns = NamedNetns::new();
+        let name = ns.name.clone();
+        sh(&[
+            "ip", "link", "add", "tka0", "type", "veth", "peer", "name", "tka1", "netns", &name,
+        ]);
+        sh(&["ip", "addr", "add", "10.199.0.1/24", "dev", "tka0"]);
+        sh(&["ip", "link", "set", "tka0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            "10.199.0.2/24",
+            "dev",
+            "tka1",
+        ]);
+        sh(&["ip", "-n", &name, "link", "set", "tka1", "up"]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { ns }
+    }
+
+    /// A listener on the peer.
+    pub fn listen(&self) -> TcpListener {
+        in_netns(&self.ns.path(), || listen(&format!("{}:0", Self::ADDR)))
+    }
+
+    /// The peer stops answering.
+    pub fn cut(&self) {
+        sh(&["ip", "-n", &self.ns.name, "link", "set", "tka1", "down"]);
+    }
+}
+
+impl Default for VethPeer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A tiny HTTP server that answers 200 to every POST and hands over the
+/// bodies: the webhook's receiving end.
+pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let l = listen("127.0.0.1:0");
+    let addr = l.local_addr().unwrap().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    let _ = tx.send(v);
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (addr, rx)
+}

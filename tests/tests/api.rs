@@ -1,0 +1,445 @@
+//! `tcpka serve`: the HTTP API, events from the kernel (stream, watch,
+//! webhook) and holders on shared connections, against the real kernel.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tcpka_tests::*;
+
+fn serve(e: &Env, extra: &[&str]) -> Serve {
+    let addr = format!("127.0.0.1:{}", free_port());
+    Serve::start(&e.tcpka, &e.cgroup.path, &addr, extra)
+}
+
+#[test]
+fn enable_disable_and_status_over_http() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    let l = listen("127.0.0.1:0");
+    let peer = l.local_addr().unwrap().to_string();
+    let (c, _srv) = connect(&l);
+
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/enable",
+        json!({"conn": format!("tcp:{peer}"), "idle": 20, "count": 3, "interval": 4, "user_timeout_ms": 9000}),
+    );
+    assert_eq!(
+        (code, v["result"].as_i64(), v["changed"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(keepalive(&c), expect(20, 3, 4, 9000));
+
+    let (code, v) = http_json(
+        &s.addr,
+        "GET",
+        &format!("/v1/connections?conn={peer}"),
+        json!(null),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v[0]["cookie"].as_u64(), Some(cookie(&c)));
+    assert_eq!(v[0]["keepalive"]["count_ignored"], true);
+
+    let (code, v) = http_json(&s.addr, "POST", "/v1/disable", json!({"conn": peer}));
+    assert_eq!((code, v["result"].as_i64()), (200, Some(1)), "{v}");
+    assert!(!keepalive(&c).enabled);
+
+    // Errors: 404 unknown, 400 invalid (nothing changed), 400 malformed.
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/enable",
+        json!({"conn": "127.0.0.1:9", "idle": 1, "count": 1, "interval": 1}),
+    );
+    assert_eq!((code, v["result"].as_i64()), (404, Some(-1)), "{v}");
+    for bad in [
+        json!({"conn": peer, "idle": 0, "count": 1, "interval": 1}),
+        json!({"conn": peer, "idle": 1, "count": 128, "interval": 1}),
+        json!({"conn": "10.0.0.1", "idle": 1, "count": 1, "interval": 1}),
+        json!({"conn": peer, "idle": 1, "count": 1}),
+        json!({"conn": peer, "idle": 1, "count": 1, "interval": 1, "bogus": 1}),
+        json!({"conn": peer, "idle": 1, "count": 1, "interval": 1, "holder": "has space"}),
+        json!({"conn": peer, "idle": "1", "count": 1, "interval": 1}),
+    ] {
+        let (code, v) = http_json(&s.addr, "POST", "/v1/enable", bad.clone());
+        assert_eq!((code, v["result"].as_i64()), (400, Some(-1)), "{bad}: {v}");
+    }
+    for raw in [&b"{not json"[..], &b""[..], &vec![b' '; 100 * 1024][..]] {
+        let (code, _) = http(&s.addr, "POST", "/v1/enable", Some(raw), None).unwrap();
+        assert_eq!(code, 400);
+    }
+    assert!(!keepalive(&c).enabled, "nothing changed");
+    // Still serving after all that.
+    assert_eq!(http(&s.addr, "GET", "/healthz", None, None).unwrap().0, 200);
+}
+
+#[test]
+fn rules_over_http() {
+    let e = Env::entered();
+    let s = serve(&e, &[]);
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/rules",
+        json!({"remote": "127.0.0.0/8", "idle": 33, "count": 3, "interval": 3}),
+    );
+    assert_eq!(code, 201, "{v}");
+    let id = v["rule"]["id"].as_u64().unwrap();
+    let l = listen("127.0.0.1:0");
+    let (c, _s) = connect(&l);
+    assert_eq!(keepalive(&c), expect(33, 3, 3, 0));
+    let (code, v) = http_json(&s.addr, "GET", "/v1/rules", json!(null));
+    assert_eq!((code, v[0]["id"].as_u64()), (200, Some(id)));
+    let (code, _) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/rules",
+        json!({"local_port": 0, "idle": 1, "count": 1, "interval": 1}),
+    );
+    assert_eq!(code, 400);
+    assert_eq!(
+        http_json(&s.addr, "DELETE", &format!("/v1/rules/{id}"), json!(null)).0,
+        200
+    );
+    assert_eq!(
+        http_json(&s.addr, "DELETE", &format!("/v1/rules/{id}"), json!(null)).0,
+        404
+    );
+    assert_eq!(
+        http_json(&s.addr, "DELETE", "/v1/rules/x", json!(null)).0,
+        400
+    );
+}
+
+#[test]
+fn not_loaded_is_503() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    e.tcpka.run(&["unload"]).ok();
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/enable",
+        json!({"conn": "127.0.0.1:5060", "idle": 1, "count": 1, "interval": 1}),
+    );
+    assert_eq!((code, v["result"].as_i64()), (503, Some(-1)), "{v}");
+    assert_eq!(http(&s.addr, "GET", "/healthz", None, None).unwrap().0, 503);
+}
+
+#[test]
+fn token_and_listen_rules() {
+    let e = Env::outside();
+    // A non-loopback address without a token is refused before anything.
+    let r = e.tcpka.run(&[
+        "serve",
+        "--cgroup",
+        e.cgroup.path.to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:7078",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--token"), "{r:?}");
+    let port = free_port();
+    let s = Serve::start(
+        &e.tcpka,
+        &e.cgroup.path,
+        &format!("0.0.0.0:{port}"),
+        &["--token", "s3cret"],
+    );
+    let addr = format!("127.0.0.1:{port}");
+    assert_eq!(http(&addr, "GET", "/v1/rules", None, None).unwrap().0, 401);
+    assert_eq!(
+        http(&addr, "GET", "/v1/rules", None, Some("wrong"))
+            .unwrap()
+            .0,
+        401
+    );
+    assert_eq!(
+        http(&addr, "GET", "/v1/rules", None, Some("s3cret"))
+            .unwrap()
+            .0,
+        200
+    );
+    drop(s);
+}
+
+#[test]
+fn unix_socket_listener() {
+    let e = Env::outside();
+    let path = std::env::temp_dir().join(format!("{}.sock", unique("tcpka-test")));
+    let mut child = e
+        .tcpka
+        .cmd()
+        .args(["serve", "--cgroup", e.cgroup.path.to_str().unwrap()])
+        .arg("--listen")
+        .arg(format!("unix:{}", path.display()))
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).unwrap();
+            break parse_response(&out).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no unix socket");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(reply, (200, "ok\n".to_owned()));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(!path.exists(), "socket file removed on exit");
+}
+
+#[test]
+fn holders_keep_a_shared_connection_until_the_last_call_ends() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    let l = listen("127.0.0.1:0");
+    let trunk = l.local_addr().unwrap().to_string();
+    let (c, _srv) = connect(&l);
+    // Ten calls over one connection (the reference module would turn
+    // keepalive off at the first BYE).
+    for call in 0..10 {
+        let (code, v) = http_json(
+            &s.addr,
+            "POST",
+            "/v1/enable",
+            json!({"conn": trunk, "idle": 30, "count": 3, "interval": 5, "holder": format!("call-{call}@example")}),
+        );
+        assert_eq!(code, 200, "{v}");
+    }
+    let (_, v) = http_json(&s.addr, "GET", "/v1/connections", json!(null));
+    assert_eq!(v[0]["holders"].as_array().unwrap().len(), 10, "{v}");
+    for call in 0..9 {
+        let (code, v) = http_json(
+            &s.addr,
+            "POST",
+            "/v1/disable",
+            json!({"conn": trunk, "holder": format!("call-{call}@example")}),
+        );
+        assert_eq!((code, v["changed"].as_u64()), (200, Some(0)), "{v}");
+        assert_eq!(
+            v["kept"][0]["holders_remaining"].as_u64(),
+            Some(9 - call),
+            "{v}"
+        );
+        assert!(keepalive(&c).enabled, "call {call} ended, others remain");
+    }
+    // The same holder twice counts once; an unknown holder changes nothing.
+    let (_, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/disable",
+        json!({"conn": trunk, "holder": "call-0@example"}),
+    );
+    assert_eq!(v["kept"][0]["holders_remaining"].as_u64(), Some(1), "{v}");
+    // The last call's BYE turns it off.
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/disable",
+        json!({"conn": trunk, "holder": "call-9@example"}),
+    );
+    assert_eq!((code, v["changed"].as_u64()), (200, Some(1)), "{v}");
+    assert!(!keepalive(&c).enabled);
+
+    // The CLI takes --holder too, and disable without one clears them all.
+    e.tcpka
+        .run(&["enable", &trunk, "30", "3", "5", "--holder", "a"])
+        .ok();
+    e.tcpka
+        .run(&["enable", &trunk, "30", "3", "5", "--holder", "b"])
+        .ok();
+    let r = e.tcpka.run(&["disable", &trunk, "--holder", "a"]).ok();
+    assert!(r.stdout.contains("1 other holder(s) remain"), "{r:?}");
+    let r = e.tcpka.run(&["status", &trunk]).ok();
+    assert!(r.stdout.contains("holders: b"), "{r:?}");
+    e.tcpka.run(&["disable", &trunk]).ok();
+    assert!(!keepalive(&c).enabled);
+    let r = e.tcpka.run(&["status", &trunk, "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["holders"], json!([]));
+}
+
+/// Reads NDJSON events from `GET /v1/events` on a background thread.
+fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            // Chunk sizes and headers are not JSON objects; events are.
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+                if v.is_object() {
+                    let _ = tx.send(v);
+                }
+            }
+            line.clear();
+        }
+    });
+    rx
+}
+
+fn wait_for(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    kind: &str,
+    cookie: u64,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {kind} event for cookie {cookie} within {within:?}"));
+        if v["kind"] == kind && v["cookie"].as_u64() == Some(cookie) {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
+    let e = Env::outside();
+    let (hook, hook_rx) = webhook_receiver();
+    let s = serve(&e, &["--webhook", &format!("http://{hook}/tcpka")]);
+    let stream = event_stream(&s.addr);
+    let mut watch = e
+        .tcpka
+        .cmd()
+        .args(["watch", "--json", "--api", &s.addr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watch_out = watch.stdout.take().unwrap();
+    let (watch_tx, watch_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(watch_out).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = watch_tx.send(v);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300)); // watch connects
+
+    let peer = VethPeer::new();
+    let l = peer.listen();
+    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut srv, _) = l.accept().unwrap();
+    srv.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    let ck = cookie(&c);
+    let (idle, count, interval) = (1u64, 2u64, 1u64);
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/enable",
+        json!({"conn": l.local_addr().unwrap().to_string(), "idle": idle, "count": count, "interval": interval}),
+    );
+    assert_eq!(code, 200, "{v}");
+
+    peer.cut();
+    let bound = Duration::from_secs(idle + count * interval + 2);
+    let start = Instant::now();
+    let ev = wait_for(&stream, "timeout", ck, bound);
+    eprintln!(
+        "timeout event after {:?} (bound {bound:?}): {ev}",
+        start.elapsed()
+    );
+    assert_eq!(ev["error"].as_u64(), Some(110), "ETIMEDOUT: {ev}");
+    assert_eq!(ev["remote"], l.local_addr().unwrap().to_string());
+    assert_eq!(ev["local"], c.local_addr().unwrap().to_string());
+    assert_eq!(ev["policy"]["idle"].as_u64(), Some(idle));
+    assert!(ev["time"].as_str().unwrap().ends_with('Z'));
+    let w = wait_for(&watch_rx, "timeout", ck, Duration::from_secs(2));
+    assert_eq!(w["cookie"], ev["cookie"]);
+    let h = hook_rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("webhook delivery");
+    assert_eq!(
+        (h["kind"].clone(), h["cookie"].as_u64()),
+        (json!("timeout"), Some(ck))
+    );
+    let _ = c.read(&mut b); // the socket reports the error too
+    drop(srv);
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Delivered and counted.
+    let (_, metrics) = http(&s.addr, "GET", "/metrics", None, None).unwrap();
+    assert!(
+        metrics.contains("tcpka_events_total{kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tcpka_webhook_deliveries_total{outcome=\"delivered\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tcpka_commands_total{op=\"enable\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tcpka_kernel_pass_seconds"), "{metrics}");
+}
+
+#[test]
+fn reset_and_orderly_close_events() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    let stream = event_stream(&s.addr);
+    let l = listen("127.0.0.1:0");
+    let peer = l.local_addr().unwrap().to_string();
+    let (c1, s1) = connect(&l);
+    let (c2, s2) = connect(&l);
+    let (k1, k2) = (cookie(&c1), cookie(&c2));
+    std::thread::sleep(Duration::from_millis(200)); // stream subscribed
+    assert_eq!(
+        http_json(
+            &s.addr,
+            "POST",
+            "/v1/enable",
+            json!({"conn": peer, "idle": 30, "count": 3, "interval": 5})
+        )
+        .0,
+        200
+    );
+    // The peer of c1 resets (SO_LINGER 0); c2 closes in order.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s1),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(s1);
+    let ev = wait_for(&stream, "reset", k1, Duration::from_secs(3));
+    assert_eq!(ev["error"].as_u64(), Some(104), "ECONNRESET: {ev}");
+    drop(c1);
+    drop(s2);
+    drop(c2);
+    let ev = wait_for(&stream, "closed", k2, Duration::from_secs(3));
+    assert!(ev.get("error").is_none(), "{ev}");
+}
