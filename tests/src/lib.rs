@@ -536,7 +536,7 @@ pub fn http(
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr)?;
+    let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let body = body.unwrap_or_default();
     let mut req = format!(
@@ -603,7 +603,7 @@ pub fn http_json(
 
 /// A free TCP port on 127.0.0.1 in the current namespace.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()

@@ -7,7 +7,17 @@ use crate::step;
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.95 uses LLVM 22),
 /// iproute2 for the tests' network namespaces, bpftool for inspection.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libzstd-dev", "iproute2", "bpftool"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "bpftool",
+    "python3",
+    "kamailio",
+    "kamailio-utils-modules",
+    "sip-tester",
+    "wrk",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
