@@ -1,6 +1,12 @@
 //! Operations on a loaded installation: rules and managed connections. The
 //! CLI, the daemon and the tests all go through here.
-use std::{fs::File, io::Read as _, net::SocketAddr, os::fd::AsRawFd, path::Path};
+use std::{
+    fs::File,
+    io::Read as _,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use keepalive_common::{
@@ -332,15 +338,63 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Parses what an iterator pass wrote.
-fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
-    let size = size_of::<ConnRecord>();
-    buf.chunks_exact(size)
-        .map(|c| {
-            // SAFETY: the programs write whole `ConnRecord`s; read unaligned.
-            let r: ConnRecord = unsafe { std::ptr::read_unaligned(c.as_ptr().cast()) };
-            ConnStatus::from_raw(&r)
-        })
+fn parse_raw(buf: &[u8]) -> Vec<ConnRecord> {
+    buf.chunks_exact(size_of::<ConnRecord>())
+        // SAFETY: the programs write whole `ConnRecord`s; read unaligned.
+        .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast()) })
         .collect()
+}
+
+fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
+    parse_raw(buf).iter().map(ConnStatus::from_raw).collect()
+}
+
+/// Whether a reported socket is one a request named (as the program
+/// matched it).
+fn record_matches(r: &ConnRecord, conn: ConnSpec, local: Option<SocketAddr>) -> bool {
+    let named = match conn {
+        ConnSpec::Cookie(c) => r.cookie == c,
+        ConnSpec::Peer(p) => r.remote_addr == v6_bytes(p.ip()) && r.remote_port == p.port(),
+    };
+    named && local.is_none_or(|l| r.local_addr == v6_bytes(l.ip()) && r.local_port == l.port())
+}
+
+fn same_key(a: ConnSpec, b: ConnSpec) -> bool {
+    match (a, b) {
+        (ConnSpec::Cookie(x), ConnSpec::Cookie(y)) => x == y,
+        (ConnSpec::Peer(x), ConnSpec::Peer(y)) => peer_key(x) == peer_key(y),
+        _ => false,
+    }
+}
+
+fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
+    let (op, policy) = match action {
+        Action::Enable(p) => (OP_ENABLE, p.to_raw()),
+        Action::Disable => (OP_DISABLE, Default::default()),
+        Action::Query => (OP_QUERY, Default::default()),
+    };
+    Request {
+        op,
+        has_local: local.is_some() as u32,
+        local_addr: local.map_or([0; 16], |l| v6_bytes(l.ip())),
+        local_port: local.map_or(0, |l| l.port()),
+        _pad: 0,
+        policy,
+    }
+}
+
+fn one(mut results: Vec<Result<Disabled>>) -> Result<Disabled> {
+    results.pop().expect("one result")
+}
+
+/// One command of a batch.
+#[derive(Clone, Debug)]
+pub struct Op {
+    pub conn: ConnSpec,
+    pub local: Option<SocketAddr>,
+    pub action: Action,
+    pub holder: Option<String>,
+    pub netns: Option<PathBuf>,
 }
 
 /// Runs one pass of a pinned iterator in the given network namespace (the
@@ -472,16 +526,14 @@ impl Enforcer {
         holder: Option<&str>,
         netns: Option<&Path>,
     ) -> Result<Vec<ConnStatus>> {
-        let _lock = Lock::acquire(&self.layout)?;
-        let mut changed = self.apply_locked(conn, local, Action::Enable(policy), netns)?;
-        if let Some(id) = holder {
-            let mut holders = Holders::open(&self.layout)?;
-            for c in &mut changed {
-                holders.add(c.cookie, id)?;
-                c.holders = None;
-            }
-        }
-        Ok(changed)
+        let op = Op {
+            conn,
+            local,
+            action: Action::Enable(policy),
+            holder: holder.map(str::to_owned),
+            netns: netns.map(Path::to_path_buf),
+        };
+        one(self.run_batch(vec![op])).map(|d| d.changed)
     }
 
     /// Disables keepalive. With a holder, only removes that holder from
@@ -494,19 +546,131 @@ impl Enforcer {
         holder: Option<&str>,
         netns: Option<&Path>,
     ) -> Result<Disabled> {
-        let _lock = Lock::acquire(&self.layout)?;
-        let mut holders = Holders::open(&self.layout)?;
-        let Some(id) = holder else {
-            let changed = self.apply_locked(conn, local, Action::Disable, netns)?;
-            for c in &changed {
-                holders.clear(c.cookie);
-            }
-            return Ok(Disabled {
-                changed,
-                kept: Vec::new(),
-            });
+        let op = Op {
+            conn,
+            local,
+            action: Action::Disable,
+            holder: holder.map(str::to_owned),
+            netns: netns.map(Path::to_path_buf),
         };
-        let found = self.apply_locked(conn, local, Action::Query, netns)?;
+        one(self.run_batch(vec![op]))
+    }
+
+    /// Runs several commands under one lock, sharing the kernel work: each
+    /// connection the index knows is reached directly; the others are
+    /// found in as few walks of the socket table as their keys allow (one
+    /// for all cookie requests, one for all peer requests, per namespace).
+    /// Results come back in the order of `ops`.
+    pub fn run_batch(&self, ops: Vec<Op>) -> Vec<Result<Disabled>> {
+        let _lock = match Lock::acquire(&self.layout) {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = e.to_string();
+                let mut out = vec![Err(e)];
+                out.extend((1..ops.len()).map(|_| {
+                    Err(Error::Io {
+                        what: msg.clone(),
+                        source: std::io::ErrorKind::Other.into(),
+                    })
+                }));
+                return out;
+            }
+        };
+        let mut results: Vec<Option<Result<Disabled>>> = ops.iter().map(|_| None).collect();
+        let mut walk: Vec<usize> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if matches!(op.action, Action::Disable) && op.holder.is_some() {
+                results[i] = Some(self.disable_held_locked(op));
+                continue;
+            }
+            match self.try_index(op.conn, op.local, op.action, op.netns.as_deref()) {
+                Ok(Some(found)) => results[i] = Some(self.finish(op, found)),
+                Ok(None) => walk.push(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        // Group what needs walking: same namespace, same kind of key (a
+        // socket matched by a cookie request would hide it from a peer
+        // request in the same pass), distinct keys.
+        while !walk.is_empty() {
+            let first = &ops[walk[0]];
+            let mut group: Vec<usize> = Vec::new();
+            let mut rest = Vec::new();
+            for &i in &walk {
+                let op = &ops[i];
+                let same_kind = matches!(
+                    (op.conn, first.conn),
+                    (ConnSpec::Cookie(_), ConnSpec::Cookie(_))
+                        | (ConnSpec::Peer(_), ConnSpec::Peer(_))
+                );
+                let clash = group.iter().any(|&g| same_key(ops[g].conn, op.conn));
+                if same_kind && op.netns == first.netns && !clash {
+                    group.push(i);
+                } else {
+                    rest.push(i);
+                }
+            }
+            walk = rest;
+            let items: Vec<(ConnSpec, Option<SocketAddr>, Action)> = group
+                .iter()
+                .map(|&i| (ops[i].conn, ops[i].local, ops[i].action))
+                .collect();
+            match self.walk(&items, first.netns.as_deref()) {
+                Ok(found) => {
+                    for (&i, found) in group.iter().zip(found) {
+                        results[i] = Some(self.finish(&ops[i], found));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for &i in &group {
+                        results[i] = Some(Err(Error::Io {
+                            what: msg.clone(),
+                            source: std::io::ErrorKind::Other.into(),
+                        }));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every command has a result"))
+            .collect()
+    }
+
+    /// Records holders after an enable, forgets them after a plain disable.
+    fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Disabled> {
+        if found.is_empty() {
+            return Err(no_such(op.conn, op.local));
+        }
+        match (&op.action, &op.holder) {
+            (Action::Enable(_), Some(id)) => {
+                let mut holders = Holders::open(&self.layout)?;
+                for c in &found {
+                    holders.add(c.cookie, id)?;
+                }
+            }
+            (Action::Disable, None) => {
+                let mut holders = Holders::open(&self.layout)?;
+                for c in &found {
+                    holders.clear(c.cookie);
+                }
+            }
+            _ => {}
+        }
+        Ok(Disabled {
+            changed: found,
+            kept: Vec::new(),
+        })
+    }
+
+    /// Disable for one holder: connections with other holders keep
+    /// keepalive.
+    fn disable_held_locked(&self, op: &Op) -> Result<Disabled> {
+        let id = op.holder.as_deref().expect("a holder");
+        let netns = op.netns.as_deref();
+        let mut holders = Holders::open(&self.layout)?;
+        let found = self.apply_locked(op.conn, op.local, Action::Query, netns)?;
         let mut out = Disabled {
             changed: Vec::new(),
             kept: Vec::new(),
@@ -537,47 +701,70 @@ impl Enforcer {
         action: Action,
         netns: Option<&Path>,
     ) -> Result<Vec<ConnStatus>> {
-        let (op, policy) = match action {
-            Action::Enable(p) => (OP_ENABLE, p.to_raw()),
-            Action::Disable => (OP_DISABLE, Default::default()),
-            Action::Query => (OP_QUERY, Default::default()),
+        let found = match self.try_index(conn, local, action, netns)? {
+            Some(found) => found,
+            None => self
+                .walk(&[(conn, local, action)], netns)?
+                .pop()
+                .unwrap_or_default(),
         };
-        let request = Request {
-            op,
-            has_local: local.is_some() as u32,
-            local_addr: local.map_or([0; 16], |l| v6_bytes(l.ip())),
-            local_port: local.map_or(0, |l| l.port()),
-            _pad: 0,
-            policy,
-        };
-        // The direct path, when the connection index can vouch for the
-        // answer; otherwise the walk below.
-        crate::index::seed_netns(&self.layout, netns)?;
-        if let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? {
-            log::debug!("{conn}: {} connection(s) via the index", held.len());
-            if held.is_empty() {
-                return Err(no_such(conn, local));
-            }
-            return held
-                .iter()
-                .map(|h| self.apply_held(h, action, &request))
-                .collect();
-        }
-        log::debug!("{conn}: the index cannot vouch for it; walking the socket table");
-        let mut pending = Pending::open(&self.layout)?;
-        pending.clear()?;
-        pending.queue(conn, request)?;
-        // A cookie, or a peer with a local end, names at most one socket:
-        // the walk can stop at it.
-        let exact = matches!(conn, ConnSpec::Cookie(_)) || local.is_some();
-        let found = run_pass(&self.layout.iter_apply(), netns, exact.then_some(1));
-        pending.clear()?;
-        let found = found?;
-        let touched = parse_records(&found);
-        if touched.is_empty() {
+        if found.is_empty() {
             return Err(no_such(conn, local));
         }
-        Ok(touched)
+        Ok(found)
+    }
+
+    /// The direct path: `None` when the connection index cannot vouch for
+    /// the complete answer.
+    fn try_index(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        action: Action,
+        netns: Option<&Path>,
+    ) -> Result<Option<Vec<ConnStatus>>> {
+        crate::index::seed_netns(&self.layout, netns)?;
+        let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
+            log::debug!("{conn}: the index cannot vouch for it; walking the socket table");
+            return Ok(None);
+        };
+        log::debug!("{conn}: {} connection(s) via the index", held.len());
+        let request = request_for(action, local);
+        held.iter()
+            .map(|h| self.apply_held(h, action, &request))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// One walk of the socket table applying every request in `items`
+    /// (distinct keys, one kind); returns each item's connections.
+    fn walk(
+        &self,
+        items: &[(ConnSpec, Option<SocketAddr>, Action)],
+        netns: Option<&Path>,
+    ) -> Result<Vec<Vec<ConnStatus>>> {
+        let mut pending = Pending::open(&self.layout)?;
+        pending.clear()?;
+        for &(conn, local, action) in items {
+            pending.queue(conn, request_for(action, local))?;
+        }
+        // A lone cookie, or a lone peer with a local end, names at most one
+        // socket: the walk can stop at it.
+        let exact =
+            items.len() == 1 && (matches!(items[0].0, ConnSpec::Cookie(_)) || items[0].1.is_some());
+        let found = run_pass(&self.layout.iter_apply(), netns, exact.then_some(1));
+        pending.clear()?;
+        let records = parse_raw(&found?);
+        Ok(items
+            .iter()
+            .map(|&(conn, local, _)| {
+                records
+                    .iter()
+                    .filter(|r| record_matches(r, conn, local))
+                    .map(ConnStatus::from_raw)
+                    .collect()
+            })
+            .collect())
     }
 
     /// Applies an action to a connection held through its owner's
