@@ -42,7 +42,7 @@ use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
     conn::{parse_endpoint, ConnSpec},
-    enforcer::{Action, Enforcer},
+    enforcer::{Action, Disabled, Enforcer, Op},
     events::Record,
     holders::parse_holder,
     loader,
@@ -107,9 +107,54 @@ pub struct Config {
 #[derive(Clone)]
 struct AppState {
     enforcer: Enforcer,
+    batcher: std::sync::mpsc::Sender<Job>,
     events: broadcast::Sender<Arc<Record>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
+}
+
+/// One enable or disable waiting for the batch worker.
+type Job = (Op, tokio::sync::oneshot::Sender<Result<Disabled, Error>>);
+
+/// Most commands run together in one batch.
+const BATCH_MAX: usize = 64;
+
+/// The one worker that runs commands: it takes every command waiting and
+/// runs them as one batch (one lock, shared walks of the socket table), so
+/// concurrent requests share the kernel work instead of queueing for it.
+fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::Sender<Job> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            metrics.batch_size.observe(batch.len() as f64);
+            let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().unzip();
+            let start = Instant::now();
+            let results = enforcer.run_batch(ops);
+            metrics.pass_seconds.observe(start.elapsed().as_secs_f64());
+            for (result, reply) in results.into_iter().zip(replies) {
+                let _ = reply.send(result);
+            }
+        }
+    });
+    tx
+}
+
+/// Runs one command through the batch worker.
+async fn submit(state: &AppState, op: Op) -> Result<Disabled, Error> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gone = || Error::Io {
+        what: "the command worker stopped".into(),
+        source: std::io::ErrorKind::Other.into(),
+    };
+    state.batcher.send((op, tx)).map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())?
 }
 
 /// Prometheus metrics.
@@ -121,6 +166,7 @@ struct Metrics {
     events: Family<Vec<(String, String)>, Counter>,
     webhook: Family<Vec<(String, String)>, Counter>,
     pass_seconds: Histogram,
+    batch_size: Histogram,
     /// Kernel counters are read at scrape time; these hold what was
     /// already added to the Prometheus counters.
     seen_rule_applied: AtomicU64,
@@ -166,8 +212,16 @@ impl Metrics {
         );
         registry.register(
             "kernel_pass_seconds",
-            "Time to apply one enable/disable/query in the kernel",
+            "Time in the kernel per batch of enable/disable commands (and per query)",
             pass_seconds.clone(),
+        );
+        let batch_size = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 7),
+        );
+        registry.register(
+            "batch_size",
+            "Commands run together in one batch",
+            batch_size.clone(),
         );
         Self {
             registry,
@@ -177,6 +231,7 @@ impl Metrics {
             events,
             webhook,
             pass_seconds,
+            batch_size,
             seen_rule_applied: AtomicU64::new(0),
             seen_kernel_dropped: AtomicU64::new(0),
             seen_setsockopt_errors: AtomicU64::new(0),
@@ -319,12 +374,14 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
             return invalid(e);
         }
     };
-    let netns = b.netns;
-    match blocking(&state, move |e| {
-        e.enable(conn, local, policy, holder.as_deref(), netns.as_deref())
-    })
-    .await
-    {
+    let op = Op {
+        conn,
+        local,
+        action: Action::Enable(policy),
+        holder,
+        netns: b.netns,
+    };
+    match submit(&state, op).await.map(|d| d.changed) {
         Ok(changed) => {
             state.metrics.command("enable", "ok");
             state
@@ -356,12 +413,14 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
             return invalid(e);
         }
     };
-    let netns = b.netns;
-    match blocking(&state, move |e| {
-        e.disable(conn, local, holder.as_deref(), netns.as_deref())
-    })
-    .await
-    {
+    let op = Op {
+        conn,
+        local,
+        action: Action::Disable,
+        holder,
+        netns: b.netns,
+    };
+    match submit(&state, op).await {
         Ok(done) => {
             state.metrics.command("disable", "ok");
             reply(
@@ -706,8 +765,10 @@ pub async fn run(
     );
     let metrics = Arc::new(Metrics::new());
     let (events_tx, _) = broadcast::channel(4096);
+    let enforcer = Enforcer::new(layout.clone());
     let state = AppState {
-        enforcer: Enforcer::new(layout.clone()),
+        batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
+        enforcer,
         events: events_tx,
         metrics: metrics.clone(),
         token: config.token.as_deref().map(Arc::from),

@@ -443,3 +443,70 @@ fn reset_and_orderly_close_events() {
     let ev = wait_for(&stream, "closed", k2, Duration::from_secs(3));
     assert!(ev.get("error").is_none(), "{ev}");
 }
+
+#[test]
+fn concurrent_requests_share_batches_and_walks() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    let slots = keepalive_common::index::PEER_SLOTS as usize;
+    // Four peers with more connections than index slots (each needs a
+    // walk) and twenty peers the index answers directly.
+    let walked: Vec<_> = (0..4)
+        .map(|_| {
+            let l = listen("127.0.0.1:0");
+            let conns: Vec<_> = (0..=slots).map(|_| connect(&l)).collect();
+            (l, conns)
+        })
+        .collect();
+    let direct: Vec<_> = (0..20)
+        .map(|_| {
+            let l = listen("127.0.0.1:0");
+            let pair = connect(&l);
+            (l, pair)
+        })
+        .collect();
+    let peers: Vec<(String, u32)> = walked
+        .iter()
+        .map(|(l, _)| l.local_addr().unwrap().to_string())
+        .chain(
+            direct
+                .iter()
+                .map(|(l, _)| l.local_addr().unwrap().to_string()),
+        )
+        .enumerate()
+        .map(|(i, p)| (p, 100 + i as u32))
+        .collect();
+    std::thread::scope(|scope| {
+        for (peer, idle) in &peers {
+            let addr = s.addr.clone();
+            scope.spawn(move || {
+                let (code, v) = http_json(
+                    &addr,
+                    "POST",
+                    "/v1/enable",
+                    json!({"conn": peer, "idle": idle, "count": 3, "interval": 4}),
+                );
+                assert_eq!(code, 200, "{peer}: {v}");
+            });
+        }
+    });
+    for (i, (_, conns)) in walked.iter().enumerate() {
+        for (c, _) in conns {
+            assert_eq!(keepalive(c), expect(100 + i as i32, 3, 4, 0));
+        }
+    }
+    for (i, (_, (c, _))) in direct.iter().enumerate() {
+        assert_eq!(keepalive(c), expect(104 + i as i32, 3, 4, 0));
+    }
+    let (_, metrics) = http(&s.addr, "GET", "/metrics", None, None).unwrap();
+    let batches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tcpka_batch_size_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch count in /metrics");
+    eprintln!("{} requests ran in {batches} batches", peers.len());
+    assert!(
+        batches < peers.len() as u64,
+        "concurrent requests were batched: {metrics}"
+    );
+}
