@@ -31,6 +31,11 @@ use crate::{
 
 const BPF_NOEXIST: u64 = 1;
 
+/// Commands answered by the connection index, and walks of the socket
+/// table, in this process (for metrics).
+pub static INDEX_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Handle on one installation's pinned maps.
 #[derive(Clone, Debug, Default)]
 pub struct Enforcer {
@@ -729,6 +734,7 @@ impl Enforcer {
             return Ok(None);
         };
         log::debug!("{conn}: {} connection(s) via the index", held.len());
+        INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = request_for(action, local);
         held.iter()
             .map(|h| self.apply_held(h, action, &request))
@@ -743,6 +749,7 @@ impl Enforcer {
         items: &[(ConnSpec, Option<SocketAddr>, Action)],
         netns: Option<&Path>,
     ) -> Result<Vec<Vec<ConnStatus>>> {
+        WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
         for &(conn, local, action) in items {

@@ -172,6 +172,9 @@ struct Metrics {
     seen_rule_applied: AtomicU64,
     seen_kernel_dropped: AtomicU64,
     seen_setsockopt_errors: AtomicU64,
+    seen_index_hits: AtomicU64,
+    seen_walks: AtomicU64,
+    lookups: Family<Vec<(String, String)>, Counter>,
     scrape: Mutex<()>,
 }
 
@@ -204,6 +207,12 @@ impl Metrics {
             applied.clone(),
         );
         registry.register("errors", "Errors by kind", errors.clone());
+        let lookups = Family::default();
+        registry.register(
+            "lookups",
+            "How commands found their connections: index (direct) or walk (socket table)",
+            lookups.clone(),
+        );
         registry.register("events", "Events from the kernel by kind", events.clone());
         registry.register(
             "webhook_deliveries",
@@ -235,6 +244,9 @@ impl Metrics {
             seen_rule_applied: AtomicU64::new(0),
             seen_kernel_dropped: AtomicU64::new(0),
             seen_setsockopt_errors: AtomicU64::new(0),
+            seen_index_hits: AtomicU64::new(0),
+            seen_walks: AtomicU64::new(0),
+            lookups,
             scrape: Mutex::new(()),
         }
     }
@@ -599,6 +611,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 &m.errors.get_or_create(&labels(&[("kind", "setsockopt")])),
             );
         }
+        let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
+            let before = seen.swap(now, Ordering::Relaxed);
+            counter.inc_by(now.saturating_sub(before));
+        };
+        add(
+            &m.seen_index_hits,
+            crate::enforcer::INDEX_HITS.load(Ordering::Relaxed),
+            &m.lookups.get_or_create(&labels(&[("path", "index")])),
+        );
+        add(
+            &m.seen_walks,
+            crate::enforcer::WALKS.load(Ordering::Relaxed),
+            &m.lookups.get_or_create(&labels(&[("path", "walk")])),
+        );
         if encode(&mut text, &m.registry).is_err() {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }

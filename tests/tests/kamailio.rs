@@ -57,7 +57,7 @@ struct Sip {
     caller: NamedNetns,
     callee: NamedNetns,
     dir: PathBuf,
-    _serve: Serve,
+    serve: Serve,
     kamailio: Proc,
     log: PathBuf,
     uas: Proc,
@@ -183,7 +183,7 @@ impl Sip {
             caller,
             callee,
             dir,
-            _serve: serve,
+            serve,
             kamailio,
             log,
             uas,
@@ -337,6 +337,18 @@ fn kamailio_via_http_api_and_dead_callee_timeout_event() {
         sip.kamailio_log().contains("HTTP 200"),
         "{}",
         sip.kamailio_log()
+    );
+    let (_, metrics) = http(&sip.serve.addr, "GET", "/metrics", None, None).unwrap();
+    let lookups: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tcpka_lookups_total"))
+        .collect();
+    eprintln!("how Kamailio's connections were found: {lookups:?}");
+    // Kamailio's tcp_main keeps the descriptors it accepts and connects, so
+    // the connection index reaches every one directly.
+    assert!(
+        lookups.contains(&"tcpka_lookups_total{path=\"walk\"} 0"),
+        "{lookups:?}"
     );
 
     // A long call; then the callee's host stops answering.
