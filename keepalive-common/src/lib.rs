@@ -43,6 +43,8 @@ pub mod programs {
     pub const GLOBAL_NS_INUM_OFF: &str = "NET_NS_INUM_OFF";
     /// Read-only global: offset of `sk_err` in `struct sock`.
     pub const GLOBAL_SK_ERR_OFF: &str = "SK_ERR_OFF";
+    /// Read-only global: offset of `sk_protocol` in `struct sock`.
+    pub const GLOBAL_SK_PROTOCOL_OFF: &str = "SK_PROTOCOL_OFF";
     /// Read-only global: offset of `inet_sport` in `struct inet_sock`.
     pub const GLOBAL_INET_SPORT_OFF: &str = "INET_SPORT_OFF";
     /// Read-only global: offset of `tgid` in `struct task_struct`.

@@ -7,7 +7,7 @@
 //! 5.5 (BTF-enabled raw tracepoints).
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::{
-    bindings::{BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED},
+    bindings::{BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT},
     helpers::bpf_get_socket_cookie,
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -22,20 +22,30 @@ use crate::{
     apply::emit,
     index,
     maps::{count, CONNS, HOLDER_COUNT},
-    sock::{ends, read},
+    sock::{ends, is_tcp, read},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let newstate = ctx.arg::<u64>(2) as u32;
-    if newstate != BPF_TCP_CLOSE && newstate != BPF_TCP_ESTABLISHED {
+    let connecting = matches!(
+        newstate,
+        BPF_TCP_SYN_SENT | BPF_TCP_SYN_RECV | BPF_TCP_ESTABLISHED
+    );
+    if newstate != BPF_TCP_CLOSE && !connecting {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // NB: SCTP and DCCP use this tracepoint too.
+    if !is_tcp(sk as *const u8) {
+        return 0;
+    }
     // SAFETY: a `struct sock` pointer from the tracepoint.
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    if newstate == BPF_TCP_ESTABLISHED {
+    if connecting {
+        // Indexed from the first state that knows the peer, so a command
+        // for a connection still being set up finds it too.
         index::add(sk as *const u8, cookie);
         return 0;
     }

@@ -11,7 +11,7 @@ use keepalive_common::{
 
 use crate::{
     maps::{count, FDS, PEERS, SLOTS},
-    sock::{ends, netns_inum, read, AF_INET, AF_INET6, SKC_FAMILY},
+    sock::{ends, is_tcp, netns_inum, read, AF_INET, AF_INET6, SKC_FAMILY},
 };
 
 const E2BIG: i32 = -7;
@@ -118,7 +118,7 @@ pub fn record_fd(socket: *const u8, file: Option<u64>, tgid: u32, fd: u32) {
         return;
     }
     let family: u16 = read(sk as *const u8, SKC_FAMILY);
-    if family != AF_INET && family != AF_INET6 {
+    if (family != AF_INET && family != AF_INET6) || !is_tcp(sk as *const u8) {
         return;
     }
     let _ = FDS.insert(&sk, &FdOwner { tgid, fd }, 0);

@@ -97,16 +97,19 @@ fn report(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, apply_failed
 #[inline(always)]
 fn find_request(cookie: u64, e: &Ends) -> Option<Request> {
     // SAFETY: map values are only read here.
-    if let Some(r) = unsafe { REQ_COOKIE.get(&cookie) } {
-        return Some(*r);
-    }
-    let key = PeerKey {
-        addr: e.remote_addr,
-        port: e.remote_port,
-        _pad: 0,
+    let r = match unsafe { REQ_COOKIE.get(&cookie) } {
+        Some(r) => *r,
+        None => {
+            let key = PeerKey {
+                addr: e.remote_addr,
+                port: e.remote_port,
+                _pad: 0,
+            };
+            // SAFETY: as above.
+            *unsafe { REQ_PEER.get(&key) }?
+        }
     };
-    // SAFETY: as above.
-    let r = *unsafe { REQ_PEER.get(&key) }?;
+    // The local end narrows either kind of request.
     if r.has_local != 0 && (r.local_port != e.local_port || r.local_addr != e.local_addr) {
         return None;
     }
@@ -223,18 +226,17 @@ pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
 }
 
 /// Indexes the connections of the reader's network namespace that existed
-/// before tcpka was loaded (later ones are indexed by `close.rs` when they
-/// become established).
+/// before tcpka was loaded (later ones are indexed by `close.rs` as they
+/// connect).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_seed_peers(ctx: *mut c_void) -> i32 {
     let Some(Visit { sk, cookie, .. }) = visit(ctx) else {
         return 0;
     };
-    // Not yet connected (SYN_SENT 2, SYN_RECV 3), listening (10) or closed
-    // (7) sockets have no peer to index.
+    // Listening (10) and closed (7) sockets have no peer to index.
     let state: u8 = load(sk, crate::sock::SKC_STATE);
-    if matches!(state, 2 | 3 | 7 | 10) {
+    if matches!(state, 7 | 10) {
         return 0;
     }
     index::add(sk, cookie);

@@ -115,3 +115,18 @@ pub fn netns_inum(sk: *const u8) -> u32 {
     let net: u64 = read(sk, net_off as usize);
     read(net as *const u8, inum_off as usize)
 }
+
+/// `sock.sk_protocol`, from BTF.
+#[unsafe(no_mangle)]
+pub static SK_PROTOCOL_OFF: u32 = 0;
+
+const IPPROTO_TCP: u16 = 6;
+
+/// Whether a socket is TCP (SCTP and MPTCP share families and types).
+#[inline(always)]
+pub fn is_tcp(sk: *const u8) -> bool {
+    // SAFETY: read-only global set by the loader.
+    let off = unsafe { core::ptr::read_volatile(&SK_PROTOCOL_OFF) };
+    let proto: u16 = read(sk, off as usize);
+    proto == IPPROTO_TCP
+}

@@ -4,7 +4,7 @@ use std::{
     fs::File,
     io::Read as _,
     net::SocketAddr,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -285,6 +285,10 @@ fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
 
 const TCP_CLOSE: u8 = 7;
 
+fn is_connected(s: &std::net::TcpStream) -> bool {
+    tcp_state(s).is_some_and(|st| st != TCP_CLOSE)
+}
+
 fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
     let v = value as libc::c_int;
     // SAFETY: valid fd and a value of the size given.
@@ -418,7 +422,12 @@ pub(crate) fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -
                 source,
             };
             let own = File::open("/proc/thread-self/ns/net").map_err(netns_err)?;
-            let target = File::open(ns).map_err(netns_err)?;
+            // NB: O_NONBLOCK: a FIFO given as the path must not hang us.
+            let target = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(ns)
+                .map_err(netns_err)?;
             nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| netns_err(e.into()))?;
             let file = open();
@@ -651,8 +660,16 @@ impl Enforcer {
         match (&op.action, &op.holder) {
             (Action::Enable(_), Some(id)) => {
                 let mut holders = Holders::open(&self.layout)?;
+                let map = loader::open_map(&self.layout, maps::CONNS)?;
+                let conns: HashMap<_, u64, ConnInfo> = HashMap::try_from(map)
+                    .map_err(|e| Error::map("opening the connection map", e))?;
                 for c in &found {
                     holders.add(c.cookie, id)?;
+                    // Closed meanwhile: the kernel dropped its entries, and
+                    // would not drop a count written after that.
+                    if conns.get(&c.cookie, 0).is_err() {
+                        holders.forget(c.cookie);
+                    }
                 }
             }
             (Action::Disable, None) => {
@@ -681,7 +698,19 @@ impl Enforcer {
             kept: Vec::new(),
         };
         for c in found {
-            let remaining = holders.remove(c.cookie, id)?;
+            // A connection this holder never held (another call's, or a
+            // reconnection) stays as it is.
+            let remaining = match holders.remove(c.cookie, id)? {
+                Some(n) => n,
+                None => {
+                    let n = holders.count_of(c.cookie);
+                    out.kept.push(Kept {
+                        connection: c,
+                        holders_remaining: n,
+                    });
+                    continue;
+                }
+            };
             if remaining > 0 {
                 out.kept.push(Kept {
                     connection: c,
@@ -728,7 +757,9 @@ impl Enforcer {
         action: Action,
         netns: Option<&Path>,
     ) -> Result<Option<Vec<ConnStatus>>> {
-        crate::index::seed_netns(&self.layout, netns)?;
+        if !crate::index::seed_netns(&self.layout, netns)? {
+            return Ok(None);
+        }
         let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
             log::debug!("{conn}: the index cannot vouch for it; walking the socket table");
             return Ok(None);
@@ -736,10 +767,25 @@ impl Enforcer {
         log::debug!("{conn}: {} connection(s) via the index", held.len());
         INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = request_for(action, local);
-        held.iter()
-            .map(|h| self.apply_held(h, action, &request))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        // Not connected yet (SYN_SENT), a socket has no peer name to read;
+        // a peer request knows it.
+        let remote_hint = match conn {
+            ConnSpec::Peer(p) => Some(p),
+            ConnSpec::Cookie(_) => None,
+        };
+        let mut out = Vec::with_capacity(held.len());
+        for h in &held {
+            match self.apply_held(h, action, &request, remote_hint) {
+                Ok(c) => out.push(c),
+                // Closed while we held it: gone, like a connection the walk
+                // no longer finds.
+                Err(e) if !is_connected(&h.stream) => {
+                    log::debug!("cookie {:#x} closed meanwhile: {e}", h.cookie)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(out))
     }
 
     /// One walk of the socket table applying every request in `items`
@@ -777,7 +823,13 @@ impl Enforcer {
     /// Applies an action to a connection held through its owner's
     /// descriptor: the same socket options `bpf_setsockopt` would set, then
     /// the same record of it, read back from the kernel.
-    fn apply_held(&self, h: &Held, action: Action, request: &Request) -> Result<ConnStatus> {
+    fn apply_held(
+        &self,
+        h: &Held,
+        action: Action,
+        request: &Request,
+        remote_hint: Option<SocketAddr>,
+    ) -> Result<ConnStatus> {
         let fd = &h.stream;
         let mut failed = false;
         match action {
@@ -825,9 +877,11 @@ impl Enforcer {
         let local = fd
             .local_addr()
             .map_err(|e| Error::io("reading the local end", e))?;
-        let remote = fd
-            .peer_addr()
-            .map_err(|e| Error::io("reading the remote end", e))?;
+        let remote = match (fd.peer_addr(), remote_hint) {
+            (Ok(r), _) => r,
+            (Err(_), Some(hint)) => hint,
+            (Err(e), None) => return Err(Error::io("reading the remote end", e)),
+        };
         let rec = ConnRecord {
             cookie: h.cookie,
             family: if local.is_ipv4() { 2 } else { 10 },
@@ -864,8 +918,16 @@ impl Enforcer {
         Ok(out)
     }
 
+    /// Removes the holder entries of connections that closed.
+    pub fn sweep_holders(&self) -> Result<()> {
+        let _lock = Lock::acquire(&self.layout)?;
+        Holders::open(&self.layout)?.all();
+        Ok(())
+    }
+
     /// Fills in each connection's holders.
     pub fn attach_holders(&self, conns: &mut [ConnStatus]) -> Result<()> {
+        let _lock = Lock::acquire(&self.layout)?;
         let mut all = Holders::open(&self.layout)?.all();
         for c in conns {
             c.holders = Some(all.remove(&c.cookie).unwrap_or_default());

@@ -60,27 +60,43 @@ impl Holders {
         self.count.get(&cookie, 0).unwrap_or(0)
     }
 
+    /// How many holders a connection has.
+    pub fn count_of(&self, cookie: u64) -> u32 {
+        self.count(cookie)
+    }
+
     /// Adds a holder (once); returns how many the connection has.
+    ///
+    /// NB: the count is written before the holder entry, so a sweep never
+    /// sees an entry without its count and mistakes it for a closed
+    /// connection's.
     pub fn add(&mut self, cookie: u64, id: &str) -> Result<u32> {
-        match self.set.insert(key(cookie, id), 1, BPF_NOEXIST) {
-            Ok(()) => {
-                let n = self.count(cookie) + 1;
-                self.count
-                    .insert(cookie, n, 0)
-                    .map_err(|e| Error::map("counting holders", e))?;
-                Ok(n)
-            }
+        let k = key(cookie, id);
+        if self.set.get(&k, 0).is_ok() {
+            return Ok(self.count(cookie));
+        }
+        let n = self.count(cookie) + 1;
+        self.count
+            .insert(cookie, n, 0)
+            .map_err(|e| Error::map("counting holders", e))?;
+        match self.set.insert(k, 1, BPF_NOEXIST) {
+            Ok(()) => Ok(n),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(self.count(cookie))
+                let _ = self.count.insert(cookie, n - 1, 0);
+                Ok(n - 1)
             }
-            Err(e) => Err(Error::map("adding a holder", e)),
+            Err(e) => {
+                let _ = self.count.insert(cookie, n - 1, 0);
+                Err(Error::map("adding a holder", e))
+            }
         }
     }
 
-    /// Removes a holder; returns how many remain.
-    pub fn remove(&mut self, cookie: u64, id: &str) -> Result<u32> {
+    /// Removes a holder; returns how many remain, or `None` when `id` did
+    /// not hold this connection (nothing changed).
+    pub fn remove(&mut self, cookie: u64, id: &str) -> Result<Option<u32>> {
         if self.set.remove(&key(cookie, id)).is_err() {
-            return Ok(self.count(cookie));
+            return Ok(None);
         }
         let n = self.count(cookie).saturating_sub(1);
         if n == 0 {
@@ -90,7 +106,13 @@ impl Holders {
                 .insert(cookie, n, 0)
                 .map_err(|e| Error::map("counting holders", e))?;
         }
-        Ok(n)
+        Ok(Some(n))
+    }
+
+    /// Forgets a connection that closed: its count (if the kernel has not
+    /// already) and its holder entries.
+    pub fn forget(&mut self, cookie: u64) {
+        self.clear(cookie);
     }
 
     /// Removes every holder of a connection.
@@ -108,7 +130,8 @@ impl Holders {
     }
 
     /// Every connection's holders. Entries of connections that closed (the
-    /// kernel removed their count) are swept on the way.
+    /// kernel removed their count) are swept on the way: call with the
+    /// installation lock held.
     pub fn all(&mut self) -> StdHashMap<u64, Vec<String>> {
         let keys: Vec<HolderKey> = self.set.keys().filter_map(|k| k.ok()).collect();
         let mut out: StdHashMap<u64, Vec<String>> = StdHashMap::new();

@@ -51,19 +51,18 @@ pub fn seed_fds(layout: &PinLayout) -> Result<()> {
 
 /// Indexes the connections of a network namespace that existed before
 /// tcpka was loaded, once per namespace. Call with the installation lock
-/// held.
-pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<()> {
+/// held. Returns whether the namespace is indexed (false when its record
+/// does not fit: then the index cannot vouch for it and callers walk).
+pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
     let inode = netns_inode(netns)? as u32;
     let map = loader::open_map(layout, maps::SEEDED)?;
     let mut seeded: HashMap<_, u32, u32> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the seeded-namespace map", e))?;
     if seeded.get(&inode, 0).is_ok() {
-        return Ok(());
+        return Ok(true);
     }
     run_pass(&layout.iter_seed_peers(), netns, None)?;
-    seeded
-        .insert(inode, 1, 0)
-        .map_err(|e| Error::map("recording the indexed namespace", e))
+    Ok(seeded.insert(inode, 1, 0).is_ok())
 }
 
 /// A live connection held through a duplicate of its owner's descriptor.
@@ -131,6 +130,11 @@ pub fn resolve(
                 continue;
             }
         }
+        // A socket not connected yet has no peer name for the reply; for a
+        // cookie request the walk reports it from the kernel instead.
+        if matches!(conn, ConnSpec::Cookie(_)) && stream.peer_addr().is_err() {
+            return Ok(None);
+        }
         held.push(Held { cookie, stream });
     }
     Ok(Some(held))
@@ -166,8 +170,10 @@ fn borrow(owner: FdOwner, cookie: u64) -> Option<TcpStream> {
     // SAFETY: pidfd_getfd returned a new descriptor that we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // The holder may have closed the descriptor and reused its number.
-    (sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_COOKIE) == Some(cookie))
-        .then(|| TcpStream::from(fd))
+    let same = sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_COOKIE) == Some(cookie)
+        && sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+            .is_some_and(|p| p as u32 == libc::IPPROTO_TCP as u32);
+    same.then(|| TcpStream::from(fd))
 }
 
 fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> Option<u64> {

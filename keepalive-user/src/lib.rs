@@ -109,7 +109,8 @@ impl Error {
     /// failed operation.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Invalid(_) => 2,
+            // A namespace path that cannot be used is a bad argument.
+            Error::Invalid(_) | Error::Netns { .. } => 2,
             _ => 1,
         }
     }

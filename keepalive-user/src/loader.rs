@@ -198,6 +198,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         kernel_btf.member_offset("net", "ns")? + kernel_btf.member_offset("ns_common", "inum")?;
     let tgid_off = kernel_btf.member_offset("task_struct", "tgid")?;
     let sk_err_off = kernel_btf.member_offset("sock", "sk_err")?;
+    let sk_protocol_off = kernel_btf.member_offset("sock", "sk_protocol")?;
     let inet_sport_off = kernel_btf.member_offset("inet_sock", "inet_sport")?;
     let task_files_off = kernel_btf.member_offset("task_struct", "files")?;
     let files_fdt_off = kernel_btf.member_offset("files_struct", "fdt")?;
@@ -227,6 +228,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         .override_global(programs::GLOBAL_NS_INUM_OFF, &ns_inum_off, true)
         .override_global(programs::GLOBAL_TASK_TGID_OFF, &tgid_off, true)
         .override_global(programs::GLOBAL_SK_ERR_OFF, &sk_err_off, true)
+        .override_global(programs::GLOBAL_SK_PROTOCOL_OFF, &sk_protocol_off, true)
         .override_global(programs::GLOBAL_INET_SPORT_OFF, &inet_sport_off, true)
         .override_global(programs::GLOBAL_TASK_FILES_OFF, &task_files_off, true)
         .override_global(programs::GLOBAL_FILES_FDT_OFF, &files_fdt_off, true)

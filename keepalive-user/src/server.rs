@@ -6,6 +6,7 @@
 //! with HTTP 200, 400 (invalid input), 401 (token), 404 (no such
 //! connection or rule), 503 (not loaded) or 500.
 use std::{
+    io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -282,7 +283,7 @@ fn invalid(msg: impl std::fmt::Display) -> Response {
 /// Maps a library error to a status and a reply; counts it.
 fn failure(state: &AppState, op: &str, e: &Error) -> Response {
     let (status, result) = match e {
-        Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+        Error::Invalid(_) | Error::Netns { .. } => (StatusCode::BAD_REQUEST, "invalid"),
         Error::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_loaded"),
         Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
         Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
@@ -708,11 +709,13 @@ fn spawn_event_reader(
                     .events
                     .get_or_create(&labels(&[("kind", rec.kind)]))
                     .inc();
-                if json_log {
-                    println!("{}", serde_json::to_string(&*rec).expect("plain data"));
+                // NB: a closed or full stdout must not stop the events.
+                let line = if json_log {
+                    serde_json::to_string(&*rec).expect("plain data")
                 } else {
-                    println!("{rec}");
-                }
+                    rec.to_string()
+                };
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
                 if let Some(tx) = &webhook {
                     // Only how connections ended: that is what a controller
                     // acts on.
@@ -728,27 +731,33 @@ fn spawn_event_reader(
     Ok(())
 }
 
-/// POSTs each event to the webhook, retrying with backoff; gives up on an
-/// event after 6 attempts (about 6 s) and counts it dropped.
+/// POSTs each event to the webhook: up to 4 attempts of at most 2 s each,
+/// 100 ms, 200 ms, 400 ms apart (about 9 s at worst); a 4xx answer is not
+/// retried. Events wait in a bounded queue; what does not fit, or fails
+/// every attempt, is counted as dropped.
 fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>> {
     let (tx, mut rx) = mpsc::channel::<Arc<Record>>(WEBHOOK_QUEUE);
     tokio::spawn(async move {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(2))
             .build()
             .expect("an HTTP client without TLS");
         while let Some(rec) = rx.recv().await {
             let mut delay = Duration::from_millis(100);
             let mut delivered = false;
-            for attempt in 0..6 {
+            for attempt in 0..4 {
                 if attempt > 0 {
                     metrics.webhook("retried");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    delay *= 2;
                 }
                 match client.post(&url).json(&*rec).send().await {
                     Ok(r) if r.status().is_success() => {
                         delivered = true;
+                        break;
+                    }
+                    Ok(r) if r.status().is_client_error() => {
+                        log::warn!("webhook {url}: HTTP {}; not retried", r.status());
                         break;
                     }
                     Ok(r) => log::warn!("webhook {url}: HTTP {}", r.status()),
@@ -759,6 +768,21 @@ fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>
         }
     });
     tx
+}
+
+/// Sweeps holder entries of closed connections now and then, so that the
+/// holder map does not fill without anyone listing it.
+fn spawn_holder_sweep(enforcer: Enforcer) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let e = enforcer.clone();
+            if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
+                log::warn!("sweeping holders: {err}");
+            }
+        }
+    });
 }
 
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
@@ -804,6 +828,7 @@ pub async fn run(
         .clone()
         .map(|url| spawn_webhook(url, metrics.clone()));
     spawn_event_reader(&layout, &state, webhook, config.json)?;
+    spawn_holder_sweep(state.enforcer.clone());
     let app = router(state);
 
     let mut term =

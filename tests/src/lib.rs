@@ -493,8 +493,8 @@ impl Serve {
                 addr,
             ])
             .args(extra)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start tcpka serve");
         let s = Self {

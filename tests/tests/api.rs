@@ -255,6 +255,25 @@ fn holders_keep_a_shared_connection_until_the_last_call_ends() {
     assert_eq!((code, v["changed"].as_u64()), (200, Some(1)), "{v}");
     assert!(!keepalive(&c).enabled);
 
+    // A holder's disable leaves alone a connection it never held (another
+    // connection to the same peer, enabled without holders).
+    e.tcpka
+        .run(&["enable", &trunk, "30", "3", "5", "--holder", "x"])
+        .ok();
+    let (c2, _srv2) = connect(&l);
+    e.tcpka
+        .run(&["enable", &format!("cookie:{}", cookie(&c2)), "31", "3", "5"])
+        .ok();
+    let (code, v) = http_json(
+        &s.addr,
+        "POST",
+        "/v1/disable",
+        json!({"conn": trunk, "holder": "x"}),
+    );
+    assert_eq!((code, v["changed"].as_u64()), (200, Some(1)), "{v}");
+    assert!(!keepalive(&c).enabled, "x was its only holder");
+    assert_eq!(keepalive(&c2), expect(31, 3, 5, 0), "never held by x");
+
     // The CLI takes --holder too, and disable without one clears them all.
     e.tcpka
         .run(&["enable", &trunk, "30", "3", "5", "--holder", "a"])
@@ -278,9 +297,13 @@ fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
         .unwrap();
+    // Subscribed once the response header arrives.
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200 "), "{status}");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut r = BufReader::new(s);
         let mut line = String::new();
         while r.read_line(&mut line).unwrap_or(0) > 0 {
             // Chunk sizes and headers are not JSON objects; events are.
@@ -335,7 +358,27 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300)); // watch connects
+    // Watch is connected once it prints an event: a throwaway connection,
+    // enabled and closed until one shows up.
+    let probe = listen("127.0.0.1:0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (pc, ps) = connect(&probe);
+        let pck = cookie(&pc);
+        let (code, _) = http_json(
+            &s.addr,
+            "POST",
+            "/v1/enable",
+            json!({"conn": format!("cookie:{pck}"), "idle": 9, "count": 1, "interval": 1}),
+        );
+        assert_eq!(code, 200);
+        drop((pc, ps));
+        if watch_rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            while watch_rx.try_recv().is_ok() {}
+            break;
+        }
+        assert!(Instant::now() < deadline, "tcpka watch printed nothing");
+    }
 
     let peer = VethPeer::new();
     let l = peer.listen();
@@ -369,13 +412,9 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
     assert!(ev["time"].as_str().unwrap().ends_with('Z'));
     let w = wait_for(&watch_rx, "timeout", ck, Duration::from_secs(2));
     assert_eq!(w["cookie"], ev["cookie"]);
-    let h = hook_rx
-        .recv_timeout(Duration::from_secs(3))
-        .expect("webhook delivery");
-    assert_eq!(
-        (h["kind"].clone(), h["cookie"].as_u64()),
-        (json!("timeout"), Some(ck))
-    );
+    // The webhook also got the probes' "closed" events; the timeout follows.
+    let h = wait_for(&hook_rx, "timeout", ck, Duration::from_secs(3));
+    assert_eq!(h["error"].as_u64(), Some(110));
     let _ = c.read(&mut b); // the socket reports the error too
     drop(srv);
     let _ = watch.kill();
@@ -387,13 +426,18 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
         metrics.contains("tcpka_events_total{kind=\"timeout\"} 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("tcpka_webhook_deliveries_total{outcome=\"delivered\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tcpka_commands_total{op=\"enable\",result=\"ok\"} 1"),
-        "{metrics}"
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("tcpka_webhook_deliveries_total{outcome=\"delivered\"} ") >= 2);
+    assert!(count("tcpka_commands_total{op=\"enable\",result=\"ok\"} ") >= 2);
+    assert_eq!(
+        count("tcpka_webhook_deliveries_total{outcome=\"dropped\"} "),
+        0
     );
     assert!(metrics.contains("tcpka_kernel_pass_seconds"), "{metrics}");
 }
@@ -408,7 +452,6 @@ fn reset_and_orderly_close_events() {
     let (c1, s1) = connect(&l);
     let (c2, s2) = connect(&l);
     let (k1, k2) = (cookie(&c1), cookie(&c2));
-    std::thread::sleep(Duration::from_millis(200)); // stream subscribed
     assert_eq!(
         http_json(
             &s.addr,
@@ -476,7 +519,14 @@ fn concurrent_requests_share_batches_and_walks() {
         .enumerate()
         .map(|(i, p)| (p, 100 + i as u32))
         .collect();
+    // Hold the installation lock while the requests arrive, as a long
+    // command would: they queue up and run together once it is released.
+    let lock = tcpka::loader::Lock::acquire(&e.tcpka.layout()).unwrap();
     std::thread::scope(|scope| {
+        scope.spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            drop(lock);
+        });
         for (peer, idle) in &peers {
             let addr = s.addr.clone();
             scope.spawn(move || {
@@ -506,7 +556,7 @@ fn concurrent_requests_share_batches_and_walks() {
         .expect("batch count in /metrics");
     eprintln!("{} requests ran in {batches} batches", peers.len());
     assert!(
-        batches < peers.len() as u64,
+        batches <= peers.len() as u64 / 4,
         "concurrent requests were batched: {metrics}"
     );
 }

@@ -52,15 +52,17 @@ fn tool(name: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Fields drop in order: Kamailio and sipp first, then tcpka, then the
+/// namespaces and the cgroup.
 struct Sip {
-    e: Env,
+    kamailio: Proc,
+    uas: Proc,
+    serve: Serve,
     caller: NamedNetns,
     callee: NamedNetns,
     dir: PathBuf,
-    serve: Serve,
-    kamailio: Proc,
     log: PathBuf,
-    uas: Proc,
+    e: Env,
 }
 
 fn link(ns: &NamedNetns, ours: &str, theirs: &str, our_ip: &str, their_ip: &str) {
@@ -164,6 +166,8 @@ impl Sip {
                     "t1",
                 ])
                 .args(["-i", CALLEE, "-p", &CALLEE_PORT.to_string(), "-nostdin"])
+                .args(["-trace_msg", "-message_file"])
+                .arg(dir.join("uas_messages.log"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
@@ -228,6 +232,14 @@ impl Sip {
         let r = self.e.tcpka.run(&["status", peer, "--json"]);
         (r.code == 0)
             .then(|| serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap()[0].clone())
+    }
+
+    /// ACKs the callee has received so far.
+    fn acks_at_callee(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("uas_messages.log"))
+            .unwrap_or_default()
+            .matches("ACK sip:")
+            .count()
     }
 
     fn kamailio_log(&self) -> String {
@@ -359,9 +371,14 @@ fn kamailio_via_http_api_and_dead_callee_timeout_event() {
         Duration::from_secs(10),
         || sip.connection(&callee).is_some_and(|c| ka_on(&c)),
     );
-    // Cut only once the leg is idle (ACK delivered): with data in flight the
-    // kernel retransmits instead of probing, and only TCP_USER_TIMEOUT
-    // bounds that (a policy can set it: user_timeout_ms).
+    // Cut only once the leg is idle, the second call's ACK delivered: with
+    // data in flight the kernel retransmits instead of probing, and only
+    // TCP_USER_TIMEOUT bounds that (a policy can set it: user_timeout_ms).
+    sip.wait(
+        "the callee got the second ACK",
+        Duration::from_secs(5),
+        || sip.acks_at_callee() >= 2,
+    );
     sip.wait("the callee leg idle", Duration::from_secs(5), || {
         ss_keepalive(&callee)
     });

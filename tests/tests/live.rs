@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
+    os::fd::FromRawFd as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -506,4 +507,56 @@ fn a_stale_holder_is_walked_for() {
     let (r, via_index) = enable_traced(&e.tcpka, &[&peer, "--local", &local, "33", "4", "6"]);
     assert!(r.code == 0 && !via_index, "{r:?}");
     assert_eq!(keepalive(&moved), expect(33, 4, 6, 0));
+
+    // A cookie with a local end that does not match changes nothing, on
+    // the walk as on the index.
+    let ck = format!("cookie:{}", cookie(&moved));
+    let r = e
+        .tcpka
+        .run(&["enable", &ck, "--local", "127.0.0.1:1", "50", "4", "6"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(keepalive(&moved), expect(33, 4, 6, 0), "unchanged");
+}
+
+#[test]
+fn a_connection_still_being_set_up_is_found() {
+    let e = env();
+    let peer = VethPeer::new();
+    let l = peer.listen();
+    let addr = l.local_addr().unwrap();
+    peer.cut();
+    // A non-blocking connect to a peer that no longer answers stays in
+    // SYN_SENT, as a proxy's connection does until the handshake completes.
+    // SAFETY: plain socket calls on a descriptor we own.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0);
+        let SocketAddr::V4(a) = addr else {
+            unreachable!()
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let ret = libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert!(
+            ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS)
+        );
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    let (r, via_index) = enable_traced(&e.tcpka, &[&addr.to_string(), "30", "4", "6"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(via_index, "{r:?}");
+    assert_eq!(keepalive(&fd), expect(30, 4, 6, 0));
+    let r = e.tcpka.run(&["status", &addr.to_string(), "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v[0]["state"], "syn-sent", "{v}");
 }
