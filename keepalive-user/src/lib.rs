@@ -20,6 +20,26 @@ mod sys;
 
 use std::path::PathBuf;
 
+/// Writes a line to stdout. A closed or broken stdout (a caller such as
+/// Kamailio's `exec_cmd()` that never reads) is ignored: output errors never
+/// turn an operation that worked into a failure, and never panic.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Writes a line to stderr, ignoring a closed or broken stderr.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// The eBPF object, built by build.rs from `keepalive-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
 

@@ -186,6 +186,49 @@ fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
     ))
 }
 
+/// Where tracefs is mounted on a usual host.
+const TRACEFS: &str = "/sys/kernel/tracing";
+/// Where debugfs shows tracefs when only debugfs is mounted.
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// Makes sure tracefs can be read, mounting it at its usual place
+/// `/sys/kernel/tracing` when neither it nor debugfs's view is mounted (a
+/// fresh host, a container or a minimal image mounts neither), as bpffs is.
+pub fn ensure_tracefs() -> Result<()> {
+    let has_events = |dir: &str| Path::new(dir).join("events").is_dir();
+    if has_events(TRACEFS) || has_events(DEBUGFS_TRACING) {
+        return Ok(());
+    }
+    const TRACEFS_MAGIC: i64 = 0x7472_6163;
+    let mounted = nix::sys::statfs::statfs(TRACEFS)
+        .map(|s| s.filesystem_type().0 == TRACEFS_MAGIC)
+        .unwrap_or(false);
+    if !mounted {
+        nix::mount::mount(
+            Some("tracefs"),
+            TRACEFS,
+            Some("tracefs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            Error::io(
+                format!("tracefs is not mounted and mounting it on {TRACEFS} failed (the kernel needs CONFIG_TRACING and tcpka CAP_SYS_ADMIN)"),
+                e.into(),
+            )
+        })?;
+        log::info!("mounted tracefs on {TRACEFS}");
+    }
+    if has_events(TRACEFS) {
+        Ok(())
+    } else {
+        Err(Error::io(
+            format!("{TRACEFS} has no events directory: this kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"),
+            std::io::ErrorKind::NotFound.into(),
+        ))
+    }
+}
+
 fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     ensure_bpffs(layout)?;
     std::fs::create_dir_all(layout.dir())
@@ -286,6 +329,8 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         pin_link(link, &layout.close_link())?;
     }
     // Who holds each socket: accepted and connecting ones from now on.
+    // Attaching a tracepoint reads its id from tracefs.
+    ensure_tracefs()?;
     for (name, category, event, pin) in [
         (
             programs::ACCEPT_EXIT,

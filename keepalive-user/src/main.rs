@@ -253,7 +253,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            tcpka::errln!("error: {}", one_line(&e));
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -275,7 +275,7 @@ fn one_line(e: &Error) -> String {
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!(
+    tcpka::outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("serialising plain data")
     );
@@ -319,9 +319,9 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
             if a.json {
-                println!("{line}");
+                tcpka::outln!("{line}");
             } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                println!(
+                tcpka::outln!(
                     "{} {} {} -> {} cookie={} {}",
                     v["time"].as_str().unwrap_or("-"),
                     v["kind"].as_str().unwrap_or("?"),
@@ -352,17 +352,17 @@ fn report_changed(changed: &[ConnStatus], what: &str, policy: &str, json: bool) 
     let n = changed.len();
     let plural = if n == 1 { "connection" } else { "connections" };
     if policy.is_empty() {
-        println!("{what} on {n} {plural}");
+        tcpka::outln!("{what} on {n} {plural}");
     } else {
-        println!("{what} on {n} {plural} ({policy})");
+        tcpka::outln!("{what} on {n} {plural} ({policy})");
     }
     if changed.iter().any(|c| c.apply_failed) {
-        eprintln!("warning: the kernel refused some values; see `tcpka status`");
+        tcpka::errln!("warning: the kernel refused some values; see `tcpka status`");
     }
 }
 
 fn print_status(conns: &[ConnStatus]) {
-    println!(
+    tcpka::outln!(
         "{:<18}  {:<46}  {:<46}  {:<12}  {:<34}  SOURCE",
         "COOKIE", "LOCAL", "REMOTE", "STATE", "KEEPALIVE"
     );
@@ -384,7 +384,7 @@ fn print_status(conns: &[ConnStatus]) {
             (Some(s), None) => s.to_owned(),
             (None, None) => "-".to_owned(),
         };
-        println!(
+        tcpka::outln!(
             "{:<18}  {:<46}  {:<46}  {:<12}  {:<34}  {source}",
             format!("{:#x}", c.cookie),
             c.local,
@@ -393,10 +393,10 @@ fn print_status(conns: &[ConnStatus]) {
             ka
         );
         if let Some(h) = c.holders.as_ref().filter(|h| !h.is_empty()) {
-            println!("{:<18}  holders: {}", "", h.join(", "));
+            tcpka::outln!("{:<18}  holders: {}", "", h.join(", "));
         }
         if k.count_ignored {
-            println!(
+            tcpka::outln!(
                 "{:<18}  note: TCP_USER_TIMEOUT is set, so the kernel ignores count={} and drops the connection {}ms after data stops being acknowledged",
                 "", k.count, k.user_timeout_ms.unwrap_or(0)
             );
@@ -419,13 +419,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "installation": i,
                 }));
             } else if loaded {
-                println!(
+                tcpka::outln!(
                     "loaded: attached to cgroup {}, pinned in {}",
                     i.cgroup.display(),
                     i.pin_dir.display()
                 );
             } else {
-                println!(
+                tcpka::outln!(
                     "already loaded: attached to cgroup {}, pinned in {}; nothing changed",
                     i.cgroup.display(),
                     i.pin_dir.display()
@@ -434,9 +434,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Unload => {
             if loader::unload(&layout)? {
-                println!("unloaded: detached and removed {}", layout.dir().display());
+                tcpka::outln!("unloaded: detached and removed {}", layout.dir().display());
             } else {
-                println!("not loaded: nothing to do");
+                tcpka::outln!("not loaded: nothing to do");
             }
         }
         Command::Rule(RuleCommand::Add(a)) => {
@@ -450,21 +450,21 @@ fn run(cli: Cli) -> Result<(), Error> {
             if a.json {
                 print_json(&rule);
             } else {
-                println!("{}", rule.id);
+                tcpka::outln!("{}", rule.id);
             }
         }
         Command::Rule(RuleCommand::Del { id }) => {
             Enforcer::new(layout).delete_rule(id)?;
-            println!("deleted rule {id}");
+            tcpka::outln!("deleted rule {id}");
         }
         Command::Rule(RuleCommand::List(a)) => {
             let rules = Enforcer::new(layout).rules()?;
             if a.json {
                 print_json(&rules);
             } else if rules.is_empty() {
-                println!("no rules");
+                tcpka::outln!("no rules");
             } else {
-                println!(
+                tcpka::outln!(
                     "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
                     "ID",
                     "LOCAL_PORT",
@@ -477,7 +477,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 );
                 let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
                 for r in rules {
-                    println!(
+                    tcpka::outln!(
                         "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
                         r.id,
                         any(r.local_port.map(|p| p.to_string())),
@@ -515,7 +515,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 report_changed(&done.changed, "disabled keepalive", "", false);
                 for k in &done.kept {
-                    println!(
+                    tcpka::outln!(
                         "kept keepalive on {} -> {}: {} other holder(s) remain",
                         k.connection.local, k.connection.remote, k.holders_remaining
                     );
@@ -536,7 +536,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if a.json {
                 print_json(&conns);
             } else if conns.is_empty() {
-                println!("no managed connections");
+                tcpka::outln!("no managed connections");
             } else {
                 print_status(&conns);
             }
@@ -564,14 +564,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "counters": counters,
                 }));
             } else {
-                println!("loaded: cgroup {}", installation.cgroup.display());
-                println!("pins: {}", installation.pin_dir.display());
-                println!("rules: {rules}");
-                println!("managed connections: {managed}");
-                println!("applied by rule: {}", counters.applied_by_rule);
-                println!("setsockopt errors: {}", counters.setsockopt_errors);
-                println!("connection map full: {}", counters.conns_map_full);
-                println!("events dropped: {}", counters.events_dropped);
+                tcpka::outln!("loaded: cgroup {}", installation.cgroup.display());
+                tcpka::outln!("pins: {}", installation.pin_dir.display());
+                tcpka::outln!("rules: {rules}");
+                tcpka::outln!("managed connections: {managed}");
+                tcpka::outln!("applied by rule: {}", counters.applied_by_rule);
+                tcpka::outln!("setsockopt errors: {}", counters.setsockopt_errors);
+                tcpka::outln!("connection map full: {}", counters.conns_map_full);
+                tcpka::outln!("events dropped: {}", counters.events_dropped);
             }
         }
         Command::Serve(a) => {

@@ -808,7 +808,7 @@ pub async fn run(
         loader::LoadOutcome::Loaded(_) => "loaded",
         loader::LoadOutcome::AlreadyLoaded(_) => "adopted",
     };
-    eprintln!(
+    crate::errln!(
         "tcpka: {verb} the installation on cgroup {} pinned in {}",
         i.cgroup.display(),
         i.pin_dir.display()
@@ -860,7 +860,7 @@ pub async fn run(
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-                eprintln!("tcpka: API on http://{addr}");
+                crate::errln!("tcpka: API on http://{addr}");
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stopping(stop_rx.clone()))
                     .await
@@ -870,7 +870,7 @@ pub async fn run(
                 let _ = std::fs::remove_file(path);
                 let listener = tokio::net::UnixListener::bind(path)
                     .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-                eprintln!("tcpka: API on unix:{}", path.display());
+                crate::errln!("tcpka: API on unix:{}", path.display());
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stopping(stop_rx.clone()))
                     .await
@@ -885,7 +885,7 @@ pub async fn run(
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
     }
-    eprintln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
+    crate::errln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())
 }
 
