@@ -579,14 +579,19 @@ impl Enforcer {
         let _lock = match Lock::acquire(&self.layout) {
             Ok(l) => l,
             Err(e) => {
-                let msg = e.to_string();
-                let mut out = vec![Err(e)];
-                out.extend((1..ops.len()).map(|_| {
-                    Err(Error::Io {
-                        what: msg.clone(),
+                let again = |e: &Error| match e {
+                    Error::LockBusy { path, waited_ms } => Error::LockBusy {
+                        path: path.clone(),
+                        waited_ms: *waited_ms,
+                    },
+                    other => Error::Io {
+                        what: other.to_string(),
                         source: std::io::ErrorKind::Other.into(),
-                    })
-                }));
+                    },
+                };
+                let mut out: Vec<Result<Disabled>> =
+                    (1..ops.len()).map(|_| Err(again(&e))).collect();
+                out.push(Err(e));
                 return out;
             }
         };

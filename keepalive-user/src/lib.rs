@@ -78,6 +78,11 @@ pub enum Error {
         "tcpka is already loaded on cgroup {loaded}, not {requested}; run `tcpka unload` first"
     )]
     LoadedElsewhere { loaded: String, requested: String },
+    #[error(
+        "another tcpka command has held the installation lock {path} for over {waited_ms} ms; \
+         try again, or find the process holding it (`fuser -v {path}`)"
+    )]
+    LockBusy { path: PathBuf, waited_ms: u64 },
     #[error("no such rule: {0}")]
     NoSuchRule(u32),
     #[error("a rule with the same match already exists (id {0})")]

@@ -49,30 +49,113 @@ impl LoadOutcome {
 /// An exclusive lock on one installation, held while it changes, so that
 /// concurrent `tcpka` processes never interleave a load, an unload or a
 /// rule change. Released on drop.
+///
+/// The lock file lives in a root-only directory and is itself mode 0600
+/// (`flock` needs only an open descriptor, so a file others can read is a
+/// file others can lock); waiting for it is bounded.
 pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
 
+/// How long a command waits for the installation lock by default.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Environment variable that overrides [`LOCK_WAIT`], in milliseconds.
+pub const LOCK_WAIT_ENV: &str = "TCPKA_LOCK_WAIT_MS";
+
+fn lock_wait() -> std::time::Duration {
+    std::env::var(LOCK_WAIT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(LOCK_WAIT, std::time::Duration::from_millis)
+}
+
 impl Lock {
+    /// Takes the lock, waiting at most [`LOCK_WAIT`] (or `$TCPKA_LOCK_WAIT_MS`).
     pub fn acquire(layout: &PinLayout) -> Result<Self> {
-        let path = layout.lock_file();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        }
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        // SAFETY: plain flock(2) on an fd we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(
-                format!("locking {}", path.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(Self(file))
+        Self::acquire_within(layout, lock_wait())
     }
+
+    /// Takes the lock, waiting at most `wait`; [`Error::LockBusy`] after that.
+    pub fn acquire_within(layout: &PinLayout, wait: std::time::Duration) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let path = layout.lock_file();
+        let file = open_lock_file(&path)?;
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            // SAFETY: plain flock(2) on an fd we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Self(file));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) => {}
+                _ => return Err(Error::io(format!("locking {}", path.display()), e)),
+            }
+            let waited = start.elapsed();
+            if waited >= wait {
+                return Err(Error::LockBusy {
+                    path,
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(pause.min(wait - waited));
+            pause = (pause * 2).min(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Opens (creating) a lock file that only its owner, root, can open: the
+/// directory is 0700 and the file 0600, neither may be a symlink, and both
+/// must belong to us.
+fn open_lock_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let me = nix::unistd::geteuid().as_raw();
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(Error::io(
+            format!(
+                "{} must be a directory owned by uid {me} (it is {} owned by uid {}); remove it",
+                dir.display(),
+                if meta.is_dir() { "a directory" } else { "not a directory" },
+                meta.uid()
+            ),
+            std::io::ErrorKind::PermissionDenied.into(),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("making {} private", dir.display()), e))?;
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
+    if !meta.is_file() || meta.uid() != me {
+        return Err(Error::io(
+            format!("{} is not a regular file owned by uid {me}; remove it", path.display()),
+            std::io::ErrorKind::PermissionDenied.into(),
+        ));
+    }
+    if meta.mode() & 0o777 != 0o600 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("making {} private", path.display()), e))?;
+    }
+    Ok(file)
 }
 
 /// Reads the installation record, or `None` when nothing is loaded.
@@ -123,6 +206,9 @@ pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
 pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
+    // Before anything is read or removed: a pin directory outside bpffs is
+    // refused with nothing touched.
+    ensure_bpffs(layout)?;
     let _lock = Lock::acquire(layout)?;
     if let Some(current) = installed(layout)? {
         if current.cgroup_id == cgroup.id {
@@ -167,7 +253,7 @@ impl Drop for Undo<'_> {
 fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
     let parent = layout.dir().parent().unwrap_or(Path::new("/"));
     if is_bpffs(parent) {
-        return Ok(());
+        return check_pin_dir(layout);
     }
     if parent == Path::new(crate::paths::BPFFS) {
         nix::mount::mount(
@@ -178,7 +264,7 @@ fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
             None::<&str>,
         )
         .map_err(|e| Error::io(format!("mounting bpffs on {}", parent.display()), e.into()))?;
-        return Ok(());
+        return check_pin_dir(layout);
     }
     Err(Error::io(
         format!("{} is not on a bpffs mount", parent.display()),
@@ -229,8 +315,20 @@ pub fn ensure_tracefs() -> Result<()> {
     }
 }
 
+/// An existing pin directory must itself be on bpffs (nothing else mounted
+/// over it), so that removing pins never removes anything else.
+fn check_pin_dir(layout: &PinLayout) -> Result<()> {
+    let dir = layout.dir();
+    if std::fs::symlink_metadata(dir).is_ok() && !is_bpffs(dir) {
+        return Err(Error::io(
+            format!("{} is not on a bpffs mount", dir.display()),
+            std::io::ErrorKind::InvalidInput.into(),
+        ));
+    }
+    Ok(())
+}
+
 fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
-    ensure_bpffs(layout)?;
     std::fs::create_dir_all(layout.dir())
         .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
     let kernel_btf = crate::btf::Btf::from_sys_fs()?;
@@ -470,6 +568,10 @@ where
 /// Detaches the programs and removes every pin. Returns whether anything
 /// was there.
 pub fn unload(layout: &PinLayout) -> Result<bool> {
+    if std::fs::symlink_metadata(layout.dir()).is_err() {
+        return Ok(false);
+    }
+    check_pin_dir(layout)?;
     let _lock = Lock::acquire(layout)?;
     detach_and_remove(layout)
 }

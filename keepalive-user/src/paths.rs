@@ -107,15 +107,39 @@ impl PinLayout {
     }
 
     /// Lock file for this installation (outside bpffs, which only holds
-    /// BPF objects).
+    /// BPF objects). One per installation however its directory is
+    /// spelled: a trailing slash, `..` or a symlink name the same lock.
     pub fn lock_file(&self) -> PathBuf {
-        let name: String = self
-            .dir
+        let name: String = canonical(&self.dir)
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         Path::new(LOCK_DIR).join(format!("{name}.lock"))
+    }
+}
+
+/// `path` with symlinks, `.` and `..` resolved, also when its last part does
+/// not exist yet (a pin directory before `load`).
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let mut clean = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    match (clean.parent(), clean.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or(clean.clone()),
+        _ => clean,
     }
 }
 

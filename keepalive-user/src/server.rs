@@ -287,6 +287,7 @@ fn failure(state: &AppState, op: &str, e: &Error) -> Response {
         Error::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_loaded"),
         Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
         Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
+        Error::LockBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
     };
     state.metrics.command(op, result);
@@ -572,11 +573,27 @@ async fn events(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// How long `/healthz` waits for the installation lock.
+const HEALTH_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 async fn healthz(State(state): State<AppState>) -> Response {
     let layout = state.enforcer.layout().clone();
-    match tokio::task::spawn_blocking(move || loader::installed(&layout)).await {
-        Ok(Ok(Some(_))) => (StatusCode::OK, "ok\n").into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "not loaded\n").into_response(),
+    let health = tokio::task::spawn_blocking(move || {
+        loader::installed(&layout)?.ok_or_else(|| Error::NotLoaded {
+            pin_dir: layout.dir().into(),
+        })?;
+        // Commands need the lock: a lock nobody can take is an outage.
+        loader::Lock::acquire_within(&layout, HEALTH_LOCK_WAIT)?;
+        Ok::<_, Error>(())
+    })
+    .await;
+    match health {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(Error::NotLoaded { .. })) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not loaded\n").into_response()
+        }
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "health check failed\n").into_response(),
     }
 }
 

@@ -168,3 +168,116 @@ fn closed_output_never_changes_the_result() {
         check(&["unload"], 0);
     }
 }
+
+/// The lock that serialises commands: only root can open it, a command
+/// that cannot take it fails in bounded time with a message saying so,
+/// `/healthz` reports it, and every spelling of the pin directory names
+/// the same lock.
+#[test]
+fn installation_lock_is_private_bounded_and_one_per_installation() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let e = Env::outside();
+    e.tcpka.rule_add(&["--local-port", "9", "30", "4", "7"]);
+    let layout = e.tcpka.layout();
+    let lock = layout.lock_file();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(lock.parent().unwrap()), 0o700, "lock directory");
+    assert_eq!(mode(&lock), 0o600, "lock file");
+
+    // An unprivileged user cannot lock it.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["flock", "--nonblock", lock.to_str().unwrap(), "true"])
+        .output()
+        .expect("run setpriv");
+    assert!(
+        !out.status.success(),
+        "uid 65534 could lock {}: {out:?}",
+        lock.display()
+    );
+
+    // Other spellings of the same pin directory share the lock.
+    let dir = e.tcpka.pin_dir.to_str().unwrap().to_owned();
+    let link = std::env::temp_dir().join(unique("tcpka-pin-link"));
+    std::os::unix::fs::symlink(&e.tcpka.pin_dir, &link).unwrap();
+    let spellings = [
+        format!("{dir}/"),
+        format!("{dir}/."),
+        format!("/sys/fs/bpf/../bpf/{}", e.tcpka.pin_dir.file_name().unwrap().to_str().unwrap()),
+        link.to_str().unwrap().to_owned(),
+    ];
+    for s in &spellings {
+        assert_eq!(tcpka::paths::PinLayout::new(s).lock_file(), lock, "{s}");
+    }
+
+    // A held lock: the CLI gives up with a clear error after its bounded
+    // wait, and nothing changes.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
+    let held = tcpka::loader::Lock::acquire(&layout).unwrap();
+    for s in spellings.iter().map(String::as_str).chain([dir.as_str()]) {
+        let started = std::time::Instant::now();
+        let out = Command::new(tcpka_bin())
+            .args(["--pin-dir", s, "rule", "add", "--local-port", "10", "30", "4", "7"])
+            .env("TCPKA_LOCK_WAIT_MS", "300")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{s}: {stderr}");
+        assert!(stderr.contains("installation lock"), "{s}: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(3), "{s}");
+    }
+    let (code, body) = http(&addr, "GET", "/healthz", None, None).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("installation lock"), "{body}");
+    // The API answers 503 after its bounded wait, too.
+    let (code, v) = http_json(
+        &addr,
+        "POST",
+        "/v1/rules",
+        serde_json::json!({"local_port": 11, "idle": 30, "count": 4, "interval": 7}),
+    );
+    assert_eq!(code, 503, "{v}");
+    drop(held);
+    let (code, body) = http(&addr, "GET", "/healthz", None, None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    drop(serve);
+    assert_eq!(
+        tcpka::enforcer::Enforcer::new(layout).rules().unwrap().len(),
+        1,
+        "nothing was added while the lock was held"
+    );
+    std::fs::remove_file(&link).unwrap();
+}
+
+/// A pin directory outside bpffs is refused before anything in it is
+/// touched.
+#[test]
+fn pin_dir_outside_bpffs_is_refused_untouched() {
+    let dir = std::env::temp_dir().join(unique("tcpka-not-bpffs"));
+    std::fs::create_dir(&dir).unwrap();
+    // Files named like tcpka's pins.
+    for name in ["link_sockops", "TCPKA_RULES", "TCPKA_META"] {
+        std::fs::write(dir.join(name), "keep me").unwrap();
+    }
+    let cg = CgroupDir::new();
+    for args in [
+        vec!["load", "--cgroup", cg.path.to_str().unwrap()],
+        vec!["unload"],
+    ] {
+        let out = Command::new(tcpka_bin())
+            .arg("--pin-dir")
+            .arg(&dir)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("not on a bpffs mount"), "{args:?}: {stderr}");
+        for name in ["link_sockops", "TCPKA_RULES", "TCPKA_META"] {
+            assert!(dir.join(name).exists(), "{args:?} removed {name}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
