@@ -27,6 +27,10 @@ pub struct Installation {
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
+    /// Whether the sock_ops program still runs on that cgroup. The kernel
+    /// detaches it when the cgroup is removed, as a service manager does
+    /// on every restart of the service (`systemctl restart kamailio`).
+    pub attached: bool,
 }
 
 /// What `load` did.
@@ -36,12 +40,15 @@ pub enum LoadOutcome {
     Loaded(Installation),
     /// The same installation was already pinned; nothing changed.
     AlreadyLoaded(Installation),
+    /// The installation was pinned but its cgroup had been removed and
+    /// recreated: the sock_ops program was attached to it again.
+    Reattached(Installation),
 }
 
 impl LoadOutcome {
     pub fn installation(&self) -> &Installation {
         match self {
-            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) => i,
+            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) | LoadOutcome::Reattached(i) => i,
         }
     }
 }
@@ -165,11 +172,92 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
     }
     let meta = read_meta(layout)?;
     let len = (meta.cgroup_path_len as usize).min(meta.cgroup_path.len());
+    let link = sock_ops_link_info(layout)?;
+    let cgroup = PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned());
+    // A removed cgroup lingers, with the program attached, until its last
+    // socket is freed; what counts is the cgroup now at the path.
+    let at_path = std::fs::metadata(&cgroup).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
     Ok(Some(Installation {
         pin_dir: layout.dir().to_path_buf(),
-        cgroup: PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned()),
+        cgroup,
         cgroup_id: meta.cgroup_id,
+        attached: link.cgroup_id != 0
+            && link.cgroup_id == meta.cgroup_id
+            && at_path == Some(meta.cgroup_id),
     }))
+}
+
+fn sock_ops_link_info(layout: &PinLayout) -> Result<sys::CgroupLinkInfo> {
+    let path = layout.sock_ops_link();
+    let link = sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    sys::cgroup_link_info(link.as_fd())
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+}
+
+/// Attaches the pinned sock_ops program to `cgroup` with a new link, puts
+/// that link in place of the pinned one and records the cgroup. The
+/// caller holds the lock.
+fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
+    let info = sock_ops_link_info(layout)?;
+    let prog = sys::prog_get_fd_by_id(info.prog_id)
+        .map_err(|e| Error::io("opening the sock_ops program", e))?;
+    let dir = File::open(&cgroup.path)
+        .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.path.display()), e))?;
+    let link = sys::link_create_cgroup(prog.as_fd(), dir.as_fd(), sys::BPF_CGROUP_SOCK_OPS)
+        .map_err(|e| Error::io(format!("attaching to cgroup {}", cgroup.path.display()), e))?;
+    // Pinned under a new name, then renamed over the old pin: the
+    // installation is never seen without its link.
+    let pin = layout.sock_ops_link();
+    // NB: bpffs refuses names with a dot.
+    let fresh = layout.dir().join(format!("{}_new", crate::paths::SOCK_OPS_LINK));
+    let _ = std::fs::remove_file(&fresh);
+    sys::obj_pin(link.as_fd(), &fresh)
+        .map_err(|e| Error::io(format!("pinning {}", fresh.display()), e))?;
+    std::fs::rename(&fresh, &pin).map_err(|e| {
+        let _ = std::fs::remove_file(&fresh);
+        Error::io(format!("replacing {}", pin.display()), e)
+    })?;
+    let mut meta = read_meta(layout)?;
+    set_meta_cgroup(&mut meta, cgroup);
+    write_meta(layout, &meta)?;
+    log::info!("re-attached to cgroup {}", cgroup.path.display());
+    Ok(Installation {
+        pin_dir: layout.dir().to_path_buf(),
+        cgroup: cgroup.path.clone(),
+        cgroup_id: cgroup.id,
+        attached: true,
+    })
+}
+
+fn set_meta_cgroup(meta: &mut Meta, cgroup: &Cgroup) {
+    let path_bytes = cgroup.path.to_string_lossy().into_owned().into_bytes();
+    meta.cgroup_id = cgroup.id;
+    meta.cgroup_path = [0; keepalive_common::meta::PATH_MAX];
+    let n = path_bytes.len().min(meta.cgroup_path.len());
+    meta.cgroup_path[..n].copy_from_slice(&path_bytes[..n]);
+    meta.cgroup_path_len = n as u32;
+}
+
+/// Re-attaches an installation whose cgroup was removed, once a cgroup
+/// exists again at the recorded path (a restarted service). Returns the
+/// installation when it re-attached, `None` when nothing needed doing or
+/// the cgroup is not back yet.
+pub fn repair_attachment(layout: &PinLayout) -> Result<Option<Installation>> {
+    match installed(layout)? {
+        Some(i) if !i.attached => {}
+        _ => return Ok(None),
+    }
+    let _lock = Lock::acquire(layout)?;
+    let Some(current) = installed(layout)? else {
+        return Ok(None);
+    };
+    if current.attached {
+        return Ok(None);
+    }
+    let Ok(cgroup) = Cgroup::open(&current.cgroup) else {
+        return Ok(None);
+    };
+    reattach(layout, &cgroup).map(Some)
 }
 
 /// Opens a pinned map of a loaded installation.
@@ -211,6 +299,10 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
     ensure_bpffs(layout)?;
     let _lock = Lock::acquire(layout)?;
     if let Some(current) = installed(layout)? {
+        if !current.attached {
+            // The cgroup it ran on is gone: attach where asked.
+            return reattach(layout, cgroup).map(LoadOutcome::Reattached);
+        }
         if current.cgroup_id == cgroup.id {
             return Ok(LoadOutcome::AlreadyLoaded(current));
         }
@@ -388,16 +480,13 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
             source: e,
         })?;
     }
-    let path_bytes = cgroup.path.to_string_lossy().into_owned().into_bytes();
     let mut meta = Meta {
         cgroup_id: cgroup.id,
         next_rule_id: 1,
         cgroup_path_len: 0,
         cgroup_path: [0; keepalive_common::meta::PATH_MAX],
     };
-    let n = path_bytes.len().min(meta.cgroup_path.len());
-    meta.cgroup_path[..n].copy_from_slice(&path_bytes[..n]);
-    meta.cgroup_path_len = n as u32;
+    set_meta_cgroup(&mut meta, cgroup);
     {
         let map = ebpf.map_mut(maps::META).expect("checked above");
         let mut array: Array<_, Meta> =
@@ -530,6 +619,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         pin_dir: layout.dir().to_path_buf(),
         cgroup: cgroup.path.clone(),
         cgroup_id: cgroup.id,
+        attached: true,
     })
 }
 
@@ -595,10 +685,8 @@ fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
 /// Removes tcpka's pin files and then the directory if it is empty.
 fn remove_pins(layout: &PinLayout) -> Result<bool> {
     let mut found = false;
-    let names = layout
-        .links()
-        .into_iter()
-        .rev()
+    let names = std::iter::once(layout.dir().join(format!("{}_new", crate::paths::SOCK_OPS_LINK)))
+        .chain(layout.links().into_iter().rev())
         .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {

@@ -404,23 +404,49 @@ fn print_status(conns: &[ConnStatus]) {
     }
 }
 
+/// The cgroup `load` and `serve` attach to: the one named, else the one an
+/// existing installation recorded (so a plain `tcpka load` repairs an
+/// installation whose cgroup was recreated), else the cgroup v2 root.
+fn target_cgroup(layout: &PinLayout, named: Option<&std::path::Path>) -> Result<Cgroup, Error> {
+    if named.is_none() {
+        if let Ok(Some(i)) = loader::installed(layout) {
+            return Cgroup::open(&i.cgroup).map_err(|e| Error::Io {
+                what: format!(
+                    "tcpka is loaded for cgroup {}, which no longer exists ({e}); start the service again, or `tcpka unload` and load elsewhere",
+                    i.cgroup.display()
+                ),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+    }
+    Ok(Cgroup::open_or_root(named)?)
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     let layout = PinLayout::new(cli.pin_dir);
     match cli.command {
         Command::Load(args) => {
-            let cgroup = Cgroup::open_or_root(args.cgroup.as_deref())?;
+            let cgroup = target_cgroup(&layout, args.cgroup.as_deref())?;
             let outcome = loader::load(&layout, &cgroup)?;
             let i = outcome.installation();
             let loaded = matches!(outcome, LoadOutcome::Loaded(_));
+            let reattached = matches!(outcome, LoadOutcome::Reattached(_));
             if args.json {
                 print_json(&serde_json::json!({
                     "loaded": loaded,
                     "already_loaded": !loaded,
+                    "reattached": reattached,
                     "installation": i,
                 }));
             } else if loaded {
                 tcpka::outln!(
                     "loaded: attached to cgroup {}, pinned in {}",
+                    i.cgroup.display(),
+                    i.pin_dir.display()
+                );
+            } else if reattached {
+                tcpka::outln!(
+                    "re-attached: the cgroup had been removed; attached to cgroup {} again, pinned in {}",
                     i.cgroup.display(),
                     i.pin_dir.display()
                 );
@@ -565,6 +591,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }));
             } else {
                 tcpka::outln!("loaded: cgroup {}", installation.cgroup.display());
+                if installation.attached {
+                    tcpka::outln!("attached: yes");
+                } else {
+                    tcpka::outln!(
+                        "attached: NO: the cgroup was removed (a service restart?); new connections get no rules until `tcpka load` (or a running `tcpka serve`) attaches again"
+                    );
+                }
                 tcpka::outln!("pins: {}", installation.pin_dir.display());
                 tcpka::outln!("rules: {rules}");
                 tcpka::outln!("managed connections: {managed}");
@@ -575,7 +608,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Serve(a) => {
-            let cgroup = Cgroup::open_or_root(a.cgroup.as_deref())?;
+            let cgroup = target_cgroup(&layout, a.cgroup.as_deref())?;
             let config = server::Config {
                 listen: a.listen,
                 token: a.token,

@@ -176,6 +176,9 @@ struct Metrics {
     seen_index_hits: AtomicU64,
     seen_walks: AtomicU64,
     lookups: Family<Vec<(String, String)>, Counter>,
+    /// 1 while the sock_ops program runs on its cgroup, read at scrape.
+    attached: prometheus_client::metrics::gauge::Gauge,
+    reattached: Counter,
     scrape: Mutex<()>,
 }
 
@@ -233,8 +236,22 @@ impl Metrics {
             "Commands run together in one batch",
             batch_size.clone(),
         );
+        let attached = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "attached",
+            "1 while the sock_ops program is attached to its cgroup, 0 after the cgroup was removed",
+            attached.clone(),
+        );
+        let reattached = Counter::default();
+        registry.register(
+            "reattached",
+            "Times serve attached again to a recreated cgroup",
+            reattached.clone(),
+        );
         Self {
             registry,
+            attached,
+            reattached,
             commands,
             applied,
             errors,
@@ -579,9 +596,18 @@ const HEALTH_LOCK_WAIT: Duration = Duration::from_secs(1);
 async fn healthz(State(state): State<AppState>) -> Response {
     let layout = state.enforcer.layout().clone();
     let health = tokio::task::spawn_blocking(move || {
-        loader::installed(&layout)?.ok_or_else(|| Error::NotLoaded {
+        let i = loader::installed(&layout)?.ok_or_else(|| Error::NotLoaded {
             pin_dir: layout.dir().into(),
         })?;
+        if !i.attached {
+            return Err(Error::Io {
+                what: format!(
+                    "detached: cgroup {} was removed; re-attaching when it is back",
+                    i.cgroup.display()
+                ),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         // Commands need the lock: a lock nobody can take is an outage.
         loader::Lock::acquire_within(&layout, HEALTH_LOCK_WAIT)?;
         Ok::<_, Error>(())
@@ -599,11 +625,17 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let enforcer = state.enforcer.clone();
-    let counters = tokio::task::spawn_blocking(move || enforcer.counters())
-        .await
-        .ok()
-        .and_then(Result::ok);
+    let (counters, attached) = tokio::task::spawn_blocking(move || {
+        let attached = loader::installed(enforcer.layout())
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.attached);
+        (enforcer.counters().ok(), attached)
+    })
+    .await
+    .unwrap_or((None, false));
     let m = &state.metrics;
+    m.attached.set(i64::from(attached));
     let mut text = String::new();
     {
         let _one = m.scrape.lock().expect("not poisoned");
@@ -802,6 +834,47 @@ fn spawn_holder_sweep(enforcer: Enforcer) {
     });
 }
 
+/// Watches the attachment: when the cgroup is removed (a service restart)
+/// the kernel detaches the sock_ops program; once a cgroup exists again at
+/// the same path, attach to it.
+fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(ATTACH_CHECK);
+        let mut warned = false;
+        loop {
+            every.tick().await;
+            let l = layout.clone();
+            let Ok(checked) = tokio::task::spawn_blocking(move || {
+                let repaired = loader::repair_attachment(&l)?;
+                Ok::<_, Error>((repaired, loader::installed(&l)?))
+            })
+            .await
+            else {
+                continue;
+            };
+            match checked {
+                Ok((Some(i), _)) => {
+                    metrics.reattached.inc();
+                    warned = false;
+                    crate::errln!("tcpka: re-attached to the recreated cgroup {}", i.cgroup.display());
+                }
+                Ok((None, Some(i))) if !i.attached && !warned => {
+                    warned = true;
+                    crate::errln!(
+                        "tcpka: detached: cgroup {} was removed; new connections get no rules until it is back",
+                        i.cgroup.display()
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("checking the attachment: {e}"),
+            }
+        }
+    });
+}
+
+/// How often `serve` checks that the sock_ops program is still attached.
+const ATTACH_CHECK: Duration = Duration::from_secs(1);
+
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
 /// Stopping leaves enforcement in place.
 pub async fn run(
@@ -824,6 +897,7 @@ pub async fn run(
     let verb = match outcome {
         loader::LoadOutcome::Loaded(_) => "loaded",
         loader::LoadOutcome::AlreadyLoaded(_) => "adopted",
+        loader::LoadOutcome::Reattached(_) => "re-attached",
     };
     crate::errln!(
         "tcpka: {verb} the installation on cgroup {} pinned in {}",
@@ -846,6 +920,7 @@ pub async fn run(
         .map(|url| spawn_webhook(url, metrics.clone()));
     spawn_event_reader(&layout, &state, webhook, config.json)?;
     spawn_holder_sweep(state.enforcer.clone());
+    spawn_attach_watch(layout.clone(), metrics.clone());
     let app = router(state);
 
     let mut term =

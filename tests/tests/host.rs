@@ -281,3 +281,78 @@ fn pin_dir_outside_bpffs_is_refused_untouched() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn attached(t: &Tcpka) -> bool {
+    let r = t.run(&["info", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["installation"]["attached"].as_bool().expect("attached in info --json")
+}
+
+/// Rules reach new connections in the cgroup (checked by a connection made
+/// from inside it).
+fn rule_reaches_new_connections(e: &Env, want: Keepalive) {
+    e.cgroup.enter();
+    let l = listen("127.0.0.1:0");
+    let (client, _server) = connect(&l);
+    e.cgroup.leave();
+    assert_eq!(keepalive(&client), want);
+}
+
+/// A service restart removes and recreates its cgroup, and the kernel
+/// drops the sock_ops attachment with it: `info`, `/healthz` and a metric
+/// show it, `load` repairs it, and `serve` re-attaches by itself.
+#[test]
+fn recreated_cgroup_is_detected_and_reattached() {
+    let e = Env::outside();
+    e.tcpka.rule_add(&["13", "3", "2"]);
+    assert!(attached(&e.tcpka));
+    rule_reaches_new_connections(&e, expect(13, 3, 2, 0));
+
+    // Restart without serve: detected, then repaired by a plain `load`.
+    std::fs::remove_dir(&e.cgroup.path).unwrap();
+    std::fs::create_dir(&e.cgroup.path).unwrap();
+    assert!(!attached(&e.tcpka), "info must show the detachment");
+    let info = e.tcpka.run(&["info"]).ok();
+    assert!(info.stdout.contains("attached: NO"), "{}", info.stdout);
+    rule_reaches_new_connections(&e, KERNEL_DEFAULT);
+    let r = e.tcpka.run(&["load"]).ok();
+    assert!(r.stdout.starts_with("re-attached"), "{}", r.stdout);
+    assert!(attached(&e.tcpka));
+    assert_eq!(attached_programs(&e.cgroup.path).len(), 1);
+    rule_reaches_new_connections(&e, expect(13, 3, 2, 0));
+    // `load --cgroup` with the same path is fine afterwards.
+    let cg = e.cgroup.path.to_str().unwrap();
+    let r = e.tcpka.run(&["load", "--cgroup", cg]).ok();
+    assert!(r.stdout.starts_with("already loaded"), "{}", r.stdout);
+
+    // Restart under serve: health and metrics show it, serve re-attaches.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
+    let metric = |name: &str| -> Option<f64> {
+        let (_, text) = http(&addr, "GET", "/metrics", None, None).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(metric("tcpka_attached"), Some(1.0));
+    std::fs::remove_dir(&e.cgroup.path).unwrap();
+    let (code, body) = http(&addr, "GET", "/healthz", None, None).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("detached"), "{body}");
+    assert_eq!(metric("tcpka_attached"), Some(0.0));
+    std::fs::create_dir(&e.cgroup.path).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !attached(&e.tcpka) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve did not re-attach within 5 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(attached_programs(&e.cgroup.path).len(), 1);
+    rule_reaches_new_connections(&e, expect(13, 3, 2, 0));
+    let (code, body) = http(&addr, "GET", "/healthz", None, None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(metric("tcpka_attached"), Some(1.0));
+    assert_eq!(metric("tcpka_reattached_total"), Some(1.0));
+}
