@@ -4,7 +4,7 @@ use std::{
     fs::File,
     io::Read as _,
     net::SocketAddr,
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt as _},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -422,12 +422,7 @@ pub(crate) fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -
                 source,
             };
             let own = File::open("/proc/thread-self/ns/net").map_err(netns_err)?;
-            // NB: O_NONBLOCK: a FIFO given as the path must not hang us.
-            let target = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(ns)
-                .map_err(netns_err)?;
+            let target = crate::access::open_netns(ns)?;
             nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| netns_err(e.into()))?;
             let file = open();

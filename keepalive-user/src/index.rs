@@ -35,7 +35,8 @@ use crate::{
 /// Inode number of a network namespace (`--netns PATH`, or ours).
 pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
     let path = netns.unwrap_or(Path::new("/proc/thread-self/ns/net"));
-    std::fs::metadata(path)
+    crate::access::open_netns(path)?
+        .metadata()
         .map(|m| m.ino())
         .map_err(|source| Error::Netns {
             path: path.into(),

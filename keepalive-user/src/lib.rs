@@ -4,6 +4,7 @@
 //! - [`loader`]: load, attach, pin, adopt and unload the kernel programs.
 //! - [`enforcer`]: rule and connection operations on the pinned maps.
 //! - [`events`]: what the programs report, rendered for people and scripts.
+pub mod access;
 pub mod btf;
 pub mod cgroup;
 pub mod conn;

@@ -118,6 +118,10 @@ fn open_lock_file(path: &Path) -> Result<File> {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let me = nix::unistd::geteuid().as_raw();
     let dir = path.parent().unwrap_or(Path::new("/"));
+    if let Some(run) = dir.parent() {
+        std::fs::create_dir_all(run)
+            .map_err(|e| Error::io(format!("creating {}", run.display()), e))?;
+    }
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

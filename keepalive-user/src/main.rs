@@ -98,9 +98,21 @@ struct ServeArgs {
     /// address needs --token.
     #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN, value_parser = |s: &str| s.parse::<Listen>())]
     listen: Listen,
-    /// Require `Authorization: Bearer TOKEN` on every request.
+    /// Require `Authorization: Bearer TOKEN` on every request. Prefer
+    /// --token-file or the TCPKA_TOKEN environment variable: an argument
+    /// is visible to every local user in `ps`. A TCP listener always has a
+    /// token: without one, serve generates one into /run/tcpka/api-token
+    /// (readable by root, and by --api-group).
     #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from FILE (one line; not readable by others).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Group (name or gid) whose members may use the API besides root: a
+    /// unix socket listener is made mode 0660 with this group, and a
+    /// generated token file 0640.
+    #[arg(long, value_name = "GROUP")]
+    api_group: Option<String>,
     /// POST each timeout/reset/closed event as JSON to this URL (retried
     /// with backoff; a bounded queue, drops counted in /metrics).
     #[arg(long, value_name = "URL")]
@@ -112,9 +124,13 @@ struct WatchArgs {
     /// The API of `tcpka serve` (host:port).
     #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN)]
     api: String,
-    /// Token of the API, if it has one.
+    /// Token of the API [default: TCPKA_TOKEN, else the file serve
+    /// generated, /run/tcpka/api-token].
     #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the token from FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Print one JSON object per line.
     #[arg(long)]
     json: bool,
@@ -295,9 +311,17 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
         what,
         source: std::io::ErrorKind::Other.into(),
     };
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(tcpka::access::read_token_file(f)?),
+        (None, None) => {
+            let f = tcpka::access::default_token_file();
+            f.exists().then(|| tcpka::access::read_token_file(&f)).transpose()?
+        }
+    };
     let client = reqwest::Client::new();
     let mut req = client.get(&url);
-    if let Some(t) = &a.token {
+    if let Some(t) = &token {
         req = req.bearer_auth(t);
     }
     let mut resp = req.send().await.map_err(|e| {
@@ -402,6 +426,33 @@ fn print_status(conns: &[ConnStatus]) {
             );
         }
     }
+}
+
+/// The API token: from --token-file, --token or TCPKA_TOKEN; for a TCP
+/// listener without one, a new token written to /run/tcpka/api-token.
+fn serve_token(
+    listen: &Listen,
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+    group: Option<u32>,
+) -> Result<Option<String>, Error> {
+    let token = match (token, file) {
+        (_, Some(f)) => Some(tcpka::access::read_token_file(f)?),
+        (Some(t), None) => {
+            tcpka::access::check_token(&t)
+                .map_err(|why| Error::Invalid(tcpka::InvalidInput::Listen(why.into())))?;
+            Some(t)
+        }
+        (None, None) => None,
+    };
+    if token.is_some() || !matches!(listen, Listen::Tcp(_)) {
+        return Ok(token);
+    }
+    let t = tcpka::access::generate_token()?;
+    let path = tcpka::access::default_token_file();
+    tcpka::access::write_token_file(&path, &t, group)?;
+    tcpka::errln!("tcpka: API token in {} (send it as Authorization: Bearer TOKEN)", path.display());
+    Ok(Some(t))
 }
 
 /// The cgroup `load` and `serve` attach to: the one named, else the one an
@@ -609,9 +660,12 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Serve(a) => {
             let cgroup = target_cgroup(&layout, a.cgroup.as_deref())?;
+            let api_group = a.api_group.as_deref().map(tcpka::access::group_id).transpose()?;
+            let token = serve_token(&a.listen, a.token, a.token_file.as_deref(), api_group)?;
             let config = server::Config {
                 listen: a.listen,
-                token: a.token,
+                token,
+                api_group,
                 webhook: a.webhook,
                 json: a.json,
             };

@@ -8,8 +8,11 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpka";
 /// Environment variable that overrides the pin directory (tests use it to
 /// keep their pins apart from the host's).
 pub const PIN_DIR_ENV: &str = "TCPKA_PIN_DIR";
-/// Directory of the lock files that serialise changes to one installation.
-pub const LOCK_DIR: &str = "/run/tcpka";
+/// tcpka's runtime directory (the API token, the lock directory).
+pub const RUN_DIR: &str = "/run/tcpka";
+/// Directory of the lock files that serialise changes to one installation
+/// (root only).
+pub const LOCK_DIR: &str = "/run/tcpka/locks";
 /// Pin name of the sock_ops cgroup link, inside the pin directory.
 pub const SOCK_OPS_LINK: &str = "link_sockops";
 /// Pin name of the close tracepoint link.

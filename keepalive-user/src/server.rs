@@ -42,6 +42,7 @@ use tokio::{
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
+    access,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, Disabled, Enforcer, Op},
     events::Record,
@@ -57,6 +58,13 @@ use crate::{
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
+/// Most API connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must send each request head within this, or is disconnected
+/// (this also ends idle keep-alive connections).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time a request (other than the event stream) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long in-flight requests may take after SIGINT/SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Webhook deliveries waiting at most; more are dropped (and counted).
@@ -99,7 +107,12 @@ impl Listen {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Listen,
+    /// Required on every request when set. A TCP listener always has one
+    /// (see [`resolve_token`]).
     pub token: Option<String>,
+    /// Group whose members may use a unix socket listener (root always
+    /// may); the socket is then mode 0660 with that group, else 0600.
+    pub api_group: Option<u32>,
     pub webhook: Option<String>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
@@ -112,6 +125,7 @@ struct AppState {
     events: broadcast::Sender<Arc<Record>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
+    api_group: Option<u32>,
 }
 
 /// One enable or disable waiting for the batch worker.
@@ -689,26 +703,83 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Every request must carry the token when one is set.
-async fn auth(
+/// What the accept loop knows of a connection, for [`guard`].
+#[derive(Clone, Copy, Debug)]
+struct ConnInfo {
+    /// Credentials of a unix socket client.
+    peer: Option<access::Peer>,
+    /// The port of a loopback TCP listener, whose `Host` is checked.
+    loopback_port: Option<u16>,
+}
+
+fn refuse(status: StatusCode, msg: &str) -> Response {
+    reply(status, json!({ "error": msg }))
+}
+
+/// Every request: a unix client must be root or in the API group; a
+/// loopback listener only answers its own `Host` names (DNS rebinding); the
+/// token, when set, must match; bodies must be JSON; and a request other
+/// than the event stream must finish within [`REQUEST_TIMEOUT`].
+async fn guard(
     State(state): State<AppState>,
     headers: HeaderMap,
     req: Request,
     next: Next,
 ) -> Response {
+    let info = req.extensions().get::<ConnInfo>().copied();
+    if let Some(peer) = info.and_then(|i| i.peer) {
+        if !peer.allowed(state.api_group) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "only root or members of the API group may use this socket",
+            );
+        }
+    }
+    if let Some(port) = info.and_then(|i| i.loopback_port) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !access::loopback_host_ok(host, port) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "Host must be localhost or a loopback address on this port",
+            );
+        }
+    }
     if let Some(token) = &state.token {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(&**token) {
-            return reply(
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !access::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return refuse(
                 StatusCode::UNAUTHORIZED,
-                json!({ "error": "missing or wrong token (Authorization: Bearer TOKEN)" }),
+                "missing or wrong token (Authorization: Bearer TOKEN)",
             );
         }
     }
-    next.run(req).await
+    if req.method() == axum::http::Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            );
+        }
+    }
+    if req.uri().path() == "/v1/events" {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "the request took too long"),
+    }
 }
 
 fn router(state: AppState) -> Router {
@@ -721,7 +792,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
@@ -875,6 +946,79 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
 /// How often `serve` checks that the sock_ops program is still attached.
 const ATTACH_CHECK: Duration = Duration::from_secs(1);
 
+/// Makes a unix listener's socket file 0600, or 0660 with the API group.
+fn secure_socket(path: &std::path::Path, group: Option<u32>) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let done = (|| {
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+        }
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    })();
+    done.map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+}
+
+/// Serves HTTP/1.1 connections from `accept` until `stop`: at most
+/// [`MAX_CONNECTIONS`] at once, each dropped when a request head takes
+/// longer than [`HEADER_TIMEOUT`]. After `stop`, connections in flight get
+/// [`SHUTDOWN_GRACE`].
+async fn serve_connections<S, F, Fut>(
+    mut accept: F,
+    app: Router,
+    stop: tokio::sync::watch::Receiver<bool>,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(S, ConnInfo)>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt as _;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stopped(stop.clone()) => break,
+        };
+        let (io, info) = tokio::select! {
+            r = accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors or a client gone before accept:
+                    // wait a moment and go on.
+                    log::warn!("accepting an API connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped(stop.clone()) => break,
+        };
+        let svc = app
+            .clone()
+            .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info);
+                req.map(Body::new)
+            });
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                );
+            if let Err(e) = conn.await {
+                log::debug!("API connection: {e}");
+            }
+        });
+    }
+    // In-flight requests get the grace period (the caller's timer).
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+}
+
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
 /// Stopping leaves enforcement in place.
 pub async fn run(
@@ -882,9 +1026,9 @@ pub async fn run(
     cgroup: crate::cgroup::Cgroup,
     config: Config,
 ) -> Result<(), Error> {
-    if !config.listen.is_local() && config.token.is_none() {
+    if matches!(config.listen, Listen::Tcp(_)) && config.token.is_none() {
         return Err(Error::Invalid(InvalidInput::Listen(
-            "listening on a non-loopback address needs --token".into(),
+            "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
         )));
     }
     let outcome = {
@@ -913,6 +1057,7 @@ pub async fn run(
         events: events_tx,
         metrics: metrics.clone(),
         token: config.token.as_deref().map(Arc::from),
+        api_group: config.api_group,
     };
     let webhook = config
         .webhook
@@ -953,30 +1098,54 @@ pub async fn run(
                     .await
                     .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
                 crate::errln!("tcpka: API on http://{addr}");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopping(stop_rx.clone()))
-                    .await
-                    .map_err(|e| Error::io("serving", e))
+                let info = ConnInfo {
+                    peer: None,
+                    loopback_port: addr.ip().is_loopback().then_some(addr.port()),
+                };
+                serve_connections(
+                    || async { listener.accept().await.map(|(io, _)| (io, info)) },
+                    app,
+                    stop_rx.clone(),
+                )
+                .await;
+                Ok(())
             }
             Listen::Unix(path) => {
-                let _ = std::fs::remove_file(path);
+                access::claim_socket_path(path)?;
                 let listener = tokio::net::UnixListener::bind(path)
                     .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+                secure_socket(path, config.api_group)?;
                 crate::errln!("tcpka: API on unix:{}", path.display());
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopping(stop_rx.clone()))
-                    .await
-                    .map_err(|e| Error::io("serving", e))
+                serve_connections(
+                    || async {
+                        let (io, _) = listener.accept().await?;
+                        let cred = io.peer_cred()?;
+                        let info = ConnInfo {
+                            peer: Some(access::Peer {
+                                pid: cred.pid().unwrap_or(0),
+                                uid: cred.uid(),
+                                gid: cred.gid(),
+                            }),
+                            loopback_port: None,
+                        };
+                        Ok((io, info))
+                    },
+                    app,
+                    stop_rx.clone(),
+                )
+                .await;
+                Ok(())
             }
         }
     };
-    tokio::select! {
-        r = serving => r?,
-        _ = grace => {},
-    }
+    let result: Result<(), Error> = tokio::select! {
+        r = serving => r,
+        _ = grace => Ok(()),
+    };
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
     }
+    result?;
     crate::errln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())
 }

@@ -483,8 +483,12 @@ pub struct Serve {
 impl Serve {
     /// Starts `tcpka serve --listen ADDR EXTRA...` and waits for /healthz.
     pub fn start(t: &Tcpka, cgroup: &Path, addr: &str, extra: &[&str]) -> Self {
-        let child = t
-            .cmd()
+        let own_token = extra.iter().any(|a| *a == "--token" || *a == "--token-file");
+        let mut cmd = t.cmd();
+        if !own_token {
+            cmd.env("TCPKA_TOKEN", TEST_TOKEN);
+        }
+        let child = cmd
             .args([
                 "serve",
                 "--cgroup",
@@ -504,7 +508,8 @@ impl Serve {
         let token = extra
             .windows(2)
             .find(|w| w[0] == "--token")
-            .map(|w| w[1].to_owned());
+            .map(|w| w[1].to_owned())
+            .or_else(|| (!own_token).then(|| TEST_TOKEN.to_owned()));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Ok((200, _)) = http(&s.addr, "GET", "/healthz", None, token.as_deref()) {
@@ -527,7 +532,12 @@ impl Drop for Serve {
     }
 }
 
-/// One HTTP/1.1 request (Connection: close); returns status and body.
+/// The API token [`Serve::start`] gives a daemon unless the test passes
+/// its own; [`http`] sends it when given no other.
+pub const TEST_TOKEN: &str = "tcpka-test-token-0123456789abcdef";
+
+/// One HTTP/1.1 request (Connection: close) with `token` (or
+/// [`TEST_TOKEN`]); returns status and body.
 pub fn http(
     addr: &str,
     method: &str,
@@ -543,7 +553,8 @@ pub fn http(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if let Some(t) = token {
+    let t = token.unwrap_or(TEST_TOKEN);
+    if !t.is_empty() {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     req.push_str("\r\n");

@@ -135,25 +135,27 @@ fn not_loaded_is_503() {
 #[test]
 fn token_and_listen_rules() {
     let e = Env::outside();
-    // A non-loopback address without a token is refused before anything.
+    // A guessable token is refused before anything.
     let r = e.tcpka.run(&[
         "serve",
         "--cgroup",
         e.cgroup.path.to_str().unwrap(),
         "--listen",
         "0.0.0.0:7078",
+        "--token",
+        "s3cret",
     ]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("--token"), "{r:?}");
+    assert!(r.stderr.contains("token"), "{r:?}");
     let port = free_port();
     let s = Serve::start(
         &e.tcpka,
         &e.cgroup.path,
         &format!("0.0.0.0:{port}"),
-        &["--token", "s3cret"],
+        &["--token", "s3cret-s3cret-s3cret"],
     );
     let addr = format!("127.0.0.1:{port}");
-    assert_eq!(http(&addr, "GET", "/v1/rules", None, None).unwrap().0, 401);
+    assert_eq!(http(&addr, "GET", "/v1/rules", None, Some("")).unwrap().0, 401);
     assert_eq!(
         http(&addr, "GET", "/v1/rules", None, Some("wrong"))
             .unwrap()
@@ -161,7 +163,7 @@ fn token_and_listen_rules() {
         401
     );
     assert_eq!(
-        http(&addr, "GET", "/v1/rules", None, Some("s3cret"))
+        http(&addr, "GET", "/v1/rules", None, Some("s3cret-s3cret-s3cret"))
             .unwrap()
             .0,
         200
@@ -295,7 +297,10 @@ fn holders_keep_a_shared_connection_until_the_last_call_ends() {
 /// Reads NDJSON events from `GET /v1/events` on a background thread.
 fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+    s.write_all(
+        format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
         .unwrap();
     // Subscribed once the response header arrives.
     let mut r = BufReader::new(s);
@@ -346,6 +351,7 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
         .tcpka
         .cmd()
         .args(["watch", "--json", "--api", &s.addr])
+        .env("TCPKA_TOKEN", TEST_TOKEN)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
