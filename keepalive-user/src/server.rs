@@ -486,7 +486,19 @@ struct ConnQuery {
     conn: Option<String>,
     local: Option<String>,
     netns: Option<PathBuf>,
+    /// At most this many connections per reply (1..=CONNECTIONS_PAGE_MAX).
+    limit: Option<usize>,
+    /// Only connections with a larger cookie (the previous page's last).
+    after: Option<u64>,
 }
+
+/// Connections per `GET /v1/connections` reply unless `limit` says less.
+pub const CONNECTIONS_PAGE: usize = 1000;
+/// Largest `limit`.
+pub const CONNECTIONS_PAGE_MAX: usize = 10_000;
+/// Response header with the `after` value of the next page, present when
+/// there is one.
+pub const NEXT_PAGE_HEADER: &str = "x-tcpka-next-after";
 
 async fn connections(State(state): State<AppState>, Query(q): Query<ConnQuery>) -> Response {
     let spec = match q
@@ -501,6 +513,12 @@ async fn connections(State(state): State<AppState>, Query(q): Query<ConnQuery>) 
             return invalid(e);
         }
     };
+    let limit = q.limit.unwrap_or(CONNECTIONS_PAGE);
+    if !(1..=CONNECTIONS_PAGE_MAX).contains(&limit) {
+        state.metrics.command("status", "invalid");
+        return invalid(format!("limit must be in 1..={CONNECTIONS_PAGE_MAX}"));
+    }
+    let after = q.after;
     let netns = q.netns;
     let out = blocking(&state, move |e| {
         let mut conns = match spec {
@@ -512,9 +530,18 @@ async fn connections(State(state): State<AppState>, Query(q): Query<ConnQuery>) 
     })
     .await;
     match out {
-        Ok(conns) => {
+        Ok(mut conns) => {
             state.metrics.command("status", "ok");
-            (StatusCode::OK, Json(conns)).into_response()
+            // Pages in cookie order: stable while connections come and go.
+            conns.retain(|c| after.is_none_or(|a| c.cookie > a));
+            conns.sort_unstable_by_key(|c| c.cookie);
+            let next = (conns.len() > limit).then(|| conns[limit - 1].cookie);
+            conns.truncate(limit);
+            let mut r = (StatusCode::OK, Json(conns)).into_response();
+            if let Some(n) = next {
+                r.headers_mut().insert(NEXT_PAGE_HEADER, n.into());
+            }
+            r
         }
         Err(e) => failure(&state, "status", &e),
     }
@@ -946,6 +973,36 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
 /// How often `serve` checks that the sock_ops program is still attached.
 const ATTACH_CHECK: Duration = Duration::from_secs(1);
 
+/// The socket file of a unix listener, removed when serving ends if it is
+/// still the one we bound.
+struct SocketFile {
+    path: PathBuf,
+    ino: Option<u64>,
+}
+
+impl SocketFile {
+    fn new(path: &std::path::Path) -> Self {
+        let ino = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        Self {
+            path: path.to_path_buf(),
+            ino,
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        if now.is_some() && now == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Makes a unix listener's socket file 0600, or 0660 with the API group.
 fn secure_socket(path: &std::path::Path, group: Option<u32>) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -1114,6 +1171,7 @@ pub async fn run(
                 access::claim_socket_path(path)?;
                 let listener = tokio::net::UnixListener::bind(path)
                     .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+                let _remove = SocketFile::new(path);
                 secure_socket(path, config.api_group)?;
                 crate::errln!("tcpka: API on unix:{}", path.display());
                 serve_connections(
@@ -1142,9 +1200,6 @@ pub async fn run(
         r = serving => r,
         _ = grace => Ok(()),
     };
-    if let Listen::Unix(path) = &config.listen {
-        let _ = std::fs::remove_file(path);
-    }
     result?;
     crate::errln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())

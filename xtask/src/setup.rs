@@ -6,7 +6,8 @@ use anyhow::{bail, Context as _, Result};
 use crate::step;
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc 1.95 uses LLVM 22),
-/// iproute2 for the tests' network namespaces, bpftool for inspection.
+/// iproute2 for the tests' network namespaces, bpftool for inspection,
+/// Kamailio and sipp for the end-to-end tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
@@ -17,6 +18,10 @@ const APT_PACKAGES: &[&str] = &[
     "kamailio-utils-modules",
     "sip-tester",
     "wrk",
+    // The access tests act as an unprivileged user (setpriv, util-linux)
+    // with curl; the fresh-host tests use unshare and flock (util-linux).
+    "curl",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
