@@ -64,8 +64,11 @@ pub mod maps {
     pub const CONNS: &str = "TCPKA_CONNS";
     /// Per-CPU counters, indexed by [`crate::stats`] constants.
     pub const STATS: &str = "TCPKA_STATS";
-    /// Ring buffer of [`crate::events::Event`]s.
+    /// Ring buffer of [`crate::events::Event`]s: `applied` and `closed`.
     pub const EVENTS: &str = "TCPKA_EVENTS";
+    /// Ring buffer of the events a controller acts on (`timeout`, `reset`,
+    /// `aborted`), apart so that churn never crowds them out.
+    pub const ALERTS: &str = "TCPKA_ALERTS";
     /// One [`crate::meta::Meta`] record describing the installation.
     pub const META: &str = "TCPKA_META";
     /// Pending requests for live connections by peer endpoint:
@@ -92,11 +95,12 @@ pub mod maps {
     /// Number of holders per connection: cookie -> count; removed at close.
     pub const HOLDER_COUNT: &str = "TCPKA_HOLDER_COUNT";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         RULES,
         CONNS,
         STATS,
         EVENTS,
+        ALERTS,
         META,
         REQ_PEER,
         REQ_COOKIE,
@@ -252,11 +256,16 @@ pub mod stats {
     pub const CONNS_FULL: u32 = 2;
     /// Connection entries removed at close.
     pub const CONNS_CLOSED: u32 = 3;
-    /// Events lost because the ring buffer was full.
+    /// `applied`/`closed` events lost because their ring buffer was full
+    /// (`applied` ones are dropped already at half full, to keep room for
+    /// `closed`).
     pub const EVENTS_DROPPED: u32 = 4;
     /// Connections the index could not hold (map full): user space stops
     /// trusting the index for peer lookups.
     pub const INDEX_FULL: u32 = 5;
+    /// `timeout`/`reset`/`aborted` events lost because their ring buffer was
+    /// full.
+    pub const ALERTS_DROPPED: u32 = 6;
     /// Number of counters.
     pub const LEN: u32 = 8;
 }
@@ -426,6 +435,9 @@ pub mod events {
     /// retransmissions gave up (`ETIMEDOUT`, or the ICMP error that ended
     /// them, such as `EHOSTUNREACH`).
     pub const KIND_TIMEOUT: u32 = 4;
+    /// A managed connection was aborted locally (`ECONNABORTED`: `ss -K`,
+    /// SOCK_DESTROY, `bpf_sock_destroy`).
+    pub const KIND_ABORTED: u32 = 5;
 
     /// One event. Addresses are IPv6, network byte order; IPv4 connections
     /// (family 2) carry them IPv4-mapped.

@@ -3,20 +3,38 @@ use core::ffi::c_void;
 
 use aya_ebpf::{helpers::generated::bpf_setsockopt, maps::lpm_trie::Key};
 use keepalive_common::{
-    events::Event,
+    events::{Event, KIND_ABORTED, KIND_APPLIED, KIND_RESET, KIND_TIMEOUT, RING_BYTES},
     policy::{Policy, FLAG_USER_TIMEOUT},
     rules::{RuleKey, RuleValue, MAX_PREFIX_LEN},
     sockopt::*,
     stats,
 };
 
-use crate::maps::{count, EVENTS, RULES};
+use crate::maps::{count, ALERTS, EVENTS, RULES};
+
+/// `bpf_ringbuf_query` flag: bytes not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Sends an event to user space; a full ring buffer is counted, not fatal.
+/// Timeouts, resets and aborts have a ring of their own; `applied` events
+/// give way once their ring is half full, so `closed` ones still fit.
 #[inline(always)]
 pub fn emit(event: &Event) {
-    if EVENTS.output::<Event>(event, 0).is_err() {
-        count(stats::EVENTS_DROPPED);
+    match event.kind {
+        KIND_TIMEOUT | KIND_RESET | KIND_ABORTED => {
+            if ALERTS.output::<Event>(event, 0).is_err() {
+                count(stats::ALERTS_DROPPED);
+            }
+        }
+        kind => {
+            if kind == KIND_APPLIED && EVENTS.query(BPF_RB_AVAIL_DATA) > u64::from(RING_BYTES / 2) {
+                count(stats::EVENTS_DROPPED);
+                return;
+            }
+            if EVENTS.output::<Event>(event, 0).is_err() {
+                count(stats::EVENTS_DROPPED);
+            }
+        }
     }
 }
 

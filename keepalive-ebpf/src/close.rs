@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use keepalive_common::{
     conns::ConnInfo,
-    events::{Event, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
+    events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
     stats,
 };
 
@@ -69,6 +69,7 @@ static SK_ERR_OFF: u32 = 0;
 static INET_SPORT_OFF: u32 = 0;
 
 const EPIPE: u32 = 32;
+const ECONNABORTED: u32 = 103;
 const ECONNRESET: u32 = 104;
 
 /// Tells user space how a managed connection ended: the socket error that
@@ -89,6 +90,7 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
     let kind = match error {
         0 => KIND_CLOSED,
         ECONNRESET | EPIPE => KIND_RESET,
+        ECONNABORTED => KIND_ABORTED,
         _ => KIND_TIMEOUT,
     };
     emit(&Event {

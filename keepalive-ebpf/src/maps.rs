@@ -29,6 +29,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0
 #[map(name = "TCPKA_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
+#[map(name = "TCPKA_ALERTS")]
+pub static ALERTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
 /// Written and read by user space only; defined here so that it is created
 /// and pinned with the other maps.
 #[map(name = "TCPKA_META")]

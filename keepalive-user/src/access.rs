@@ -56,7 +56,12 @@ pub fn read_token_file(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     let token = text.trim().to_owned();
-    check_token(&token).map_err(|what| Error::io(format!("{}: {what}", path.display()), std::io::ErrorKind::InvalidData.into()))?;
+    check_token(&token).map_err(|what| {
+        Error::io(
+            format!("{}: {what}", path.display()),
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
     Ok(token)
 }
 
@@ -72,7 +77,8 @@ pub fn check_token(t: &str) -> std::result::Result<(), &'static str> {
 pub fn generate_token() -> Result<String> {
     let mut buf = [0u8; 32];
     let mut f = File::open("/dev/urandom").map_err(|e| Error::io("opening /dev/urandom", e))?;
-    std::io::Read::read_exact(&mut f, &mut buf).map_err(|e| Error::io("reading /dev/urandom", e))?;
+    std::io::Read::read_exact(&mut f, &mut buf)
+        .map_err(|e| Error::io("reading /dev/urandom", e))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -80,7 +86,8 @@ pub fn generate_token() -> Result<String> {
 /// replacing what was there atomically.
 pub fn write_token_file(path: &Path, token: &str, group: Option<u32>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = File::options()
@@ -144,9 +151,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -220,7 +229,9 @@ fn is_proc_ns_link(path: &Path) -> bool {
     parts.len() == 5
         && s(0) == Some("/")
         && s(1) == Some("proc")
-        && s(2).is_some_and(|p| p == "self" || p == "thread-self" || p.bytes().all(|b| b.is_ascii_digit()))
+        && s(2).is_some_and(|p| {
+            p == "self" || p == "thread-self" || p.bytes().all(|b| b.is_ascii_digit())
+        })
         && s(3) == Some("ns")
         && s(4) == Some("net")
 }
@@ -236,7 +247,10 @@ pub fn claim_socket_path(path: &Path) -> Result<()> {
     };
     if !meta.file_type().is_socket() {
         return Err(Error::io(
-            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
             std::io::ErrorKind::AlreadyExists.into(),
         ));
     }
@@ -246,7 +260,8 @@ pub fn claim_socket_path(path: &Path) -> Result<()> {
             std::io::ErrorKind::AddrInUse.into(),
         ));
     }
-    std::fs::remove_file(path).map_err(|e| Error::io(format!("removing stale {}", path.display()), e))
+    std::fs::remove_file(path)
+        .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))
 }
 
 /// Token file path to use by default if it exists.

@@ -50,6 +50,7 @@ pub struct Counters {
     pub conns_map_full: u64,
     pub conns_closed: u64,
     pub events_dropped: u64,
+    pub alerts_dropped: u64,
 }
 
 impl Enforcer {
@@ -161,6 +162,7 @@ impl Enforcer {
             conns_map_full: get(stats::CONNS_FULL)?,
             conns_closed: get(stats::CONNS_CLOSED)?,
             events_dropped: get(stats::EVENTS_DROPPED)?,
+            alerts_dropped: get(stats::ALERTS_DROPPED)?,
         })
     }
 }

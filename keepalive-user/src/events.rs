@@ -3,7 +3,7 @@ use std::fmt;
 
 use keepalive_common::{
     conns::{SOURCE_COMMAND, SOURCE_RULE},
-    events::{Event, KIND_APPLIED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
+    events::{Event, KIND_ABORTED, KIND_APPLIED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
 };
 
 use crate::policy::Policy;
@@ -11,7 +11,7 @@ use crate::policy::Policy;
 /// An event, decoded.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Record {
-    /// `"applied"`, `"closed"`, `"reset"` or `"timeout"`.
+    /// `"applied"`, `"closed"`, `"reset"`, `"timeout"` or `"aborted"`.
     pub kind: &'static str,
     pub cookie: u64,
     pub local: String,
@@ -36,6 +36,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         KIND_CLOSED => "closed",
         KIND_RESET => "reset",
         KIND_TIMEOUT => "timeout",
+        KIND_ABORTED => "aborted",
         _ => "unknown",
     }
 }

@@ -4,30 +4,66 @@
 //!
 //! Kept in pinned maps so that every `tcpka` process and the daemon see
 //! the same holders. Changes happen under the installation lock.
+//!
+//! A map key holds [`ID_MAX`] bytes of id. Ids that fit are stored as they
+//! are; longer ones, and any id starting with `#`, are stored as `#` and the
+//! base64url (no padding) SHA-256 of the id, 44 bytes. A SIP Call-ID never
+//! starts with `#` (RFC 3261's `word` alphabet has no `#`), so a stored id
+//! stays readable for Call-IDs of up to 64 bytes and two ids never share a
+//! key unless SHA-256 collides.
 use std::collections::HashMap as StdHashMap;
 
 use aya::maps::{HashMap, MapData, MapError};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use keepalive_common::{
     holders::{HolderKey, ID_MAX},
     maps,
 };
+use sha2::{Digest as _, Sha256};
 
 use crate::{loader, paths::PinLayout, Error, InvalidInput, Result};
 
 const BPF_NOEXIST: u64 = 1;
 
-/// Checks a holder id: 1..=64 bytes of printable ASCII without spaces (a
-/// SIP Call-ID's alphabet).
+/// Longest holder id accepted, in bytes. RFC 3261 sets no limit on a
+/// Call-ID; real ones are well under this.
+pub const HOLDER_MAX: usize = 1024;
+
+/// Checks a holder id (1..=[`HOLDER_MAX`] bytes of printable ASCII without
+/// spaces: any SIP Call-ID) and returns the id as the holder maps store it
+/// (see the module docs). The same id always gives the same stored id, so
+/// an enable and a disable with it name the same holder.
 pub fn parse_holder(s: &str) -> Result<String, InvalidInput> {
-    let ok = !s.is_empty() && s.len() <= ID_MAX && s.bytes().all(|b| b.is_ascii_graphic());
+    let ok = !s.is_empty() && s.len() <= HOLDER_MAX && s.bytes().all(|b| b.is_ascii_graphic());
     if ok {
-        Ok(s.to_owned())
+        Ok(stored_id(s))
     } else {
-        Err(InvalidInput::Holder(s.to_owned()))
+        Err(InvalidInput::Holder(shown(s)))
     }
 }
 
+fn stored_id(s: &str) -> String {
+    if s.len() <= ID_MAX && !s.starts_with('#') {
+        s.to_owned()
+    } else {
+        format!("#{}", URL_SAFE_NO_PAD.encode(Sha256::digest(s.as_bytes())))
+    }
+}
+
+/// A rejected id for an error message: at most 64 characters of it.
+fn shown(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.chars().count() <= SHOWN {
+        s.to_owned()
+    } else {
+        let head: String = s.chars().take(SHOWN).collect();
+        format!("{head}... ({} bytes)", s.len())
+    }
+}
+
+/// `id` is a stored id (from [`parse_holder`]).
 fn key(cookie: u64, id: &str) -> HolderKey {
+    debug_assert!(id.len() <= ID_MAX, "holder ids go through parse_holder");
     let mut k = HolderKey {
         cookie,
         id: [0; ID_MAX],
@@ -153,13 +189,89 @@ impl Holders {
 mod tests {
     use super::*;
 
+    /// RFC 3261's `word` alphabet (`callid = word [ "@" word ]`).
+    const WORD: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\
+                        -.!%*_+`'~()<>:\\\"/[]?{}";
+
+    fn hashed(id: &str) -> bool {
+        let s = parse_holder(id).unwrap();
+        s.len() == 44
+            && s.starts_with('#')
+            && s[1..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
     #[test]
     fn holder_ids() {
         assert!(parse_holder("a84b4c76e66710@pc33.atlanta.example.com").is_ok());
-        assert!(parse_holder(&"x".repeat(64)).is_ok());
-        for bad in ["", "has space", "tab\there", &"x".repeat(65), "caf\u{e9}"] {
+        for bad in [
+            "",
+            "has space",
+            "tab\there",
+            "caf\u{e9}",
+            &"x".repeat(HOLDER_MAX + 1),
+        ] {
             assert!(parse_holder(bad).is_err(), "{bad:?}");
         }
         assert_eq!(id_of(&key(1, "call-1")), "call-1");
+    }
+
+    #[test]
+    fn every_rfc3261_call_id_is_a_holder() {
+        let all = format!("{WORD}@{WORD}");
+        assert!(all.len() > ID_MAX);
+        assert!(hashed(&all));
+        for c in WORD.chars() {
+            let id = format!("a{c}b@host");
+            assert_eq!(parse_holder(&id).unwrap(), id);
+        }
+        assert!(hashed(&"x".repeat(HOLDER_MAX)));
+    }
+
+    #[test]
+    fn short_ids_are_stored_as_they_are() {
+        for id in ["1", "call-1@10.0.0.1", &"x".repeat(ID_MAX)] {
+            assert_eq!(parse_holder(id).unwrap(), id);
+            assert_eq!(id_of(&key(7, &parse_holder(id).unwrap())), id);
+        }
+    }
+
+    #[test]
+    fn long_and_hash_ids_are_stored_hashed() {
+        assert!(hashed(&"x".repeat(ID_MAX + 1)));
+        // SHA-256("#abc"), base64url without padding.
+        assert_eq!(
+            parse_holder("#abc").unwrap(),
+            "#AOFuHTHAuis7PRdYO7KsO4mGZmIN31QKrlvQcD19Auc"
+        );
+        // A stored id passed again names another holder, not the same one.
+        let stored = parse_holder(&"y".repeat(300)).unwrap();
+        assert_ne!(parse_holder(&stored).unwrap(), stored);
+        assert!(hashed(&stored));
+    }
+
+    #[test]
+    fn one_long_id_one_holder() {
+        let a = format!("{}-a", "c".repeat(200));
+        let b = format!("{}-b", "c".repeat(200));
+        assert_eq!(parse_holder(&a).unwrap(), parse_holder(&a).unwrap());
+        assert_ne!(parse_holder(&a).unwrap(), parse_holder(&b).unwrap());
+        let k = key(9, &parse_holder(&a).unwrap());
+        assert_eq!(k, key(9, &parse_holder(&a).unwrap()));
+        assert_eq!(id_of(&k), parse_holder(&a).unwrap());
+    }
+
+    #[test]
+    fn rejections_show_a_bounded_id() {
+        let long = format!("{} x", "z".repeat(5000));
+        let msg = InvalidInput::Holder(match parse_holder(&long) {
+            Err(InvalidInput::Holder(s)) => s,
+            other => panic!("{other:?}"),
+        })
+        .to_string();
+        assert!(msg.len() < 200, "{msg}");
+        assert!(msg.contains("5002 bytes"), "{msg}");
+        assert!(msg.contains("1 to 1024"), "{msg}");
     }
 }

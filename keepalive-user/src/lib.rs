@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod conn;
 pub mod enforcer;
 pub mod events;
+pub mod feed;
 pub mod holders;
 pub mod index;
 pub mod loader;
@@ -62,7 +63,10 @@ pub enum InvalidInput {
     Conn { value: String, reason: &'static str },
     #[error("invalid listen address: {0}")]
     Listen(String),
-    #[error("invalid holder {0:?}: 1 to 64 printable ASCII characters without spaces")]
+    #[error(
+        "invalid holder {0:?}: 1 to {max} printable ASCII characters without spaces (a SIP Call-ID)",
+        max = crate::holders::HOLDER_MAX
+    )]
     Holder(String),
     #[error("invalid address prefix {value:?}: {reason}")]
     Cidr { value: String, reason: &'static str },

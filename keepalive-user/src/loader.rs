@@ -48,7 +48,9 @@ pub enum LoadOutcome {
 impl LoadOutcome {
     pub fn installation(&self) -> &Installation {
         match self {
-            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) | LoadOutcome::Reattached(i) => i,
+            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) | LoadOutcome::Reattached(i) => {
+                i
+            }
         }
     }
 }
@@ -111,11 +113,45 @@ impl Lock {
     }
 }
 
+/// Held by the one `tcpka serve` of an installation for as long as it runs:
+/// a second one would split the kernel's events with the first.
+pub struct ServeLock(#[expect(dead_code, reason = "held for its flock")] File);
+
+impl ServeLock {
+    pub fn acquire(layout: &PinLayout) -> Result<Self> {
+        use std::{
+            io::{Read as _, Seek as _, Write as _},
+            os::fd::AsRawFd as _,
+        };
+        let path = layout.lock_file().with_extension("serve");
+        let mut file = open_lock_file(&path)?;
+        // SAFETY: plain flock(2) on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(Error::io(
+                format!(
+                    "another tcpka serve (pid {}) already serves {}; stop it first",
+                    pid.trim(),
+                    layout.dir().display()
+                ),
+                std::io::ErrorKind::AddrInUse.into(),
+            ));
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Self(file))
+    }
+}
+
 /// Opens (creating) a lock file that only its owner, root, can open: the
 /// directory is 0700 and the file 0600, neither may be a symlink, and both
 /// must belong to us.
 fn open_lock_file(path: &Path) -> Result<File> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    use std::os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    };
     let me = nix::unistd::geteuid().as_raw();
     let dir = path.parent().unwrap_or(Path::new("/"));
     if let Some(run) = dir.parent() {
@@ -134,7 +170,11 @@ fn open_lock_file(path: &Path) -> Result<File> {
             format!(
                 "{} must be a directory owned by uid {me} (it is {} owned by uid {}); remove it",
                 dir.display(),
-                if meta.is_dir() { "a directory" } else { "not a directory" },
+                if meta.is_dir() {
+                    "a directory"
+                } else {
+                    "not a directory"
+                },
                 meta.uid()
             ),
             std::io::ErrorKind::PermissionDenied.into(),
@@ -158,7 +198,10 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
     if !meta.is_file() || meta.uid() != me {
         return Err(Error::io(
-            format!("{} is not a regular file owned by uid {me}; remove it", path.display()),
+            format!(
+                "{} is not a regular file owned by uid {me}; remove it",
+                path.display()
+            ),
             std::io::ErrorKind::PermissionDenied.into(),
         ));
     }
@@ -180,7 +223,9 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
     let cgroup = PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned());
     // A removed cgroup lingers, with the program attached, until its last
     // socket is freed; what counts is the cgroup now at the path.
-    let at_path = std::fs::metadata(&cgroup).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let at_path = std::fs::metadata(&cgroup)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
     Ok(Some(Installation {
         pin_dir: layout.dir().to_path_buf(),
         cgroup,
@@ -193,7 +238,8 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
 
 fn sock_ops_link_info(layout: &PinLayout) -> Result<sys::CgroupLinkInfo> {
     let path = layout.sock_ops_link();
-    let link = sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let link =
+        sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     sys::cgroup_link_info(link.as_fd())
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))
 }
@@ -213,7 +259,9 @@ fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     // installation is never seen without its link.
     let pin = layout.sock_ops_link();
     // NB: bpffs refuses names with a dot.
-    let fresh = layout.dir().join(format!("{}_new", crate::paths::SOCK_OPS_LINK));
+    let fresh = layout
+        .dir()
+        .join(format!("{}_new", crate::paths::SOCK_OPS_LINK));
     let _ = std::fs::remove_file(&fresh);
     sys::obj_pin(link.as_fd(), &fresh)
         .map_err(|e| Error::io(format!("pinning {}", fresh.display()), e))?;
@@ -689,9 +737,13 @@ fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
 /// Removes tcpka's pin files and then the directory if it is empty.
 fn remove_pins(layout: &PinLayout) -> Result<bool> {
     let mut found = false;
-    let names = std::iter::once(layout.dir().join(format!("{}_new", crate::paths::SOCK_OPS_LINK)))
-        .chain(layout.links().into_iter().rev())
-        .chain(maps::ALL.iter().map(|n| layout.map(n)));
+    let names = std::iter::once(
+        layout
+            .dir()
+            .join(format!("{}_new", crate::paths::SOCK_OPS_LINK)),
+    )
+    .chain(layout.links().into_iter().rev())
+    .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {
             Ok(()) => found = true,

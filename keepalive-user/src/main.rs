@@ -316,7 +316,9 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
         (None, Some(f)) => Some(tcpka::access::read_token_file(f)?),
         (None, None) => {
             let f = tcpka::access::default_token_file();
-            f.exists().then(|| tcpka::access::read_token_file(&f)).transpose()?
+            f.exists()
+                .then(|| tcpka::access::read_token_file(&f))
+                .transpose()?
         }
     };
     let client = reqwest::Client::new();
@@ -345,6 +347,15 @@ async fn watch(a: WatchArgs) -> Result<(), Error> {
             if a.json {
                 tcpka::outln!("{line}");
             } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["kind"] == "gap" {
+                    tcpka::outln!(
+                        "{} gap: {} events missed ({})",
+                        v["time"].as_str().unwrap_or("-"),
+                        v["missed"],
+                        v["reason"].as_str().unwrap_or("?")
+                    );
+                    continue;
+                }
                 tcpka::outln!(
                     "{} {} {} -> {} cookie={} {}",
                     v["time"].as_str().unwrap_or("-"),
@@ -388,7 +399,11 @@ fn report_changed(changed: &[ConnStatus], what: &str, policy: &str, json: bool) 
 fn print_status(conns: &[ConnStatus]) {
     tcpka::outln!(
         "{:<18}  {:<46}  {:<46}  {:<12}  {:<34}  SOURCE",
-        "COOKIE", "LOCAL", "REMOTE", "STATE", "KEEPALIVE"
+        "COOKIE",
+        "LOCAL",
+        "REMOTE",
+        "STATE",
+        "KEEPALIVE"
     );
     for c in conns {
         let k = &c.keepalive;
@@ -451,7 +466,10 @@ fn serve_token(
     let t = tcpka::access::generate_token()?;
     let path = tcpka::access::default_token_file();
     tcpka::access::write_token_file(&path, &t, group)?;
-    tcpka::errln!("tcpka: API token in {} (send it as Authorization: Bearer TOKEN)", path.display());
+    tcpka::errln!(
+        "tcpka: API token in {} (send it as Authorization: Bearer TOKEN)",
+        path.display()
+    );
     Ok(Some(t))
 }
 
@@ -594,7 +612,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 for k in &done.kept {
                     tcpka::outln!(
                         "kept keepalive on {} -> {}: {} other holder(s) remain",
-                        k.connection.local, k.connection.remote, k.holders_remaining
+                        k.connection.local,
+                        k.connection.remote,
+                        k.holders_remaining
                     );
                 }
             }
@@ -655,12 +675,23 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tcpka::outln!("applied by rule: {}", counters.applied_by_rule);
                 tcpka::outln!("setsockopt errors: {}", counters.setsockopt_errors);
                 tcpka::outln!("connection map full: {}", counters.conns_map_full);
-                tcpka::outln!("events dropped: {}", counters.events_dropped);
+                tcpka::outln!(
+                    "events dropped (applied/closed): {}",
+                    counters.events_dropped
+                );
+                tcpka::outln!(
+                    "events dropped (timeout/reset/aborted): {}",
+                    counters.alerts_dropped
+                );
             }
         }
         Command::Serve(a) => {
             let cgroup = target_cgroup(&layout, a.cgroup.as_deref())?;
-            let api_group = a.api_group.as_deref().map(tcpka::access::group_id).transpose()?;
+            let api_group = a
+                .api_group
+                .as_deref()
+                .map(tcpka::access::group_id)
+                .transpose()?;
             let token = serve_token(&a.listen, a.token, a.token_file.as_deref(), api_group)?;
             let config = server::Config {
                 listen: a.listen,

@@ -6,7 +6,6 @@
 //! with HTTP 200, 400 (invalid input), 401 (token), 404 (no such
 //! connection or rule), 503 (not loaded) or 500.
 use std::{
-    io::Write as _,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -25,8 +24,6 @@ use axum::{
     routing::{delete, get, post},
     Json, Router,
 };
-use aya::maps::RingBuf;
-use keepalive_common::{events::Event, maps};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -35,7 +32,6 @@ use prometheus_client::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
     sync::{broadcast, mpsc},
 };
@@ -45,7 +41,7 @@ use crate::{
     access,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, Disabled, Enforcer, Op},
-    events::Record,
+    feed::{self, Gap, Message},
     holders::parse_holder,
     loader,
     paths::PinLayout,
@@ -122,7 +118,7 @@ pub struct Config {
 struct AppState {
     enforcer: Enforcer,
     batcher: std::sync::mpsc::Sender<Job>,
-    events: broadcast::Sender<Arc<Record>>,
+    events: broadcast::Sender<Arc<Message>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
     api_group: Option<u32>,
@@ -186,6 +182,7 @@ struct Metrics {
     /// already added to the Prometheus counters.
     seen_rule_applied: AtomicU64,
     seen_kernel_dropped: AtomicU64,
+    seen_alerts_dropped: AtomicU64,
     seen_setsockopt_errors: AtomicU64,
     seen_index_hits: AtomicU64,
     seen_walks: AtomicU64,
@@ -275,6 +272,7 @@ impl Metrics {
             batch_size,
             seen_rule_applied: AtomicU64::new(0),
             seen_kernel_dropped: AtomicU64::new(0),
+            seen_alerts_dropped: AtomicU64::new(0),
             seen_setsockopt_errors: AtomicU64::new(0),
             seen_index_hits: AtomicU64::new(0),
             seen_walks: AtomicU64::new(0),
@@ -617,12 +615,17 @@ async fn rules_del(State(state): State<AppState>, UrlPath(id): UrlPath<String>) 
 
 /// Newline-delimited JSON, one event per line, until the client goes.
 async fn events(State(state): State<AppState>) -> Response {
-    let stream = BroadcastStream::new(state.events.subscribe()).filter_map(|r| {
-        r.ok().map(|rec| {
-            let mut line = serde_json::to_vec(&*rec).expect("plain data");
-            line.push(b'\n');
-            Ok::<_, std::convert::Infallible>(Bytes::from(line))
-        })
+    let stream = BroadcastStream::new(state.events.subscribe()).map(|r| {
+        let m = match r {
+            Ok(m) => m,
+            // This subscriber fell behind: say how much it missed.
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Arc::new(Message::Gap(Gap::new(n, "subscriber")))
+            }
+        };
+        let mut line = serde_json::to_vec(&*m).expect("plain data");
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
     });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -695,6 +698,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 c.events_dropped,
                 &m.errors
                     .get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
+            );
+            add(
+                &m.seen_alerts_dropped,
+                c.alerts_dropped,
+                &m.errors
+                    .get_or_create(&labels(&[("kind", "kernel_alerts_dropped")])),
             );
             add(
                 &m.seen_setsockopt_errors,
@@ -823,73 +832,63 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Reads the kernel's event ring and fans events out: log, stream
-/// subscribers, webhook.
-fn spawn_event_reader(
-    layout: &PinLayout,
-    state: &AppState,
-    webhook: Option<mpsc::Sender<Arc<Record>>>,
-    json_log: bool,
-) -> Result<(), Error> {
-    let map = loader::open_map(layout, maps::EVENTS)?;
-    let ring = RingBuf::try_from(map).map_err(|e| Error::map("opening the event ring", e))?;
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds it.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| Error::io("polling the event ring", e.into()))?;
-    let state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = ring.readable_mut().await else {
-                state.metrics.error("event_ring");
-                return;
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < size_of::<Event>() {
-                    continue;
-                }
-                // SAFETY: the programs write whole `Event`s; read unaligned.
-                let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let rec = Arc::new(Record::from_raw(&raw));
-                state
-                    .metrics
-                    .events
-                    .get_or_create(&labels(&[("kind", rec.kind)]))
-                    .inc();
-                // NB: a closed or full stdout must not stop the events.
-                let line = if json_log {
-                    serde_json::to_string(&*rec).expect("plain data")
-                } else {
-                    rec.to_string()
-                };
-                let _ = writeln!(std::io::stdout().lock(), "{line}");
-                if let Some(tx) = &webhook {
-                    // Only how connections ended: that is what a controller
-                    // acts on.
-                    if rec.kind != "applied" && tx.try_send(rec.clone()).is_err() {
-                        state.metrics.webhook("dropped");
-                    }
-                }
-                let _ = state.events.send(rec);
+/// Starts the event feed: the log, the stream subscribers, the metrics and
+/// the webhook (which gets how connections ended, not `applied`).
+fn spawn_feed(layout: &PinLayout, state: &AppState, webhook: Option<Webhook>, json_log: bool) {
+    let metrics = state.metrics.clone();
+    let each = move |m: &Arc<Message>| {
+        metrics
+            .events
+            .get_or_create(&labels(&[("kind", m.kind())]))
+            .inc();
+        if let Some(w) = &webhook {
+            if m.kind() != "applied" && w.tx.try_send(m.clone()).is_err() {
+                w.missed.fetch_add(1, Ordering::Relaxed);
+                metrics.webhook("dropped");
             }
-            guard.clear_ready();
         }
-    });
-    Ok(())
+    };
+    let sinks = feed::Sinks {
+        log: feed::Log::spawn(json_log),
+        subscribers: state.events.clone(),
+        each: Box::new(each),
+    };
+    tokio::spawn(feed::run(layout.clone(), sinks));
+}
+
+/// The webhook's queue, and how many events it lost since it last said so.
+struct Webhook {
+    tx: mpsc::Sender<Arc<Message>>,
+    missed: Arc<AtomicU64>,
 }
 
 /// POSTs each event to the webhook: up to 4 attempts of at most 2 s each,
 /// 100 ms, 200 ms, 400 ms apart (about 9 s at worst); a 4xx answer is not
 /// retried. Events wait in a bounded queue; what does not fit, or fails
 /// every attempt, is counted as dropped.
-fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>> {
-    let (tx, mut rx) = mpsc::channel::<Arc<Record>>(WEBHOOK_QUEUE);
+fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> Webhook {
+    let (tx, mut rx) = mpsc::channel::<Arc<Message>>(WEBHOOK_QUEUE);
+    let missed = Arc::new(AtomicU64::new(0));
+    let lost = missed.clone();
     tokio::spawn(async move {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
             .expect("an HTTP client without TLS");
-        while let Some(rec) = rx.recv().await {
+        let mut pending_gap: Option<Arc<Message>> = None;
+        loop {
+            // What was lost since the last delivery goes first, as a gap.
+            let n = lost.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                pending_gap = Some(Arc::new(Message::Gap(Gap::new(n, "webhook"))));
+            }
+            let rec = match pending_gap.take() {
+                Some(g) => g,
+                None => match rx.recv().await {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
             let mut delay = Duration::from_millis(100);
             let mut delivered = false;
             for attempt in 0..4 {
@@ -911,10 +910,15 @@ fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> mpsc::Sender<Arc<Record>
                     Err(e) => log::warn!("webhook {url}: {e}"),
                 }
             }
-            metrics.webhook(if delivered { "delivered" } else { "dropped" });
+            if delivered {
+                metrics.webhook("delivered");
+            } else {
+                metrics.webhook("dropped");
+                lost.fetch_add(1, Ordering::Relaxed);
+            }
         }
     });
-    tx
+    Webhook { tx, missed }
 }
 
 /// Sweeps holder entries of closed connections now and then, so that the
@@ -954,7 +958,10 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
                 Ok((Some(i), _)) => {
                     metrics.reattached.inc();
                     warned = false;
-                    crate::errln!("tcpka: re-attached to the recreated cgroup {}", i.cgroup.display());
+                    crate::errln!(
+                        "tcpka: re-attached to the recreated cgroup {}",
+                        i.cgroup.display()
+                    );
                 }
                 Ok((None, Some(i))) if !i.attached && !warned => {
                     warned = true;
@@ -1052,12 +1059,12 @@ async fn serve_connections<S, F, Fut>(
             },
             _ = stopped(stop.clone()) => break,
         };
-        let svc = app
-            .clone()
-            .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(info);
-                req.map(Body::new)
-            });
+        let svc =
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info);
+                    req.map(Body::new)
+                });
         tokio::spawn(async move {
             let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
@@ -1088,6 +1095,7 @@ pub async fn run(
             "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
         )));
     }
+    let _serving = loader::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
         tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup))
@@ -1120,7 +1128,7 @@ pub async fn run(
         .webhook
         .clone()
         .map(|url| spawn_webhook(url, metrics.clone()));
-    spawn_event_reader(&layout, &state, webhook, config.json)?;
+    spawn_feed(&layout, &state, webhook, config.json);
     spawn_holder_sweep(state.enforcer.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());
     let app = router(state);

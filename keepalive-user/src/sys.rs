@@ -61,7 +61,14 @@ pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a valid, zero-padded bpf_attr of the given size; any
     // pointers in it outlive the call.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as libc::c_uint) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
     if ret < 0 {
         Err(std::io::Error::last_os_error())
     } else {

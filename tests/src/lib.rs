@@ -280,6 +280,7 @@ impl Drop for Tcpka {
         let _ = tcpka::loader::unload(&layout);
         // The lock file tcpka made for this test's pin directory.
         let _ = std::fs::remove_file(layout.lock_file());
+        let _ = std::fs::remove_file(layout.lock_file().with_extension("serve"));
     }
 }
 
@@ -483,7 +484,9 @@ pub struct Serve {
 impl Serve {
     /// Starts `tcpka serve --listen ADDR EXTRA...` and waits for /healthz.
     pub fn start(t: &Tcpka, cgroup: &Path, addr: &str, extra: &[&str]) -> Self {
-        let own_token = extra.iter().any(|a| *a == "--token" || *a == "--token-file");
+        let own_token = extra
+            .iter()
+            .any(|a| *a == "--token" || *a == "--token-file");
         let mut cmd = t.cmd();
         if !own_token {
             cmd.env("TCPKA_TOKEN", TEST_TOKEN);

@@ -69,7 +69,11 @@ fn tcp_listener_needs_the_token_host_and_json() {
     assert_eq!(rules(&e), 0);
     // That user cannot read the token either.
     let o = Command::new("setpriv")
-        .args([&format!("--reuid={NOBODY}"), &format!("--regid={NOBODY}"), "--clear-groups"])
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+        ])
         .args(["cat", token_file.to_str().unwrap()])
         .output()
         .unwrap();
@@ -82,18 +86,37 @@ fn tcp_listener_needs_the_token_host_and_json() {
         "-H",
         &auth,
         "-H",
-        &format!("Host: attacker.example:{}", addr.rsplit(':').next().unwrap()),
+        &format!(
+            "Host: attacker.example:{}",
+            addr.rsplit(':').next().unwrap()
+        ),
         "-d",
         RULE,
         &url,
     ]);
     assert_eq!(code(&o), "403", "{o:?}");
     // A form post (no preflight in a browser): refused.
-    let o = curl_as_nobody(&["-H", &auth, "-H", "Content-Type: text/plain", "-d", RULE, &url]);
+    let o = curl_as_nobody(&[
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: text/plain",
+        "-d",
+        RULE,
+        &url,
+    ]);
     assert_eq!(code(&o), "415", "{o:?}");
     assert_eq!(rules(&e), 0);
     // With token, Host and JSON it works.
-    let o = curl_as_nobody(&["-H", &auth, "-H", "Content-Type: application/json", "-d", RULE, &url]);
+    let o = curl_as_nobody(&[
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        RULE,
+        &url,
+    ]);
     assert_eq!(code(&o), "201", "{o:?}");
     assert_eq!(rules(&e), 1);
     // A token file others can read is refused.
@@ -150,7 +173,11 @@ fn generated_token_is_root_only() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     for want in ["healthz=200", "mode=600", "anon=401", "nobody=denied"] {
-        assert!(stdout.contains(want), "{want}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.contains(want),
+            "{want}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -164,7 +191,12 @@ fn unix_socket_is_for_root_and_the_api_group() {
         let child = e
             .tcpka
             .cmd()
-            .args(["serve", "--cgroup", e.cgroup.path.to_str().unwrap(), "--listen"])
+            .args([
+                "serve",
+                "--cgroup",
+                e.cgroup.path.to_str().unwrap(),
+                "--listen",
+            ])
             .arg(format!("unix:{}", sock.display()))
             .args(extra)
             .stdout(Stdio::null())
@@ -189,11 +221,27 @@ fn unix_socket_is_for_root_and_the_api_group() {
     let child = start(&[]);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let o = curl_as_nobody(&["--unix-socket", s, "-H", "Content-Type: application/json", "-d", RULE, url]);
+    let o = curl_as_nobody(&[
+        "--unix-socket",
+        s,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        RULE,
+        url,
+    ]);
     assert_eq!(code(&o), "000", "connect must fail: {o:?}");
     // Even with the file opened up, the peer credentials are checked.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let o = curl_as_nobody(&["--unix-socket", s, "-H", "Content-Type: application/json", "-d", RULE, url]);
+    let o = curl_as_nobody(&[
+        "--unix-socket",
+        s,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        RULE,
+        url,
+    ]);
     assert_eq!(code(&o), "403", "{o:?}");
     assert_eq!(rules(&e), 0);
     stop(child);
@@ -215,7 +263,15 @@ fn unix_socket_is_for_root_and_the_api_group() {
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
-    let o = curl_as_nobody(&["--unix-socket", s, "-H", "Content-Type: application/json", "-d", RULE, url]);
+    let o = curl_as_nobody(&[
+        "--unix-socket",
+        s,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        RULE,
+        url,
+    ]);
     assert_eq!(code(&o), "201", "{o:?}");
     assert_eq!(rules(&e), 1);
     stop(child);
@@ -249,11 +305,17 @@ fn netns_must_be_a_namespace_file() {
             json!({"conn": "10.1.1.1:5060", "idle": 9, "count": 3, "interval": 4, "netns": path}),
         );
         assert_eq!(code, 400, "{path}: {v}");
-        assert!(v["error"].as_str().unwrap_or_default().contains(why), "{path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap_or_default().contains(why),
+            "{path}: {v}"
+        );
         assert!(started.elapsed() < Duration::from_secs(2), "{path}");
     }
     // The real ones work: a /run/netns mount and a /proc link.
-    for path in [ns.path().to_str().unwrap().to_owned(), "/proc/self/ns/net".to_owned()] {
+    for path in [
+        ns.path().to_str().unwrap().to_owned(),
+        "/proc/self/ns/net".to_owned(),
+    ] {
         let (code, v) = http_json(
             &addr,
             "POST",
@@ -272,7 +334,8 @@ fn connections_and_requests_are_bounded() {
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
     // A client that never sends its request head is dropped.
     let mut idle = TcpStream::connect(&addr).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
     let n = idle.read(&mut buf).unwrap_or(0);
@@ -288,13 +351,17 @@ fn connections_and_requests_are_bounded() {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut c = TcpStream::connect(&addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
     c.write_all(
         format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     )
     .unwrap();
-    assert!(c.read(&mut buf).is_err(), "served beyond the connection cap");
+    assert!(
+        c.read(&mut buf).is_err(),
+        "served beyond the connection cap"
+    );
     drop(hogs);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut out = Vec::new();
@@ -313,7 +380,15 @@ fn connections_come_in_pages() {
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
     let l = listen("127.0.0.1:0");
     let pairs: Vec<_> = (0..5).map(|_| connect(&l)).collect();
-    e.tcpka.run(&["enable", &l.local_addr().unwrap().to_string(), "30", "3", "5"]).ok();
+    e.tcpka
+        .run(&[
+            "enable",
+            &l.local_addr().unwrap().to_string(),
+            "30",
+            "3",
+            "5",
+        ])
+        .ok();
     let mut seen = Vec::new();
     let mut after: Option<u64> = None;
     loop {

@@ -155,7 +155,10 @@ fn token_and_listen_rules() {
         &["--token", "s3cret-s3cret-s3cret"],
     );
     let addr = format!("127.0.0.1:{port}");
-    assert_eq!(http(&addr, "GET", "/v1/rules", None, Some("")).unwrap().0, 401);
+    assert_eq!(
+        http(&addr, "GET", "/v1/rules", None, Some("")).unwrap().0,
+        401
+    );
     assert_eq!(
         http(&addr, "GET", "/v1/rules", None, Some("wrong"))
             .unwrap()
@@ -163,9 +166,15 @@ fn token_and_listen_rules() {
         401
     );
     assert_eq!(
-        http(&addr, "GET", "/v1/rules", None, Some("s3cret-s3cret-s3cret"))
-            .unwrap()
-            .0,
+        http(
+            &addr,
+            "GET",
+            "/v1/rules",
+            None,
+            Some("s3cret-s3cret-s3cret")
+        )
+        .unwrap()
+        .0,
         200
     );
     drop(s);
@@ -298,10 +307,12 @@ fn holders_keep_a_shared_connection_until_the_last_call_ends() {
 fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(
-        format!("GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
     )
-        .unwrap();
+    .unwrap();
     // Subscribed once the response header arrives.
     let mut r = BufReader::new(s);
     let mut status = String::new();

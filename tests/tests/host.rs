@@ -135,7 +135,10 @@ fn closed_output_never_changes_the_result() {
         check(&["load", "--cgroup", &cg, "--json"], 0);
         assert!(t.pin_dir.join("link_sockops").exists());
         check(&["rule", "add", "--local-port", "9", "30", "4", "7"], 0);
-        check(&["rule", "add", "--local-port", "8", "30", "4", "7", "--json"], 0);
+        check(
+            &["rule", "add", "--local-port", "8", "30", "4", "7", "--json"],
+            0,
+        );
         check(&["rule", "list"], 0);
         check(&["rule", "list", "--json"], 0);
         check(&["rule", "del", "1"], 0);
@@ -203,7 +206,10 @@ fn installation_lock_is_private_bounded_and_one_per_installation() {
     let spellings = [
         format!("{dir}/"),
         format!("{dir}/."),
-        format!("/sys/fs/bpf/../bpf/{}", e.tcpka.pin_dir.file_name().unwrap().to_str().unwrap()),
+        format!(
+            "/sys/fs/bpf/../bpf/{}",
+            e.tcpka.pin_dir.file_name().unwrap().to_str().unwrap()
+        ),
         link.to_str().unwrap().to_owned(),
     ];
     for s in &spellings {
@@ -219,7 +225,17 @@ fn installation_lock_is_private_bounded_and_one_per_installation() {
     for s in spellings.iter().map(String::as_str).chain([dir.as_str()]) {
         let started = std::time::Instant::now();
         let out = Command::new(tcpka_bin())
-            .args(["--pin-dir", s, "rule", "add", "--local-port", "10", "30", "4", "7"])
+            .args([
+                "--pin-dir",
+                s,
+                "rule",
+                "add",
+                "--local-port",
+                "10",
+                "30",
+                "4",
+                "7",
+            ])
             .env("TCPKA_LOCK_WAIT_MS", "300")
             .output()
             .unwrap();
@@ -244,7 +260,10 @@ fn installation_lock_is_private_bounded_and_one_per_installation() {
     assert_eq!(code, 200, "{body}");
     drop(serve);
     assert_eq!(
-        tcpka::enforcer::Enforcer::new(layout).rules().unwrap().len(),
+        tcpka::enforcer::Enforcer::new(layout)
+            .rules()
+            .unwrap()
+            .len(),
         1,
         "nothing was added while the lock was held"
     );
@@ -274,7 +293,10 @@ fn pin_dir_outside_bpffs_is_refused_untouched() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains("not on a bpffs mount"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("not on a bpffs mount"),
+            "{args:?}: {stderr}"
+        );
         for name in ["link_sockops", "TCPKA_RULES", "TCPKA_META"] {
             assert!(dir.join(name).exists(), "{args:?} removed {name}");
         }
@@ -285,7 +307,9 @@ fn pin_dir_outside_bpffs_is_refused_untouched() {
 fn attached(t: &Tcpka) -> bool {
     let r = t.run(&["info", "--json"]).ok();
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    v["installation"]["attached"].as_bool().expect("attached in info --json")
+    v["installation"]["attached"]
+        .as_bool()
+        .expect("attached in info --json")
 }
 
 /// Rules reach new connections in the cgroup (checked by a connection made

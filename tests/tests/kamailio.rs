@@ -8,7 +8,9 @@
 //!
 //! Each call: keepalive on both legs from the 200 OK to the INVITE, off
 //! after the 200 OK to the BYE; when the callee's host stops answering, the
-//! timeout event reaches Kamailio's xhttp route.
+//! timeout event reaches Kamailio's xhttp route. Call-IDs made to break out
+//! of a shell word or a JSON string run nothing and add no field: the
+//! config hands tcpka only their MD5, and those calls get keepalive too.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -52,15 +54,31 @@ fn tool(name: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// A directory removed with what is in it on drop.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Fields drop in order: Kamailio and sipp first, then tcpka, then the
-/// namespaces and the cgroup.
+/// namespaces, the test's directory and the cgroup.
 struct Sip {
     kamailio: Proc,
     uas: Proc,
     serve: Serve,
     caller: NamedNetns,
     callee: NamedNetns,
-    dir: PathBuf,
+    dir: TempDir,
     log: PathBuf,
     e: Env,
 }
@@ -100,6 +118,7 @@ fn config(dir: &Path, api: &str) -> PathBuf {
     };
     let mut text = subst(text, "TCPKA_BIN", tcpka_bin().to_str().unwrap());
     text = subst(text, "TCPKA_API", &format!("http://{api}"));
+    text = subst(text, "TCPKA_TOKEN", TEST_TOKEN);
     text = subst(
         text,
         "CALLEE",
@@ -126,8 +145,8 @@ impl Sip {
         let callee = NamedNetns::new();
         link(&caller, "ka0", "ka1", KAMAILIO_CALLER_SIDE, CALLER);
         link(&callee, "kb0", "kb1", "10.201.2.1", CALLEE);
-        let dir = std::env::temp_dir().join(unique("tcpka-kamailio"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir(std::env::temp_dir().join(unique("tcpka-kamailio")));
+        std::fs::create_dir_all(&*dir).unwrap();
         let api = format!("127.0.0.1:{}", free_port());
         let serve = Serve::start(
             &e.tcpka,
@@ -196,6 +215,11 @@ impl Sip {
 
     /// One call of `pause_ms` from the caller; returns the running sipp.
     fn call(&self, pause_ms: u32) -> Proc {
+        self.call_with(pause_ms, &[])
+    }
+
+    /// One call, with more sipp arguments.
+    fn call_with(&self, pause_ms: u32, extra: &[String]) -> Proc {
         Proc::spawn(
             Command::new("ip")
                 .args(["netns", "exec", &self.caller.name, "sipp"])
@@ -212,6 +236,7 @@ impl Sip {
                     "-timeout",
                     "60s",
                 ])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
@@ -257,12 +282,6 @@ impl Sip {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Sip {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -334,6 +353,206 @@ fn call_turns_keepalive_on_and_off(sip: &Sip) {
         },
     );
     assert!(!ss_keepalive(&callee));
+}
+
+/// A file that hostile Call-IDs try to create; removed on drop.
+struct Canary(PathBuf);
+
+impl Canary {
+    fn new() -> Self {
+        let path = Path::new("/tmp").join(format!("{}-canary", unique("tcpka")));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Call-IDs that break out of a '...' shell word (through a quote and a
+/// backtick, `$(...)`, `;`) or out of a JSON string (`"`, `\`), one of
+/// them over 200 bytes. `${IFS}` stands for a space, which a Call-ID has
+/// none of.
+fn hostile_call_ids(canary: &Path) -> Vec<String> {
+    let touch = format!("touch${{IFS}}{}", canary.display());
+    vec![
+        format!("q1'`{touch}`'@x"),
+        format!("q2'$({touch})'@x"),
+        r#"j","user_timeout_ms":1,"netns":"/proc/self/ns/net"#.to_owned(),
+        format!("s';{touch};'\\\"@x"),
+        format!("long-{}'`{touch}`'\\q\"$({touch})\"@x", "x".repeat(220)),
+    ]
+}
+
+/// Lower-case hex MD5, as Kamailio's `{s.md5}` gives it.
+fn md5_hex(s: &str) -> String {
+    use std::io::Write as _;
+    let mut p = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    p.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..32].to_owned()
+}
+
+fn holders_of(c: &serde_json::Value) -> Vec<&str> {
+    c["holders"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// Concurrent calls with hostile Call-IDs: nothing runs, no policy field
+/// is added, and every call gets keepalive on both legs, held by the MD5
+/// of its Call-ID, until its BYE.
+fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &str) {
+    let canary = Canary::new();
+    let ids = hostile_call_ids(&canary.0);
+    assert!(ids.iter().any(|id| id.len() > 200));
+    let hashes: Vec<String> = ids.iter().map(|id| md5_hex(id)).collect();
+    let calls: Vec<Proc> = ids
+        .iter()
+        .zip(5070..)
+        .map(|(id, port)| {
+            // sipp's -cid_str is a format (a literal % is %%). Concurrent
+            // sipps each need their own local port: left to choose, they
+            // race for the same one.
+            let cid = id.replace('%', "%%");
+            sip.call_with(
+                4000,
+                &["-cid_str".into(), cid, "-p".into(), port.to_string()],
+            )
+        })
+        .collect();
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    let is_caller_leg = |c: &serde_json::Value| {
+        c["remote"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("{CALLER}:"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            !canary.0.exists(),
+            "a Call-ID ran a command: {} exists\nkamailio log:\n{}",
+            canary.0.display(),
+            sip.kamailio_log()
+        );
+        let conns = sip.connections();
+        for c in &conns {
+            assert!(
+                c["keepalive"]["user_timeout_ms"].is_null(),
+                "a Call-ID set a user timeout: {c}\nkamailio log:\n{}",
+                sip.kamailio_log()
+            );
+        }
+        let caller_legs = hashes.iter().all(|h| {
+            conns
+                .iter()
+                .any(|c| is_caller_leg(c) && ka_on(c) && holders_of(c) == [h.as_str()])
+        });
+        let callee_leg = conns.iter().any(|c| {
+            c["remote"] == callee.as_str()
+                && ka_on(c)
+                && hashes.iter().all(|h| holders_of(c).contains(&h.as_str()))
+        });
+        if caller_legs && callee_leg {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keepalive on both legs of every call, held by the MD5 of its Call-ID \
+             ({hashes:?} for {ids:?}): not within 10 s\nconnections: {conns:#?}\n\
+             kamailio log:\n{}",
+            sip.kamailio_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for mut uac in calls {
+        let status = uac.0.wait().unwrap();
+        assert!(
+            status.success(),
+            "sipp uac: {status}\nkamailio log:\n{}",
+            sip.kamailio_log()
+        );
+    }
+    // The BYEs' disables name the same holders: the shared callee leg lets
+    // go once the last call ends.
+    sip.wait(
+        "keepalive off after the BYEs",
+        Duration::from_secs(5),
+        || {
+            sip.connection(&callee)
+                .is_some_and(|c| c["keepalive"]["enabled"] == false && holders_of(&c).is_empty())
+                && sip.connections().iter().all(|c| !is_caller_leg(c))
+        },
+    );
+    let log = sip.kamailio_log();
+    for (id, h) in ids.iter().zip(&hashes) {
+        // Operators find the Call-ID next to its holder in the log.
+        assert!(
+            log.contains(&format!("holder {h} for Call-ID {id}")),
+            "{h} for {id} in the kamailio log:\n{log}"
+        );
+    }
+    assert!(log.contains(via), "{log}");
+    assert!(
+        !canary.0.exists(),
+        "a Call-ID ran a command: {} exists\nkamailio log:\n{log}",
+        canary.0.display()
+    );
+}
+
+/// A controller may also pass a Call-ID of any length as the holder (here
+/// on Kamailio's connection to the callee): one over 64 bytes is kept
+/// hashed, and the disable with the same Call-ID finds it.
+fn long_call_id_is_one_holder(sip: &Sip, http: bool) {
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    let id = format!("{}@host.example", "a1-.!%*_+`'~()<>:\\\"/[]?{}".repeat(10));
+    assert!(id.len() > 200);
+    let (idle, count, interval) = KA;
+    let run = |body: serde_json::Value, args: &[&str]| {
+        if http {
+            let path = if args[0] == "enable" {
+                "/v1/enable"
+            } else {
+                "/v1/disable"
+            };
+            let (code, reply) = http_json(&sip.serve.addr, "POST", path, body);
+            assert_eq!(code, 200, "{reply}");
+        } else {
+            sip.e.tcpka.run(args).ok();
+        }
+    };
+    let (i, c, n) = (idle.to_string(), count.to_string(), interval.to_string());
+    run(
+        serde_json::json!({"conn": callee, "idle": idle, "count": count,
+                           "interval": interval, "holder": id}),
+        &["enable", &callee, &i, &c, &n, "--holder", &id],
+    );
+    let conn = sip.connection(&callee).expect("the callee leg");
+    assert!(ka_on(&conn), "{conn}");
+    let held = holders_of(&conn);
+    assert!(
+        held.len() == 1 && held[0].len() == 44 && held[0].starts_with('#'),
+        "{conn}"
+    );
+    run(
+        serde_json::json!({"conn": callee, "holder": id}),
+        &["disable", &callee, "--holder", &id],
+    );
+    let conn = sip.connection(&callee).expect("the callee leg");
+    assert!(
+        conn["keepalive"]["enabled"] == false && holders_of(&conn).is_empty(),
+        "{conn}"
+    );
 }
 
 #[test]
@@ -411,4 +630,20 @@ fn kamailio_via_exec_cli() {
         sip.kamailio_log()
     );
     let _ = sip.kamailio.0.id();
+}
+
+#[test]
+fn kamailio_via_http_api_hostile_call_ids() {
+    let Some(sip) = Sip::start(true) else { return };
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
+    long_call_id_is_one_holder(&sip, true);
+    let _ = (sip.uas.0.id(), sip.kamailio.0.id());
+}
+
+#[test]
+fn kamailio_via_exec_cli_hostile_call_ids() {
+    let Some(sip) = Sip::start(false) else { return };
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(exec)");
+    long_call_id_is_one_holder(&sip, false);
+    let _ = (sip.uas.0.id(), sip.kamailio.0.id());
 }

@@ -1,0 +1,288 @@
+//! The event feed of `tcpka serve`: reads the kernel's event rings and
+//! fans each event out to the log, the `/v1/events` subscribers and the
+//! webhook. No consumer loses events silently: each one that missed some
+//! gets a gap marker saying how many, and why.
+//!
+//! - The kernel drops events when a ring is full (counted per ring); the
+//!   feed turns a rise of those counters into a gap for everyone.
+//! - A subscriber too slow for the broadcast channel gets a gap in its own
+//!   stream; a full webhook queue or a full log pipe, in theirs.
+//! - Reading never waits for a consumer: the log has its own thread.
+//! - When the installation is unloaded and loaded again, the feed follows
+//!   it to the new rings.
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use aya::maps::{MapInfo, PerCpuArray, RingBuf};
+use keepalive_common::{events::Event, maps, stats};
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+use crate::{
+    events::{rfc3339, Record},
+    loader,
+    paths::PinLayout,
+    Error, Result,
+};
+
+/// What consumers receive.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Message {
+    Event(Record),
+    Gap(Gap),
+}
+
+/// Events this consumer did not get.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// Always `"gap"`.
+    pub kind: &'static str,
+    /// How many events were lost.
+    pub missed: u64,
+    /// Where: `kernel_alerts` (timeout/reset/aborted ring full),
+    /// `kernel_events` (applied/closed ring full), `subscriber` (this
+    /// stream was too slow), `webhook` (queue full or delivery failed),
+    /// `log` (the log output was blocked).
+    pub reason: &'static str,
+    /// Wall-clock time, RFC 3339 UTC.
+    pub time: String,
+}
+
+impl Gap {
+    pub fn new(missed: u64, reason: &'static str) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        Self {
+            kind: "gap",
+            missed,
+            reason,
+            time: rfc3339(now),
+        }
+    }
+}
+
+impl Message {
+    /// The event kind, or `"gap"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Event(r) => r.kind,
+            Message::Gap(g) => g.kind,
+        }
+    }
+
+    /// One line for the log.
+    pub fn log_line(&self, json: bool) -> String {
+        if json {
+            return serde_json::to_string(self).expect("plain data");
+        }
+        match self {
+            Message::Event(r) => r.to_string(),
+            Message::Gap(g) => format!("gap: {} events missed ({})", g.missed, g.reason),
+        }
+    }
+}
+
+/// Lines waiting for the log thread; more are counted and reported as a gap.
+const LOG_QUEUE: usize = 4096;
+
+/// The log of events: a thread of its own writes to stdout, so a blocked
+/// or closed stdout never stalls (or fails) the feed.
+pub struct Log {
+    tx: std::sync::mpsc::SyncSender<String>,
+    missed: AtomicU64,
+    json: bool,
+}
+
+impl Log {
+    pub fn spawn(json: bool) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(LOG_QUEUE);
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            for line in rx {
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
+            }
+        });
+        Self {
+            tx,
+            missed: AtomicU64::new(0),
+            json,
+        }
+    }
+
+    pub fn write(&self, m: &Message) {
+        let missed = self.missed.load(Ordering::Relaxed);
+        if missed > 0
+            && self
+                .tx
+                .try_send(Message::Gap(Gap::new(missed, "log")).log_line(self.json))
+                .is_ok()
+        {
+            self.missed.fetch_sub(missed, Ordering::Relaxed);
+        }
+        if self.tx.try_send(m.log_line(self.json)).is_err() {
+            self.missed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Called for every message.
+pub type Each = Box<dyn Fn(&Arc<Message>) + Send + Sync>;
+
+/// Where the feed sends what it reads.
+pub struct Sinks {
+    pub log: Log,
+    pub subscribers: broadcast::Sender<Arc<Message>>,
+    /// Called for every message (metrics, webhook).
+    pub each: Each,
+}
+
+impl Sinks {
+    fn send(&self, m: Message) {
+        let m = Arc::new(m);
+        self.log.write(&m);
+        (self.each)(&m);
+        let _ = self.subscribers.send(m);
+    }
+}
+
+/// The rings of one installation, and what their drop counters said when
+/// last read.
+struct Rings {
+    alerts: AsyncFd<RingBuf<aya::maps::MapData>>,
+    events: AsyncFd<RingBuf<aya::maps::MapData>>,
+    stats: PerCpuArray<aya::maps::MapData, u64>,
+    ids: (u32, u32),
+    dropped: (u64, u64),
+}
+
+fn map_id(layout: &PinLayout, name: &str) -> Option<u32> {
+    MapInfo::from_pin(layout.map(name)).ok().map(|i| i.id())
+}
+
+impl Rings {
+    fn open(layout: &PinLayout) -> Result<Self> {
+        let ids = (
+            map_id(layout, maps::ALERTS).unwrap_or(0),
+            map_id(layout, maps::EVENTS).unwrap_or(0),
+        );
+        let ring = |name: &str| -> Result<AsyncFd<RingBuf<aya::maps::MapData>>> {
+            let map = loader::open_map(layout, name)?;
+            let ring =
+                RingBuf::try_from(map).map_err(|e| Error::map("opening an event ring", e))?;
+            // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
+            // holds it.
+            unsafe { AsyncFd::register(ring) }
+                .map_err(|e| Error::io("polling an event ring", e.into()))
+        };
+        let stats = PerCpuArray::try_from(loader::open_map(layout, maps::STATS)?)
+            .map_err(|e| Error::map("opening the counters", e))?;
+        // NB: counting from zero: events the kernel dropped before this
+        // feed started reading (since the installation was loaded) are
+        // reported too.
+        Ok(Self {
+            alerts: ring(maps::ALERTS)?,
+            events: ring(maps::EVENTS)?,
+            stats,
+            ids,
+            dropped: (0, 0),
+        })
+    }
+
+    fn read_dropped(&self) -> (u64, u64) {
+        let get = |i: u32| {
+            self.stats
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        (get(stats::ALERTS_DROPPED), get(stats::EVENTS_DROPPED))
+    }
+
+    /// Whether the pins are still these rings (not unloaded, not
+    /// reloaded).
+    fn current(&self, layout: &PinLayout) -> bool {
+        map_id(layout, maps::ALERTS) == Some(self.ids.0)
+            && map_id(layout, maps::EVENTS) == Some(self.ids.1)
+    }
+}
+
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, sinks: &Sinks) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<Event>() {
+            continue;
+        }
+        // SAFETY: the programs write whole `Event`s; read unaligned.
+        let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        drop(item);
+        sinks.send(Message::Event(Record::from_raw(&raw)));
+    }
+}
+
+/// How often the feed checks the drop counters and that its rings are
+/// still the installed ones.
+const CHECK: Duration = Duration::from_secs(1);
+
+/// Runs the feed until the process ends.
+pub async fn run(layout: PinLayout, sinks: Sinks) {
+    let mut reported_missing = false;
+    loop {
+        let mut rings = match Rings::open(&layout) {
+            Ok(r) => {
+                if reported_missing {
+                    log::info!("events: the installation is back; reading its rings");
+                }
+                reported_missing = false;
+                r
+            }
+            Err(e) => {
+                if !reported_missing {
+                    log::warn!("events: {e}; waiting for the installation");
+                    reported_missing = true;
+                }
+                tokio::time::sleep(CHECK).await;
+                continue;
+            }
+        };
+        // The first check after a period: what is in the rings is read first.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
+        loop {
+            tokio::select! {
+                biased;
+                g = rings.alerts.readable_mut() => {
+                    let Ok(mut g) = g else { break };
+                    drain(g.get_inner_mut(), &sinks);
+                    g.clear_ready();
+                }
+                g = rings.events.readable_mut() => {
+                    let Ok(mut g) = g else { break };
+                    drain(g.get_inner_mut(), &sinks);
+                    g.clear_ready();
+                }
+                _ = tick.tick() => {
+                    let now = rings.read_dropped();
+                    let (a, e) = (now.0.saturating_sub(rings.dropped.0), now.1.saturating_sub(rings.dropped.1));
+                    rings.dropped = now;
+                    if a > 0 {
+                        sinks.send(Message::Gap(Gap::new(a, "kernel_alerts")));
+                    }
+                    if e > 0 {
+                        sinks.send(Message::Gap(Gap::new(e, "kernel_events")));
+                    }
+                    if !rings.current(&layout) {
+                        // Drain what is left of the old rings first.
+                        drain(rings.alerts.get_mut(), &sinks);
+                        drain(rings.events.get_mut(), &sinks);
+                        log::info!("events: the installation was unloaded or reloaded");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
