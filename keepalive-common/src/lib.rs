@@ -492,7 +492,18 @@ pub mod meta {
         pub cgroup_path_len: u32,
         /// Cgroup directory path, UTF-8.
         pub cgroup_path: [u8; PATH_MAX],
+        /// `FLAG_*`.
+        pub flags: u32,
+        /// [`LAYOUT_VERSION`] of the tcpka that loaded the installation.
+        pub version: u32,
     }
+
+    /// The index was seeded with what existed at load: the load finished.
+    pub const FLAG_SEEDED: u32 = 1;
+
+    /// Changes whenever the maps or programs of an installation change in a
+    /// way an older or newer tcpka cannot use.
+    pub const LAYOUT_VERSION: u32 = 2;
 }
 
 /// Capacity of the connection map. Entries exist only while a managed

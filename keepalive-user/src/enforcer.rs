@@ -22,6 +22,7 @@ use crate::{
     events::source_name,
     holders::Holders,
     index::Held,
+    journal::{Entry, Journal, Step},
     loader::{self, Lock},
     paths::PinLayout,
     policy::Policy,
@@ -58,6 +59,54 @@ impl Enforcer {
         Self { layout }
     }
 
+    /// Takes the installation lock, then finishes what a killed command
+    /// left undone: a load that did not index the existing connections, a
+    /// holder change between its steps.
+    fn lock(&self) -> Result<Lock> {
+        let lock = Lock::acquire(&self.layout)?;
+        if self.layout.sock_ops_link().exists() {
+            loader::repair_seed(&self.layout)?;
+            self.recover_journal()?;
+        }
+        Ok(lock)
+    }
+
+    fn recover_journal(&self) -> Result<()> {
+        let journal = Journal::new(&self.layout);
+        let Some(entry) = journal.pending() else {
+            return Ok(());
+        };
+        log::warn!("finishing an interrupted holder change: {entry:?}");
+        let conns: HashMap<_, u64, ConnInfo> =
+            HashMap::try_from(loader::open_map(&self.layout, maps::CONNS)?)
+                .map_err(|e| Error::map("opening the connection map", e))?;
+        let alive = conns.get(&entry.cookie, 0).is_ok();
+        let mut holders = Holders::open(&self.layout)?;
+        match entry.step {
+            Step::Clear => holders.clear(entry.cookie),
+            Step::Add => {
+                holders.recount(entry.cookie, alive)?;
+            }
+            Step::Remove => {
+                if holders.recount(entry.cookie, alive)? == 0 && alive {
+                    // The last holder was gone: keepalive goes off, as the
+                    // command meant to.
+                    match self.apply_locked(
+                        ConnSpec::Cookie(entry.cookie),
+                        None,
+                        Action::Disable,
+                        entry.netns.as_deref(),
+                    ) {
+                        Ok(_) | Err(Error::NoSuchConnection(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        journal.end();
+        Ok(())
+    }
+
     pub fn layout(&self) -> &PinLayout {
         &self.layout
     }
@@ -70,12 +119,23 @@ impl Enforcer {
     /// Adds a rule for connections established from now on; returns it with
     /// its new id.
     pub fn add_rule(&self, m: RuleMatch, policy: Policy) -> Result<Rule> {
-        let _lock = Lock::acquire(&self.layout)?;
+        let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let mut meta = loader::read_meta(&self.layout)?;
-        let id = meta.next_rule_id.max(1);
+        // Above every id in use, whatever the counter says.
+        let highest = rules
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, v)| v.id)
+            .max()
+            .unwrap_or(0);
+        let id = meta.next_rule_id.max(highest + 1).max(1);
         let (prefix_len, data) = m.key();
         let key = Key::new(prefix_len, data);
+        // The counter moves first: a command killed between the two steps
+        // skips an id, and never hands one out twice.
+        meta.next_rule_id = id + 1;
+        loader::write_meta(&self.layout, &meta)?;
         match rules.insert(&key, m.value(id, policy), BPF_NOEXIST) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -89,19 +149,12 @@ impl Enforcer {
             }
             Err(e) => return Err(Error::map("adding the rule", e)),
         }
-        meta.next_rule_id = id + 1;
-        if let Err(e) = loader::write_meta(&self.layout, &meta) {
-            // Keep the tables consistent: no rule whose id may be handed out
-            // again.
-            let _ = rules.remove(&key);
-            return Err(e);
-        }
         Ok(Rule::new(id, m, policy))
     }
 
     /// Removes a rule. Connections that already got its policy keep it.
     pub fn delete_rule(&self, id: u32) -> Result<Rule> {
-        let _lock = Lock::acquire(&self.layout)?;
+        let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let found = rules
             .iter()
@@ -523,7 +576,7 @@ impl Enforcer {
     ) -> Result<Vec<ConnStatus>> {
         // One pass at a time per installation: a pass applies every pending
         // request, so serialising keeps each command's result its own.
-        let _lock = Lock::acquire(&self.layout)?;
+        let _lock = self.lock()?;
         self.apply_locked(conn, local, action, netns)
     }
 
@@ -573,7 +626,7 @@ impl Enforcer {
     /// for all cookie requests, one for all peer requests, per namespace).
     /// Results come back in the order of `ops`.
     pub fn run_batch(&self, ops: Vec<Op>) -> Vec<Result<Disabled>> {
-        let _lock = match Lock::acquire(&self.layout) {
+        let _lock = match self.lock() {
             Ok(l) => l,
             Err(e) => {
                 let again = |e: &Error| match e {
@@ -665,19 +718,33 @@ impl Enforcer {
                 let map = loader::open_map(&self.layout, maps::CONNS)?;
                 let conns: HashMap<_, u64, ConnInfo> = HashMap::try_from(map)
                     .map_err(|e| Error::map("opening the connection map", e))?;
+                let journal = Journal::new(&self.layout);
                 for c in &found {
+                    journal.begin(&Entry {
+                        step: Step::Add,
+                        cookie: c.cookie,
+                        netns: op.netns.clone(),
+                    })?;
                     holders.add(c.cookie, id)?;
                     // Closed meanwhile: the kernel dropped its entries, and
                     // would not drop a count written after that.
                     if conns.get(&c.cookie, 0).is_err() {
                         holders.forget(c.cookie);
                     }
+                    journal.end();
                 }
             }
             (Action::Disable, None) => {
                 let mut holders = Holders::open(&self.layout)?;
+                let journal = Journal::new(&self.layout);
                 for c in &found {
+                    journal.begin(&Entry {
+                        step: Step::Clear,
+                        cookie: c.cookie,
+                        netns: op.netns.clone(),
+                    })?;
                     holders.clear(c.cookie);
+                    journal.end();
                 }
             }
             _ => {}
@@ -699,10 +766,20 @@ impl Enforcer {
             changed: Vec::new(),
             kept: Vec::new(),
         };
+        let journal = Journal::new(&self.layout);
         for c in found {
+            journal.begin(&Entry {
+                step: Step::Remove,
+                cookie: c.cookie,
+                netns: op.netns.clone(),
+            })?;
             // A connection this holder never held (another call's, or a
             // reconnection) stays as it is.
-            let remaining = match holders.remove(c.cookie, id)? {
+            let removed = holders.remove(c.cookie, id);
+            if !matches!(removed, Ok(Some(0))) {
+                journal.end();
+            }
+            let remaining = match removed? {
                 Some(n) => n,
                 None => {
                     let n = holders.count_of(c.cookie);
@@ -725,6 +802,7 @@ impl Enforcer {
                     Action::Disable,
                     netns,
                 )?);
+                journal.end();
             }
         }
         Ok(out)
@@ -922,14 +1000,14 @@ impl Enforcer {
 
     /// Removes the holder entries of connections that closed.
     pub fn sweep_holders(&self) -> Result<()> {
-        let _lock = Lock::acquire(&self.layout)?;
+        let _lock = self.lock()?;
         Holders::open(&self.layout)?.all();
         Ok(())
     }
 
     /// Fills in each connection's holders.
     pub fn attach_holders(&self, conns: &mut [ConnStatus]) -> Result<()> {
-        let _lock = Lock::acquire(&self.layout)?;
+        let _lock = self.lock()?;
         let mut all = Holders::open(&self.layout)?.all();
         for c in conns {
             c.holders = Some(all.remove(&c.cookie).unwrap_or_default());

@@ -151,6 +151,30 @@ impl Holders {
         self.clear(cookie);
     }
 
+    /// Sets a connection's count to its number of holder entries (after a
+    /// command was killed between the two); forgets it when `alive` is
+    /// false. Returns the count.
+    pub fn recount(&mut self, cookie: u64, alive: bool) -> Result<u32> {
+        if !alive {
+            self.clear(cookie);
+            return Ok(0);
+        }
+        let n = self
+            .set
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.cookie == cookie)
+            .count() as u32;
+        if n == 0 {
+            let _ = self.count.remove(&cookie);
+        } else {
+            self.count
+                .insert(cookie, n, 0)
+                .map_err(|e| Error::map("counting holders", e))?;
+        }
+        Ok(n)
+    }
+
     /// Removes every holder of a connection.
     pub fn clear(&mut self, cookie: u64) {
         let mine: Vec<HolderKey> = self

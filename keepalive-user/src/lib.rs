@@ -13,6 +13,7 @@ pub mod events;
 pub mod feed;
 pub mod holders;
 pub mod index;
+pub mod journal;
 pub mod loader;
 pub mod paths;
 pub mod policy;

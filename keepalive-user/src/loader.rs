@@ -31,6 +31,9 @@ pub struct Installation {
     /// detaches it when the cgroup is removed, as a service manager does
     /// on every restart of the service (`systemctl restart kamailio`).
     pub attached: bool,
+    /// Whether the load completed (existing connections indexed). A load
+    /// that was killed is completed by the next command.
+    pub seeded: bool,
 }
 
 /// What `load` did.
@@ -233,6 +236,7 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
         attached: link.cgroup_id != 0
             && link.cgroup_id == meta.cgroup_id
             && at_path == Some(meta.cgroup_id),
+        seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
     }))
 }
 
@@ -278,6 +282,7 @@ fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         cgroup: cgroup.path.clone(),
         cgroup_id: cgroup.id,
         attached: true,
+        seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
     })
 }
 
@@ -326,12 +331,29 @@ pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
 }
 
 pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
+    let stale = || {
+        Error::Io {
+        what: format!(
+            "the installation in {} was loaded by another version of tcpka; run `tcpka unload` and `tcpka load` (connections keep their keepalive)",
+            layout.dir().display()
+        ),
+        source: std::io::ErrorKind::InvalidData.into(),
+    }
+    };
+    match aya::maps::MapInfo::from_pin(layout.map(maps::META)) {
+        Ok(info) if info.value_size() as usize != size_of::<Meta>() => return Err(stale()),
+        _ => {}
+    }
     let map = open_map(layout, maps::META)?;
     let array: Array<_, Meta> =
         Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
-    array
+    let meta = array
         .get(&0, 0)
-        .map_err(|e| Error::map("reading the installation record", e))
+        .map_err(|e| Error::map("reading the installation record", e))?;
+    if meta.version != keepalive_common::meta::LAYOUT_VERSION {
+        return Err(stale());
+    }
+    Ok(meta)
 }
 
 pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
@@ -356,6 +378,14 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
             return reattach(layout, cgroup).map(LoadOutcome::Reattached);
         }
         if current.cgroup_id == cgroup.id {
+            if !current.seeded {
+                repair_seed(layout)?;
+                return installed(layout)?
+                    .map(LoadOutcome::AlreadyLoaded)
+                    .ok_or_else(|| Error::NotLoaded {
+                        pin_dir: layout.dir().into(),
+                    });
+            }
             return Ok(LoadOutcome::AlreadyLoaded(current));
         }
         return Err(Error::LoadedElsewhere {
@@ -537,6 +567,8 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         next_rule_id: 1,
         cgroup_path_len: 0,
         cgroup_path: [0; keepalive_common::meta::PATH_MAX],
+        flags: 0,
+        version: keepalive_common::meta::LAYOUT_VERSION,
     };
     set_meta_cgroup(&mut meta, cgroup);
     {
@@ -665,14 +697,39 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     // and the connections of our own namespace (others are indexed when
     // first asked about). fd_install and the state tracepoint are attached
     // already, so nothing falls between the two.
-    crate::index::seed_fds(layout)?;
-    crate::index::seed_netns(layout, None)?;
+    seed(layout)?;
     Ok(Installation {
         pin_dir: layout.dir().to_path_buf(),
         cgroup: cgroup.path.clone(),
         cgroup_id: cgroup.id,
         attached: true,
+        seeded: true,
     })
+}
+
+/// Indexes what existed before the programs were attached, then records
+/// that the load is complete. A load killed before this point leaves an
+/// installation that [`repair_seed`] completes.
+fn seed(layout: &PinLayout) -> Result<()> {
+    crate::index::seed_fds(layout)?;
+    crate::index::seed_netns(layout, None)?;
+    let mut meta = read_meta(layout)?;
+    meta.flags |= keepalive_common::meta::FLAG_SEEDED;
+    write_meta(layout, &meta)
+}
+
+/// Completes a load that was killed before it indexed the existing
+/// connections. Call with the lock held. Returns whether it did.
+pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
+    if !layout.sock_ops_link().exists() {
+        return Ok(false);
+    }
+    if read_meta(layout)?.flags & keepalive_common::meta::FLAG_SEEDED != 0 {
+        return Ok(false);
+    }
+    log::warn!("completing a load that was interrupted: indexing existing connections");
+    seed(layout)?;
+    Ok(true)
 }
 
 fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>
@@ -731,6 +788,8 @@ fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
         drop(link);
     }
     found |= remove_pins(layout)?;
+    // A holder change left unfinished has nothing left to finish.
+    crate::journal::Journal::new(layout).end();
     Ok(found)
 }
 

@@ -662,6 +662,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }));
             } else {
                 tcpka::outln!("loaded: cgroup {}", installation.cgroup.display());
+                if !installation.seeded {
+                    tcpka::outln!(
+                        "load: INTERRUPTED: existing connections are not indexed yet; the next command (or `tcpka load`) completes it"
+                    );
+                }
                 if installation.attached {
                     tcpka::outln!("attached: yes");
                 } else {

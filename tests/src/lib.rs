@@ -281,6 +281,7 @@ impl Drop for Tcpka {
         // The lock file tcpka made for this test's pin directory.
         let _ = std::fs::remove_file(layout.lock_file());
         let _ = std::fs::remove_file(layout.lock_file().with_extension("serve"));
+        let _ = std::fs::remove_file(layout.lock_file().with_extension("journal"));
     }
 }
 

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     // with curl; the fresh-host tests use unshare and flock (util-linux).
     "curl",
     "util-linux",
+    // The crash tests kill tcpka at each BPF syscall (strace -e inject).
+    "strace",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
