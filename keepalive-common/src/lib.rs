@@ -266,6 +266,11 @@ pub mod stats {
     /// `timeout`/`reset`/`aborted` events lost because their ring buffer was
     /// full.
     pub const ALERTS_DROPPED: u32 = 6;
+    /// Connections that found every slot of their peer taken (the peer is
+    /// then marked as overflowed). Counted before the mark is written, so
+    /// that user space can tell whether one happened while it was clearing
+    /// a mark.
+    pub const PEER_OVERFLOWS: u32 = 7;
     /// Number of counters.
     pub const LEN: u32 = 8;
 }
@@ -417,8 +422,10 @@ pub mod holders {
         pub id: [u8; ID_MAX],
     }
 
-    /// Capacity of the holder map.
-    pub const MAX_ENTRIES: u32 = 1 << 20;
+    /// Capacity of the holder map: holders of all connections together
+    /// (about 20 MB of kernel memory when full). More are refused until
+    /// some are released.
+    pub const MAX_ENTRIES: u32 = 1 << 17;
 }
 
 /// Events the programs report to user space through the ring buffer.

@@ -60,6 +60,8 @@ pub fn add(sk: *const u8, cookie: u64) {
     // No slot (or no room): the peer may now have connections the index
     // does not list; user space walks for it from now on.
     key.slot = SLOT_OVERFLOW;
+    // NB: counted before the mark is written (see stats::PEER_OVERFLOWS).
+    count(stats::PEER_OVERFLOWS);
     if full || PEERS.insert(&key, &0, 0).is_err() {
         count(stats::INDEX_FULL);
     }

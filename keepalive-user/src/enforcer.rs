@@ -52,6 +52,10 @@ pub struct Counters {
     pub conns_closed: u64,
     pub events_dropped: u64,
     pub alerts_dropped: u64,
+    /// Connections not indexed because the index was full.
+    pub index_full: u64,
+    /// Connections that found their peer's index slots taken.
+    pub peer_overflows: u64,
 }
 
 impl Enforcer {
@@ -216,6 +220,8 @@ impl Enforcer {
             conns_closed: get(stats::CONNS_CLOSED)?,
             events_dropped: get(stats::EVENTS_DROPPED)?,
             alerts_dropped: get(stats::ALERTS_DROPPED)?,
+            index_full: get(stats::INDEX_FULL)?,
+            peer_overflows: get(stats::PEER_OVERFLOWS)?,
         })
     }
 }
@@ -646,11 +652,21 @@ impl Enforcer {
             }
         };
         let mut results: Vec<Option<Result<Disabled>>> = ops.iter().map(|_| None).collect();
+        // Before any walk: see index::try_clear_overflow.
+        let epoch = crate::index::overflow_epoch(&self.layout).ok();
         let mut walk: Vec<usize> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             if matches!(op.action, Action::Disable) && op.holder.is_some() {
                 results[i] = Some(self.disable_held_locked(op));
                 continue;
+            }
+            // A holder that cannot be recorded must not leave a policy
+            // applied without it: check for room before anything changes.
+            if matches!(op.action, Action::Enable(_)) && op.holder.is_some() {
+                if let Err(e) = Holders::open(&self.layout).and_then(|mut h| h.check_room()) {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
             }
             match self.try_index(op.conn, op.local, op.action, op.netns.as_deref()) {
                 Ok(Some(found)) => results[i] = Some(self.finish(op, found)),
@@ -687,6 +703,22 @@ impl Enforcer {
             match self.walk(&items, first.netns.as_deref()) {
                 Ok(found) => {
                     for (&i, found) in group.iter().zip(found) {
+                        // A walk for a whole peer sees all its connections:
+                        // an overflowed peer may go back to the index.
+                        if let (ConnSpec::Peer(peer), None, Some(epoch)) =
+                            (ops[i].conn, ops[i].local, epoch)
+                        {
+                            let cookies: Vec<u64> = found.iter().map(|c| c.cookie).collect();
+                            if let Err(e) = crate::index::try_clear_overflow(
+                                &self.layout,
+                                peer,
+                                ops[i].netns.as_deref(),
+                                &cookies,
+                                epoch,
+                            ) {
+                                log::warn!("re-indexing {peer}: {e}");
+                            }
+                        }
                         results[i] = Some(self.finish(&ops[i], found));
                     }
                 }

@@ -77,6 +77,29 @@ fn id_of(k: &HolderKey) -> String {
     String::from_utf8_lossy(&k.id[..end]).into_owned()
 }
 
+/// A full map is [`Error::HoldersFull`]; anything else is itself.
+fn full_or(e: MapError, what: &str) -> Error {
+    match &e {
+        MapError::SyscallError(s)
+            if matches!(
+                s.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+            ) =>
+        {
+            Error::HoldersFull(keepalive_common::holders::MAX_ENTRIES)
+        }
+        _ => Error::map(what, e),
+    }
+}
+
+/// How many holder entries exist (all connections).
+pub fn total(layout: &PinLayout) -> Result<usize> {
+    let set: HashMap<MapData, HolderKey, u8> =
+        HashMap::try_from(loader::open_map(layout, maps::HOLDERS)?)
+            .map_err(|e| Error::map("opening the holder maps", e))?;
+    Ok(set.keys().filter(Result::is_ok).count())
+}
+
 /// The holder maps of one installation.
 pub struct Holders {
     set: HashMap<MapData, HolderKey, u8>,
@@ -111,19 +134,27 @@ impl Holders {
         if self.set.get(&k, 0).is_ok() {
             return Ok(self.count(cookie));
         }
-        let n = self.count(cookie) + 1;
+        let before = self.count(cookie);
+        let n = before + 1;
         self.count
             .insert(cookie, n, 0)
-            .map_err(|e| Error::map("counting holders", e))?;
+            .map_err(|e| full_or(e, "counting holders"))?;
+        let undo = |count: &mut HashMap<MapData, u64, u32>| {
+            if before == 0 {
+                let _ = count.remove(&cookie);
+            } else {
+                let _ = count.insert(cookie, before, 0);
+            }
+        };
         match self.set.insert(k, 1, BPF_NOEXIST) {
             Ok(()) => Ok(n),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                let _ = self.count.insert(cookie, n - 1, 0);
-                Ok(n - 1)
+                undo(&mut self.count);
+                Ok(before)
             }
             Err(e) => {
-                let _ = self.count.insert(cookie, n - 1, 0);
-                Err(Error::map("adding a holder", e))
+                undo(&mut self.count);
+                Err(full_or(e, "adding a holder"))
             }
         }
     }
@@ -149,6 +180,25 @@ impl Holders {
     /// already) and its holder entries.
     pub fn forget(&mut self, cookie: u64) {
         self.clear(cookie);
+    }
+
+    /// Fails with [`Error::HoldersFull`] when no holder can be added (by
+    /// adding and removing a placeholder, so that the check is the map's
+    /// own).
+    pub fn check_room(&mut self) -> Result<()> {
+        // NB: cookie 0 is never a socket's.
+        let probe = key(0, "#room");
+        match self.set.insert(probe, 1, BPF_NOEXIST) {
+            Ok(()) => {
+                let _ = self.set.remove(&probe);
+                Ok(())
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = self.set.remove(&probe);
+                Ok(())
+            }
+            Err(e) => Err(full_or(e, "checking the holder table")),
+        }
     }
 
     /// Sets a connection's count to its number of holder entries (after a

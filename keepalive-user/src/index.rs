@@ -141,6 +141,106 @@ pub fn resolve(
     Ok(Some(held))
 }
 
+/// How complete the connection index is.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct IndexState {
+    /// Connections indexed by peer.
+    pub entries: usize,
+    /// Capacity of the peer index.
+    pub capacity: u32,
+    /// Connections the kernel could not index since load because the
+    /// index was full. While non-zero, every peer lookup walks the socket
+    /// table.
+    pub failures: u64,
+    /// Peers with more connections than the index has slots for: lookups
+    /// of these peers walk the socket table.
+    pub overflowed_peers: usize,
+}
+
+/// Reads the index's fill and failures (walks the peer map: for `info`).
+pub fn state(layout: &PinLayout) -> Result<IndexState> {
+    let map = loader::open_map(layout, maps::PEERS)?;
+    let peers: HashMap<_, IndexKey, u64> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+    let mut out = IndexState {
+        capacity: keepalive_common::index::MAX_ENTRIES,
+        ..IndexState::default()
+    };
+    for k in peers.keys().filter_map(Result::ok) {
+        if k.slot == SLOT_OVERFLOW {
+            out.overflowed_peers += 1;
+        } else {
+            out.entries += 1;
+        }
+    }
+    let map = loader::open_map(layout, maps::STATS)?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
+    out.failures = counters
+        .get(&stats::INDEX_FULL, 0)
+        .map_err(|e| Error::map("reading the counters", e))?
+        .iter()
+        .sum();
+    Ok(out)
+}
+
+/// The kernel's count of peer overflows (see `stats::PEER_OVERFLOWS`).
+pub fn overflow_epoch(layout: &PinLayout) -> Result<u64> {
+    let map = loader::open_map(layout, maps::STATS)?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
+    Ok(counters
+        .get(&stats::PEER_OVERFLOWS, 0)
+        .map_err(|e| Error::map("reading the counters", e))?
+        .iter()
+        .sum())
+}
+
+/// After a walk found every connection to `peer` (`found`), clears the
+/// peer's overflow mark when all of them are indexed again, so that its
+/// lookups go back to the index. `epoch` is [`overflow_epoch`] from before
+/// the walk: if any connection overflowed since, the mark is put back.
+/// Returns whether the mark was cleared.
+pub fn try_clear_overflow(
+    layout: &PinLayout,
+    peer: SocketAddr,
+    netns: Option<&Path>,
+    found: &[u64],
+    epoch: u64,
+) -> Result<bool> {
+    if found.len() > PEER_SLOTS as usize {
+        return Ok(false);
+    }
+    let inode = netns_inode(netns)?;
+    let map = loader::open_map(layout, maps::PEERS)?;
+    let mut peers: HashMap<_, IndexKey, u64> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+    let key = IndexKey {
+        netns: inode as u32,
+        addr: v6_bytes(peer.ip()),
+        port: peer.port(),
+        slot: SLOT_OVERFLOW,
+    };
+    if peers.get(&key, 0).is_err() {
+        return Ok(false);
+    }
+    let map = loader::open_map(layout, maps::SLOTS)?;
+    let slots: HashMap<MapData, u64, SlotInfo> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the slot map", e))?;
+    if found.iter().any(|c| slots.get(c, 0).is_err()) {
+        return Ok(false);
+    }
+    peers
+        .remove(&key)
+        .map_err(|e| Error::map("clearing an overflow mark", e))?;
+    if overflow_epoch(layout)? != epoch {
+        let _ = peers.insert(key, 0, 0);
+        return Ok(false);
+    }
+    log::debug!("{peer}: every connection is indexed again");
+    Ok(true)
+}
+
 /// Set when the kernel could not index some connection: peer lookups are
 /// not complete any more and must walk.
 fn index_overflowed(layout: &PinLayout) -> Result<bool> {

@@ -95,6 +95,10 @@ pub enum Error {
     DuplicateRule(u32),
     #[error("the rule table is full ({0} rules)")]
     RulesFull(u32),
+    #[error(
+        "the holder table is full ({0} holders on all connections); release holders of calls that ended (disable --holder)"
+    )]
+    HoldersFull(u32),
     #[error("cgroup: {0}")]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{what}")]

@@ -652,12 +652,19 @@ fn run(cli: Cli) -> Result<(), Error> {
             let rules = enforcer.rules()?.len();
             let managed = enforcer.managed()?.len();
             let counters = enforcer.counters()?;
+            let layout = enforcer.layout();
+            let holders = tcpka::holders::total(layout)?;
+            let holder_cap = keepalive_common::holders::MAX_ENTRIES;
+            let index = tcpka::index::state(layout)?;
             if a.json {
                 print_json(&serde_json::json!({
                     "loaded": true,
                     "installation": installation,
                     "rules": rules,
                     "managed_connections": managed,
+                    "connection_capacity": keepalive_common::CONNS_MAX_ENTRIES,
+                    "holders": { "count": holders, "capacity": holder_cap },
+                    "index": index,
                     "counters": counters,
                 }));
             } else {
@@ -676,7 +683,32 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 tcpka::outln!("pins: {}", installation.pin_dir.display());
                 tcpka::outln!("rules: {rules}");
-                tcpka::outln!("managed connections: {managed}");
+                tcpka::outln!(
+                    "managed connections: {managed} of {}",
+                    keepalive_common::CONNS_MAX_ENTRIES
+                );
+                tcpka::outln!("holders: {holders} of {holder_cap}");
+                if index.failures > 0 {
+                    tcpka::outln!(
+                        "index: INCOMPLETE: full, {} connections not indexed ({} of {} entries); every peer lookup walks the socket table",
+                        index.failures,
+                        index.entries,
+                        index.capacity
+                    );
+                } else if index.overflowed_peers > 0 {
+                    tcpka::outln!(
+                        "index: INCOMPLETE: {} peers have more connections than their slots; lookups of those peers walk the socket table ({} of {} entries)",
+                        index.overflowed_peers,
+                        index.entries,
+                        index.capacity
+                    );
+                } else {
+                    tcpka::outln!(
+                        "index: complete ({} of {} entries)",
+                        index.entries,
+                        index.capacity
+                    );
+                }
                 tcpka::outln!("applied by rule: {}", counters.applied_by_rule);
                 tcpka::outln!("setsockopt errors: {}", counters.setsockopt_errors);
                 tcpka::outln!("connection map full: {}", counters.conns_map_full);

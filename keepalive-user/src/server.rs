@@ -183,6 +183,8 @@ struct Metrics {
     seen_rule_applied: AtomicU64,
     seen_kernel_dropped: AtomicU64,
     seen_alerts_dropped: AtomicU64,
+    seen_index_full: AtomicU64,
+    seen_peer_overflows: AtomicU64,
     seen_setsockopt_errors: AtomicU64,
     seen_index_hits: AtomicU64,
     seen_walks: AtomicU64,
@@ -273,6 +275,8 @@ impl Metrics {
             seen_rule_applied: AtomicU64::new(0),
             seen_kernel_dropped: AtomicU64::new(0),
             seen_alerts_dropped: AtomicU64::new(0),
+            seen_index_full: AtomicU64::new(0),
+            seen_peer_overflows: AtomicU64::new(0),
             seen_setsockopt_errors: AtomicU64::new(0),
             seen_index_hits: AtomicU64::new(0),
             seen_walks: AtomicU64::new(0),
@@ -317,6 +321,7 @@ fn failure(state: &AppState, op: &str, e: &Error) -> Response {
         Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
         Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
         Error::LockBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        Error::HoldersFull(_) | Error::RulesFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "full"),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
     };
     state.metrics.command(op, result);
@@ -698,6 +703,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 c.events_dropped,
                 &m.errors
                     .get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
+            );
+            add(
+                &m.seen_index_full,
+                c.index_full,
+                &m.errors.get_or_create(&labels(&[("kind", "index_full")])),
+            );
+            add(
+                &m.seen_peer_overflows,
+                c.peer_overflows,
+                &m.errors
+                    .get_or_create(&labels(&[("kind", "index_peer_overflow")])),
             );
             add(
                 &m.seen_alerts_dropped,
