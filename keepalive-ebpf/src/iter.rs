@@ -29,6 +29,9 @@ use crate::{
     sock::{ends, load, Ends, SKC_DPORT},
 };
 
+/// `TCP_LISTEN` in `enum tcp_state`.
+const TCP_LISTEN: u8 = 10;
+
 /// `struct bpf_iter_meta`: only the seq_file pointer is used.
 #[repr(C)]
 struct IterMeta {
@@ -180,6 +183,12 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
     let Some(req) = find_request(cookie, &e) else {
         return 0;
     };
+    // NB: a listening socket's options pass to every connection it
+    // accepts from then on: never changed here (user space refuses it).
+    if e.state == TCP_LISTEN {
+        report(seq, tp, cookie, &e, 0);
+        return 0;
+    }
     let mut failed = 0;
     if req.op == OP_ENABLE {
         if !apply_policy(tp, &req.policy) {

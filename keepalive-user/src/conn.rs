@@ -29,8 +29,14 @@ fn bad(value: &str, reason: &'static str) -> InvalidInput {
     }
 }
 
+/// Why an IPv6 zone id is refused rather than dropped.
+const ZONE: &str = "IPv6 zone ids (%...) are not supported: connections are matched by address and port; narrow with --local or --netns";
+
 /// Parses `IP:PORT` or `[IPv6]:PORT`, with the port in 1..=65535.
 pub fn parse_endpoint(s: &str) -> Result<SocketAddr, InvalidInput> {
+    if s.contains('%') {
+        return Err(bad(s, ZONE));
+    }
     let addr: SocketAddr = s
         .parse()
         .map_err(|_| bad(s, "expected IP:PORT or [IPv6]:PORT"))?;
@@ -69,6 +75,9 @@ fn parse_sip(rest: &str, default_port: u16, whole: &str) -> Result<SocketAddr, I
         }
     }
     let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    if hostport.contains('%') {
+        return Err(bad(whole, ZONE));
+    }
     if let Ok(a) = parse_endpoint(hostport) {
         return Ok(a);
     }
@@ -156,6 +165,20 @@ pub fn endpoint(family: u32, addr: [u8; 16], port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zone_ids_are_refused() {
+        for s in [
+            "[fe80::1%2]:5060",
+            "[fe80::1%eth0]:5060",
+            "sip:[fe80::1%25eth0]:5060",
+        ] {
+            let e = s.parse::<ConnSpec>().unwrap_err().to_string();
+            assert!(e.contains("zone"), "{s}: {e}");
+        }
+        assert!(parse_endpoint("[fe80::1%2]:5060").is_err());
+        assert!("sip:al%20ice@10.0.0.2:5060".parse::<ConnSpec>().is_ok());
+    }
 
     fn peer(s: &str) -> SocketAddr {
         match s.parse::<ConnSpec>().unwrap() {

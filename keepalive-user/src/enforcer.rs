@@ -744,6 +744,13 @@ impl Enforcer {
         if found.is_empty() {
             return Err(no_such(op.conn, op.local));
         }
+        if !matches!(op.action, Action::Query) && found.iter().any(|c| c.state == "listen") {
+            // The kernel programs leave listening sockets alone.
+            return Err(Error::Invalid(crate::InvalidInput::Conn {
+                value: op.conn.to_string(),
+                reason: "is a listening socket: its keepalive would pass to every connection it accepts; use `tcpka rule add --local-port PORT` for those",
+            }));
+        }
         match (&op.action, &op.holder) {
             (Action::Enable(_), Some(id)) => {
                 let mut holders = Holders::open(&self.layout)?;

@@ -78,6 +78,10 @@ pub enum InvalidInput {
 pub enum Error {
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
+    #[error(
+        "{what}: permission denied; tcpka needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE"
+    )]
+    NoPrivilege { what: String },
     #[error("tcpka is not loaded (no pins in {pin_dir}); run `tcpka load` first")]
     NotLoaded { pin_dir: PathBuf },
     #[error(

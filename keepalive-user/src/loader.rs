@@ -215,9 +215,23 @@ fn open_lock_file(path: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Whether the installation's sock_ops link is pinned. A pin directory we
+/// may not look into is an error that says which privilege is missing,
+/// not "not loaded".
+pub fn is_loaded(layout: &PinLayout) -> Result<bool> {
+    match std::fs::symlink_metadata(layout.sock_ops_link()) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::NoPrivilege {
+            what: format!("reading {}", layout.dir().display()),
+        }),
+        Err(e) => Err(Error::io(format!("reading {}", layout.dir().display()), e)),
+    }
+}
+
 /// Reads the installation record, or `None` when nothing is loaded.
 pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
-    if !layout.sock_ops_link().exists() {
+    if !is_loaded(layout)? {
         return Ok(None);
     }
     let meta = read_meta(layout)?;
@@ -319,7 +333,7 @@ pub fn repair_attachment(layout: &PinLayout) -> Result<Option<Installation>> {
 
 /// Opens a pinned map of a loaded installation.
 pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
-    if !layout.sock_ops_link().exists() {
+    if !is_loaded(layout)? {
         return Err(Error::NotLoaded {
             pin_dir: layout.dir().into(),
         });
@@ -430,12 +444,15 @@ fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
         return check_pin_dir(layout);
     }
     if parent == Path::new(crate::paths::BPFFS) {
+        // NB: mode=700 as systemd mounts it (bpffs defaults to 1777).
         nix::mount::mount(
             Some("bpf"),
             parent,
             Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some("mode=700"),
         )
         .map_err(|e| Error::io(format!("mounting bpffs on {}", parent.display()), e.into()))?;
         return check_pin_dir(layout);
@@ -503,8 +520,14 @@ fn check_pin_dir(layout: &PinLayout) -> Result<()> {
 }
 
 fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
-    std::fs::create_dir_all(layout.dir())
-        .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(layout.dir())
+            .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
+    }
     let kernel_btf = crate::btf::Btf::from_sys_fs()?;
     let v6_daddr = kernel_btf.member_offset("sock_common", "skc_v6_daddr")?;
     let v6_saddr = kernel_btf.member_offset("sock_common", "skc_v6_rcv_saddr")?;

@@ -113,10 +113,21 @@ struct ServeArgs {
     /// generated token file 0640.
     #[arg(long, value_name = "GROUP")]
     api_group: Option<String>,
-    /// POST each timeout/reset/closed event as JSON to this URL (retried
-    /// with backoff; a bounded queue, drops counted in /metrics).
+    /// POST each timeout/reset/closed/aborted event (and gap markers) as
+    /// JSON to this URL, http:// or https:// (retried with backoff; a
+    /// bounded queue, drops counted in /metrics and reported as a gap).
     #[arg(long, value_name = "URL")]
     webhook: Option<String>,
+    /// Sign every webhook request with this secret (the file's first
+    /// line): headers X-Tcpka-Timestamp (Unix seconds) and
+    /// X-Tcpka-Signature: sha256=HEX, the HMAC-SHA256 of
+    /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
+    #[arg(long, value_name = "FILE", requires = "webhook")]
+    webhook_secret_file: Option<PathBuf>,
+    /// Also trust the CA certificate(s) in this PEM file for an https://
+    /// webhook (the public web's CAs are trusted already).
+    #[arg(long, value_name = "FILE", requires = "webhook")]
+    webhook_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -269,10 +280,49 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tcpka::errln!("error: {}", one_line(&e));
+            let mut msg = one_line(&e);
+            if let Some(hint) = privilege_hint(&msg) {
+                msg.push_str("; ");
+                msg.push_str(&hint);
+            }
+            tcpka::errln!("error: {msg}");
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// Capabilities tcpka's commands use, by bit number.
+const CAPS: [(u32, &str); 5] = [
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
+];
+
+/// For an error the kernel gave for lack of privilege: which capabilities
+/// this process lacks.
+fn privilege_hint(msg: &str) -> Option<String> {
+    if !msg.contains("Permission denied") && !msg.contains("Operation not permitted") {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    let missing: Vec<&str> = CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "tcpka needs root (this process lacks {})",
+        missing.join(", ")
+    ))
 }
 
 /// The error and its causes on one line.
@@ -734,7 +784,28 @@ fn run(cli: Cli) -> Result<(), Error> {
                 listen: a.listen,
                 token,
                 api_group,
-                webhook: a.webhook,
+                webhook: a
+                    .webhook
+                    .map(|url| {
+                        Ok::<_, Error>(server::WebhookConfig {
+                            url,
+                            secret: a
+                                .webhook_secret_file
+                                .as_deref()
+                                .map(tcpka::access::read_token_file)
+                                .transpose()?,
+                            ca_pem: a
+                                .webhook_ca
+                                .as_deref()
+                                .map(|p| {
+                                    std::fs::read(p).map_err(|e| {
+                                        Error::io(format!("reading {}", p.display()), e)
+                                    })
+                                })
+                                .transpose()?,
+                        })
+                    })
+                    .transpose()?,
                 json: a.json,
             };
             runtime()?.block_on(server::run(layout, cgroup, config))?;

@@ -99,6 +99,29 @@ impl Listen {
     }
 }
 
+/// Where and how events are POSTed.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// http:// or https:// URL.
+    pub url: String,
+    /// HMAC-SHA256 key for the X-Tcpka-Signature header.
+    pub secret: Option<String>,
+    /// Extra CA certificates (PEM) to trust for https.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// The signature headers of one webhook body: (timestamp, "sha256=HEX").
+pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
 /// Daemon settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -109,7 +132,7 @@ pub struct Config {
     /// Group whose members may use a unix socket listener (root always
     /// may); the socket is then mode 0660 with that group, else 0600.
     pub api_group: Option<u32>,
-    pub webhook: Option<String>,
+    pub webhook: Option<WebhookConfig>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
 }
@@ -882,15 +905,36 @@ struct Webhook {
 /// 100 ms, 200 ms, 400 ms apart (about 9 s at worst); a 4xx answer is not
 /// retried. Events wait in a bounded queue; what does not fit, or fails
 /// every attempt, is counted as dropped.
-fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> Webhook {
+fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook, Error> {
+    let bad = |what: String| Error::Invalid(InvalidInput::Listen(what));
+    if !config.url.starts_with("http://") && !config.url.starts_with("https://") {
+        return Err(bad(format!(
+            "--webhook {:?}: needs an http:// or https:// URL",
+            config.url
+        )));
+    }
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .https_only(config.url.starts_with("https://"));
+    if let Some(pem) = &config.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| bad(format!("--webhook-ca: {e}")))?;
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    let client = builder.build().map_err(|e| {
+        Error::io(
+            format!("the webhook client: {e}"),
+            std::io::ErrorKind::Other.into(),
+        )
+    })?;
+    let url = config.url;
+    let secret = config.secret;
     let (tx, mut rx) = mpsc::channel::<Arc<Message>>(WEBHOOK_QUEUE);
     let missed = Arc::new(AtomicU64::new(0));
     let lost = missed.clone();
     tokio::spawn(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("an HTTP client without TLS");
         let mut pending_gap: Option<Arc<Message>> = None;
         loop {
             // What was lost since the last delivery goes first, as a gap.
@@ -913,7 +957,19 @@ fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> Webhook {
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                match client.post(&url).json(&*rec).send().await {
+                let body = serde_json::to_vec(&*rec).expect("plain data");
+                let mut req = client
+                    .post(&url)
+                    .header(header::CONTENT_TYPE, "application/json");
+                if let Some(key) = &secret {
+                    let ts = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    req = req
+                        .header("X-Tcpka-Timestamp", ts.to_string())
+                        .header("X-Tcpka-Signature", sign(key.as_bytes(), ts, &body));
+                }
+                match req.body(body).send().await {
                     Ok(r) if r.status().is_success() => {
                         delivered = true;
                         break;
@@ -934,7 +990,7 @@ fn spawn_webhook(url: String, metrics: Arc<Metrics>) -> Webhook {
             }
         }
     });
-    Webhook { tx, missed }
+    Ok(Webhook { tx, missed })
 }
 
 /// Sweeps holder entries of closed connections now and then, so that the
@@ -1111,6 +1167,14 @@ pub async fn run(
             "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
         )));
     }
+    // Everything the configuration can get wrong is found before anything
+    // is loaded.
+    let metrics = Arc::new(Metrics::new());
+    let webhook = config
+        .webhook
+        .clone()
+        .map(|w| spawn_webhook(w, metrics.clone()))
+        .transpose()?;
     let _serving = loader::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
@@ -1129,7 +1193,6 @@ pub async fn run(
         i.cgroup.display(),
         i.pin_dir.display()
     );
-    let metrics = Arc::new(Metrics::new());
     let (events_tx, _) = broadcast::channel(4096);
     let enforcer = Enforcer::new(layout.clone());
     let state = AppState {
@@ -1140,10 +1203,6 @@ pub async fn run(
         token: config.token.as_deref().map(Arc::from),
         api_group: config.api_group,
     };
-    let webhook = config
-        .webhook
-        .clone()
-        .map(|url| spawn_webhook(url, metrics.clone()));
     spawn_feed(&layout, &state, webhook, config.json);
     spawn_holder_sweep(state.enforcer.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());

@@ -378,3 +378,108 @@ fn reset_client_enabled(e: &Env, l: &TcpListener) -> u64 {
     let _ = c.write_all(b"x");
     ck
 }
+
+/// The webhook over HTTPS (a private CA given with --webhook-ca), each
+/// event signed with HMAC-SHA256 so that the receiver can reject forgeries.
+#[test]
+fn https_webhook_with_signed_events() {
+    let e = Env::outside();
+    let dir = std::env::temp_dir().join(unique("tcpka-tls"));
+    std::fs::create_dir(&dir).unwrap();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let openssl = |args: &[&str]| sh(&[&["openssl"], args].concat());
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tcpka test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &p("srv.key"),
+        "-out",
+        &p("srv.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("srv.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("srv.pem"),
+        "-days",
+        "1",
+        "-extfile",
+        &p("ext"),
+    ]);
+    std::fs::write(dir.join("secret"), "webhook-secret-0123456789\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/https_webhook.py");
+    let mut receiver = std::process::Command::new("python3")
+        .args([script, &p("srv.pem"), &p("srv.key"), &p("secret")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(receiver.stdout.take().unwrap());
+    let mut port = String::new();
+    out.read_line(&mut port).unwrap();
+    let url = format!("https://127.0.0.1:{}/tcpka", port.trim());
+    let rx = json_lines(out.into_inner());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _s = Serve::start(
+        &e.tcpka,
+        &e.cgroup.path,
+        &addr,
+        &[
+            "--webhook",
+            &url,
+            "--webhook-secret-file",
+            &p("secret"),
+            "--webhook-ca",
+            &p("ca.pem"),
+        ],
+    );
+    let l = listen("127.0.0.1:0");
+    let ck = reset_client_enabled(&e, &l);
+    let v = wait_for(&rx, Duration::from_secs(10), "the reset over https", |v| {
+        v["event"]["cookie"].as_u64() == Some(ck)
+    });
+    assert_eq!(v["event"]["kind"], "reset", "{v}");
+    assert_eq!(v["valid"], true, "signature: {v}");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

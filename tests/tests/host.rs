@@ -480,3 +480,62 @@ fn index_overflow_is_shown_and_lookups_stay_complete() {
     );
     drop(more);
 }
+
+/// A listening socket by cookie is refused (its options would pass to
+/// every connection it accepts); IPv6 zone ids are refused, not dropped;
+/// a user without privileges is told what is missing, not "not loaded".
+#[test]
+fn listeners_zone_ids_and_unprivileged_users() {
+    let e = Env::outside();
+    let l = listen("127.0.0.1:0");
+    let r = e
+        .tcpka
+        .run(&["enable", &format!("cookie:{}", cookie(&l)), "30", "3", "5"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("listening socket"), "{r:?}");
+    assert_eq!(keepalive(&l), KERNEL_DEFAULT);
+    let (_c, s) = connect(&l);
+    assert_eq!(
+        keepalive(&s),
+        KERNEL_DEFAULT,
+        "an accepted connection inherited it"
+    );
+    // Still readable.
+    e.tcpka
+        .run(&["status", &format!("cookie:{}", cookie(&l))])
+        .ok();
+
+    for conn in ["[fe80::1%2]:5060", "[fe80::1%eth0]:5060"] {
+        let r = e.tcpka.run(&["enable", conn, "30", "3", "5"]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains("zone"), "{r:?}");
+    }
+    let r = e.tcpka.run(&[
+        "enable",
+        "10.0.0.1:5060",
+        "30",
+        "3",
+        "5",
+        "--local",
+        "[fe80::1%2]:5060",
+    ]);
+    assert_eq!(r.code, 2, "{r:?}");
+
+    for args in [
+        &["info"][..],
+        &["rule", "list"],
+        &["enable", "10.0.0.1:5060", "30", "3", "5"],
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(tcpka_bin())
+            .args(args)
+            .env("TCPKA_PIN_DIR", &e.tcpka.pin_dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("needs root"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("not loaded"), "{args:?}: {stderr}");
+    }
+}
