@@ -550,7 +550,7 @@ mod tests {
         assert_eq!(size_of::<rules::RuleValue>(), 16 + 20);
         assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
         assert_eq!(size_of::<events::Event>(), 96);
-        assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX);
+        assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX + 8);
         assert_eq!(size_of::<requests::PeerKey>(), 20);
         assert_eq!(size_of::<index::IndexKey>(), 24);
         assert_eq!(size_of::<index::FdOwner>(), 8);
