@@ -230,8 +230,11 @@ fn api_throughput(tcpka: &Path, pin_dir: &Path, cgroup: &Path, size: usize) -> R
     }
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
+    // A token of the bench's own: nothing is written to /run/tcpka.
+    let token = format!("tcpka-bench-{}-{port}", std::process::id());
     let mut serve = Command::new(tcpka)
         .env("TCPKA_PIN_DIR", pin_dir)
+        .env("TCPKA_TOKEN", &token)
         .args(["serve", "--listen", &addr, "--cgroup"])
         .arg(cgroup)
         .stdout(Stdio::null())
@@ -255,10 +258,11 @@ fn api_throughput(tcpka: &Path, pin_dir: &Path, cgroup: &Path, size: usize) -> R
             format!(
                 "local peers = {{{}}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  \
                  local body = '{{\"conn\":\"' .. peers[(i % #peers) + 1] .. '\",\"idle\":60,\"count\":5,\"interval\":5}}'\n  \
-                 return wrk.format('POST', '/v1/enable', {{['Content-Type'] = 'application/json'}}, body)\nend\n\
+                 return wrk.format('POST', '/v1/enable', {{['Content-Type'] = 'application/json', ['Authorization'] = 'Bearer {token}'}}, body)\nend\n\
                  local bad = 0\nresponse = function(status, headers, body)\n  if status ~= 200 then bad = bad + 1 end\nend\n\
                  done = function(summary, latency, requests)\n  io.write(string.format('non-2xx: %d\\n', summary.errors.status))\nend\n",
-                peers.join(", ")
+                peers.join(", "),
+                token = token,
             ),
         )?;
         let out = Command::new("wrk")
