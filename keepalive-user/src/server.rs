@@ -935,57 +935,56 @@ fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook
     let missed = Arc::new(AtomicU64::new(0));
     let lost = missed.clone();
     tokio::spawn(async move {
-        let mut pending_gap: Option<Arc<Message>> = None;
-        loop {
-            // What was lost since the last delivery goes first, as a gap.
-            let n = lost.swap(0, Ordering::Relaxed);
-            if n > 0 {
-                pending_gap = Some(Arc::new(Message::Gap(Gap::new(n, "webhook"))));
-            }
-            let rec = match pending_gap.take() {
-                Some(g) => g,
-                None => match rx.recv().await {
-                    Some(r) => r,
-                    None => break,
-                },
-            };
-            let mut delay = Duration::from_millis(100);
-            let mut delivered = false;
-            for attempt in 0..4 {
-                if attempt > 0 {
-                    metrics.webhook("retried");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
+        let deliver = |rec: Arc<Message>| {
+            let client = client.clone();
+            let url = url.clone();
+            let secret = secret.clone();
+            let metrics = metrics.clone();
+            async move {
                 let body = serde_json::to_vec(&*rec).expect("plain data");
-                let mut req = client
-                    .post(&url)
-                    .header(header::CONTENT_TYPE, "application/json");
-                if let Some(key) = &secret {
-                    let ts = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    req = req
-                        .header("X-Tcpka-Timestamp", ts.to_string())
-                        .header("X-Tcpka-Signature", sign(key.as_bytes(), ts, &body));
-                }
-                match req.body(body).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        delivered = true;
-                        break;
+                let mut delay = Duration::from_millis(100);
+                for attempt in 0..4 {
+                    if attempt > 0 {
+                        metrics.webhook("retried");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
                     }
-                    Ok(r) if r.status().is_client_error() => {
-                        log::warn!("webhook {url}: HTTP {}; not retried", r.status());
-                        break;
+                    let mut req = client
+                        .post(&url)
+                        .header(header::CONTENT_TYPE, "application/json");
+                    if let Some(key) = &secret {
+                        let ts = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        req = req
+                            .header("X-Tcpka-Timestamp", ts.to_string())
+                            .header("X-Tcpka-Signature", sign(key.as_bytes(), ts, &body));
                     }
-                    Ok(r) => log::warn!("webhook {url}: HTTP {}", r.status()),
-                    Err(e) => log::warn!("webhook {url}: {e}"),
+                    match req.body(body.clone()).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            metrics.webhook("delivered");
+                            return true;
+                        }
+                        Ok(r) if r.status().is_client_error() => {
+                            log::warn!("webhook {url}: HTTP {}; not retried", r.status());
+                            break;
+                        }
+                        Ok(r) => log::warn!("webhook {url}: HTTP {}", r.status()),
+                        Err(e) => log::warn!("webhook {url}: {e}"),
+                    }
                 }
-            }
-            if delivered {
-                metrics.webhook("delivered");
-            } else {
                 metrics.webhook("dropped");
+                false
+            }
+        };
+        while let Some(rec) = rx.recv().await {
+            // What was lost since the last delivery goes first, as a gap;
+            // a gap that cannot be delivered either is told with the next.
+            let n = lost.swap(0, Ordering::Relaxed);
+            if n > 0 && !deliver(Arc::new(Message::Gap(Gap::new(n, "webhook")))).await {
+                lost.fetch_add(n, Ordering::Relaxed);
+            }
+            if !deliver(rec).await {
                 lost.fetch_add(1, Ordering::Relaxed);
             }
         }

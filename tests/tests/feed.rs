@@ -483,3 +483,61 @@ fn https_webhook_with_signed_events() {
     let _ = receiver.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Events the webhook could not deliver are announced to the receiver as
+/// a gap, with their count, before the next event.
+#[test]
+fn webhook_reports_what_it_could_not_deliver() {
+    let e = Env::outside();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/tcpka");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &["--webhook", &url]);
+    let l = listen("127.0.0.1:0");
+    // Nobody listens yet: every attempt for this event fails.
+    reset_client_enabled(&e, &l);
+    std::thread::sleep(Duration::from_millis(2000));
+    // The receiver comes up; the next event is preceded by a gap.
+    let receiver = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in receiver.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0;
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let mut body = vec![0; len];
+            if std::io::Read::read_exact(&mut r, &mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                    let _ = tx.send(v);
+                }
+            }
+            let mut conn = conn;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let ck = reset_client_enabled(&e, &l);
+    let first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a delivery");
+    assert_eq!(first["kind"], "gap", "{first}");
+    assert_eq!(first["reason"], "webhook", "{first}");
+    assert!(first["missed"].as_u64().unwrap() >= 1, "{first}");
+    let v = wait_for(
+        &rx,
+        Duration::from_secs(10),
+        "the reset after the gap",
+        |v| v["cookie"].as_u64() == Some(ck),
+    );
+    assert_eq!(v["kind"], "reset", "{v}");
+}
