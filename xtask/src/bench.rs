@@ -97,7 +97,7 @@ fn sockets_in_netns() -> usize {
             .unwrap_or(0)
 }
 
-pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
+pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Result<()> {
     // A private network namespace for this process and its children.
     // SAFETY: plain unshare(2); xtask is single-threaded here.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -118,7 +118,10 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.clone(),
     };
-    churn(tcpka, &pin_dir, &cgroup, &cg_root)?;
+    host_cost(tcpka, &pin_dir, &cgroup, pairs)?;
+    if sizes.is_empty() {
+        return Ok(());
+    }
     load(tcpka, &pin_dir, &cgroup)?;
 
     // One target connection per sample, each with its own listener, so
@@ -346,46 +349,118 @@ fn churn_rate(n: usize) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-/// What tcpka costs connections that come and go: the rate without tcpka,
-/// with it loaded (the state and syscall tracepoints see every TCP
-/// connection on the host), and inside the attached cgroup with a rule
-/// applied to each connection. Rounds interleave the three.
-fn churn(tcpka: &Path, pin_dir: &Path, cgroup: &Path, cg_root: &Path) -> Result<()> {
-    const N: usize = 5000;
+/// Nanoseconds per `getppid()` over `n` calls: the cheapest syscall, so
+/// any per-syscall hook shows.
+fn syscall_ns(n: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        // SAFETY: getppid has no arguments and cannot fail.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    t.elapsed().as_secs_f64() * 1e9 / n as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn range(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+/// What tcpka costs the rest of the host, as ratios from alternating pairs
+/// in one run: each pair measures without tcpka and with it loaded (in
+/// alternating order, so that drift cancels), and the ratio is taken
+/// within the pair.
+///
+/// - syscall: a `getppid()` loop, loaded with a rule (time with / without:
+///   1.00 is free);
+/// - connection setup (connect, accept, close on loopback; rate with /
+///   without: 1.00 is free) from a process outside the attached cgroup,
+///   inside it with a rule that does not match, and inside it with a rule
+///   applied to every connection.
+pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> Result<()> {
+    const CALLS: usize = 2_000_000;
+    const CONNS: usize = 6000;
+    let cg_root = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
     let home = own
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|rel| cg_root.join(rel.trim_start_matches('/')))
         .context("no cgroup v2 line in /proc/self/cgroup")?;
-    const ROUNDS: usize = 5;
     let me = std::process::id().to_string();
-    let (mut off, mut loaded, mut ruled) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        off.push(churn_rate(N)?);
-        load(tcpka, pin_dir, cgroup)?;
-        loaded.push(churn_rate(N)?);
-        time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-        std::fs::write(cgroup.join("cgroup.procs"), &me)?;
-        let r = churn_rate(N);
-        std::fs::write(home.join("cgroup.procs"), &me)?;
-        ruled.push(r?);
-        time_cmd(tcpka, pin_dir, &["unload"])?;
+    let enter = |dir: &Path| std::fs::write(dir.join("cgroup.procs"), &me);
+    // Warm up: the first connections and calls of a process are slower.
+    let _ = churn_rate(CONNS)?;
+    let _ = syscall_ns(CALLS);
+    let mut sys = Vec::new();
+    let (mut outside, mut nomatch, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..pairs {
+        eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
+        let off = |()| -> Result<(f64, f64)> {
+            let _ = churn_rate(CONNS / 4)?;
+            let c = churn_rate(CONNS)?;
+            Ok((syscall_ns(CALLS), c))
+        };
+        let on = |()| -> Result<(f64, f64, f64, f64)> {
+            load(tcpka, pin_dir, cgroup)?;
+            time_cmd(
+                tcpka,
+                pin_dir,
+                &["rule", "add", "--local-port", "1", "60", "5", "5"],
+            )?;
+            // Loading is heavy work (BTF, verifier, seeding): let it settle,
+            // then the same warm-up as without.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = churn_rate(CONNS / 4)?;
+            let out = churn_rate(CONNS)?;
+            enter(cgroup)?;
+            let s = syscall_ns(CALLS);
+            let nm = churn_rate(CONNS);
+            enter(&home)?;
+            let nm = nm?;
+            time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
+            enter(cgroup)?;
+            let ap = churn_rate(CONNS);
+            enter(&home)?;
+            let ap = ap?;
+            time_cmd(tcpka, pin_dir, &["unload"])?;
+            Ok((s, out, nm, ap))
+        };
+        let ((s0, c0), (s1, out, nm, ap)) = if i % 2 == 0 {
+            let a = off(())?;
+            (a, on(())?)
+        } else {
+            let b = on(())?;
+            (off(())?, b)
+        };
+        sys.push(s1 / s0);
+        outside.push(out / c0);
+        nomatch.push(nm / c0);
+        applied.push(ap / c0);
     }
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    eprintln!();
+    let line = |what: &str, v: &[f64]| {
+        let (lo, hi) = range(v);
+        println!(
+            "  {what:<52} {:>6.3}  (range {lo:.3}–{hi:.3})",
+            median(v.to_vec())
+        );
     };
-    let (off, loaded, ruled) = (med(off), med(loaded), med(ruled));
-    println!("connection churn ({N} open+close per round, {ROUNDS} rounds, median):");
-    println!("  without tcpka               {off:>9.0} conn/s");
-    println!(
-        "  loaded, outside the cgroup  {loaded:>9.0} conn/s  ({:.2}x)",
-        loaded / off
+    println!("host cost ({pairs} alternating pairs, median ratio with/without tcpka):");
+    line("getppid() time, loaded with a rule", &sys);
+    line("connection setup rate, outside the cgroup", &outside);
+    line(
+        "connection setup rate, in the cgroup, no rule matches",
+        &nomatch,
     );
-    println!(
-        "  in the cgroup, rule applied {ruled:>9.0} conn/s  ({:.2}x)",
-        ruled / off
+    line(
+        "connection setup rate, in the cgroup, rule applied",
+        &applied,
     );
     println!();
     Ok(())

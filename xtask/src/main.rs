@@ -43,6 +43,12 @@ enum Task {
         /// Samples per measurement.
         #[arg(long, default_value_t = 31)]
         samples: usize,
+        /// Alternating pairs for the host-cost ratios.
+        #[arg(long, default_value_t = 11)]
+        pairs: usize,
+        /// Only the host-cost ratios (syscall, connection setup).
+        #[arg(long)]
+        cost_only: bool,
     },
     /// (internal) Hold COUNT loopback connections until stdin closes.
     #[command(hide = true)]
@@ -69,10 +75,16 @@ fn real_main() -> Result<()> {
     match cli.command {
         Task::Setup => setup::run(),
         Task::BenchHold { src, count } => bench::hold(&src, count),
-        Task::Bench { sizes, samples } => {
+        Task::Bench {
+            sizes,
+            samples,
+            pairs,
+            cost_only,
+        } => {
             setup::run()?;
             build_release()?;
-            bench::run(&root.join("target/release/tcpka"), &sizes, samples)
+            let sizes = if cost_only { Vec::new() } else { sizes };
+            bench::run(&root.join("target/release/tcpka"), &sizes, samples, pairs)
         }
         Task::Run { args } => {
             setup::run()?;
