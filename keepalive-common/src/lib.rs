@@ -507,6 +507,9 @@ pub mod meta {
 
     /// The index was seeded with what existed at load: the load finished.
     pub const FLAG_SEEDED: u32 = 1;
+    /// Socket holders are recorded by syscall tracepoints (`--holders
+    /// syscalls`); without it they are found on demand.
+    pub const FLAG_SYSCALL_HOLDERS: u32 = 2;
 
     /// Changes whenever the maps or programs of an installation change in a
     /// way an older or newer tcpka cannot use.

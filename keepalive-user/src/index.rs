@@ -113,12 +113,26 @@ pub fn resolve(
     let map = loader::open_map(layout, maps::FDS)?;
     let fds: HashMap<MapData, u64, FdOwner> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the socket holder map", e))?;
+    let scan = loader::holders_mode(layout) == loader::HolderMode::Scan;
+    let mut scanned = false;
     let mut held = Vec::with_capacity(cookies.len());
     for cookie in cookies {
-        let Ok(owner) = slots.get(&cookie, 0).and_then(|s| fds.get(&s.sk, 0)) else {
-            return Ok(None);
-        };
-        let Some(stream) = borrow(owner, cookie) else {
+        let mut stream = None;
+        for attempt in 0..2 {
+            if let Ok(owner) = slots.get(&cookie, 0).and_then(|s| fds.get(&s.sk, 0)) {
+                stream = borrow(owner, cookie);
+            }
+            if stream.is_some() || attempt == 1 || !scan || scanned {
+                break;
+            }
+            // Holder unknown or gone (the socket is newer than the last
+            // scan, or changed hands): one pass over every process's
+            // descriptors records them all.
+            log::debug!("cookie {cookie}: holder unknown; scanning descriptors");
+            seed_fds(layout)?;
+            scanned = true;
+        }
+        let Some(stream) = stream else {
             return Ok(None);
         };
         if socket_netns(&stream) != Some(inode) {

@@ -21,6 +21,33 @@ use keepalive_common::{maps, meta::Meta, programs};
 
 use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
 
+/// How the kernel side learns which process holds each socket (what the
+/// direct path of `enable` borrows with `pidfd_getfd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HolderMode {
+    /// Found on demand: when a command meets a socket whose holder is not
+    /// known, one pass over every process's descriptors records them all.
+    /// Costs nothing while no command runs.
+    #[default]
+    Scan,
+    /// Recorded as sockets are accepted and connected, by the
+    /// `accept`/`accept4`/`connect` syscall tracepoints: every command
+    /// takes the direct path at once, but while any syscall tracepoint is
+    /// attached every syscall of every process on the host takes the
+    /// kernel's slow path.
+    Syscalls,
+}
+
+impl HolderMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HolderMode::Scan => "scan",
+            HolderMode::Syscalls => "syscalls",
+        }
+    }
+}
+
 /// Where an installation is attached.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Installation {
@@ -34,6 +61,8 @@ pub struct Installation {
     /// Whether the load completed (existing connections indexed). A load
     /// that was killed is completed by the next command.
     pub seeded: bool,
+    /// How socket holders are learned.
+    pub holders: HolderMode,
 }
 
 /// What `load` did.
@@ -251,7 +280,76 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
             && link.cgroup_id == meta.cgroup_id
             && at_path == Some(meta.cgroup_id),
         seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
+        holders: holder_mode(&meta),
     }))
+}
+
+fn holder_mode(meta: &Meta) -> HolderMode {
+    if meta.flags & keepalive_common::meta::FLAG_SYSCALL_HOLDERS != 0 {
+        HolderMode::Syscalls
+    } else {
+        HolderMode::Scan
+    }
+}
+
+/// What one pinned link attaches, for `info`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Hook {
+    /// The pin's file name.
+    pub pin: String,
+    /// Where it runs, e.g. `cgroup sock_ops`, `tp_btf inet_sock_set_state`.
+    pub attach: &'static str,
+    /// Who pays for it: `cgroup` (connections of processes in the attached
+    /// cgroup), `host` (every process), `on demand` (only when read).
+    pub cost: &'static str,
+}
+
+/// The links this installation has pinned, and what each costs.
+pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
+    let known: [(&str, &'static str, &'static str); 10] = [
+        (crate::paths::SOCK_OPS_LINK, "cgroup sock_ops", "cgroup"),
+        (
+            crate::paths::CLOSE_LINK,
+            "tp_btf inet_sock_set_state",
+            "host: every TCP state change",
+        ),
+        (
+            crate::paths::ACCEPT4_LINK,
+            "tracepoint syscalls:sys_exit_accept4",
+            "host: every syscall",
+        ),
+        (
+            crate::paths::ACCEPT_LINK,
+            "tracepoint syscalls:sys_exit_accept",
+            "host: every syscall",
+        ),
+        (
+            crate::paths::CONNECT_LINK,
+            "tracepoint syscalls:sys_enter_connect",
+            "host: every syscall",
+        ),
+        (crate::paths::ITER_APPLY, "iter tcp", "on demand"),
+        (crate::paths::ITER_STATUS, "iter tcp", "on demand"),
+        (crate::paths::ITER_SEED_PEERS, "iter tcp", "on demand"),
+        (crate::paths::ITER_SEED_FDS, "iter task_file", "on demand"),
+        ("link_sockops_new", "cgroup sock_ops", "cgroup"),
+    ];
+    known
+        .iter()
+        .filter(|(pin, _, _)| layout.dir().join(pin).exists())
+        .map(|&(pin, attach, cost)| Hook {
+            pin: pin.to_owned(),
+            attach,
+            cost,
+        })
+        .collect()
+}
+
+/// How the installation learns socket holders (`Scan` when unreadable).
+pub fn holders_mode(layout: &PinLayout) -> HolderMode {
+    read_meta(layout)
+        .map(|m| holder_mode(&m))
+        .unwrap_or_default()
 }
 
 fn sock_ops_link_info(layout: &PinLayout) -> Result<sys::CgroupLinkInfo> {
@@ -297,6 +395,7 @@ fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         cgroup_id: cgroup.id,
         attached: true,
         seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
+        holders: holder_mode(&meta),
     })
 }
 
@@ -381,7 +480,7 @@ pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
 
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
-pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
+pub fn load(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Result<LoadOutcome> {
     // Before anything is read or removed: a pin directory outside bpffs is
     // refused with nothing touched.
     ensure_bpffs(layout)?;
@@ -414,7 +513,7 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup) -> Result<LoadOutcome> {
         layout,
         armed: true,
     };
-    let installation = load_and_pin(layout, cgroup)?;
+    let installation = load_and_pin(layout, cgroup, holders)?;
     undo.armed = false;
     Ok(LoadOutcome::Loaded(installation))
 }
@@ -519,7 +618,7 @@ fn check_pin_dir(layout: &PinLayout) -> Result<()> {
     Ok(())
 }
 
-fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
+fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Result<Installation> {
     {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()
@@ -590,7 +689,11 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         next_rule_id: 1,
         cgroup_path_len: 0,
         cgroup_path: [0; keepalive_common::meta::PATH_MAX],
-        flags: 0,
+        flags: if holders == HolderMode::Syscalls {
+            keepalive_common::meta::FLAG_SYSCALL_HOLDERS
+        } else {
+            0
+        },
         version: keepalive_common::meta::LAYOUT_VERSION,
     };
     set_meta_cgroup(&mut meta, cgroup);
@@ -622,10 +725,10 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         })?;
         pin_link(link, &layout.close_link())?;
     }
-    // Who holds each socket: accepted and connecting ones from now on.
-    // Attaching a tracepoint reads its id from tracefs.
-    ensure_tracefs()?;
-    for (name, category, event, pin) in [
+    // Who holds each socket: accepted and connecting ones from now on, when
+    // asked for (see HolderMode). Attaching a tracepoint reads its id from
+    // tracefs.
+    let syscall_hooks: &[(&str, &str, &str, PathBuf)] = &[
         (
             programs::ACCEPT_EXIT,
             "syscalls",
@@ -644,7 +747,14 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
             "sys_enter_connect",
             layout.connect_link(),
         ),
-    ] {
+    ];
+    let syscall_hooks = if holders == HolderMode::Syscalls {
+        ensure_tracefs()?;
+        syscall_hooks
+    } else {
+        &[]
+    };
+    for &(name, category, event, ref pin) in syscall_hooks {
         let prog: &mut TracePoint = program(&mut ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(|e| Error::Program {
@@ -660,7 +770,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
             what: format!("taking the {event} link"),
             source: e,
         })?;
-        pin_link(link, &pin)?;
+        pin_link(link, pin)?;
     }
     for (name, kind, pin) in [
         (programs::ITER_APPLY, "tcp", layout.iter_apply()),
@@ -727,6 +837,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         cgroup_id: cgroup.id,
         attached: true,
         seeded: true,
+        holders,
     })
 }
 

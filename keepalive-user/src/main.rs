@@ -74,12 +74,39 @@ enum Command {
     Watch(WatchArgs),
 }
 
+/// How the kernel side learns which process holds each socket.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+enum Holders {
+    /// On demand: a command that meets a socket whose holder is unknown
+    /// scans every process's descriptors once (milliseconds per 10,000
+    /// sockets). Costs the rest of the host nothing.
+    #[default]
+    Scan,
+    /// Syscall tracepoints on accept/accept4/connect: every command takes
+    /// the direct path at once, but every syscall of every process on the
+    /// host then takes the kernel's slow path (about 25% on a cheap
+    /// syscall).
+    Syscalls,
+}
+
+impl From<Holders> for loader::HolderMode {
+    fn from(h: Holders) -> Self {
+        match h {
+            Holders::Scan => loader::HolderMode::Scan,
+            Holders::Syscalls => loader::HolderMode::Syscalls,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct LoadArgs {
     /// cgroup v2 directory to attach to [default: the root of the cgroup v2
     /// mount, i.e. every process on the host].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// How socket holders are learned (when loading).
+    #[arg(long, value_enum, default_value_t = Holders::Scan)]
+    holders: Holders,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -91,6 +118,9 @@ struct ServeArgs {
     /// root of the cgroup v2 mount].
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// How socket holders are learned (when serve loads).
+    #[arg(long, value_enum, default_value_t = Holders::Scan)]
+    holders: Holders,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -546,7 +576,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Load(args) => {
             let cgroup = target_cgroup(&layout, args.cgroup.as_deref())?;
-            let outcome = loader::load(&layout, &cgroup)?;
+            let outcome = loader::load(&layout, &cgroup, args.holders.into())?;
             let i = outcome.installation();
             let loaded = matches!(outcome, LoadOutcome::Loaded(_));
             let reattached = matches!(outcome, LoadOutcome::Reattached(_));
@@ -716,9 +746,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "holders": { "count": holders, "capacity": holder_cap },
                     "index": index,
                     "counters": counters,
+                    "hooks": loader::hooks(layout),
                 }));
             } else {
                 tcpka::outln!("loaded: cgroup {}", installation.cgroup.display());
+                match installation.holders {
+                    loader::HolderMode::Scan => tcpka::outln!(
+                        "holders: found on demand (a scan of every process's descriptors when a command meets an unknown socket; no cost to other processes)"
+                    ),
+                    loader::HolderMode::Syscalls => tcpka::outln!(
+                        "holders: syscall tracepoints accept/accept4/connect (commands take the direct path at once; every syscall on the host takes the slow path)"
+                    ),
+                }
                 if !installation.seeded {
                     tcpka::outln!(
                         "load: INTERRUPTED: existing connections are not indexed yet; the next command (or `tcpka load`) completes it"
@@ -784,6 +823,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 listen: a.listen,
                 token,
                 api_group,
+                holders: a.holders.into(),
                 webhook: a
                     .webhook
                     .map(|url| {

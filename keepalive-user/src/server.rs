@@ -132,6 +132,8 @@ pub struct Config {
     /// Group whose members may use a unix socket listener (root always
     /// may); the socket is then mode 0660 with that group, else 0600.
     pub api_group: Option<u32>,
+    /// How socket holders are learned, when `serve` loads.
+    pub holders: loader::HolderMode,
     pub webhook: Option<WebhookConfig>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
@@ -1177,7 +1179,8 @@ pub async fn run(
     let _serving = loader::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
-        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup))
+        let holders = config.holders;
+        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup, holders))
             .await
             .expect("load task")?
     };

@@ -243,8 +243,14 @@ impl Tcpka {
 
     /// `tcpka load --cgroup DIR`, asserting success.
     pub fn load(&self, cgroup: &Path) -> Run {
-        self.run(&["load", "--cgroup", cgroup.to_str().unwrap()])
-            .ok()
+        self.load_with(cgroup, &[])
+    }
+
+    /// `tcpka load --cgroup DIR EXTRA...`, asserting success.
+    pub fn load_with(&self, cgroup: &Path, extra: &[&str]) -> Run {
+        let mut args = vec!["load", "--cgroup", cgroup.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.run(&args).ok()
     }
 
     /// `tcpka rule add ARGS...`, returning the new id.
@@ -432,10 +438,22 @@ impl Env {
     /// sees the test's connections, so whatever changes them is the
     /// iterator pass.
     pub fn outside() -> Self {
+        Self::outside_with(&[])
+    }
+
+    /// [`Env::entered`], loaded with extra `load` arguments.
+    pub fn entered_with(extra: &[&str]) -> Self {
+        let e = Self::outside_with(extra);
+        e.cgroup.enter();
+        e
+    }
+
+    /// [`Env::outside`], loaded with extra `load` arguments.
+    pub fn outside_with(extra: &[&str]) -> Self {
         let netns = NetNs::new();
         let cgroup = CgroupDir::new();
         let tcpka = Tcpka::new();
-        tcpka.load(&cgroup.path);
+        tcpka.load_with(&cgroup.path, extra);
         Self {
             tcpka,
             cgroup,

@@ -55,11 +55,16 @@ fn works_without_tracefs_or_debugfs() {
             "private",
             "bash",
             "-c",
-            r#"for m in $(awk '$3 == "tracefs" || $3 == "debugfs" { print $2 }' /proc/self/mounts | sort -r); do umount -l "$m"; done
+            r#"set -e
+               for m in $(awk '$3 == "tracefs" || $3 == "debugfs" { print $2 }' /proc/self/mounts | sort -r); do umount -l "$m"; done
+               "$TCPKA_BIN" unload
+               # The mode with syscall tracepoints mounts tracefs itself.
+               "$TCPKA_BIN" load --cgroup "$CG" --holders syscalls
                "$TCPKA_BIN" unload"#,
         ])
         .env("TCPKA_BIN", tcpka_bin())
         .env("TCPKA_PIN_DIR", &tcpka.pin_dir)
+        .env("CG", &cgroup.path)
         .output()
         .expect("run unshare");
     assert!(out.status.success(), "{out:?}");
@@ -537,5 +542,55 @@ fn listeners_zone_ids_and_unprivileged_users() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("needs root"), "{args:?}: {stderr}");
         assert!(!stderr.contains("not loaded"), "{args:?}: {stderr}");
+    }
+}
+
+/// Each holder mode attaches what `info` says, and nothing more: checked
+/// against bpftool's view of the pinned links.
+#[test]
+fn holder_modes_attach_what_info_says() {
+    for (extra, mode, host_wide_syscall_hooks) in [
+        (&[][..], "scan", 0),
+        (&["--holders", "syscalls"][..], "syscalls", 3),
+    ] {
+        let e = Env::outside_with(extra);
+        let v: serde_json::Value =
+            serde_json::from_str(&e.tcpka.run(&["info", "--json"]).ok().stdout).unwrap();
+        assert_eq!(v["installation"]["holders"], mode, "{v}");
+        let hooks = v["hooks"].as_array().unwrap();
+        let syscall = hooks
+            .iter()
+            .filter(|h| h["cost"] == "host: every syscall")
+            .count();
+        assert_eq!(syscall, host_wide_syscall_hooks, "{mode}: {v}");
+        // Every hook info lists is a link bpftool sees, of the kind it says.
+        for h in hooks {
+            let pin = e.tcpka.pin_dir.join(h["pin"].as_str().unwrap());
+            let out = Command::new("bpftool")
+                .args(["link", "show", "pinned"])
+                .arg(&pin)
+                .arg("--json")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{pin:?}: {out:?}");
+            let link: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let kind = link["type"].as_str().unwrap_or_default().to_owned();
+            let attach = h["attach"].as_str().unwrap();
+            let want = match attach.split(' ').next().unwrap() {
+                "cgroup" => "cgroup",
+                "tp_btf" => "raw_tracepoint",
+                "tracepoint" => "perf_event",
+                "iter" => "iter",
+                other => panic!("unknown attach {other}"),
+            };
+            assert_eq!(kind, want, "{attach}: {link}");
+        }
+        // And nothing is pinned that info leaves out.
+        let links = std::fs::read_dir(&e.tcpka.pin_dir)
+            .unwrap()
+            .filter_map(|d| d.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("link_") || n.starts_with("iter_"))
+            .count();
+        assert_eq!(links, hooks.len(), "{mode}: {v}");
     }
 }

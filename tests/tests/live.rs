@@ -478,7 +478,10 @@ fn a_peer_with_more_connections_than_index_slots_is_walked_for() {
 
 #[test]
 fn a_stale_holder_is_walked_for() {
-    let e = env();
+    // Holders recorded as sockets connect: the record of `original` goes
+    // stale when it is closed. (Found on demand, the holder would be
+    // looked up again instead: see the next test.)
+    let e = Env::entered_with(&["--holders", "syscalls"]);
     let l = listen("127.0.0.1:0");
     let peer = l.local_addr().unwrap().to_string();
     // The index recorded the descriptor connect() used; move the socket to
@@ -516,6 +519,27 @@ fn a_stale_holder_is_walked_for() {
         .run(&["enable", &ck, "--local", "127.0.0.1:1", "50", "4", "6"]);
     assert_eq!(r.code, 1, "{r:?}");
     assert_eq!(keepalive(&moved), expect(33, 4, 6, 0), "unchanged");
+}
+
+#[test]
+fn a_socket_that_changed_hands_is_found_again() {
+    // Holders found on demand (the default): a stale record leads to a new
+    // scan of the descriptors, and the direct path still answers.
+    let e = env();
+    let l = listen("127.0.0.1:0");
+    let peer = l.local_addr().unwrap().to_string();
+    let original = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (_server, _) = l.accept().unwrap();
+    let (r, via_index) = enable_traced(&e.tcpka, &[&peer, "30", "4", "6"]);
+    assert!(r.code == 0 && via_index, "{r:?}");
+    let moved = original.try_clone().unwrap();
+    drop(original);
+    let _reuse = TcpStream::connect(listen("127.0.0.1:0").local_addr().unwrap()).unwrap();
+    let (r, via_index) = enable_traced(&e.tcpka, &[&peer, "31", "4", "6"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(via_index, "{r:?}");
+    assert!(r.stderr.contains("scanning descriptors"), "{r:?}");
+    assert_eq!(keepalive(&moved), expect(31, 4, 6, 0));
 }
 
 #[test]
