@@ -134,19 +134,21 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
         targets.push((l, c, s));
     }
 
+    let fixed = maps_memory(&pin_dir)?;
     println!(
-        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
+        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
         "conns",
         "sockets",
         "enable PEER",
         "enable PEER+local",
         "enable cookie",
+        "enable new conn",
         "kernel pass",
         "spawn"
     );
     println!(
-        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
-        "", "", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med ms"
+        "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
+        "", "", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med ms"
     );
     let mut holders: Vec<Holders> = Vec::new();
     let mut open = 0;
@@ -162,6 +164,7 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
         let sockets = sockets_in_netns();
         let (mut peer, mut local, mut by_cookie, mut pass, mut spawn) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut fresh = Vec::new();
         for (i, (l, c, _)) in targets.iter().enumerate() {
             let idle = (100 + i).to_string();
             let target = l.local_addr()?.to_string();
@@ -189,6 +192,17 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
             let mut buf = Vec::new();
             f.read_to_end(&mut buf)?;
             pass.push(t.elapsed());
+            // A connection made just now: its holder is not known yet, so
+            // (holders found on demand) this enable scans the descriptors.
+            let l2 = TcpListener::bind("127.0.0.1:0")?;
+            let c2 = TcpStream::connect(l2.local_addr()?)?;
+            let (s2, _) = l2.accept()?;
+            fresh.push(time_cmd(
+                tcpka,
+                &pin_dir,
+                &["enable", &l2.local_addr()?.to_string(), &idle, "5", "5"],
+            )?);
+            drop((c2, s2, l2));
             // What starting a process costs here, for scale.
             let t = Instant::now();
             Command::new(tcpka).arg("--version").output()?;
@@ -199,14 +213,24 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
             format!("{m:>7.2} / {p:>7.2}")
         };
         println!(
-            "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8.2}",
+            "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8.2}",
             size,
             sockets,
             fmt(peer),
             fmt(local),
             fmt(by_cookie),
+            fmt(fresh),
             fmt(pass),
             stats(spawn).0
+        );
+        let mem = maps_memory(&pin_dir)?;
+        println!(
+            "{:>8} {:>8}  kernel memory of the maps: {:.1} MB, {:.0} bytes per socket above the {:.1} MB at load",
+            "",
+            "",
+            mem as f64 / 1e6,
+            mem.saturating_sub(fixed) as f64 / sockets.max(1) as f64,
+            fixed as f64 / 1e6
         );
         if size == API_AT {
             api_throughput(tcpka, &pin_dir, &cgroup, size)?;
@@ -215,6 +239,28 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     drop(holders);
     drop(guard);
     Ok(())
+}
+
+/// Kernel memory of the installation's maps (bpftool's `bytes_memlock`,
+/// which is what each map uses now).
+fn maps_memory(pin_dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if !name.starts_with("TCPKA_") {
+            continue;
+        }
+        let out = Command::new("bpftool")
+            .args(["map", "show", "pinned"])
+            .arg(&path)
+            .arg("--json")
+            .output()
+            .context("running bpftool")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// Connection count at which the HTTP API is measured.
