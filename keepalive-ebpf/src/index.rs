@@ -123,7 +123,14 @@ pub fn record_fd(socket: *const u8, file: Option<u64>, tgid: u32, fd: u32) {
     if (family != AF_INET && family != AF_INET6) || !is_tcp(sk as *const u8) {
         return;
     }
-    let _ = FDS.insert(&sk, &FdOwner { tgid, fd }, 0);
+    let owner = FdOwner { tgid, fd };
+    // NB: a rescan finds most holders unchanged: a lookup is cheaper than
+    // rewriting the LRU entry.
+    // SAFETY: read-only lookup.
+    if unsafe { FDS.get(&sk) }.is_some_and(|o| *o == owner) {
+        return;
+    }
+    let _ = FDS.insert(&sk, &owner, 0);
 }
 
 /// The current process's tgid.

@@ -148,7 +148,14 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     );
     println!(
         "{:>8} {:>8}  {:>17}  {:>17}  {:>17}  {:>17}  {:>17}  {:>8}",
-        "", "", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med / p90 ms", "med ms"
+        "",
+        "",
+        "med / p90 ms",
+        "med / p90 ms",
+        "med / p90 ms",
+        "med / p90 ms",
+        "med / p90 ms",
+        "med ms"
     );
     let mut holders: Vec<Holders> = Vec::new();
     let mut open = 0;
@@ -247,7 +254,10 @@ fn maps_memory(pin_dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(pin_dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if !name.starts_with("TCPKA_") {
             continue;
         }
