@@ -136,24 +136,15 @@ impl Holders {
         }
         let before = self.count(cookie);
         let n = before + 1;
-        self.count
-            .insert(cookie, n, 0)
-            .map_err(|e| full_or(e, "counting holders"))?;
-        let undo = |count: &mut HashMap<MapData, u64, u32>| {
-            if before == 0 {
-                let _ = count.remove(&cookie);
-            } else {
-                let _ = count.insert(cookie, before, 0);
-            }
-        };
+        self.set_count(cookie, n)?;
         match self.set.insert(k, 1, BPF_NOEXIST) {
             Ok(()) => Ok(n),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                undo(&mut self.count);
+                let _ = self.set_count(cookie, before);
                 Ok(before)
             }
             Err(e) => {
-                undo(&mut self.count);
+                let _ = self.set_count(cookie, before);
                 Err(full_or(e, "adding a holder"))
             }
         }
@@ -166,14 +157,28 @@ impl Holders {
             return Ok(None);
         }
         let n = self.count(cookie).saturating_sub(1);
+        self.set_count(cookie, n)?;
+        Ok(Some(n))
+    }
+
+    /// Writes a connection's count; no entry for 0.
+    fn set_count(&mut self, cookie: u64, n: u32) -> Result<()> {
         if n == 0 {
             let _ = self.count.remove(&cookie);
-        } else {
-            self.count
-                .insert(cookie, n, 0)
-                .map_err(|e| Error::map("counting holders", e))?;
+            return Ok(());
         }
-        Ok(Some(n))
+        self.count
+            .insert(cookie, n, 0)
+            .map_err(|e| full_or(e, "counting holders"))
+    }
+
+    /// The holder entries of one connection.
+    fn keys_of(&self, cookie: u64) -> Vec<HolderKey> {
+        self.set
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.cookie == cookie)
+            .collect()
     }
 
     /// Forgets a connection that closed: its count (if the kernel has not
@@ -209,30 +214,14 @@ impl Holders {
             self.clear(cookie);
             return Ok(0);
         }
-        let n = self
-            .set
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.cookie == cookie)
-            .count() as u32;
-        if n == 0 {
-            let _ = self.count.remove(&cookie);
-        } else {
-            self.count
-                .insert(cookie, n, 0)
-                .map_err(|e| Error::map("counting holders", e))?;
-        }
+        let n = self.keys_of(cookie).len() as u32;
+        self.set_count(cookie, n)?;
         Ok(n)
     }
 
     /// Removes every holder of a connection.
     pub fn clear(&mut self, cookie: u64) {
-        let mine: Vec<HolderKey> = self
-            .set
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.cookie == cookie)
-            .collect();
+        let mine = self.keys_of(cookie);
         for k in mine {
             let _ = self.set.remove(&k);
         }

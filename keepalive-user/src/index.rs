@@ -90,12 +90,7 @@ pub fn resolve(
             let map = loader::open_map(layout, maps::PEERS)?;
             let peers: HashMap<_, IndexKey, u64> =
                 HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
-            let mut key = IndexKey {
-                netns: inode as u32,
-                addr: v6_bytes(peer.ip()),
-                port: peer.port(),
-                slot: SLOT_OVERFLOW,
-            };
+            let mut key = peer_slot(inode, peer, SLOT_OVERFLOW);
             if peers.get(&key, 0).is_ok() {
                 return Ok(None);
             }
@@ -187,27 +182,13 @@ pub fn state(layout: &PinLayout) -> Result<IndexState> {
             out.entries += 1;
         }
     }
-    let map = loader::open_map(layout, maps::STATS)?;
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
-    out.failures = counters
-        .get(&stats::INDEX_FULL, 0)
-        .map_err(|e| Error::map("reading the counters", e))?
-        .iter()
-        .sum();
+    out.failures = kernel_counter(layout, stats::INDEX_FULL)?;
     Ok(out)
 }
 
 /// The kernel's count of peer overflows (see `stats::PEER_OVERFLOWS`).
 pub fn overflow_epoch(layout: &PinLayout) -> Result<u64> {
-    let map = loader::open_map(layout, maps::STATS)?;
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
-    Ok(counters
-        .get(&stats::PEER_OVERFLOWS, 0)
-        .map_err(|e| Error::map("reading the counters", e))?
-        .iter()
-        .sum())
+    kernel_counter(layout, stats::PEER_OVERFLOWS)
 }
 
 /// After a walk found every connection to `peer` (`found`), clears the
@@ -229,12 +210,7 @@ pub fn try_clear_overflow(
     let map = loader::open_map(layout, maps::PEERS)?;
     let mut peers: HashMap<_, IndexKey, u64> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
-    let key = IndexKey {
-        netns: inode as u32,
-        addr: v6_bytes(peer.ip()),
-        port: peer.port(),
-        slot: SLOT_OVERFLOW,
-    };
+    let key = peer_slot(inode, peer, SLOT_OVERFLOW);
     if peers.get(&key, 0).is_err() {
         return Ok(false);
     }
@@ -258,13 +234,29 @@ pub fn try_clear_overflow(
 /// Set when the kernel could not index some connection: peer lookups are
 /// not complete any more and must walk.
 fn index_overflowed(layout: &PinLayout) -> Result<bool> {
+    Ok(kernel_counter(layout, stats::INDEX_FULL)? > 0)
+}
+
+/// One of the programs' per-CPU counters (`stats::*`), summed.
+fn kernel_counter(layout: &PinLayout, index: u32) -> Result<u64> {
     let map = loader::open_map(layout, maps::STATS)?;
     let counters: PerCpuArray<_, u64> =
         PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
-    let full = counters
-        .get(&stats::INDEX_FULL, 0)
-        .map_err(|e| Error::map("reading the counters", e))?;
-    Ok(full.iter().sum::<u64>() > 0)
+    Ok(counters
+        .get(&index, 0)
+        .map_err(|e| Error::map("reading the counters", e))?
+        .iter()
+        .sum())
+}
+
+/// The peer index's key for `peer` in namespace `inode`.
+fn peer_slot(inode: u64, peer: SocketAddr, slot: u16) -> IndexKey {
+    IndexKey {
+        netns: inode as u32,
+        addr: v6_bytes(peer.ip()),
+        port: peer.port(),
+        slot,
+    }
 }
 
 /// Duplicates the holder's descriptor (`pidfd_getfd`) and checks that it is

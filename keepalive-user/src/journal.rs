@@ -37,7 +37,7 @@ pub struct Journal {
 impl Journal {
     pub fn new(layout: &PinLayout) -> Self {
         Self {
-            path: layout.lock_file().with_extension("journal"),
+            path: layout.journal_file(),
         }
     }
 

@@ -155,7 +155,7 @@ impl ServeLock {
             io::{Read as _, Seek as _, Write as _},
             os::fd::AsRawFd as _,
         };
-        let path = layout.lock_file().with_extension("serve");
+        let path = layout.serve_lock_file();
         let mut file = open_lock_file(&path)?;
         // SAFETY: plain flock(2) on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {

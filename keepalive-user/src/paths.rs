@@ -120,6 +120,16 @@ impl PinLayout {
             .collect();
         Path::new(LOCK_DIR).join(format!("{name}.lock"))
     }
+
+    /// Held by the installation's one `tcpka serve`, next to the lock.
+    pub fn serve_lock_file(&self) -> PathBuf {
+        self.lock_file().with_extension("serve")
+    }
+
+    /// The journal of unfinished holder changes, next to the lock.
+    pub fn journal_file(&self) -> PathBuf {
+        self.lock_file().with_extension("journal")
+    }
 }
 
 /// `path` with symlinks, `.` and `..` resolved, also when its last part does

@@ -286,8 +286,8 @@ impl Drop for Tcpka {
         let _ = tcpka::loader::unload(&layout);
         // The lock file tcpka made for this test's pin directory.
         let _ = std::fs::remove_file(layout.lock_file());
-        let _ = std::fs::remove_file(layout.lock_file().with_extension("serve"));
-        let _ = std::fs::remove_file(layout.lock_file().with_extension("journal"));
+        let _ = std::fs::remove_file(layout.serve_lock_file());
+        let _ = std::fs::remove_file(layout.journal_file());
     }
 }
 

@@ -15,17 +15,8 @@ use tcpka_tests::*;
 /// BPF syscalls `tcpka ARGS` makes from the current state.
 fn bpf_calls(t: &Tcpka, args: &[&str]) -> usize {
     let log = std::env::temp_dir().join(unique("tcpka-strace"));
-    let out = Command::new("strace")
-        .args(["-f", "-e", "trace=bpf", "-o"])
-        .arg(&log)
-        .arg(tcpka_bin())
-        .args(args)
-        .env("TCPKA_PIN_DIR", &t.pin_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run strace (cargo xtask setup installs it)");
-    assert!(out.success(), "tcpka {args:?} failed under strace");
+    let ok = strace(t, args, &["-o", log.to_str().unwrap()]);
+    assert!(ok, "tcpka {args:?} failed under strace");
     let n = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -40,18 +31,24 @@ fn bpf_calls(t: &Tcpka, args: &[&str]) -> usize {
 /// fewer calls and finished (a later run can need fewer: a socket's holder
 /// found once is remembered).
 fn killed_at(t: &Tcpka, args: &[&str], n: usize) -> bool {
-    let status = Command::new("strace")
-        .args(["-f", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
-        .arg(format!("inject=bpf:signal=SIGKILL:when={n}"))
+    let inject = format!("inject=bpf:signal=SIGKILL:when={n}");
+    // strace reports the tracee's death by the signal.
+    !strace(t, args, &["-o", "/dev/null", "-e", &inject])
+}
+
+/// `strace -f -e trace=bpf OPTIONS tcpka ARGS`; whether it succeeded.
+fn strace(t: &Tcpka, args: &[&str], options: &[&str]) -> bool {
+    Command::new("strace")
+        .args(["-f", "-e", "trace=bpf"])
+        .args(options)
         .arg(tcpka_bin())
         .args(args)
         .env("TCPKA_PIN_DIR", &t.pin_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .unwrap();
-    // strace reports the tracee's death by the signal.
-    !status.success()
+        .expect("run strace (cargo xtask setup installs it)")
+        .success()
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> HashMap<MapData, K, V> {

@@ -27,8 +27,15 @@ fn churn(l: &TcpListener, n: usize) {
 /// A connected pair whose server side then resets the client (SO_LINGER
 /// 0): the client's socket ends with ECONNRESET.
 fn reset_client(l: &TcpListener) -> u64 {
+    reset_client_after(l, |_| {})
+}
+
+/// Like [`reset_client`], calling `before(cookie)` before the reset (to
+/// enable keepalive by command, for one).
+fn reset_client_after(l: &TcpListener, before: impl FnOnce(u64)) -> u64 {
     let (mut c, s) = connect(l);
     let ck = cookie(&c);
+    before(ck);
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -353,30 +360,11 @@ fn serve_survives_reload_and_is_alone() {
 /// Like [`reset_client`], with keepalive enabled by command (the test
 /// process is outside the cgroup).
 fn reset_client_enabled(e: &Env, l: &TcpListener) -> u64 {
-    let (mut c, s) = connect(l);
-    let ck = cookie(&c);
-    e.tcpka
-        .run(&["enable", &format!("cookie:{ck}"), "30", "3", "5"])
-        .ok();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and option of the right size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    drop(s);
-    std::thread::sleep(Duration::from_millis(50));
-    let _ = c.write_all(b"x");
-    let _ = c.write_all(b"x");
-    ck
+    reset_client_after(l, |ck| {
+        e.tcpka
+            .run(&["enable", &format!("cookie:{ck}"), "30", "3", "5"])
+            .ok();
+    })
 }
 
 /// The webhook over HTTPS (a private CA given with --webhook-ca), each

@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     // The crash tests kill tcpka at each BPF syscall (strace -e inject).
     "strace",
+    // The https webhook test makes its own CA and certificate.
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
