@@ -23,6 +23,13 @@ pub mod programs {
     pub const SEED_PEERS: &str = "tcpka_seed_peers";
     /// iter/task_file program that records who holds each TCP socket.
     pub const SEED_FDS: &str = "tcpka_seed_fds";
+    /// iter/task_file program that finds who holds the sockets listed in
+    /// [`crate::maps::WANT`], and stops when it found them all.
+    pub const FIND_FDS: &str = "tcpka_find_fds";
+    /// Read-only global: 1 when the index is kept host-wide by the state
+    /// tracepoint ([`crate::meta::FLAG_HOST_INDEX`]), 0 when sock_ops keeps
+    /// it for the ports in [`crate::maps::PORTS`].
+    pub const GLOBAL_HOST_INDEX: &str = "HOST_INDEX";
     /// syscalls/sys_exit_accept{,4} program: records who holds an accepted
     /// socket.
     pub const ACCEPT_EXIT: &str = "tcpka_accept_exit";
@@ -47,6 +54,13 @@ pub mod programs {
     pub const GLOBAL_SK_PROTOCOL_OFF: &str = "SK_PROTOCOL_OFF";
     /// Read-only global: offset of `inet_sport` in `struct inet_sock`.
     pub const GLOBAL_INET_SPORT_OFF: &str = "INET_SPORT_OFF";
+    /// Read-only globals: offsets of `sock.sk_cgrp_data`, `cgroup.level`,
+    /// `cgroup.ancestors`, `cgroup.kn` and `kernfs_node.id`, from BTF.
+    pub const GLOBAL_SK_CGRP_OFF: &str = "SK_CGRP_OFF";
+    pub const GLOBAL_CGROUP_LEVEL_OFF: &str = "CGROUP_LEVEL_OFF";
+    pub const GLOBAL_CGROUP_ANCESTORS_OFF: &str = "CGROUP_ANCESTORS_OFF";
+    pub const GLOBAL_CGROUP_KN_OFF: &str = "CGROUP_KN_OFF";
+    pub const GLOBAL_KERNFS_ID_OFF: &str = "KERNFS_ID_OFF";
     /// Read-only global: offset of `tgid` in `struct task_struct`.
     pub const GLOBAL_TASK_TGID_OFF: &str = "TASK_TGID_OFF";
     /// Read-only global: offset of `skc_v6_daddr` in `struct sock_common`,
@@ -94,8 +108,14 @@ pub mod maps {
     pub const HOLDERS: &str = "TCPKA_HOLDERS";
     /// Number of holders per connection: cookie -> count; removed at close.
     pub const HOLDER_COUNT: &str = "TCPKA_HOLDER_COUNT";
+    /// Which ports sock_ops looks at: `u64` bit sets, see [`crate::ports`].
+    pub const PORTS: &str = "TCPKA_PORTS";
+    /// Sockets whose holder is being searched: `struct sock` address ->
+    /// [`crate::index::FdOwner`] (zero until found); key 0 counts the ones
+    /// still missing.
+    pub const WANT: &str = "TCPKA_WANT";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         RULES,
         CONNS,
         STATS,
@@ -111,7 +131,39 @@ pub mod maps {
         SEEDED,
         HOLDERS,
         HOLDER_COUNT,
+        PORTS,
+        WANT,
     ];
+}
+
+/// The ports sock_ops looks at, so that a connection no rule and no index
+/// port names costs two array reads. [`crate::maps::PORTS`] holds two bit
+/// sets of 65,536 ports and a flag word.
+pub mod ports {
+    /// `u64` words per bit set.
+    pub const WORDS: u32 = 1024;
+    /// First word of the ports some rule names (either end).
+    pub const RULES: u32 = 0;
+    /// First word of the index ports: connections with either end on one
+    /// are indexed.
+    pub const INDEX: u32 = WORDS;
+    /// Index of the flag word.
+    pub const FLAGS: u32 = 2 * WORDS;
+    /// Entries in the map.
+    pub const LEN: u32 = 2 * WORDS + 1;
+    /// Flag: some rule names no port: every connection is looked up.
+    pub const FLAG_ANY_PORT_RULE: u64 = 1;
+    /// Flag: every connection is indexed.
+    pub const FLAG_INDEX_ALL: u64 = 2;
+
+    /// The word and bit of `port` in a set starting at `base`.
+    #[inline(always)]
+    pub const fn slot(base: u32, port: u16) -> (u32, u64) {
+        (base + (port as u32 >> 6), 1u64 << (port & 63))
+    }
+
+    /// Default index ports: SIP over TCP and over TLS.
+    pub const DEFAULT_INDEX: [u16; 2] = [5060, 5061];
 }
 
 /// Kernel limits on keepalive values (`net/ipv4/tcp.c`: `MAX_TCP_KEEPIDLE`,
@@ -137,6 +189,11 @@ pub mod sockopt {
     pub const TCP_KEEPINTVL: i32 = 5;
     pub const TCP_KEEPCNT: i32 = 6;
     pub const TCP_USER_TIMEOUT: i32 = 18;
+    /// `bpf_{set,get}sockopt` only (6.12+): the socket's sock_ops callback
+    /// flags.
+    pub const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
+    /// `BPF_SOCK_OPS_STATE_CB_FLAG`: call sock_ops on every state change.
+    pub const STATE_CB_FLAG: i32 = 4;
 }
 
 /// A keepalive policy as the programs apply it.
@@ -223,6 +280,10 @@ pub mod rules {
 
 /// Connections tcpka manages, keyed by socket cookie.
 pub mod conns {
+    /// [`ConnInfo::flags`]: the connection is outside the attached cgroup,
+    /// where sock_ops never runs: with `--index ports`, its close is seen
+    /// only while the state tracepoint is attached for such connections.
+    pub const FLAG_OUTSIDE: u32 = 1;
     use crate::policy::Policy;
 
     /// [`ConnInfo::source`]: the policy came from a rule.
@@ -240,7 +301,8 @@ pub mod conns {
         pub source: u32,
         /// Id of the rule for [`SOURCE_RULE`], else 0.
         pub rule_id: u32,
-        pub _pad: u32,
+        /// `FLAG_*`.
+        pub flags: u32,
         /// `bpf_ktime_get_ns()` when the policy was applied.
         pub applied_ns: u64,
     }
@@ -271,8 +333,12 @@ pub mod stats {
     /// that user space can tell whether one happened while it was clearing
     /// a mark.
     pub const PEER_OVERFLOWS: u32 = 7;
+    /// Connections whose close the kernel could not be asked to report
+    /// (`TCP_BPF_SOCK_OPS_CB_FLAGS` refused): their `closed`, `reset` and
+    /// `timeout` events are not sent.
+    pub const CLOSE_WATCH_ERRORS: u32 = 8;
     /// Number of counters.
-    pub const LEN: u32 = 8;
+    pub const LEN: u32 = 9;
 }
 
 /// Requests for live connections, applied by the iter/tcp program.
@@ -404,6 +470,8 @@ pub mod index {
     /// Capacity of the fd map (LRU: descriptors closed without a TCP close
     /// age out).
     pub const FDS_MAX_ENTRIES: u32 = 1 << 18;
+    /// Sockets one holder search looks for at most.
+    pub const WANT_MAX_ENTRIES: u32 = 1024;
 }
 
 /// Holders: who needs a connection's keepalive (a SIP controller passes
@@ -510,10 +578,14 @@ pub mod meta {
     /// Socket holders are recorded by syscall tracepoints (`--holders
     /// syscalls`); without it they are found on demand.
     pub const FLAG_SYSCALL_HOLDERS: u32 = 2;
+    /// The index covers every connection on the host, kept by the state
+    /// tracepoint (`--index host`); without it sock_ops keeps it for the
+    /// index ports and watches closes per connection.
+    pub const FLAG_HOST_INDEX: u32 = 4;
 
     /// Changes whenever the maps or programs of an installation change in a
     /// way an older or newer tcpka cannot use.
-    pub const LAYOUT_VERSION: u32 = 2;
+    pub const LAYOUT_VERSION: u32 = 3;
 }
 
 /// Capacity of the connection map. Entries exist only while a managed

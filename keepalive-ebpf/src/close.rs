@@ -1,7 +1,8 @@
-//! tp_btf/inet_sock_set_state: indexes a connection when it becomes
-//! established, and forgets it when it closes (for every managed
-//! connection however it got its policy: rule or command, established
-//! before or after load, in or outside the cgroup).
+//! What happens when a connection closes ([`forget`]), and the host-wide
+//! way to see it: tp_btf/inet_sock_set_state indexes every connection as it
+//! connects and forgets it when it closes (`--index host`). With the
+//! default `--index ports`, sock_ops calls [`forget`] instead, for the
+//! connections it was asked to watch.
 //!
 //! # Minimum kernel version
 //! 5.5 (BTF-enabled raw tracepoints).
@@ -13,7 +14,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use keepalive_common::{
-    conns::ConnInfo,
+    conns::{ConnInfo, FLAG_OUTSIDE},
     events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
     stats,
 };
@@ -21,7 +22,7 @@ use keepalive_common::{
 use crate::{
     apply::emit,
     index,
-    maps::{count, CONNS, HOLDER_COUNT},
+    maps::{count, host_index, CONNS, HOLDER_COUNT},
     sock::{ends, is_tcp, read},
 };
 
@@ -29,6 +30,24 @@ use crate::{
 pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let newstate = ctx.arg::<u64>(2) as u32;
+    if !host_index() {
+        // Attached only while connections outside the cgroup are managed:
+        // their close is reported here, everything else by sock_ops.
+        if newstate != BPF_TCP_CLOSE {
+            return 0;
+        }
+        let sk: *mut core::ffi::c_void = ctx.arg(0);
+        if !is_tcp(sk as *const u8) {
+            return 0;
+        }
+        // SAFETY: a `struct sock` pointer from the tracepoint.
+        let cookie = unsafe { bpf_get_socket_cookie(sk) };
+        // SAFETY: read-only lookup.
+        if unsafe { CONNS.get(&cookie) }.is_some_and(|i| i.flags & FLAG_OUTSIDE != 0) {
+            forget(sk as *const u8, cookie);
+        }
+        return 0;
+    }
     let connecting = matches!(
         newstate,
         BPF_TCP_SYN_SENT | BPF_TCP_SYN_RECV | BPF_TCP_ESTABLISHED
@@ -49,15 +68,22 @@ pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
         index::add(sk as *const u8, cookie);
         return 0;
     }
+    forget(sk as *const u8, cookie);
+    0
+}
+
+/// A connection is closing: report how it ended if tcpka manages it, and
+/// drop everything kept about it. `sk` is a BTF `struct sock` pointer.
+#[inline(always)]
+pub fn forget(sk: *const u8, cookie: u64) {
     // SAFETY: read-only lookup.
     if let Some(info) = unsafe { CONNS.get(&cookie) }.copied() {
-        report_end(sk as *const u8, cookie, &info);
+        report_end(sk, cookie, &info);
         let _ = CONNS.remove(&cookie);
         count(stats::CONNS_CLOSED);
     }
     let _ = HOLDER_COUNT.remove(&cookie);
-    index::remove(sk as *const u8, cookie);
-    0
+    index::remove(sk, cookie);
 }
 
 /// Offset of `sk_err` in `struct sock`, set by the loader from BTF.

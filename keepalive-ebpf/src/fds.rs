@@ -18,8 +18,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
+use keepalive_common::index::FdOwner;
+
 use crate::{
     index::{current_tgid, record_fd},
+    maps::{FDS, WANT},
     sock::read,
 };
 
@@ -117,4 +120,56 @@ pub fn tcpka_seed_fds(ctx: *mut c_void) -> i32 {
     let socket = unsafe { bpf_sock_from_file(f) } as *const u8;
     record_fd(socket, None, tgid, fd);
     0
+}
+
+/// `struct socket.sk`.
+const SOCKET_SK: usize = 24;
+
+/// Finds the holders of the sockets user space put in `WANT` (key: the
+/// `struct sock` address), records them there and in the fd map, and stops
+/// the pass once all are found: a search costs the descriptors before the
+/// last one found, with one hash lookup per socket descriptor.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn tcpka_find_fds(ctx: *mut c_void) -> i32 {
+    let ctx = ctx as *const IterTaskFile;
+    // SAFETY: the kernel passes a valid `bpf_iter__task_file`.
+    let (task, fd, f) = unsafe { ((*ctx).task, (*ctx).fd, (*ctx).file) };
+    if task.is_null() || f.is_null() {
+        return 0;
+    }
+    // SAFETY: a `struct file` pointer from the iterator.
+    let socket = unsafe { bpf_sock_from_file(f) } as *const u8;
+    if socket.is_null() {
+        return 0;
+    }
+    let sk: u64 = read(socket, SOCKET_SK);
+    // Key 0 is the count of sockets still missing.
+    if sk == 0 {
+        return 0;
+    }
+    let Some(slot) = WANT.get_ptr_mut(&sk) else {
+        return 0;
+    };
+    // SAFETY: a value of the map, written only under the installation
+    // lock's single pass.
+    if unsafe { (*slot).tgid } != 0 {
+        return 0;
+    }
+    let owner = FdOwner {
+        tgid: read(task, global(&TASK_TGID_OFF)),
+        fd,
+    };
+    // SAFETY: as above.
+    unsafe { *slot = owner };
+    let _ = FDS.insert(&sk, &owner, 0);
+    let Some(left) = WANT.get_ptr_mut(&0) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    unsafe {
+        (*left).tgid = (*left).tgid.saturating_sub(1);
+        // Returning 1 ends the pass (the read fails with EAGAIN).
+        i32::from((*left).tgid == 0)
+    }
 }

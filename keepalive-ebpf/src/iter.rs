@@ -14,10 +14,12 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
     bpf_get_socket_cookie,
-    generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
+    generated::{
+        bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_setsockopt, bpf_skc_to_tcp_sock,
+    },
 };
 use keepalive_common::{
-    conns::{ConnInfo, SOURCE_COMMAND},
+    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_COMMAND},
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE},
     sockopt::*,
 };
@@ -25,9 +27,47 @@ use keepalive_common::{
 use crate::{
     apply::{apply_policy, set},
     index,
-    maps::{CONNS, REQ_COOKIE, REQ_PEER, REQ_PORTS},
-    sock::{ends, load, Ends, SKC_DPORT},
+    maps::{
+        count, host_index, index_port, port_flags, CONNS, META, REQ_COOKIE, REQ_PEER, REQ_PORTS,
+    },
+    sock::{ends, in_cgroup, load, Ends, SKC_DPORT},
 };
+
+/// Whether sock_ops runs for this socket (it is in the attached cgroup).
+#[inline(always)]
+fn covered(sk: *const u8) -> bool {
+    META.get(0).is_some_and(|m| in_cgroup(sk, m.cgroup_id))
+}
+use keepalive_common::stats;
+
+/// Asks the kernel to call sock_ops when this connection changes state, so
+/// that its close is reported (`--index ports`; the state tracepoint sees
+/// every close with `--index host`). Needs 6.12
+/// (`TCP_BPF_SOCK_OPS_CB_FLAGS`) and a socket in the attached cgroup.
+#[inline(always)]
+fn watch_close(tp: *mut c_void) {
+    if host_index() {
+        return;
+    }
+    let mut flags = get(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) as i32;
+    if flags & STATE_CB_FLAG != 0 {
+        return;
+    }
+    flags |= STATE_CB_FLAG;
+    // SAFETY: `tp` is a full TCP socket; `flags` lives for the call.
+    let ret = unsafe {
+        bpf_setsockopt(
+            tp,
+            SOL_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            &mut flags as *mut i32 as *mut c_void,
+            size_of::<i32>() as i32,
+        )
+    };
+    if ret != 0 {
+        count(stats::CLOSE_WATCH_ERRORS);
+    }
+}
 
 /// `TCP_LISTEN` in `enum tcp_state`.
 const TCP_LISTEN: u8 = 10;
@@ -194,15 +234,19 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
         if !apply_policy(tp, &req.policy) {
             failed = 1;
         }
+        // Outside the cgroup sock_ops never sees its close: user space then
+        // attaches the state tracepoint for such connections.
+        let outside = !host_index() && !covered(sk);
         let info = ConnInfo {
             policy: req.policy,
             source: SOURCE_COMMAND,
             rule_id: 0,
-            _pad: 0,
+            flags: if outside { FLAG_OUTSIDE } else { 0 },
             // SAFETY: helper without arguments.
             applied_ns: unsafe { bpf_ktime_get_ns() },
         };
         let _ = CONNS.insert(&cookie, &info, 0);
+        watch_close(tp);
     } else if req.op == OP_DISABLE {
         if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
             failed = 1;
@@ -235,18 +279,28 @@ pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
 }
 
 /// Indexes the connections of the reader's network namespace that existed
-/// before tcpka was loaded (later ones are indexed by `close.rs` as they
-/// connect).
+/// before tcpka was loaded (later ones are indexed as they connect, by
+/// sock_ops or by `close.rs`): all of them with `--index host`, those on an
+/// index port with `--index ports`, watched until they close.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_seed_peers(ctx: *mut c_void) -> i32 {
-    let Some(Visit { sk, cookie, .. }) = visit(ctx) else {
+    let Some(Visit { sk, cookie, tp, .. }) = visit(ctx) else {
         return 0;
     };
     // Listening (10) and closed (7) sockets have no peer to index.
     let state: u8 = load(sk, crate::sock::SKC_STATE);
     if matches!(state, 7 | 10) {
         return 0;
+    }
+    if !host_index() {
+        let Some(e) = ends(sk) else { return 0 };
+        // Only what sock_ops will see close: the index never keeps a
+        // socket it cannot forget.
+        if !index_port(port_flags(), e.local_port, e.remote_port) || !covered(sk) {
+            return 0;
+        }
+        watch_close(tp);
     }
     index::add(sk, cookie);
     0

@@ -10,6 +10,7 @@ use keepalive_common::{
     holders::{self, HolderKey},
     index::{self, FdOwner, IndexKey, SlotInfo},
     meta::Meta,
+    ports,
     requests::{self, PeerKey, Request},
     rules::{RuleKey, RuleValue},
     stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
@@ -69,6 +70,52 @@ pub static HOLDERS: HashMap<HolderKey, u8> = HashMap::with_max_entries(holders::
 
 #[map(name = "TCPKA_HOLDER_COUNT")]
 pub static HOLDER_COUNT: HashMap<u64, u32> = HashMap::with_max_entries(holders::MAX_ENTRIES, 1);
+
+#[map(name = "TCPKA_PORTS")]
+pub static PORTS: Array<u64> = Array::with_max_entries(ports::LEN, 0);
+
+#[map(name = "TCPKA_WANT")]
+pub static WANT: HashMap<u64, FdOwner> = HashMap::with_max_entries(index::WANT_MAX_ENTRIES, 0);
+
+/// Set by the loader: 1 when the state tracepoint keeps the index for the
+/// whole host and reports closes (`--index host`).
+#[unsafe(no_mangle)]
+static HOST_INDEX: u32 = 0;
+
+/// Whether the index is kept host-wide by the state tracepoint.
+#[inline(always)]
+pub fn host_index() -> bool {
+    // SAFETY: read-only global set by the loader.
+    unsafe { core::ptr::read_volatile(&HOST_INDEX) != 0 }
+}
+
+#[inline(always)]
+fn port_in(base: u32, port: u16) -> bool {
+    let (word, bit) = ports::slot(base, port);
+    PORTS.get(word).is_some_and(|w| *w & bit != 0)
+}
+
+/// The flag word of [`PORTS`].
+#[inline(always)]
+pub fn port_flags() -> u64 {
+    PORTS.get(ports::FLAGS).copied().unwrap_or(0)
+}
+
+/// Whether some rule may match a connection between these ports.
+#[inline(always)]
+pub fn rule_port(flags: u64, local: u16, remote: u16) -> bool {
+    flags & ports::FLAG_ANY_PORT_RULE != 0
+        || port_in(ports::RULES, local)
+        || port_in(ports::RULES, remote)
+}
+
+/// Whether a connection between these ports belongs in the index.
+#[inline(always)]
+pub fn index_port(flags: u64, local: u16, remote: u16) -> bool {
+    flags & ports::FLAG_INDEX_ALL != 0
+        || port_in(ports::INDEX, local)
+        || port_in(ports::INDEX, remote)
+}
 
 /// Adds one to a per-CPU counter.
 #[inline(always)]

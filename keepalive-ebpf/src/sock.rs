@@ -130,3 +130,54 @@ pub fn is_tcp(sk: *const u8) -> bool {
     let proto: u16 = read(sk, off as usize);
     proto == IPPROTO_TCP
 }
+
+// Offsets for the cgroup check, set by the loader from BTF.
+#[unsafe(no_mangle)]
+static SK_CGRP_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_LEVEL_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_ANCESTORS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static CGROUP_KN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static KERNFS_ID_OFF: u32 = 0;
+
+/// Deepest cgroup level looked at.
+const MAX_LEVEL: u32 = 32;
+
+/// Whether the socket belongs to cgroup `id` or one below it, i.e. whether
+/// a sock_ops program attached there runs for it: `sk_cgrp_data.cgroup`,
+/// whose `ancestors[level]` is itself and `ancestors[0]` the root.
+#[inline(always)]
+pub fn in_cgroup(sk: *const u8, id: u64) -> bool {
+    // SAFETY: read-only globals set by the loader.
+    let (cgrp, level_off, anc_off, kn_off, kid_off) = unsafe {
+        (
+            core::ptr::read_volatile(&SK_CGRP_OFF) as usize,
+            core::ptr::read_volatile(&CGROUP_LEVEL_OFF) as usize,
+            core::ptr::read_volatile(&CGROUP_ANCESTORS_OFF) as usize,
+            core::ptr::read_volatile(&CGROUP_KN_OFF) as usize,
+            core::ptr::read_volatile(&KERNFS_ID_OFF) as usize,
+        )
+    };
+    // `struct sock_cgroup_data` starts with the cgroup pointer.
+    let cg: u64 = read(sk, cgrp);
+    if cg == 0 {
+        return false;
+    }
+    let level: i32 = read(cg as *const u8, level_off);
+    let level = (level.max(0) as u32).min(MAX_LEVEL);
+    for i in 0..=MAX_LEVEL {
+        if i > level {
+            break;
+        }
+        let anc: u64 = read(cg as *const u8, anc_off + 8 * i as usize);
+        let kn: u64 = read(anc as *const u8, kn_off);
+        let kid: u64 = read(kn as *const u8, kid_off);
+        if anc != 0 && kid == id {
+            return true;
+        }
+    }
+    false
+}

@@ -1,5 +1,10 @@
-//! sock_ops: applies the best matching rule when a connection is
-//! established (either side). `close.rs` forgets it when it closes.
+//! sock_ops: when a connection is established (either side), applies the
+//! best matching rule and, with `--index ports`, indexes it if one of its
+//! ports is an index port. Both kinds are then watched until they close
+//! (the STATE callback), when `close.rs` forgets them.
+//!
+//! A connection whose ports no rule and no index port names costs two array
+//! reads: every process in the cgroup pays this program on each connection.
 //!
 //! # Minimum kernel version
 //! 5.7 (cgroup links); `bpf_setsockopt` for TCP_USER_TIMEOUT needs 5.x.
@@ -8,8 +13,12 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_skc_to_tcp_sock, bpf_sock_ops_cb_flags_set},
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -21,7 +30,8 @@ use keepalive_common::{
 
 use crate::{
     apply::{apply_policy, best_rule, emit},
-    maps::{count, CONNS},
+    close, index,
+    maps::{count, host_index, index_port, port_flags, rule_port, CONNS},
 };
 
 const AF_INET: u32 = 2;
@@ -52,8 +62,31 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             established(ops)
         }
+        BPF_SOCK_OPS_STATE_CB => {
+            // args[1] is the new state; the callback runs before the change.
+            if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE && !host_index() {
+                let sk = full_sock(ops).ok_or(())?;
+                // SAFETY: sock_ops context is a valid argument for the helper.
+                let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+                close::forget(sk, cookie);
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
+}
+
+/// The context's socket as a BTF `struct tcp_sock` pointer, which the
+/// shared socket readers (`sock.rs`) accept.
+#[inline(always)]
+fn full_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
+    let sk = field!(ops, __bindgen_anon_2.sk);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer from the context.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    (!tp.is_null()).then_some(tp as *const u8)
 }
 
 /// Reads one end's address as IPv6 bytes (IPv4 mapped), network order.
@@ -94,20 +127,46 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     let local_port = field!(ops, local_port) as u16;
     let remote_port = u32::from_be(field!(ops, remote_port)) as u16;
 
-    let rule = best_rule(local_port, remote_port, addr).ok_or(())?;
+    let flags = port_flags();
+    let rule = if rule_port(flags, local_port, remote_port) {
+        best_rule(local_port, remote_port, addr)
+    } else {
+        None
+    };
+    let host = host_index();
+    let indexed = !host && index_port(flags, local_port, remote_port);
+    if rule.is_none() && !indexed {
+        return Ok(());
+    }
+    // SAFETY: sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+    if indexed {
+        if let Some(sk) = full_sock(ops) {
+            index::add(sk, cookie);
+        }
+    }
+    if !host {
+        // Watch it until it closes: close.rs reports a managed connection's
+        // end and forgets what was kept about it.
+        let cb = field!(ops, bpf_sock_ops_cb_flags);
+        // SAFETY: sock_ops context is a valid argument for the helper.
+        if unsafe { bpf_sock_ops_cb_flags_set(ops, (cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) } != 0
+        {
+            count(stats::CLOSE_WATCH_ERRORS);
+        }
+    }
+    let rule = rule.ok_or(())?;
     let policy = rule.policy;
     apply_policy(ops.cast(), &policy);
     count(stats::APPLIED_RULE);
 
-    // SAFETY: sock_ops context is a valid argument for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let info = ConnInfo {
         policy,
         source: SOURCE_RULE,
         rule_id: rule.id,
-        _pad: 0,
+        flags: 0,
         applied_ns: now,
     };
     emit(&Event {

@@ -56,6 +56,9 @@ pub struct Counters {
     pub index_full: u64,
     /// Connections that found their peer's index slots taken.
     pub peer_overflows: u64,
+    /// Managed or indexed connections whose close the kernel could not be
+    /// asked to report (no `closed`/`reset`/`timeout` event for them).
+    pub close_watch_errors: u64,
 }
 
 impl Enforcer {
@@ -140,6 +143,7 @@ impl Enforcer {
         // skips an id, and never hands one out twice.
         meta.next_rule_id = id + 1;
         loader::write_meta(&self.layout, &meta)?;
+        crate::ports::sync_rules(&self.layout, &rules, Some(&data), None)?;
         match rules.insert(&key, m.value(id, policy), BPF_NOEXIST) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -170,6 +174,7 @@ impl Enforcer {
         rules
             .remove(&key)
             .map_err(|e| Error::map(format!("removing rule {id}"), e))?;
+        crate::ports::sync_rules(&self.layout, &rules, None, Some(&key.data()))?;
         Ok(rule_from_entry(&key, &value))
     }
 
@@ -222,6 +227,7 @@ impl Enforcer {
             alerts_dropped: get(stats::ALERTS_DROPPED)?,
             index_full: get(stats::INDEX_FULL)?,
             peer_overflows: get(stats::PEER_OVERFLOWS)?,
+            close_watch_errors: get(stats::CLOSE_WATCH_ERRORS)?,
         })
     }
 }
@@ -927,6 +933,9 @@ impl Enforcer {
         let found = run_pass(&self.layout.iter_apply(), netns, exact.then_some(1));
         pending.clear()?;
         let records = parse_raw(&found?);
+        if items.iter().any(|i| matches!(i.2, Action::Enable(_))) {
+            self.watch_if_outside(&records)?;
+        }
         Ok(items
             .iter()
             .map(|&(conn, local, _)| {
@@ -937,6 +946,29 @@ impl Enforcer {
                     .collect()
             })
             .collect())
+    }
+
+    /// With the ports index: when the walk enabled a connection outside
+    /// the attached cgroup, attaches the state tracepoint that reports its
+    /// close (sock_ops never runs for it).
+    fn watch_if_outside(&self, records: &[ConnRecord]) -> Result<()> {
+        if loader::index_mode_of(&self.layout) != loader::IndexMode::Ports
+            || self.layout.close_link().exists()
+        {
+            return Ok(());
+        }
+        let map = loader::open_map(&self.layout, maps::CONNS)?;
+        let conns: HashMap<_, u64, ConnInfo> =
+            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        let outside = records.iter().any(|r| {
+            conns
+                .get(&r.cookie, 0)
+                .is_ok_and(|i| i.flags & keepalive_common::conns::FLAG_OUTSIDE != 0)
+        });
+        if outside {
+            loader::watch_outside(&self.layout)?;
+        }
+        Ok(())
     }
 
     /// Applies an action to a connection held through its owner's
@@ -973,7 +1005,7 @@ impl Enforcer {
                     policy: request.policy,
                     source: SOURCE_COMMAND,
                     rule_id: 0,
-                    _pad: 0,
+                    flags: 0,
                     applied_ns: monotonic_ns(),
                 };
                 conns

@@ -81,10 +81,24 @@ pub fn resolve(
     netns: Option<&Path>,
 ) -> Result<Option<Vec<Held>>> {
     let inode = netns_inode(netns)?;
+    let mode = loader::index_mode_of(layout);
+    // With the ports index, a connection with no index port at either end
+    // is indexed only if a rule matched it: an empty answer proves nothing.
+    let covered = |port: u16| -> Result<bool> {
+        Ok(mode == loader::IndexMode::Host || crate::ports::is_index_port(layout, port)?)
+    };
     let cookies = match conn {
         ConnSpec::Cookie(c) => vec![c],
         ConnSpec::Peer(peer) => {
             if index_overflowed(layout)? {
+                return Ok(None);
+            }
+            let complete = covered(peer.port())?
+                || match local {
+                    Some(l) => covered(l.port())?,
+                    None => false,
+                };
+            if local.is_some() && !complete {
                 return Ok(None);
             }
             let map = loader::open_map(layout, maps::PEERS)?;
@@ -94,12 +108,16 @@ pub fn resolve(
             if peers.get(&key, 0).is_ok() {
                 return Ok(None);
             }
-            (0..PEER_SLOTS)
+            let found: Vec<u64> = (0..PEER_SLOTS)
                 .filter_map(|slot| {
                     key.slot = slot;
                     peers.get(&key, 0).ok()
                 })
-                .collect()
+                .collect();
+            if found.is_empty() && !complete {
+                return Ok(None);
+            }
+            found
         }
     };
     let map = loader::open_map(layout, maps::SLOTS)?;
@@ -108,25 +126,38 @@ pub fn resolve(
     let map = loader::open_map(layout, maps::FDS)?;
     let fds: HashMap<MapData, u64, FdOwner> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the socket holder map", e))?;
-    let scan = loader::holders_mode(layout) == loader::HolderMode::Scan;
-    let mut scanned = false;
-    let mut held = Vec::with_capacity(cookies.len());
+    // Each cookie's socket; a cookie the index never saw is walked for.
+    let mut socks = Vec::with_capacity(cookies.len());
     for cookie in cookies {
-        let mut stream = None;
-        for attempt in 0..2 {
-            if let Ok(owner) = slots.get(&cookie, 0).and_then(|s| fds.get(&s.sk, 0)) {
-                stream = borrow(owner, cookie);
+        let Ok(slot) = slots.get(&cookie, 0) else {
+            return Ok(None);
+        };
+        socks.push((cookie, slot.sk));
+    }
+    let mut streams: Vec<Option<TcpStream>> = socks
+        .iter()
+        .map(|&(cookie, sk)| fds.get(&sk, 0).ok().and_then(|o| borrow(o, cookie)))
+        .collect();
+    let missing: Vec<u64> = socks
+        .iter()
+        .zip(&streams)
+        .filter(|(_, s)| s.is_none())
+        .map(|(&(_, sk), _)| sk)
+        .collect();
+    if !missing.is_empty() {
+        // Holder unknown or gone (a socket newer than the load, or one that
+        // changed hands): one search of every process's descriptors, which
+        // stops at the last one found.
+        log::debug!("{} holder(s) unknown; searching descriptors", missing.len());
+        find_holders(layout, &missing)?;
+        for (s, &(cookie, sk)) in streams.iter_mut().zip(&socks) {
+            if s.is_none() {
+                *s = fds.get(&sk, 0).ok().and_then(|o| borrow(o, cookie));
             }
-            if stream.is_some() || attempt == 1 || !scan || scanned {
-                break;
-            }
-            // Holder unknown or gone (the socket is newer than the last
-            // scan, or changed hands): one pass over every process's
-            // descriptors records them all.
-            log::debug!("cookie {cookie}: holder unknown; scanning descriptors");
-            seed_fds(layout)?;
-            scanned = true;
         }
+    }
+    let mut held = Vec::with_capacity(socks.len());
+    for (stream, (cookie, _)) in streams.into_iter().zip(socks) {
         let Some(stream) = stream else {
             return Ok(None);
         };
@@ -148,6 +179,53 @@ pub fn resolve(
         held.push(Held { cookie, stream });
     }
     Ok(Some(held))
+}
+
+/// Finds who holds each of `socks` (`struct sock` addresses) with one pass
+/// over every process's descriptors that stops once all are found; the
+/// kernel records them in the fd map. Call with the installation lock held.
+pub fn find_holders(layout: &PinLayout, socks: &[u64]) -> Result<()> {
+    let map = loader::open_map(layout, maps::WANT)?;
+    let mut want: HashMap<_, u64, FdOwner> =
+        HashMap::try_from(map).map_err(|e| Error::map("opening the holder search map", e))?;
+    let err = |e| Error::map("preparing the holder search", e);
+    for k in want.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+        let _ = want.remove(&k);
+    }
+    let socks = &socks[..socks
+        .len()
+        .min(keepalive_common::index::WANT_MAX_ENTRIES as usize - 1)];
+    for &sk in socks {
+        want.insert(sk, FdOwner::default(), 0).map_err(err)?;
+    }
+    // Key 0: how many are still missing; the pass ends when it reaches 0.
+    let left = FdOwner {
+        tgid: socks.len() as u32,
+        fd: 0,
+    };
+    want.insert(0, left, 0).map_err(err)?;
+    let pin = layout.iter_find_fds();
+    let mut file = File::open(&pin)
+        .map_err(|e| Error::io(format!("running the iterator {}", pin.display()), e))?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(&mut file, &mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            // The program ended the pass early: everything was found.
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading the iterator {}", pin.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    for k in want.keys().filter_map(Result::ok).collect::<Vec<_>>() {
+        let _ = want.remove(&k);
+    }
+    Ok(())
 }
 
 /// How complete the connection index is.

@@ -17,6 +17,7 @@ pub mod journal;
 pub mod loader;
 pub mod paths;
 pub mod policy;
+pub mod ports;
 pub mod rule;
 pub mod server;
 mod sys;

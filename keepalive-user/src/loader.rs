@@ -48,6 +48,85 @@ impl HolderMode {
     }
 }
 
+/// Who keeps the connection index, and so what the rest of the host pays
+/// for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexMode {
+    /// sock_ops indexes the connections of the cgroup that have an index
+    /// port at either end, and asks the kernel to call it when they (and
+    /// those a rule matched) close. Other connections cost two array reads; commands for
+    /// them walk the socket table. Needs Linux 6.12
+    /// (`TCP_BPF_SOCK_OPS_CB_FLAGS`) to watch connections it did not see
+    /// connect.
+    #[default]
+    Ports,
+    /// The `inet_sock_set_state` tracepoint indexes every connection on
+    /// the host: any connection is reached directly, and every connection
+    /// on the host pays for it (see the README's figures).
+    Host,
+}
+
+impl IndexMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            IndexMode::Ports => "ports",
+            IndexMode::Host => "host",
+        }
+    }
+}
+
+/// The first kernel whose `bpf_setsockopt` sets sock_ops callback flags.
+const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);
+
+/// Parses "6.18.0-1-amd64" into (6, 18).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(['.', '-']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it
+        .next()?
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()?;
+    Some((major, minor))
+}
+
+/// The index mode to load with: the one asked for, else `ports` where the
+/// kernel supports it and `host` (with the reason, logged) where it does
+/// not.
+pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let supported = kernel_version(&release).is_some_and(|v| v >= CB_FLAGS_KERNEL);
+    match requested {
+        Some(IndexMode::Ports) if !supported => Err(Error::Io {
+            what: format!(
+                "--index ports needs Linux 6.12 or later to watch connections it did not see connect (this kernel: {release}); use --index host"
+            ),
+            source: std::io::ErrorKind::Unsupported.into(),
+        }),
+        Some(mode) => Ok(mode),
+        None if supported => Ok(IndexMode::Ports),
+        None => {
+            log::warn!(
+                "kernel {release} is older than 6.12: the connection index is kept host-wide (--index host), which costs every connection on the host"
+            );
+            Ok(IndexMode::Host)
+        }
+    }
+}
+
+/// How to load.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub holders: HolderMode,
+    /// `None`: chosen by [`choose_index`].
+    pub index: Option<IndexMode>,
+    /// With [`IndexMode::Ports`]: which connections are indexed.
+    pub index_ports: crate::ports::IndexPorts,
+}
+
 /// Where an installation is attached.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Installation {
@@ -63,6 +142,8 @@ pub struct Installation {
     pub seeded: bool,
     /// How socket holders are learned.
     pub holders: HolderMode,
+    /// Who keeps the connection index.
+    pub index: IndexMode,
 }
 
 /// What `load` did.
@@ -264,9 +345,8 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
         return Ok(None);
     }
     let meta = read_meta(layout)?;
-    let len = (meta.cgroup_path_len as usize).min(meta.cgroup_path.len());
     let link = sock_ops_link_info(layout)?;
-    let cgroup = PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned());
+    let cgroup = meta_cgroup_path(&meta);
     // A removed cgroup lingers, with the program attached, until its last
     // socket is freed; what counts is the cgroup now at the path.
     let at_path = std::fs::metadata(&cgroup)
@@ -281,7 +361,16 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
             && at_path == Some(meta.cgroup_id),
         seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
         holders: holder_mode(&meta),
+        index: index_mode(&meta),
     }))
+}
+
+fn index_mode(meta: &Meta) -> IndexMode {
+    if meta.flags & keepalive_common::meta::FLAG_HOST_INDEX != 0 {
+        IndexMode::Host
+    } else {
+        IndexMode::Ports
+    }
 }
 
 fn holder_mode(meta: &Meta) -> HolderMode {
@@ -306,7 +395,7 @@ pub struct Hook {
 
 /// The links this installation has pinned, and what each costs.
 pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
-    let known: [(&str, &'static str, &'static str); 10] = [
+    let known: [(&str, &'static str, &'static str); 11] = [
         (crate::paths::SOCK_OPS_LINK, "cgroup sock_ops", "cgroup"),
         (
             crate::paths::CLOSE_LINK,
@@ -332,6 +421,7 @@ pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
         (crate::paths::ITER_STATUS, "iter tcp", "on demand"),
         (crate::paths::ITER_SEED_PEERS, "iter tcp", "on demand"),
         (crate::paths::ITER_SEED_FDS, "iter task_file", "on demand"),
+        (crate::paths::ITER_FIND_FDS, "iter task_file", "on demand"),
         ("link_sockops_new", "cgroup sock_ops", "cgroup"),
     ];
     known
@@ -343,6 +433,65 @@ pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
             cost,
         })
         .collect()
+}
+
+/// With the ports index: attaches the state tracepoint, so that the close
+/// of a managed connection outside the attached cgroup (where sock_ops
+/// never runs) is reported. Costs every connection on the host while
+/// attached; [`unwatch_outside`] detaches it once no such connection is
+/// left. Call with the installation lock held.
+pub fn watch_outside(layout: &PinLayout) -> Result<()> {
+    let link = layout.close_link();
+    if link.exists() || !layout.close_prog().exists() {
+        return Ok(());
+    }
+    let prog = sys::obj_get(&layout.close_prog())
+        .map_err(|e| Error::io("opening the close tracepoint program", e))?;
+    let fd = sys::raw_tracepoint_open(prog.as_fd())
+        .map_err(|e| Error::io("attaching to tracepoint inet_sock_set_state", e))?;
+    sys::obj_pin(fd.as_fd(), &link)
+        .map_err(|e| Error::io(format!("pinning {}", link.display()), e))?;
+    log::info!(
+        "a managed connection is outside cgroup {}: watching closes host-wide until none is left",
+        read_meta(layout)
+            .map(|m| meta_cgroup_path(&m).display().to_string())
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Detaches the state tracepoint [`watch_outside`] attached once no
+/// managed connection is outside the cgroup. Returns whether it did.
+/// Takes the installation lock.
+pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
+    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
+        return Ok(false);
+    }
+    let _lock = Lock::acquire(layout)?;
+    let map = open_map(layout, maps::CONNS)?;
+    let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
+        aya::maps::HashMap::try_from(map)
+            .map_err(|e| Error::map("opening the connection map", e))?;
+    let outside = conns
+        .iter()
+        .filter_map(|r| r.ok())
+        .any(|(_, i)| i.flags & keepalive_common::conns::FLAG_OUTSIDE != 0);
+    if outside {
+        return Ok(false);
+    }
+    std::fs::remove_file(layout.close_link())
+        .map_err(|e| Error::io(format!("removing {}", layout.close_link().display()), e))?;
+    log::info!(
+        "no managed connection outside the cgroup is left: the state tracepoint is detached"
+    );
+    Ok(true)
+}
+
+/// Who keeps the installation's index (`Ports` when unreadable).
+pub fn index_mode_of(layout: &PinLayout) -> IndexMode {
+    read_meta(layout)
+        .map(|m| index_mode(&m))
+        .unwrap_or_default()
 }
 
 /// How the installation learns socket holders (`Scan` when unreadable).
@@ -396,7 +545,13 @@ fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
         attached: true,
         seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
         holders: holder_mode(&meta),
+        index: index_mode(&meta),
     })
+}
+
+fn meta_cgroup_path(meta: &Meta) -> PathBuf {
+    let len = (meta.cgroup_path_len as usize).min(meta.cgroup_path.len());
+    PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned())
 }
 
 fn set_meta_cgroup(meta: &mut Meta, cgroup: &Cgroup) {
@@ -480,7 +635,7 @@ pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
 
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
-pub fn load(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Result<LoadOutcome> {
+pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Result<LoadOutcome> {
     // Before anything is read or removed: a pin directory outside bpffs is
     // refused with nothing touched.
     ensure_bpffs(layout)?;
@@ -509,11 +664,12 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Result<
     // Pins without a link are left over from an interrupted run: they carry
     // no enforcement, so start afresh.
     remove_pins(layout)?;
+    let index = choose_index(options.index)?;
     let mut undo = Undo {
         layout,
         armed: true,
     };
-    let installation = load_and_pin(layout, cgroup, holders)?;
+    let installation = load_and_pin(layout, cgroup, options, index)?;
     undo.armed = false;
     Ok(LoadOutcome::Loaded(installation))
 }
@@ -618,7 +774,14 @@ fn check_pin_dir(layout: &PinLayout) -> Result<()> {
     Ok(())
 }
 
-fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Result<Installation> {
+fn load_and_pin(
+    layout: &PinLayout,
+    cgroup: &Cgroup,
+    options: &LoadOptions,
+    index: IndexMode,
+) -> Result<Installation> {
+    let holders = options.holders;
+    let host_index = u32::from(index == IndexMode::Host);
     {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()
@@ -642,6 +805,12 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
     let fdt_max_fds_off = kernel_btf.member_offset("fdtable", "max_fds")?;
     let fdt_fd_off = kernel_btf.member_offset("fdtable", "fd")?;
     let file_private_off = kernel_btf.member_offset("file", "private_data")?;
+    let sk_cgrp_off = kernel_btf.member_offset("sock", "sk_cgrp_data")?
+        + kernel_btf.member_offset("sock_cgroup_data", "cgroup")?;
+    let cgroup_level_off = kernel_btf.member_offset("cgroup", "level")?;
+    let cgroup_ancestors_off = kernel_btf.member_offset("cgroup", "ancestors")?;
+    let cgroup_kn_off = kernel_btf.member_offset("cgroup", "kn")?;
+    let kernfs_id_off = kernel_btf.member_offset("kernfs_node", "id")?;
     // The fd programs read `struct socket` at fixed offsets; refuse a kernel
     // where they moved rather than read garbage.
     for (member, want) in [("type", 4), ("file", 16), ("sk", 24)] {
@@ -672,6 +841,16 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
         .override_global(programs::GLOBAL_FDT_MAX_FDS_OFF, &fdt_max_fds_off, true)
         .override_global(programs::GLOBAL_FDT_FD_OFF, &fdt_fd_off, true)
         .override_global(programs::GLOBAL_FILE_PRIVATE_OFF, &file_private_off, true)
+        .override_global(programs::GLOBAL_HOST_INDEX, &host_index, true)
+        .override_global(programs::GLOBAL_SK_CGRP_OFF, &sk_cgrp_off, true)
+        .override_global(programs::GLOBAL_CGROUP_LEVEL_OFF, &cgroup_level_off, true)
+        .override_global(
+            programs::GLOBAL_CGROUP_ANCESTORS_OFF,
+            &cgroup_ancestors_off,
+            true,
+        )
+        .override_global(programs::GLOBAL_CGROUP_KN_OFF, &cgroup_kn_off, true)
+        .override_global(programs::GLOBAL_KERNFS_ID_OFF, &kernfs_id_off, true)
         .load(crate::EBPF_OBJECT)
         .map_err(Error::Ebpf)?;
     for name in maps::ALL {
@@ -693,6 +872,10 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
             keepalive_common::meta::FLAG_SYSCALL_HOLDERS
         } else {
             0
+        } | if index == IndexMode::Host {
+            keepalive_common::meta::FLAG_HOST_INDEX
+        } else {
+            0
         },
         version: keepalive_common::meta::LAYOUT_VERSION,
     };
@@ -706,8 +889,19 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
             .map_err(|e| Error::map("writing the installation record", e))?;
     }
 
-    // Connection cleanup first, so nothing the other programs record can
-    // outlive its connection.
+    // Before sock_ops runs: which connections it looks at.
+    {
+        let map = ebpf.map_mut(maps::PORTS).expect("checked above");
+        let mut ports: Array<_, u64> =
+            Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))?;
+        crate::ports::write_index(&mut ports, &options.index_ports)?;
+    }
+
+    // The state tracepoint: with a host-wide index attached first, so
+    // nothing the other programs record can outlive its connection. With
+    // the ports index, sock_ops watches each connection it records, and
+    // the tracepoint is only pinned, to be attached while connections
+    // outside the cgroup are managed (see `watch_outside`).
     {
         let prog: &mut BtfTracePoint = program(&mut ebpf, programs::CLOSE)?;
         prog.load("inet_sock_set_state", &btf)
@@ -715,15 +909,22 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
                 what: "loading the close tracepoint program".into(),
                 source: e,
             })?;
-        let id = prog.attach().map_err(|e| Error::Program {
-            what: "attaching to tracepoint inet_sock_set_state".into(),
-            source: e,
-        })?;
-        let link = prog.take_link(id).map_err(|e| Error::Program {
-            what: "taking the tracepoint link".into(),
-            source: e,
-        })?;
-        pin_link(link, &layout.close_link())?;
+        if index == IndexMode::Host {
+            let id = prog.attach().map_err(|e| Error::Program {
+                what: "attaching to tracepoint inet_sock_set_state".into(),
+                source: e,
+            })?;
+            let link = prog.take_link(id).map_err(|e| Error::Program {
+                what: "taking the tracepoint link".into(),
+                source: e,
+            })?;
+            pin_link(link, &layout.close_link())?;
+        } else {
+            prog.pin(layout.close_prog()).map_err(|e| Error::Pin {
+                what: "pinning the close tracepoint program".into(),
+                source: e,
+            })?;
+        }
     }
     // Who holds each socket: accepted and connecting ones from now on, when
     // asked for (see HolderMode). Attaching a tracepoint reads its id from
@@ -777,6 +978,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
         (programs::ITER_STATUS, "tcp", layout.iter_status()),
         (programs::SEED_PEERS, "tcp", layout.iter_seed_peers()),
         (programs::SEED_FDS, "task_file", layout.iter_seed_fds()),
+        (programs::FIND_FDS, "task_file", layout.iter_find_fds()),
     ] {
         let prog: &mut Iter = program(&mut ebpf, name)?;
         prog.load(kind, &btf).map_err(|e| Error::Program {
@@ -838,6 +1040,7 @@ fn load_and_pin(layout: &PinLayout, cgroup: &Cgroup, holders: HolderMode) -> Res
         attached: true,
         seeded: true,
         holders,
+        index,
     })
 }
 
@@ -936,6 +1139,7 @@ fn remove_pins(layout: &PinLayout) -> Result<bool> {
             .join(format!("{}_new", crate::paths::SOCK_OPS_LINK)),
     )
     .chain(layout.links().into_iter().rev())
+    .chain(std::iter::once(layout.close_prog()))
     .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {

@@ -98,15 +98,59 @@ impl From<Holders> for loader::HolderMode {
     }
 }
 
+/// Who keeps the connection index that lets a command reach one
+/// connection without walking every socket.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Index {
+    /// sock_ops indexes the cgroup's connections on an index port
+    /// (--index-ports) and watches them, and those a rule matched, until
+    /// they close; other connections cost two array reads, and commands
+    /// for them walk the socket table. Needs Linux 6.12.
+    Ports,
+    /// A state tracepoint indexes every connection on the host: any
+    /// connection is reached directly, and every connection on the host
+    /// pays for it (about 15% slower connection setup).
+    Host,
+}
+
+/// How the kernel side is set up when loading.
+#[derive(Args, Debug)]
+struct KernelArgs {
+    /// How socket holders are learned.
+    #[arg(long, value_enum, default_value_t = Holders::Scan)]
+    holders: Holders,
+    /// Who keeps the connection index [default: ports on Linux 6.12 or
+    /// later, else host].
+    #[arg(long, value_enum)]
+    index: Option<Index>,
+    /// With --index ports: connections with either end on one of these
+    /// ports are indexed (comma-separated, or `all` for every connection in
+    /// the cgroup, or `` for none).
+    #[arg(long, default_value = "5060,5061", value_parser = tcpka::ports::IndexPorts::parse)]
+    index_ports: tcpka::ports::IndexPorts,
+}
+
+impl KernelArgs {
+    fn options(&self) -> loader::LoadOptions {
+        loader::LoadOptions {
+            holders: self.holders.into(),
+            index: self.index.map(|i| match i {
+                Index::Ports => loader::IndexMode::Ports,
+                Index::Host => loader::IndexMode::Host,
+            }),
+            index_ports: self.index_ports.clone(),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct LoadArgs {
     /// cgroup v2 directory to attach to [default: the root of the cgroup v2
     /// mount, i.e. every process on the host].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// How socket holders are learned (when loading).
-    #[arg(long, value_enum, default_value_t = Holders::Scan)]
-    holders: Holders,
+    #[command(flatten)]
+    kernel: KernelArgs,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -118,9 +162,9 @@ struct ServeArgs {
     /// root of the cgroup v2 mount].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// How socket holders are learned (when serve loads).
-    #[arg(long, value_enum, default_value_t = Holders::Scan)]
-    holders: Holders,
+    /// How the kernel side is set up, when serve loads.
+    #[command(flatten)]
+    kernel: KernelArgs,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -576,7 +620,7 @@ fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Load(args) => {
             let cgroup = target_cgroup(&layout, args.cgroup.as_deref())?;
-            let outcome = loader::load(&layout, &cgroup, args.holders.into())?;
+            let outcome = loader::load(&layout, &cgroup, &args.kernel.options())?;
             let i = outcome.installation();
             let loaded = matches!(outcome, LoadOutcome::Loaded(_));
             let reattached = matches!(outcome, LoadOutcome::Reattached(_));
@@ -736,6 +780,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let holders = tcpka::holders::total(layout)?;
             let holder_cap = keepalive_common::holders::MAX_ENTRIES;
             let index = tcpka::index::state(layout)?;
+            let index_ports = tcpka::ports::read_index(layout)?;
             if a.json {
                 print_json(&serde_json::json!({
                     "loaded": true,
@@ -745,6 +790,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "connection_capacity": keepalive_common::CONNS_MAX_ENTRIES,
                     "holders": { "count": holders, "capacity": holder_cap },
                     "index": index,
+                    "index_mode": installation.index,
+                    "index_ports": index_ports.to_string(),
                     "counters": counters,
                     "hooks": loader::hooks(layout),
                 }));
@@ -756,6 +803,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                     ),
                     loader::HolderMode::Syscalls => tcpka::outln!(
                         "holders: syscall tracepoints accept/accept4/connect (commands take the direct path at once; every syscall on the host takes the slow path)"
+                    ),
+                }
+                match installation.index {
+                    loader::IndexMode::Ports => tcpka::outln!(
+                        "index mode: ports {index_ports} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost two array reads, and commands for them walk the socket table)"
+                    ),
+                    loader::IndexMode::Host => tcpka::outln!(
+                        "index mode: host (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"
                     ),
                 }
                 if !installation.seeded {
@@ -801,6 +856,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tcpka::outln!("applied by rule: {}", counters.applied_by_rule);
                 tcpka::outln!("setsockopt errors: {}", counters.setsockopt_errors);
                 tcpka::outln!("connection map full: {}", counters.conns_map_full);
+                if counters.close_watch_errors > 0 {
+                    tcpka::outln!(
+                        "close watch errors: {} (connections whose close is not reported)",
+                        counters.close_watch_errors
+                    );
+                }
                 tcpka::outln!(
                     "events dropped (applied/closed): {}",
                     counters.events_dropped
@@ -823,7 +884,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 listen: a.listen,
                 token,
                 api_group,
-                holders: a.holders.into(),
+                load: a.kernel.options(),
                 webhook: a
                     .webhook
                     .map(|url| {

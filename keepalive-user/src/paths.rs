@@ -17,6 +17,9 @@ pub const LOCK_DIR: &str = "/run/tcpka/locks";
 pub const SOCK_OPS_LINK: &str = "link_sockops";
 /// Pin name of the close tracepoint link.
 pub const CLOSE_LINK: &str = "link_close";
+/// Pin name of the close tracepoint program, kept for attaching later
+/// (`--index ports`).
+pub const CLOSE_PROG: &str = "prog_close";
 /// Pin names of the syscall tracepoint links that record socket holders.
 pub const ACCEPT4_LINK: &str = "link_accept4";
 pub const ACCEPT_LINK: &str = "link_accept";
@@ -24,6 +27,8 @@ pub const CONNECT_LINK: &str = "link_connect";
 /// Pin names of the index seed iterators.
 pub const ITER_SEED_PEERS: &str = "iter_seed_peers";
 pub const ITER_SEED_FDS: &str = "iter_seed_fds";
+/// Pin name of the iterator that finds the holders of chosen sockets.
+pub const ITER_FIND_FDS: &str = "iter_find_fds";
 /// Pin name of the apply iterator (reading it runs one pass).
 pub const ITER_APPLY: &str = "iter_apply";
 /// Pin name of the status iterator.
@@ -83,6 +88,17 @@ impl PinLayout {
         self.dir.join(ITER_SEED_FDS)
     }
 
+    /// Pin of the close tracepoint program (not its link).
+    pub fn close_prog(&self) -> PathBuf {
+        self.dir.join(CLOSE_PROG)
+    }
+
+    /// Pin of the iterator that finds the holders of the sockets in the
+    /// want map.
+    pub fn iter_find_fds(&self) -> PathBuf {
+        self.dir.join(ITER_FIND_FDS)
+    }
+
     /// Pin of the apply iterator.
     pub fn iter_apply(&self) -> PathBuf {
         self.dir.join(ITER_APPLY)
@@ -95,7 +111,7 @@ impl PinLayout {
 
     /// Every link pin, the sock_ops link last (its presence means
     /// "loaded", so it is pinned last and removed first).
-    pub fn links(&self) -> [PathBuf; 9] {
+    pub fn links(&self) -> [PathBuf; 10] {
         [
             self.close_link(),
             self.accept4_link(),
@@ -105,6 +121,7 @@ impl PinLayout {
             self.iter_status(),
             self.iter_seed_peers(),
             self.iter_seed_fds(),
+            self.iter_find_fds(),
             self.sock_ops_link(),
         ]
     }

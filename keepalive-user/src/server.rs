@@ -132,8 +132,8 @@ pub struct Config {
     /// Group whose members may use a unix socket listener (root always
     /// may); the socket is then mode 0660 with that group, else 0600.
     pub api_group: Option<u32>,
-    /// How socket holders are learned, when `serve` loads.
-    pub holders: loader::HolderMode,
+    /// How to load, when `serve` loads.
+    pub load: loader::LoadOptions,
     pub webhook: Option<WebhookConfig>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
@@ -1021,6 +1021,9 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
             let l = layout.clone();
             let Ok(checked) = tokio::task::spawn_blocking(move || {
                 let repaired = loader::repair_attachment(&l)?;
+                if let Err(e) = loader::unwatch_outside(&l) {
+                    log::warn!("checking for managed connections outside the cgroup: {e}");
+                }
                 Ok::<_, Error>((repaired, loader::installed(&l)?))
             })
             .await
@@ -1179,8 +1182,8 @@ pub async fn run(
     let _serving = loader::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
-        let holders = config.holders;
-        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup, holders))
+        let options = config.load.clone();
+        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup, &options))
             .await
             .expect("load task")?
     };

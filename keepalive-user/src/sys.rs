@@ -113,3 +113,14 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()
     attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
+
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+
+/// Attaches a `tp_btf` program to the tracepoint it was loaded for
+/// (`BPF_RAW_TRACEPOINT_OPEN` without a name); returns the link.
+pub fn raw_tracepoint_open(prog: BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    // union bpf_attr { struct { __u64 name; __u32 prog_fd; } raw_tracepoint; }
+    let mut attr = [0u8; 128];
+    attr[8..12].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr).map(owned)
+}

@@ -729,3 +729,55 @@ pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<serde_json::Valu
     });
     (addr, rx)
 }
+
+/// Subscribes to `GET /v1/events` of a running `tcpka serve`: one JSON
+/// value per event, from a reader thread.
+pub fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        format!(
+            "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // Subscribed once the response header arrives.
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            // Chunk sizes and headers are not JSON objects; events are.
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+                if v.is_object() {
+                    let _ = tx.send(v);
+                }
+            }
+            line.clear();
+        }
+    });
+    rx
+}
+
+/// Waits for an event of `kind` for `cookie`, skipping others.
+pub fn wait_for_event(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    kind: &str,
+    cookie: u64,
+    within: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {kind} event for cookie {cookie} within {within:?}"));
+        if v["kind"] == kind && v["cookie"].as_u64() == Some(cookie) {
+            return v;
+        }
+    }
+}

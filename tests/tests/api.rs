@@ -304,54 +304,6 @@ fn holders_keep_a_shared_connection_until_the_last_call_ends() {
 }
 
 /// Reads NDJSON events from `GET /v1/events` on a background thread.
-fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(
-        format!(
-            "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    // Subscribed once the response header arrives.
-    let mut r = BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    assert!(status.contains(" 200 "), "{status}");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            // Chunk sizes and headers are not JSON objects; events are.
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
-                if v.is_object() {
-                    let _ = tx.send(v);
-                }
-            }
-            line.clear();
-        }
-    });
-    rx
-}
-
-fn wait_for(
-    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
-    kind: &str,
-    cookie: u64,
-    within: Duration,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let v = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {kind} event for cookie {cookie} within {within:?}"));
-        if v["kind"] == kind && v["cookie"].as_u64() == Some(cookie) {
-            return v;
-        }
-    }
-}
-
 #[test]
 fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
     let e = Env::outside();
@@ -417,7 +369,7 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
     peer.cut();
     let bound = Duration::from_secs(idle + count * interval + 2);
     let start = Instant::now();
-    let ev = wait_for(&stream, "timeout", ck, bound);
+    let ev = wait_for_event(&stream, "timeout", ck, bound);
     eprintln!(
         "timeout event after {:?} (bound {bound:?}): {ev}",
         start.elapsed()
@@ -427,10 +379,10 @@ fn dead_peer_timeout_reaches_stream_watch_and_webhook() {
     assert_eq!(ev["local"], c.local_addr().unwrap().to_string());
     assert_eq!(ev["policy"]["idle"].as_u64(), Some(idle));
     assert!(ev["time"].as_str().unwrap().ends_with('Z'));
-    let w = wait_for(&watch_rx, "timeout", ck, Duration::from_secs(2));
+    let w = wait_for_event(&watch_rx, "timeout", ck, Duration::from_secs(2));
     assert_eq!(w["cookie"], ev["cookie"]);
     // The webhook also got the probes' "closed" events; the timeout follows.
-    let h = wait_for(&hook_rx, "timeout", ck, Duration::from_secs(3));
+    let h = wait_for_event(&hook_rx, "timeout", ck, Duration::from_secs(3));
     assert_eq!(h["error"].as_u64(), Some(110));
     let _ = c.read(&mut b); // the socket reports the error too
     drop(srv);
@@ -495,12 +447,12 @@ fn reset_and_orderly_close_events() {
         );
     }
     drop(s1);
-    let ev = wait_for(&stream, "reset", k1, Duration::from_secs(3));
+    let ev = wait_for_event(&stream, "reset", k1, Duration::from_secs(3));
     assert_eq!(ev["error"].as_u64(), Some(104), "ECONNRESET: {ev}");
     drop(c1);
     drop(s2);
     drop(c2);
-    let ev = wait_for(&stream, "closed", k2, Duration::from_secs(3));
+    let ev = wait_for_event(&stream, "closed", k2, Duration::from_secs(3));
     assert!(ev.get("error").is_none(), "{ev}");
 }
 

@@ -427,8 +427,10 @@ fn holder_table_cap_is_enforced_and_recovers() {
 /// the index is incomplete, and commands still find every connection.
 #[test]
 fn index_overflow_is_shown_and_lookups_stay_complete() {
-    let e = Env::outside();
-    let l = listen("127.0.0.1:0");
+    // Connections of the cgroup on an index port: what the index holds.
+    // (The environment is a fresh network namespace: the port is free.)
+    let e = Env::entered_with(&["--index-ports", "5070"]);
+    let l = listen("127.0.0.1:5070");
     let peer = l.local_addr().unwrap().to_string();
     let info = |t: &Tcpka| -> serde_json::Value {
         serde_json::from_str(&t.run(&["info", "--json"]).ok().stdout).unwrap()

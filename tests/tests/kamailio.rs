@@ -140,7 +140,9 @@ impl Sip {
                 panic!("{t} is not installed (cargo xtask setup installs kamailio and sip-tester)");
             }
         }
-        let e = Env::outside();
+        // The SIP ports of this setup (Kamailio's and the callee's) are the
+        // index ports, as a deployment sets them.
+        let e = Env::outside_with(&["--index-ports", &format!("5060,{CALLEE_PORT}")]);
         let caller = NamedNetns::new();
         let callee = NamedNetns::new();
         link(&caller, "ka0", "ka1", KAMAILIO_CALLER_SIDE, CALLER);
@@ -171,7 +173,11 @@ impl Sip {
         if http {
             k.args(["-A", "WITH_TCPKA_HTTP"]);
         }
+        // Kamailio runs in the cgroup tcpka is attached to, as its service
+        // would; sipp and the test stay outside.
+        e.cgroup.enter();
         let kamailio = Proc::spawn(&mut k);
+        e.cgroup.leave();
         let uas = Proc::spawn(
             Command::new("ip")
                 .args([

@@ -429,7 +429,9 @@ fn the_index_reaches_connections_made_before_and_after_load() {
     let (before, _s1) = connect(&l);
     let cgroup = CgroupDir::new();
     let t = Tcpka::new();
-    t.load(&cgroup.path);
+    // The host-wide index holds every connection, wherever it was made
+    // (tests/tests/index.rs covers the ports index).
+    t.load_with(&cgroup.path, &["--index", "host"]);
     let (after, s2) = connect(&l);
 
     let (r, via_index) = enable_traced(&t, &[&peer, "30", "4", "6"]);
@@ -524,9 +526,10 @@ fn a_stale_holder_is_walked_for() {
 #[test]
 fn a_socket_that_changed_hands_is_found_again() {
     // Holders found on demand (the default): a stale record leads to a new
-    // scan of the descriptors, and the direct path still answers.
-    let e = env();
-    let l = listen("127.0.0.1:0");
+    // search of the descriptors, and the direct path still answers.
+    // (The environment is a fresh network namespace: the port is free.)
+    let e = Env::entered_with(&["--index-ports", "5070"]);
+    let l = listen("127.0.0.1:5070");
     let peer = l.local_addr().unwrap().to_string();
     let original = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (_server, _) = l.accept().unwrap();
@@ -538,13 +541,21 @@ fn a_socket_that_changed_hands_is_found_again() {
     let (r, via_index) = enable_traced(&e.tcpka, &[&peer, "31", "4", "6"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(via_index, "{r:?}");
-    assert!(r.stderr.contains("scanning descriptors"), "{r:?}");
+    assert!(r.stderr.contains("searching descriptors"), "{r:?}");
     assert_eq!(keepalive(&moved), expect(31, 4, 6, 0));
 }
 
 #[test]
 fn a_connection_still_being_set_up_is_found() {
-    let e = env();
+    // The host-wide index has it from SYN_SENT on; the ports index (which
+    // indexes at establishment) leaves it to the walk.
+    for (mode, direct) in [("host", true), ("ports", false)] {
+        set_up_connection_found(mode, direct);
+    }
+}
+
+fn set_up_connection_found(mode: &str, direct: bool) {
+    let e = Env::outside_with(&["--index", mode]);
     let peer = VethPeer::new();
     let l = peer.listen();
     let addr = l.local_addr().unwrap();
@@ -577,8 +588,8 @@ fn a_connection_still_being_set_up_is_found() {
         std::os::fd::OwnedFd::from_raw_fd(fd)
     };
     let (r, via_index) = enable_traced(&e.tcpka, &[&addr.to_string(), "30", "4", "6"]);
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(via_index, "{r:?}");
+    assert_eq!(r.code, 0, "{mode}: {r:?}");
+    assert_eq!(via_index, direct, "{mode}: {r:?}");
     assert_eq!(keepalive(&fd), expect(30, 4, 6, 0));
     let r = e.tcpka.run(&["status", &addr.to_string(), "--json"]).ok();
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();

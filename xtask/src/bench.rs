@@ -15,6 +15,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+/// The port every measured server listens on: a default index port, like
+/// a SIP server's, so that all connections are indexed (the most the index
+/// holds).
+const SIP_PORT: u16 = 5060;
+
 /// Connections one holder process keeps open: 2 fds each plus its listener
 /// stay under the 20,000 open-file limit.
 const PER_HOLDER: usize = 9000;
@@ -22,7 +27,7 @@ const PER_HOLDER: usize = 9000;
 /// Holds `count` loopback connections (client bound to `src`) until stdin
 /// closes; prints "ready" once they are all up.
 pub fn hold(src: &str, count: usize) -> Result<()> {
-    let listener = TcpListener::bind((src, 0)).context("bind holder listener")?;
+    let listener = TcpListener::bind((src, SIP_PORT)).context("bind holder listener")?;
     let addr = listener.local_addr()?;
     let mut conns = Vec::with_capacity(count * 2);
     for _ in 0..count {
@@ -127,8 +132,8 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     // One target connection per sample, each with its own listener, so
     // the medians cover sockets at many places in the kernel's table.
     let mut targets = Vec::new();
-    for _ in 0..samples {
-        let l = TcpListener::bind("127.0.0.1:0")?;
+    for i in 0..samples {
+        let l = TcpListener::bind((format!("127.0.200.{}", i + 1), SIP_PORT))?;
         let c = TcpStream::connect(l.local_addr()?)?;
         let (s, _) = l.accept()?;
         targets.push((l, c, s));
@@ -201,7 +206,7 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
             pass.push(t.elapsed());
             // A connection made just now: its holder is not known yet, so
             // (holders found on demand) this enable scans the descriptors.
-            let l2 = TcpListener::bind("127.0.0.1:0")?;
+            let l2 = TcpListener::bind((format!("127.0.201.{}", i + 1), SIP_PORT))?;
             let c2 = TcpStream::connect(l2.local_addr()?)?;
             let (s2, _) = l2.accept()?;
             fresh.push(time_cmd(
@@ -364,11 +369,23 @@ fn api_throughput(tcpka: &Path, pin_dir: &Path, cgroup: &Path, size: usize) -> R
     result
 }
 
+/// Extra arguments every `tcpka load` of the bench gets (`--load-args`).
+static LOAD_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+pub fn set_load_args(args: Vec<String>) {
+    let args: Vec<String> = args.into_iter().filter(|a| !a.is_empty()).collect();
+    if !args.is_empty() {
+        println!("tcpka load {}", args.join(" "));
+    }
+    let _ = LOAD_ARGS.set(args);
+}
+
 fn load(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
     let out = Command::new(tcpka)
         .env("TCPKA_PIN_DIR", pin_dir)
         .args(["load", "--cgroup"])
         .arg(cgroup)
+        .args(LOAD_ARGS.get().map(Vec::as_slice).unwrap_or_default())
         .output()?;
     if !out.status.success() {
         bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));

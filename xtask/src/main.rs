@@ -49,6 +49,10 @@ enum Task {
         /// Only the host-cost ratios (syscall, connection setup).
         #[arg(long)]
         cost_only: bool,
+        /// Extra arguments for `tcpka load`, e.g. `--load-args=--index=host`
+        /// to measure the host-wide index.
+        #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+        load_args: Vec<String>,
     },
     /// (internal) Hold COUNT loopback connections until stdin closes.
     #[command(hide = true)]
@@ -80,10 +84,12 @@ fn real_main() -> Result<()> {
             samples,
             pairs,
             cost_only,
+            load_args,
         } => {
             setup::run()?;
             build_release()?;
             let sizes = if cost_only { Vec::new() } else { sizes };
+            bench::set_load_args(load_args);
             bench::run(&root.join("target/release/tcpka"), &sizes, samples, pairs)
         }
         Task::Run { args } => {

@@ -1,0 +1,258 @@
+//! The port filter sock_ops reads before anything else
+//! ([`keepalive_common::ports`]): the ports rules name, and the index ports
+//! whose connections are indexed so that a controller reaches them
+//! directly. A connection on no such port costs every process two array
+//! reads and nothing more.
+//!
+//! Bits for a rule are set before the rule is inserted and cleared after it
+//! is removed: a command killed in between leaves a bit too many (a lookup
+//! that finds nothing), never a rule the filter hides.
+use std::borrow::{Borrow, BorrowMut};
+
+use aya::maps::{Array, LpmTrie, MapData};
+use keepalive_common::{
+    maps,
+    ports::{self, FLAGS, FLAG_ANY_PORT_RULE, FLAG_INDEX_ALL, INDEX, RULES, WORDS},
+    rules::{RuleKey, RuleValue},
+};
+
+use crate::{loader, paths::PinLayout, Error, Result};
+
+/// Which connections sock_ops indexes (with `--index ports`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexPorts {
+    /// Every connection in the cgroup.
+    All,
+    /// Connections with either end on one of these ports.
+    List(Vec<u16>),
+}
+
+impl Default for IndexPorts {
+    fn default() -> Self {
+        IndexPorts::List(ports::DEFAULT_INDEX.to_vec())
+    }
+}
+
+impl IndexPorts {
+    /// Parses `all` or a comma-separated list of ports (1..=65535).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if s.trim() == "all" {
+            return Ok(IndexPorts::All);
+        }
+        let mut out = Vec::new();
+        for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let port = crate::rule::parse_port(p).map_err(|e| e.to_string())?;
+            if port == 0 {
+                return Err("index ports must be in 1..=65535, got 0".into());
+            }
+            if !out.contains(&port) {
+                out.push(port);
+            }
+        }
+        out.sort_unstable();
+        Ok(IndexPorts::List(out))
+    }
+
+    /// Whether connections with this port at either end are indexed.
+    pub fn contains(&self, port: u16) -> bool {
+        match self {
+            IndexPorts::All => true,
+            IndexPorts::List(l) => l.contains(&port),
+        }
+    }
+}
+
+impl std::fmt::Display for IndexPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IndexPorts::All => f.write_str("all"),
+            IndexPorts::List(l) if l.is_empty() => f.write_str("none"),
+            IndexPorts::List(l) => {
+                let s: Vec<String> = l.iter().map(u16::to_string).collect();
+                f.write_str(&s.join(","))
+            }
+        }
+    }
+}
+
+fn open(layout: &PinLayout) -> Result<Array<MapData, u64>> {
+    let map = loader::open_map(layout, maps::PORTS)?;
+    Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))
+}
+
+fn read_set<T: Borrow<MapData>>(map: &Array<T, u64>, base: u32) -> Result<Vec<u64>> {
+    (0..WORDS)
+        .map(|i| {
+            map.get(&(base + i), 0)
+                .map_err(|e| Error::map("reading the port filter", e))
+        })
+        .collect()
+}
+
+/// Writes the given words of one set (never read back: each bpf call on
+/// this path is one more step a killed command could stop at).
+fn write_words<T: BorrowMut<MapData>>(
+    map: &mut Array<T, u64>,
+    base: u32,
+    set: &[u64],
+    words: impl IntoIterator<Item = u32>,
+) -> Result<()> {
+    for w in words {
+        map.set(base + w, set[w as usize], 0)
+            .map_err(|e| Error::map("writing the port filter", e))?;
+    }
+    Ok(())
+}
+
+fn nonzero(set: &[u64]) -> impl Iterator<Item = u32> + '_ {
+    set.iter()
+        .enumerate()
+        .filter(|(_, w)| **w != 0)
+        .map(|(i, _)| i as u32)
+}
+
+fn set_bit(set: &mut [u64], port: u16) {
+    let (word, bit) = ports::slot(0, port);
+    set[word as usize] |= bit;
+}
+
+fn has_bit(set: &[u64], port: u16) -> bool {
+    let (word, bit) = ports::slot(0, port);
+    set[word as usize] & bit != 0
+}
+
+fn flags<T: Borrow<MapData>>(map: &Array<T, u64>) -> Result<u64> {
+    map.get(&FLAGS, 0)
+        .map_err(|e| Error::map("reading the port filter", e))
+}
+
+/// Writes the index ports of a new installation (its map is all zero),
+/// before it is pinned.
+pub fn write_index<T: BorrowMut<MapData>>(
+    map: &mut Array<T, u64>,
+    index: &IndexPorts,
+) -> Result<()> {
+    let mut set = vec![0u64; WORDS as usize];
+    match index {
+        IndexPorts::List(l) => l.iter().for_each(|&p| set_bit(&mut set, p)),
+        IndexPorts::All => map
+            .set(FLAGS, FLAG_INDEX_ALL, 0)
+            .map_err(|e| Error::map("writing the port filter", e))?,
+    }
+    let words: Vec<u32> = nonzero(&set).collect();
+    write_words(map, INDEX, &set, words)
+}
+
+/// The index ports of an installation.
+pub fn read_index(layout: &PinLayout) -> Result<IndexPorts> {
+    let map = open(layout)?;
+    if flags(&map)? & FLAG_INDEX_ALL != 0 {
+        return Ok(IndexPorts::All);
+    }
+    let set = read_set(&map, INDEX)?;
+    Ok(IndexPorts::List(
+        (1..=u16::MAX).filter(|&p| has_bit(&set, p)).collect(),
+    ))
+}
+
+/// Whether connections with `port` at either end are indexed (two map
+/// reads).
+pub fn is_index_port(layout: &PinLayout, port: u16) -> Result<bool> {
+    let map = open(layout)?;
+    if flags(&map)? & FLAG_INDEX_ALL != 0 {
+        return Ok(true);
+    }
+    let (word, bit) = ports::slot(INDEX, port);
+    let w = map
+        .get(&word, 0)
+        .map_err(|e| Error::map("reading the port filter", e))?;
+    Ok(w & bit != 0)
+}
+
+/// Makes the rule ports match the rule table `rules` plus `adding` (a
+/// rule about to be inserted); `removed` is a rule just removed, whose
+/// bits are cleared. Call with the installation lock held.
+pub fn sync_rules(
+    layout: &PinLayout,
+    rules: &LpmTrie<MapData, RuleKey, RuleValue>,
+    adding: Option<&RuleKey>,
+    removed: Option<&RuleKey>,
+) -> Result<()> {
+    let mut set = vec![0u64; WORDS as usize];
+    let mut any_port = false;
+    let keys = rules
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, _)| k.data())
+        .chain(adding.copied());
+    for k in keys {
+        if k.local_port == 0 && k.remote_port == 0 {
+            any_port = true;
+        }
+        for p in [k.local_port, k.remote_port] {
+            if p != 0 {
+                set_bit(&mut set, p);
+            }
+        }
+    }
+    // The words any rule uses, and those of the removed rule.
+    let mut words: Vec<u32> = nonzero(&set).collect();
+    for k in removed.into_iter().chain(adding) {
+        for p in [k.local_port, k.remote_port] {
+            words.push(ports::slot(0, p).0);
+        }
+    }
+    words.sort_unstable();
+    words.dedup();
+    let mut map = open(layout)?;
+    let old = flags(&map)?;
+    let new = if any_port {
+        old | FLAG_ANY_PORT_RULE
+    } else {
+        old & !FLAG_ANY_PORT_RULE
+    };
+    let set_flags = |map: &mut Array<MapData, u64>| {
+        map.set(FLAGS, new, 0)
+            .map_err(|e| Error::map("writing the port filter", e))
+    };
+    // Widen first, narrow last: the filter never hides a rule in the table.
+    if new != old && any_port {
+        set_flags(&mut map)?;
+    }
+    write_words(&mut map, RULES, &set, words)?;
+    if new != old && !any_port {
+        set_flags(&mut map)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_index_ports() {
+        assert_eq!(IndexPorts::parse("all"), Ok(IndexPorts::All));
+        assert_eq!(
+            IndexPorts::parse("5061, 5060,5061"),
+            Ok(IndexPorts::List(vec![5060, 5061]))
+        );
+        assert_eq!(IndexPorts::parse(""), Ok(IndexPorts::List(vec![])));
+        assert!(IndexPorts::parse("0").is_err());
+        assert!(IndexPorts::parse("65536").is_err());
+        assert!(IndexPorts::parse("sip").is_err());
+        assert_eq!(IndexPorts::default().to_string(), "5060,5061");
+        assert_eq!(IndexPorts::List(vec![]).to_string(), "none");
+    }
+
+    #[test]
+    fn bits_round_trip() {
+        let mut set = vec![0u64; WORDS as usize];
+        for p in [1, 63, 64, 5060, 65535] {
+            set_bit(&mut set, p);
+        }
+        let back: Vec<u16> = (1..=u16::MAX).filter(|&p| has_bit(&set, p)).collect();
+        assert_eq!(back, vec![1, 63, 64, 5060, 65535]);
+    }
+}
