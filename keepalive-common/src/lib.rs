@@ -137,24 +137,32 @@ pub mod maps {
 }
 
 /// The ports sock_ops looks at, so that a connection no rule and no index
-/// port names costs two array reads. [`crate::maps::PORTS`] holds two bit
-/// sets of 65,536 ports and a flag word.
+/// port names costs two array reads, and a rule lookup tries only the port
+/// combinations some rule has. [`crate::maps::PORTS`] holds three bit sets
+/// of 65,536 ports and a flag word.
 pub mod ports {
     /// `u64` words per bit set.
     pub const WORDS: u32 = 1024;
-    /// First word of the ports some rule names (either end).
-    pub const RULES: u32 = 0;
+    /// First word of the local ports rules name.
+    pub const RULES_LOCAL: u32 = 0;
+    /// First word of the remote ports rules name.
+    pub const RULES_REMOTE: u32 = WORDS;
     /// First word of the index ports: connections with either end on one
     /// are indexed.
-    pub const INDEX: u32 = WORDS;
+    pub const INDEX: u32 = 2 * WORDS;
     /// Index of the flag word.
-    pub const FLAGS: u32 = 2 * WORDS;
+    pub const FLAGS: u32 = 3 * WORDS;
     /// Entries in the map.
-    pub const LEN: u32 = 2 * WORDS + 1;
+    pub const LEN: u32 = 3 * WORDS + 1;
     /// Flag: some rule names no port: every connection is looked up.
     pub const FLAG_ANY_PORT_RULE: u64 = 1;
     /// Flag: every connection is indexed.
     pub const FLAG_INDEX_ALL: u64 = 2;
+    /// Flag: report `applied` and `closed` events for the connections a
+    /// rule matches (`--rule-events`); off, a rule costs no event per
+    /// connection. Timeouts, resets and aborts are always reported, and
+    /// every event of connections enabled by command.
+    pub const FLAG_RULE_EVENTS: u64 = 4;
 
     /// The word and bit of `port` in a set starting at `base`.
     #[inline(always)]

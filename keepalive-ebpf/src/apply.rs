@@ -5,12 +5,13 @@ use aya_ebpf::{helpers::generated::bpf_setsockopt, maps::lpm_trie::Key};
 use keepalive_common::{
     events::{Event, KIND_ABORTED, KIND_APPLIED, KIND_RESET, KIND_TIMEOUT, RING_BYTES},
     policy::{Policy, FLAG_USER_TIMEOUT},
+    ports::FLAG_ANY_PORT_RULE,
     rules::{RuleKey, RuleValue, MAX_PREFIX_LEN},
     sockopt::*,
     stats,
 };
 
-use crate::maps::{count, ALERTS, EVENTS, RULES};
+use crate::maps::{count, rule_local, rule_remote, ALERTS, EVENTS, RULES};
 
 /// `bpf_ringbuf_query` flag: bytes not yet consumed.
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -42,15 +43,27 @@ pub fn emit(event: &Event) {
 /// combination (both, local only, remote only, none), each giving the
 /// longest address prefix; the highest rank wins, ties go to the lower id.
 #[inline(always)]
-pub fn best_rule(local_port: u16, remote_port: u16, addr: [u8; 16]) -> Option<RuleValue> {
+pub fn best_rule(
+    flags: u64,
+    local_port: u16,
+    remote_port: u16,
+    addr: [u8; 16],
+) -> Option<RuleValue> {
     let mut best: Option<RuleValue> = None;
+    // Only the combinations some rule has (the port filter): a connection
+    // no rule names costs no lookup at all.
+    let local = rule_local(local_port);
+    let remote = rule_remote(remote_port);
     let combos = [
-        (local_port, remote_port),
-        (local_port, 0),
-        (0, remote_port),
-        (0, 0),
+        (local && remote, local_port, remote_port),
+        (local, local_port, 0),
+        (remote, 0, remote_port),
+        (flags & FLAG_ANY_PORT_RULE != 0, 0, 0),
     ];
-    for (lp, rp) in combos {
+    for (possible, lp, rp) in combos {
+        if !possible {
+            continue;
+        }
         let key = Key::new(
             MAX_PREFIX_LEN,
             RuleKey {

@@ -14,15 +14,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_OUTSIDE},
+    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_RULE},
     events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
-    stats,
+    ports, stats,
 };
 
 use crate::{
     apply::emit,
     index,
-    maps::{count, host_index, CONNS, HOLDER_COUNT},
+    maps::{count, host_index, port_flags, CONNS, HOLDER_COUNT},
     sock::{ends, is_tcp, read},
 };
 
@@ -81,8 +81,10 @@ pub fn forget(sk: *const u8, cookie: u64) {
         report_end(sk, cookie, &info);
         let _ = CONNS.remove(&cookie);
         count(stats::CONNS_CLOSED);
+        // Only a managed connection has holders (user space sweeps what a
+        // race leaves behind).
+        let _ = HOLDER_COUNT.remove(&cookie);
     }
-    let _ = HOLDER_COUNT.remove(&cookie);
     index::remove(sk, cookie);
 }
 
@@ -102,7 +104,6 @@ const ECONNRESET: u32 = 104;
 /// ended it decides timeout, reset or orderly close.
 #[inline(always)]
 fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
-    let Some(e) = ends(sk) else { return };
     // SAFETY: read-only globals set by the loader.
     let (off, sport_off) = unsafe {
         (
@@ -110,7 +111,6 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
             core::ptr::read_volatile(&INET_SPORT_OFF),
         )
     };
-    let sport: u16 = read(sk, sport_off as usize);
     let error: i32 = read(sk, off as usize);
     let error = error.unsigned_abs();
     let kind = match error {
@@ -119,6 +119,14 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
         ECONNABORTED => KIND_ABORTED,
         _ => KIND_TIMEOUT,
     };
+    if kind == KIND_CLOSED
+        && info.source == SOURCE_RULE
+        && port_flags() & ports::FLAG_RULE_EVENTS == 0
+    {
+        return;
+    }
+    let Some(e) = ends(sk) else { return };
+    let sport: u16 = read(sk, sport_off as usize);
     emit(&Event {
         kind,
         family: e.family as u32,

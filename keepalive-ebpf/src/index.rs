@@ -70,11 +70,13 @@ pub fn add(sk: *const u8, cookie: u64) {
 /// Removes a closing socket from the peer index and the fd map.
 #[inline(always)]
 pub fn remove(sk: *const u8, cookie: u64) {
-    let _ = FDS.remove(&(sk as u64));
     // SAFETY: read-only lookup.
     let Some(slot) = (unsafe { SLOTS.get(&cookie) }).map(|i| i.slot) else {
+        // Never indexed: any holder record of it is only in the LRU fd map
+        // (from a seed or a syscall hook), which ages it out.
         return;
     };
+    let _ = FDS.remove(&(sk as u64));
     let _ = SLOTS.remove(&cookie);
     let Some(e) = ends(sk) else { return };
     let key = IndexKey {

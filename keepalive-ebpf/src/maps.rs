@@ -101,12 +101,16 @@ pub fn port_flags() -> u64 {
     PORTS.get(ports::FLAGS).copied().unwrap_or(0)
 }
 
-/// Whether some rule may match a connection between these ports.
+/// Whether some rule has this local port.
 #[inline(always)]
-pub fn rule_port(flags: u64, local: u16, remote: u16) -> bool {
-    flags & ports::FLAG_ANY_PORT_RULE != 0
-        || port_in(ports::RULES, local)
-        || port_in(ports::RULES, remote)
+pub fn rule_local(port: u16) -> bool {
+    port_in(ports::RULES_LOCAL, port)
+}
+
+/// Whether some rule has this remote port.
+#[inline(always)]
+pub fn rule_remote(port: u16) -> bool {
+    port_in(ports::RULES_REMOTE, port)
 }
 
 /// Whether a connection between these ports belongs in the index.

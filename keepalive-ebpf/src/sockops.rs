@@ -25,13 +25,14 @@ use aya_ebpf::{
 use keepalive_common::{
     conns::{ConnInfo, SOURCE_RULE},
     events::{Event, KIND_APPLIED},
+    ports::FLAG_RULE_EVENTS,
     stats,
 };
 
 use crate::{
     apply::{apply_policy, best_rule, emit},
     close, index,
-    maps::{count, host_index, index_port, port_flags, rule_port, CONNS},
+    maps::{count, host_index, index_port, port_flags, CONNS},
 };
 
 const AF_INET: u32 = 2;
@@ -128,11 +129,7 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     let remote_port = u32::from_be(field!(ops, remote_port)) as u16;
 
     let flags = port_flags();
-    let rule = if rule_port(flags, local_port, remote_port) {
-        best_rule(local_port, remote_port, addr)
-    } else {
-        None
-    };
+    let rule = best_rule(flags, local_port, remote_port, addr);
     let host = host_index();
     let indexed = !host && index_port(flags, local_port, remote_port);
     if rule.is_none() && !indexed {
@@ -169,6 +166,12 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         flags: 0,
         applied_ns: now,
     };
+    if CONNS.insert(&cookie, &info, 0).is_err() {
+        count(stats::CONNS_FULL);
+    }
+    if flags & FLAG_RULE_EVENTS == 0 {
+        return Ok(());
+    }
     emit(&Event {
         kind: KIND_APPLIED,
         family,
@@ -184,8 +187,5 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         error: 0,
         _pad: 0,
     });
-    if CONNS.insert(&cookie, &info, 0).is_err() {
-        count(stats::CONNS_FULL);
-    }
     Ok(())
 }

@@ -125,6 +125,8 @@ pub struct LoadOptions {
     pub index: Option<IndexMode>,
     /// With [`IndexMode::Ports`]: which connections are indexed.
     pub index_ports: crate::ports::IndexPorts,
+    /// Report `applied` and `closed` events for connections rules match.
+    pub rule_events: bool,
 }
 
 /// Where an installation is attached.
@@ -894,7 +896,7 @@ fn load_and_pin(
         let map = ebpf.map_mut(maps::PORTS).expect("checked above");
         let mut ports: Array<_, u64> =
             Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))?;
-        crate::ports::write_index(&mut ports, &options.index_ports)?;
+        crate::ports::write_initial(&mut ports, &options.index_ports, options.rule_events)?;
     }
 
     // The state tracepoint: with a host-wide index attached first, so

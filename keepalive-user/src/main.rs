@@ -128,6 +128,12 @@ struct KernelArgs {
     /// the cgroup, or `` for none).
     #[arg(long, default_value = "5060,5061", value_parser = tcpka::ports::IndexPorts::parse)]
     index_ports: tcpka::ports::IndexPorts,
+    /// Report `applied` and `closed` events for the connections rules
+    /// match (off: a rule costs each connection no event). Timeouts, resets
+    /// and aborts are always reported, and every event of connections
+    /// enabled by command.
+    #[arg(long)]
+    rule_events: bool,
 }
 
 impl KernelArgs {
@@ -139,6 +145,7 @@ impl KernelArgs {
                 Index::Host => loader::IndexMode::Host,
             }),
             index_ports: self.index_ports.clone(),
+            rule_events: self.rule_events,
         }
     }
 }
@@ -781,6 +788,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let holder_cap = keepalive_common::holders::MAX_ENTRIES;
             let index = tcpka::index::state(layout)?;
             let index_ports = tcpka::ports::read_index(layout)?;
+            let rule_events = tcpka::ports::rule_events(layout)?;
             if a.json {
                 print_json(&serde_json::json!({
                     "loaded": true,
@@ -792,6 +800,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "index": index,
                     "index_mode": installation.index,
                     "index_ports": index_ports.to_string(),
+                    "rule_events": rule_events,
                     "counters": counters,
                     "hooks": loader::hooks(layout),
                 }));
@@ -813,6 +822,14 @@ fn run(cli: Cli) -> Result<(), Error> {
                         "index mode: host (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"
                     ),
                 }
+                tcpka::outln!(
+                    "rule events: {}",
+                    if rule_events {
+                        "on (applied and closed, for each connection a rule matches)"
+                    } else {
+                        "timeouts, resets and aborts only (load with --rule-events for applied and closed too)"
+                    }
+                );
                 if !installation.seeded {
                     tcpka::outln!(
                         "load: INTERRUPTED: existing connections are not indexed yet; the next command (or `tcpka load`) completes it"

@@ -12,7 +12,10 @@ use std::borrow::{Borrow, BorrowMut};
 use aya::maps::{Array, LpmTrie, MapData};
 use keepalive_common::{
     maps,
-    ports::{self, FLAGS, FLAG_ANY_PORT_RULE, FLAG_INDEX_ALL, INDEX, RULES, WORDS},
+    ports::{
+        self, FLAGS, FLAG_ANY_PORT_RULE, FLAG_INDEX_ALL, FLAG_RULE_EVENTS, INDEX, RULES_LOCAL,
+        RULES_REMOTE, WORDS,
+    },
     rules::{RuleKey, RuleValue},
 };
 
@@ -127,21 +130,33 @@ fn flags<T: Borrow<MapData>>(map: &Array<T, u64>) -> Result<u64> {
         .map_err(|e| Error::map("reading the port filter", e))
 }
 
-/// Writes the index ports of a new installation (its map is all zero),
-/// before it is pinned.
-pub fn write_index<T: BorrowMut<MapData>>(
+/// Writes the index ports and flags of a new installation (its map is all
+/// zero), before it is pinned.
+pub fn write_initial<T: BorrowMut<MapData>>(
     map: &mut Array<T, u64>,
     index: &IndexPorts,
+    rule_events: bool,
 ) -> Result<()> {
     let mut set = vec![0u64; WORDS as usize];
+    let mut flags = 0;
     match index {
         IndexPorts::List(l) => l.iter().for_each(|&p| set_bit(&mut set, p)),
-        IndexPorts::All => map
-            .set(FLAGS, FLAG_INDEX_ALL, 0)
-            .map_err(|e| Error::map("writing the port filter", e))?,
+        IndexPorts::All => flags |= FLAG_INDEX_ALL,
+    }
+    if rule_events {
+        flags |= FLAG_RULE_EVENTS;
+    }
+    if flags != 0 {
+        map.set(FLAGS, flags, 0)
+            .map_err(|e| Error::map("writing the port filter", e))?;
     }
     let words: Vec<u32> = nonzero(&set).collect();
     write_words(map, INDEX, &set, words)
+}
+
+/// Whether connections rules match report `applied` and `closed` events.
+pub fn rule_events(layout: &PinLayout) -> Result<bool> {
+    Ok(flags(&open(layout)?)? & FLAG_RULE_EVENTS != 0)
 }
 
 /// The index ports of an installation.
@@ -179,7 +194,8 @@ pub fn sync_rules(
     adding: Option<&RuleKey>,
     removed: Option<&RuleKey>,
 ) -> Result<()> {
-    let mut set = vec![0u64; WORDS as usize];
+    let mut local = vec![0u64; WORDS as usize];
+    let mut remote = vec![0u64; WORDS as usize];
     let mut any_port = false;
     let keys = rules
         .iter()
@@ -190,21 +206,25 @@ pub fn sync_rules(
         if k.local_port == 0 && k.remote_port == 0 {
             any_port = true;
         }
-        for p in [k.local_port, k.remote_port] {
-            if p != 0 {
-                set_bit(&mut set, p);
-            }
+        if k.local_port != 0 {
+            set_bit(&mut local, k.local_port);
+        }
+        if k.remote_port != 0 {
+            set_bit(&mut remote, k.remote_port);
         }
     }
-    // The words any rule uses, and those of the removed rule.
-    let mut words: Vec<u32> = nonzero(&set).collect();
-    for k in removed.into_iter().chain(adding) {
-        for p in [k.local_port, k.remote_port] {
-            words.push(ports::slot(0, p).0);
+    // The words any rule uses, and those of the rule removed or added.
+    let touched = |set: &[u64], pick: fn(&RuleKey) -> u16| {
+        let mut words: Vec<u32> = nonzero(set).collect();
+        for k in removed.into_iter().chain(adding) {
+            words.push(ports::slot(0, pick(k)).0);
         }
-    }
-    words.sort_unstable();
-    words.dedup();
+        words.sort_unstable();
+        words.dedup();
+        words
+    };
+    let local_words = touched(&local, |k| k.local_port);
+    let remote_words = touched(&remote, |k| k.remote_port);
     let mut map = open(layout)?;
     let old = flags(&map)?;
     let new = if any_port {
@@ -220,7 +240,8 @@ pub fn sync_rules(
     if new != old && any_port {
         set_flags(&mut map)?;
     }
-    write_words(&mut map, RULES, &set, words)?;
+    write_words(&mut map, RULES_LOCAL, &local, local_words)?;
+    write_words(&mut map, RULES_REMOTE, &remote, remote_words)?;
     if new != old && !any_port {
         set_flags(&mut map)?;
     }

@@ -174,7 +174,7 @@ fn stream_lines(r: BufReader<TcpStream>) -> Receiver<Value> {
 /// events are reported as a gap.
 #[test]
 fn churn_never_crowds_out_resets_and_losses_are_reported() {
-    let e = Env::entered();
+    let e = Env::entered_with(&["--rule-events"]);
     e.tcpka.rule_add(&["30", "3", "5"]);
     let l = listen("127.0.0.1:0");
     churn(&l, 5000);
@@ -283,7 +283,8 @@ fn blocked_stdout_does_not_stall_events() {
 /// it reads again.
 #[test]
 fn slow_subscriber_gets_a_gap_marker() {
-    let e = Env::entered();
+    // Rule events make the churn below a flood.
+    let e = Env::entered_with(&["--rule-events"]);
     e.tcpka.rule_add(&["30", "3", "5"]);
     let addr = format!("127.0.0.1:{}", free_port());
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
@@ -528,4 +529,58 @@ fn webhook_reports_what_it_could_not_deliver() {
         |v| v["cookie"].as_u64() == Some(ck),
     );
     assert_eq!(v["kind"], "reset", "{v}");
+}
+
+/// Connections a rule matches report their resets always, and their
+/// `applied` and orderly `closed` events only with `--rule-events` (each
+/// event costs every matching connection).
+#[test]
+fn rule_events_are_opt_in_and_resets_are_not() {
+    for with in [false, true] {
+        let extra: &[&str] = if with { &["--rule-events"] } else { &[] };
+        let e = Env::entered_with(extra);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
+        let events = event_stream(&serve.addr);
+        e.tcpka.rule_add(&["30", "3", "5"]);
+        let l = listen("127.0.0.1:0");
+        let (c, s) = connect(&l);
+        let orderly = cookie(&c);
+        drop((c, s));
+        let reset = reset_client(&l);
+        // The reset comes through a ring of its own: it may overtake the
+        // orderly connection's events, so collect until both are in (or,
+        // without --rule-events, a second more).
+        let mut kinds = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut reset_at = None;
+        loop {
+            let done = |k: &[(bool, String)]| {
+                k.iter().any(|k| k.0 && k.1 == "reset")
+                    && (!with || k.iter().any(|k| !k.0 && k.1 == "closed"))
+            };
+            if done(&kinds) {
+                let at = *reset_at.get_or_insert_with(Instant::now);
+                if with || at.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "with {with}: {kinds:?} after 10 s");
+            let Ok(v) = events.recv_timeout(left.min(Duration::from_millis(200))) else {
+                continue;
+            };
+            let ck = v["cookie"].as_u64();
+            if ck == Some(orderly) || ck == Some(reset) {
+                kinds.push((ck == Some(reset), v["kind"].as_str().unwrap().to_owned()));
+            }
+        }
+        let orderly_kinds: Vec<_> = kinds.iter().filter(|k| !k.0).map(|k| &k.1).collect();
+        if with {
+            assert_eq!(orderly_kinds, ["applied", "closed"], "{kinds:?}");
+        } else {
+            assert!(orderly_kinds.is_empty(), "{kinds:?}");
+        }
+        e.cgroup.leave();
+    }
 }

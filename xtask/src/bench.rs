@@ -393,11 +393,26 @@ fn load(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens and closes `n` loopback connections; returns connections/s.
+/// CPU time this thread has used (user and system), in seconds. Ratios of
+/// CPU time, unlike wall time, do not count the time the machine gave to
+/// others (a busy neighbour, a VM's steal time).
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Opens and closes `n` loopback connections; returns connections per
+/// CPU second of this thread (loopback delivery runs in the sender's
+/// context, so both ends' kernel work is counted).
 fn churn_rate(n: usize) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    let t = Instant::now();
+    let t = thread_cpu();
     for _ in 0..n {
         let c = TcpStream::connect(addr)?;
         let (s, _) = l.accept()?;
@@ -419,18 +434,18 @@ fn churn_rate(n: usize) -> Result<f64> {
         drop(c);
         drop(s);
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    Ok(n as f64 / (thread_cpu() - t))
 }
 
-/// Nanoseconds per `getppid()` over `n` calls: the cheapest syscall, so
-/// any per-syscall hook shows.
+/// CPU nanoseconds per `getppid()` over `n` calls: the cheapest syscall,
+/// so any per-syscall hook shows.
 fn syscall_ns(n: usize) -> f64 {
-    let t = Instant::now();
+    let t = thread_cpu();
     for _ in 0..n {
         // SAFETY: getppid has no arguments and cannot fail.
         std::hint::black_box(unsafe { libc::getppid() });
     }
-    t.elapsed().as_secs_f64() * 1e9 / n as f64
+    (thread_cpu() - t) * 1e9 / n as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -444,20 +459,29 @@ fn range(v: &[f64]) -> (f64, f64) {
     (lo, hi)
 }
 
-/// What tcpka costs the rest of the host, as ratios from alternating pairs
-/// in one run: each pair measures without tcpka and with it loaded (in
-/// alternating order, so that drift cancels), and the ratio is taken
-/// within the pair.
+/// What tcpka costs the rest of the host, as ratios of CPU time from
+/// alternating pairs in one run.
 ///
-/// - syscall: a `getppid()` loop, loaded with a rule (time with / without:
-///   1.00 is free);
-/// - connection setup (connect, accept, close on loopback; rate with /
-///   without: 1.00 is free) from a process outside the attached cgroup,
-///   inside it with a rule that does not match, and inside it with a rule
-///   applied to every connection.
+/// Host-wide (what a process outside the attached cgroup pays): each pair
+/// measures without tcpka and with it loaded with a rule, in alternating
+/// order so that drift cancels, and the ratio is taken within the pair:
+/// - a `getppid()` loop (time with / without: 1.00 is free);
+/// - connection setup: connect, accept, close on loopback (rate with /
+///   without: 1.00 is free).
+///
+/// In the attached cgroup: while loaded, the process moves between its own
+/// cgroup and the attached one, [`ROUNDS`] times per pair, so that each
+/// ratio compares measurements a fraction of a second apart (the machine's
+/// drift between a load and an unload is larger than the effect):
+/// - connection setup with a rule that matches nothing;
+/// - connection setup with a rule applied to every connection (both ends).
+///
+/// Their product with the host-wide ratio is the cost relative to no
+/// tcpka at all.
 pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> Result<()> {
     const CALLS: usize = 2_000_000;
-    const CONNS: usize = 6000;
+    const CONNS: usize = 4000;
+    const ROUNDS: usize = 5;
     let cg_root = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
     let home = own
@@ -467,19 +491,26 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
         .context("no cgroup v2 line in /proc/self/cgroup")?;
     let me = std::process::id().to_string();
     let enter = |dir: &Path| std::fs::write(dir.join("cgroup.procs"), &me);
+    // In the attached cgroup for one measurement, back home whatever it
+    // returned.
+    let inside = |f: &dyn Fn() -> Result<f64>| -> Result<f64> {
+        enter(cgroup)?;
+        let r = f();
+        enter(&home)?;
+        r
+    };
     // Warm up: the first connections and calls of a process are slower.
     let _ = churn_rate(CONNS)?;
     let _ = syscall_ns(CALLS);
-    let mut sys = Vec::new();
-    let (mut outside, mut nomatch, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sys, mut outside) = (Vec::new(), Vec::new());
+    let (mut nomatch, mut applied) = (Vec::new(), Vec::new());
     for i in 0..pairs {
         eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
         let off = |()| -> Result<(f64, f64)> {
             let _ = churn_rate(CONNS / 4)?;
-            let c = churn_rate(CONNS)?;
-            Ok((syscall_ns(CALLS), c))
+            Ok((syscall_ns(CALLS), churn_rate(CONNS)?))
         };
-        let on = |()| -> Result<(f64, f64, f64, f64)> {
+        let mut on = |()| -> Result<(f64, f64)> {
             load(tcpka, pin_dir, cgroup)?;
             time_cmd(
                 tcpka,
@@ -490,50 +521,63 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
             // then the same warm-up as without.
             std::thread::sleep(Duration::from_millis(300));
             let _ = churn_rate(CONNS / 4)?;
-            let out = churn_rate(CONNS)?;
-            enter(cgroup)?;
-            let s = syscall_ns(CALLS);
-            let nm = churn_rate(CONNS);
-            enter(&home)?;
-            let nm = nm?;
+            let r = (syscall_ns(CALLS), churn_rate(CONNS)?);
+            let rounds = |into: &mut Vec<f64>| -> Result<()> {
+                for _ in 0..ROUNDS {
+                    let out = churn_rate(CONNS)?;
+                    let inn = inside(&|| churn_rate(CONNS))?;
+                    into.push(inn / out);
+                }
+                Ok(())
+            };
+            rounds(&mut nomatch)?;
             time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-            enter(cgroup)?;
-            let ap = churn_rate(CONNS);
-            enter(&home)?;
-            let ap = ap?;
+            rounds(&mut applied)?;
             time_cmd(tcpka, pin_dir, &["unload"])?;
-            Ok((s, out, nm, ap))
+            Ok(r)
         };
-        let ((s0, c0), (s1, out, nm, ap)) = if i % 2 == 0 {
+        let ((s0, c0), (s1, c1)) = if i % 2 == 0 {
             let a = off(())?;
             (a, on(())?)
         } else {
             let b = on(())?;
             (off(())?, b)
         };
-        sys.push(s1 / s0);
-        outside.push(out / c0);
-        nomatch.push(nm / c0);
-        applied.push(ap / c0);
+        sys.push(s0 / s1);
+        outside.push(c1 / c0);
     }
     eprintln!();
     let line = |what: &str, v: &[f64]| {
         let (lo, hi) = range(v);
         println!(
-            "  {what:<52} {:>6.3}  (range {lo:.3}–{hi:.3})",
+            "  {what:<58} {:>6.3}  (range {lo:.3}–{hi:.3})",
             median(v.to_vec())
         );
     };
-    println!("host cost ({pairs} alternating pairs, median ratio with/without tcpka):");
-    line("getppid() time, loaded with a rule", &sys);
-    line("connection setup rate, outside the cgroup", &outside);
+    println!(
+        "host cost (CPU time; {pairs} alternating pairs, {} rounds in the cgroup; 1.000 is free, lower is slower):",
+        pairs * ROUNDS
+    );
+    println!(" every process on the host (loaded with a rule, vs not loaded):");
+    line("getppid() calls per CPU second", &sys);
+    line("connection setups per CPU second", &outside);
+    println!(" processes in the attached cgroup (vs outside it, while loaded):");
     line(
-        "connection setup rate, in the cgroup, no rule matches",
+        "connection setups per CPU second, no rule matches",
         &nomatch,
     );
-    line(
-        "connection setup rate, in the cgroup, rule applied",
-        &applied,
+    line("connection setups per CPU second, rule applied", &applied);
+    let host = median(outside.clone());
+    println!(" processes in the attached cgroup, vs not loaded (product of medians):");
+    println!(
+        "  {:<58} {:>6.3}",
+        "connection setups, no rule matches",
+        host * median(nomatch)
+    );
+    println!(
+        "  {:<58} {:>6.3}",
+        "connection setups, rule applied",
+        host * median(applied)
     );
     println!();
     Ok(())
