@@ -118,16 +118,34 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     let cgroup = cg_root.join(format!("tcpka-bench-{}", std::process::id()));
     std::fs::create_dir(&cgroup).context("create bench cgroup")?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/tcpka-bench-{}", std::process::id()));
-    let guard = Cleanup {
+    let mut guard = Cleanup {
         tcpka: tcpka.to_path_buf(),
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.clone(),
+        home: None,
     };
     host_cost(tcpka, &pin_dir, &cgroup, pairs)?;
     if sizes.is_empty() {
         return Ok(());
     }
     load(tcpka, &pin_dir, &cgroup)?;
+    // The measured connections and the others belong to the attached
+    // cgroup, on the SIP port (an index port), like a SIP server's: all
+    // are indexed.
+    let out = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", &pin_dir)
+        .args(["info", "--json"])
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    println!(
+        "enable latency (index {}, index ports {}, holders found {}):",
+        info["index_mode"].as_str().unwrap_or("?"),
+        info["index_ports"].as_str().unwrap_or("?"),
+        info["installation"]["holders"].as_str().unwrap_or("?")
+    );
+    guard.home = Some(own_cgroup()?);
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .context("entering the bench cgroup")?;
 
     // One target connection per sample, each with its own listener, so
     // the medians cover sockets at many places in the kernel's table.
@@ -478,17 +496,21 @@ fn range(v: &[f64]) -> (f64, f64) {
 ///
 /// Their product with the host-wide ratio is the cost relative to no
 /// tcpka at all.
+/// The cgroup v2 directory this process is in.
+fn own_cgroup() -> Result<PathBuf> {
+    let cg_root = cgroup2_mount()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    own.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
+        .context("no cgroup v2 line in /proc/self/cgroup")
+}
+
 pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> Result<()> {
     const CALLS: usize = 2_000_000;
     const CONNS: usize = 4000;
     const ROUNDS: usize = 5;
-    let cg_root = cgroup2_mount()?;
-    let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    let home = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
-        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    let home = own_cgroup()?;
     let me = std::process::id().to_string();
     let enter = |dir: &Path| std::fs::write(dir.join("cgroup.procs"), &me);
     // In the attached cgroup for one measurement, back home whatever it
@@ -627,6 +649,8 @@ struct Cleanup {
     tcpka: PathBuf,
     pin_dir: PathBuf,
     cgroup: PathBuf,
+    /// The cgroup the bench came from, once it entered the bench's.
+    home: Option<PathBuf>,
 }
 
 impl Drop for Cleanup {
@@ -635,15 +659,21 @@ impl Drop for Cleanup {
             .env("TCPKA_PIN_DIR", &self.pin_dir)
             .arg("unload")
             .output();
+        // Out of the bench cgroup, so that it can be removed.
+        if let Some(home) = &self.home {
+            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+        }
         let _ = std::fs::remove_dir(&self.cgroup);
-        // tcpka's lock file for this pin directory (see keepalive-user paths.rs).
+        // tcpka's files for this pin directory (see keepalive-user paths.rs).
         let name: String = self
             .pin_dir
             .to_string_lossy()
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        let _ = std::fs::remove_file(format!("/run/tcpka/{name}.lock"));
+        for ext in ["lock", "serve", "journal"] {
+            let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
+        }
     }
 }
 
