@@ -457,9 +457,9 @@ pub mod index {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct SlotInfo {
-        /// Its slot under its peer in the peer index.
-        pub slot: u32,
-        pub _pad: u32,
+        /// Its key in the peer index (so that a close finds it without
+        /// reading the socket again).
+        pub key: IndexKey,
         /// Address of its `struct sock`, the key of the fd map.
         pub sk: u64,
     }

@@ -85,7 +85,7 @@ pub fn forget(sk: *const u8, cookie: u64) {
         // race leaves behind).
         let _ = HOLDER_COUNT.remove(&cookie);
     }
-    index::remove(sk, cookie);
+    index::remove(cookie);
 }
 
 /// Offset of `sk_err` in `struct sock`, set by the loader from BTF.

@@ -38,11 +38,7 @@ pub fn add(sk: *const u8, cookie: u64) {
         key.slot = slot;
         match PEERS.insert(&key, &cookie, BPF_NOEXIST as u64) {
             Ok(()) => {
-                let info = SlotInfo {
-                    slot: slot as u32,
-                    _pad: 0,
-                    sk: sk as u64,
-                };
+                let info = SlotInfo { key, sk: sk as u64 };
                 if SLOTS.insert(&cookie, &info, 0).is_err() {
                     let _ = PEERS.remove(&key);
                     full = true;
@@ -67,24 +63,16 @@ pub fn add(sk: *const u8, cookie: u64) {
     }
 }
 
-/// Removes a closing socket from the peer index and the fd map.
+/// Removes a closing socket from the peer index. (Its holder record, if
+/// any, stays in the LRU fd map: keyed by the socket's address, it is
+/// checked against the cookie before use, and ages out.)
 #[inline(always)]
-pub fn remove(sk: *const u8, cookie: u64) {
+pub fn remove(cookie: u64) {
     // SAFETY: read-only lookup.
-    let Some(slot) = (unsafe { SLOTS.get(&cookie) }).map(|i| i.slot) else {
-        // Never indexed: any holder record of it is only in the LRU fd map
-        // (from a seed or a syscall hook), which ages it out.
+    let Some(key) = (unsafe { SLOTS.get(&cookie) }).map(|i| i.key) else {
         return;
     };
-    let _ = FDS.remove(&(sk as u64));
     let _ = SLOTS.remove(&cookie);
-    let Some(e) = ends(sk) else { return };
-    let key = IndexKey {
-        netns: netns_inum(sk),
-        addr: e.remote_addr,
-        port: e.remote_port,
-        slot: slot as u16,
-    };
     // Only if the slot still holds this socket.
     // SAFETY: read-only lookup.
     if unsafe { PEERS.get(&key) }.is_some_and(|c| *c == cookie) {

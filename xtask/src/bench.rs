@@ -304,8 +304,8 @@ const API_AT: usize = 10_000;
 /// connections open.
 fn api_throughput(tcpka: &Path, pin_dir: &Path, cgroup: &Path, size: usize) -> Result<()> {
     let mut targets = Vec::new();
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
+    for i in 0..100 {
+        let l = TcpListener::bind((format!("127.0.203.{}", i + 1), SIP_PORT))?;
         let c = TcpStream::connect(l.local_addr()?)?;
         let (s, _) = l.accept()?;
         targets.push((l, c, s));
@@ -428,7 +428,15 @@ fn thread_cpu() -> f64 {
 /// CPU second of this thread (loopback delivery runs in the sender's
 /// context, so both ends' kernel work is counted).
 fn churn_rate(n: usize) -> Result<f64> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
+    churn_rate_on(n, OTHER_PORT)
+}
+
+/// A port no rule and no index port names.
+const OTHER_PORT: u16 = 5090;
+
+/// [`churn_rate`] with the listener on `port`.
+fn churn_rate_on(n: usize, port: u16) -> Result<f64> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
     let addr = l.local_addr()?;
     let t = thread_cpu();
     for _ in 0..n {
@@ -491,8 +499,10 @@ fn range(v: &[f64]) -> (f64, f64) {
 /// cgroup and the attached one, [`ROUNDS`] times per pair, so that each
 /// ratio compares measurements a fraction of a second apart (the machine's
 /// drift between a load and an unload is larger than the effect):
-/// - connection setup with a rule that matches nothing;
-/// - connection setup with a rule applied to every connection (both ends).
+/// - connection setup on a port no rule and no index port names;
+/// - on the SIP port, an index port, with a rule for it as local port: a
+///   SIP server's end is indexed and gets the rule, the client's not;
+/// - with a rule applied to every connection (both ends).
 ///
 /// Their product with the host-wide ratio is the cost relative to no
 /// tcpka at all.
@@ -525,7 +535,7 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     let _ = churn_rate(CONNS)?;
     let _ = syscall_ns(CALLS);
     let (mut sys, mut outside) = (Vec::new(), Vec::new());
-    let (mut nomatch, mut applied) = (Vec::new(), Vec::new());
+    let (mut nomatch, mut server, mut applied) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..pairs {
         eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
         let off = |()| -> Result<(f64, f64)> {
@@ -544,17 +554,24 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
             std::thread::sleep(Duration::from_millis(300));
             let _ = churn_rate(CONNS / 4)?;
             let r = (syscall_ns(CALLS), churn_rate(CONNS)?);
-            let rounds = |into: &mut Vec<f64>| -> Result<()> {
+            let rounds = |into: &mut Vec<f64>, port: u16| -> Result<()> {
                 for _ in 0..ROUNDS {
-                    let out = churn_rate(CONNS)?;
-                    let inn = inside(&|| churn_rate(CONNS))?;
+                    let out = churn_rate_on(CONNS, port)?;
+                    let inn = inside(&|| churn_rate_on(CONNS, port))?;
                     into.push(inn / out);
                 }
                 Ok(())
             };
-            rounds(&mut nomatch)?;
+            rounds(&mut nomatch, OTHER_PORT)?;
+            let sip = SIP_PORT.to_string();
+            time_cmd(
+                tcpka,
+                pin_dir,
+                &["rule", "add", "--local-port", &sip, "60", "5", "5"],
+            )?;
+            rounds(&mut server, SIP_PORT)?;
             time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-            rounds(&mut applied)?;
+            rounds(&mut applied, OTHER_PORT)?;
             time_cmd(tcpka, pin_dir, &["unload"])?;
             Ok(r)
         };
@@ -584,23 +601,22 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     line("getppid() calls per CPU second", &sys);
     line("connection setups per CPU second", &outside);
     println!(" processes in the attached cgroup (vs outside it, while loaded):");
-    line(
-        "connection setups per CPU second, no rule matches",
-        &nomatch,
-    );
-    line("connection setups per CPU second, rule applied", &applied);
+    let cases = [
+        ("no rule and no index port", &nomatch),
+        (
+            "rule and index port at the server's end (a SIP server)",
+            &server,
+        ),
+        ("rule applied to both ends", &applied),
+    ];
+    for (what, v) in cases {
+        line(what, v);
+    }
     let host = median(outside.clone());
     println!(" processes in the attached cgroup, vs not loaded (product of medians):");
-    println!(
-        "  {:<58} {:>6.3}",
-        "connection setups, no rule matches",
-        host * median(nomatch)
-    );
-    println!(
-        "  {:<58} {:>6.3}",
-        "connection setups, rule applied",
-        host * median(applied)
-    );
+    for (what, v) in cases {
+        println!("  {what:<58} {:>6.3}", host * median(v.clone()));
+    }
     println!();
     Ok(())
 }
