@@ -27,8 +27,8 @@ use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
 #[serde(rename_all = "snake_case")]
 pub enum HolderMode {
     /// Found on demand: when a command meets a socket whose holder is not
-    /// known, one pass over every process's descriptors records them all.
-    /// Costs nothing while no command runs.
+    /// known, one pass over every process's descriptors looks for it and
+    /// stops when it is found. Costs nothing while no command runs.
     #[default]
     Scan,
     /// Recorded as sockets are accepted and connected, by the

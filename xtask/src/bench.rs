@@ -125,6 +125,7 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
         home: None,
     };
     host_cost(tcpka, &pin_dir, &cgroup, pairs)?;
+    program_time(tcpka, &pin_dir, &cgroup)?;
     if sizes.is_empty() {
         return Ok(());
     }
@@ -619,6 +620,117 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     }
     println!();
     Ok(())
+}
+
+/// Turns on the kernel's run-time statistics of BPF programs
+/// (`BPF_ENABLE_STATS`) for as long as the returned descriptor is open.
+fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; }: BPF_STATS_RUN_TIME = 0.
+    let attr = [0u8; 8];
+    // SAFETY: a zeroed bpf_attr of the given size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Total run time (ns) and runs of the installation's programs that run
+/// on connections: sock_ops, and the state tracepoint when attached.
+fn programs_runtime(pin_dir: &Path) -> Result<(u64, u64)> {
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = Command::new("bpftool").args(args).output()?;
+        if !out.status.success() {
+            bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let (mut ns, mut runs) = (0, 0);
+    for link in ["link_sockops", "link_close"] {
+        let pin = pin_dir.join(link);
+        if !pin.exists() {
+            continue;
+        }
+        let link = json(&[
+            "link",
+            "show",
+            "pinned",
+            pin.to_str().unwrap_or_default(),
+            "--json",
+        ])?;
+        let id = link["prog_id"].as_u64().context("no prog_id")?.to_string();
+        let prog = json(&["prog", "show", "id", &id, "--json"])?;
+        ns += prog["run_time_ns"].as_u64().unwrap_or(0);
+        runs += prog["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok((ns, runs))
+}
+
+/// The kernel's own count of the time spent in tcpka's programs per
+/// connection setup (both ends), for the cases of [`host_cost`]:
+/// absolute, and free of the machine's noise. Statistics add a clock
+/// read to each run, so these figures are slightly high.
+fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    const CONNS: usize = 5000;
+    let home = own_cgroup()?;
+    let me = std::process::id().to_string();
+    load(tcpka, pin_dir, cgroup)?;
+    let result = (|| -> Result<()> {
+        time_cmd(
+            tcpka,
+            pin_dir,
+            &["rule", "add", "--local-port", "1", "60", "5", "5"],
+        )?;
+        let stats = enable_bpf_stats()?;
+        let base = churn_rate(CONNS)?;
+        let measure = |port: u16| -> Result<(f64, f64)> {
+            std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+            let before = programs_runtime(pin_dir)?;
+            let r = churn_rate_on(CONNS, port);
+            let after = programs_runtime(pin_dir);
+            std::fs::write(home.join("cgroup.procs"), &me)?;
+            let (after, _) = (after?, r?);
+            Ok((
+                (after.0 - before.0) as f64 / CONNS as f64,
+                (after.1 - before.1) as f64 / CONNS as f64,
+            ))
+        };
+        let none = measure(OTHER_PORT)?;
+        let sip = SIP_PORT.to_string();
+        time_cmd(
+            tcpka,
+            pin_dir,
+            &["rule", "add", "--local-port", &sip, "60", "5", "5"],
+        )?;
+        let server = measure(SIP_PORT)?;
+        time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
+        let both = measure(OTHER_PORT)?;
+        drop(stats);
+        println!(
+            "time in tcpka's programs per connection setup, in the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
+            1e6 / base
+        );
+        for (what, (ns, runs)) in [
+            ("no rule and no index port", none),
+            (
+                "rule and index port at the server's end (a SIP server)",
+                server,
+            ),
+            ("rule applied to both ends", both),
+        ] {
+            println!(
+                "  {what:<58} {ns:>6.0} ns  ({runs:.0} runs, {:.1}% of a setup)",
+                ns * base / 1e7
+            );
+        }
+        println!();
+        Ok(())
+    })();
+    time_cmd(tcpka, pin_dir, &["unload"])?;
+    result
 }
 
 /// Runs one tcpka command, failing the bench if it fails; returns its
