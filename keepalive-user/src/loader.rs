@@ -82,38 +82,65 @@ const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);
 /// Parses "6.18.0-1-amd64" into (6, 18).
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(['.', '-']);
-    let major = it.next()?.parse().ok()?;
-    let minor = it
-        .next()?
-        .trim_end_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .ok()?;
-    Some((major, minor))
+    let number = |s: &str| -> Option<u32> {
+        let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    Some((number(it.next()?)?, number(it.next()?)?))
 }
 
-/// The index mode to load with: the one asked for, else `ports` where the
-/// kernel supports it and `host` (with the reason, logged) where it does
-/// not.
-pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
-    let release = nix::sys::utsname::uname()
+/// The kernel's release (`uname -r`).
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let supported = kernel_version(&release).is_some_and(|v| v >= CB_FLAGS_KERNEL);
+        .unwrap_or_default()
+}
+
+/// Whether `release` sets sock_ops callback flags from `bpf_setsockopt`.
+fn supports_ports_index(release: &str) -> bool {
+    kernel_version(release).is_some_and(|v| v >= CB_FLAGS_KERNEL)
+}
+
+/// The index mode for a kernel `release`: the one asked for, else `ports`
+/// where the kernel supports it and `host` where it does not; `Err` with
+/// the reason when `ports` is asked of a kernel without it.
+fn index_for(
+    release: &str,
+    requested: Option<IndexMode>,
+) -> std::result::Result<IndexMode, String> {
+    let supported = supports_ports_index(release);
     match requested {
-        Some(IndexMode::Ports) if !supported => Err(Error::Io {
-            what: format!(
-                "--index ports needs Linux 6.12 or later to watch connections it did not see connect (this kernel: {release}); use --index host"
-            ),
-            source: std::io::ErrorKind::Unsupported.into(),
-        }),
+        Some(IndexMode::Ports) if !supported => Err(format!(
+            "--index ports needs Linux 6.12 or later to watch connections it did not see connect (this kernel: {release}); use --index host"
+        )),
         Some(mode) => Ok(mode),
         None if supported => Ok(IndexMode::Ports),
-        None => {
-            log::warn!(
-                "kernel {release} is older than 6.12: the connection index is kept host-wide (--index host), which costs every connection on the host"
-            );
-            Ok(IndexMode::Host)
-        }
+        None => Ok(IndexMode::Host),
+    }
+}
+
+/// The index mode to load with (see [`index_for`]); logs why when the
+/// kernel decided.
+pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
+    let release = kernel_release();
+    let mode = index_for(&release, requested).map_err(|what| Error::Io {
+        what,
+        source: std::io::ErrorKind::Unsupported.into(),
+    })?;
+    if requested.is_none() && mode == IndexMode::Host {
+        log::warn!(
+            "kernel {release} is older than 6.12: the connection index is kept host-wide (--index host), which costs every connection on the host"
+        );
+    }
+    Ok(mode)
+}
+
+/// Why an installation has its index mode, for `info`.
+pub fn index_reason(mode: IndexMode) -> &'static str {
+    match (mode, supports_ports_index(&kernel_release())) {
+        (IndexMode::Ports, _) => "the default on Linux 6.12 and later",
+        (IndexMode::Host, true) => "asked for with --index host",
+        (IndexMode::Host, false) => "this kernel is older than 6.12",
     }
 }
 
@@ -1169,4 +1196,33 @@ pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_mode_follows_the_kernel() {
+        assert_eq!(kernel_version("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(kernel_version("6.12"), Some((6, 12)));
+        assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(kernel_version("6.1rc2"), Some((6, 1)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert_eq!(index_for("6.18.0", None), Ok(IndexMode::Ports));
+        assert_eq!(index_for("6.12.1", None), Ok(IndexMode::Ports));
+        assert_eq!(index_for("6.11.9", None), Ok(IndexMode::Host));
+        assert_eq!(index_for("", None), Ok(IndexMode::Host));
+        assert_eq!(
+            index_for("6.18.0", Some(IndexMode::Host)),
+            Ok(IndexMode::Host)
+        );
+        assert!(index_for("6.6.0", Some(IndexMode::Ports))
+            .unwrap_err()
+            .contains("6.12"));
+        assert_eq!(
+            index_for("5.10.0", Some(IndexMode::Host)),
+            Ok(IndexMode::Host)
+        );
+    }
 }

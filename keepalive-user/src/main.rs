@@ -800,6 +800,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "holders": { "count": holders, "capacity": holder_cap },
                     "index": index,
                     "index_mode": installation.index,
+                    "index_mode_reason": loader::index_reason(installation.index),
                     "index_ports": index_ports.to_string(),
                     "rule_events": rule_events,
                     "counters": counters,
@@ -815,12 +816,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                         "holders: syscall tracepoints accept/accept4/connect (commands take the direct path at once; every syscall on the host takes the slow path)"
                     ),
                 }
+                let why = loader::index_reason(installation.index);
                 match installation.index {
                     loader::IndexMode::Ports => tcpka::outln!(
-                        "index mode: ports {index_ports} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost two array reads, and commands for them walk the socket table)"
+                        "index mode: ports {index_ports}, {why} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost two array reads, and commands for them walk the socket table)"
                     ),
                     loader::IndexMode::Host => tcpka::outln!(
-                        "index mode: host (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"
+                        "index mode: host, {why} (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"
                     ),
                 }
                 tcpka::outln!(
