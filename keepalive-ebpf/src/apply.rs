@@ -85,9 +85,10 @@ pub fn best_rule(
     best
 }
 
+/// One `bpf_setsockopt` of an int; returns whether it worked.
 #[inline(always)]
-pub fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
-    let mut v = value as i32;
+pub fn setsockopt_int(sk: *mut c_void, level: i32, name: i32, value: i32) -> bool {
+    let mut v = value;
     // SAFETY: `sk` is a socket pointer the verifier accepts for this program
     // type; `v` lives for the call.
     let ret = unsafe {
@@ -99,10 +100,17 @@ pub fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
             size_of::<i32>() as i32,
         )
     };
-    if ret != 0 {
+    ret == 0
+}
+
+/// A keepalive option; a refusal is counted.
+#[inline(always)]
+pub fn set(sk: *mut c_void, level: i32, name: i32, value: u32) -> bool {
+    let ok = setsockopt_int(sk, level, name, value as i32);
+    if !ok {
         count(stats::SETSOCKOPT_ERRORS);
     }
-    ret == 0
+    ok
 }
 
 /// Applies a policy: values first, then SO_KEEPALIVE on, so the keepalive

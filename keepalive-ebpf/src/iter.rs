@@ -14,9 +14,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
     bpf_get_socket_cookie,
-    generated::{
-        bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_setsockopt, bpf_skc_to_tcp_sock,
-    },
+    generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use keepalive_common::{
     conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_COMMAND},
@@ -25,7 +23,7 @@ use keepalive_common::{
 };
 
 use crate::{
-    apply::{apply_policy, set},
+    apply::{apply_policy, set, setsockopt_int},
     index,
     maps::{
         count, host_index, index_port, port_flags, CONNS, META, REQ_COOKIE, REQ_PEER, REQ_PORTS,
@@ -49,22 +47,16 @@ fn watch_close(tp: *mut c_void) {
     if host_index() {
         return;
     }
-    let mut flags = get(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) as i32;
+    let flags = get(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) as i32;
     if flags & STATE_CB_FLAG != 0 {
         return;
     }
-    flags |= STATE_CB_FLAG;
-    // SAFETY: `tp` is a full TCP socket; `flags` lives for the call.
-    let ret = unsafe {
-        bpf_setsockopt(
-            tp,
-            SOL_TCP,
-            TCP_BPF_SOCK_OPS_CB_FLAGS,
-            &mut flags as *mut i32 as *mut c_void,
-            size_of::<i32>() as i32,
-        )
-    };
-    if ret != 0 {
+    if !setsockopt_int(
+        tp,
+        SOL_TCP,
+        TCP_BPF_SOCK_OPS_CB_FLAGS,
+        flags | STATE_CB_FLAG,
+    ) {
         count(stats::CLOSE_WATCH_ERRORS);
     }
 }

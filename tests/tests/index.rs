@@ -51,6 +51,14 @@ fn enable_direct(t: &Tcpka, conn: &str, idle: &str) -> bool {
     err.contains("via the index")
 }
 
+/// `tcpka serve` for the environment, and its event stream.
+fn serve_with_events(e: &Env) -> (Serve, std::sync::mpsc::Receiver<serde_json::Value>) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
+    let events = event_stream(&serve.addr);
+    (serve, events)
+}
+
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
@@ -161,9 +169,7 @@ fn ports_index_seeds_older_connections_on_index_ports_only() {
 #[test]
 fn ports_index_reports_closes_in_the_cgroup_without_host_wide_hooks() {
     let e = Env::entered();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    let events = event_stream(&serve.addr);
+    let (_serve, events) = serve_with_events(&e);
     let l = listen("127.0.0.1:0");
     let (c, s) = connect(&l);
     let ck = cookie(&c);
@@ -181,9 +187,7 @@ fn ports_index_reports_closes_in_the_cgroup_without_host_wide_hooks() {
 #[test]
 fn ports_index_watches_closes_outside_the_cgroup_only_while_needed() {
     let e = Env::outside();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    let events = event_stream(&serve.addr);
+    let (_serve, events) = serve_with_events(&e);
     assert_eq!(host_wide(&e.tcpka), Vec::<String>::new());
     let l = listen("127.0.0.1:0");
     let (c, s) = connect(&l);
@@ -206,9 +210,7 @@ fn ports_index_watches_closes_outside_the_cgroup_only_while_needed() {
 #[test]
 fn host_index_reaches_any_connection_directly_and_reports_closes() {
     let e = Env::outside_with(&["--index", "host"]);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    let events = event_stream(&serve.addr);
+    let (_serve, events) = serve_with_events(&e);
     let l = listen("127.0.0.1:0");
     let (c, s) = connect(&l);
     let ck = cookie(&c);

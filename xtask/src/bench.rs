@@ -563,16 +563,14 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
                 }
                 Ok(())
             };
-            rounds(&mut nomatch, OTHER_PORT)?;
-            let sip = SIP_PORT.to_string();
-            time_cmd(
-                tcpka,
-                pin_dir,
-                &["rule", "add", "--local-port", &sip, "60", "5", "5"],
-            )?;
-            rounds(&mut server, SIP_PORT)?;
-            time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-            rounds(&mut applied, OTHER_PORT)?;
+            let [a, b, c] = in_each_case(tcpka, pin_dir, |port| {
+                let mut v = Vec::new();
+                rounds(&mut v, port)?;
+                Ok(v)
+            })?;
+            nomatch.extend(a);
+            server.extend(b);
+            applied.extend(c);
             time_cmd(tcpka, pin_dir, &["unload"])?;
             Ok(r)
         };
@@ -620,6 +618,28 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     }
     println!();
     Ok(())
+}
+
+/// Runs `measure(port)` in the three cases of the cgroup measurements, in
+/// order, on an installation with a rule that matches nothing: on a port
+/// nobody names; on the SIP port (an index port) with a rule for it as
+/// local port; with a rule for every connection as well.
+fn in_each_case<T>(
+    tcpka: &Path,
+    pin_dir: &Path,
+    mut measure: impl FnMut(u16) -> Result<T>,
+) -> Result<[T; 3]> {
+    let none = measure(OTHER_PORT)?;
+    let sip = SIP_PORT.to_string();
+    time_cmd(
+        tcpka,
+        pin_dir,
+        &["rule", "add", "--local-port", &sip, "60", "5", "5"],
+    )?;
+    let server = measure(SIP_PORT)?;
+    time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
+    let both = measure(OTHER_PORT)?;
+    Ok([none, server, both])
 }
 
 /// Turns on the kernel's run-time statistics of BPF programs
@@ -698,16 +718,7 @@ fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
                 (after.1 - before.1) as f64 / CONNS as f64,
             ))
         };
-        let none = measure(OTHER_PORT)?;
-        let sip = SIP_PORT.to_string();
-        time_cmd(
-            tcpka,
-            pin_dir,
-            &["rule", "add", "--local-port", &sip, "60", "5", "5"],
-        )?;
-        let server = measure(SIP_PORT)?;
-        time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-        let both = measure(OTHER_PORT)?;
+        let [none, server, both] = in_each_case(tcpka, pin_dir, measure)?;
         drop(stats);
         println!(
             "time in tcpka's programs per connection setup, in the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
