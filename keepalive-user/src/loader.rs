@@ -834,12 +834,23 @@ fn load_and_pin(
     let fdt_max_fds_off = kernel_btf.member_offset("fdtable", "max_fds")?;
     let fdt_fd_off = kernel_btf.member_offset("fdtable", "fd")?;
     let file_private_off = kernel_btf.member_offset("file", "private_data")?;
-    let sk_cgrp_off = kernel_btf.member_offset("sock", "sk_cgrp_data")?
-        + kernel_btf.member_offset("sock_cgroup_data", "cgroup")?;
-    let cgroup_level_off = kernel_btf.member_offset("cgroup", "level")?;
-    let cgroup_ancestors_off = kernel_btf.member_offset("cgroup", "ancestors")?;
-    let cgroup_kn_off = kernel_btf.member_offset("cgroup", "kn")?;
-    let kernfs_id_off = kernel_btf.member_offset("kernfs_node", "id")?;
+    // The cgroup check (which connections sock_ops sees) is used by the
+    // ports index only, on kernels (6.12+) that have these members.
+    let cgroup_offsets = || -> Result<[u32; 5]> {
+        Ok([
+            kernel_btf.member_offset("sock", "sk_cgrp_data")?
+                + kernel_btf.member_offset("sock_cgroup_data", "cgroup")?,
+            kernel_btf.member_offset("cgroup", "level")?,
+            kernel_btf.member_offset("cgroup", "ancestors")?,
+            kernel_btf.member_offset("cgroup", "kn")?,
+            kernel_btf.member_offset("kernfs_node", "id")?,
+        ])
+    };
+    let [sk_cgrp_off, cgroup_level_off, cgroup_ancestors_off, cgroup_kn_off, kernfs_id_off] =
+        match index {
+            IndexMode::Ports => cgroup_offsets()?,
+            IndexMode::Host => cgroup_offsets().unwrap_or_default(),
+        };
     // The fd programs read `struct socket` at fixed offsets; refuse a kernel
     // where they moved rather than read garbage.
     for (member, want) in [("type", 4), ("file", 16), ("sk", 24)] {
