@@ -74,6 +74,11 @@ impl Enforcer {
         if self.layout.sock_ops_link().exists() {
             loader::repair_seed(&self.layout)?;
             self.recover_journal()?;
+            // Without a `serve` to do it, the next command detaches a state
+            // tracepoint no connection outside the cgroup needs any more.
+            if let Err(e) = loader::unwatch_outside_locked(&self.layout) {
+                log::warn!("checking for managed connections outside the cgroup: {e}");
+            }
         }
         Ok(lock)
     }

@@ -497,6 +497,14 @@ pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
         return Ok(false);
     }
     let _lock = Lock::acquire(layout)?;
+    unwatch_outside_locked(layout)
+}
+
+/// [`unwatch_outside`] for a caller that holds the installation lock.
+pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
+    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
+        return Ok(false);
+    }
     let map = open_map(layout, maps::CONNS)?;
     let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
         aya::maps::HashMap::try_from(map)

@@ -208,6 +208,27 @@ fn ports_index_watches_closes_outside_the_cgroup_only_while_needed() {
 }
 
 #[test]
+fn without_a_daemon_the_next_command_detaches_the_outside_watch() {
+    let e = Env::outside();
+    let l = listen("127.0.0.1:0");
+    let (c, s) = connect(&l);
+    let ck = cookie(&c);
+    e.tcpka
+        .run(&["enable", &format!("cookie:{ck}"), "43", "3", "5"])
+        .ok();
+    assert_eq!(host_wide(&e.tcpka), vec!["link_close".to_owned()]);
+    // Still needed while the connection is open.
+    e.tcpka.rule_add(&["--local-port", "1", "60", "5", "5"]);
+    assert_eq!(host_wide(&e.tcpka), vec!["link_close".to_owned()]);
+    drop((c, s));
+    wait_until("the close seen", Duration::from_secs(5), || {
+        e.tcpka.managed_count() == 0
+    });
+    e.tcpka.rule_add(&["--local-port", "2", "60", "5", "5"]);
+    assert_eq!(host_wide(&e.tcpka), Vec::<String>::new());
+}
+
+#[test]
 fn host_index_reaches_any_connection_directly_and_reports_closes() {
     let e = Env::outside_with(&["--index", "host"]);
     let (_serve, events) = serve_with_events(&e);
