@@ -8,6 +8,7 @@ pub mod access;
 pub mod btf;
 pub mod cgroup;
 pub mod conn;
+pub mod doctor;
 pub mod enforcer;
 pub mod events;
 pub mod feed;
@@ -83,6 +84,8 @@ pub enum Error {
         "{what}: permission denied; tcpka needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE"
     )]
     NoPrivilege { what: String },
+    #[error("this host cannot run tcpka: {check} (`tcpka doctor` lists every check)")]
+    HostMissing { check: String },
     #[error("tcpka is not loaded (no pins in {pin_dir}); run `tcpka load` first")]
     NotLoaded { pin_dir: PathBuf },
     #[error(

@@ -90,7 +90,7 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 /// The kernel's release (`uname -r`).
-fn kernel_release() -> String {
+pub fn kernel_release() -> String {
     nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -133,6 +133,19 @@ pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
         );
     }
     Ok(mode)
+}
+
+/// (major, minor) of a kernel release string.
+pub fn kernel_version_of(release: &str) -> Option<(u32, u32)> {
+    kernel_version(release)
+}
+
+/// The index mode a load without `--index` picks here, and why.
+pub fn default_index() -> (IndexMode, &'static str) {
+    match index_for(&kernel_release(), None) {
+        Ok(IndexMode::Ports) => (IndexMode::Ports, "the kernel is 6.12 or later"),
+        _ => (IndexMode::Host, "the kernel is older than 6.12"),
+    }
 }
 
 /// Why an installation has its index mode, for `info`.
@@ -673,6 +686,13 @@ pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
 pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Result<LoadOutcome> {
+    // What this host lacks, said as `tcpka doctor` says it, before anything
+    // is touched.
+    if let Some(c) = crate::doctor::blocking() {
+        return Err(Error::HostMissing {
+            check: c.describe(),
+        });
+    }
     // Before anything is read or removed: a pin directory outside bpffs is
     // refused with nothing touched.
     ensure_bpffs(layout)?;

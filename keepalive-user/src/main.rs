@@ -61,6 +61,12 @@ enum Command {
     Status(StatusArgs),
     /// Show whether tcpka is loaded, where, and its kernel-side counters.
     Info(JsonArg),
+    /// Check what this host gives tcpka, one line per check (ok, MISSING or
+    /// note, and what to do): kernel and BTF, cgroup v2, bpffs, tracefs,
+    /// the hooks and index mode the loader would use, capabilities,
+    /// lockdown, and the state of the pins. Changes nothing; exits 1 when
+    /// something tcpka needs is missing.
+    Doctor(JsonArg),
     /// Load (or adopt the pinned installation), serve the HTTP/JSON API
     /// for a SIP controller, and log every event (policies applied,
     /// connections closed, reset or timed out). Ctrl-C stops the daemon;
@@ -373,31 +379,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Capabilities tcpka's commands use, by bit number.
-const CAPS: [(u32, &str); 5] = [
-    (39, "CAP_BPF"),
-    (38, "CAP_PERFMON"),
-    (12, "CAP_NET_ADMIN"),
-    (21, "CAP_SYS_ADMIN"),
-    (19, "CAP_SYS_PTRACE"),
-];
-
 /// For an error the kernel gave for lack of privilege: which capabilities
 /// this process lacks.
 fn privilege_hint(msg: &str) -> Option<String> {
     if !msg.contains("Permission denied") && !msg.contains("Operation not permitted") {
         return None;
     }
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
-    let missing: Vec<&str> = CAPS
-        .iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0)
-        .map(|(_, name)| *name)
-        .collect();
+    let missing = tcpka::doctor::missing_caps()?;
     if missing.is_empty() {
         return None;
     }
@@ -768,6 +756,29 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tcpka::outln!("no managed connections");
             } else {
                 print_status(&conns);
+            }
+        }
+        Command::Doctor(a) => {
+            let checks = tcpka::doctor::run(&layout);
+            let missing = checks
+                .iter()
+                .any(|c| c.status == tcpka::doctor::Status::Missing);
+            if a.json {
+                print_json(&serde_json::json!({ "ok": !missing, "checks": checks }));
+            } else {
+                for c in &checks {
+                    tcpka::outln!("{}", c.line());
+                }
+            }
+            if missing {
+                return Err(Error::HostMissing {
+                    check: checks
+                        .iter()
+                        .filter(|c| c.status == tcpka::doctor::Status::Missing)
+                        .map(|c| c.name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
             }
         }
         Command::Info(a) => {

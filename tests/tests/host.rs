@@ -3,6 +3,7 @@
 //! restart that recreates the cgroup.
 use std::{
     os::fd::OwnedFd,
+    path::Path,
     process::{Command, Stdio},
 };
 
@@ -595,4 +596,72 @@ fn holder_modes_attach_what_info_says() {
             .count();
         assert_eq!(links, hooks.len(), "{mode}: {v}");
     }
+}
+
+/// `tcpka doctor` reports this host and the installation, and a user
+/// without the capabilities gets the check that fails, from `doctor` and,
+/// in the same words, from `load`, which then touches nothing.
+#[test]
+fn doctor_reports_the_host_and_load_refuses_in_its_words() {
+    let e = Env::outside();
+    let out = e.tcpka.run(&["doctor", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "kernel",
+            "cgroup v2",
+            "bpffs",
+            "tracefs",
+            "hooks",
+            "capabilities",
+            "lockdown",
+            "pins"
+        ]
+    );
+    let pins = &v["checks"][7];
+    assert_eq!(pins["status"], "ok", "{pins}");
+    let detail = pins["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&e.cgroup.path.display().to_string()) && detail.contains("index ports"),
+        "{pins}"
+    );
+
+    let pin_dir = Path::new("/sys/fs/bpf").join(unique("tcpka-doctor"));
+    let nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(tcpka_bin())
+            .args(args)
+            .env("TCPKA_PIN_DIR", &pin_dir)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let out = nobody(&["doctor"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("MISSING capabilities"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        line.contains("CAP_BPF") && line.contains("CAP_SYS_PTRACE"),
+        "{line}"
+    );
+    let out = nobody(&["load", "--cgroup", e.cgroup.path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(line.trim_start_matches("MISSING").trim()),
+        "{stderr} / {line}"
+    );
+    assert!(!pin_dir.exists(), "load touched {pin_dir:?}");
 }
