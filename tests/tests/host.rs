@@ -189,7 +189,7 @@ fn installation_lock_is_private_bounded_and_one_per_installation() {
     e.tcpka.rule_add(&["--local-port", "9", "30", "4", "7"]);
     let layout = e.tcpka.layout();
     let lock = layout.lock_file();
-    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(lock.parent().unwrap()), 0o700, "lock directory");
     assert_eq!(mode(&lock), 0o600, "lock file");
 
