@@ -340,6 +340,22 @@ enum RuleCommand {
     },
     /// List the rules.
     List(JsonArg),
+    /// Show which rule a new connection from LOCAL to REMOTE would get, and
+    /// why (the precedence sock_ops applies), without changing anything.
+    Explain(RuleExplainArgs),
+}
+
+#[derive(Args, Debug)]
+struct RuleExplainArgs {
+    /// This host's end, ADDR:PORT (IPv6 as [ADDR]:PORT).
+    #[arg(value_parser = parse_endpoint)]
+    local: SocketAddr,
+    /// The peer's end, ADDR:PORT.
+    #[arg(value_parser = parse_endpoint)]
+    remote: SocketAddr,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -671,6 +687,36 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Rule(RuleCommand::Del { id }) => {
             Enforcer::new(layout).delete_rule(id)?;
             tcpka::outln!("deleted rule {id}");
+        }
+        Command::Rule(RuleCommand::Explain(a)) => {
+            let rules = Enforcer::new(layout).rules()?;
+            let e = tcpka::rule::explain(&rules, a.local, a.remote);
+            if a.json {
+                print_json(&e);
+            } else {
+                tcpka::outln!("new connection {} -> {}", e.local, e.remote);
+                for v in &e.rules {
+                    let verdict = match &v.why_not {
+                        None => "matches".to_owned(),
+                        Some(why) => format!("no: {why}"),
+                    };
+                    tcpka::outln!("  rule {:<4} {:<40} {verdict}", v.id, v.matcher);
+                }
+                match &e.winner {
+                    Some(r) => tcpka::outln!(
+                        "applies rule {} (idle {}, count {}, interval {}{}): {}",
+                        r.id,
+                        r.idle,
+                        r.count,
+                        r.interval,
+                        r.user_timeout_ms
+                            .map(|ms| format!(", user timeout {ms} ms"))
+                            .unwrap_or_default(),
+                        e.reason
+                    ),
+                    None => tcpka::outln!("applies nothing: {}", e.reason),
+                }
+            }
         }
         Command::Rule(RuleCommand::List(a)) => {
             let rules = Enforcer::new(layout).rules()?;

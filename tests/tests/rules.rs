@@ -347,3 +347,57 @@ fn dead_peer_times_out() {
     eprintln!("dead peer detected after {took:?} (bound {bound:?})");
     drop(server);
 }
+
+/// `rule explain` names the rule the kernel applied, for connections that
+/// several rules match.
+#[test]
+fn rule_explain_names_the_rule_the_kernel_applies() {
+    let e = env();
+    let l = listen("127.0.0.1:0");
+    let port = l.local_addr().unwrap().port().to_string();
+    e.tcpka.rule_add(&["60", "3", "5"]);
+    e.tcpka
+        .rule_add(&["--remote", "127.0.0.0/8", "61", "3", "5"]);
+    e.tcpka.rule_add(&["--remote", "127.0.0.1", "62", "3", "5"]);
+    e.tcpka.rule_add(&[
+        "--local-port",
+        &port,
+        "--remote",
+        "127.0.0.0/8",
+        "63",
+        "3",
+        "5",
+    ]);
+    let (c, s) = connect(&l);
+    for sock in [&c, &s] {
+        let (local, remote) = (sock.local_addr().unwrap(), sock.peer_addr().unwrap());
+        let out = e
+            .tcpka
+            .run(&[
+                "rule",
+                "explain",
+                &local.to_string(),
+                &remote.to_string(),
+                "--json",
+            ])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let idle = v["winner"]["idle"].as_i64().unwrap() as i32;
+        assert_eq!(keepalive(sock).idle, idle, "{local} -> {remote}: {v}");
+        let text = e
+            .tcpka
+            .run(&["rule", "explain", &local.to_string(), &remote.to_string()])
+            .ok()
+            .stdout;
+        assert!(text.contains(&format!("(idle {idle},")), "{text}");
+    }
+    // The server's end has the local port: the two-field rule.
+    assert_eq!(keepalive(&s).idle, 63);
+    // The client's end: the host /32 beats the /8.
+    assert_eq!(keepalive(&c).idle, 62);
+    let r = e
+        .tcpka
+        .run(&["rule", "explain", "127.0.0.1", "127.0.0.1:1"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    e.cgroup.leave();
+}
