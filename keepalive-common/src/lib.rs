@@ -137,7 +137,7 @@ pub mod maps {
 }
 
 /// The ports sock_ops looks at, so that a connection no rule and no index
-/// port names costs two array reads, and a rule lookup tries only the port
+/// port names costs five array reads (the flag word and one bit per set), and a rule lookup tries only the port
 /// combinations some rule has. [`crate::maps::PORTS`] holds three bit sets
 /// of 65,536 ports and a flag word.
 pub mod ports {

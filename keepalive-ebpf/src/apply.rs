@@ -39,28 +39,38 @@ pub fn emit(event: &Event) {
     }
 }
 
-/// Finds the best rule for a connection: one trie lookup per port
-/// combination (both, local only, remote only, none), each giving the
-/// longest address prefix; the highest rank wins, ties go to the lower id.
+/// The port combinations (both, local only, remote only, none) that some
+/// rule has, from the port filter: a connection no rule names has none,
+/// and costs no lookup at all.
+pub struct Candidates([(bool, u16, u16); 4]);
+
+impl Candidates {
+    #[inline(always)]
+    pub fn new(flags: u64, local_port: u16, remote_port: u16) -> Self {
+        let local = rule_local(local_port);
+        let remote = rule_remote(remote_port);
+        Self([
+            (local && remote, local_port, remote_port),
+            (local, local_port, 0),
+            (remote, 0, remote_port),
+            (flags & FLAG_ANY_PORT_RULE != 0, 0, 0),
+        ])
+    }
+
+    /// Whether any rule may match.
+    #[inline(always)]
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|c| c.0)
+    }
+}
+
+/// Finds the best rule for a connection: one trie lookup per candidate port
+/// combination, each giving the longest address prefix; the highest rank
+/// wins, ties go to the lower id.
 #[inline(always)]
-pub fn best_rule(
-    flags: u64,
-    local_port: u16,
-    remote_port: u16,
-    addr: [u8; 16],
-) -> Option<RuleValue> {
+pub fn best_rule(candidates: &Candidates, addr: [u8; 16]) -> Option<RuleValue> {
     let mut best: Option<RuleValue> = None;
-    // Only the combinations some rule has (the port filter): a connection
-    // no rule names costs no lookup at all.
-    let local = rule_local(local_port);
-    let remote = rule_remote(remote_port);
-    let combos = [
-        (local && remote, local_port, remote_port),
-        (local, local_port, 0),
-        (remote, 0, remote_port),
-        (flags & FLAG_ANY_PORT_RULE != 0, 0, 0),
-    ];
-    for (possible, lp, rp) in combos {
+    for &(possible, lp, rp) in &candidates.0 {
         if !possible {
             continue;
         }

@@ -3,7 +3,7 @@
 //! ports is an index port. Both kinds are then watched until they close
 //! (the STATE callback), when `close.rs` forgets them.
 //!
-//! A connection whose ports no rule and no index port names costs two array
+//! A connection whose ports no rule and no index port names costs five array
 //! reads: every process in the cgroup pays this program on each connection.
 //!
 //! # Minimum kernel version
@@ -30,7 +30,7 @@ use keepalive_common::{
 };
 
 use crate::{
-    apply::{apply_policy, best_rule, emit},
+    apply::{apply_policy, best_rule, emit, Candidates},
     close, index,
     maps::{count, host_index, index_port, port_flags, CONNS},
 };
@@ -122,16 +122,21 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
     }
-    let addr = addr!(ops, family, remote_ip4, remote_ip6);
     // local_port is host order; remote_port holds the network-order port in
     // its upper 16 bits on little-endian hosts, which from_be undoes.
     let local_port = field!(ops, local_port) as u16;
     let remote_port = u32::from_be(field!(ops, remote_port)) as u16;
 
+    // The port filter first: a connection nobody named stops here.
     let flags = port_flags();
-    let rule = best_rule(flags, local_port, remote_port, addr);
+    let candidates = Candidates::new(flags, local_port, remote_port);
     let host = host_index();
     let indexed = !host && index_port(flags, local_port, remote_port);
+    if !candidates.any() && !indexed {
+        return Ok(());
+    }
+    let addr = addr!(ops, family, remote_ip4, remote_ip6);
+    let rule = best_rule(&candidates, addr);
     if rule.is_none() && !indexed {
         return Ok(());
     }

@@ -111,7 +111,7 @@ fn kernel() -> Check {
             "a kernel built with CONFIG_DEBUG_INFO_BTF",
         );
     }
-    match loader::kernel_version_of(&release) {
+    match loader::kernel_version(&release) {
         Some(v) if v >= (6, 0) => Check::ok("kernel", format!("{release}, BTF")),
         _ => Check::missing(
             "kernel",

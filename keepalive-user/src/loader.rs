@@ -55,7 +55,7 @@ impl HolderMode {
 pub enum IndexMode {
     /// sock_ops indexes the connections of the cgroup that have an index
     /// port at either end, and asks the kernel to call it when they (and
-    /// those a rule matched) close. Other connections cost two array reads; commands for
+    /// those a rule matched) close. Other connections cost five array reads; commands for
     /// them walk the socket table. Needs Linux 6.12
     /// (`TCP_BPF_SOCK_OPS_CB_FLAGS`) to watch connections it did not see
     /// connect.
@@ -80,7 +80,7 @@ impl IndexMode {
 const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);
 
 /// Parses "6.18.0-1-amd64" into (6, 18).
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut it = release.split(['.', '-']);
     let number = |s: &str| -> Option<u32> {
         let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
@@ -133,11 +133,6 @@ pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
         );
     }
     Ok(mode)
-}
-
-/// (major, minor) of a kernel release string.
-pub fn kernel_version_of(release: &str) -> Option<(u32, u32)> {
-    kernel_version(release)
 }
 
 /// The index mode a load without `--index` picks here, and why.

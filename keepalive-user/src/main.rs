@@ -111,7 +111,7 @@ impl From<Holders> for loader::HolderMode {
 enum Index {
     /// sock_ops indexes the cgroup's connections on an index port
     /// (--index-ports) and watches them, and those a rule matched, until
-    /// they close; other connections cost two array reads, and commands
+    /// they close; other connections cost five array reads, and commands
     /// for them walk the socket table. Needs Linux 6.12.
     Ports,
     /// A state tracepoint indexes every connection on the host: any
@@ -876,7 +876,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let why = loader::index_reason(installation.index);
                 match installation.index {
                     loader::IndexMode::Ports => tcpka::outln!(
-                        "index mode: ports {index_ports}, {why} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost two array reads, and commands for them walk the socket table)"
+                        "index mode: ports {index_ports}, {why} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost five array reads, and commands for them walk the socket table)"
                     ),
                     loader::IndexMode::Host => tcpka::outln!(
                         "index mode: host, {why} (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"

@@ -56,14 +56,6 @@ impl IndexPorts {
         out.sort_unstable();
         Ok(IndexPorts::List(out))
     }
-
-    /// Whether connections with this port at either end are indexed.
-    pub fn contains(&self, port: u16) -> bool {
-        match self {
-            IndexPorts::All => true,
-            IndexPorts::List(l) => l.contains(&port),
-        }
-    }
 }
 
 impl std::fmt::Display for IndexPorts {

@@ -217,31 +217,27 @@ fn unix_socket_is_for_root_and_the_api_group() {
     };
     let url = "http://localhost/v1/rules";
     let s = sock.to_str().unwrap();
+    // Adds a rule over the unix socket as uid 65534.
+    let post_rule_as_nobody = || {
+        curl_as_nobody(&[
+            "--unix-socket",
+            s,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            RULE,
+            url,
+        ])
+    };
     // Root only: mode 0600, so other users cannot even connect.
     let child = start(&[]);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let o = curl_as_nobody(&[
-        "--unix-socket",
-        s,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        RULE,
-        url,
-    ]);
+    let o = post_rule_as_nobody();
     assert_eq!(code(&o), "000", "connect must fail: {o:?}");
     // Even with the file opened up, the peer credentials are checked.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let o = curl_as_nobody(&[
-        "--unix-socket",
-        s,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        RULE,
-        url,
-    ]);
+    let o = post_rule_as_nobody();
     assert_eq!(code(&o), "403", "{o:?}");
     assert_eq!(rules(&e), 0);
     stop(child);
@@ -263,15 +259,7 @@ fn unix_socket_is_for_root_and_the_api_group() {
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
-    let o = curl_as_nobody(&[
-        "--unix-socket",
-        s,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        RULE,
-        url,
-    ]);
+    let o = post_rule_as_nobody();
     assert_eq!(code(&o), "201", "{o:?}");
     assert_eq!(rules(&e), 1);
     stop(child);

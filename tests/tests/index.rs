@@ -3,6 +3,7 @@
 //! direct path through the index, the walk for what the index does not
 //! hold, and close events for connections inside and outside the cgroup.
 use std::{
+    net::{TcpListener, TcpStream},
     path::Path,
     time::{Duration, Instant},
 };
@@ -57,6 +58,24 @@ fn serve_with_events(e: &Env) -> (Serve, std::sync::mpsc::Receiver<serde_json::V
     let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
     let events = event_stream(&serve.addr);
     (serve, events)
+}
+
+/// A new loopback connection, enabled by cookie with IDLE 3 5 (checked
+/// with getsockopt): the listener, both ends and the client's cookie.
+fn enabled_by_cookie(t: &Tcpka, idle: i32) -> (TcpListener, TcpStream, TcpStream, u64) {
+    let l = listen("127.0.0.1:0");
+    let (c, s) = connect(&l);
+    let ck = cookie(&c);
+    t.run(&[
+        "enable",
+        &format!("cookie:{ck}"),
+        &idle.to_string(),
+        "3",
+        "5",
+    ])
+    .ok();
+    assert_eq!(keepalive(&c), expect(idle, 3, 5, 0));
+    (l, c, s, ck)
 }
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
@@ -170,13 +189,7 @@ fn ports_index_seeds_older_connections_on_index_ports_only() {
 fn ports_index_reports_closes_in_the_cgroup_without_host_wide_hooks() {
     let e = Env::entered();
     let (_serve, events) = serve_with_events(&e);
-    let l = listen("127.0.0.1:0");
-    let (c, s) = connect(&l);
-    let ck = cookie(&c);
-    e.tcpka
-        .run(&["enable", &format!("cookie:{ck}"), "40", "3", "5"])
-        .ok();
-    assert_eq!(keepalive(&c), expect(40, 3, 5, 0));
+    let (_l, c, s, ck) = enabled_by_cookie(&e.tcpka, 40);
     drop((c, s));
     let v = wait_for_event(&events, "closed", ck, Duration::from_secs(10));
     assert_eq!(v["source"], "command", "{v}");
@@ -189,13 +202,7 @@ fn ports_index_watches_closes_outside_the_cgroup_only_while_needed() {
     let e = Env::outside();
     let (_serve, events) = serve_with_events(&e);
     assert_eq!(host_wide(&e.tcpka), Vec::<String>::new());
-    let l = listen("127.0.0.1:0");
-    let (c, s) = connect(&l);
-    let ck = cookie(&c);
-    e.tcpka
-        .run(&["enable", &format!("cookie:{ck}"), "41", "3", "5"])
-        .ok();
-    assert_eq!(keepalive(&c), expect(41, 3, 5, 0));
+    let (_l, c, s, ck) = enabled_by_cookie(&e.tcpka, 41);
     // sock_ops never runs outside the cgroup: the state tracepoint is
     // attached for this connection's close...
     assert_eq!(host_wide(&e.tcpka), vec!["link_close".to_owned()]);
@@ -210,12 +217,7 @@ fn ports_index_watches_closes_outside_the_cgroup_only_while_needed() {
 #[test]
 fn without_a_daemon_the_next_command_detaches_the_outside_watch() {
     let e = Env::outside();
-    let l = listen("127.0.0.1:0");
-    let (c, s) = connect(&l);
-    let ck = cookie(&c);
-    e.tcpka
-        .run(&["enable", &format!("cookie:{ck}"), "43", "3", "5"])
-        .ok();
+    let (_l, c, s, _) = enabled_by_cookie(&e.tcpka, 43);
     assert_eq!(host_wide(&e.tcpka), vec!["link_close".to_owned()]);
     // Still needed while the connection is open.
     e.tcpka.rule_add(&["--local-port", "1", "60", "5", "5"]);
