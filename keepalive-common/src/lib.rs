@@ -277,7 +277,14 @@ pub mod rules {
         pub rank: u32,
         /// Values to apply.
         pub policy: Policy,
+        /// `OPT_*` bits.
+        pub opts: u32,
     }
+
+    /// [`RuleValue::opts`]: apply the values and nothing else. The
+    /// connection is not recorded nor watched until it closes, so it is not
+    /// listed and its timeout or reset is not reported; it costs the least.
+    pub const OPT_UNTRACKED: u32 = 1;
 
     /// Precedence of a rule: more fields set beats fewer; among equals, the
     /// longer remote prefix wins.
@@ -593,7 +600,7 @@ pub mod meta {
 
     /// Changes whenever the maps or programs of an installation change in a
     /// way an older or newer tcpka cannot use.
-    pub const LAYOUT_VERSION: u32 = 3;
+    pub const LAYOUT_VERSION: u32 = 4;
 }
 
 /// Capacity of the connection map. Entries exist only while a managed
@@ -630,7 +637,7 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<policy::Policy>(), 20);
         assert_eq!(size_of::<rules::RuleKey>(), 20);
-        assert_eq!(size_of::<rules::RuleValue>(), 16 + 20);
+        assert_eq!(size_of::<rules::RuleValue>(), 16 + 20 + 4);
         assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
         assert_eq!(size_of::<events::Event>(), 96);
         assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX + 8);

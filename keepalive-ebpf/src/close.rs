@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_RULE},
+    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_COMMAND, SOURCE_RULE},
     events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
     ports, stats,
 };
@@ -44,7 +44,7 @@ pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
         let cookie = unsafe { bpf_get_socket_cookie(sk) };
         // SAFETY: read-only lookup.
         if unsafe { CONNS.get(&cookie) }.is_some_and(|i| i.flags & FLAG_OUTSIDE != 0) {
-            forget(sk as *const u8, cookie);
+            forget(sk as *const u8, cookie, true);
         }
         return 0;
     }
@@ -68,24 +68,35 @@ pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
         index::add(sk as *const u8, cookie);
         return 0;
     }
-    forget(sk as *const u8, cookie);
+    forget(sk as *const u8, cookie, true);
     0
 }
 
 /// A connection is closing: report how it ended if tcpka manages it, and
-/// drop everything kept about it. `sk` is a BTF `struct sock` pointer.
+/// drop everything kept about it. `sk` is a BTF `struct sock` pointer;
+/// `maybe_indexed` is false when the caller knows the index cannot hold it.
+///
+/// NB: every lookup here is a likely cache miss in a large table, paid on
+/// each managed connection's close: only the tables that can hold this
+/// connection are looked at.
 #[inline(always)]
-pub fn forget(sk: *const u8, cookie: u64) {
+pub fn forget(sk: *const u8, cookie: u64, maybe_indexed: bool) {
     // SAFETY: read-only lookup.
     if let Some(info) = unsafe { CONNS.get(&cookie) }.copied() {
         report_end(sk, cookie, &info);
         let _ = CONNS.remove(&cookie);
         count(stats::CONNS_CLOSED);
-        // Only a managed connection has holders (user space sweeps what a
-        // race leaves behind).
-        let _ = HOLDER_COUNT.remove(&cookie);
+        // Only a command-managed connection has holders (user space sweeps
+        // what a race leaves behind). A delete takes the bucket lock even
+        // when there is nothing to delete: looked up first.
+        // SAFETY: read-only lookup.
+        if info.source == SOURCE_COMMAND && unsafe { HOLDER_COUNT.get(&cookie) }.is_some() {
+            let _ = HOLDER_COUNT.remove(&cookie);
+        }
     }
-    index::remove(cookie);
+    if maybe_indexed {
+        index::remove(cookie);
+    }
 }
 
 /// Offset of `sk_err` in `struct sock`, set by the loader from BTF.

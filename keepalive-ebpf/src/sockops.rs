@@ -1,7 +1,8 @@
 //! sock_ops: when a connection is established (either side), applies the
 //! best matching rule and, with `--index ports`, indexes it if one of its
 //! ports is an index port. Both kinds are then watched until they close
-//! (the STATE callback), when `close.rs` forgets them.
+//! (the STATE callback), when `close.rs` forgets them; a rule with
+//! `OPT_UNTRACKED` only sets the values.
 //!
 //! A connection whose ports no rule and no index port names costs five array
 //! reads: every process in the cgroup pays this program on each connection.
@@ -26,6 +27,7 @@ use keepalive_common::{
     conns::{ConnInfo, SOURCE_RULE},
     events::{Event, KIND_APPLIED},
     ports::FLAG_RULE_EVENTS,
+    rules::OPT_UNTRACKED,
     stats,
 };
 
@@ -69,7 +71,11 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                 let sk = full_sock(ops).ok_or(())?;
                 // SAFETY: sock_ops context is a valid argument for the helper.
                 let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-                close::forget(sk, cookie);
+                // Index ports are fixed at load: a connection on none of
+                // them was never indexed (the ports are still bound here:
+                // the callback runs before the state changes).
+                let (local, remote) = ports(ops);
+                close::forget(sk, cookie, index_port(port_flags(), local, remote));
             }
             Ok(())
         }
@@ -88,6 +94,17 @@ fn full_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
     // SAFETY: a non-null socket pointer from the context.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
     (!tp.is_null()).then_some(tp as *const u8)
+}
+
+/// The local and remote ports, host order. (local_port is host order;
+/// remote_port holds the network-order port in its upper 16 bits on
+/// little-endian hosts, which from_be undoes.)
+#[inline(always)]
+fn ports(ops: *mut bpf_sock_ops) -> (u16, u16) {
+    (
+        field!(ops, local_port) as u16,
+        u32::from_be(field!(ops, remote_port)) as u16,
+    )
 }
 
 /// Reads one end's address as IPv6 bytes (IPv4 mapped), network order.
@@ -122,10 +139,7 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     if family != AF_INET && family != AF_INET6 {
         return Ok(());
     }
-    // local_port is host order; remote_port holds the network-order port in
-    // its upper 16 bits on little-endian hosts, which from_be undoes.
-    let local_port = field!(ops, local_port) as u16;
-    let remote_port = u32::from_be(field!(ops, remote_port)) as u16;
+    let (local_port, remote_port) = ports(ops);
 
     // The port filter first: a connection nobody named stops here.
     let flags = port_flags();
@@ -140,6 +154,7 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     if rule.is_none() && !indexed {
         return Ok(());
     }
+    let tracked = rule.is_some_and(|r| r.opts & OPT_UNTRACKED == 0);
     // SAFETY: sock_ops context is a valid argument for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
     if indexed {
@@ -147,7 +162,7 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
             index::add(sk, cookie);
         }
     }
-    if !host {
+    if !host && (indexed || tracked) {
         // Watch it until it closes: close.rs reports a managed connection's
         // end and forgets what was kept about it.
         let cb = field!(ops, bpf_sock_ops_cb_flags);
@@ -161,6 +176,9 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     let policy = rule.policy;
     apply_policy(ops.cast(), &policy);
     count(stats::APPLIED_RULE);
+    if !tracked {
+        return Ok(());
+    }
 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -13,7 +13,7 @@ use keepalive_common::{
     conns::{ConnInfo, SOURCE_COMMAND},
     maps,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
-    rules::{RuleKey, RuleValue},
+    rules::{self, RuleKey, RuleValue},
     stats, RULES_MAX_ENTRIES,
 };
 
@@ -130,7 +130,7 @@ impl Enforcer {
 
     /// Adds a rule for connections established from now on; returns it with
     /// its new id.
-    pub fn add_rule(&self, m: RuleMatch, policy: Policy) -> Result<Rule> {
+    pub fn add_rule(&self, m: RuleMatch, policy: Policy, tracked: bool) -> Result<Rule> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let mut meta = loader::read_meta(&self.layout)?;
@@ -149,7 +149,7 @@ impl Enforcer {
         meta.next_rule_id = id + 1;
         loader::write_meta(&self.layout, &meta)?;
         crate::ports::sync_rules(&self.layout, &rules, Some(&data), None)?;
-        match rules.insert(&key, m.value(id, policy), BPF_NOEXIST) {
+        match rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 let existing = rules.get(&key, 0).map(|v| v.id).unwrap_or(0);
@@ -162,7 +162,7 @@ impl Enforcer {
             }
             Err(e) => return Err(Error::map("adding the rule", e)),
         }
-        Ok(Rule::new(id, m, policy))
+        Ok(Rule::new(id, m, policy, tracked))
     }
 
     /// Removes a rule. Connections that already got its policy keep it.
@@ -239,7 +239,12 @@ impl Enforcer {
 
 fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {
     let m = RuleMatch::from_key(key.prefix_len(), &key.data(), value.fields);
-    Rule::new(value.id, m, Policy::from_raw(&value.policy))
+    Rule::new(
+        value.id,
+        m,
+        Policy::from_raw(&value.policy),
+        value.opts & rules::OPT_UNTRACKED == 0,
+    )
 }
 
 /// What to do with live connections.

@@ -373,6 +373,12 @@ struct RuleAddArgs {
     remote: Option<Cidr>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Only set the values: tcpka keeps no record of the connections and
+    /// does not watch them, so `status` does not list them and their
+    /// timeout, reset or abort is not reported. Costs each connection the
+    /// least (see the README's host cost); the kernel still ends a dead one.
+    #[arg(long)]
+    untracked: bool,
     /// Print the new rule as JSON.
     #[arg(long)]
     json: bool,
@@ -677,7 +683,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 remote_port: a.remote_port,
                 remote: a.remote,
             };
-            let rule = Enforcer::new(layout).add_rule(m, policy)?;
+            let rule = Enforcer::new(layout).add_rule(m, policy, !a.untracked)?;
             if a.json {
                 print_json(&rule);
             } else {
@@ -704,7 +710,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 match &e.winner {
                     Some(r) => tcpka::outln!(
-                        "applies rule {} (idle {}, count {}, interval {}{}): {}",
+                        "applies rule {} (idle {}, count {}, interval {}{}{}): {}",
                         r.id,
                         r.idle,
                         r.count,
@@ -712,6 +718,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         r.user_timeout_ms
                             .map(|ms| format!(", user timeout {ms} ms"))
                             .unwrap_or_default(),
+                        if r.tracked { "" } else { ", untracked" },
                         e.reason
                     ),
                     None => tcpka::outln!("applies nothing: {}", e.reason),
@@ -726,7 +733,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tcpka::outln!("no rules");
             } else {
                 tcpka::outln!(
-                    "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
+                    "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}",
                     "ID",
                     "LOCAL_PORT",
                     "REMOTE_PORT",
@@ -734,12 +741,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "IDLE",
                     "COUNT",
                     "INTERVAL",
-                    "USER_TIMEOUT"
+                    "USER_TIMEOUT",
+                    "TRACKED"
                 );
                 let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
                 for r in rules {
                     tcpka::outln!(
-                        "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}",
+                        "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}",
                         r.id,
                         any(r.local_port.map(|p| p.to_string())),
                         any(r.remote_port.map(|p| p.to_string())),
@@ -748,6 +756,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         r.count,
                         r.interval,
                         r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                        if r.tracked { "yes" } else { "no" },
                     );
                 }
             }

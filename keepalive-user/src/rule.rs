@@ -154,7 +154,7 @@ impl RuleMatch {
     }
 
     /// The kernel-side value for a rule with this match.
-    pub fn value(&self, id: u32, policy: Policy) -> rules::RuleValue {
+    pub fn value(&self, id: u32, policy: Policy, tracked: bool) -> rules::RuleValue {
         let remote_prefix_len = self.remote.map_or(0, |c| c.to_v6().1);
         rules::RuleValue {
             id,
@@ -162,6 +162,7 @@ impl RuleMatch {
             remote_prefix_len,
             rank: rules::rank(self.fields(), remote_prefix_len),
             policy: policy.to_raw(),
+            opts: if tracked { 0 } else { rules::OPT_UNTRACKED },
         }
     }
 }
@@ -185,10 +186,14 @@ pub struct Rule {
     pub count: u32,
     pub interval: u32,
     pub user_timeout_ms: Option<u32>,
+    /// Whether its connections are tracked: listed by `status` and their
+    /// timeout, reset or abort reported. An untracked rule only sets the
+    /// values, which costs each of its connections the least.
+    pub tracked: bool,
 }
 
 impl Rule {
-    pub fn new(id: u32, m: RuleMatch, p: Policy) -> Self {
+    pub fn new(id: u32, m: RuleMatch, p: Policy, tracked: bool) -> Self {
         Self {
             id,
             local_port: m.local_port,
@@ -198,6 +203,7 @@ impl Rule {
             count: p.count,
             interval: p.interval,
             user_timeout_ms: p.user_timeout_ms,
+            tracked,
         }
     }
 }
@@ -383,11 +389,21 @@ mod tests {
         let (len, key) = m.key();
         assert_eq!(len, 32 + 104);
         assert_eq!(RuleMatch::from_key(len, &key, m.fields()), m);
-        let v = m.value(7, Policy::new(1, 2, 3, None).unwrap());
+        let v = m.value(7, Policy::new(1, 2, 3, None).unwrap(), true);
         assert_eq!(v.rank, (2 << 8) | 104);
+        assert_eq!(v.opts, 0);
+        let untracked = m.value(7, Policy::new(1, 2, 3, None).unwrap(), false);
+        assert_eq!(untracked.opts, rules::OPT_UNTRACKED);
+        assert_eq!(
+            untracked.rank, v.rank,
+            "tracking does not change precedence"
+        );
         let any = RuleMatch::default();
         assert_eq!(any.key().0, 32);
-        assert_eq!(any.value(1, Policy::new(1, 1, 1, None).unwrap()).rank, 0);
+        assert_eq!(
+            any.value(1, Policy::new(1, 1, 1, None).unwrap(), true).rank,
+            0
+        );
     }
 
     #[test]
@@ -407,6 +423,7 @@ mod tests {
                 remote: remote.map(|c| c.parse().unwrap()),
             },
             Policy::new(id, 3, 5, None).unwrap(),
+            true,
         )
     }
 

@@ -592,6 +592,8 @@ struct RuleBody {
     count: u32,
     interval: u32,
     user_timeout_ms: Option<u32>,
+    /// False for an untracked rule (`rule add --untracked`).
+    tracked: Option<bool>,
 }
 
 async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
@@ -620,7 +622,8 @@ async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
             return invalid(e);
         }
     };
-    match blocking(&state, move |e| e.add_rule(m, policy)).await {
+    let tracked = b.tracked.unwrap_or(true);
+    match blocking(&state, move |e| e.add_rule(m, policy, tracked)).await {
         Ok(rule) => {
             state.metrics.command("rule_add", "ok");
             reply(StatusCode::CREATED, json!({ "rule": rule }))

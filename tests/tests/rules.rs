@@ -53,6 +53,39 @@ fn ipv4_rule_matches_ipv4_mapped_ipv6_connections() {
     assert_eq!(keepalive(&server), expect(21, 5, 3, 0), "v4-mapped server");
 }
 
+/// An untracked rule sets the values on both ends and keeps nothing: the
+/// connections are not managed, and a tracked rule's are.
+#[test]
+fn untracked_rule_sets_the_values_and_keeps_no_record() {
+    let e = env();
+    e.tcpka.rule_add(&["--untracked", "25", "4", "6"]);
+    let l = listen("127.0.0.1:0");
+    let (client, server) = connect(&l);
+    assert_eq!(keepalive(&client), expect(25, 4, 6, 0), "outbound");
+    assert_eq!(keepalive(&server), expect(25, 4, 6, 0), "inbound");
+    assert_eq!(e.tcpka.managed_count(), 0);
+    let status = e.tcpka.run(&["status", "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(0), "{status}");
+    let list = e.tcpka.run(&["rule", "list"]).ok().stdout;
+    assert!(
+        list.contains("TRACKED") && list.trim_end().ends_with("no"),
+        "{list}"
+    );
+
+    // The same connection shape under a tracked rule is managed.
+    e.tcpka.rule_add(&[
+        "--local-port",
+        &l.local_addr().unwrap().port().to_string(),
+        "26",
+        "4",
+        "6",
+    ]);
+    let (_c2, s2) = connect(&l);
+    assert_eq!(keepalive(&s2).idle, 26);
+    assert_eq!(e.tcpka.managed_count(), 1);
+}
+
 #[test]
 fn unmatched_connection_is_untouched() {
     let e = env();
@@ -235,16 +268,16 @@ fn rule_list_json_has_documented_fields() {
         "5",
         "4",
     ]);
-    e.tcpka.rule_add(&["1", "2", "3"]);
+    e.tcpka.rule_add(&["--untracked", "1", "2", "3"]);
     let out = e.tcpka.run(&["rule", "list", "--json"]).ok().stdout;
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         v,
         serde_json::json!([
             {"id": 1, "local_port": 5060, "remote_port": 5061, "remote": "192.0.2.0/24",
-             "idle": 60, "count": 5, "interval": 4, "user_timeout_ms": 9000},
+             "idle": 60, "count": 5, "interval": 4, "user_timeout_ms": 9000, "tracked": true},
             {"id": 2, "local_port": null, "remote_port": null, "remote": null,
-             "idle": 1, "count": 2, "interval": 3, "user_timeout_ms": null},
+             "idle": 1, "count": 2, "interval": 3, "user_timeout_ms": null, "tracked": false},
         ])
     );
 }
