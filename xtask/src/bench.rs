@@ -486,6 +486,16 @@ fn range(v: &[f64]) -> (f64, f64) {
     (lo, hi)
 }
 
+/// The cgroup v2 directory this process is in.
+fn own_cgroup() -> Result<PathBuf> {
+    let cg_root = cgroup2_mount()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    own.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
+        .context("no cgroup v2 line in /proc/self/cgroup")
+}
+
 /// What tcpka costs the rest of the host, as ratios of CPU time from
 /// alternating pairs in one run.
 ///
@@ -500,23 +510,13 @@ fn range(v: &[f64]) -> (f64, f64) {
 /// cgroup and the attached one, [`ROUNDS`] times per pair, so that each
 /// ratio compares measurements a fraction of a second apart (the machine's
 /// drift between a load and an unload is larger than the effect):
-/// - connection setup on a port no rule and no index port names;
-/// - on the SIP port, an index port, with a rule for it as local port: a
-///   SIP server's end is indexed and gets the rule, the client's not;
-/// - with a rule applied to every connection (both ends).
+/// connection setup in each of [`CASES`]: on a port nobody names; a SIP
+/// server's end (index port and rule); a rule, tracked or untracked, at the
+/// server's end only (what a host sees of a connection: one end); and at
+/// both ends, as loopback has them.
 ///
 /// Their product with the host-wide ratio is the cost relative to no
 /// tcpka at all.
-/// The cgroup v2 directory this process is in.
-fn own_cgroup() -> Result<PathBuf> {
-    let cg_root = cgroup2_mount()?;
-    let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    own.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
-        .context("no cgroup v2 line in /proc/self/cgroup")
-}
-
 pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> Result<()> {
     const CALLS: usize = 2_000_000;
     const CONNS: usize = 4000;
@@ -536,7 +536,7 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     let _ = churn_rate(CONNS)?;
     let _ = syscall_ns(CALLS);
     let (mut sys, mut outside) = (Vec::new(), Vec::new());
-    let (mut nomatch, mut server, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+    let mut in_cgroup: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     for i in 0..pairs {
         eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
         let off = |()| -> Result<(f64, f64)> {
@@ -563,14 +563,14 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
                 }
                 Ok(())
             };
-            let [a, b, c] = in_each_case(tcpka, pin_dir, |port| {
+            let per_case = in_each_case(tcpka, pin_dir, |port| {
                 let mut v = Vec::new();
                 rounds(&mut v, port)?;
                 Ok(v)
             })?;
-            nomatch.extend(a);
-            server.extend(b);
-            applied.extend(c);
+            for (all, v) in in_cgroup.iter_mut().zip(per_case) {
+                all.extend(v);
+            }
             time_cmd(tcpka, pin_dir, &["unload"])?;
             Ok(r)
         };
@@ -600,46 +600,67 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     line("getppid() calls per CPU second", &sys);
     line("connection setups per CPU second", &outside);
     println!(" processes in the attached cgroup (vs outside it, while loaded):");
-    let cases = [
-        ("no rule and no index port", &nomatch),
-        (
-            "rule and index port at the server's end (a SIP server)",
-            &server,
-        ),
-        ("rule applied to both ends", &applied),
-    ];
-    for (what, v) in cases {
+    for ((what, _, _), v) in CASES.iter().zip(&in_cgroup) {
         line(what, v);
     }
     let host = median(outside.clone());
     println!(" processes in the attached cgroup, vs not loaded (product of medians):");
-    for (what, v) in cases {
+    for ((what, _, _), v) in CASES.iter().zip(&in_cgroup) {
         println!("  {what:<58} {:>6.3}", host * median(v.clone()));
     }
     println!();
     Ok(())
 }
 
-/// Runs `measure(port)` in the three cases of the cgroup measurements, in
-/// order, on an installation with a rule that matches nothing: on a port
-/// nobody names; on the SIP port (an index port) with a rule for it as
-/// local port; with a rule for every connection as well.
+/// The cases measured in the attached cgroup: what each is called, the
+/// rules added before it (on top of the earlier cases' rules, so each new
+/// one must be the best match for its port) and the listener's port.
+const CASES: [(&str, &[&[&str]], u16); 6] = [
+    ("no rule and no index port", &[], OTHER_PORT),
+    (
+        "rule + index port at the server's end (a SIP server)",
+        &[&["--local-port", "5060"]],
+        SIP_PORT,
+    ),
+    (
+        "rule at the server's end",
+        &[&["--local-port", "5091"]],
+        5091,
+    ),
+    (
+        "untracked rule at the server's end",
+        &[&["--untracked", "--local-port", "5092"]],
+        5092,
+    ),
+    (
+        "untracked rule at both ends",
+        &[
+            &["--untracked", "--local-port", "5093"],
+            &["--untracked", "--remote-port", "5093"],
+        ],
+        5093,
+    ),
+    ("rule at both ends", &[&[]], OTHER_PORT),
+];
+
+/// Runs `measure(port)` in each of [`CASES`], in order, on an installation
+/// that starts with a rule that matches nothing.
 fn in_each_case<T>(
     tcpka: &Path,
     pin_dir: &Path,
     mut measure: impl FnMut(u16) -> Result<T>,
-) -> Result<[T; 3]> {
-    let none = measure(OTHER_PORT)?;
-    let sip = SIP_PORT.to_string();
-    time_cmd(
-        tcpka,
-        pin_dir,
-        &["rule", "add", "--local-port", &sip, "60", "5", "5"],
-    )?;
-    let server = measure(SIP_PORT)?;
-    time_cmd(tcpka, pin_dir, &["rule", "add", "60", "5", "5"])?;
-    let both = measure(OTHER_PORT)?;
-    Ok([none, server, both])
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for (_, rules, port) in CASES {
+        for m in rules {
+            let mut args = vec!["rule", "add"];
+            args.extend_from_slice(m);
+            args.extend_from_slice(&["60", "5", "5"]);
+            time_cmd(tcpka, pin_dir, &args)?;
+        }
+        out.push(measure(port)?);
+    }
+    Ok(out)
 }
 
 /// Turns on the kernel's run-time statistics of BPF programs
@@ -718,20 +739,13 @@ fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
                 (after.1 - before.1) as f64 / CONNS as f64,
             ))
         };
-        let [none, server, both] = in_each_case(tcpka, pin_dir, measure)?;
+        let per_case = in_each_case(tcpka, pin_dir, measure)?;
         drop(stats);
         println!(
             "time in tcpka's programs per connection setup, in the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
             1e6 / base
         );
-        for (what, (ns, runs)) in [
-            ("no rule and no index port", none),
-            (
-                "rule and index port at the server's end (a SIP server)",
-                server,
-            ),
-            ("rule applied to both ends", both),
-        ] {
+        for ((what, _, _), (ns, runs)) in CASES.iter().zip(per_case) {
             println!(
                 "  {what:<58} {ns:>6.0} ns  ({runs:.0} runs, {:.1}% of a setup)",
                 ns * base / 1e7
