@@ -116,16 +116,22 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     }
     let cg_root = cgroup2_mount()?;
     let cgroup = cg_root.join(format!("tcpka-bench-{}", std::process::id()));
+    // A sibling with an empty sock_ops program: the floor of any attachment.
+    let floor_cgroup = cg_root.join(format!("tcpka-bench-floor-{}", std::process::id()));
     std::fs::create_dir(&cgroup).context("create bench cgroup")?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/tcpka-bench-{}", std::process::id()));
     let mut guard = Cleanup {
         tcpka: tcpka.to_path_buf(),
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.clone(),
+        floor: floor_cgroup.clone(),
         home: None,
     };
-    host_cost(tcpka, &pin_dir, &cgroup, pairs)?;
-    program_time(tcpka, &pin_dir, &cgroup)?;
+    std::fs::create_dir(&floor_cgroup).context("create the floor's cgroup")?;
+    let floor = crate::floor::EmptySockOps::attach(&floor_cgroup)?;
+    host_cost(tcpka, &pin_dir, &cgroup, &floor_cgroup, pairs)?;
+    program_time(tcpka, &pin_dir, &cgroup, &floor_cgroup, &floor)?;
+    drop(floor);
     if sizes.is_empty() {
         return Ok(());
     }
@@ -517,31 +523,45 @@ fn own_cgroup() -> Result<PathBuf> {
 ///
 /// Their product with the host-wide ratio is the cost relative to no
 /// tcpka at all.
-pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> Result<()> {
+pub fn host_cost(
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    floor_cgroup: &Path,
+    pairs: usize,
+) -> Result<()> {
     const CALLS: usize = 2_000_000;
     const CONNS: usize = 4000;
     const ROUNDS: usize = 5;
     let home = own_cgroup()?;
     let me = std::process::id().to_string();
     let enter = |dir: &Path| std::fs::write(dir.join("cgroup.procs"), &me);
-    // In the attached cgroup for one measurement, back home whatever it
-    // returned.
-    let inside = |f: &dyn Fn() -> Result<f64>| -> Result<f64> {
-        enter(cgroup)?;
+    // In a cgroup for one measurement, back home whatever it returned.
+    let inside_of = |dir: &Path, f: &dyn Fn() -> Result<f64>| -> Result<f64> {
+        enter(dir)?;
         let r = f();
         enter(&home)?;
         r
     };
+    let inside = |f: &dyn Fn() -> Result<f64>| inside_of(cgroup, f);
     // Warm up: the first connections and calls of a process are slower.
     let _ = churn_rate(CONNS)?;
     let _ = syscall_ns(CALLS);
     let (mut sys, mut outside) = (Vec::new(), Vec::new());
     let mut in_cgroup: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let mut floor = Vec::new();
     for i in 0..pairs {
         eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
-        let off = |()| -> Result<(f64, f64)> {
+        let mut off = |()| -> Result<(f64, f64)> {
             let _ = churn_rate(CONNS / 4)?;
-            Ok((syscall_ns(CALLS), churn_rate(CONNS)?))
+            let r = (syscall_ns(CALLS), churn_rate(CONNS)?);
+            // tcpka not loaded: the empty program's cgroup vs home.
+            for _ in 0..ROUNDS {
+                let out = churn_rate_on(CONNS, OTHER_PORT)?;
+                let inn = inside_of(floor_cgroup, &|| churn_rate_on(CONNS, OTHER_PORT))?;
+                floor.push(inn / out);
+            }
+            Ok(r)
         };
         let mut on = |()| -> Result<(f64, f64)> {
             load(tcpka, pin_dir, cgroup)?;
@@ -600,6 +620,7 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     line("getppid() calls per CPU second", &sys);
     line("connection setups per CPU second", &outside);
     println!(" processes in the attached cgroup (vs outside it, while loaded):");
+    line(FLOOR, &floor);
     for ((what, _, _), v) in CASES.iter().zip(&in_cgroup) {
         line(what, v);
     }
@@ -611,6 +632,10 @@ pub fn host_cost(tcpka: &Path, pin_dir: &Path, cgroup: &Path, pairs: usize) -> R
     println!();
     Ok(())
 }
+
+/// The first row of the cgroup measurements: what any sock_ops program
+/// costs, measured in a cgroup of its own.
+const FLOOR: &str = "floor: an empty sock_ops program (not tcpka)";
 
 /// The cases measured in the attached cgroup: what each is called, the
 /// rules added before it (on top of the earlier cases' rules, so each new
@@ -714,7 +739,13 @@ fn programs_runtime(pin_dir: &Path) -> Result<(u64, u64)> {
 /// connection setup (both ends), for the cases of [`host_cost`]:
 /// absolute, and free of the machine's noise. Statistics add a clock
 /// read to each run, so these figures are slightly high.
-fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+fn program_time(
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    floor_cgroup: &Path,
+    floor: &crate::floor::EmptySockOps,
+) -> Result<()> {
     const CONNS: usize = 5000;
     let home = own_cgroup()?;
     let me = std::process::id().to_string();
@@ -727,6 +758,19 @@ fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
         )?;
         let stats = enable_bpf_stats()?;
         let base = churn_rate(CONNS)?;
+        let per_setup = |before: (u64, u64), after: (u64, u64)| {
+            (
+                (after.0 - before.0) as f64 / CONNS as f64,
+                (after.1 - before.1) as f64 / CONNS as f64,
+            )
+        };
+        std::fs::write(floor_cgroup.join("cgroup.procs"), &me)?;
+        let before = floor.runtime()?;
+        let r = churn_rate_on(CONNS, OTHER_PORT);
+        let after = floor.runtime();
+        std::fs::write(home.join("cgroup.procs"), &me)?;
+        let (after, _) = (after?, r?);
+        let empty = per_setup(before, after);
         let measure = |port: u16| -> Result<(f64, f64)> {
             std::fs::write(cgroup.join("cgroup.procs"), &me)?;
             let before = programs_runtime(pin_dir)?;
@@ -734,10 +778,7 @@ fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
             let after = programs_runtime(pin_dir);
             std::fs::write(home.join("cgroup.procs"), &me)?;
             let (after, _) = (after?, r?);
-            Ok((
-                (after.0 - before.0) as f64 / CONNS as f64,
-                (after.1 - before.1) as f64 / CONNS as f64,
-            ))
+            Ok(per_setup(before, after))
         };
         let per_case = in_each_case(tcpka, pin_dir, measure)?;
         drop(stats);
@@ -745,7 +786,8 @@ fn program_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
             "time in tcpka's programs per connection setup, in the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
             1e6 / base
         );
-        for ((what, _, _), (ns, runs)) in CASES.iter().zip(per_case) {
+        let rows = std::iter::once((FLOOR, empty)).chain(CASES.iter().map(|c| c.0).zip(per_case));
+        for (what, (ns, runs)) in rows {
             println!(
                 "  {what:<58} {ns:>6.0} ns  ({runs:.0} runs, {:.1}% of a setup)",
                 ns * base / 1e7
@@ -802,6 +844,8 @@ struct Cleanup {
     tcpka: PathBuf,
     pin_dir: PathBuf,
     cgroup: PathBuf,
+    /// The empty program's cgroup (detached before this runs).
+    floor: PathBuf,
     /// The cgroup the bench came from, once it entered the bench's.
     home: Option<PathBuf>,
 }
@@ -817,6 +861,7 @@ impl Drop for Cleanup {
             let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
         }
         let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = std::fs::remove_dir(&self.floor);
         // tcpka's files for this pin directory (see keepalive-user paths.rs).
         let name: String = self
             .pin_dir
