@@ -114,8 +114,11 @@ pub mod maps {
     /// [`crate::index::FdOwner`] (zero until found); key 0 counts the ones
     /// still missing.
     pub const WANT: &str = "TCPKA_WANT";
+    /// Names of the rules a configuration file manages: rule id ->
+    /// [`crate::rules::RuleName`]. User space only.
+    pub const RULE_NAMES: &str = "TCPKA_RULE_NAMES";
     /// All maps, in the order they are pinned.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         RULES,
         CONNS,
         STATS,
@@ -133,6 +136,7 @@ pub mod maps {
         HOLDER_COUNT,
         PORTS,
         WANT,
+        RULE_NAMES,
     ];
 }
 
@@ -285,6 +289,14 @@ pub mod rules {
     /// connection is not recorded nor watched until it closes, so it is not
     /// listed and its timeout or reset is not reported; it costs the least.
     pub const OPT_UNTRACKED: u32 = 1;
+
+    /// A rule's name (NUL-padded), for the rules a configuration file
+    /// manages; rules added by hand have none.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RuleName {
+        pub bytes: [u8; 32],
+    }
 
     /// Precedence of a rule: more fields set beats fewer; among equals, the
     /// longer remote prefix wins.
@@ -600,7 +612,7 @@ pub mod meta {
 
     /// Changes whenever the maps or programs of an installation change in a
     /// way an older or newer tcpka cannot use.
-    pub const LAYOUT_VERSION: u32 = 4;
+    pub const LAYOUT_VERSION: u32 = 5;
 }
 
 /// Capacity of the connection map. Entries exist only while a managed
@@ -615,6 +627,7 @@ mod pod {
     unsafe impl aya::Pod for crate::policy::Policy {}
     unsafe impl aya::Pod for crate::rules::RuleKey {}
     unsafe impl aya::Pod for crate::rules::RuleValue {}
+    unsafe impl aya::Pod for crate::rules::RuleName {}
     unsafe impl aya::Pod for crate::conns::ConnInfo {}
     unsafe impl aya::Pod for crate::events::Event {}
     unsafe impl aya::Pod for crate::meta::Meta {}

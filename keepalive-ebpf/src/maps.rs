@@ -12,7 +12,7 @@ use keepalive_common::{
     meta::Meta,
     ports,
     requests::{self, PeerKey, Request},
-    rules::{RuleKey, RuleValue},
+    rules::{RuleKey, RuleName, RuleValue},
     stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
 };
 
@@ -73,6 +73,11 @@ pub static HOLDER_COUNT: HashMap<u64, u32> = HashMap::with_max_entries(holders::
 
 #[map(name = "TCPKA_PORTS")]
 pub static PORTS: Array<u64> = Array::with_max_entries(ports::LEN, 0);
+
+/// Written and read by user space only (the names of the rules a
+/// configuration file manages); defined here to be created and pinned.
+#[map(name = "TCPKA_RULE_NAMES")]
+pub static RULE_NAMES: HashMap<u32, RuleName> = HashMap::with_max_entries(RULES_MAX_ENTRIES, 0);
 
 #[map(name = "TCPKA_WANT")]
 pub static WANT: HashMap<u64, FdOwner> = HashMap::with_max_entries(index::WANT_MAX_ENTRIES, 0);

@@ -13,11 +13,12 @@ use keepalive_common::{
     conns::{ConnInfo, SOURCE_COMMAND},
     maps,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
-    rules::{self, RuleKey, RuleValue},
+    rules::{self, RuleKey, RuleName, RuleValue},
     stats, RULES_MAX_ENTRIES,
 };
 
 use crate::{
+    config::{Config, Step as ConfigStep},
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
     events::source_name,
     holders::Holders,
@@ -31,6 +32,17 @@ use crate::{
 };
 
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+type RuleTable = LpmTrie<MapData, RuleKey, RuleValue>;
+
+/// A rule name as the kernel map stores it.
+fn rule_name(name: &str) -> RuleName {
+    let mut bytes = [0u8; 32];
+    let n = name.len().min(32);
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    RuleName { bytes }
+}
 
 /// Commands answered by the connection index, and walks of the socket
 /// table, in this process (for metrics).
@@ -123,7 +135,7 @@ impl Enforcer {
         &self.layout
     }
 
-    fn rules_map(&self) -> Result<LpmTrie<MapData, RuleKey, RuleValue>> {
+    fn rules_map(&self) -> Result<RuleTable> {
         let map = loader::open_map(&self.layout, maps::RULES)?;
         LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
     }
@@ -133,6 +145,20 @@ impl Enforcer {
     pub fn add_rule(&self, m: RuleMatch, policy: Policy, tracked: bool) -> Result<Rule> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
+        self.insert_rule(&mut rules, m, policy, tracked, None)
+    }
+
+    /// Adds a rule under the lock; with a name, the name is written first
+    /// (a command killed in between leaves a name without a rule, which
+    /// nothing shows, rather than a named rule that looks hand-made).
+    fn insert_rule(
+        &self,
+        rules: &mut RuleTable,
+        m: RuleMatch,
+        policy: Policy,
+        tracked: bool,
+        name: Option<&str>,
+    ) -> Result<Rule> {
         let mut meta = loader::read_meta(&self.layout)?;
         // Above every id in use, whatever the counter says.
         let highest = rules
@@ -148,8 +174,17 @@ impl Enforcer {
         // skips an id, and never hands one out twice.
         meta.next_rule_id = id + 1;
         loader::write_meta(&self.layout, &meta)?;
-        crate::ports::sync_rules(&self.layout, &rules, Some(&data), None)?;
-        match rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST) {
+        if let Some(n) = name {
+            self.names_map()?
+                .insert(id, rule_name(n), 0)
+                .map_err(|e| Error::map("recording the rule's name", e))?;
+        }
+        crate::ports::sync_rules(&self.layout, rules, Some(&data), None)?;
+        let inserted = rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST);
+        if inserted.is_err() && name.is_some() {
+            let _ = self.names_map()?.remove(&id);
+        }
+        match inserted {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 let existing = rules.get(&key, 0).map(|v| v.id).unwrap_or(0);
@@ -162,13 +197,19 @@ impl Enforcer {
             }
             Err(e) => return Err(Error::map("adding the rule", e)),
         }
-        Ok(Rule::new(id, m, policy, tracked))
+        let mut rule = Rule::new(id, m, policy, tracked);
+        rule.name = name.map(str::to_owned);
+        Ok(rule)
     }
 
     /// Removes a rule. Connections that already got its policy keep it.
     pub fn delete_rule(&self, id: u32) -> Result<Rule> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
+        self.remove_rule(&mut rules, id)
+    }
+
+    fn remove_rule(&self, rules: &mut RuleTable, id: u32) -> Result<Rule> {
         let found = rules
             .iter()
             .filter_map(|r| r.ok())
@@ -179,20 +220,109 @@ impl Enforcer {
         rules
             .remove(&key)
             .map_err(|e| Error::map(format!("removing rule {id}"), e))?;
-        crate::ports::sync_rules(&self.layout, &rules, None, Some(&key.data()))?;
-        Ok(rule_from_entry(&key, &value))
+        crate::ports::sync_rules(&self.layout, rules, None, Some(&key.data()))?;
+        let names = self.rule_names()?;
+        let _ = self.names_map()?.remove(&id);
+        let mut rule = rule_from_entry(&key, &value);
+        rule.name = names.get(&id).cloned();
+        Ok(rule)
+    }
+
+    fn names_map(&self) -> Result<HashMap<MapData, u32, RuleName>> {
+        HashMap::try_from(loader::open_map(&self.layout, maps::RULE_NAMES)?)
+            .map_err(|e| Error::map("opening the rule names", e))
+    }
+
+    /// Names of the rules a configuration file manages, by rule id.
+    fn rule_names(&self) -> Result<std::collections::HashMap<u32, String>> {
+        let map = self.names_map()?;
+        let mut out = std::collections::HashMap::new();
+        for entry in map.iter() {
+            let (id, name) = entry.map_err(|e| Error::map("reading the rule names", e))?;
+            let len = name.bytes.iter().position(|b| *b == 0).unwrap_or(32);
+            out.insert(id, String::from_utf8_lossy(&name.bytes[..len]).into_owned());
+        }
+        Ok(out)
     }
 
     /// All rules, by id.
     pub fn rules(&self) -> Result<Vec<Rule>> {
         let rules = self.rules_map()?;
+        let names = self.rule_names()?;
         let mut out = Vec::new();
         for entry in rules.iter() {
             let (key, value) = entry.map_err(|e| Error::map("reading the rule table", e))?;
-            out.push(rule_from_entry(&key, &value));
+            let mut rule = rule_from_entry(&key, &value);
+            rule.name = names.get(&rule.id).cloned();
+            out.push(rule);
         }
         out.sort_by_key(|r| r.id);
         Ok(out)
+    }
+
+    /// Brings the named rules to what `config` says (see
+    /// [`crate::config::plan`]); with `dry_run`, only says what it would do.
+    /// Everything is checked before the first change: a conflict or too
+    /// many rules changes nothing.
+    pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
+        let _lock = self.lock()?;
+        let steps = crate::config::plan(&self.rules()?, config).map_err(Error::Conflict)?;
+        let installed = self.rules()?.len();
+        let adds = steps
+            .iter()
+            .filter(|s| match s {
+                ConfigStep::Add { .. } => true,
+                ConfigStep::Change { from, to } => from.matcher() != to.matcher(),
+                ConfigStep::Remove { .. } => false,
+            })
+            .count();
+        if installed + adds > RULES_MAX_ENTRIES as usize {
+            return Err(Error::RulesFull(RULES_MAX_ENTRIES));
+        }
+        if dry_run {
+            return Ok(steps);
+        }
+        let mut rules = self.rules_map()?;
+        for (done, step) in steps.iter().enumerate() {
+            let r = self.apply_step(&mut rules, step);
+            if let Err(e) = r {
+                return Err(Error::Partial {
+                    done,
+                    total: steps.len(),
+                    step: step.to_string(),
+                    source: Box::new(e),
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    fn apply_step(&self, rules: &mut RuleTable, step: &ConfigStep) -> Result<()> {
+        let policy = |r: &Rule| Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms);
+        match step {
+            ConfigStep::Add { rule } => {
+                let p = policy(rule)?;
+                self.insert_rule(rules, rule.matcher(), p, rule.tracked, rule.name.as_deref())?;
+            }
+            ConfigStep::Change { from, to } if from.matcher() == to.matcher() => {
+                // Same key: the value is replaced at once, id kept.
+                let (len, data) = to.matcher().key();
+                let value = to.matcher().value(from.id, policy(to)?, to.tracked);
+                rules
+                    .insert(&Key::new(len, data), value, BPF_EXIST)
+                    .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;
+            }
+            ConfigStep::Change { from, to } => {
+                // A new match: the new rule first, then the old one goes.
+                let p = policy(to)?;
+                self.insert_rule(rules, to.matcher(), p, to.tracked, to.name.as_deref())?;
+                self.remove_rule(rules, from.id)?;
+            }
+            ConfigStep::Remove { rule } => {
+                self.remove_rule(rules, rule.id)?;
+            }
+        }
+        Ok(())
     }
 
     /// The connections the kernel programs manage, by socket cookie.

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod btf;
 pub mod cgroup;
+pub mod config;
 pub mod conn;
 pub mod doctor;
 pub mod enforcer;
@@ -73,6 +74,12 @@ pub enum InvalidInput {
     Holder(String),
     #[error("invalid address prefix {value:?}: {reason}")]
     Cidr { value: String, reason: &'static str },
+    #[error("{path}:{line}: {reason}")]
+    Config {
+        path: String,
+        line: usize,
+        reason: String,
+    },
 }
 
 /// Why an operation failed.
@@ -129,6 +136,18 @@ pub enum Error {
     },
     #[error("reading kernel BTF")]
     Btf(#[from] btf::BtfError),
+    #[error("{0}; nothing changed")]
+    Conflict(String),
+    #[error("no tcpka serve runs for {0}; start one with `tcpka serve --config FILE`")]
+    NoDaemon(PathBuf),
+    #[error("applied {done} of {total} changes; failed at `{step}`: {source}")]
+    Partial {
+        done: usize,
+        total: usize,
+        step: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("no such connection: {0}")]
     NoSuchConnection(String),
     #[error("network namespace {path}")]
@@ -145,6 +164,21 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+}
+
+/// An error and its causes on one line, each cause once.
+pub fn one_line(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
 }
 
 impl Error {

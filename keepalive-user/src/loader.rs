@@ -295,6 +295,25 @@ impl ServeLock {
     }
 }
 
+/// The pid of the `tcpka serve` of this installation, if one runs (it holds
+/// the serve lock).
+pub fn serve_pid(layout: &PinLayout) -> Result<Option<u32>> {
+    use std::{io::Read as _, os::fd::AsRawFd as _};
+    let path = layout.serve_lock_file();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut file = open_lock_file(&path)?;
+    // SAFETY: plain flock(2) on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return Ok(None); // nobody holds it
+    }
+    let mut pid = String::new();
+    file.read_to_string(&mut pid)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    Ok(pid.trim().parse().ok())
+}
+
 /// Opens (creating) a lock file that only its owner, root, can open: the
 /// directory is 0700 and the file 0600, neither may be a symlink, and both
 /// must belong to us.

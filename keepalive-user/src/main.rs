@@ -78,6 +78,31 @@ enum Command {
     Serve(ServeArgs),
     /// Print events as they happen (from a running `tcpka serve`).
     Watch(WatchArgs),
+    /// Bring the installed rules to a configuration file's named rules: add
+    /// the new ones, change those that differ, remove the named ones it no
+    /// longer has. Rules added by hand are kept. An invalid file is refused
+    /// with its line and reason, changing nothing.
+    ///
+    /// The file (TOML): one [[rule]] table per rule, with name (1 to 32 of
+    /// A-Z a-z 0-9 . _ -), idle, count, interval, and optionally
+    /// local_port, remote_port, remote (CIDR), user_timeout_ms and
+    /// tracked (false: untracked).
+    Apply(ApplyArgs),
+    /// Make the running `tcpka serve` apply its --config file again
+    /// (sends it SIGHUP, like `systemctl reload tcpka`).
+    Reload,
+}
+
+#[derive(Args, Debug)]
+struct ApplyArgs {
+    /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
+    file: PathBuf,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the changes as a JSON array.
+    #[arg(long)]
+    json: bool,
 }
 
 /// How the kernel side learns which process holds each socket.
@@ -179,6 +204,10 @@ struct ServeArgs {
     /// How the kernel side is set up, when serve loads.
     #[command(flatten)]
     kernel: KernelArgs,
+    /// Configuration file whose named rules are applied at start and on
+    /// SIGHUP (`tcpka reload`); see `tcpka apply --help`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -390,7 +419,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = one_line(&e);
+            let mut msg = tcpka::one_line(&e);
             if let Some(hint) = privilege_hint(&msg) {
                 msg.push_str("; ");
                 msg.push_str(&hint);
@@ -418,20 +447,6 @@ fn privilege_hint(msg: &str) -> Option<String> {
 }
 
 /// The error and its causes on one line.
-fn one_line(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        source = cause.source();
-    }
-    s
-}
-
 fn print_json(value: &impl serde::Serialize) {
     tcpka::outln!(
         "{}",
@@ -733,7 +748,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tcpka::outln!("no rules");
             } else {
                 tcpka::outln!(
-                    "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}",
+                    "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}",
                     "ID",
                     "LOCAL_PORT",
                     "REMOTE_PORT",
@@ -742,12 +757,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "COUNT",
                     "INTERVAL",
                     "USER_TIMEOUT",
-                    "TRACKED"
+                    "TRACKED",
+                    "NAME"
                 );
                 let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
                 for r in rules {
                     tcpka::outln!(
-                        "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}",
+                        "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}",
                         r.id,
                         any(r.local_port.map(|p| p.to_string())),
                         any(r.remote_port.map(|p| p.to_string())),
@@ -757,6 +773,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         r.interval,
                         r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
                         if r.tracked { "yes" } else { "no" },
+                        r.name.as_deref().unwrap_or("- (by hand)"),
                     );
                 }
             }
@@ -994,10 +1011,44 @@ fn run(cli: Cli) -> Result<(), Error> {
                     })
                     .transpose()?,
                 json: a.json,
+                rules_file: a.config,
             };
             runtime()?.block_on(server::run(layout, cgroup, config))?;
         }
         Command::Watch(a) => runtime()?.block_on(watch(a))?,
+        Command::Apply(a) => {
+            let config = tcpka::config::Config::load(&a.file)?;
+            let steps = Enforcer::new(layout).apply_config(&config, a.dry_run)?;
+            if a.json {
+                print_json(&steps);
+            } else {
+                for s in &steps {
+                    tcpka::outln!("{s}");
+                }
+                let n = steps.len();
+                let changes = if n == 1 {
+                    "1 change".to_owned()
+                } else {
+                    format!("{n} changes")
+                };
+                match (n, a.dry_run) {
+                    (0, _) => tcpka::outln!("rules already match {}", a.file.display()),
+                    (_, true) => tcpka::outln!("{changes}; nothing changed (--dry-run)"),
+                    (_, false) => tcpka::outln!("{changes} applied"),
+                }
+            }
+        }
+        Command::Reload => {
+            let Some(pid) = loader::serve_pid(&layout)? else {
+                return Err(Error::NoDaemon(layout.dir().into()));
+            };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .map_err(|e| Error::io(format!("signalling tcpka serve (pid {pid})"), e.into()))?;
+            tcpka::outln!("asked tcpka serve (pid {pid}) to apply its configuration file again");
+        }
     }
     Ok(())
 }

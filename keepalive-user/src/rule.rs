@@ -190,6 +190,9 @@ pub struct Rule {
     /// timeout, reset or abort reported. An untracked rule only sets the
     /// values, which costs each of its connections the least.
     pub tracked: bool,
+    /// The name a configuration file gave it (`tcpka apply`); `None` for a
+    /// rule added by hand.
+    pub name: Option<String>,
 }
 
 impl Rule {
@@ -204,12 +207,14 @@ impl Rule {
             interval: p.interval,
             user_timeout_ms: p.user_timeout_ms,
             tracked,
+            name: None,
         }
     }
 }
 
 impl Rule {
-    fn matcher(&self) -> RuleMatch {
+    /// What the rule selects.
+    pub fn matcher(&self) -> RuleMatch {
         RuleMatch {
             local_port: self.local_port,
             remote_port: self.remote_port,

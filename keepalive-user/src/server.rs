@@ -137,6 +137,9 @@ pub struct Config {
     pub webhook: Option<WebhookConfig>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
+    /// Configuration file whose named rules are applied at start and on
+    /// SIGHUP (`serve --config`).
+    pub rules_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -1162,6 +1165,40 @@ async fn serve_connections<S, F, Fut>(
     let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
 }
 
+/// Brings the installed rules to the file, logging each change.
+async fn apply_rules_file(enforcer: &Enforcer, path: &std::path::Path) -> Result<(), Error> {
+    let (e, p) = (enforcer.clone(), path.to_owned());
+    let steps = tokio::task::spawn_blocking(move || {
+        let config = crate::config::Config::load(&p)?;
+        e.apply_config(&config, false)
+    })
+    .await
+    .expect("apply task")?;
+    for step in &steps {
+        crate::errln!("tcpka: {}: {step}", path.display());
+    }
+    crate::errln!(
+        "tcpka: rules of {} applied ({} changes)",
+        path.display(),
+        steps.len()
+    );
+    Ok(())
+}
+
+/// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
+/// file that has become invalid is reported and changes nothing.
+fn spawn_reload(enforcer: Enforcer, path: PathBuf) -> Result<(), Error> {
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = apply_rules_file(&enforcer, &path).await {
+                crate::errln!("tcpka: reload refused: {}", crate::one_line(&e));
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
 /// Stopping leaves enforcement in place.
 pub async fn run(
@@ -1182,6 +1219,9 @@ pub async fn run(
         .clone()
         .map(|w| spawn_webhook(w, metrics.clone()))
         .transpose()?;
+    if let Some(path) = &config.rules_file {
+        crate::config::Config::load(path)?;
+    }
     let _serving = loader::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
@@ -1203,6 +1243,10 @@ pub async fn run(
     );
     let (events_tx, _) = broadcast::channel(4096);
     let enforcer = Enforcer::new(layout.clone());
+    if let Some(path) = config.rules_file.clone() {
+        apply_rules_file(&enforcer, &path).await?;
+        spawn_reload(enforcer.clone(), path)?;
+    }
     let state = AppState {
         batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
         enforcer,

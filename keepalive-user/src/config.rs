@@ -1,0 +1,405 @@
+//! The configuration file (TOML, e.g. `/etc/tcpka/tcpka.toml`): named
+//! rules that `tcpka apply FILE` and `tcpka serve --config FILE` (at start
+//! and on SIGHUP) bring the installed rules to.
+//!
+//! ```toml
+//! [[rule]]
+//! name = "sip-in"          # 1-32 of A-Z a-z 0-9 . _ -
+//! local_port = 5060        # optional, like remote_port and remote
+//! idle = 60
+//! count = 5
+//! interval = 5
+//! user_timeout_ms = 20000  # optional
+//! tracked = true           # optional; false is `rule add --untracked`
+//! ```
+//!
+//! Rules are matched by name: the file adds, changes and removes the named
+//! rules it manages; rules added by hand (without a name) are left alone.
+use std::{collections::BTreeMap, path::Path};
+
+use serde::Deserialize;
+
+use crate::{
+    policy::Policy,
+    rule::{parse_port, Cidr, Rule, RuleMatch},
+    InvalidInput,
+};
+
+/// Longest rule name, in bytes.
+pub const NAME_MAX: usize = 32;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    rule: Vec<toml::Spanned<RuleEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    name: String,
+    local_port: Option<i64>,
+    remote_port: Option<i64>,
+    remote: Option<String>,
+    idle: i64,
+    count: i64,
+    interval: i64,
+    user_timeout_ms: Option<i64>,
+    #[serde(default = "yes")]
+    tracked: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A rule of the file, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedRule {
+    pub name: String,
+    pub matcher: RuleMatch,
+    pub policy: Policy,
+    pub tracked: bool,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub rules: Vec<NamedRule>,
+}
+
+/// Whether `name` can name a rule.
+pub fn valid_name(name: &str) -> bool {
+    (1..=NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates a file; any error names the file and line.
+    pub fn load(path: &Path) -> Result<Self, crate::Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Self::parse(&text, &path.display().to_string())?)
+    }
+
+    /// Parses and validates the text of a file called `origin`.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, InvalidInput> {
+        let err = |line: usize, reason: String| InvalidInput::Config {
+            path: origin.to_owned(),
+            line,
+            reason,
+        };
+        let file: File = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            err(line, e.message().to_owned())
+        })?;
+        let mut rules = Vec::new();
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut keys: BTreeMap<(u32, Vec<u8>), (String, usize)> = BTreeMap::new();
+        for spanned in file.rule {
+            let line = line_of(text, spanned.span().start);
+            let r = spanned.into_inner();
+            let what = format!("rule {:?}", r.name);
+            if !valid_name(&r.name) {
+                return Err(err(
+                    line,
+                    format!("{what}: a name is 1 to {NAME_MAX} of A-Z a-z 0-9 . _ -"),
+                ));
+            }
+            if let Some(first) = names.insert(r.name.clone(), line) {
+                return Err(err(line, format!("{what} is also on line {first}")));
+            }
+            let port = |p: Option<i64>| -> Result<Option<u16>, InvalidInput> {
+                p.map(|p| parse_port(&p.to_string())).transpose()
+            };
+            let num = |what: &'static str, v: i64| -> Result<u32, InvalidInput> {
+                u32::try_from(v).map_err(|_| InvalidInput::OutOfRange {
+                    what,
+                    value: v,
+                    min: 0,
+                    max: u32::MAX.into(),
+                })
+            };
+            let checked = (|| -> Result<NamedRule, InvalidInput> {
+                let matcher = RuleMatch {
+                    local_port: port(r.local_port)?,
+                    remote_port: port(r.remote_port)?,
+                    remote: r.remote.as_deref().map(str::parse::<Cidr>).transpose()?,
+                };
+                let policy = Policy::new(
+                    num("idle", r.idle)?,
+                    num("count", r.count)?,
+                    num("interval", r.interval)?,
+                    r.user_timeout_ms
+                        .map(|v| num("user_timeout_ms", v))
+                        .transpose()?,
+                )?;
+                Ok(NamedRule {
+                    name: r.name.clone(),
+                    matcher,
+                    policy,
+                    tracked: r.tracked,
+                })
+            })()
+            .map_err(|e| err(line, format!("{what}: {}", field_words(e))))?;
+            let (len, key) = checked.matcher.key();
+            let key = (len, bytes_of(&key));
+            if let Some((other, at)) = keys.insert(key, (r.name.clone(), line)) {
+                return Err(err(
+                    line,
+                    format!("{what} has the same match as rule {other:?} on line {at}"),
+                ));
+            }
+            rules.push(checked);
+        }
+        Ok(Self { rules })
+    }
+}
+
+/// A value error in the file's words: its fields are lower case.
+fn field_words(e: InvalidInput) -> String {
+    match e {
+        InvalidInput::OutOfRange {
+            what,
+            value,
+            min,
+            max,
+        } => {
+            let field = match what {
+                "user timeout (ms)" => "user_timeout_ms".to_owned(),
+                w => w.to_lowercase(),
+            };
+            format!("{field} must be in {min}..={max}, got {value}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn bytes_of(key: &keepalive_common::rules::RuleKey) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(&key.local_port.to_ne_bytes());
+    v.extend_from_slice(&key.remote_port.to_ne_bytes());
+    v.extend_from_slice(&key.addr);
+    v
+}
+
+/// One step of bringing the installed rules to the file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Step {
+    /// A named rule the file has and the kernel not.
+    Add { rule: Rule },
+    /// A named rule whose match, values or tracking differ.
+    Change { from: Rule, to: Rule },
+    /// A named rule the file no longer has.
+    Remove { rule: Rule },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |r: &Rule| {
+            format!(
+                "{} idle {} count {} interval {}{}{}",
+                r.describe_match(),
+                r.idle,
+                r.count,
+                r.interval,
+                r.user_timeout_ms
+                    .map(|ms| format!(" user-timeout {ms}"))
+                    .unwrap_or_default(),
+                if r.tracked { "" } else { " untracked" }
+            )
+        };
+        let name = |r: &Rule| r.name.clone().unwrap_or_default();
+        match self {
+            Step::Add { rule } => write!(f, "+ {}: {}", name(rule), show(rule)),
+            Step::Change { from, to } => {
+                write!(f, "~ {}: {} -> {}", name(to), show(from), show(to))
+            }
+            Step::Remove { rule } => write!(f, "- {}: {}", name(rule), show(rule)),
+        }
+    }
+}
+
+/// What to do so that the installed rules' named part equals `wanted`:
+/// rules without a name (added by hand) are not touched. Fails, changing
+/// nothing, when a wanted rule has the match of a rule added by hand.
+pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
+    let to_rule = |w: &NamedRule, id: u32| {
+        let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
+        r.name = Some(w.name.clone());
+        r
+    };
+    let mut steps = Vec::new();
+    for w in &wanted.rules {
+        let current = installed
+            .iter()
+            .find(|r| r.name.as_deref() == Some(&w.name));
+        if let Some(by_hand) = installed
+            .iter()
+            .find(|r| r.name.is_none() && r.matcher() == w.matcher)
+        {
+            return Err(format!(
+                "rule {:?} has the match of rule {} ({}), added by hand: delete that one first (`tcpka rule del {}`)",
+                w.name,
+                by_hand.id,
+                by_hand.describe_match(),
+                by_hand.id
+            ));
+        }
+        match current {
+            None => steps.push(Step::Add {
+                rule: to_rule(w, 0),
+            }),
+            Some(c) => {
+                let want = to_rule(w, c.id);
+                if *c != want {
+                    steps.push(Step::Change {
+                        from: c.clone(),
+                        to: want,
+                    });
+                }
+            }
+        }
+    }
+    for r in installed {
+        if let Some(name) = &r.name {
+            if !wanted.rules.iter().any(|w| &w.name == name) {
+                steps.push(Step::Remove { rule: r.clone() });
+            }
+        }
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+# SIP over TCP and TLS
+[[rule]]
+name = "sip-in"
+local_port = 5060
+idle = 60
+count = 5
+interval = 5
+
+[[rule]]
+name = "trunk.1"
+remote = "10.0.0.0/8"
+remote_port = 5061
+idle = 30
+count = 3
+interval = 10
+user_timeout_ms = 20000
+tracked = false
+"#;
+
+    fn err_of(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_named_rules() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.rules[0].name, "sip-in");
+        assert_eq!(c.rules[0].matcher.local_port, Some(5060));
+        assert!(c.rules[0].tracked);
+        assert_eq!(c.rules[1].policy.user_timeout_ms, Some(20000));
+        assert!(!c.rules[1].tracked);
+        assert_eq!(Config::parse("", "t.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let e = err_of("[[rule]]\nname = \"a\"\nidle = 0\ncount = 1\ninterval = 1\n");
+        assert!(
+            e.starts_with("t.toml:1: rule \"a\": idle must be in"),
+            "{e}"
+        );
+        let e = err_of(
+            "[[rule]]\nname = \"a\"\nidle = 1\ncount = 1\ninterval = 1\nlocal_port = 70000\n",
+        );
+        assert!(e.contains("t.toml:1:") && e.contains("70000"), "{e}");
+        let e = err_of("\n\n[[rule]]\nname = \"a b\"\nidle = 1\ncount = 1\ninterval = 1\n");
+        assert!(e.starts_with("t.toml:3: rule \"a b\": a name is"), "{e}");
+        let e = err_of("[[rule]]\nname = \"a\"\nidle = 1\ncount = 1\ninterval = 1\ncolour = 1\n");
+        assert!(
+            e.starts_with("t.toml:6:") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = err_of("[[rule]]\nname = \"a\"\nidle = 1\n");
+        assert!(e.contains("missing field `count`"), "{e}");
+        let e = err_of("[[rule\n");
+        assert!(e.starts_with("t.toml:1:"), "{e}");
+        let two = "[[rule]]\nname = \"a\"\nidle = 1\ncount = 1\ninterval = 1\n";
+        let e = err_of(&format!("{two}{two}"));
+        assert!(
+            e.starts_with("t.toml:6: rule \"a\" is also on line 1"),
+            "{e}"
+        );
+        let e = err_of(&format!("{two}{}", two.replace("\"a\"", "\"b\"")));
+        assert!(e.contains("same match as rule \"a\" on line 1"), "{e}");
+        let e = err_of("[[rule]]\nname = \"a\"\nidle = -1\ncount = 1\ninterval = 1\n");
+        assert!(e.contains("idle must be in"), "{e}");
+    }
+
+    fn installed(id: u32, name: Option<&str>, lp: u16, idle: u32) -> Rule {
+        let m = RuleMatch {
+            local_port: Some(lp),
+            ..Default::default()
+        };
+        let mut r = Rule::new(id, m, Policy::new(idle, 5, 5, None).unwrap(), true);
+        r.name = name.map(str::to_owned);
+        r
+    }
+
+    #[test]
+    fn plan_adds_changes_removes_by_name_and_keeps_hand_rules() {
+        let wanted = Config::parse(
+            "[[rule]]\nname = \"keep\"\nlocal_port = 1\nidle = 60\ncount = 5\ninterval = 5\n\
+             [[rule]]\nname = \"change\"\nlocal_port = 2\nidle = 61\ncount = 5\ninterval = 5\n\
+             [[rule]]\nname = \"new\"\nlocal_port = 3\nidle = 60\ncount = 5\ninterval = 5\n",
+            "t.toml",
+        )
+        .unwrap();
+        let have = [
+            installed(1, Some("keep"), 1, 60),
+            installed(2, Some("change"), 2, 60),
+            installed(3, Some("gone"), 4, 60),
+            installed(4, None, 5, 60),
+        ];
+        let steps = plan(&have, &wanted).unwrap();
+        let shown: Vec<String> = steps.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "~ change: --local-port 2 idle 60 count 5 interval 5 -> --local-port 2 idle 61 count 5 interval 5",
+                "+ new: --local-port 3 idle 60 count 5 interval 5",
+                "- gone: --local-port 4 idle 60 count 5 interval 5",
+            ]
+        );
+        // Applied, nothing is left to do.
+        let after = [
+            installed(1, Some("keep"), 1, 60),
+            installed(2, Some("change"), 2, 61),
+            installed(5, Some("new"), 3, 60),
+            installed(4, None, 5, 60),
+        ];
+        assert_eq!(plan(&after, &wanted).unwrap(), []);
+        // A wanted rule with the match of a hand-made one is refused.
+        let clash = [installed(9, None, 3, 60)];
+        let e = plan(&clash, &wanted).unwrap_err();
+        assert!(e.contains("rule \"new\" has the match of rule 9"), "{e}");
+    }
+}

@@ -1,0 +1,230 @@
+//! The configuration file's named rules: `tcpka apply`, `serve --config`
+//! and its reload, checked on the rule table and on real sockets.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tcpka_tests::*;
+
+/// A configuration file in a directory of the test's own, removed on drop.
+struct ConfigFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("tcpka-config"));
+        std::fs::create_dir(&dir).unwrap();
+        let f = Self {
+            path: dir.join("tcpka.toml"),
+            dir,
+        };
+        f.write(text);
+        f
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rule(name: &str, local_port: u16, idle: u32) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nlocal_port = {local_port}\nidle = {idle}\ncount = 4\ninterval = 6\n\n"
+    )
+}
+
+/// `rule list --json` as (id, name, local_port, idle).
+fn rules(t: &Tcpka) -> Vec<(u64, Option<String>, Option<u64>, u64)> {
+    let out = t.run(&["rule", "list", "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_u64().unwrap(),
+                r["name"].as_str().map(str::to_owned),
+                r["local_port"].as_u64(),
+                r["idle"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn apply_adds_changes_and_removes_named_rules_and_keeps_hand_ones() {
+    let e = Env::entered();
+    let hand = e.tcpka.rule_add(&["--local-port", "7001", "10", "2", "3"]);
+    let file = ConfigFile::new(&format!(
+        "{}{}",
+        rule("sip", 7002, 30),
+        rule("tls", 7003, 40)
+    ));
+
+    // --dry-run says what it would do and changes nothing.
+    let dry = e.tcpka.run(&["apply", "--dry-run", file.arg()]).ok().stdout;
+    assert!(
+        dry.contains("+ sip: --local-port 7002 idle 30 count 4 interval 6"),
+        "{dry}"
+    );
+    assert!(dry.contains("nothing changed (--dry-run)"), "{dry}");
+    assert_eq!(rules(&e.tcpka).len(), 1);
+
+    e.tcpka.run(&["apply", file.arg()]).ok();
+    let after = rules(&e.tcpka);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(
+        after.contains(&(u64::from(hand), None, Some(7001), 10)),
+        "{after:?}"
+    );
+    let sip = after
+        .iter()
+        .find(|r| r.1.as_deref() == Some("sip"))
+        .unwrap()
+        .0;
+    // The kernel applies it.
+    let l = listen("127.0.0.1:7002");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive(&s), expect(30, 4, 6, 0));
+
+    // Applying the same file again changes nothing.
+    let again = e.tcpka.run(&["apply", file.arg()]).ok().stdout;
+    assert!(again.contains("rules already match"), "{again}");
+
+    // A changed value is changed in place (same id); a rule gone from the
+    // file is removed; the hand-made rule stays.
+    file.write(&rule("sip", 7002, 31));
+    let out = e.tcpka.run(&["apply", "--json", file.arg()]).ok().stdout;
+    let steps: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let actions: Vec<&str> = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["change", "remove"], "{out}");
+    let after = rules(&e.tcpka);
+    assert_eq!(
+        after,
+        [
+            (u64::from(hand), None, Some(7001), 10),
+            (sip, Some("sip".into()), Some(7002), 31)
+        ]
+    );
+    let (_c2, s2) = connect(&l);
+    assert_eq!(keepalive(&s2), expect(31, 4, 6, 0));
+}
+
+#[test]
+fn an_invalid_or_conflicting_file_is_refused_and_changes_nothing() {
+    let e = Env::entered();
+    let hand = e.tcpka.rule_add(&["--local-port", "7011", "10", "2", "3"]);
+    let file = ConfigFile::new(&rule("a", 7010, 20));
+    e.tcpka.run(&["apply", file.arg()]).ok();
+    let before = rules(&e.tcpka);
+
+    // Out of range on the second rule (line 8): exit 2, file and line named.
+    file.write(&format!("{}{}", rule("a", 7010, 21), rule("b", 7012, 0)));
+    let r = e.tcpka.run(&["apply", file.arg()]);
+    assert_eq!(r.code, 2, "{r:?}");
+    let want = format!("{}:8: rule \"b\": idle must be in", file.arg());
+    assert!(r.stderr.contains(&want), "{r:?}");
+    // A syntax error.
+    file.write("[[rule]\nname = 1\n");
+    let r = e.tcpka.run(&["apply", file.arg()]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains(&format!("{}:1:", file.arg())), "{r:?}");
+    // The match of a rule added by hand: refused, nothing changed.
+    file.write(&format!("{}{}", rule("a", 7010, 22), rule("c", 7011, 5)));
+    let r = e.tcpka.run(&["apply", file.arg()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let want = format!("rule \"c\" has the match of rule {hand}");
+    assert!(
+        r.stderr.contains(&want) && r.stderr.contains("nothing changed"),
+        "{r:?}"
+    );
+    assert_eq!(rules(&e.tcpka), before);
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a reboot leaves: no pins. `serve --config` brings the rules back,
+/// and `tcpka reload` applies the edited file to the running daemon.
+#[test]
+fn serve_config_restores_rules_after_the_pins_are_gone_and_reloads() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let file = ConfigFile::new(&rule("sip", 7020, 30));
+    let addr = format!("127.0.0.1:{}", 17000 + std::process::id() % 1000);
+    {
+        let _s = Serve::start(&t, &cgroup.path, &addr, &["--config", file.arg()]);
+        assert_eq!(rules(&t).len(), 1);
+    }
+    // The pins go, as at a reboot.
+    t.run(&["unload"]).ok();
+    assert!(!Path::new(&t.pin_dir).exists());
+    let _s = Serve::start(&t, &cgroup.path, &addr, &["--config", file.arg()]);
+    let back = rules(&t);
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(
+        (back[0].1.as_deref(), back[0].2, back[0].3),
+        (Some("sip"), Some(7020), 30)
+    );
+    cgroup.enter();
+    let l = listen("127.0.0.1:7020");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive(&s), expect(30, 4, 6, 0));
+
+    // Edited, then reloaded.
+    file.write(&format!(
+        "{}{}",
+        rule("sip", 7020, 33),
+        rule("tls", 7021, 40)
+    ));
+    let r = t.run(&["reload"]).ok();
+    assert!(
+        r.stdout.contains("apply its configuration file again"),
+        "{r:?}"
+    );
+    wait_for("the reload", || {
+        let now = rules(&t);
+        now.len() == 2
+            && now
+                .iter()
+                .any(|r| r.1.as_deref() == Some("sip") && r.3 == 33)
+    });
+    // An invalid edit is refused by the daemon, which keeps the rules.
+    file.write("[[rule]]\nname = \"x\"\n");
+    t.run(&["reload"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rules(&t).len(), 2);
+    cgroup.leave();
+}
+
+#[test]
+fn reload_without_a_daemon_says_so() {
+    let e = Env::outside();
+    let r = e.tcpka.run(&["reload"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no tcpka serve runs for"), "{r:?}");
+}
