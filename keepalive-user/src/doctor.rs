@@ -78,21 +78,29 @@ impl Check {
 }
 
 /// Capabilities tcpka's commands use, by bit number.
-pub const CAPS: [(u32, &str); 5] = [
+pub const CAPS: [(u32, &str); 4] = [
     (39, "CAP_BPF"),
     (38, "CAP_PERFMON"),
     (12, "CAP_NET_ADMIN"),
-    (21, "CAP_SYS_ADMIN"),
     (19, "CAP_SYS_PTRACE"),
 ];
 
-/// The capabilities of [`CAPS`] this process lacks (`None`: unreadable).
-pub fn missing_caps() -> Option<Vec<&'static str>> {
+/// Needed only to act in another network namespace (`--netns`, the API's
+/// `netns`): entering it is `setns(2)`.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The effective capability set of this process.
+fn effective_caps() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let eff = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The capabilities of [`CAPS`] this process lacks (`None`: unreadable).
+pub fn missing_caps() -> Option<Vec<&'static str>> {
+    let eff = effective_caps()?;
     Some(
         CAPS.iter()
             .filter(|(bit, _)| eff & (1 << bit) == 0)
@@ -176,10 +184,18 @@ fn index() -> Check {
 
 fn capabilities() -> Check {
     match missing_caps() {
-        Some(m) if m.is_empty() => Check::ok(
-            "capabilities",
-            CAPS.iter().map(|c| c.1).collect::<Vec<_>>().join(", "),
-        ),
+        Some(m) if m.is_empty() => {
+            let all = CAPS.iter().map(|c| c.1).collect::<Vec<_>>().join(", ");
+            if effective_caps().is_some_and(|e| e & (1 << CAP_SYS_ADMIN) != 0) {
+                Check::ok("capabilities", format!("{all}, CAP_SYS_ADMIN"))
+            } else {
+                Check::note(
+                    "capabilities",
+                    format!("{all}; no CAP_SYS_ADMIN"),
+                    Some("add it only to act in other network namespaces (--netns)".into()),
+                )
+            }
+        }
         Some(m) => Check::missing(
             "capabilities",
             format!("this process lacks {}", m.join(", ")),

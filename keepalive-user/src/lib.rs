@@ -88,7 +88,7 @@ pub enum Error {
     #[error(transparent)]
     Invalid(#[from] InvalidInput),
     #[error(
-        "{what}: permission denied; tcpka needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE"
+        "{what}: permission denied; tcpka needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_PTRACE (and CAP_SYS_ADMIN for --netns)"
     )]
     NoPrivilege { what: String },
     #[error("this host cannot run tcpka: {check} (`tcpka doctor` lists every check)")]

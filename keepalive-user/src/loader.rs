@@ -314,9 +314,11 @@ pub fn serve_pid(layout: &PinLayout) -> Result<Option<u32>> {
     Ok(pid.trim().parse().ok())
 }
 
-/// Opens (creating) a lock file that only its owner, root, can open: the
+/// Opens (creating) a lock file that only its owner can open: the
 /// directory is 0700 and the file 0600, neither may be a symlink, and both
-/// must belong to us.
+/// must belong to us, or, for root, to the owner of `/run/tcpka` (the
+/// service user when systemd made it: `RuntimeDirectory=`). What root
+/// creates there is handed to that owner, so that the service can use it.
 fn open_lock_file(path: &Path) -> Result<File> {
     use std::os::unix::fs::{
         DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
@@ -327,14 +329,32 @@ fn open_lock_file(path: &Path) -> Result<File> {
         std::fs::create_dir_all(run)
             .map_err(|e| Error::io(format!("creating {}", run.display()), e))?;
     }
+    // Only root trusts another owner, and only the one of the run directory,
+    // which nobody else could have created (/run is root's).
+    let service = dir
+        .parent()
+        .and_then(|run| std::fs::symlink_metadata(run).ok())
+        .filter(|m| m.is_dir() && me == 0)
+        .map(|m| m.uid());
+    let trusted = |uid: u32| uid == me || Some(uid) == service;
+    let hand_over = |what: &Path, fd: Option<&File>| -> Result<()> {
+        let Some(owner) = service.filter(|o| *o != me) else {
+            return Ok(());
+        };
+        let r = match fd {
+            Some(f) => std::os::unix::fs::fchown(f, Some(owner), None),
+            None => std::os::unix::fs::lchown(what, Some(owner), None),
+        };
+        r.map_err(|e| Error::io(format!("handing {} to uid {owner}", what.display()), e))
+    };
     match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
+        Ok(()) => hand_over(dir, None)?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
     }
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
-    if !meta.is_dir() || meta.uid() != me {
+    if !meta.is_dir() || !trusted(meta.uid()) {
         return Err(Error::io(
             format!(
                 "{} must be a directory owned by uid {me} (it is {} owned by uid {}); remove it",
@@ -365,7 +385,13 @@ fn open_lock_file(path: &Path) -> Result<File> {
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
-    if !meta.is_file() || meta.uid() != me {
+    if meta.uid() == me && meta.nlink() == 1 && meta.is_file() {
+        hand_over(path, Some(&file))?;
+    }
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
+    if !meta.is_file() || !trusted(meta.uid()) {
         return Err(Error::io(
             format!(
                 "{} is not a regular file owned by uid {me}; remove it",

@@ -446,7 +446,6 @@ fn privilege_hint(msg: &str) -> Option<String> {
     ))
 }
 
-/// The error and its causes on one line.
 fn print_json(value: &impl serde::Serialize) {
     tcpka::outln!(
         "{}",

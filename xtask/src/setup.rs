@@ -26,6 +26,9 @@ const APT_PACKAGES: &[&str] = &[
     "strace",
     // The https webhook test makes its own CA and certificate.
     "openssl",
+    // The service tests verify the unit (systemd-analyze) and run its
+    // command in the service's mount namespace (nsenter, util-linux).
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
