@@ -2,7 +2,11 @@
 //! library and prints; nothing else.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Args, Parser, Subcommand};
 use tcpka::{
@@ -91,6 +95,16 @@ enum Command {
     /// Make the running `tcpka serve` apply its --config file again
     /// (sends it SIGHUP, like `systemctl reload tcpka`).
     Reload,
+    /// Print a completion script for SHELL, e.g.
+    /// `tcpka completions bash > /etc/bash_completion.d/tcpka`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (section 8: tcpka.8 and one per command) into
+    /// DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -446,6 +460,43 @@ fn privilege_hint(msg: &str) -> Option<String> {
     ))
 }
 
+/// tcpka.8, then tcpka-COMMAND.8 for each command and tcpka-rule-add.8
+/// and so on for their own commands, from the clap definitions.
+fn write_man_pages(dir: &Path) -> Result<usize, Error> {
+    fn write(cmd: &clap::Command, name: &str, dir: &Path, n: &mut usize) -> Result<(), Error> {
+        let cmd = cmd
+            .clone()
+            .name(name.to_owned())
+            .bin_name(name.replace('-', " "));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .section("8")
+            .render(&mut out)
+            .map_err(|e| Error::io(format!("rendering the man page of {name}"), e))?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, out)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        *n += 1;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let mut n = 0;
+    write(
+        &<Cli as clap::CommandFactory>::command(),
+        "tcpka",
+        dir,
+        &mut n,
+    )?;
+    Ok(n)
+}
+
 fn print_json(value: &impl serde::Serialize) {
     tcpka::outln!(
         "{}",
@@ -604,7 +655,7 @@ fn print_status(conns: &[ConnStatus]) {
 fn serve_token(
     listen: &Listen,
     token: Option<String>,
-    file: Option<&std::path::Path>,
+    file: Option<&Path>,
     group: Option<u32>,
 ) -> Result<Option<String>, Error> {
     let token = match (token, file) {
@@ -632,7 +683,7 @@ fn serve_token(
 /// The cgroup `load` and `serve` attach to: the one named, else the one an
 /// existing installation recorded (so a plain `tcpka load` repairs an
 /// installation whose cgroup was recreated), else the cgroup v2 root.
-fn target_cgroup(layout: &PinLayout, named: Option<&std::path::Path>) -> Result<Cgroup, Error> {
+fn target_cgroup(layout: &PinLayout, named: Option<&Path>) -> Result<Cgroup, Error> {
     if named.is_none() {
         if let Ok(Some(i)) = loader::installed(layout) {
             return Cgroup::open(&i.cgroup).map_err(|e| Error::Io {
@@ -1036,6 +1087,16 @@ fn run(cli: Cli) -> Result<(), Error> {
                     (_, false) => tcpka::outln!("{changes} applied"),
                 }
             }
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "tcpka", &mut out);
+            tcpka::outln!("{}", String::from_utf8_lossy(&out).trim_end());
+        }
+        Command::Manpages { dir } => {
+            let n = write_man_pages(&dir)?;
+            tcpka::outln!("wrote {n} man pages to {}", dir.display());
         }
         Command::Reload => {
             let Some(pid) = loader::serve_pid(&layout)? else {

@@ -103,7 +103,7 @@ impl Service {
         args.extend(["--cgroup".into(), cgroup.to_str().unwrap().into()]);
         let script = format!(
             "set -e; mkdir -p /run/tcpka; \
-             mount -t tmpfs -o mode=0700,uid=65534,gid=65534 tcpka-run /run/tcpka; \
+             mount -t tmpfs -o mode=0750,uid=65534,gid=65534 tcpka-run /run/tcpka; \
              install -d -o 65534 -g 65534 -m 0700 \"$TCPKA_PIN_DIR\"; \
              exec setpriv --reuid 65534 --regid 65534 --clear-groups \
                --inh-caps {caps} --ambient-caps {caps} --bounding-set {caps} \"$@\""
@@ -200,6 +200,22 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     });
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&t.pin_dir).unwrap());
     assert_eq!(owner, 65534, "the pins belong to the service user");
+    // The API on loopback, with the token serve wrote for its group.
+    let out = Command::new("nsenter")
+        .args(["-t", &svc.child.id().to_string(), "-m", "--"])
+        .args(["stat", "-c", "%a %U %G", "/run/tcpka/api-token"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "640 nobody nogroup");
+    let token = Command::new("nsenter")
+        .args(["-t", &svc.child.id().to_string(), "-m", "--"])
+        .args(["cat", "/run/tcpka/api-token"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let (code, body) = http("127.0.0.1:7077", "GET", "/v1/rules", None, Some(&token)).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"sip\""), "{body}");
 
     // Its rule reaches new connections of the cgroup.
     cgroup.enter();
@@ -260,4 +276,107 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     drop(svc);
     // Stopping the service leaves enforcement in place.
     assert_eq!(rule_idles(&t).len(), 2);
+}
+
+/// Purges the package on drop if a test left it installed.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if package_status().contains("installed") {
+            let _ = Command::new("dpkg").args(["--purge", "tcpka"]).output();
+        }
+    }
+}
+
+fn package_status() -> String {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "tcpka"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn user_exists(name: &str, db: &str) -> bool {
+    Command::new("getent")
+        .args([db, name])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// What the package installs.
+const PACKAGE_FILES: [&str; 8] = [
+    "/usr/bin/tcpka",
+    "/lib/systemd/system/tcpka.service",
+    "/etc/tcpka/tcpka.toml",
+    "/usr/share/man/man8/tcpka.8.gz",
+    "/usr/share/man/man8/tcpka-apply.8.gz",
+    "/usr/share/bash-completion/completions/tcpka",
+    "/usr/share/zsh/vendor-completions/_tcpka",
+    "/usr/share/doc/tcpka/examples/kamailio.cfg",
+];
+
+/// The Debian package (`cargo xtask deb`; `cargo xtask test` builds it and
+/// names it in TCPKA_DEB): installs, runs, verifies as a unit, and purges
+/// leaving nothing behind.
+#[test]
+fn debian_package_installs_runs_and_purges_without_a_trace() {
+    require_root();
+    let deb = std::env::var("TCPKA_DEB")
+        .expect("TCPKA_DEB names the package to test: run the tests with `cargo xtask test`");
+    assert!(
+        !package_status().contains("installed"),
+        "a tcpka package is installed on this machine: this test would replace it; remove it first"
+    );
+    assert!(
+        !user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"),
+        "a user or group tcpka exists already: this test would remove it"
+    );
+    let _guard = Installed;
+    let run = |cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd).args(args).output().unwrap();
+        assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run("dpkg", &["-i", &deb]);
+    for f in PACKAGE_FILES {
+        assert!(Path::new(f).exists(), "{f} not installed");
+    }
+    assert!(user_exists("tcpka", "passwd") && user_exists("tcpka", "group"));
+    let version = run("/usr/bin/tcpka", &["--version"]);
+    assert_eq!(
+        version.trim(),
+        format!("tcpka {}", env!("CARGO_PKG_VERSION"))
+    );
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("tcpka-deb"));
+    let out = Command::new("/usr/bin/tcpka")
+        .arg("doctor")
+        .env("TCPKA_PIN_DIR", &pin_dir)
+        .output()
+        .unwrap();
+    let doctor = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && doctor.contains("ok      kernel"),
+        "{doctor}"
+    );
+    // Installed, the unit verifies as it is.
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "/lib/systemd/system/tcpka.service"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+
+    run("dpkg", &["--purge", "tcpka"]);
+    assert!(!package_status().contains("installed"));
+    for f in PACKAGE_FILES {
+        assert!(!Path::new(f).exists(), "{f} left behind");
+    }
+    for d in ["/etc/tcpka", "/usr/share/doc/tcpka"] {
+        assert!(!Path::new(d).exists(), "{d} left behind");
+    }
+    assert!(!user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"));
+    assert!(!pin_dir.exists());
 }

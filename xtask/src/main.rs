@@ -55,6 +55,10 @@ enum Task {
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         load_args: Vec<String>,
     },
+    /// Set up, build (release) and make the Debian package
+    /// (target/debian/tcpka_*.deb): binary, systemd unit, default config,
+    /// man pages, completions, example Kamailio config.
+    Deb,
     /// (internal) Hold COUNT loopback connections until stdin closes.
     #[command(hide = true)]
     BenchHold { src: String, count: usize },
@@ -79,6 +83,13 @@ fn real_main() -> Result<()> {
     std::env::set_current_dir(&root).context("entering the workspace")?;
     match cli.command {
         Task::Setup => setup::run(),
+        Task::Deb => {
+            setup::run()?;
+            build_release()?;
+            let deb = build_deb(&root)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::BenchHold { src, count } => bench::hold(&src, count),
         Task::Bench {
             sizes,
@@ -115,6 +126,9 @@ fn real_main() -> Result<()> {
                 cargo(&["build", "-p", "keepalive-user", "--bin", "tcpka"])
             })?;
             let bin = root.join("target/debug/tcpka");
+            // The package test installs what a user would.
+            build_release()?;
+            let deb = build_deb(&root)?;
             // Kernel tests move the test process between cgroups and
             // network namespaces, so they run one at a time.
             let mut cmd = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
@@ -133,6 +147,7 @@ fn real_main() -> Result<()> {
                     .arg(cargo_bin())
                     .args(&cmd)
                     .env("TCPKA_BIN", &bin)
+                    .env("TCPKA_DEB", &deb)
                     .status()
                     .context("starting cargo test (unshare is in util-linux)")?;
                 if !status.success() {
@@ -142,6 +157,64 @@ fn real_main() -> Result<()> {
             })
         }
     }
+}
+
+/// Makes the Debian package from the release binary: man pages and
+/// completions first (generated from the CLI), then `cargo deb`. Returns
+/// the package's path.
+fn build_deb(root: &Path) -> Result<PathBuf> {
+    let bin = root.join("target/release/tcpka");
+    let extra = root.join("target/release/tcpka-extra");
+    let mut deb = None;
+    step("package", || {
+        let _ = std::fs::remove_dir_all(&extra);
+        let man = extra.join("man");
+        let completions = extra.join("completions");
+        std::fs::create_dir_all(&completions)?;
+        let status = Command::new(&bin).arg("manpages").arg(&man).status()?;
+        if !status.success() {
+            bail!("tcpka manpages failed ({status})");
+        }
+        // Debian installs man pages compressed (gzip -9n: no name or time,
+        // so the package is reproducible).
+        for page in std::fs::read_dir(&man)? {
+            let status = Command::new("gzip").arg("-9n").arg(page?.path()).status()?;
+            if !status.success() {
+                bail!("gzip of a man page failed ({status})");
+            }
+        }
+        for (shell, file) in [
+            ("bash", "tcpka.bash"),
+            ("zsh", "_tcpka"),
+            ("fish", "tcpka.fish"),
+        ] {
+            let out = Command::new(&bin).args(["completions", shell]).output()?;
+            if !out.status.success() {
+                bail!("tcpka completions {shell} failed");
+            }
+            std::fs::write(completions.join(file), out.stdout)?;
+        }
+        let out = Command::new(cargo_bin())
+            .args(["deb", "-p", "keepalive-user", "--no-build", "--no-strip"])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("starting cargo deb (cargo xtask setup installs it)")?;
+        if !out.status.success() {
+            bail!("cargo deb failed ({})", out.status);
+        }
+        let path = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
+        if !path.ends_with(".deb") {
+            bail!("cargo deb printed no package path");
+        }
+        deb = Some(PathBuf::from(path));
+        Ok(())
+    })?;
+    deb.context("no package")
 }
 
 /// Builds the release `tcpka` binary.

@@ -31,6 +31,7 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
@@ -38,6 +39,7 @@ pub fn run() -> Result<()> {
     step("setup: apt packages", apt)?;
     step("setup: rust-src", rust_src)?;
     step("setup: bpf-linker", bpf_linker)?;
+    step("setup: cargo-deb", cargo_deb)?;
     step("setup: bpffs", bpffs)?;
     eprintln!(
         "xtask: setup complete in {:.1} s",
@@ -122,6 +124,26 @@ fn bpf_linker() -> Result<()> {
             // Without it bpf-linker's build finds /usr/bin/llvm-config
             // (an older LLVM) and fails to link.
             .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// `cargo deb`, for the Debian package (`cargo xtask deb`, and the package
+/// test).
+fn cargo_deb() -> Result<()> {
+    if output(Command::new("cargo-deb").arg("--version"))
+        .is_some_and(|v| v.contains(CARGO_DEB_VERSION))
+    {
+        return Ok(());
+    }
+    run_cmd(
+        &format!("cargo install cargo-deb {CARGO_DEB_VERSION} (a few minutes)"),
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "install",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+            "--locked",
+        ]),
     )
 }
 
