@@ -15,7 +15,29 @@
 //!
 //! Rules are matched by name: the file adds, changes and removes the named
 //! rules it manages; rules added by hand (without a name) are left alone.
-use std::{collections::BTreeMap, path::Path};
+//!
+//! `tcpka serve --config` also takes its settings from the `[serve]` table
+//! (any of them; a command-line option wins over the file):
+//!
+//! ```toml
+//! [serve]
+//! listen = "127.0.0.1:7077"            # or "unix:/run/tcpka/api.sock"
+//! token_file = "/etc/tcpka/api-token"
+//! api_group = "tcpka"
+//! webhook = "https://controller.example/tcpka"
+//! webhook_secret_file = "/etc/tcpka/webhook-secret"
+//! webhook_ca = "/etc/tcpka/controller-ca.pem"
+//! json = false                         # log events as JSON lines
+//! cgroup = "/sys/fs/cgroup/system.slice/kamailio.service"
+//! holders = "scan"                     # or "syscalls"
+//! index = "ports"                      # or "host"
+//! index_ports = "5060,5061"            # or "all", or ""
+//! rule_events = false
+//! ```
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -33,6 +55,83 @@ pub const NAME_MAX: usize = 32;
 struct File {
     #[serde(default)]
     rule: Vec<toml::Spanned<RuleEntry>>,
+    serve: Option<toml::Spanned<ServeEntry>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeEntry {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    api_group: Option<String>,
+    webhook: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
+    webhook_ca: Option<PathBuf>,
+    json: Option<bool>,
+    cgroup: Option<PathBuf>,
+    holders: Option<String>,
+    index: Option<String>,
+    index_ports: Option<String>,
+    rule_events: Option<bool>,
+}
+
+/// The `[serve]` table, validated: each setting the file gives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServeSettings {
+    pub listen: Option<crate::server::Listen>,
+    pub token_file: Option<PathBuf>,
+    pub api_group: Option<String>,
+    pub webhook: Option<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub webhook_ca: Option<PathBuf>,
+    pub json: Option<bool>,
+    pub cgroup: Option<PathBuf>,
+    pub holders: Option<crate::loader::HolderMode>,
+    pub index: Option<crate::loader::IndexMode>,
+    pub index_ports: Option<crate::ports::IndexPorts>,
+    pub rule_events: Option<bool>,
+}
+
+impl ServeEntry {
+    fn check(self) -> Result<ServeSettings, String> {
+        use crate::loader::{HolderMode, IndexMode};
+        let listen = self
+            .listen
+            .map(|l| l.parse::<crate::server::Listen>())
+            .transpose()
+            .map_err(|e| format!("listen: {e}"))?;
+        let holders = match self.holders.as_deref() {
+            None => None,
+            Some("scan") => Some(HolderMode::Scan),
+            Some("syscalls") => Some(HolderMode::Syscalls),
+            Some(o) => return Err(format!("holders: {o:?} is not \"scan\" or \"syscalls\"")),
+        };
+        let index = match self.index.as_deref() {
+            None => None,
+            Some("ports") => Some(IndexMode::Ports),
+            Some("host") => Some(IndexMode::Host),
+            Some(o) => return Err(format!("index: {o:?} is not \"ports\" or \"host\"")),
+        };
+        let index_ports = self
+            .index_ports
+            .map(|p| crate::ports::IndexPorts::parse(&p))
+            .transpose()
+            .map_err(|e| format!("index_ports: {e}"))?;
+        Ok(ServeSettings {
+            listen,
+            token_file: self.token_file,
+            api_group: self.api_group,
+            webhook: self.webhook,
+            webhook_secret_file: self.webhook_secret_file,
+            webhook_ca: self.webhook_ca,
+            json: self.json,
+            cgroup: self.cgroup,
+            holders,
+            index,
+            index_ports,
+            rule_events: self.rule_events,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +166,7 @@ pub struct NamedRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub rules: Vec<NamedRule>,
+    pub serve: ServeSettings,
 }
 
 /// Whether `name` can name a rule.
@@ -101,6 +201,15 @@ impl Config {
             let line = e.span().map_or(1, |s| line_of(text, s.start));
             err(line, e.message().to_owned())
         })?;
+        let serve = match file.serve {
+            None => ServeSettings::default(),
+            Some(s) => {
+                let line = line_of(text, s.span().start);
+                s.into_inner()
+                    .check()
+                    .map_err(|reason| err(line, format!("[serve] {reason}")))?
+            }
+        };
         let mut rules = Vec::new();
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
         let mut keys: BTreeMap<(u32, Vec<u8>), (String, usize)> = BTreeMap::new();
@@ -160,7 +269,7 @@ impl Config {
             }
             rules.push(checked);
         }
-        Ok(Self { rules })
+        Ok(Self { rules, serve })
     }
 }
 
@@ -318,6 +427,33 @@ tracked = false
         assert_eq!(c.rules[1].policy.user_timeout_ms, Some(20000));
         assert!(!c.rules[1].tracked);
         assert_eq!(Config::parse("", "t.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn serve_settings_are_checked() {
+        let c = Config::parse(
+            "[serve]\nlisten = \"unix:/run/tcpka/api.sock\"\nindex = \"ports\"\nindex_ports = \"5060,5080\"\nholders = \"scan\"\nrule_events = true\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.serve.listen,
+            Some(crate::server::Listen::Unix(_))
+        ));
+        assert_eq!(c.serve.index, Some(crate::loader::IndexMode::Ports));
+        assert_eq!(c.serve.index_ports.unwrap().to_string(), "5060,5080");
+        assert_eq!(c.serve.rule_events, Some(true));
+        let e = err_of("\n[serve]\nindex = \"everything\"\n");
+        assert!(
+            e.starts_with("t.toml:2: [serve] index: \"everything\""),
+            "{e}"
+        );
+        let e = err_of("[serve]\nlisten = \"nowhere\"\n");
+        assert!(e.starts_with("t.toml:1: [serve] listen:"), "{e}");
+        let e = err_of("[serve]\nindex_ports = \"0\"\n");
+        assert!(e.starts_with("t.toml:1: [serve] index_ports:"), "{e}");
+        let e = err_of("[serve]\nport = 1\n");
+        assert!(e.contains("unknown field `port`"), "{e}");
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum InvalidInput {
     Holder(String),
     #[error("invalid address prefix {value:?}: {reason}")]
     Cidr { value: String, reason: &'static str },
+    #[error("{0}")]
+    Usage(String),
     #[error("{path}:{line}: {reason}")]
     Config {
         path: String,

@@ -11,6 +11,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
+    config::ServeSettings,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, ConnStatus, Enforcer},
     holders::parse_holder,
@@ -162,18 +163,18 @@ enum Index {
 /// How the kernel side is set up when loading.
 #[derive(Args, Debug)]
 struct KernelArgs {
-    /// How socket holders are learned.
-    #[arg(long, value_enum, default_value_t = Holders::Scan)]
-    holders: Holders,
+    /// How socket holders are learned [default: scan].
+    #[arg(long, value_enum)]
+    holders: Option<Holders>,
     /// Who keeps the connection index [default: ports on Linux 6.12 or
     /// later, else host].
     #[arg(long, value_enum)]
     index: Option<Index>,
     /// With --index ports: connections with either end on one of these
     /// ports are indexed (comma-separated, or `all` for every connection in
-    /// the cgroup, or `` for none).
-    #[arg(long, default_value = "5060,5061", value_parser = tcpka::ports::IndexPorts::parse)]
-    index_ports: tcpka::ports::IndexPorts,
+    /// the cgroup, or `` for none) [default: 5060,5061].
+    #[arg(long, value_parser = tcpka::ports::IndexPorts::parse)]
+    index_ports: Option<tcpka::ports::IndexPorts>,
     /// Report `applied` and `closed` events for the connections rules
     /// match (off: a rule costs each connection no event). Timeouts, resets
     /// and aborts are always reported, and every event of connections
@@ -184,14 +185,31 @@ struct KernelArgs {
 
 impl KernelArgs {
     fn options(&self) -> loader::LoadOptions {
+        self.options_over(&ServeSettings::default())
+    }
+
+    /// These options over a configuration file's: an option given here
+    /// wins.
+    fn options_over(&self, file: &ServeSettings) -> loader::LoadOptions {
         loader::LoadOptions {
-            holders: self.holders.into(),
-            index: self.index.map(|i| match i {
-                Index::Ports => loader::IndexMode::Ports,
-                Index::Host => loader::IndexMode::Host,
-            }),
-            index_ports: self.index_ports.clone(),
-            rule_events: self.rule_events,
+            holders: self
+                .holders
+                .map(Into::into)
+                .or(file.holders)
+                .unwrap_or_default(),
+            index: self
+                .index
+                .map(|i| match i {
+                    Index::Ports => loader::IndexMode::Ports,
+                    Index::Host => loader::IndexMode::Host,
+                })
+                .or(file.index),
+            index_ports: self
+                .index_ports
+                .clone()
+                .or_else(|| file.index_ports.clone())
+                .unwrap_or_default(),
+            rule_events: self.rule_events || file.rule_events.unwrap_or(false),
         }
     }
 }
@@ -227,8 +245,8 @@ struct ServeArgs {
     json: bool,
     /// Where the API listens: ADDR:PORT or unix:/path. A non-loopback
     /// address needs --token.
-    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN, value_parser = |s: &str| s.parse::<Listen>())]
-    listen: Listen,
+    #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
+    listen: Option<Listen>,
     /// Require `Authorization: Bearer TOKEN` on every request. Prefer
     /// --token-file or the TCPKA_TOKEN environment variable: an argument
     /// is visible to every local user in `ps`. A TCP listener always has a
@@ -253,11 +271,11 @@ struct ServeArgs {
     /// line): headers X-Tcpka-Timestamp (Unix seconds) and
     /// X-Tcpka-Signature: sha256=HEX, the HMAC-SHA256 of
     /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
-    #[arg(long, value_name = "FILE", requires = "webhook")]
+    #[arg(long, value_name = "FILE")]
     webhook_secret_file: Option<PathBuf>,
     /// Also trust the CA certificate(s) in this PEM file for an https://
     /// webhook (the public web's CAs are trusted already).
-    #[arg(long, value_name = "FILE", requires = "webhook")]
+    #[arg(long, value_name = "FILE")]
     webhook_ca: Option<PathBuf>,
 }
 
@@ -1026,31 +1044,56 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Serve(a) => {
-            let cgroup = target_cgroup(&layout, a.cgroup.as_deref())?;
+            // The configuration file's [serve] settings, under the options
+            // given here.
+            let file = match &a.config {
+                Some(path) => tcpka::config::Config::load(path)?.serve,
+                None => ServeSettings::default(),
+            };
+            let cgroup = target_cgroup(&layout, a.cgroup.as_deref().or(file.cgroup.as_deref()))?;
             let api_group = a
                 .api_group
                 .as_deref()
+                .or(file.api_group.as_deref())
                 .map(tcpka::access::group_id)
                 .transpose()?;
-            let token = serve_token(&a.listen, a.token, a.token_file.as_deref(), api_group)?;
+            let listen = match a.listen.or(file.listen.clone()) {
+                Some(l) => l,
+                None => server::DEFAULT_LISTEN
+                    .parse::<Listen>()
+                    .map_err(|e| Error::Invalid(tcpka::InvalidInput::Listen(e)))?,
+            };
+            // A token from the command line or the environment wins over the
+            // file's token file.
+            let token_file = a
+                .token_file
+                .as_deref()
+                .or(file.token_file.as_deref().filter(|_| a.token.is_none()));
+            let token = serve_token(&listen, a.token, token_file, api_group)?;
+            let webhook_secret_file = a
+                .webhook_secret_file
+                .as_deref()
+                .or(file.webhook_secret_file.as_deref());
+            let webhook_ca = a.webhook_ca.as_deref().or(file.webhook_ca.as_deref());
+            let webhook = a.webhook.or(file.webhook.clone());
+            if webhook.is_none() && (webhook_secret_file.is_some() || webhook_ca.is_some()) {
+                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                    "a webhook secret or CA file needs a webhook (--webhook URL)".into(),
+                )));
+            }
             let config = server::Config {
-                listen: a.listen,
+                listen,
                 token,
                 api_group,
-                load: a.kernel.options(),
-                webhook: a
-                    .webhook
+                load: a.kernel.options_over(&file),
+                webhook: webhook
                     .map(|url| {
                         Ok::<_, Error>(server::WebhookConfig {
                             url,
-                            secret: a
-                                .webhook_secret_file
-                                .as_deref()
+                            secret: webhook_secret_file
                                 .map(tcpka::access::read_token_file)
                                 .transpose()?,
-                            ca_pem: a
-                                .webhook_ca
-                                .as_deref()
+                            ca_pem: webhook_ca
                                 .map(|p| {
                                     std::fs::read(p).map_err(|e| {
                                         Error::io(format!("reading {}", p.display()), e)
@@ -1060,7 +1103,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         })
                     })
                     .transpose()?,
-                json: a.json,
+                json: a.json || file.json.unwrap_or(false),
                 rules_file: a.config,
             };
             runtime()?.block_on(server::run(layout, cgroup, config))?;

@@ -228,3 +228,22 @@ fn reload_without_a_daemon_says_so() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("no tcpka serve runs for"), "{r:?}");
 }
+
+/// `serve --config` takes its settings from the file's [serve] table; an
+/// option on the command line wins.
+#[test]
+fn serve_takes_its_settings_from_the_file_under_the_command_line() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let file = ConfigFile::new(
+        "[serve]\nlisten = \"127.0.0.1:1\"\nindex_ports = \"5099\"\nrule_events = true\n\n",
+    );
+    let addr = format!("127.0.0.1:{}", 18000 + std::process::id() % 1000);
+    // Serve::start passes --listen ADDR: it must win over the file's.
+    let _s = Serve::start(&t, &cgroup.path, &addr, &["--config", file.arg()]);
+    let info = t.run(&["info", "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["index_ports"], "5099", "{info}");
+    assert_eq!(v["rule_events"], true, "{info}");
+}

@@ -206,7 +206,10 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
         .args(["stat", "-c", "%a %U %G", "/run/tcpka/api-token"])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "640 nobody nogroup");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "640 nobody nogroup"
+    );
     let token = Command::new("nsenter")
         .args(["-t", &svc.child.id().to_string(), "-m", "--"])
         .args(["cat", "/run/tcpka/api-token"])
