@@ -430,6 +430,22 @@ tracked = false
     }
 
     #[test]
+    fn the_packaged_file_is_valid() {
+        let c = Config::parse(include_str!("../../contrib/tcpka.toml"), "tcpka.toml").unwrap();
+        assert_eq!(c, Config::default(), "every example in it is commented out");
+        // Its examples, uncommented, are valid too.
+        let text: String = include_str!("../../contrib/tcpka.toml")
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&text, "examples").unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert!(c.serve.listen.is_some() && c.serve.index_ports.is_some());
+    }
+
+    #[test]
     fn serve_settings_are_checked() {
         let c = Config::parse(
             "[serve]\nlisten = \"unix:/run/tcpka/api.sock\"\nindex = \"ports\"\nindex_ports = \"5060,5080\"\nholders = \"scan\"\nrule_events = true\n",
