@@ -89,7 +89,7 @@ impl Enforcer {
             // Without a `serve` to do it, the next command detaches a state
             // tracepoint no connection outside the cgroup needs any more.
             if let Err(e) = loader::unwatch_outside_locked(&self.layout) {
-                log::warn!("checking for managed connections outside the cgroup: {e}");
+                tracing::warn!("checking for managed connections outside the cgroup: {e}");
             }
         }
         Ok(lock)
@@ -100,7 +100,7 @@ impl Enforcer {
         let Some(entry) = journal.pending() else {
             return Ok(());
         };
-        log::warn!("finishing an interrupted holder change: {entry:?}");
+        tracing::warn!("finishing an interrupted holder change: {entry:?}");
         let conns: HashMap<_, u64, ConnInfo> =
             HashMap::try_from(loader::open_map(&self.layout, maps::CONNS)?)
                 .map_err(|e| Error::map("opening the connection map", e))?;
@@ -862,7 +862,7 @@ impl Enforcer {
                                 &cookies,
                                 epoch,
                             ) {
-                                log::warn!("re-indexing {peer}: {e}");
+                                tracing::warn!("re-indexing {peer}: {e}");
                             }
                         }
                         results[i] = Some(self.finish(&ops[i], found));
@@ -1026,10 +1026,10 @@ impl Enforcer {
             return Ok(None);
         }
         let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
-            log::debug!("{conn}: the index cannot vouch for it; walking the socket table");
+            tracing::debug!("{conn}: the index cannot vouch for it; walking the socket table");
             return Ok(None);
         };
-        log::debug!("{conn}: {} connection(s) via the index", held.len());
+        tracing::debug!("{conn}: {} connection(s) via the index", held.len());
         INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = request_for(action, local);
         // Not connected yet (SYN_SENT), a socket has no peer name to read;
@@ -1045,7 +1045,7 @@ impl Enforcer {
                 // Closed while we held it: gone, like a connection the walk
                 // no longer finds.
                 Err(e) if !is_connected(&h.stream) => {
-                    log::debug!("cookie {:#x} closed meanwhile: {e}", h.cookie)
+                    tracing::debug!("cookie {:#x} closed meanwhile: {e}", h.cookie)
                 }
                 Err(e) => return Err(e),
             }

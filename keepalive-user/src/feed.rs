@@ -235,14 +235,14 @@ pub async fn run(layout: PinLayout, sinks: Sinks) {
         let mut rings = match Rings::open(&layout) {
             Ok(r) => {
                 if reported_missing {
-                    log::info!("events: the installation is back; reading its rings");
+                    tracing::info!("events: the installation is back; reading its rings");
                 }
                 reported_missing = false;
                 r
             }
             Err(e) => {
                 if !reported_missing {
-                    log::warn!("events: {e}; waiting for the installation");
+                    tracing::warn!("events: {e}; waiting for the installation");
                     reported_missing = true;
                 }
                 tokio::time::sleep(CHECK).await;
@@ -278,7 +278,7 @@ pub async fn run(layout: PinLayout, sinks: Sinks) {
                         // Drain what is left of the old rings first.
                         drain(rings.alerts.get_mut(), &sinks);
                         drain(rings.events.get_mut(), &sinks);
-                        log::info!("events: the installation was unloaded or reloaded");
+                        tracing::info!("events: the installation was unloaded or reloaded");
                         break;
                     }
                 }

@@ -148,7 +148,7 @@ pub fn resolve(
         // Holder unknown or gone (a socket newer than the load, or one that
         // changed hands): one search of every process's descriptors, which
         // stops at the last one found.
-        log::debug!("{} holder(s) unknown; searching descriptors", missing.len());
+        tracing::debug!("{} holder(s) unknown; searching descriptors", missing.len());
         find_holders(layout, &missing)?;
         for (s, &(cookie, sk)) in streams.iter_mut().zip(&socks) {
             if s.is_none() {
@@ -305,7 +305,7 @@ pub fn try_clear_overflow(
         let _ = peers.insert(key, 0, 0);
         return Ok(false);
     }
-    log::debug!("{peer}: every connection is indexed again");
+    tracing::debug!("{peer}: every connection is indexed again");
     Ok(true)
 }
 

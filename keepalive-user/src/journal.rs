@@ -69,7 +69,7 @@ impl Journal {
         match serde_json::from_str(&text) {
             Ok(e) => Some(e),
             Err(err) => {
-                log::warn!("ignoring unreadable {}: {err}", self.path.display());
+                tracing::warn!("ignoring unreadable {}: {err}", self.path.display());
                 self.end();
                 None
             }

@@ -128,7 +128,7 @@ pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
         source: std::io::ErrorKind::Unsupported.into(),
     })?;
     if requested.is_none() && mode == IndexMode::Host {
-        log::warn!(
+        tracing::warn!(
             "kernel {release} is older than 6.12: the connection index is kept host-wide (--index host), which costs every connection on the host"
         );
     }
@@ -533,7 +533,7 @@ pub fn watch_outside(layout: &PinLayout) -> Result<()> {
         .map_err(|e| Error::io("attaching to tracepoint inet_sock_set_state", e))?;
     sys::obj_pin(fd.as_fd(), &link)
         .map_err(|e| Error::io(format!("pinning {}", link.display()), e))?;
-    log::info!(
+    tracing::info!(
         "a managed connection is outside cgroup {}: watching closes host-wide until none is left",
         read_meta(layout)
             .map(|m| meta_cgroup_path(&m).display().to_string())
@@ -571,7 +571,7 @@ pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
     }
     std::fs::remove_file(layout.close_link())
         .map_err(|e| Error::io(format!("removing {}", layout.close_link().display()), e))?;
-    log::info!(
+    tracing::info!(
         "no managed connection outside the cgroup is left: the state tracepoint is detached"
     );
     Ok(true)
@@ -627,7 +627,7 @@ fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
     let mut meta = read_meta(layout)?;
     set_meta_cgroup(&mut meta, cgroup);
     write_meta(layout, &meta)?;
-    log::info!("re-attached to cgroup {}", cgroup.path.display());
+    tracing::info!("re-attached to cgroup {}", cgroup.path.display());
     Ok(Installation {
         pin_dir: layout.dir().to_path_buf(),
         cgroup: cgroup.path.clone(),
@@ -781,7 +781,7 @@ impl Drop for Undo<'_> {
     fn drop(&mut self) {
         if self.armed {
             if let Err(e) = detach_and_remove(self.layout) {
-                log::warn!("undoing a failed load: {e}");
+                tracing::warn!("undoing a failed load: {e}");
             }
         }
     }
@@ -846,7 +846,7 @@ pub fn ensure_tracefs() -> Result<()> {
                 e.into(),
             )
         })?;
-        log::info!("mounted tracefs on {TRACEFS}");
+        tracing::info!("mounted tracefs on {TRACEFS}");
     }
     if has_events(TRACEFS) {
         Ok(())
@@ -1172,7 +1172,7 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
     if read_meta(layout)?.flags & keepalive_common::meta::FLAG_SEEDED != 0 {
         return Ok(false);
     }
-    log::warn!("completing a load that was interrupted: indexing existing connections");
+    tracing::warn!("completing a load that was interrupted: indexing existing connections");
     seed(layout)?;
     Ok(true)
 }

@@ -38,8 +38,61 @@ struct Cli {
     #[arg(long, global = true, env = tcpka::paths::PIN_DIR_ENV, default_value = tcpka::paths::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
 
+    /// Log format on stderr: human (the default), json (one object per
+    /// line), or journald (structured fields; the default when systemd
+    /// connects stderr to the journal). What is logged: RUST_LOG (e.g.
+    /// `tcpka=debug`) [default: info for serve, warn otherwise].
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+    Journald,
+}
+
+/// Logs go to stderr (or the journal), never to stdout, which is the
+/// command's result.
+fn init_logs(format: Option<LogFormat>, daemon: bool) {
+    use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
+    });
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal.
+    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() {
+        LogFormat::Journald
+    } else {
+        LogFormat::Human
+    });
+    let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let human = || {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(ansi)
+    };
+    let _ = match format {
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(j) => registry
+                .with(j.with_syslog_identifier("tcpka".into()))
+                .try_init(),
+            Err(e) => {
+                let r = registry.with(human()).try_init();
+                tracing::warn!("no journald ({e}); logging to stderr");
+                r
+            }
+        },
+        LogFormat::Human => registry.with(human()).try_init(),
+    };
 }
 
 #[derive(Subcommand, Debug)]
@@ -446,8 +499,8 @@ struct RuleAddArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    init_logs(cli.log_format, matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

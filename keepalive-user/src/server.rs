@@ -333,8 +333,37 @@ impl Metrics {
 /// A JSON reply with the reference's result code.
 fn reply(status: StatusCode, mut body: Value) -> Response {
     let result = if status.is_success() { 1 } else { -1 };
+    let note = body["error"].as_str().map(|e| ErrorNote(e.to_owned()));
     body["result"] = json!(result);
-    (status, Json(body)).into_response()
+    let mut r = (status, Json(body)).into_response();
+    if let Some(n) = note {
+        r.extensions_mut().insert(n);
+    }
+    r
+}
+
+/// Why a request was refused, kept with the reply for the log line.
+#[derive(Clone)]
+struct ErrorNote(String);
+
+/// One log line per command: what was asked, on which connection, and how
+/// it ended. Peer-given strings are logged quoted (`?`), so that nothing in
+/// them can forge a line.
+fn log_command(op: &str, conn: Option<&str>, holder: Option<&str>, r: &Response) {
+    let status = r.status().as_u16();
+    match r.extensions().get::<ErrorNote>() {
+        None => tracing::info!(command = op, conn, holder, status, "applied"),
+        Some(ErrorNote(why)) => {
+            tracing::warn!(
+                command = op,
+                conn,
+                holder,
+                status,
+                error = why.as_str(),
+                "refused"
+            )
+        }
+    }
 }
 
 fn invalid(msg: impl std::fmt::Display) -> Response {
@@ -434,9 +463,17 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
         Ok(b) => b,
         Err(r) => {
             state.metrics.command("enable", "invalid");
+            log_command("enable", None, None, &r);
             return r;
         }
     };
+    let (conn, holder) = (b.conn.clone(), b.holder.clone());
+    let r = enable_body(&state, b).await;
+    log_command("enable", Some(&conn), holder.as_deref(), &r);
+    r
+}
+
+async fn enable_body(state: &AppState, b: EnableBody) -> Response {
     let parsed = target(&b.conn, b.local.as_deref(), b.holder.as_deref()).and_then(|t| {
         Ok((
             t,
@@ -479,9 +516,17 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
         Ok(b) => b,
         Err(r) => {
             state.metrics.command("disable", "invalid");
+            log_command("disable", None, None, &r);
             return r;
         }
     };
+    let (conn, holder) = (b.conn.clone(), b.holder.clone());
+    let r = disable_body(&state, b).await;
+    log_command("disable", Some(&conn), holder.as_deref(), &r);
+    r
+}
+
+async fn disable_body(state: &AppState, b: DisableBody) -> Response {
     let (conn, local, holder) = match target(&b.conn, b.local.as_deref(), b.holder.as_deref()) {
         Ok(t) => t,
         Err(e) => {
@@ -799,6 +844,18 @@ fn refuse(status: StatusCode, msg: &str) -> Response {
     reply(status, json!({ "error": msg }))
 }
 
+/// A request refused before it reached its handler, logged once.
+fn refuse_logged(req: &Request, status: StatusCode, msg: &str) -> Response {
+    tracing::warn!(
+        method = %req.method(),
+        path = req.uri().path(),
+        status = status.as_u16(),
+        error = msg,
+        "refused"
+    );
+    refuse(status, msg)
+}
+
 /// Every request: a unix client must be root or in the API group; a
 /// loopback listener only answers its own `Host` names (DNS rebinding); the
 /// token, when set, must match; bodies must be JSON; and a request other
@@ -812,7 +869,8 @@ async fn guard(
     let info = req.extensions().get::<ConnInfo>().copied();
     if let Some(peer) = info.and_then(|i| i.peer) {
         if !peer.allowed(state.api_group) {
-            return refuse(
+            return refuse_logged(
+                &req,
                 StatusCode::FORBIDDEN,
                 "only root or members of the API group may use this socket",
             );
@@ -824,7 +882,8 @@ async fn guard(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if !access::loopback_host_ok(host, port) {
-            return refuse(
+            return refuse_logged(
+                &req,
                 StatusCode::FORBIDDEN,
                 "Host must be localhost or a loopback address on this port",
             );
@@ -837,7 +896,8 @@ async fn guard(
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         if !access::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return refuse(
+            return refuse_logged(
+                &req,
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token (Authorization: Bearer TOKEN)",
             );
@@ -850,7 +910,8 @@ async fn guard(
             .and_then(|v| v.split(';').next())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
         if !json {
-            return refuse(
+            return refuse_logged(
+                &req,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "Content-Type must be application/json",
             );
@@ -861,7 +922,10 @@ async fn guard(
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "the request took too long"),
+        Err(_) => {
+            tracing::warn!(status = 503, "refused: the request took too long");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "the request took too long")
+        }
     }
 }
 
@@ -974,11 +1038,11 @@ fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook
                             return true;
                         }
                         Ok(r) if r.status().is_client_error() => {
-                            log::warn!("webhook {url}: HTTP {}; not retried", r.status());
+                            tracing::warn!("webhook {url}: HTTP {}; not retried", r.status());
                             break;
                         }
-                        Ok(r) => log::warn!("webhook {url}: HTTP {}", r.status()),
-                        Err(e) => log::warn!("webhook {url}: {e}"),
+                        Ok(r) => tracing::warn!("webhook {url}: HTTP {}", r.status()),
+                        Err(e) => tracing::warn!("webhook {url}: {e}"),
                     }
                 }
                 metrics.webhook("dropped");
@@ -1009,7 +1073,7 @@ fn spawn_holder_sweep(enforcer: Enforcer) {
             every.tick().await;
             let e = enforcer.clone();
             if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
-                log::warn!("sweeping holders: {err}");
+                tracing::warn!("sweeping holders: {err}");
             }
         }
     });
@@ -1028,7 +1092,7 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
             let Ok(checked) = tokio::task::spawn_blocking(move || {
                 let repaired = loader::repair_attachment(&l)?;
                 if let Err(e) = loader::unwatch_outside(&l) {
-                    log::warn!("checking for managed connections outside the cgroup: {e}");
+                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
                 }
                 Ok::<_, Error>((repaired, loader::installed(&l)?))
             })
@@ -1040,20 +1104,17 @@ fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
                 Ok((Some(i), _)) => {
                     metrics.reattached.inc();
                     warned = false;
-                    crate::errln!(
-                        "tcpka: re-attached to the recreated cgroup {}",
-                        i.cgroup.display()
-                    );
+                    tracing::warn!(cgroup = %i.cgroup.display(), "re-attached to the recreated cgroup");
                 }
                 Ok((None, Some(i))) if !i.attached && !warned => {
                     warned = true;
-                    crate::errln!(
-                        "tcpka: detached: cgroup {} was removed; new connections get no rules until it is back",
-                        i.cgroup.display()
+                    tracing::error!(
+                        cgroup = %i.cgroup.display(),
+                        "detached: the cgroup was removed; new connections get no rules until it is back"
                     );
                 }
                 Ok(_) => {}
-                Err(e) => log::warn!("checking the attachment: {e}"),
+                Err(e) => tracing::warn!("checking the attachment: {e}"),
             }
         }
     });
@@ -1134,7 +1195,7 @@ async fn serve_connections<S, F, Fut>(
                 Err(e) => {
                     // Out of descriptors or a client gone before accept:
                     // wait a moment and go on.
-                    log::warn!("accepting an API connection: {e}");
+                    tracing::warn!("accepting an API connection: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -1157,7 +1218,7 @@ async fn serve_connections<S, F, Fut>(
                     hyper_util::service::TowerToHyperService::new(svc),
                 );
             if let Err(e) = conn.await {
-                log::debug!("API connection: {e}");
+                tracing::debug!("API connection: {e}");
             }
         });
     }
@@ -1175,13 +1236,9 @@ async fn apply_rules_file(enforcer: &Enforcer, path: &std::path::Path) -> Result
     .await
     .expect("apply task")?;
     for step in &steps {
-        crate::errln!("tcpka: {}: {step}", path.display());
+        tracing::info!(file = %path.display(), "{step}");
     }
-    crate::errln!(
-        "tcpka: rules of {} applied ({} changes)",
-        path.display(),
-        steps.len()
-    );
+    tracing::info!(file = %path.display(), changes = steps.len(), "rules applied");
     Ok(())
 }
 
@@ -1192,7 +1249,7 @@ fn spawn_reload(enforcer: Enforcer, path: PathBuf) -> Result<(), Error> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             if let Err(e) = apply_rules_file(&enforcer, &path).await {
-                crate::errln!("tcpka: reload refused: {}", crate::one_line(&e));
+                tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
             }
         }
     });
@@ -1236,10 +1293,10 @@ pub async fn run(
         loader::LoadOutcome::AlreadyLoaded(_) => "adopted",
         loader::LoadOutcome::Reattached(_) => "re-attached",
     };
-    crate::errln!(
-        "tcpka: {verb} the installation on cgroup {} pinned in {}",
-        i.cgroup.display(),
-        i.pin_dir.display()
+    tracing::info!(
+        cgroup = %i.cgroup.display(),
+        pin_dir = %i.pin_dir.display(),
+        "{verb} the installation"
     );
     let (events_tx, _) = broadcast::channel(4096);
     let enforcer = Enforcer::new(layout.clone());
@@ -1289,7 +1346,7 @@ pub async fn run(
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-                crate::errln!("tcpka: API on http://{addr}");
+                tracing::info!("API on http://{addr}");
                 let info = ConnInfo {
                     peer: None,
                     loopback_port: addr.ip().is_loopback().then_some(addr.port()),
@@ -1308,7 +1365,7 @@ pub async fn run(
                     .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
                 let _remove = SocketFile::new(path);
                 secure_socket(path, config.api_group)?;
-                crate::errln!("tcpka: API on unix:{}", path.display());
+                tracing::info!("API on unix:{}", path.display());
                 serve_connections(
                     || async {
                         let (io, _) = listener.accept().await?;
@@ -1336,7 +1393,7 @@ pub async fn run(
         _ = grace => Ok(()),
     };
     result?;
-    crate::errln!("tcpka: stopped; enforcement stays in place (tcpka unload removes it)");
+    tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())
 }
 
