@@ -167,6 +167,9 @@ pub mod ports {
     /// connection. Timeouts, resets and aborts are always reported, and
     /// every event of connections enabled by command.
     pub const FLAG_RULE_EVENTS: u64 = 4;
+    /// [`FLAGS`]: `tcpka trace` runs: the programs log their decisions
+    /// through aya-log. Off, each log statement costs one bit test.
+    pub const FLAG_TRACE: u64 = 8;
 
     /// The word and bit of `port` in a set starting at `base`.
     #[inline(always)]

@@ -26,7 +26,7 @@ use aya_ebpf::{
 use keepalive_common::{
     conns::{ConnInfo, SOURCE_RULE},
     events::{Event, KIND_APPLIED},
-    ports::FLAG_RULE_EVENTS,
+    ports::{FLAG_RULE_EVENTS, FLAG_TRACE},
     rules::OPT_UNTRACKED,
     stats,
 };
@@ -151,6 +151,30 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     }
     let addr = addr!(ops, family, remote_ip4, remote_ip6);
     let rule = best_rule(&candidates, addr);
+    let trace = flags & FLAG_TRACE != 0;
+    if trace {
+        // NB: aya-log's macros take a context they do not use.
+        match &rule {
+            Some(r) => aya_log_ebpf::info!(
+                &(),
+                "new connection {}->{}: rule {} (idle {} count {} interval {}), indexed {}",
+                local_port,
+                remote_port,
+                r.id,
+                r.policy.idle,
+                r.policy.count,
+                r.policy.interval,
+                indexed as u8
+            ),
+            None if indexed => aya_log_ebpf::debug!(
+                &(),
+                "new connection {}->{}: no rule, indexed",
+                local_port,
+                remote_port
+            ),
+            None => {}
+        }
+    }
     if rule.is_none() && !indexed {
         return Ok(());
     }
@@ -174,7 +198,15 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     }
     let rule = rule.ok_or(())?;
     let policy = rule.policy;
-    apply_policy(ops.cast(), &policy);
+    if !apply_policy(ops.cast(), &policy) && trace {
+        aya_log_ebpf::warn!(
+            &(),
+            "new connection {}->{}: the kernel refused a keepalive option of rule {}",
+            local_port,
+            remote_port,
+            rule.id
+        );
+    }
     count(stats::APPLIED_RULE);
     if !tracked {
         return Ok(());
@@ -191,6 +223,14 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     };
     if CONNS.insert(&cookie, &info, 0).is_err() {
         count(stats::CONNS_FULL);
+        if trace {
+            aya_log_ebpf::warn!(
+                &(),
+                "new connection {}->{}: the connection map is full; not tracked",
+                local_port,
+                remote_port
+            );
+        }
     }
     if flags & FLAG_RULE_EVENTS == 0 {
         return Ok(());

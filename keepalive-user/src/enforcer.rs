@@ -245,6 +245,13 @@ impl Enforcer {
         Ok(out)
     }
 
+    /// Turns the kernel programs' decision log (`tcpka trace`) on or off;
+    /// returns whether it was on.
+    pub fn set_trace(&self, on: bool) -> Result<bool> {
+        let _lock = self.lock()?;
+        crate::ports::set_flag(&self.layout, keepalive_common::ports::FLAG_TRACE, on)
+    }
+
     /// All rules, by id.
     pub fn rules(&self) -> Result<Vec<Rule>> {
         let rules = self.rules_map()?;

@@ -23,6 +23,7 @@ pub mod ports;
 pub mod rule;
 pub mod server;
 mod sys;
+pub mod trace;
 
 use std::path::PathBuf;
 

@@ -149,6 +149,11 @@ enum Command {
     /// Make the running `tcpka serve` apply its --config file again
     /// (sends it SIGHUP, like `systemctl reload tcpka`).
     Reload,
+    /// Print what the kernel programs decide, as they decide it: the rule
+    /// each new connection got, a keepalive option the kernel refused, a
+    /// full connection map. Off unless a trace runs (the programs then test
+    /// one bit); Ctrl-C stops it. One trace at a time per installation.
+    Trace(TraceArgs),
     /// Print a completion script for SHELL, e.g.
     /// `tcpka completions bash > /etc/bash_completion.d/tcpka`.
     Completions {
@@ -159,6 +164,16 @@ enum Command {
     /// DIR.
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+struct TraceArgs {
+    /// One JSON object per line: {"level", "message"}.
+    #[arg(long)]
+    json: bool,
+    /// Turn off a trace left on by a trace that was killed, and exit.
+    #[arg(long)]
+    stop: bool,
 }
 
 #[derive(Args, Debug)]
@@ -994,6 +1009,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let index = tcpka::index::state(layout)?;
             let index_ports = tcpka::ports::read_index(layout)?;
             let rule_events = tcpka::ports::rule_events(layout)?;
+            let trace = tcpka::ports::flag(layout, keepalive_common::ports::FLAG_TRACE)?;
             if a.json {
                 print_json(&serde_json::json!({
                     "loaded": true,
@@ -1007,6 +1023,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "index_mode_reason": loader::index_reason(installation.index),
                     "index_ports": index_ports.to_string(),
                     "rule_events": rule_events,
+                    "trace": trace,
                     "counters": counters,
                     "hooks": loader::hooks(layout),
                 }));
@@ -1037,6 +1054,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                         "timeouts, resets and aborts only (load with --rule-events for applied and closed too)"
                     }
                 );
+                if trace {
+                    tcpka::outln!(
+                        "trace: on (a `tcpka trace` reads the programs' decisions; `tcpka trace --stop` if none runs)"
+                    );
+                }
                 if !installation.seeded {
                     tcpka::outln!(
                         "load: INTERRUPTED: existing connections are not indexed yet; the next command (or `tcpka load`) completes it"
@@ -1193,6 +1215,22 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Manpages { dir } => {
             let n = write_man_pages(&dir)?;
             tcpka::outln!("wrote {n} man pages to {}", dir.display());
+        }
+        Command::Trace(a) => {
+            let enforcer = Enforcer::new(layout.clone());
+            if a.stop {
+                let was = enforcer.set_trace(false)?;
+                tcpka::outln!(
+                    "{}",
+                    if was {
+                        "trace turned off"
+                    } else {
+                        "no trace was on"
+                    }
+                );
+            } else {
+                tcpka::trace::run(&enforcer, &layout, a.json)?;
+            }
         }
         Command::Reload => {
             let Some(pid) = loader::serve_pid(&layout)? else {

@@ -146,6 +146,25 @@ pub fn write_initial<T: BorrowMut<MapData>>(
     write_words(map, INDEX, &set, words)
 }
 
+/// Turns a flag of the filter on or off; returns whether it was on. The
+/// caller holds the installation lock ([`sync_rules`] writes the same
+/// word).
+pub fn set_flag(layout: &PinLayout, flag: u64, on: bool) -> Result<bool> {
+    let mut map = open(layout)?;
+    let old = flags(&map)?;
+    let new = if on { old | flag } else { old & !flag };
+    if new != old {
+        map.set(FLAGS, new, 0)
+            .map_err(|e| Error::map("writing the port filter", e))?;
+    }
+    Ok(old & flag != 0)
+}
+
+/// Whether a flag of the filter is on.
+pub fn flag(layout: &PinLayout, flag: u64) -> Result<bool> {
+    Ok(flags(&open(layout)?)? & flag != 0)
+}
+
 /// Whether connections rules match report `applied` and `closed` events.
 pub fn rule_events(layout: &PinLayout) -> Result<bool> {
     Ok(flags(&open(layout)?)? & FLAG_RULE_EVENTS != 0)

@@ -432,3 +432,49 @@ fn rule_explain_names_the_rule_the_kernel_applies() {
     assert_eq!(r.code, 2, "{r:?}");
     e.cgroup.leave();
 }
+
+/// `tcpka trace` prints the kernel's decision for a new connection (the
+/// rule it got), refuses a second reader, and turns the log off when it
+/// stops.
+#[test]
+fn trace_prints_the_rule_a_new_connection_got() {
+    let e = env();
+    let id = e.tcpka.rule_add(&["--local-port", "7040", "30", "3", "3"]);
+    let mut child = e
+        .tcpka
+        .cmd()
+        .args(["trace", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The trace is on once a second one is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = e.tcpka.run(&["trace"]);
+        if r.code == 1 && r.stderr.contains("a trace already runs") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "trace did not start: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let l = listen("127.0.0.1:7040");
+    let (_c, s) = connect(&l);
+    assert_eq!(keepalive(&s).idle, 30);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "info", "{line}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("new connection 7040->")
+            && msg.contains(&format!("rule {id} (idle 30 count 3 interval 3)")),
+        "{msg}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    let r = e.tcpka.run(&["trace", "--stop"]).ok();
+    assert_eq!(r.stdout.trim(), "no trace was on", "stopping turned it off");
+}

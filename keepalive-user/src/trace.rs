@@ -1,0 +1,135 @@
+//! `tcpka trace`: what the kernel programs decide, as they decide it (which
+//! rule a new connection got, a keepalive option the kernel refused, a full
+//! connection map), through aya-log. Off unless a trace runs: the programs
+//! then test one bit of a word they read anyway.
+use std::os::fd::AsRawFd as _;
+
+use aya::{maps::MapInfo, programs::loaded_programs};
+use keepalive_common::maps;
+
+use crate::{paths::PinLayout, Error, Result};
+
+/// The sock_ops program of this installation: the loaded `tcpka_sockops`
+/// that uses this installation's connection map.
+fn sockops_program_id(layout: &PinLayout) -> Result<u32> {
+    let conns = MapInfo::from_pin(layout.map(maps::CONNS))
+        .map_err(|e| Error::map("opening the connection map", e))?
+        .id();
+    loaded_programs()
+        .filter_map(std::result::Result::ok)
+        .find(|p| {
+            p.name_as_str() == Some("tcpka_sockops")
+                && p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&conns))
+        })
+        .map(|p| p.id())
+        .ok_or_else(|| {
+            Error::io(
+                "finding the installation's sock_ops program",
+                std::io::ErrorKind::NotFound.into(),
+            )
+        })
+}
+
+/// Writes each kernel log record to stdout, as text or JSON; stops the
+/// trace when stdout is gone.
+struct Printer {
+    json: bool,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl log::Log for Printer {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        use std::io::Write as _;
+        let line = if self.json {
+            serde_json::json!({
+                "level": record.level().as_str().to_lowercase(),
+                "message": record.args().to_string(),
+            })
+            .to_string()
+        } else {
+            format!("{:<5} {}", record.level(), record.args())
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Turns the programs' decision log on, prints it until SIGINT or SIGTERM
+/// (or until stdout closes), and turns it off again.
+pub fn run(enforcer: &crate::enforcer::Enforcer, layout: &PinLayout, json: bool) -> Result<()> {
+    let id = sockops_program_id(layout)?;
+    let printer: &'static Printer = Box::leak(Box::new(Printer {
+        json,
+        broken: false.into(),
+    }));
+    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, printer).map_err(|e| {
+        Error::io(
+            format!("opening the kernel log: {e}"),
+            std::io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    if enforcer.set_trace(true)? {
+        // Somebody else reads this ring buffer: two readers would split it.
+        return Err(Error::Conflict(
+            "a trace already runs for this installation (or one was killed: `tcpka trace --stop`)"
+                .into(),
+        ));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let _ = signal_hook_flag(sig, &stop);
+    }
+    crate::errln!("tracing the kernel programs' decisions; Ctrl-C stops");
+    let fd = logger.as_raw_fd();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && !printer.broken.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid descriptor.
+        unsafe { libc::poll(&mut pfd, 1, 200) };
+        logger.flush();
+    }
+    logger.flush();
+    enforcer.set_trace(false)?;
+    Ok(())
+}
+
+/// Sets `flag` when `sig` arrives (and nothing else: the loop then ends
+/// and turns the trace off).
+fn signal_hook_flag(sig: i32, flag: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    let _ = FLAG.set(flag.clone());
+    extern "C" fn on_signal(_: i32) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_signal),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    let sig = nix::sys::signal::Signal::try_from(sig)
+        .map_err(|e| Error::io("installing a signal handler", e.into()))?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { nix::sys::signal::sigaction(sig, &action) }
+        .map_err(|e| Error::io("installing a signal handler", e.into()))?;
+    Ok(())
+}
