@@ -494,7 +494,7 @@ async fn enable_body(state: &AppState, b: EnableBody) -> Response {
         holder,
         netns: b.netns,
     };
-    match submit(&state, op).await.map(|d| d.changed) {
+    match submit(state, op).await.map(|d| d.changed) {
         Ok(changed) => {
             state.metrics.command("enable", "ok");
             state
@@ -507,7 +507,7 @@ async fn enable_body(state: &AppState, b: EnableBody) -> Response {
                 json!({ "changed": changed.len(), "connections": changed }),
             )
         }
-        Err(e) => failure(&state, "enable", &e),
+        Err(e) => failure(state, "enable", &e),
     }
 }
 
@@ -541,7 +541,7 @@ async fn disable_body(state: &AppState, b: DisableBody) -> Response {
         holder,
         netns: b.netns,
     };
-    match submit(&state, op).await {
+    match submit(state, op).await {
         Ok(done) => {
             state.metrics.command("disable", "ok");
             reply(
@@ -553,7 +553,7 @@ async fn disable_body(state: &AppState, b: DisableBody) -> Response {
                 }),
             )
         }
-        Err(e) => failure(&state, "disable", &e),
+        Err(e) => failure(state, "disable", &e),
     }
 }
 
