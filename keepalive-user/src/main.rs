@@ -308,6 +308,11 @@ struct ServeArgs {
     /// SIGHUP (`tcpka reload`); see `tcpka apply --help`.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Log the kernel programs' decisions (as `tcpka trace` prints them),
+    /// at most this detailed: error, warn, info or debug. Off by default:
+    /// the programs then test one bit.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    kernel_log: Option<log::LevelFilter>,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     json: bool,
@@ -581,6 +586,13 @@ fn write_man_pages(dir: &Path) -> Result<usize, Error> {
         &mut n,
     )?;
     Ok(n)
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    match s {
+        "error" | "warn" | "info" | "debug" => Ok(s.parse().expect("a level name")),
+        _ => Err(format!("{s:?} is not error, warn, info or debug")),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {
@@ -1180,6 +1192,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     .transpose()?,
                 json: a.json || file.json.unwrap_or(false),
                 rules_file: a.config,
+                kernel_log: a.kernel_log,
             };
             runtime()?.block_on(server::run(layout, cgroup, config))?;
         }

@@ -140,6 +140,9 @@ pub struct Config {
     /// Configuration file whose named rules are applied at start and on
     /// SIGHUP (`serve --config`).
     pub rules_file: Option<PathBuf>,
+    /// The kernel programs' decisions in the daemon's log, at most this
+    /// detailed (`serve --kernel-log`); off when `None`.
+    pub kernel_log: Option<log::LevelFilter>,
 }
 
 #[derive(Clone)]
@@ -1315,6 +1318,16 @@ pub async fn run(
     spawn_feed(&layout, &state, webhook, config.json);
     spawn_holder_sweep(state.enforcer.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());
+    let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kernel_log = match config.kernel_log {
+        Some(max) => Some(crate::trace::spawn_into_log(
+            state.enforcer.clone(),
+            &layout,
+            max,
+            kernel_log_stop.clone(),
+        )?),
+        None => None,
+    };
     let app = router(state);
 
     let mut term =
@@ -1392,6 +1405,11 @@ pub async fn run(
         r = serving => r,
         _ = grace => Ok(()),
     };
+    // The kernel log goes off with the daemon.
+    kernel_log_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = kernel_log {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     result?;
     tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())

@@ -66,36 +66,40 @@ impl log::Log for Printer {
     fn flush(&self) {}
 }
 
-/// Turns the programs' decision log on, prints it until SIGINT or SIGTERM
-/// (or until stdout closes), and turns it off again.
-pub fn run(enforcer: &crate::enforcer::Enforcer, layout: &PinLayout, json: bool) -> Result<()> {
+type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Opens the installation's kernel log for `sink` and turns the programs'
+/// decision log on. Refused when a trace already runs: two readers would
+/// split the log.
+fn start(
+    enforcer: &crate::enforcer::Enforcer,
+    layout: &PinLayout,
+    sink: &'static dyn log::Log,
+) -> Result<Logger> {
     let id = sockops_program_id(layout)?;
-    let printer: &'static Printer = Box::leak(Box::new(Printer {
-        json,
-        broken: false.into(),
-    }));
-    let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, printer).map_err(|e| {
+    let logger = aya_log::EbpfLogger::init_from_id_with_logger(id, sink).map_err(|e| {
         Error::io(
             format!("opening the kernel log: {e}"),
             std::io::ErrorKind::NotFound.into(),
         )
     })?;
     if enforcer.set_trace(true)? {
-        // Somebody else reads this ring buffer: two readers would split it.
         return Err(Error::Conflict(
             "a trace already runs for this installation (or one was killed: `tcpka trace --stop`)"
                 .into(),
         ));
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let _ = signal_hook_flag(sig, &stop);
-    }
-    crate::errln!("tracing the kernel programs' decisions; Ctrl-C stops");
+    Ok(logger)
+}
+
+/// Hands records to the sink until `done()`, then turns the log off.
+fn pump(
+    enforcer: &crate::enforcer::Enforcer,
+    mut logger: Logger,
+    done: impl Fn() -> bool,
+) -> Result<()> {
     let fd = logger.as_raw_fd();
-    while !stop.load(std::sync::atomic::Ordering::Relaxed)
-        && !printer.broken.load(std::sync::atomic::Ordering::Relaxed)
-    {
+    while !done() {
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -108,6 +112,68 @@ pub fn run(enforcer: &crate::enforcer::Enforcer, layout: &PinLayout, json: bool)
     logger.flush();
     enforcer.set_trace(false)?;
     Ok(())
+}
+
+/// Forwards kernel records to the daemon's log (`serve --kernel-log`),
+/// at most as detailed as `max`.
+struct ToLog(log::LevelFilter);
+
+impl log::Log for ToLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= self.0
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let msg = r.args().to_string();
+        match r.level() {
+            log::Level::Error => tracing::error!(target: "kernel", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "kernel", "{msg}"),
+            log::Level::Info => tracing::info!(target: "kernel", "{msg}"),
+            _ => tracing::debug!(target: "kernel", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The kernel log in the daemon's own, until `stop` is set; turns it off
+/// then. The returned thread ends after that.
+pub fn spawn_into_log(
+    enforcer: crate::enforcer::Enforcer,
+    layout: &PinLayout,
+    max: log::LevelFilter,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let sink: &'static ToLog = Box::leak(Box::new(ToLog(max)));
+    let logger = start(&enforcer, layout, sink)?;
+    Ok(std::thread::spawn(move || {
+        let done = || stop.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = pump(&enforcer, logger, done) {
+            tracing::warn!("kernel log: {}", crate::one_line(&e));
+        }
+    }))
+}
+
+/// Turns the programs' decision log on, prints it until SIGINT or SIGTERM
+/// (or until stdout closes), and turns it off again.
+pub fn run(enforcer: &crate::enforcer::Enforcer, layout: &PinLayout, json: bool) -> Result<()> {
+    let printer: &'static Printer = Box::leak(Box::new(Printer {
+        json,
+        broken: false.into(),
+    }));
+    let logger = start(enforcer, layout, printer)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let _ = signal_hook_flag(sig, &stop);
+    }
+    crate::errln!("tracing the kernel programs' decisions; Ctrl-C stops");
+    pump(enforcer, logger, || {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+            || printer.broken.load(std::sync::atomic::Ordering::Relaxed)
+    })
 }
 
 /// Sets `flag` when `sig` arrives (and nothing else: the loop then ends
