@@ -481,12 +481,15 @@ enum RuleCommand {
 
 #[derive(Args, Debug)]
 struct RuleExplainArgs {
-    /// This host's end, ADDR:PORT (IPv6 as [ADDR]:PORT).
-    #[arg(value_parser = parse_endpoint)]
-    local: SocketAddr,
-    /// The peer's end, ADDR:PORT.
-    #[arg(value_parser = parse_endpoint)]
-    remote: SocketAddr,
+    /// LOCAL REMOTE: this host's end and the peer's of a new connection
+    /// (ADDR:PORT, IPv6 as [ADDR]:PORT); or one CONN (peer endpoint, SIP
+    /// URI or cookie:N): the live connections it names, with the values
+    /// they hold.
+    #[arg(num_args = 1..=2, required = true, value_name = "LOCAL REMOTE | CONN")]
+    ends: Vec<String>,
+    /// With CONN: the network namespace to look in [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// Print the explanation as JSON.
     #[arg(long)]
     json: bool,
@@ -586,6 +589,56 @@ fn write_man_pages(dir: &Path) -> Result<usize, Error> {
         &mut n,
     )?;
     Ok(n)
+}
+
+fn print_explanation(conn: Option<&ConnStatus>, e: &tcpka::rule::Explanation) {
+    match conn {
+        None => tcpka::outln!("new connection {} -> {}", e.local, e.remote),
+        Some(c) => {
+            let k = &c.keepalive;
+            let now = if k.enabled {
+                format!(
+                    "keepalive on (idle {}, count {}, interval {})",
+                    k.idle, k.count, k.interval
+                )
+            } else {
+                "keepalive off".to_owned()
+            };
+            let from = match (c.source, c.rule) {
+                (Some(src), Some(id)) => format!(", from {src} {id}"),
+                (Some(src), None) => format!(", from {src}"),
+                _ => String::new(),
+            };
+            tcpka::outln!(
+                "connection {} -> {} (cookie:{:#x}): {now}{from}; a new one with these ends:",
+                c.local,
+                c.remote,
+                c.cookie
+            );
+        }
+    }
+    for v in &e.rules {
+        let verdict = match &v.why_not {
+            None => "matches".to_owned(),
+            Some(why) => format!("no: {why}"),
+        };
+        tcpka::outln!("  rule {:<4} {:<40} {verdict}", v.id, v.matcher);
+    }
+    match &e.winner {
+        Some(r) => tcpka::outln!(
+            "applies rule {} (idle {}, count {}, interval {}{}{}): {}",
+            r.id,
+            r.idle,
+            r.count,
+            r.interval,
+            r.user_timeout_ms
+                .map(|ms| format!(", user timeout {ms} ms"))
+                .unwrap_or_default(),
+            if r.tracked { "" } else { ", untracked" },
+            e.reason
+        ),
+        None => tcpka::outln!("applies nothing: {}", e.reason),
+    }
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -858,33 +911,43 @@ fn run(cli: Cli) -> Result<(), Error> {
             tcpka::outln!("deleted rule {id}");
         }
         Command::Rule(RuleCommand::Explain(a)) => {
-            let rules = Enforcer::new(layout).rules()?;
-            let e = tcpka::rule::explain(&rules, a.local, a.remote);
-            if a.json {
-                print_json(&e);
-            } else {
-                tcpka::outln!("new connection {} -> {}", e.local, e.remote);
-                for v in &e.rules {
-                    let verdict = match &v.why_not {
-                        None => "matches".to_owned(),
-                        Some(why) => format!("no: {why}"),
-                    };
-                    tcpka::outln!("  rule {:<4} {:<40} {verdict}", v.id, v.matcher);
+            let enforcer = Enforcer::new(layout);
+            let rules = enforcer.rules()?;
+            let explanations = match a.ends.as_slice() {
+                [local, remote] => {
+                    let (local, remote) = (parse_endpoint(local)?, parse_endpoint(remote)?);
+                    vec![(None, tcpka::rule::explain(&rules, local, remote))]
                 }
-                match &e.winner {
-                    Some(r) => tcpka::outln!(
-                        "applies rule {} (idle {}, count {}, interval {}{}{}): {}",
-                        r.id,
-                        r.idle,
-                        r.count,
-                        r.interval,
-                        r.user_timeout_ms
-                            .map(|ms| format!(", user timeout {ms} ms"))
-                            .unwrap_or_default(),
-                        if r.tracked { "" } else { ", untracked" },
-                        e.reason
-                    ),
-                    None => tcpka::outln!("applies nothing: {}", e.reason),
+                [conn] => {
+                    // The live connections CONN names: what a new connection
+                    // with their ends would get, beside what they hold.
+                    let conn: ConnSpec = conn.parse()?;
+                    let found = enforcer.apply(conn, None, Action::Query, a.netns.as_deref())?;
+                    let mut out = Vec::new();
+                    for c in found {
+                        let (l, r) = (parse_endpoint(&c.local)?, parse_endpoint(&c.remote)?);
+                        out.push((Some(c), tcpka::rule::explain(&rules, l, r)));
+                    }
+                    out
+                }
+                _ => unreachable!("clap takes one or two"),
+            };
+            if a.json {
+                let v: Vec<_> = explanations
+                    .iter()
+                    .map(|(c, e)| match c {
+                        Some(c) => serde_json::json!({ "connection": c, "explanation": e }),
+                        None => serde_json::to_value(e).expect("plain data"),
+                    })
+                    .collect();
+                if a.ends.len() == 2 {
+                    print_json(&v[0]);
+                } else {
+                    print_json(&v);
+                }
+            } else {
+                for (c, e) in &explanations {
+                    print_explanation(c.as_ref(), e);
                 }
             }
         }

@@ -426,6 +426,26 @@ fn rule_explain_names_the_rule_the_kernel_applies() {
     assert_eq!(keepalive(&s).idle, 63);
     // The client's end: the host /32 beats the /8.
     assert_eq!(keepalive(&c).idle, 62);
+    // A live connection by CONN (here the client's peer, the listener):
+    // each end it names, with the values it holds and the rule's.
+    let out = e
+        .tcpka
+        .run(&["rule", "explain", &format!("127.0.0.1:{port}"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let items = v.as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["connection"]["keepalive"]["idle"], 62, "{v}");
+    assert_eq!(items[0]["explanation"]["winner"]["idle"], 62, "{v}");
+    let text = e
+        .tcpka
+        .run(&["rule", "explain", &format!("127.0.0.1:{port}")])
+        .ok()
+        .stdout;
+    assert!(
+        text.contains("keepalive on (idle 62") && text.contains("applies rule"),
+        "{text}"
+    );
     let r = e
         .tcpka
         .run(&["rule", "explain", "127.0.0.1", "127.0.0.1:1"]);
