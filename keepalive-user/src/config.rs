@@ -33,6 +33,9 @@
 //! index = "ports"                      # or "host"
 //! index_ports = "5060,5061"            # or "all", or ""
 //! rule_events = false
+//! max_connections = 262144            # table sizes, at load
+//! max_indexed = 1048576
+//! max_holders = 131072
 //! ```
 use std::{
     collections::BTreeMap,
@@ -73,6 +76,9 @@ struct ServeEntry {
     index: Option<String>,
     index_ports: Option<String>,
     rule_events: Option<bool>,
+    max_connections: Option<i64>,
+    max_indexed: Option<i64>,
+    max_holders: Option<i64>,
 }
 
 /// The `[serve]` table, validated: each setting the file gives.
@@ -90,6 +96,7 @@ pub struct ServeSettings {
     pub index: Option<crate::loader::IndexMode>,
     pub index_ports: Option<crate::ports::IndexPorts>,
     pub rule_events: Option<bool>,
+    pub sizes: crate::loader::MapSizes,
 }
 
 impl ServeEntry {
@@ -117,6 +124,16 @@ impl ServeEntry {
             .map(|p| crate::ports::IndexPorts::parse(&p))
             .transpose()
             .map_err(|e| format!("index_ports: {e}"))?;
+        let size = |what: &str, v: Option<i64>| {
+            v.map(|n| crate::loader::parse_map_size(&n.to_string()))
+                .transpose()
+                .map_err(|e| format!("{what}: {e}"))
+        };
+        let sizes = crate::loader::MapSizes {
+            connections: size("max_connections", self.max_connections)?,
+            indexed: size("max_indexed", self.max_indexed)?,
+            holders: size("max_holders", self.max_holders)?,
+        };
         Ok(ServeSettings {
             listen,
             token_file: self.token_file,
@@ -130,6 +147,7 @@ impl ServeEntry {
             index,
             index_ports,
             rule_events: self.rule_events,
+            sizes,
         })
     }
 }

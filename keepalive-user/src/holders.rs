@@ -78,7 +78,7 @@ fn id_of(k: &HolderKey) -> String {
 }
 
 /// A full map is [`Error::HoldersFull`]; anything else is itself.
-fn full_or(e: MapError, what: &str) -> Error {
+fn full_or(e: MapError, what: &str, capacity: u32) -> Error {
     match &e {
         MapError::SyscallError(s)
             if matches!(
@@ -86,7 +86,7 @@ fn full_or(e: MapError, what: &str) -> Error {
                 Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
             ) =>
         {
-            Error::HoldersFull(keepalive_common::holders::MAX_ENTRIES)
+            Error::HoldersFull(capacity)
         }
         _ => Error::map(what, e),
     }
@@ -104,6 +104,7 @@ pub fn total(layout: &PinLayout) -> Result<usize> {
 pub struct Holders {
     set: HashMap<MapData, HolderKey, u8>,
     count: HashMap<MapData, u64, u32>,
+    capacity: u32,
 }
 
 impl Holders {
@@ -112,6 +113,7 @@ impl Holders {
         Ok(Self {
             set: HashMap::try_from(loader::open_map(layout, maps::HOLDERS)?).map_err(err)?,
             count: HashMap::try_from(loader::open_map(layout, maps::HOLDER_COUNT)?).map_err(err)?,
+            capacity: loader::capacity(layout, maps::HOLDERS)?,
         })
     }
 
@@ -145,7 +147,7 @@ impl Holders {
             }
             Err(e) => {
                 let _ = self.set_count(cookie, before);
-                Err(full_or(e, "adding a holder"))
+                Err(full_or(e, "adding a holder", self.capacity))
             }
         }
     }
@@ -169,7 +171,7 @@ impl Holders {
         }
         self.count
             .insert(cookie, n, 0)
-            .map_err(|e| full_or(e, "counting holders"))
+            .map_err(|e| full_or(e, "counting holders", self.capacity))
     }
 
     /// The holder entries of one connection.
@@ -202,7 +204,7 @@ impl Holders {
                 let _ = self.set.remove(&probe);
                 Ok(())
             }
-            Err(e) => Err(full_or(e, "checking the holder table")),
+            Err(e) => Err(full_or(e, "checking the holder table", self.capacity)),
         }
     }
 

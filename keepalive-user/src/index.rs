@@ -250,7 +250,7 @@ pub fn state(layout: &PinLayout) -> Result<IndexState> {
     let peers: HashMap<_, IndexKey, u64> =
         HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
     let mut out = IndexState {
-        capacity: keepalive_common::index::MAX_ENTRIES,
+        capacity: loader::capacity(layout, maps::PEERS)?,
         ..IndexState::default()
     };
     for k in peers.keys().filter_map(Result::ok) {

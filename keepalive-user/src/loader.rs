@@ -162,6 +162,43 @@ pub struct LoadOptions {
     pub index_ports: crate::ports::IndexPorts,
     /// Report `applied` and `closed` events for connections rules match.
     pub rule_events: bool,
+    /// Capacities of the tables that grow with the host.
+    pub sizes: MapSizes,
+}
+
+/// Capacities of the tables that grow with the host; `None` keeps the
+/// built-in one. Set at load; a table's entries exist only while used, but
+/// its bucket array (8 bytes per entry) is allocated at load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Managed connections ([`keepalive_common::CONNS_MAX_ENTRIES`]).
+    pub connections: Option<u32>,
+    /// Indexed sockets ([`keepalive_common::index::MAX_ENTRIES`]).
+    pub indexed: Option<u32>,
+    /// Holders on all connections
+    /// ([`keepalive_common::holders::MAX_ENTRIES`]).
+    pub holders: Option<u32>,
+}
+
+/// The range a table capacity must be in.
+pub const MAP_SIZE_MIN: u32 = 1024;
+pub const MAP_SIZE_MAX: u32 = 1 << 24;
+
+/// Parses a table capacity (1024..=16777216).
+pub fn parse_map_size(s: &str) -> std::result::Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (MAP_SIZE_MIN..=MAP_SIZE_MAX).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "a table size must be a whole number in {MAP_SIZE_MIN}..={MAP_SIZE_MAX}, got {s:?}"
+        )),
+    }
+}
+
+/// A pinned table's capacity, as the kernel has it.
+pub fn capacity(layout: &PinLayout, name: &str) -> Result<u32> {
+    aya::maps::MapInfo::from_pin(layout.map(name))
+        .map(|i| i.max_entries())
+        .map_err(|e| Error::map(format!("reading the size of {name}"), e))
 }
 
 /// Where an installation is attached.
@@ -959,6 +996,41 @@ fn load_and_pin(
         )
         .override_global(programs::GLOBAL_CGROUP_KN_OFF, &cgroup_kn_off, true)
         .override_global(programs::GLOBAL_KERNFS_ID_OFF, &kernfs_id_off, true)
+        .map_max_entries(
+            maps::CONNS,
+            options
+                .sizes
+                .connections
+                .unwrap_or(keepalive_common::CONNS_MAX_ENTRIES),
+        )
+        .map_max_entries(
+            maps::PEERS,
+            options
+                .sizes
+                .indexed
+                .unwrap_or(keepalive_common::index::MAX_ENTRIES),
+        )
+        .map_max_entries(
+            maps::SLOTS,
+            options
+                .sizes
+                .indexed
+                .unwrap_or(keepalive_common::index::MAX_ENTRIES),
+        )
+        .map_max_entries(
+            maps::HOLDERS,
+            options
+                .sizes
+                .holders
+                .unwrap_or(keepalive_common::holders::MAX_ENTRIES),
+        )
+        .map_max_entries(
+            maps::HOLDER_COUNT,
+            options
+                .sizes
+                .holders
+                .unwrap_or(keepalive_common::holders::MAX_ENTRIES),
+        )
         .load(crate::EBPF_OBJECT)
         .map_err(Error::Ebpf)?;
     for name in maps::ALL {

@@ -249,6 +249,18 @@ struct KernelArgs {
     /// enabled by command.
     #[arg(long)]
     rule_events: bool,
+    /// Capacity of the managed-connection table [default: 262144]. Past it,
+    /// rules still apply but connections are not tracked.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    max_connections: Option<u32>,
+    /// Capacity of the connection index, in sockets [default: 1048576]. Past
+    /// it, commands walk the socket table.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    max_indexed: Option<u32>,
+    /// Capacity of the holder table, holders on all connections together
+    /// [default: 131072]. Past it, `enable --holder` is refused.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    max_holders: Option<u32>,
 }
 
 impl KernelArgs {
@@ -278,6 +290,11 @@ impl KernelArgs {
                 .or_else(|| file.index_ports.clone())
                 .unwrap_or_default(),
             rule_events: self.rule_events || file.rule_events.unwrap_or(false),
+            sizes: loader::MapSizes {
+                connections: self.max_connections.or(file.sizes.connections),
+                indexed: self.max_indexed.or(file.sizes.indexed),
+                holders: self.max_holders.or(file.sizes.holders),
+            },
         }
     }
 }
@@ -1080,7 +1097,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             let counters = enforcer.counters()?;
             let layout = enforcer.layout();
             let holders = tcpka::holders::total(layout)?;
-            let holder_cap = keepalive_common::holders::MAX_ENTRIES;
+            let holder_cap = loader::capacity(layout, keepalive_common::maps::HOLDERS)?;
+            let conn_cap = loader::capacity(layout, keepalive_common::maps::CONNS)?;
             let index = tcpka::index::state(layout)?;
             let index_ports = tcpka::ports::read_index(layout)?;
             let rule_events = tcpka::ports::rule_events(layout)?;
@@ -1091,7 +1109,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     "installation": installation,
                     "rules": rules,
                     "managed_connections": managed,
-                    "connection_capacity": keepalive_common::CONNS_MAX_ENTRIES,
+                    "connection_capacity": conn_cap,
                     "holders": { "count": holders, "capacity": holder_cap },
                     "index": index,
                     "index_mode": installation.index,
@@ -1148,10 +1166,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 tcpka::outln!("pins: {}", installation.pin_dir.display());
                 tcpka::outln!("rules: {rules}");
-                tcpka::outln!(
-                    "managed connections: {managed} of {}",
-                    keepalive_common::CONNS_MAX_ENTRIES
-                );
+                tcpka::outln!("managed connections: {managed} of {conn_cap}");
                 tcpka::outln!("holders: {holders} of {holder_cap}");
                 if index.failures > 0 {
                     tcpka::outln!(

@@ -237,7 +237,7 @@ fn serve_takes_its_settings_from_the_file_under_the_command_line() {
     let cgroup = CgroupDir::new();
     let t = Tcpka::new();
     let file = ConfigFile::new(
-        "[serve]\nlisten = \"127.0.0.1:1\"\nindex_ports = \"5099\"\nrule_events = true\n\n",
+        "[serve]\nlisten = \"127.0.0.1:1\"\nindex_ports = \"5099\"\nrule_events = true\nmax_connections = 4096\nmax_holders = 2048\n\n",
     );
     let addr = format!("127.0.0.1:{}", 18000 + std::process::id() % 1000);
     // Serve::start passes --listen ADDR: it must win over the file's.
@@ -246,4 +246,8 @@ fn serve_takes_its_settings_from_the_file_under_the_command_line() {
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["index_ports"], "5099", "{info}");
     assert_eq!(v["rule_events"], true, "{info}");
+    // The table sizes, as the kernel has them.
+    assert_eq!(v["connection_capacity"], 4096, "{info}");
+    assert_eq!(v["holders"]["capacity"], 2048, "{info}");
+    assert_eq!(v["index"]["capacity"], 1 << 20, "{info}");
 }
