@@ -468,16 +468,20 @@ fn trace_prints_the_rule_a_new_connection_got() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The trace is on once a second one is refused.
+    // Wait until `info` shows the trace on (a probe must not start one).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = e.tcpka.run(&["trace"]);
-        if r.code == 1 && r.stderr.contains("a trace already runs") {
+        let info = e.tcpka.run(&["info", "--json"]).ok().stdout;
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        if v["trace"] == true {
             break;
         }
-        assert!(Instant::now() < deadline, "trace did not start: {r:?}");
+        assert!(Instant::now() < deadline, "trace did not start: {info}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A second reader is refused.
+    let r = e.tcpka.run(&["trace"]);
+    assert!(r.code == 1 && r.stderr.contains("a trace already runs"), "{r:?}");
     let l = listen("127.0.0.1:7040");
     let (_c, s) = connect(&l);
     assert_eq!(keepalive(&s).idle, 30);
