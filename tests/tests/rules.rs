@@ -481,13 +481,28 @@ fn trace_prints_the_rule_a_new_connection_got() {
     }
     // A second reader is refused.
     let r = e.tcpka.run(&["trace"]);
-    assert!(r.code == 1 && r.stderr.contains("a trace already runs"), "{r:?}");
+    assert!(
+        r.code == 1 && r.stderr.contains("a trace already runs"),
+        "{r:?}"
+    );
     let l = listen("127.0.0.1:7040");
     let (_c, s) = connect(&l);
     assert_eq!(keepalive(&s).idle, 30);
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    // The first line, read on a thread so that a missing one fails the
+    // test instead of hanging it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10));
+    if line.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let line = line.expect("no trace line within 10 s");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["level"], "info", "{line}");
     let msg = v["message"].as_str().unwrap();
