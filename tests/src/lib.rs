@@ -781,3 +781,58 @@ pub fn wait_for_event(
         }
     }
 }
+
+/// `tcpka --log-format json serve --listen ADDR ARGS...` with its log
+/// (stderr) kept, once /healthz answers.
+pub struct LoggedServe {
+    child: std::process::Child,
+}
+
+impl LoggedServe {
+    pub fn start(t: &Tcpka, addr: &str, args: &[&str]) -> Self {
+        let child = t
+            .cmd()
+            .env("TCPKA_TOKEN", TEST_TOKEN)
+            .args(["--log-format", "json", "serve", "--listen", addr])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start tcpka serve");
+        let s = Self { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while http(addr, "GET", "/healthz", None, Some(TEST_TOKEN)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tcpka serve did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// Stops the daemon (SIGINT) and returns its log, one JSON object per
+    /// line.
+    pub fn stop(mut self) -> Vec<serde_json::Value> {
+        use std::io::Read as _;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut log = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut log);
+        }
+        let status = self.child.wait().expect("wait for tcpka serve");
+        assert!(status.success(), "serve exited with {status}: {log}");
+        log.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l:?}")))
+            .collect()
+    }
+}
+
+impl Drop for LoggedServe {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child (a no-op once it was reaped).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}

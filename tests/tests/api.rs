@@ -537,22 +537,8 @@ fn concurrent_requests_share_batches_and_walks() {
 fn serve_logs_commands_and_refusals_as_json_lines() {
     let e = Env::outside();
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = e
-        .tcpka
-        .cmd()
-        .env("TCPKA_TOKEN", TEST_TOKEN)
-        .args(["--log-format", "json", "serve", "--cgroup"])
-        .arg(&e.cgroup.path)
-        .args(["--listen", &addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http(&addr, "GET", "/healthz", None, Some(TEST_TOKEN)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cgroup = e.cgroup.path.to_str().unwrap().to_owned();
+    let serve = LoggedServe::start(&e.tcpka, &addr, &["--cgroup", &cgroup]);
     let l = listen("127.0.0.1:0");
     let peer = l.local_addr().unwrap().to_string();
     let (_c, _s) = connect(&l);
@@ -572,20 +558,8 @@ fn serve_logs_commands_and_refusals_as_json_lines() {
     assert_eq!(code, 400);
     let (code, _) = http(&addr, "GET", "/v1/rules", None, Some("wrong-token")).unwrap();
     assert_eq!(code, 401);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    child.wait().unwrap();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l:?}")))
-        .collect();
+    let lines = serve.stop();
+    let log = format!("{lines:?}");
     let find =
         |f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().filter(|l| f(&l["fields"])).count();
     assert_eq!(

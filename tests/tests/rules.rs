@@ -525,45 +525,19 @@ fn serve_kernel_log_puts_decisions_in_its_log() {
     let e = env();
     let id = e.tcpka.rule_add(&["--local-port", "7041", "31", "3", "3"]);
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = e
-        .tcpka
-        .cmd()
-        .env("TCPKA_TOKEN", TEST_TOKEN)
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--kernel-log",
-            "info",
-            "--listen",
-            &addr,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http(&addr, "GET", "/healthz", None, Some(TEST_TOKEN)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let serve = LoggedServe::start(&e.tcpka, &addr, &["--kernel-log", "info"]);
     let l = listen("127.0.0.1:7041");
     let (_c, s) = connect(&l);
     assert_eq!(keepalive(&s).idle, 31);
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(child.wait().unwrap().success(), "{log}");
-    let found = log.lines().any(|l| {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+    let log = serve.stop();
+    let found = log.iter().any(|v| {
         v["target"] == "kernel"
             && v["fields"]["message"]
                 .as_str()
                 .is_some_and(|m| m.contains(&format!("rule {id} (idle 31")))
     });
-    assert!(found, "{log}");
+    assert!(found, "{log:?}");
     let r = e.tcpka.run(&["trace", "--stop"]).ok();
     assert_eq!(r.stdout.trim(), "no trace was on");
 }
