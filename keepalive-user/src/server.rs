@@ -1246,12 +1246,17 @@ async fn apply_rules_file(enforcer: &Enforcer, path: &std::path::Path) -> Result
 }
 
 /// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
-/// file that has become invalid is reported and changes nothing.
-fn spawn_reload(enforcer: Enforcer, path: PathBuf) -> Result<(), Error> {
+/// file that has become invalid is reported and changes nothing. Without a
+/// file, SIGHUP is logged and ignored (it must not stop the daemon).
+fn spawn_reload(enforcer: Enforcer, path: Option<PathBuf>) -> Result<(), Error> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            if let Err(e) = apply_rules_file(&enforcer, &path).await {
+            let Some(path) = &path else {
+                tracing::warn!("reload: serve has no --config file; nothing to apply");
+                continue;
+            };
+            if let Err(e) = apply_rules_file(&enforcer, path).await {
                 tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
             }
         }
@@ -1303,10 +1308,10 @@ pub async fn run(
     );
     let (events_tx, _) = broadcast::channel(4096);
     let enforcer = Enforcer::new(layout.clone());
-    if let Some(path) = config.rules_file.clone() {
-        apply_rules_file(&enforcer, &path).await?;
-        spawn_reload(enforcer.clone(), path)?;
+    if let Some(path) = &config.rules_file {
+        apply_rules_file(&enforcer, path).await?;
     }
+    spawn_reload(enforcer.clone(), config.rules_file.clone())?;
     let state = AppState {
         batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
         enforcer,

@@ -221,6 +221,22 @@ fn serve_config_restores_rules_after_the_pins_are_gone_and_reloads() {
     cgroup.leave();
 }
 
+/// A serve without --config is not stopped by a reload (SIGHUP).
+#[test]
+fn reload_of_a_serve_without_config_leaves_it_running() {
+    let e = Env::outside();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
+    e.tcpka.run(&["reload"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "serve exited on SIGHUP"
+    );
+    let (code, _) = http(&addr, "GET", "/healthz", None, None).unwrap();
+    assert_eq!(code, 200);
+}
+
 #[test]
 fn reload_without_a_daemon_says_so() {
     let e = Env::outside();
