@@ -739,6 +739,44 @@ impl Enforcer {
         self.apply_locked(conn, local, action, netns)
     }
 
+    /// Ends the connections CONN names from the kernel side (the reference's
+    /// `tcp_close_connection`): each is destroyed ([`crate::destroy`]), its
+    /// owner's next call fails, its peer gets a reset. Listening sockets
+    /// are refused, before anything is closed. Returns the connections
+    /// closed, as they were.
+    pub fn close(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        netns: Option<&Path>,
+    ) -> Result<Vec<ConnStatus>> {
+        let found = self.apply(conn, local, Action::Query, netns)?;
+        if found.is_empty() {
+            return Err(no_such(conn, local));
+        }
+        if found.iter().any(|c| c.state == "listen") {
+            return Err(Error::Invalid(crate::InvalidInput::Conn {
+                value: conn.to_string(),
+                reason:
+                    "is a listening socket: closing it would stop the server; name a connection",
+            }));
+        }
+        let parse = |s: &str| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                Error::io(
+                    format!("reading the endpoint {s}"),
+                    std::io::ErrorKind::InvalidData.into(),
+                )
+            })
+        };
+        let mut closed = Vec::new();
+        for c in found {
+            crate::destroy::destroy(parse(&c.local)?, parse(&c.remote)?, c.cookie, netns)?;
+            closed.push(c);
+        }
+        Ok(closed)
+    }
+
     /// Enables keepalive and, with a holder, records it on every connection
     /// changed.
     pub fn enable(

@@ -9,6 +9,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod config;
 pub mod conn;
+pub mod destroy;
 pub mod doctor;
 pub mod enforcer;
 pub mod events;

@@ -114,6 +114,12 @@ enum Command {
     Enable(EnableArgs),
     /// Turn keepalive off on live connections now (tcp_keepalive_disable).
     Disable(ConnArgs),
+    /// End live connections now, from the kernel side (tcpops'
+    /// tcp_close_connection): the owner's next call fails with
+    /// ECONNABORTED and the peer gets a reset; the owner need not
+    /// cooperate. Uses sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY).
+    /// Exit 1 "no such connection" when none matches.
+    Close(CloseArgs),
     /// Show managed connections (or, with CONN, the matching connections
     /// whether managed or not) with the values read back from the kernel.
     Status(StatusArgs),
@@ -409,6 +415,22 @@ struct ConnArgs {
     #[arg(long, value_name = "ID", value_parser = parse_holder)]
     holder: Option<String>,
     /// Print the connections changed as JSON (as `status --json`).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CloseArgs {
+    /// The connection(s): peer endpoint, SIP URI or cookie:N.
+    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
+    conn: ConnSpec,
+    /// Only the connection with this local end.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    local: Option<SocketAddr>,
+    /// Act in another network namespace [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// Print the connections closed as JSON (as they were).
     #[arg(long)]
     json: bool,
 }
@@ -1017,6 +1039,15 @@ fn run(cli: Cli) -> Result<(), Error> {
                 t.netns.as_deref(),
             )?;
             report_changed(&changed, "enabled keepalive", &policy.to_string(), t.json);
+        }
+        Command::Close(a) => {
+            let closed = Enforcer::new(layout).close(a.conn, a.local, a.netns.as_deref())?;
+            if a.json {
+                print_json(&closed);
+            } else {
+                let n = closed.len();
+                tcpka::outln!("closed {n} connection{}", if n == 1 { "" } else { "s" });
+            }
         }
         Command::Disable(t) => {
             let done = Enforcer::new(layout).disable(

@@ -429,6 +429,14 @@ struct DisableBody {
     netns: Option<PathBuf>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseBody {
+    conn: String,
+    local: Option<String>,
+    netns: Option<PathBuf>,
+}
+
 type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
 
 fn target(conn: &str, local: Option<&str>, holder: Option<&str>) -> Result<Target, InvalidInput> {
@@ -557,6 +565,43 @@ async fn disable_body(state: &AppState, b: DisableBody) -> Response {
             )
         }
         Err(e) => failure(state, "disable", &e),
+    }
+}
+
+/// `POST /v1/close`: ends the connections from the kernel side (see
+/// [`Enforcer::close`]).
+async fn close(State(state): State<AppState>, body: Body) -> Response {
+    let b: CloseBody = match json_body(body).await {
+        Ok(b) => b,
+        Err(r) => {
+            state.metrics.command("close", "invalid");
+            log_command("close", None, None, &r);
+            return r;
+        }
+    };
+    let r = close_body(&state, &b).await;
+    log_command("close", Some(&b.conn), None, &r);
+    r
+}
+
+async fn close_body(state: &AppState, b: &CloseBody) -> Response {
+    let (conn, local, _) = match target(&b.conn, b.local.as_deref(), None) {
+        Ok(t) => t,
+        Err(e) => {
+            state.metrics.command("close", "invalid");
+            return invalid(e);
+        }
+    };
+    let netns = b.netns.clone();
+    match blocking(state, move |e| e.close(conn, local, netns.as_deref())).await {
+        Ok(closed) => {
+            state.metrics.command("close", "ok");
+            reply(
+                StatusCode::OK,
+                json!({ "changed": closed.len(), "connections": closed }),
+            )
+        }
+        Err(e) => failure(state, "close", &e),
     }
 }
 
@@ -936,6 +981,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/enable", post(enable))
         .route("/v1/disable", post(disable))
+        .route("/v1/close", post(close))
         .route("/v1/connections", get(connections))
         .route("/v1/rules", get(rules_list).post(rules_add))
         .route("/v1/rules/{id}", delete(rules_del))

@@ -582,3 +582,26 @@ fn serve_logs_commands_and_refusals_as_json_lines() {
         "{log}"
     );
 }
+
+/// `POST /v1/close` ends the connection (result 1), then finds none (404,
+/// result -1).
+#[test]
+fn close_over_http() {
+    let e = Env::outside();
+    let s = serve(&e, &[]);
+    let l = listen("127.0.0.1:0");
+    let peer = l.local_addr().unwrap().to_string();
+    let (mut c, _srv) = connect(&l);
+    let (code, v) = http_json(&s.addr, "POST", "/v1/close", json!({ "conn": peer }));
+    assert_eq!(
+        (code, v["result"].as_i64(), v["changed"].as_u64()),
+        (200, Some(1), Some(1)),
+        "{v}"
+    );
+    let mut b = [0u8; 1];
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let err = c.read(&mut b).expect_err("aborted");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+    let (code, v) = http_json(&s.addr, "POST", "/v1/close", json!({ "conn": peer }));
+    assert_eq!((code, v["result"].as_i64()), (404, Some(-1)), "{v}");
+}

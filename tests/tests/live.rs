@@ -595,3 +595,36 @@ fn set_up_connection_found(mode: &str, direct: bool) {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v[0]["state"], "syn-sent", "{v}");
 }
+
+/// `tcpka close` ends a live, idle connection from the kernel side: the
+/// owner's next call fails with ECONNABORTED and the peer gets a reset. A
+/// listening socket is refused (exit 2) and an unknown connection is exit 1.
+#[test]
+fn close_ends_a_live_connection_from_the_kernel_side() {
+    use std::io::Read as _;
+    let e = Env::outside();
+    let l = listen("127.0.0.1:0");
+    let listener = l.local_addr().unwrap().to_string();
+    let (mut c, mut s) = connect(&l);
+
+    let r = e.tcpka.run(&["close", &format!("cookie:{}", cookie(&l))]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("listening socket"), "{r:?}");
+
+    // The client's peer is the listener's address: that one connection.
+    let r = e.tcpka.run(&["close", &listener]).ok();
+    assert_eq!(r.stdout.trim(), "closed 1 connection", "{r:?}");
+    let mut b = [0u8; 1];
+    c.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let err = c.read(&mut b).expect_err("the owner sees the abort");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let err = s.read(&mut b).expect_err("the peer gets a reset");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+
+    let r = e.tcpka.run(&["close", &listener]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no such connection"), "{r:?}");
+}

@@ -1,0 +1,155 @@
+//! Ending a connection from the kernel side (`tcpka close`): sock_diag's
+//! `SOCK_DESTROY`, as `ss -K` does (the kernel needs
+//! `CONFIG_INET_DIAG_DESTROY`; the caller `CAP_NET_ADMIN`). The kernel
+//! aborts the socket: its owner's next call fails with ECONNABORTED and the
+//! peer gets a reset. The owner need not cooperate.
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use crate::{Error, Result};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLMSG_ERROR: u16 = 2;
+
+/// `struct nlmsghdr` + `struct inet_diag_req_v2` for one socket, by its
+/// ends and cookie.
+fn request(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(72);
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    } as u8;
+    m.extend_from_slice(&72u32.to_ne_bytes()); // nlmsg_len
+    m.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    m.extend_from_slice(&local.port().to_be_bytes());
+    m.extend_from_slice(&remote.port().to_be_bytes());
+    let addr = |ip: IpAddr| -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&v4.octets());
+                a
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    m.extend_from_slice(&addr(local.ip()));
+    m.extend_from_slice(&addr(remote.ip()));
+    m.extend_from_slice(&0u32.to_ne_bytes()); // interface: any
+    m.extend_from_slice(&(cookie as u32).to_ne_bytes());
+    m.extend_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+    debug_assert_eq!(m.len(), 72);
+    m
+}
+
+/// Destroys one connection of the current network namespace.
+fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
+    let err = |what: &str, e: std::io::Error| Error::io(format!("closing {remote}: {what}"), e);
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(err("sock_diag socket", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let msg = request(local, remote, cookie);
+    // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
+    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(err("SOCK_DESTROY", std::io::Error::last_os_error()));
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: recv(2) into a buffer we own.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 20 {
+        return Err(err("SOCK_DESTROY", std::io::Error::last_os_error()));
+    }
+    let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+    let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+    match (kind, code) {
+        (NLMSG_ERROR, 0) => Ok(()),
+        (NLMSG_ERROR, e) if -e == libc::EOPNOTSUPP => Err(Error::io(
+            format!(
+                "closing {remote}: the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY)"
+            ),
+            std::io::Error::from_raw_os_error(-e),
+        )),
+        (NLMSG_ERROR, e) => Err(err("SOCK_DESTROY", std::io::Error::from_raw_os_error(-e))),
+        _ => Err(err(
+            "SOCK_DESTROY",
+            std::io::Error::other(format!("unexpected netlink reply type {kind}")),
+        )),
+    }
+}
+
+/// Destroys one connection, in `netns` when given (the sock_diag socket
+/// must be made inside it).
+pub fn destroy(
+    local: SocketAddr,
+    remote: SocketAddr,
+    cookie: u64,
+    netns: Option<&Path>,
+) -> Result<()> {
+    let Some(ns) = netns else {
+        return destroy_here(local, remote, cookie);
+    };
+    let ns = ns.to_path_buf();
+    // In a thread of its own: setns changes only the calling thread.
+    std::thread::spawn(move || {
+        let netns_err = |source| Error::Netns {
+            path: ns.clone(),
+            source,
+        };
+        let target = crate::access::open_netns(&ns)?;
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| netns_err(e.into()))?;
+        destroy_here(local, remote, cookie)
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(Error::io(
+            "closing a connection",
+            std::io::Error::other("the netns thread panicked"),
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_layout() {
+        let m = request(
+            "10.0.0.1:5060".parse().unwrap(),
+            "10.0.0.2:40000".parse().unwrap(),
+            0x1_0000_0002,
+        );
+        assert_eq!(m.len(), 72);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), SOCK_DESTROY);
+        assert_eq!(&m[16..20], &[libc::AF_INET as u8, 6, 0, 0]);
+        assert_eq!(&m[24..26], &5060u16.to_be_bytes());
+        assert_eq!(&m[26..28], &40000u16.to_be_bytes());
+        assert_eq!(&m[28..32], &[10, 0, 0, 1]);
+        assert_eq!(&m[44..48], &[10, 0, 0, 2]);
+        assert_eq!(u32::from_ne_bytes([m[64], m[65], m[66], m[67]]), 2);
+        assert_eq!(u32::from_ne_bytes([m[68], m[69], m[70], m[71]]), 1);
+    }
+}
