@@ -398,16 +398,8 @@ struct WatchArgs {
 /// hex, as SO_COOKIE and `ss -e` `sk:` show it).
 #[derive(Args, Debug)]
 struct ConnArgs {
-    /// The connection(s): peer endpoint, SIP URI or cookie:N.
-    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
-    conn: ConnSpec,
-    /// Only the connection with this local end (Kamailio's `$Ri:$Rp`).
-    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
-    local: Option<SocketAddr>,
-    /// Act in another network namespace, e.g. /run/netns/NAME or
-    /// /proc/PID/ns/net [default: tcpka's own].
-    #[arg(long, value_name = "PATH")]
-    netns: Option<PathBuf>,
+    #[command(flatten)]
+    which: Which,
     /// Who needs the keepalive (a SIP controller passes the Call-ID). A
     /// connection keeps keepalive while any holder remains: `disable
     /// --holder` only turns it off when the last holder goes; `disable`
@@ -419,17 +411,25 @@ struct ConnArgs {
     json: bool,
 }
 
+/// Which live connections a command acts on.
 #[derive(Args, Debug)]
-struct CloseArgs {
+struct Which {
     /// The connection(s): peer endpoint, SIP URI or cookie:N.
     #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
     conn: ConnSpec,
-    /// Only the connection with this local end.
+    /// Only the connection with this local end (Kamailio's `$Ri:$Rp`).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
     local: Option<SocketAddr>,
-    /// Act in another network namespace [default: tcpka's own].
+    /// Act in another network namespace, e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net [default: tcpka's own].
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct CloseArgs {
+    #[command(flatten)]
+    which: Which,
     /// Print the connections closed as JSON (as they were).
     #[arg(long)]
     json: bool,
@@ -1032,16 +1032,17 @@ fn run(cli: Cli) -> Result<(), Error> {
             let policy = a.policy.policy()?;
             let t = a.target;
             let changed = Enforcer::new(layout).enable(
-                t.conn,
-                t.local,
+                t.which.conn,
+                t.which.local,
                 policy,
                 t.holder.as_deref(),
-                t.netns.as_deref(),
+                t.which.netns.as_deref(),
             )?;
             report_changed(&changed, "enabled keepalive", &policy.to_string(), t.json);
         }
         Command::Close(a) => {
-            let closed = Enforcer::new(layout).close(a.conn, a.local, a.netns.as_deref())?;
+            let w = a.which;
+            let closed = Enforcer::new(layout).close(w.conn, w.local, w.netns.as_deref())?;
             if a.json {
                 print_json(&closed);
             } else {
@@ -1051,10 +1052,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Disable(t) => {
             let done = Enforcer::new(layout).disable(
-                t.conn,
-                t.local,
+                t.which.conn,
+                t.which.local,
                 t.holder.as_deref(),
-                t.netns.as_deref(),
+                t.which.netns.as_deref(),
             )?;
             if t.json {
                 print_json(&done);

@@ -615,12 +615,10 @@ fn close_ends_a_live_connection_from_the_kernel_side() {
     let r = e.tcpka.run(&["close", &listener]).ok();
     assert_eq!(r.stdout.trim(), "closed 1 connection", "{r:?}");
     let mut b = [0u8; 1];
-    c.set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let err = c.read(&mut b).expect_err("the owner sees the abort");
     assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let err = s.read(&mut b).expect_err("the peer gets a reset");
     assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
 
