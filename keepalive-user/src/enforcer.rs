@@ -417,7 +417,16 @@ pub struct ConnStatus {
     pub cookie: u64,
     pub local: String,
     pub remote: String,
+    /// The kernel's TCP state (`ss` names).
     pub state: &'static str,
+    /// The state in tcpka's stable vocabulary: `established`, `listening`,
+    /// `connecting`, `peer-closed` (the peer sent its FIN) or `closing`
+    /// (see [`phase`]).
+    pub phase: &'static str,
+    /// The same as Kamailio tcpops' `tcp_conid_state` returns it: 1 OK, 2
+    /// accepting, 3 setting up, -2 EOF, -4 about to close (-1, no such
+    /// connection, is a command's exit 1 / HTTP 404).
+    pub conid_state: i32,
     pub keepalive: KeepaliveState,
     /// `"rule"` or `"command"`; `None` when tcpka does not manage it.
     pub source: Option<&'static str>,
@@ -447,6 +456,18 @@ pub struct Kept {
 }
 
 /// Name of a TCP state (`include/net/tcp_states.h`).
+/// A TCP state in tcpka's stable vocabulary, and as tcpops'
+/// `tcp_conid_state` numbers it.
+pub fn phase(state: u32) -> (&'static str, i32) {
+    match state {
+        1 => ("established", 1),
+        10 => ("listening", 2),
+        2 | 3 | 12 => ("connecting", 3),
+        8 => ("peer-closed", -2),
+        _ => ("closing", -4),
+    }
+}
+
 pub fn state_name(state: u32) -> &'static str {
     match state {
         1 => "established",
@@ -473,6 +494,8 @@ impl ConnStatus {
             local: endpoint(r.family, r.local_addr, r.local_port).to_string(),
             remote: endpoint(r.family, r.remote_addr, r.remote_port).to_string(),
             state: state_name(r.state),
+            phase: phase(r.state).0,
+            conid_state: phase(r.state).1,
             keepalive: KeepaliveState {
                 enabled: r.keepalive != 0,
                 idle: r.idle,

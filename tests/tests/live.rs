@@ -626,3 +626,34 @@ fn close_ends_a_live_connection_from_the_kernel_side() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("no such connection"), "{r:?}");
 }
+
+/// `status CONN` gives the state in a stable vocabulary and as tcpops'
+/// `tcp_conid_state` numbers it: established (1), then peer-closed (-2)
+/// once the peer sent its FIN; a listener is listening (2).
+#[test]
+fn status_gives_the_state_in_a_stable_vocabulary() {
+    let e = Env::outside();
+    let l = listen("127.0.0.1:0");
+    let listener = l.local_addr().unwrap().to_string();
+    let (_c, s) = connect(&l);
+    let state = |conn: &str| {
+        let out = e.tcpka.run(&["status", conn, "--json"]).ok().stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (
+            v[0]["phase"].as_str().unwrap().to_owned(),
+            v[0]["conid_state"].as_i64().unwrap(),
+        )
+    };
+    assert_eq!(state(&listener), ("established".into(), 1));
+    assert_eq!(
+        state(&format!("cookie:{}", cookie(&l))),
+        ("listening".into(), 2)
+    );
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(&listener).1 != -2 {
+        assert!(Instant::now() < deadline, "{:?}", state(&listener));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(state(&listener), ("peer-closed".into(), -2));
+}
