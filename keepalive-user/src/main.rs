@@ -136,7 +136,7 @@ enum Command {
     /// connections closed, reset or timed out). Ctrl-C stops the daemon;
     /// enforcement stays in place.
     ///
-    /// API: POST /v1/enable, POST /v1/disable, GET /v1/connections,
+    /// API: POST /v1/enable, POST /v1/disable, POST /v1/close, GET /v1/connections,
     /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
     /// stream), GET /metrics (Prometheus), GET /healthz.
     Serve(ServeArgs),
@@ -1133,7 +1133,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             let conn_cap = loader::capacity(layout, keepalive_common::maps::CONNS)?;
             let index = tcpka::index::state(layout)?;
             let index_ports = tcpka::ports::read_index(layout)?;
-            let rule_events = tcpka::ports::rule_events(layout)?;
+            let rule_events =
+                tcpka::ports::flag(layout, keepalive_common::ports::FLAG_RULE_EVENTS)?;
             let trace = tcpka::ports::flag(layout, keepalive_common::ports::FLAG_TRACE)?;
             if a.json {
                 print_json(&serde_json::json!({

@@ -165,11 +165,6 @@ pub fn flag(layout: &PinLayout, flag: u64) -> Result<bool> {
     Ok(flags(&open(layout)?)? & flag != 0)
 }
 
-/// Whether connections rules match report `applied` and `closed` events.
-pub fn rule_events(layout: &PinLayout) -> Result<bool> {
-    Ok(flags(&open(layout)?)? & FLAG_RULE_EVENTS != 0)
-}
-
 /// The index ports of an installation.
 pub fn read_index(layout: &PinLayout) -> Result<IndexPorts> {
     let map = open(layout)?;
