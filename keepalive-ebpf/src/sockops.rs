@@ -134,6 +134,29 @@ macro_rules! addr {
     }};
 }
 
+/// Indexes a connection (an index port) and watches it until it closes:
+/// close.rs reports a managed connection's end and forgets what was kept
+/// about it.
+#[inline(always)]
+fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool) -> Result<(), ()> {
+    if indexed {
+        // SAFETY: sock_ops context is a valid argument for the helper.
+        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+        if let Some(sk) = full_sock(ops) {
+            index::add(sk, cookie);
+        }
+    }
+    if !host {
+        let cb = field!(ops, bpf_sock_ops_cb_flags);
+        // SAFETY: sock_ops context is a valid argument for the helper.
+        if unsafe { bpf_sock_ops_cb_flags_set(ops, (cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) } != 0
+        {
+            count(stats::CLOSE_WATCH_ERRORS);
+        }
+    }
+    Ok(())
+}
+
 fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     let family = field!(ops, family);
     if family != AF_INET && family != AF_INET6 {
@@ -179,22 +202,8 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         return Ok(());
     }
     let tracked = rule.is_some_and(|r| r.opts & OPT_UNTRACKED == 0);
-    // SAFETY: sock_ops context is a valid argument for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    if indexed {
-        if let Some(sk) = full_sock(ops) {
-            index::add(sk, cookie);
-        }
-    }
-    if !host && (indexed || tracked) {
-        // Watch it until it closes: close.rs reports a managed connection's
-        // end and forgets what was kept about it.
-        let cb = field!(ops, bpf_sock_ops_cb_flags);
-        // SAFETY: sock_ops context is a valid argument for the helper.
-        if unsafe { bpf_sock_ops_cb_flags_set(ops, (cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) } != 0
-        {
-            count(stats::CLOSE_WATCH_ERRORS);
-        }
+    if indexed || tracked {
+        watch(ops, host, indexed)?;
     }
     let rule = rule.ok_or(())?;
     let policy = rule.policy;
@@ -209,8 +218,12 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     }
     count(stats::APPLIED_RULE);
     if !tracked {
+        // An untracked rule (the default) ends here: no map entry, no
+        // close watch, not even a cookie.
         return Ok(());
     }
+    // SAFETY: sock_ops context is a valid argument for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -10,7 +10,7 @@
 //! count = 5
 //! interval = 5
 //! user_timeout_ms = 20000  # optional
-//! tracked = true           # optional; false is `rule add --untracked`
+//! tracked = true           # optional; `rule add --tracked` (default false)
 //! ```
 //!
 //! Rules are matched by name: the file adds, changes and removes the named
@@ -163,12 +163,8 @@ struct RuleEntry {
     count: i64,
     interval: i64,
     user_timeout_ms: Option<i64>,
-    #[serde(default = "yes")]
+    #[serde(default)]
     tracked: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// A rule of the file, validated.
@@ -342,7 +338,7 @@ impl std::fmt::Display for Step {
                 r.user_timeout_ms
                     .map(|ms| format!(" user-timeout {ms}"))
                     .unwrap_or_default(),
-                if r.tracked { "" } else { " untracked" }
+                if r.tracked { " tracked" } else { "" }
             )
         };
         let name = |r: &Rule| r.name.clone().unwrap_or_default();
@@ -419,6 +415,7 @@ local_port = 5060
 idle = 60
 count = 5
 interval = 5
+tracked = true
 
 [[rule]]
 name = "trunk.1"
@@ -428,7 +425,6 @@ idle = 30
 count = 3
 interval = 10
 user_timeout_ms = 20000
-tracked = false
 "#;
 
     fn err_of(text: &str) -> String {
@@ -529,7 +525,7 @@ tracked = false
             local_port: Some(lp),
             ..Default::default()
         };
-        let mut r = Rule::new(id, m, Policy::new(idle, 5, 5, None).unwrap(), true);
+        let mut r = Rule::new(id, m, Policy::new(idle, 5, 5, None).unwrap(), false);
         r.name = name.map(str::to_owned);
         r
     }

@@ -688,7 +688,7 @@ struct RuleBody {
     count: u32,
     interval: u32,
     user_timeout_ms: Option<u32>,
-    /// False for an untracked rule (`rule add --untracked`).
+    /// True for a tracked rule (`rule add --tracked`); false by default.
     tracked: Option<bool>,
 }
 
@@ -718,7 +718,7 @@ async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
             return invalid(e);
         }
     };
-    let tracked = b.tracked.unwrap_or(true);
+    let tracked = b.tracked.unwrap_or(false);
     match blocking(&state, move |e| e.add_rule(m, policy, tracked)).await {
         Ok(rule) => {
             state.metrics.command("rule_add", "ok");

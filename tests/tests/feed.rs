@@ -175,7 +175,7 @@ fn stream_lines(r: BufReader<TcpStream>) -> Receiver<Value> {
 #[test]
 fn churn_never_crowds_out_resets_and_losses_are_reported() {
     let e = Env::entered_with(&["--rule-events"]);
-    e.tcpka.rule_add(&["30", "3", "5"]);
+    e.tcpka.rule_add(&["--tracked", "30", "3", "5"]);
     let l = listen("127.0.0.1:0");
     churn(&l, 5000);
     let ck = reset_client(&l);
@@ -233,7 +233,7 @@ fn churn_never_crowds_out_resets_and_losses_are_reported() {
 #[test]
 fn blocked_stdout_does_not_stall_events() {
     let e = Env::entered();
-    e.tcpka.rule_add(&["30", "3", "5"]);
+    e.tcpka.rule_add(&["--tracked", "30", "3", "5"]);
     let (r, w) = nix::unistd::pipe().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut child = e
@@ -285,7 +285,7 @@ fn blocked_stdout_does_not_stall_events() {
 fn slow_subscriber_gets_a_gap_marker() {
     // Rule events make the churn below a flood.
     let e = Env::entered_with(&["--rule-events"]);
-    e.tcpka.rule_add(&["30", "3", "5"]);
+    e.tcpka.rule_add(&["--tracked", "30", "3", "5"]);
     let addr = format!("127.0.0.1:{}", free_port());
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
     let slow = subscribe(&addr, Some(4096));
@@ -542,7 +542,7 @@ fn rule_events_are_opt_in_and_resets_are_not() {
         let addr = format!("127.0.0.1:{}", free_port());
         let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
         let events = event_stream(&serve.addr);
-        e.tcpka.rule_add(&["30", "3", "5"]);
+        e.tcpka.rule_add(&["--tracked", "30", "3", "5"]);
         let l = listen("127.0.0.1:0");
         let (c, s) = connect(&l);
         let orderly = cookie(&c);

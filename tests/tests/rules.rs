@@ -13,7 +13,7 @@ fn env() -> Env {
 #[test]
 fn rule_applies_to_inbound_and_outbound_v4() {
     let e = env();
-    e.tcpka.rule_add(&["30", "4", "7"]);
+    e.tcpka.rule_add(&["--tracked", "30", "4", "7"]);
     let l = listen("127.0.0.1:0");
     let (client, server) = connect(&l);
     assert_eq!(keepalive(&client), expect(30, 4, 7, 0), "outbound");
@@ -53,12 +53,13 @@ fn ipv4_rule_matches_ipv4_mapped_ipv6_connections() {
     assert_eq!(keepalive(&server), expect(21, 5, 3, 0), "v4-mapped server");
 }
 
-/// An untracked rule sets the values on both ends and keeps nothing: the
-/// connections are not managed, and a tracked rule's are.
+/// A rule is untracked by default: it sets the values on both ends and
+/// keeps nothing, so the connections are not managed; a `--tracked` rule's
+/// are. (`--untracked`, the default, is still accepted.)
 #[test]
 fn untracked_rule_sets_the_values_and_keeps_no_record() {
     let e = env();
-    e.tcpka.rule_add(&["--untracked", "25", "4", "6"]);
+    e.tcpka.rule_add(&["25", "4", "6"]);
     let l = listen("127.0.0.1:0");
     let (client, server) = connect(&l);
     assert_eq!(keepalive(&client), expect(25, 4, 6, 0), "outbound");
@@ -73,6 +74,7 @@ fn untracked_rule_sets_the_values_and_keeps_no_record() {
 
     // The same connection shape under a tracked rule is managed.
     e.tcpka.rule_add(&[
+        "--tracked",
         "--local-port",
         &l.local_addr().unwrap().port().to_string(),
         "26",
@@ -228,6 +230,7 @@ fn invalid_arguments_exit_2_and_change_nothing() {
         &["rule", "add", "--remote", "10.0.0", "60", "5", "5"],
         &["rule", "add", "--remote", "::/129", "60", "5", "5"],
         &["rule", "add", "--user-timeout", "-1", "60", "5", "5"],
+        &["rule", "add", "--tracked", "--untracked", "60", "5", "5"],
         &["rule", "del", "x"],
         &["rule", "frobnicate"],
     ];
@@ -254,6 +257,7 @@ fn invalid_arguments_exit_2_and_change_nothing() {
 fn rule_list_json_has_documented_fields() {
     let e = env();
     e.tcpka.rule_add(&[
+        "--tracked",
         "--local-port",
         "5060",
         "--remote-port",
@@ -283,7 +287,7 @@ fn rule_list_json_has_documented_fields() {
 #[test]
 fn connection_map_returns_to_its_size_after_10000_connections() {
     let e = env();
-    e.tcpka.rule_add(&["30", "4", "7"]);
+    e.tcpka.rule_add(&["--tracked", "30", "4", "7"]);
     let start = e.tcpka.managed_count();
     let l = listen("127.0.0.1:0");
     let mut peak = 0;

@@ -653,19 +653,19 @@ const CASES: [(&str, &[&[&str]], u16); 6] = [
         5091,
     ),
     (
-        "untracked rule at the server's end",
-        &[&["--untracked", "--local-port", "5092"]],
+        "--tracked rule at the server's end",
+        &[&["--tracked", "--local-port", "5092"]],
         5092,
     ),
     (
-        "untracked rule at both ends",
+        "rule at both ends",
         &[
-            &["--untracked", "--local-port", "5093"],
-            &["--untracked", "--remote-port", "5093"],
+            &["--local-port", "5093"],
+            &["--remote-port", "5093"],
         ],
         5093,
     ),
-    ("rule at both ends", &[&[]], OTHER_PORT),
+    ("--tracked rule at both ends", &[&["--tracked"]], OTHER_PORT),
 ];
 
 /// Runs `measure(port)` in each of [`CASES`], in order, on an installation
