@@ -26,6 +26,7 @@
 //! api_group = "tcpka"
 //! webhook = "https://controller.example/tcpka"
 //! webhook_secret_file = "/etc/tcpka/webhook-secret"
+//! webhook_token_file = "/etc/tcpka/webhook-token"  # Authorization: Bearer
 //! webhook_ca = "/etc/tcpka/controller-ca.pem"
 //! json = false                         # log events as JSON lines
 //! cgroup = "/sys/fs/cgroup/system.slice/kamailio.service"
@@ -69,6 +70,7 @@ struct ServeEntry {
     api_group: Option<String>,
     webhook: Option<String>,
     webhook_secret_file: Option<PathBuf>,
+    webhook_token_file: Option<PathBuf>,
     webhook_ca: Option<PathBuf>,
     json: Option<bool>,
     cgroup: Option<PathBuf>,
@@ -89,6 +91,7 @@ pub struct ServeSettings {
     pub api_group: Option<String>,
     pub webhook: Option<String>,
     pub webhook_secret_file: Option<PathBuf>,
+    pub webhook_token_file: Option<PathBuf>,
     pub webhook_ca: Option<PathBuf>,
     pub json: Option<bool>,
     pub cgroup: Option<PathBuf>,
@@ -140,6 +143,7 @@ impl ServeEntry {
             api_group: self.api_group,
             webhook: self.webhook,
             webhook_secret_file: self.webhook_secret_file,
+            webhook_token_file: self.webhook_token_file,
             webhook_ca: self.webhook_ca,
             json: self.json,
             cgroup: self.cgroup,

@@ -369,6 +369,11 @@ struct ServeArgs {
     /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
     #[arg(long, value_name = "FILE")]
     webhook_secret_file: Option<PathBuf>,
+    /// Send this token (the file's first line) with every webhook request
+    /// as `Authorization: Bearer TOKEN`, for receivers that cannot check an
+    /// HMAC (Kamailio's xhttp route compares it). Loopback or https only.
+    #[arg(long, value_name = "FILE")]
+    webhook_token_file: Option<PathBuf>,
     /// Also trust the CA certificate(s) in this PEM file for an https://
     /// webhook (the public web's CAs are trusted already).
     #[arg(long, value_name = "FILE")]
@@ -1272,40 +1277,60 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .token_file
                 .as_deref()
                 .or(file.token_file.as_deref().filter(|_| a.token.is_none()));
-            let token = serve_token(&listen, a.token, token_file, api_group)?;
             let webhook_secret_file = a
                 .webhook_secret_file
                 .as_deref()
                 .or(file.webhook_secret_file.as_deref());
+            let webhook_token_file = a
+                .webhook_token_file
+                .as_deref()
+                .or(file.webhook_token_file.as_deref());
             let webhook_ca = a.webhook_ca.as_deref().or(file.webhook_ca.as_deref());
             let webhook = a.webhook.or(file.webhook.clone());
-            if webhook.is_none() && (webhook_secret_file.is_some() || webhook_ca.is_some()) {
+            if webhook.is_none()
+                && (webhook_secret_file.is_some()
+                    || webhook_token_file.is_some()
+                    || webhook_ca.is_some())
+            {
                 return Err(Error::Invalid(tcpka::InvalidInput::Usage(
-                    "a webhook secret or CA file needs a webhook (--webhook URL)".into(),
+                    "a webhook secret, token or CA file needs a webhook (--webhook URL)".into(),
                 )));
             }
+            if let (Some(url), Some(_)) = (&webhook, webhook_token_file) {
+                if !server::webhook_keeps_secrets(url) {
+                    return Err(Error::Invalid(tcpka::InvalidInput::Usage(format!(
+                        "--webhook-token-file sends the token in clear: the webhook must be \
+                         https:// or on a loopback address, not {url}"
+                    ))));
+                }
+            }
+            // Files are read before the token is made: a bad one changes nothing.
+            let webhook = webhook
+                .map(|url| {
+                    Ok::<_, Error>(server::WebhookConfig {
+                        url,
+                        secret: webhook_secret_file
+                            .map(tcpka::access::read_token_file)
+                            .transpose()?,
+                        bearer: webhook_token_file
+                            .map(tcpka::access::read_token_file)
+                            .transpose()?,
+                        ca_pem: webhook_ca
+                            .map(|p| {
+                                std::fs::read(p)
+                                    .map_err(|e| Error::io(format!("reading {}", p.display()), e))
+                            })
+                            .transpose()?,
+                    })
+                })
+                .transpose()?;
+            let token = serve_token(&listen, a.token, token_file, api_group)?;
             let config = server::Config {
                 listen,
                 token,
                 api_group,
                 load: a.kernel.options_over(&file),
-                webhook: webhook
-                    .map(|url| {
-                        Ok::<_, Error>(server::WebhookConfig {
-                            url,
-                            secret: webhook_secret_file
-                                .map(tcpka::access::read_token_file)
-                                .transpose()?,
-                            ca_pem: webhook_ca
-                                .map(|p| {
-                                    std::fs::read(p).map_err(|e| {
-                                        Error::io(format!("reading {}", p.display()), e)
-                                    })
-                                })
-                                .transpose()?,
-                        })
-                    })
-                    .transpose()?,
+                webhook,
                 json: a.json || file.json.unwrap_or(false),
                 rules_file: a.config,
                 kernel_log: a.kernel_log,

@@ -106,8 +106,30 @@ pub struct WebhookConfig {
     pub url: String,
     /// HMAC-SHA256 key for the X-Tcpka-Signature header.
     pub secret: Option<String>,
+    /// Token sent as `Authorization: Bearer TOKEN`.
+    pub bearer: Option<String>,
     /// Extra CA certificates (PEM) to trust for https.
     pub ca_pem: Option<Vec<u8>>,
+}
+
+/// Whether a webhook URL keeps a bearer token from other eyes: https, or
+/// plain http to a loopback address.
+pub fn webhook_keeps_secrets(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let host = u.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match u.scheme() {
+        "https" => true,
+        "http" => {
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        }
+        _ => false,
+    }
 }
 
 /// The signature headers of one webhook body: (timestamp, "sha256=HEX").
@@ -1052,6 +1074,7 @@ fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook
     })?;
     let url = config.url;
     let secret = config.secret;
+    let bearer = config.bearer;
     let (tx, mut rx) = mpsc::channel::<Arc<Message>>(WEBHOOK_QUEUE);
     let missed = Arc::new(AtomicU64::new(0));
     let lost = missed.clone();
@@ -1060,6 +1083,7 @@ fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook
             let client = client.clone();
             let url = url.clone();
             let secret = secret.clone();
+            let bearer = bearer.clone();
             let metrics = metrics.clone();
             async move {
                 let body = serde_json::to_vec(&*rec).expect("plain data");
@@ -1080,6 +1104,9 @@ fn spawn_webhook(config: WebhookConfig, metrics: Arc<Metrics>) -> Result<Webhook
                         req = req
                             .header("X-Tcpka-Timestamp", ts.to_string())
                             .header("X-Tcpka-Signature", sign(key.as_bytes(), ts, &body));
+                    }
+                    if let Some(token) = &bearer {
+                        req = req.bearer_auth(token);
                     }
                     match req.body(body.clone()).send().await {
                         Ok(r) if r.status().is_success() => {
@@ -1469,6 +1496,28 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_go_only_where_nobody_else_reads_them() {
+        for ok in [
+            "https://controller.example/tcpka",
+            "http://127.0.0.1:8088/tcpka",
+            "http://127.9.9.9/x",
+            "http://[::1]:8088/tcpka",
+            "http://localhost:8088/",
+        ] {
+            assert!(webhook_keeps_secrets(ok), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:8088/tcpka",
+            "http://controller.example/tcpka",
+            "http://localhost.example/",
+            "ftp://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(!webhook_keeps_secrets(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn listen_addresses() {

@@ -24,6 +24,8 @@ const CALLEE: &str = "10.201.2.2";
 const CALLEE_PORT: u16 = 5062;
 const KAMAILIO_CALLER_SIDE: &str = "10.201.1.1";
 const KA: (u32, u32, u32) = (1, 2, 1); // idle, count, interval
+const KA_USER_TIMEOUT_MS: u64 = 4000;
+const WEBHOOK_TOKEN: &str = "tcpka-webhook-token-fedcba9876543210";
 
 /// Kills a child and its process group (Kamailio forks workers) on drop.
 struct Proc(Child);
@@ -75,7 +77,8 @@ impl Drop for TempDir {
 struct Sip {
     kamailio: Proc,
     uas: Proc,
-    serve: Serve,
+    /// None once stopped ([`Sip::stop_tcpka`]).
+    serve: Option<Serve>,
     caller: NamedNetns,
     callee: NamedNetns,
     dir: TempDir,
@@ -127,13 +130,43 @@ fn config(dir: &Path, api: &str) -> PathBuf {
     text = subst(text, "KA_IDLE", &KA.0.to_string());
     text = subst(text, "KA_COUNT", &KA.1.to_string());
     text = subst(text, "KA_INTERVAL", &KA.2.to_string());
+    text = subst(text, "KA_USER_TIMEOUT", &KA_USER_TIMEOUT_MS.to_string());
+    text = subst(text, "WEBHOOK_TOKEN", WEBHOOK_TOKEN);
+    text = subst(
+        text,
+        "CTL_SOCKET",
+        &format!("unix:{}", dir.join("ctl").display()),
+    );
     let path = dir.join("kamailio.cfg");
     std::fs::write(&path, text).unwrap();
     path
 }
 
+/// The callee: sipp's built-in UAS on CALLEE:CALLEE_PORT, logging what it
+/// gets in `uas_messages.log`.
+fn uas(callee: &NamedNetns, dir: &Path) -> Proc {
+    Proc::spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &callee.name,
+                "sipp",
+                "-sn",
+                "uas",
+                "-t",
+                "t1",
+            ])
+            .args(["-i", CALLEE, "-p", &CALLEE_PORT.to_string(), "-nostdin"])
+            .args(["-trace_msg", "-message_file"])
+            .arg(dir.join("uas_messages.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
 impl Sip {
-    fn start(http: bool) -> Option<Self> {
+    fn start(http: bool) -> Self {
         for t in ["kamailio", "sipp"] {
             if !tool(t) {
                 // `cargo xtask test` installs both; a bare `cargo test` may not.
@@ -150,11 +183,27 @@ impl Sip {
         let dir = TempDir(std::env::temp_dir().join(unique("tcpka-kamailio")));
         std::fs::create_dir_all(&*dir).unwrap();
         let api = format!("127.0.0.1:{}", free_port());
+        let token_file = dir.join("webhook-token");
+        {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token_file)
+                .unwrap();
+            writeln!(f, "{WEBHOOK_TOKEN}").unwrap();
+        }
         let serve = Serve::start(
             &e.tcpka,
             &e.cgroup.path,
             &api,
-            &["--webhook", "http://127.0.0.1:8088/tcpka"],
+            &[
+                "--webhook",
+                "http://127.0.0.1:8088/tcpka",
+                "--webhook-token-file",
+                token_file.to_str().unwrap(),
+            ],
         );
         let cfg = config(&dir, &api);
         let log = dir.join("kamailio.log");
@@ -178,24 +227,7 @@ impl Sip {
         e.cgroup.enter();
         let kamailio = Proc::spawn(&mut k);
         e.cgroup.leave();
-        let uas = Proc::spawn(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &callee.name,
-                    "sipp",
-                    "-sn",
-                    "uas",
-                    "-t",
-                    "t1",
-                ])
-                .args(["-i", CALLEE, "-p", &CALLEE_PORT.to_string(), "-nostdin"])
-                .args(["-trace_msg", "-message_file"])
-                .arg(dir.join("uas_messages.log"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
+        let uas = uas(&callee, &dir);
         // Kamailio and the UAS listening.
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect((KAMAILIO_CALLER_SIDE, 5060)).is_err() {
@@ -207,16 +239,70 @@ impl Sip {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_millis(500));
-        Some(Self {
+        Self {
             e,
             caller,
             callee,
             dir,
-            serve,
+            serve: Some(serve),
             kamailio,
             log,
             uas,
-        })
+        }
+    }
+
+    fn serve(&self) -> &Serve {
+        self.serve.as_ref().expect("tcpka serve running")
+    }
+
+    /// The callee's host back after an outage: a new UAS process (the old
+    /// one's connections died with the outage).
+    fn restart_callee(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-(self.uas.0.id() as i32), libc::SIGKILL) };
+        let _ = self.uas.0.wait();
+        self.uas = uas(&self.callee, &self.dir);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    /// Stops `tcpka serve`: Kamailio's calls to it fail and no event comes.
+    fn stop_tcpka(&mut self) {
+        drop(self.serve.take());
+    }
+
+    /// `calls` calls at once from the caller that never hang up: each one
+    /// succeeds when Kamailio's BYE arrives (`uac_until_bye.xml`).
+    fn calls_until_bye(&self, calls: usize) -> Proc {
+        let n = calls.to_string();
+        Proc::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", &self.caller.name, "sipp"])
+                .arg(format!("{KAMAILIO_CALLER_SIDE}:5060"))
+                .arg("-sf")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp/uac_until_bye.xml"))
+                .args(["-t", "t1", "-i", CALLER, "-m", &n, "-l", &n, "-r", &n])
+                .args(["-s", "callee", "-nostdin", "-timeout", "120s"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    }
+
+    /// Kamailio's count of active dialogs (kamcmd over the ctl socket).
+    fn active_dialogs(&self) -> Option<u64> {
+        let out = Command::new("kamcmd")
+            .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
+            .args(["stats.get_statistics", "dialog:"])
+            .output()
+            .ok()?;
+        // dialog:active_dialogs = 10, then the group's other counters
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("active_dialogs"))?;
+        line.split('=')
+            .nth(1)?
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .ok()
     }
 
     /// One call of `pause_ms` from the caller; returns the running sipp.
@@ -454,7 +540,7 @@ fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &str) {
         let conns = sip.connections();
         for c in &conns {
             assert!(
-                c["keepalive"]["user_timeout_ms"].is_null(),
+                c["keepalive"]["user_timeout_ms"].as_u64() != Some(1),
                 "a Call-ID set a user timeout: {c}\nkamailio log:\n{}",
                 sip.kamailio_log()
             );
@@ -531,7 +617,7 @@ fn long_call_id_is_one_holder(sip: &Sip, http: bool) {
             } else {
                 "/v1/disable"
             };
-            let (code, reply) = http_json(&sip.serve.addr, "POST", path, body);
+            let (code, reply) = http_json(&sip.serve().addr, "POST", path, body);
             assert_eq!(code, 200, "{reply}");
         } else {
             sip.e.tcpka.run(args).ok();
@@ -563,7 +649,7 @@ fn long_call_id_is_one_holder(sip: &Sip, http: bool) {
 
 #[test]
 fn kamailio_via_http_api_and_dead_callee_timeout_event() {
-    let Some(sip) = Sip::start(true) else { return };
+    let sip = Sip::start(true);
     call_turns_keepalive_on_and_off(&sip);
     assert!(
         sip.kamailio_log().contains("tcpka enable"),
@@ -575,7 +661,7 @@ fn kamailio_via_http_api_and_dead_callee_timeout_event() {
         "{}",
         sip.kamailio_log()
     );
-    let (_, metrics) = http(&sip.serve.addr, "GET", "/metrics", None, None).unwrap();
+    let (_, metrics) = http(&sip.serve().addr, "GET", "/metrics", None, None).unwrap();
     let lookups: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("tcpka_lookups_total"))
@@ -628,7 +714,7 @@ fn kamailio_via_http_api_and_dead_callee_timeout_event() {
 
 #[test]
 fn kamailio_via_exec_cli() {
-    let Some(sip) = Sip::start(false) else { return };
+    let sip = Sip::start(false);
     call_turns_keepalive_on_and_off(&sip);
     assert!(
         sip.kamailio_log().contains("(exec)"),
@@ -640,7 +726,7 @@ fn kamailio_via_exec_cli() {
 
 #[test]
 fn kamailio_via_http_api_hostile_call_ids() {
-    let Some(sip) = Sip::start(true) else { return };
+    let sip = Sip::start(true);
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
     long_call_id_is_one_holder(&sip, true);
     let _ = (sip.uas.0.id(), sip.kamailio.0.id());
@@ -648,8 +734,157 @@ fn kamailio_via_http_api_hostile_call_ids() {
 
 #[test]
 fn kamailio_via_exec_cli_hostile_call_ids() {
-    let Some(sip) = Sip::start(false) else { return };
+    let sip = Sip::start(false);
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(exec)");
     long_call_id_is_one_holder(&sip, false);
     let _ = (sip.uas.0.id(), sip.kamailio.0.id());
+}
+
+const CALLS: usize = 10;
+
+/// Places [`CALLS`] calls through Kamailio to the one callee and waits
+/// until they are all up (dialogs confirmed, ACKs at the callee) and, with
+/// tcpka, their legs have keepalive and the callee leg is idle: the state
+/// in which a dead callee host would leave them hanging.
+fn calls_up(sip: &Sip, with_tcpka: bool) -> Proc {
+    let uac = sip.calls_until_bye(CALLS);
+    sip.wait(
+        "all calls answered and acknowledged",
+        Duration::from_secs(20),
+        || sip.active_dialogs() == Some(CALLS as u64) && sip.acks_at_callee() >= CALLS,
+    );
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    if with_tcpka {
+        sip.wait(
+            "keepalive on the callee leg for every call",
+            Duration::from_secs(10),
+            || {
+                sip.connection(&callee)
+                    .is_some_and(|c| ka_on(&c) && holders_of(&c).len() == CALLS)
+            },
+        );
+        sip.wait("the callee leg idle", Duration::from_secs(5), || {
+            ss_keepalive(&callee)
+        });
+    }
+    uac
+}
+
+/// The loop closed: the callee's host goes dark while 10 calls are up;
+/// keepalive finds the dead connection, tcpka's timeout event reaches
+/// Kamailio's event route, and Kamailio ends every call on it (BYE to each
+/// caller), its dialog count back to 0. A forged event without the token
+/// ends nothing. New calls work once the link is back.
+#[test]
+fn kamailio_ends_calls_when_the_callee_dies() {
+    let mut sip = Sip::start(true);
+    let mut uac = calls_up(&sip, true);
+
+    // A local user forging a timeout for the callee's connection is refused
+    // and ends nothing.
+    let forged =
+        format!(r#"{{"kind":"timeout","remote":"{CALLEE}:{CALLEE_PORT}","local":"10.201.2.1:1"}}"#);
+    for auth in [None, Some("Bearer wrong")] {
+        let mut req = format!(
+            "POST /tcpka HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            forged.len()
+        );
+        if let Some(a) = auth {
+            req.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        req.push_str(&format!("Connection: close\r\n\r\n{forged}"));
+        let reply = raw_http("127.0.0.1:8088", &req);
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sip.active_dialogs(), Some(CALLS as u64));
+    assert!(
+        uac.0.try_wait().unwrap().is_none(),
+        "a forged event ended calls"
+    );
+
+    sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);
+    let down = Instant::now();
+    let bound = Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = uac.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            down.elapsed() < bound,
+            "not every caller got a BYE within {bound:?}; dialogs {:?}\nkamailio log:\n{}",
+            sip.active_dialogs(),
+            sip.kamailio_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = down.elapsed();
+    assert!(
+        status.success(),
+        "a caller's call did not end with Kamailio's BYE: sipp {status}\nkamailio log:\n{}",
+        sip.kamailio_log()
+    );
+    sip.wait("no active dialog", Duration::from_secs(10), || {
+        sip.active_dialogs() == Some(0)
+    });
+    let log = sip.kamailio_log();
+    let ended = log.matches("tcpka: ended call").count();
+    assert_eq!(ended, CALLS, "{log}");
+    eprintln!(
+        "link down -> last of {CALLS} callers got its BYE: {took:?} \
+         (keepalive {}/{}/{}, user timeout {KA_USER_TIMEOUT_MS} ms)",
+        KA.0, KA.1, KA.2
+    );
+
+    // The callee's host back: a new call goes through.
+    sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "up"]);
+    sip.restart_callee();
+    let mut again = sip.call(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = again.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a new call after the link came back hung\nkamailio log:\n{}\ncallee's messages:\n{}",
+            sip.kamailio_log(),
+            std::fs::read_to_string(sip.dir.join("uas_messages.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "a new call after the link came back: sipp {status}\nkamailio log:\n{}",
+        sip.kamailio_log()
+    );
+}
+
+/// The contrast: the same calls and the same dead callee without tcpka.
+/// Nothing notices: after longer than the bound above every call is still
+/// up in Kamailio and no caller got a BYE.
+#[test]
+fn without_tcpka_calls_to_a_dead_callee_stay_up() {
+    let mut sip = Sip::start(true);
+    sip.stop_tcpka();
+    let mut uac = calls_up(&sip, false);
+    sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        uac.0.try_wait().unwrap().is_none(),
+        "a caller got a BYE without tcpka"
+    );
+    assert_eq!(sip.active_dialogs(), Some(CALLS as u64));
+    eprintln!("without tcpka: {CALLS} calls to a dead callee still up after 12 s");
+}
+
+/// Sends one raw HTTP/1.1 request and returns the whole reply.
+fn raw_http(addr: &str, req: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }

@@ -659,10 +659,7 @@ const CASES: [(&str, &[&[&str]], u16); 6] = [
     ),
     (
         "rule at both ends",
-        &[
-            &["--local-port", "5093"],
-            &["--remote-port", "5093"],
-        ],
+        &[&["--local-port", "5093"], &["--remote-port", "5093"]],
         5093,
     ),
     ("--tracked rule at both ends", &[&["--tracked"]], OTHER_PORT),
