@@ -224,7 +224,7 @@ impl From<Holders> for loader::HolderMode {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Index {
     /// sock_ops indexes the cgroup's connections on an index port
-    /// (--index-ports) and watches them, and those a rule matched, until
+    /// (--index-ports) and watches them, and those a --tracked rule matched, until
     /// they close; other connections cost five array reads, and commands
     /// for them walk the socket table. Needs Linux 6.12.
     Ports,
@@ -256,7 +256,7 @@ struct KernelArgs {
     #[arg(long)]
     rule_events: bool,
     /// Capacity of the managed-connection table [default: 262144]. Past it,
-    /// rules still apply but connections are not tracked.
+    /// rules still apply but their connections are not tracked.
     #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
     max_connections: Option<u32>,
     /// Capacity of the connection index, in sockets [default: 1048576]. Past
@@ -1176,7 +1176,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let why = loader::index_reason(installation.index);
                 match installation.index {
                     loader::IndexMode::Ports => tcpka::outln!(
-                        "index mode: ports {index_ports}, {why} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a rule matched, until they close; other connections cost five array reads, and commands for them walk the socket table)"
+                        "index mode: ports {index_ports}, {why} (sock_ops indexes the cgroup's connections on these ports and watches them, and those a --tracked rule matched, until they close; other connections cost five array reads, and commands for them walk the socket table)"
                     ),
                     loader::IndexMode::Host => tcpka::outln!(
                         "index mode: host, {why} (the inet_sock_set_state tracepoint indexes every connection on the host; every connection setup on the host pays for it)"

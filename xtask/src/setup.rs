@@ -16,6 +16,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "kamailio",
     "kamailio-utils-modules",
+    // json_get_string in the example config's event route.
+    "kamailio-json-modules",
     "sip-tester",
     "wrk",
     // The access tests act as an unprivileged user (setpriv, util-linux)
