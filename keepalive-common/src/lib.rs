@@ -314,6 +314,9 @@ pub mod conns {
     /// where sock_ops never runs: with `--index ports`, its close is seen
     /// only while the state tracepoint is attached for such connections.
     pub const FLAG_OUTSIDE: u32 = 1;
+    /// [`ConnInfo::flags`]: `tcpka close` is ending it; its end is reported
+    /// as `KIND_CLOSED_BY_TCPKA`.
+    pub const FLAG_CLOSING: u32 = 2;
     use crate::policy::Policy;
 
     /// [`ConnInfo::source`]: the policy came from a rule.
@@ -543,6 +546,8 @@ pub mod events {
     /// A managed connection was aborted locally (`ECONNABORTED`: `ss -K`,
     /// SOCK_DESTROY, `bpf_sock_destroy`).
     pub const KIND_ABORTED: u32 = 5;
+    /// A managed connection was ended by `tcpka close` (`POST /v1/close`).
+    pub const KIND_CLOSED_BY_TCPKA: u32 = 6;
 
     /// One event. Addresses are IPv6, network byte order; IPv4 connections
     /// (family 2) carry them IPv4-mapped.

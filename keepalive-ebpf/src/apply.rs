@@ -3,7 +3,10 @@ use core::ffi::c_void;
 
 use aya_ebpf::{helpers::generated::bpf_setsockopt, maps::lpm_trie::Key};
 use keepalive_common::{
-    events::{Event, KIND_ABORTED, KIND_APPLIED, KIND_RESET, KIND_TIMEOUT, RING_BYTES},
+    events::{
+        Event, KIND_ABORTED, KIND_APPLIED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT,
+        RING_BYTES,
+    },
     policy::{Policy, FLAG_USER_TIMEOUT},
     ports::FLAG_ANY_PORT_RULE,
     rules::{RuleKey, RuleValue, MAX_PREFIX_LEN},
@@ -17,12 +20,12 @@ use crate::maps::{count, rule_local, rule_remote, ALERTS, EVENTS, RULES};
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Sends an event to user space; a full ring buffer is counted, not fatal.
-/// Timeouts, resets and aborts have a ring of their own; `applied` events
+/// Timeouts, resets and aborts (and `tcpka close`) have a ring of their own; `applied` events
 /// give way once their ring is half full, so `closed` ones still fit.
 #[inline(always)]
 pub fn emit(event: &Event) {
     match event.kind {
-        KIND_TIMEOUT | KIND_RESET | KIND_ABORTED => {
+        KIND_TIMEOUT | KIND_RESET | KIND_ABORTED | KIND_CLOSED_BY_TCPKA => {
             if ALERTS.output::<Event>(event, 0).is_err() {
                 count(stats::ALERTS_DROPPED);
             }

@@ -14,8 +14,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_COMMAND, SOURCE_RULE},
-    events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
+    conns::{ConnInfo, FLAG_CLOSING, FLAG_OUTSIDE, SOURCE_COMMAND, SOURCE_RULE},
+    events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT},
     ports, stats,
 };
 
@@ -125,6 +125,8 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
     let error: i32 = read(sk, off as usize);
     let error = error.unsigned_abs();
     let kind = match error {
+        // Marked by `tcpka close` just before it destroyed the socket.
+        _ if info.flags & FLAG_CLOSING != 0 => KIND_CLOSED_BY_TCPKA,
         0 => KIND_CLOSED,
         ECONNRESET | EPIPE => KIND_RESET,
         ECONNABORTED => KIND_ABORTED,

@@ -99,6 +99,28 @@ fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()
     }
 }
 
+/// How this host can end connections: asks the kernel to destroy a socket
+/// that cannot exist (port 0 at both ends). `Ok` names the way; `Err`
+/// says what is missing. Nothing is closed.
+pub fn probe() -> std::result::Result<&'static str, String> {
+    let none: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+    match destroy_here(none, none, 0) {
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+            Ok("sock_diag SOCK_DESTROY")
+        }
+        Ok(()) => Ok("sock_diag SOCK_DESTROY"),
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(
+            "the kernel cannot destroy sockets (built without CONFIG_INET_DIAG_DESTROY): \
+                 tcpka close is unavailable"
+                .into(),
+        ),
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
+            Err("sock_diag SOCK_DESTROY needs CAP_NET_ADMIN".into())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Destroys one connection, in `netns` when given (the sock_diag socket
 /// must be made inside it).
 pub fn destroy(

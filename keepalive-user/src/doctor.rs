@@ -182,6 +182,18 @@ fn index() -> Check {
     )
 }
 
+/// How `tcpka close` ends connections here.
+fn close() -> Check {
+    match crate::destroy::probe() {
+        Ok(way) => Check::ok("close", format!("tcpka close ends connections with {way}")),
+        Err(why) => Check::note(
+            "close",
+            why,
+            Some("everything else works; only tcpka close and POST /v1/close are refused".into()),
+        ),
+    }
+}
+
 fn capabilities() -> Check {
     match missing_caps() {
         Some(m) if m.is_empty() => {
@@ -270,6 +282,7 @@ pub fn run(layout: &PinLayout) -> Vec<Check> {
         bpffs(layout),
         tracefs(),
         index(),
+        close(),
         capabilities(),
         lockdown(),
         pins(layout),

@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use keepalive_common::{
-    conns::{ConnInfo, SOURCE_COMMAND},
+    conns::{ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
     maps,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
     rules::{self, RuleKey, RuleName, RuleValue},
@@ -792,9 +792,27 @@ impl Enforcer {
                 )
             })
         };
+        let map = loader::open_map(&self.layout, maps::CONNS)?;
+        let mut conns: HashMap<_, u64, ConnInfo> =
+            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
         let mut closed = Vec::new();
         for c in found {
-            crate::destroy::destroy(parse(&c.local)?, parse(&c.remote)?, c.cookie, netns)?;
+            // A managed connection is marked first, so that its end is
+            // reported as tcpka's doing, not as an anonymous abort. (One
+            // that closes meanwhile is simply gone: BPF_EXIST fails.)
+            let marked = conns.get(&c.cookie, 0).ok().and_then(|mut info| {
+                info.flags |= FLAG_CLOSING;
+                conns.insert(c.cookie, info, BPF_EXIST).ok().map(|()| info)
+            });
+            if let Err(e) =
+                crate::destroy::destroy(parse(&c.local)?, parse(&c.remote)?, c.cookie, netns)
+            {
+                if let Some(mut info) = marked {
+                    info.flags &= !FLAG_CLOSING;
+                    let _ = conns.insert(c.cookie, info, BPF_EXIST);
+                }
+                return Err(e);
+            }
             closed.push(c);
         }
         Ok(closed)

@@ -3,7 +3,10 @@ use std::fmt;
 
 use keepalive_common::{
     conns::{SOURCE_COMMAND, SOURCE_RULE},
-    events::{Event, KIND_ABORTED, KIND_APPLIED, KIND_CLOSED, KIND_RESET, KIND_TIMEOUT},
+    events::{
+        Event, KIND_ABORTED, KIND_APPLIED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET,
+        KIND_TIMEOUT,
+    },
 };
 
 use crate::policy::Policy;
@@ -11,7 +14,8 @@ use crate::policy::Policy;
 /// An event, decoded.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Record {
-    /// `"applied"`, `"closed"`, `"reset"`, `"timeout"` or `"aborted"`.
+    /// `"applied"`, `"closed"`, `"reset"`, `"timeout"`, `"aborted"` or
+    /// `"closed_by_tcpka"`.
     pub kind: &'static str,
     pub cookie: u64,
     pub local: String,
@@ -37,6 +41,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         KIND_RESET => "reset",
         KIND_TIMEOUT => "timeout",
         KIND_ABORTED => "aborted",
+        KIND_CLOSED_BY_TCPKA => "closed_by_tcpka",
         _ => "unknown",
     }
 }

@@ -356,6 +356,23 @@ fn serve_survives_reload_and_is_alone() {
     });
     assert_eq!(v["kind"], "aborted", "{v}");
     assert_eq!(v["error"], 103, "{v}");
+
+    // `tcpka close` ends one: reported as tcpka's doing.
+    let (c, _srv) = connect(&l);
+    let ck = cookie(&c);
+    e.tcpka
+        .run(&["enable", &format!("cookie:{ck}"), "30", "3", "5"])
+        .ok();
+    let r = e.tcpka.run(&["close", &format!("cookie:{ck}")]).ok();
+    assert_eq!(r.stdout.trim(), "closed 1 connection", "{r:?}");
+    let v = wait_for(
+        &events,
+        Duration::from_secs(10),
+        "a closed_by_tcpka event",
+        |v| v["cookie"].as_u64() == Some(ck),
+    );
+    assert_eq!(v["kind"], "closed_by_tcpka", "{v}");
+    assert_eq!(v["source"], "command", "{v}");
 }
 
 /// Like [`reset_client`], with keepalive enabled by command (the test

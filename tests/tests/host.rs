@@ -621,12 +621,20 @@ fn doctor_reports_the_host_and_load_refuses_in_its_words() {
             "bpffs",
             "tracefs",
             "hooks",
+            "close",
             "capabilities",
             "lockdown",
             "pins"
         ]
     );
-    let pins = &v["checks"][7];
+    // This kernel has CONFIG_INET_DIAG_DESTROY (the close tests need it).
+    let close = &v["checks"][5];
+    assert_eq!(close["status"], "ok", "{close}");
+    assert!(
+        close["detail"].as_str().unwrap().contains("SOCK_DESTROY"),
+        "{close}"
+    );
+    let pins = &v["checks"][8];
     assert_eq!(pins["status"], "ok", "{pins}");
     let detail = pins["detail"].as_str().unwrap();
     assert!(
