@@ -20,6 +20,7 @@ pub enum BtfError {
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_FUNC: u32 = 12;
 
 struct Type {
     name_off: u32,
@@ -117,6 +118,15 @@ impl Btf {
         &s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]
     }
 
+    /// The type id of the function `name` (a kfunc, an iterator's target),
+    /// when the kernel has it.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_FUNC && self.name(t.name_off) == name.as_bytes())
+            .map(|i| i as u32)
+    }
+
     /// Byte offset of `member` in `struct strukt`, looking into anonymous
     /// unions and structs.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
@@ -181,5 +191,14 @@ mod tests {
             .unwrap();
         assert_eq!(s, d + 16);
         assert!(btf.member_offset("sock_common", "no_such_field").is_err());
+    }
+
+    #[test]
+    fn finds_functions_in_kernel_btf() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let id = btf.func_id("bpf_iter_tcp").expect("iter/tcp (5.9+)");
+        assert!(id > 0);
+        assert_ne!(btf.func_id("tcp_v4_connect"), Some(id));
+        assert_eq!(btf.func_id("no_such_function_here"), None);
     }
 }

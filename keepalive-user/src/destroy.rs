@@ -54,8 +54,9 @@ fn request(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
     m
 }
 
-/// Destroys one connection of the current network namespace.
-fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
+/// Destroys one connection of the current network namespace with
+/// sock_diag.
+fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
     let err = |what: &str, e: std::io::Error| Error::io(format!("closing {remote}: {what}"), e);
     // SAFETY: plain socket(2).
     let fd = unsafe {
@@ -99,25 +100,87 @@ fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()
     }
 }
 
-/// How this host can end connections: asks the kernel to destroy a socket
-/// that cannot exist (port 0 at both ends). `Ok` names the way; `Err`
-/// says what is missing. Nothing is closed.
-pub fn probe() -> std::result::Result<&'static str, String> {
-    let none: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
-    match destroy_here(none, none, 0) {
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
-            Ok("sock_diag SOCK_DESTROY")
+/// How tcpka ends connections on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// sock_diag's `SOCK_DESTROY`: one exact lookup by the connection's
+    /// ends (`CONFIG_INET_DIAG_DESTROY`).
+    SockDiag,
+    /// The `bpf_sock_destroy` kfunc from a one-shot `iter/tcp` program
+    /// (Linux 6.5+): a walk of the namespace's TCP sockets.
+    BpfSockDestroy,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::SockDiag => "sock_diag SOCK_DESTROY",
+            Method::BpfSockDestroy => "bpf_sock_destroy (iter/tcp)",
         }
-        Ok(()) => Ok("sock_diag SOCK_DESTROY"),
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(
-            "the kernel cannot destroy sockets (built without CONFIG_INET_DIAG_DESTROY): \
-                 tcpka close is unavailable"
-                .into(),
-        ),
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => {
-            Err("sock_diag SOCK_DESTROY needs CAP_NET_ADMIN".into())
+    }
+}
+
+/// Environment variable that picks the method (`sock_diag` or
+/// `bpf_sock_destroy`) instead of the default.
+pub const METHOD_ENV: &str = "TCPKA_CLOSE_WITH";
+
+/// Whether sock_diag can destroy sockets here: asks it to destroy a socket
+/// that cannot exist (port 0 at both ends); nothing is closed.
+fn probe_sock_diag() -> std::result::Result<(), String> {
+    let none: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+    match sock_diag_destroy(none, none, 0) {
+        Ok(()) => Ok(()),
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err("sock_diag cannot destroy sockets (a kernel built without \
+                 CONFIG_INET_DIAG_DESTROY)"
+                .into())
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The method this host uses: sock_diag where the kernel has it (one
+/// lookup, where the kfunc's program walks every socket), else
+/// `bpf_sock_destroy`; [`METHOD_ENV`] picks one. `Err` says why neither
+/// works. Nothing is closed.
+pub fn method() -> std::result::Result<Method, String> {
+    let bpf = || {
+        crate::sock_destroy::probe()
+            .map(|()| Method::BpfSockDestroy)
+            .map_err(|e| format!("bpf_sock_destroy: {e}"))
+    };
+    match std::env::var(METHOD_ENV).ok().as_deref() {
+        Some("sock_diag") => probe_sock_diag().map(|()| Method::SockDiag),
+        Some("bpf_sock_destroy") => bpf(),
+        Some(other) => Err(format!(
+            "{METHOD_ENV}={other}: expected sock_diag or bpf_sock_destroy"
+        )),
+        None => probe_sock_diag()
+            .map(|()| Method::SockDiag)
+            .or_else(|diag| bpf().map_err(|kfunc| format!("{diag}; {kfunc}"))),
+    }
+}
+
+/// Destroys one connection of the current network namespace, the way
+/// [`method`] picks.
+fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
+    let unavailable = |why: String| {
+        Error::io(
+            format!("closing {remote}: this host cannot end connections: {why}"),
+            std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        )
+    };
+    match method().map_err(unavailable)? {
+        Method::SockDiag => sock_diag_destroy(local, remote, cookie),
+        Method::BpfSockDestroy => match crate::sock_destroy::destroy(cookie) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::io(
+                format!("closing {remote}: bpf_sock_destroy"),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )),
+            Err(e) => Err(Error::io(format!("closing {remote}: bpf_sock_destroy"), e)),
+        },
     }
 }
 

@@ -184,8 +184,11 @@ fn index() -> Check {
 
 /// How `tcpka close` ends connections here.
 fn close() -> Check {
-    match crate::destroy::probe() {
-        Ok(way) => Check::ok("close", format!("tcpka close ends connections with {way}")),
+    match crate::destroy::method() {
+        Ok(m) => Check::ok(
+            "close",
+            format!("tcpka close ends connections with {}", m.name()),
+        ),
         Err(why) => Check::note(
             "close",
             why,

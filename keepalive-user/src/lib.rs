@@ -23,6 +23,7 @@ pub mod policy;
 pub mod ports;
 pub mod rule;
 pub mod server;
+pub mod sock_destroy;
 mod sys;
 pub mod trace;
 
