@@ -127,6 +127,17 @@ pub fn group_id(name: &str) -> Result<u32> {
     }
 }
 
+/// Resolves a user name or number; `None` when there is no such user.
+pub fn uid_of(name: &str) -> Option<u32> {
+    if let Ok(uid) = name.parse::<u32>() {
+        return Some(uid);
+    }
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
 /// Credentials of a unix socket peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {

@@ -26,7 +26,9 @@
 //! api_group = "tcpka"
 //! webhook = "https://controller.example/tcpka"
 //! webhook_secret_file = "/etc/tcpka/webhook-secret"
-//! webhook_token_file = "/etc/tcpka/webhook-token"  # Authorization: Bearer
+//! events_token_file = "/etc/tcpka/events-token"  # webhook Bearer, evapi "token"
+//! evapi = "127.0.0.1:8448"              # Kamailio's evapi server
+//! evapi_user = "kamailio"
 //! webhook_ca = "/etc/tcpka/controller-ca.pem"
 //! json = false                         # log events as JSON lines
 //! cgroup = "/sys/fs/cgroup/system.slice/kamailio.service"
@@ -70,8 +72,10 @@ struct ServeEntry {
     api_group: Option<String>,
     webhook: Option<String>,
     webhook_secret_file: Option<PathBuf>,
-    webhook_token_file: Option<PathBuf>,
+    events_token_file: Option<PathBuf>,
     webhook_ca: Option<PathBuf>,
+    evapi: Option<String>,
+    evapi_user: Option<String>,
     json: Option<bool>,
     cgroup: Option<PathBuf>,
     holders: Option<String>,
@@ -91,8 +95,10 @@ pub struct ServeSettings {
     pub api_group: Option<String>,
     pub webhook: Option<String>,
     pub webhook_secret_file: Option<PathBuf>,
-    pub webhook_token_file: Option<PathBuf>,
+    pub events_token_file: Option<PathBuf>,
     pub webhook_ca: Option<PathBuf>,
+    pub evapi: Option<std::net::SocketAddr>,
+    pub evapi_user: Option<String>,
     pub json: Option<bool>,
     pub cgroup: Option<PathBuf>,
     pub holders: Option<crate::loader::HolderMode>,
@@ -132,6 +138,15 @@ impl ServeEntry {
                 .transpose()
                 .map_err(|e| format!("{what}: {e}"))
         };
+        let evapi = self
+            .evapi
+            .as_deref()
+            .map(|a| {
+                a.parse::<std::net::SocketAddr>().map_err(|_| {
+                    format!("evapi: {a:?} is not HOST:PORT (an IP address and a port)")
+                })
+            })
+            .transpose()?;
         let sizes = crate::loader::MapSizes {
             connections: size("max_connections", self.max_connections)?,
             indexed: size("max_indexed", self.max_indexed)?,
@@ -143,8 +158,10 @@ impl ServeEntry {
             api_group: self.api_group,
             webhook: self.webhook,
             webhook_secret_file: self.webhook_secret_file,
-            webhook_token_file: self.webhook_token_file,
+            events_token_file: self.events_token_file,
             webhook_ca: self.webhook_ca,
+            evapi,
+            evapi_user: self.evapi_user,
             json: self.json,
             cgroup: self.cgroup,
             holders,

@@ -17,9 +17,14 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLMSG_ERROR: u16 = 2;
 
-/// `struct nlmsghdr` + `struct inet_diag_req_v2` for one socket, by its
-/// ends and cookie.
+/// `struct nlmsghdr` + `struct inet_diag_req_v2` to destroy one socket,
+/// by its ends and cookie.
 fn request(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
+    request_of(SOCK_DESTROY, local, remote, cookie)
+}
+
+/// The same for any exact-socket request (`kind`).
+fn request_of(kind: u16, local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
     let mut m = Vec::with_capacity(72);
     let family = if local.is_ipv4() {
         libc::AF_INET
@@ -27,7 +32,7 @@ fn request(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
         libc::AF_INET6
     } as u8;
     m.extend_from_slice(&72u32.to_ne_bytes()); // nlmsg_len
-    m.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
@@ -98,6 +103,60 @@ fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Resu
             std::io::Error::other(format!("unexpected netlink reply type {kind}")),
         )),
     }
+}
+
+/// `SOCK_DIAG_BY_FAMILY`: one socket's `inet_diag_msg`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// Offset of `idiag_uid` in the reply: `nlmsghdr` (16), then
+/// `inet_diag_msg`'s family, state, timer, retrans (4), id (48), expires,
+/// rqueue, wqueue (12).
+const UID_OFFSET: usize = 80;
+/// `INET_DIAG_NOCOOKIE`: any cookie.
+const NO_COOKIE: u64 = u64::MAX;
+
+/// The uid that owns the TCP socket with these ends in this network
+/// namespace; `None` when there is none (for a connection, the other end
+/// is then not on this host).
+pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let msg = request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE);
+    // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
+    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: recv(2) into a buffer we own.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 20 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+    if kind == NLMSG_ERROR {
+        let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        return match -code {
+            libc::ENOENT => Ok(None),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        };
+    }
+    if kind != SOCK_DIAG_BY_FAMILY || (n as usize) < UID_OFFSET + 4 {
+        return Err(std::io::Error::other(format!(
+            "unexpected sock_diag reply type {kind}"
+        )));
+    }
+    let b = &buf[UID_OFFSET..UID_OFFSET + 4];
+    Ok(Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
 }
 
 /// How tcpka ends connections on this host.
@@ -219,6 +278,20 @@ pub fn destroy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_uid_is_the_owner_of_the_other_end() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        // The server's accepted socket, seen from the client's side.
+        let uid = socket_uid(s.local_addr().unwrap(), c.local_addr().unwrap()).unwrap();
+        assert_eq!(uid, Some(me));
+        drop(s);
+        let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(socket_uid(gone, c.local_addr().unwrap()).unwrap(), None);
+    }
 
     #[test]
     fn request_layout() {

@@ -47,7 +47,8 @@ pub struct Gap {
     /// Where: `kernel_alerts` (timeout/reset/aborted ring full),
     /// `kernel_events` (applied/closed ring full), `subscriber` (this
     /// stream was too slow), `webhook` (queue full or delivery failed),
-    /// `log` (the log output was blocked).
+    /// `log` (the log output was blocked), `evapi` (the evapi connection
+    /// fell behind).
     pub reason: &'static str,
     /// Wall-clock time, RFC 3339 UTC.
     pub time: String,

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod destroy;
 pub mod doctor;
 pub mod enforcer;
+pub mod evapi;
 pub mod events;
 pub mod feed;
 pub mod holders;

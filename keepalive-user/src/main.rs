@@ -139,7 +139,7 @@ enum Command {
     /// API: POST /v1/enable, POST /v1/disable, POST /v1/close, GET /v1/connections,
     /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
     /// stream), GET /metrics (Prometheus), GET /healthz.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print events as they happen (from a running `tcpka serve`).
     Watch(WatchArgs),
     /// Bring the installed rules to a configuration file's named rules: add
@@ -369,11 +369,24 @@ struct ServeArgs {
     /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
     #[arg(long, value_name = "FILE")]
     webhook_secret_file: Option<PathBuf>,
-    /// Send this token (the file's first line) with every webhook request
-    /// as `Authorization: Bearer TOKEN`, for receivers that cannot check an
-    /// HMAC (Kamailio's xhttp route compares it). Loopback or https only.
+    /// A token (the file's first line) for the receivers of events that
+    /// cannot check an HMAC, such as Kamailio's configuration: sent as
+    /// `Authorization: Bearer TOKEN` with every webhook request (loopback
+    /// or https only) and as `"token"` in every event over --evapi.
     #[arg(long, value_name = "FILE")]
-    webhook_token_file: Option<PathBuf>,
+    events_token_file: Option<PathBuf>,
+    /// Kamailio's evapi server (HOST:PORT, on this host): tcpka connects,
+    /// takes enable/disable commands relayed with evapi_relay() (JSON
+    /// netstrings; ones that arrive together are applied together) and
+    /// sends events back, into event_route[evapi:message-received].
+    /// Reconnects with backoff.
+    #[arg(long, value_name = "HOST:PORT")]
+    evapi: Option<SocketAddr>,
+    /// The user Kamailio runs as (name or uid): tcpka talks only to an
+    /// evapi server whose socket belongs to root or to this user
+    /// [default: kamailio].
+    #[arg(long, value_name = "USER")]
+    evapi_user: Option<String>,
     /// Also trust the CA certificate(s) in this PEM file for an https://
     /// webhook (the public web's CAs are trusted already).
     #[arg(long, value_name = "FILE")]
@@ -1281,30 +1294,36 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .webhook_secret_file
                 .as_deref()
                 .or(file.webhook_secret_file.as_deref());
-            let webhook_token_file = a
-                .webhook_token_file
+            let events_token_file = a
+                .events_token_file
                 .as_deref()
-                .or(file.webhook_token_file.as_deref());
+                .or(file.events_token_file.as_deref());
             let webhook_ca = a.webhook_ca.as_deref().or(file.webhook_ca.as_deref());
             let webhook = a.webhook.or(file.webhook.clone());
-            if webhook.is_none()
-                && (webhook_secret_file.is_some()
-                    || webhook_token_file.is_some()
-                    || webhook_ca.is_some())
-            {
+            if webhook.is_none() && (webhook_secret_file.is_some() || webhook_ca.is_some()) {
                 return Err(Error::Invalid(tcpka::InvalidInput::Usage(
-                    "a webhook secret, token or CA file needs a webhook (--webhook URL)".into(),
+                    "a webhook secret or CA file needs a webhook (--webhook URL)".into(),
                 )));
             }
-            if let (Some(url), Some(_)) = (&webhook, webhook_token_file) {
+            let evapi_addr = a.evapi.or(file.evapi);
+            if webhook.is_none() && evapi_addr.is_none() && events_token_file.is_some() {
+                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                    "an events token file needs a receiver (--webhook URL or --evapi HOST:PORT)"
+                        .into(),
+                )));
+            }
+            if let (Some(url), Some(_)) = (&webhook, events_token_file) {
                 if !server::webhook_keeps_secrets(url) {
                     return Err(Error::Invalid(tcpka::InvalidInput::Usage(format!(
-                        "--webhook-token-file sends the token in clear: the webhook must be \
+                        "--events-token-file sends the token in clear: the webhook must be \
                          https:// or on a loopback address, not {url}"
                     ))));
                 }
             }
             // Files are read before the token is made: a bad one changes nothing.
+            let events_token = events_token_file
+                .map(tcpka::access::read_token_file)
+                .transpose()?;
             let webhook = webhook
                 .map(|url| {
                     Ok::<_, Error>(server::WebhookConfig {
@@ -1312,9 +1331,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         secret: webhook_secret_file
                             .map(tcpka::access::read_token_file)
                             .transpose()?,
-                        bearer: webhook_token_file
-                            .map(tcpka::access::read_token_file)
-                            .transpose()?,
+                        bearer: events_token.clone(),
                         ca_pem: webhook_ca
                             .map(|p| {
                                 std::fs::read(p)
@@ -1324,6 +1341,33 @@ fn run(cli: Cli) -> Result<(), Error> {
                     })
                 })
                 .transpose()?;
+            let evapi = match evapi_addr {
+                None => {
+                    if a.evapi_user.is_some() || file.evapi_user.is_some() {
+                        return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                            "--evapi-user needs --evapi HOST:PORT".into(),
+                        )));
+                    }
+                    None
+                }
+                Some(addr) => {
+                    // Without --evapi-user: Kamailio's usual user, if this
+                    // host has one (root is always accepted).
+                    let users = match a.evapi_user.clone().or(file.evapi_user.clone()) {
+                        Some(user) => vec![tcpka::access::uid_of(&user).ok_or_else(|| {
+                            Error::Invalid(tcpka::InvalidInput::Usage(format!(
+                                "--evapi-user: no such user {user:?}"
+                            )))
+                        })?],
+                        None => tcpka::access::uid_of("kamailio").into_iter().collect(),
+                    };
+                    Some(tcpka::evapi::EvapiConfig {
+                        addr,
+                        token: events_token.clone(),
+                        users,
+                    })
+                }
+            };
             let token = serve_token(&listen, a.token, token_file, api_group)?;
             let config = server::Config {
                 listen,
@@ -1331,6 +1375,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 api_group,
                 load: a.kernel.options_over(&file),
                 webhook,
+                evapi,
                 json: a.json || file.json.unwrap_or(false),
                 rules_file: a.config,
                 kernel_log: a.kernel_log,

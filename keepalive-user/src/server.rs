@@ -157,6 +157,8 @@ pub struct Config {
     /// How to load, when `serve` loads.
     pub load: loader::LoadOptions,
     pub webhook: Option<WebhookConfig>,
+    /// Kamailio's evapi server to take commands from and send events to.
+    pub evapi: Option<crate::evapi::EvapiConfig>,
     /// Log events as JSON lines instead of text.
     pub json: bool,
     /// Configuration file whose named rules are applied at start and on
@@ -460,6 +462,63 @@ struct CloseBody {
 }
 
 type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
+
+/// Commands from Kamailio's evapi, run like the API's: each one a job for
+/// the batch worker, all of them queued before any is awaited so that
+/// they run as one batch; one log line and the metrics of each.
+#[derive(Clone)]
+struct EvapiCommands(AppState);
+
+impl crate::evapi::Commands for EvapiCommands {
+    async fn run(&self, commands: Vec<crate::evapi::Command>) {
+        use crate::evapi::Command;
+        let mut set = tokio::task::JoinSet::new();
+        for c in commands {
+            let state = self.0.clone();
+            set.spawn(async move {
+                match c {
+                    Command::Enable {
+                        conn,
+                        local,
+                        idle,
+                        count,
+                        interval,
+                        user_timeout_ms,
+                        holder,
+                    } => {
+                        let b = EnableBody {
+                            conn: conn.clone(),
+                            idle,
+                            count,
+                            interval,
+                            local,
+                            user_timeout_ms,
+                            holder: holder.clone(),
+                            netns: None,
+                        };
+                        let r = enable_body(&state, b).await;
+                        log_command("enable", Some(&conn), holder.as_deref(), &r);
+                    }
+                    Command::Disable {
+                        conn,
+                        local,
+                        holder,
+                    } => {
+                        let b = DisableBody {
+                            conn: conn.clone(),
+                            local,
+                            holder: holder.clone(),
+                            netns: None,
+                        };
+                        let r = disable_body(&state, b).await;
+                        log_command("disable", Some(&conn), holder.as_deref(), &r);
+                    }
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
 
 fn target(conn: &str, local: Option<&str>, holder: Option<&str>) -> Result<Target, InvalidInput> {
     Ok((
@@ -1394,6 +1453,14 @@ pub async fn run(
         api_group: config.api_group,
     };
     spawn_feed(&layout, &state, webhook, config.json);
+    if let Some(evapi) = config.evapi.clone() {
+        tracing::info!("evapi: commands from and events to {}", evapi.addr);
+        tokio::spawn(crate::evapi::run(
+            evapi,
+            EvapiCommands(state.clone()),
+            state.events.clone(),
+        ));
+    }
     spawn_holder_sweep(state.enforcer.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());
     let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

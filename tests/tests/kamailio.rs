@@ -25,7 +25,7 @@ const CALLEE_PORT: u16 = 5062;
 const KAMAILIO_CALLER_SIDE: &str = "10.201.1.1";
 const KA: (u32, u32, u32) = (1, 2, 1); // idle, count, interval
 const KA_USER_TIMEOUT_MS: u64 = 4000;
-const WEBHOOK_TOKEN: &str = "tcpka-webhook-token-fedcba9876543210";
+const EVENTS_TOKEN: &str = "tcpka-events-token-fedcba9876543210";
 
 /// Kills a child and its process group (Kamailio forks workers) on drop.
 struct Proc(Child);
@@ -131,7 +131,7 @@ fn config(dir: &Path, api: &str) -> PathBuf {
     text = subst(text, "KA_COUNT", &KA.1.to_string());
     text = subst(text, "KA_INTERVAL", &KA.2.to_string());
     text = subst(text, "KA_USER_TIMEOUT", &KA_USER_TIMEOUT_MS.to_string());
-    text = subst(text, "WEBHOOK_TOKEN", WEBHOOK_TOKEN);
+    text = subst(text, "EVENTS_TOKEN", EVENTS_TOKEN);
     text = subst(
         text,
         "CTL_SOCKET",
@@ -165,8 +165,21 @@ fn uas(callee: &NamedNetns, dir: &Path) -> Proc {
     )
 }
 
+/// How Kamailio calls tcpka (the example config's variants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// `exec_cmd()` of the CLI; events by webhook to xhttp.
+    Exec,
+    /// `http_client_query()` of the API; events by webhook to xhttp.
+    Http,
+    /// `evapi_relay()`; events back over evapi.
+    Evapi,
+}
+
+const EVAPI: &str = "127.0.0.1:8448";
+
 impl Sip {
-    fn start(http: bool) -> Self {
+    fn start(via: Via) -> Self {
         for t in ["kamailio", "sipp"] {
             if !tool(t) {
                 // `cargo xtask test` installs both; a bare `cargo test` may not.
@@ -183,7 +196,7 @@ impl Sip {
         let dir = TempDir(std::env::temp_dir().join(unique("tcpka-kamailio")));
         std::fs::create_dir_all(&*dir).unwrap();
         let api = format!("127.0.0.1:{}", free_port());
-        let token_file = dir.join("webhook-token");
+        let token_file = dir.join("events-token");
         {
             use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
             let mut f = std::fs::OpenOptions::new()
@@ -192,18 +205,19 @@ impl Sip {
                 .mode(0o600)
                 .open(&token_file)
                 .unwrap();
-            writeln!(f, "{WEBHOOK_TOKEN}").unwrap();
+            writeln!(f, "{EVENTS_TOKEN}").unwrap();
         }
         let serve = Serve::start(
             &e.tcpka,
             &e.cgroup.path,
             &api,
-            &[
-                "--webhook",
-                "http://127.0.0.1:8088/tcpka",
-                "--webhook-token-file",
-                token_file.to_str().unwrap(),
-            ],
+            &match via {
+                Via::Evapi => ["--evapi", EVAPI],
+                Via::Exec | Via::Http => ["--webhook", "http://127.0.0.1:8088/tcpka"],
+            }
+            .into_iter()
+            .chain(["--events-token-file", token_file.to_str().unwrap()])
+            .collect::<Vec<_>>(),
         );
         let cfg = config(&dir, &api);
         let log = dir.join("kamailio.log");
@@ -219,8 +233,14 @@ impl Sip {
         .env("TCPKA_PIN_DIR", &e.tcpka.pin_dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-        if http {
-            k.args(["-A", "WITH_TCPKA_HTTP"]);
+        match via {
+            Via::Exec => {}
+            Via::Http => {
+                k.args(["-A", "WITH_TCPKA_HTTP"]);
+            }
+            Via::Evapi => {
+                k.args(["-A", "WITH_TCPKA_EVAPI"]);
+            }
         }
         // Kamailio runs in the cgroup tcpka is attached to, as its service
         // would; sipp and the test stay outside.
@@ -239,7 +259,7 @@ impl Sip {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_millis(500));
-        Self {
+        let sip = Self {
             e,
             caller,
             callee,
@@ -248,7 +268,14 @@ impl Sip {
             kamailio,
             log,
             uas,
+        };
+        if via == Via::Evapi {
+            // tcpka connects (with backoff) once Kamailio listens.
+            sip.wait("tcpka connected to evapi", Duration::from_secs(10), || {
+                sip.kamailio_log().contains("evapi: client")
+            });
         }
+        sip
     }
 
     fn serve(&self) -> &Serve {
@@ -605,13 +632,13 @@ fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &str) {
 /// A controller may also pass a Call-ID of any length as the holder (here
 /// on Kamailio's connection to the callee): one over 64 bytes is kept
 /// hashed, and the disable with the same Call-ID finds it.
-fn long_call_id_is_one_holder(sip: &Sip, http: bool) {
+fn long_call_id_is_one_holder(sip: &Sip, via: Via) {
     let callee = format!("{CALLEE}:{CALLEE_PORT}");
     let id = format!("{}@host.example", "a1-.!%*_+`'~()<>:\\\"/[]?{}".repeat(10));
     assert!(id.len() > 200);
     let (idle, count, interval) = KA;
     let run = |body: serde_json::Value, args: &[&str]| {
-        if http {
+        if via == Via::Http {
             let path = if args[0] == "enable" {
                 "/v1/enable"
             } else {
@@ -649,7 +676,7 @@ fn long_call_id_is_one_holder(sip: &Sip, http: bool) {
 
 #[test]
 fn kamailio_via_http_api_and_dead_callee_timeout_event() {
-    let sip = Sip::start(true);
+    let sip = Sip::start(Via::Http);
     call_turns_keepalive_on_and_off(&sip);
     assert!(
         sip.kamailio_log().contains("tcpka enable"),
@@ -714,7 +741,7 @@ fn kamailio_via_http_api_and_dead_callee_timeout_event() {
 
 #[test]
 fn kamailio_via_exec_cli() {
-    let sip = Sip::start(false);
+    let sip = Sip::start(Via::Exec);
     call_turns_keepalive_on_and_off(&sip);
     assert!(
         sip.kamailio_log().contains("(exec)"),
@@ -724,19 +751,34 @@ fn kamailio_via_exec_cli() {
     let _ = sip.kamailio.0.id();
 }
 
+/// The recommended variant: commands relayed over evapi, applied on the
+/// sockets like the others; Call-IDs made to break out of JSON reach tcpka
+/// only as their hash.
+#[test]
+fn kamailio_via_evapi() {
+    let sip = Sip::start(Via::Evapi);
+    call_turns_keepalive_on_and_off(&sip);
+    assert!(
+        sip.kamailio_log().contains("(evapi)"),
+        "{}",
+        sip.kamailio_log()
+    );
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(evapi)");
+}
+
 #[test]
 fn kamailio_via_http_api_hostile_call_ids() {
-    let sip = Sip::start(true);
+    let sip = Sip::start(Via::Http);
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
-    long_call_id_is_one_holder(&sip, true);
+    long_call_id_is_one_holder(&sip, Via::Http);
     let _ = (sip.uas.0.id(), sip.kamailio.0.id());
 }
 
 #[test]
 fn kamailio_via_exec_cli_hostile_call_ids() {
-    let sip = Sip::start(false);
+    let sip = Sip::start(Via::Exec);
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(exec)");
-    long_call_id_is_one_holder(&sip, false);
+    long_call_id_is_one_holder(&sip, Via::Exec);
     let _ = (sip.uas.0.id(), sip.kamailio.0.id());
 }
 
@@ -777,24 +819,57 @@ fn calls_up(sip: &Sip, with_tcpka: bool) -> Proc {
 /// ends nothing. New calls work once the link is back.
 #[test]
 fn kamailio_ends_calls_when_the_callee_dies() {
-    let mut sip = Sip::start(true);
+    ends_calls_when_the_callee_dies(Via::Http);
+}
+
+/// The same loop over evapi: commands relayed, the timeout event sent back
+/// over the same connection.
+#[test]
+fn kamailio_via_evapi_ends_calls_when_the_callee_dies() {
+    ends_calls_when_the_callee_dies(Via::Evapi);
+}
+
+fn ends_calls_when_the_callee_dies(via: Via) {
+    let mut sip = Sip::start(via);
     let mut uac = calls_up(&sip, true);
 
     // A local user forging a timeout for the callee's connection is refused
     // and ends nothing.
-    let forged =
-        format!(r#"{{"kind":"timeout","remote":"{CALLEE}:{CALLEE_PORT}","local":"10.201.2.1:1"}}"#);
-    for auth in [None, Some("Bearer wrong")] {
-        let mut req = format!(
-            "POST /tcpka HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            forged.len()
-        );
-        if let Some(a) = auth {
-            req.push_str(&format!("Authorization: {a}\r\n"));
+    let forged = |token: Option<&str>| {
+        let mut v = serde_json::json!({"kind": "timeout",
+            "remote": format!("{CALLEE}:{CALLEE_PORT}"), "local": "10.201.2.1:1"});
+        if let Some(t) = token {
+            v["token"] = t.into();
         }
-        req.push_str(&format!("Connection: close\r\n\r\n{forged}"));
-        let reply = raw_http("127.0.0.1:8088", &req);
-        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        v.to_string()
+    };
+    match via {
+        Via::Evapi => {
+            use std::io::Write as _;
+            let mut c = std::net::TcpStream::connect(EVAPI).unwrap();
+            for body in [forged(None), forged(Some("wrong"))] {
+                c.write_all(format!("{}:{body},", body.len()).as_bytes())
+                    .unwrap();
+            }
+            sip.wait("both forgeries refused", Duration::from_secs(5), || {
+                sip.kamailio_log().matches("no valid token").count() >= 2
+            });
+        }
+        Via::Http | Via::Exec => {
+            for auth in [None, Some("Bearer wrong")] {
+                let body = forged(None);
+                let mut req = format!(
+                    "POST /tcpka HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+                    body.len()
+                );
+                if let Some(a) = auth {
+                    req.push_str(&format!("Authorization: {a}\r\n"));
+                }
+                req.push_str(&format!("Connection: close\r\n\r\n{body}"));
+                let reply = raw_http("127.0.0.1:8088", &req);
+                assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+            }
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(sip.active_dialogs(), Some(CALLS as u64));
@@ -831,7 +906,7 @@ fn kamailio_ends_calls_when_the_callee_dies() {
     let ended = log.matches("tcpka: ended call").count();
     assert_eq!(ended, CALLS, "{log}");
     eprintln!(
-        "link down -> last of {CALLS} callers got its BYE: {took:?} \
+        "{via:?}: link down -> last of {CALLS} callers got its BYE: {took:?} \
          (keepalive {}/{}/{}, user timeout {KA_USER_TIMEOUT_MS} ms)",
         KA.0, KA.1, KA.2
     );
@@ -865,7 +940,7 @@ fn kamailio_ends_calls_when_the_callee_dies() {
 /// up in Kamailio and no caller got a BYE.
 #[test]
 fn without_tcpka_calls_to_a_dead_callee_stay_up() {
-    let mut sip = Sip::start(true);
+    let mut sip = Sip::start(Via::Http);
     sip.stop_tcpka();
     let mut uac = calls_up(&sip, false);
     sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);

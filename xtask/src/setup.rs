@@ -16,8 +16,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "kamailio",
     "kamailio-utils-modules",
-    // json_get_string in the example config's event route.
+    // json_get_string in the example config's event routes; evapi.
     "kamailio-json-modules",
+    "kamailio-extra-modules",
     "sip-tester",
     "wrk",
     // The access tests act as an unprivileged user (setpriv, util-linux)

@@ -1,0 +1,293 @@
+//! Kamailio's `evapi` module as a channel (`serve --evapi HOST:PORT`): tcpka
+//! connects to Kamailio's evapi server and keeps that connection up
+//! (reconnecting with backoff). Kamailio relays enable/disable commands to
+//! it with `evapi_relay()`, which does not wait; tcpka sends the events
+//! (timeout, reset, closed, ...) back over the same connection, into
+//! Kamailio's `event_route[evapi:message-received]`.
+//!
+//! Both directions are netstrings (`LEN:DATA,`, evapi's
+//! `netstring_format`, on by default) holding one JSON object:
+//!
+//! ```text
+//! Kamailio -> tcpka  {"op":"enable","conn":"10.0.0.2:5060","idle":60,"count":5,"interval":5,"holder":"<md5>"}
+//!                    {"op":"disable","conn":"10.0.0.2:5060","holder":"<md5>"}
+//! tcpka -> Kamailio  {"kind":"timeout","remote":"10.0.0.2:5060",...,"token":"..."}
+//! ```
+//!
+//! Commands that arrive together are applied together (one batch).
+//!
+//! Whoever can listen on the evapi address could send tcpka commands, and
+//! whoever can connect to Kamailio's evapi server could send Kamailio
+//! events. So tcpka only talks to a server whose socket belongs to root or
+//! to the evapi user (`--evapi-user`, default `kamailio`), checked with
+//! sock_diag after each connect, and puts the evapi token
+//! (`--evapi-token-file`) in every event so that Kamailio can tell tcpka's
+//! events from forgeries. Commands carry no secret: evapi relays them to
+//! every client.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::broadcast,
+};
+
+use crate::feed::{Gap, Message};
+
+/// The longest message tcpka takes from Kamailio.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+
+/// Where and whom to talk to.
+#[derive(Clone, Debug)]
+pub struct EvapiConfig {
+    pub addr: SocketAddr,
+    /// Put in every event as `"token"`.
+    pub token: Option<String>,
+    /// Uids whose server tcpka accepts (root always).
+    pub users: Vec<u32>,
+}
+
+/// One command from Kamailio.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Command {
+    Enable {
+        conn: String,
+        local: Option<String>,
+        idle: u32,
+        count: u32,
+        interval: u32,
+        user_timeout_ms: Option<u32>,
+        holder: Option<String>,
+    },
+    Disable {
+        conn: String,
+        local: Option<String>,
+        holder: Option<String>,
+    },
+}
+
+/// Splits complete netstrings off the front of `buf`. `Err` when the
+/// stream is not netstrings (or a message is longer than [`MAX_MESSAGE`]):
+/// the connection is then dropped.
+pub fn netstrings(buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let Some(colon) = rest.iter().position(|&b| b == b':') else {
+            if rest.len() > 7 || !rest.iter().all(u8::is_ascii_digit) {
+                return Err("not a netstring length".into());
+            }
+            break;
+        };
+        let digits = &rest[..colon];
+        if digits.is_empty() || digits.len() > 7 || !digits.iter().all(u8::is_ascii_digit) {
+            return Err("not a netstring length".into());
+        }
+        let len: usize = std::str::from_utf8(digits)
+            .expect("digits")
+            .parse()
+            .expect("digits");
+        if len > MAX_MESSAGE {
+            return Err(format!("a message of {len} bytes (at most {MAX_MESSAGE})"));
+        }
+        let start = colon + 1;
+        if rest.len() < start + len + 1 {
+            break;
+        }
+        if rest[start + len] != b',' {
+            return Err("a netstring without its comma".into());
+        }
+        out.push(rest[start..start + len].to_vec());
+        at += start + len + 1;
+    }
+    buf.drain(..at);
+    Ok(out)
+}
+
+/// One netstring.
+pub fn netstring(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{}:", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.push(b',');
+    out
+}
+
+/// An event as sent to Kamailio: its JSON with the token added.
+pub fn event_json(m: &Message, token: Option<&str>) -> Vec<u8> {
+    let mut v = serde_json::to_value(m).expect("plain data");
+    if let (Some(t), Some(o)) = (token, v.as_object_mut()) {
+        o.insert("token".into(), t.into());
+    }
+    serde_json::to_vec(&v).expect("plain data")
+}
+
+/// The uid owning the server end of our connection (`local` -> `remote`),
+/// from sock_diag. `None` when the server is not on this host.
+pub fn server_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    // The server's socket has our ends the other way round.
+    crate::destroy::socket_uid(remote, local)
+}
+
+/// What the connection loop needs from the daemon.
+pub trait Commands: Clone + Send + Sync + 'static {
+    /// Applies these commands together; one line of log and metrics each.
+    fn run(&self, commands: Vec<Command>) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Keeps the connection to Kamailio up for as long as the daemon runs.
+pub async fn run<C: Commands>(
+    config: EvapiConfig,
+    commands: C,
+    events: broadcast::Sender<Arc<Message>>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&config, &commands, &events).await {
+            Ok(()) => {
+                tracing::warn!("evapi {}: Kamailio closed the connection", config.addr);
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => tracing::warn!("evapi {}: {e}; retrying in {backoff:?}", config.addr),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One connection, until it ends.
+async fn session<C: Commands>(
+    config: &EvapiConfig,
+    commands: &C,
+    events: &broadcast::Sender<Arc<Message>>,
+) -> Result<(), String> {
+    let stream = TcpStream::connect(config.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let local = stream.local_addr().map_err(|e| e.to_string())?;
+    match server_uid(local, config.addr) {
+        Ok(Some(uid)) if uid == 0 || config.users.contains(&uid) => {}
+        Ok(Some(uid)) => {
+            return Err(format!(
+                "the server's socket belongs to uid {uid}, not to root or the evapi user: refused"
+            ))
+        }
+        Ok(None) => return Err("the server is not on this host: refused".into()),
+        Err(e) => return Err(format!("finding the server's owner: {e}")),
+    }
+    tracing::info!("evapi {}: connected", config.addr);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut rx = events.subscribe();
+    let token = config.token.clone();
+    let writer = async move {
+        loop {
+            let m = match rx.recv().await {
+                Ok(m) => m,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    Arc::new(Message::Gap(Gap::new(n, "evapi")))
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok::<(), String>(()),
+            };
+            if m.kind() == "applied" {
+                continue;
+            }
+            let frame = netstring(&event_json(&m, token.as_deref()));
+            wr.write_all(&frame)
+                .await
+                .map_err(|e| format!("sending an event: {e}"))?;
+        }
+    };
+    let reader = async move {
+        let mut buf = Vec::with_capacity(4096);
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = rd
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading: {e}"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut batch = Vec::new();
+            for msg in netstrings(&mut buf)? {
+                match serde_json::from_slice::<Command>(&msg) {
+                    Ok(c) => batch.push(c),
+                    Err(e) => tracing::warn!(
+                        "evapi: a message that is not a command ({e}): {}",
+                        String::from_utf8_lossy(&msg[..msg.len().min(200)]).escape_debug()
+                    ),
+                }
+            }
+            if !batch.is_empty() {
+                commands.run(batch).await;
+            }
+        }
+    };
+    tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_netstrings_and_keeps_the_rest() {
+        let mut buf = b"5:hello,0:,3:ab".to_vec();
+        assert_eq!(
+            netstrings(&mut buf).unwrap(),
+            vec![b"hello".to_vec(), Vec::new()]
+        );
+        assert_eq!(buf, b"3:ab");
+        buf.extend_from_slice(b"c,");
+        assert_eq!(netstrings(&mut buf).unwrap(), vec![b"abc".to_vec()]);
+        assert!(buf.is_empty());
+        assert_eq!(netstring(b"abc"), b"3:abc,");
+    }
+
+    #[test]
+    fn refuses_what_is_not_netstrings() {
+        for bad in [
+            &b"x:abc,"[..],
+            b"3:abcd",
+            b"99999999:",
+            b"123456789",
+            b":a,",
+            b"20000:",
+        ] {
+            let mut buf = bad.to_vec();
+            assert!(
+                netstrings(&mut buf).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A length still arriving is fine.
+        let mut buf = b"12".to_vec();
+        assert!(netstrings(&mut buf).unwrap().is_empty());
+    }
+
+    #[test]
+    fn parses_commands_and_refuses_extra_fields() {
+        let c: Command = serde_json::from_str(
+            r#"{"op":"enable","conn":"10.0.0.2:5060","idle":60,"count":5,"interval":5,"holder":"ab"}"#,
+        )
+        .unwrap();
+        assert!(matches!(c, Command::Enable { idle: 60, .. }));
+        let c: Command =
+            serde_json::from_str(r#"{"op":"disable","conn":"10.0.0.2:5060"}"#).unwrap();
+        assert!(matches!(c, Command::Disable { holder: None, .. }));
+        for bad in [
+            r#"{"op":"enable","conn":"x","idle":1,"count":1,"interval":1,"netns":"/proc/1/ns/net"}"#,
+            r#"{"op":"rm","conn":"x"}"#,
+            r#"{"conn":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<Command>(bad).is_err(), "{bad}");
+        }
+    }
+}
