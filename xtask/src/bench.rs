@@ -493,6 +493,37 @@ fn range(v: &[f64]) -> (f64, f64) {
 }
 
 /// The cgroup v2 directory this process is in.
+/// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
+pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Result<()> {
+    // SAFETY: plain unshare(2); xtask is single-threaded here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    if !st.success() {
+        bail!("ip link set lo up failed");
+    }
+    sip_here(tcpka, calls, rate, rounds)
+}
+
+/// The Kamailio bench in the current network namespace (the bench's own).
+pub fn sip_here(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace")?;
+    crate::sip::run(
+        root,
+        tcpka,
+        &cgroup2_mount()?,
+        &own_cgroup()?,
+        calls,
+        rate,
+        rounds,
+    )
+}
+
 fn own_cgroup() -> Result<PathBuf> {
     let cg_root = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")?;

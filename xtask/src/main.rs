@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod floor;
 mod setup;
+mod sip;
 
 #[derive(Parser)]
 #[command(about = "tcpka project tasks")]
@@ -54,6 +55,20 @@ enum Task {
         /// to measure the host-wide index.
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         load_args: Vec<String>,
+        /// Only the Kamailio bench: calls per second through Kamailio with
+        /// no keepalive, tcpops, tcpka over evapi and over HTTP, with CPU
+        /// per call and per command.
+        #[arg(long, conflicts_with = "cost_only")]
+        sip_only: bool,
+        /// Calls per variant and round in the Kamailio bench.
+        #[arg(long, default_value_t = 2000)]
+        sip_calls: usize,
+        /// Calls per second offered in the Kamailio bench.
+        #[arg(long, default_value_t = 400)]
+        sip_rate: usize,
+        /// Rounds of the Kamailio bench (each runs every variant once).
+        #[arg(long, default_value_t = 3)]
+        sip_rounds: usize,
     },
     /// Set up, build (release) and make the Debian package
     /// (target/debian/tcpka_*.deb): binary, systemd unit, default config,
@@ -97,12 +112,24 @@ fn real_main() -> Result<()> {
             pairs,
             cost_only,
             load_args,
+            sip_only,
+            sip_calls,
+            sip_rate,
+            sip_rounds,
         } => {
             setup::run()?;
             build_release()?;
+            let tcpka = root.join("target/release/tcpka");
+            if sip_only {
+                return bench::sip(&tcpka, sip_calls, sip_rate, sip_rounds);
+            }
             let sizes = if cost_only { Vec::new() } else { sizes };
             bench::set_load_args(load_args);
-            bench::run(&root.join("target/release/tcpka"), &sizes, samples, pairs)
+            bench::run(&tcpka, &sizes, samples, pairs)?;
+            if !cost_only {
+                bench::sip_here(&tcpka, sip_calls, sip_rate, sip_rounds)?;
+            }
+            Ok(())
         }
         Task::Run { args } => {
             setup::run()?;

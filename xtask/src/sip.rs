@@ -1,0 +1,512 @@
+//! Kamailio driving keepalive per call, at a call rate: the example
+//! config (`examples/kamailio/kamailio.cfg`) between sipp's UAC and UAS over
+//! TCP, in namespaces of its own, with keepalive enabled on both legs at
+//! the 200 OK to the INVITE and disabled at the 200 OK to the BYE, in each
+//! of its variants:
+//!
+//! - no keepalive (`WITHOUT_KEEPALIVE`);
+//! - Kamailio's own tcpops, the reference (`WITH_TCPOPS`);
+//! - tcpka over evapi (`WITH_TCPKA_EVAPI`, `serve --evapi`);
+//! - tcpka over its HTTP API (`WITH_TCPKA_HTTP`, `http_client_query`).
+//!
+//! Each round runs every variant once, in turn; the figures are medians
+//! over the rounds: calls/s achieved, failed calls, Kamailio's CPU per call
+//! and `tcpka serve`'s CPU per command (four per call), and whether every
+//! enable was applied (serve's own count of commands that succeeded).
+//!
+//! ```text
+//!  caller ns (sipp uac) 10.202.1.2 ── 10.202.1.1 kamailio (this ns, the attached cgroup) 10.202.2.1 ── 10.202.2.2 callee ns (sipp uas)
+//! ```
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+const CALLER: &str = "10.202.1.2";
+const KAMAILIO: &str = "10.202.1.1";
+const KAMAILIO_CALLEE_SIDE: &str = "10.202.2.1";
+const CALLEE: &str = "10.202.2.2";
+const CALLEE_PORT: u16 = 5062;
+const TOKEN: &str = "tcpka-bench-token-0123456789abcdef";
+const EVAPI: &str = "127.0.0.1:8448";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    None,
+    Tcpops,
+    Evapi,
+    Http,
+}
+
+const MODES: [(Mode, &str); 4] = [
+    (Mode::None, "no keepalive"),
+    (Mode::Tcpops, "tcpops (in-process, the reference)"),
+    (Mode::Evapi, "tcpka over evapi"),
+    (Mode::Http, "tcpka over the HTTP API"),
+];
+
+/// One run of one variant.
+struct Sample {
+    rate: f64,
+    failed: u64,
+    kamailio_ms_per_call: f64,
+    serve_ms_per_command: Option<f64>,
+    enables_ok: Option<u64>,
+}
+
+/// A child killed with its process group on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Result<Proc> {
+    use std::os::unix::process::CommandExt as _;
+    Ok(Proc(
+        cmd.process_group(0)
+            .spawn()
+            .with_context(|| format!("{cmd:?}"))?,
+    ))
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let st = Command::new(args[0]).args(&args[1..]).status()?;
+    if !st.success() {
+        bail!("{args:?} failed");
+    }
+    Ok(())
+}
+
+/// The namespaces, links and files of the setup; removed on drop.
+struct Setup {
+    caller: String,
+    callee: String,
+    dir: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for ns in [&self.caller, &self.callee] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn link(ns: &str, ours: &str, theirs: &str, our_ip: &str, their_ip: &str) -> Result<()> {
+    sh(&[
+        "ip", "link", "add", ours, "type", "veth", "peer", "name", theirs, "netns", ns,
+    ])?;
+    sh(&["ip", "addr", "add", &format!("{our_ip}/24"), "dev", ours])?;
+    sh(&["ip", "link", "set", ours, "up"])?;
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{their_ip}/24"),
+        "dev",
+        theirs,
+    ])?;
+    sh(&["ip", "-n", ns, "link", "set", theirs, "up"])?;
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"])
+}
+
+/// The example config with this setup's addresses and the bench's values.
+fn config(root: &Path, dir: &Path, tcpka: &Path, api: &str) -> Result<PathBuf> {
+    let mut text = std::fs::read_to_string(root.join("examples/kamailio/kamailio.cfg"))?;
+    let mut subst = |name: &str, value: &str| -> Result<()> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("#!substdef \"!{name}!")))
+            .with_context(|| format!("{name} in the example config"))?
+            .to_owned();
+        text = text.replace(&line, &format!("#!substdef \"!{name}!{value}!g\""));
+        Ok(())
+    };
+    subst("TCPKA_BIN", &tcpka.display().to_string())?;
+    subst("TCPKA_API", &format!("http://{api}"))?;
+    subst("TCPKA_TOKEN", TOKEN)?;
+    subst("EVENTS_TOKEN", TOKEN)?;
+    subst(
+        "CALLEE",
+        &format!("sip:{CALLEE}:{CALLEE_PORT};transport=tcp"),
+    )?;
+    subst("SIP_LISTEN", &format!("tcp:{KAMAILIO}:5060"))?;
+    subst("CTL_SOCKET", &format!("unix:{}", dir.join("ctl").display()))?;
+    let path = dir.join("kamailio.cfg");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// CPU time (user + system) of every process in process group `pgrp`.
+fn group_cpu(pgrp: u32) -> Duration {
+    let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state is 3, pgrp
+        // 5, utime 14, stime 15 (1-based, as proc(5) counts them).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(2).and_then(|p| p.parse::<u32>().ok()) != Some(pgrp) {
+            continue;
+        }
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += n(11) + n(12);
+    }
+    Duration::from_secs_f64(ticks as f64 * tick)
+}
+
+/// `tcpka_commands_total{op="enable",result="ok"}` from serve's metrics.
+fn enables_ok(api: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("tcpka_commands_total")
+                && l.contains("op=\"enable\"")
+                && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// The bench's own installation and cgroup, removed on drop.
+struct Installation {
+    tcpka: PathBuf,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Drop for Installation {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.tcpka)
+            .env("TCPKA_PIN_DIR", &self.pin_dir)
+            .arg("unload")
+            .output();
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let name: String = self
+            .pin_dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        for ext in ["lock", "serve", "journal"] {
+            let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
+        }
+    }
+}
+
+/// Runs the bench in `cgroup_root` (a cgroup of its own below it) and
+/// prints its table. The caller runs in a network namespace of its own.
+pub fn run(
+    root: &Path,
+    tcpka: &Path,
+    cgroup_root: &Path,
+    home: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+) -> Result<()> {
+    let id = std::process::id();
+    let inst = Installation {
+        tcpka: tcpka.to_path_buf(),
+        pin_dir: PathBuf::from(format!("/sys/fs/bpf/tcpka-bench-sip-{id}")),
+        cgroup: cgroup_root.join(format!("tcpka-bench-sip-{id}")),
+    };
+    std::fs::create_dir(&inst.cgroup).context("create the SIP bench's cgroup")?;
+    let (pin_dir, cgroup) = (&inst.pin_dir, &inst.cgroup);
+    for t in ["kamailio", "sipp", "curl"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!("{t} is not installed (cargo xtask setup installs it)");
+        }
+    }
+    let setup = Setup {
+        caller: format!("tcpka-bench-caller-{id}"),
+        callee: format!("tcpka-bench-callee-{id}"),
+        dir: std::env::temp_dir().join(format!("tcpka-bench-sip-{id}")),
+    };
+    std::fs::create_dir_all(&setup.dir)?;
+    for ns in [&setup.caller, &setup.callee] {
+        sh(&["ip", "netns", "add", ns])?;
+    }
+    link(&setup.caller, "kbca0", "kbca1", KAMAILIO, CALLER)?;
+    link(
+        &setup.callee,
+        "kbcb0",
+        "kbcb1",
+        KAMAILIO_CALLEE_SIDE,
+        CALLEE,
+    )?;
+    // The SIP ports of this setup are the index ports, as a deployment
+    // sets them.
+    let st = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .args(["load", "--cgroup"])
+        .arg(cgroup)
+        .args(["--index-ports", &format!("5060,{CALLEE_PORT}")])
+        .output()?;
+    if !st.status.success() {
+        bail!("tcpka load: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    let api = "127.0.0.1:7177";
+    let cfg = config(root, &setup.dir, tcpka, api)?;
+
+    println!(
+        "Kamailio per call ({calls} calls at {rate} calls/s offered, zero hold, keepalive on both legs \
+         from the 200 OK to the INVITE to the 200 OK to the BYE; {rounds} rounds, medians):"
+    );
+    let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (mode, name)) in MODES.iter().enumerate() {
+            eprint!("bench: Kamailio, round {}/{rounds}, {name}…", round + 1);
+            let s = measure(
+                *mode, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
+            )
+            .with_context(|| format!("{name}, round {}", round + 1))?;
+            eprintln!(" {:.1} calls/s", s.rate);
+            samples[i].push(s);
+        }
+    }
+    println!(
+        "  {:<36} {:>10} {:>8} {:>16} {:>18} {:>14}",
+        "", "calls/s", "failed", "Kamailio ms/call", "serve ms/command", "enables ok"
+    );
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut reference = None;
+    for (i, (mode, name)) in MODES.iter().enumerate() {
+        let s = &samples[i];
+        let rate = med(s.iter().map(|x| x.rate).collect());
+        let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+        if *mode == Mode::Tcpops {
+            reference = Some((rate, cpu));
+        }
+        let failed: u64 = s.iter().map(|x| x.failed).sum();
+        let serve = s
+            .iter()
+            .filter_map(|x| x.serve_ms_per_command)
+            .collect::<Vec<_>>();
+        let serve = if serve.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.3}", med(serve))
+        };
+        let enables = match s.iter().map(|x| x.enables_ok).collect::<Option<Vec<_>>>() {
+            Some(v) => format!("{}/{}", v.iter().sum::<u64>(), 2 * calls * rounds),
+            None => "-".into(),
+        };
+        println!("  {name:<36} {rate:>10.1} {failed:>8} {cpu:>16.3} {serve:>18} {enables:>14}");
+    }
+    if let Some((rate0, cpu0)) = reference {
+        for (i, (mode, name)) in MODES.iter().enumerate() {
+            if matches!(mode, Mode::Evapi | Mode::Http) {
+                let s = &samples[i];
+                let rate = med(s.iter().map(|x| x.rate).collect());
+                let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+                println!(
+                    "  {name}: {:.2}x tcpops' call rate, {:.2}x its Kamailio CPU per call",
+                    rate / rate0,
+                    cpu / cpu0
+                );
+            }
+        }
+    }
+    println!();
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    mode: Mode,
+    setup: &Setup,
+    cfg: &Path,
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    home: &Path,
+    api: &str,
+    calls: usize,
+    rate: usize,
+) -> Result<Sample> {
+    let log = setup.dir.join("kamailio.log");
+    let serve = match mode {
+        Mode::Evapi | Mode::Http => {
+            let mut c = Command::new(tcpka);
+            c.env("TCPKA_PIN_DIR", pin_dir)
+                .env("TCPKA_TOKEN", TOKEN)
+                .args(["serve", "--listen", api, "--cgroup"])
+                .arg(cgroup)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if mode == Mode::Evapi {
+                c.args(["--evapi", EVAPI]);
+            }
+            let p = spawn(&mut c)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while enables_ok(api).is_err() || std::net::TcpStream::connect(api).is_err() {
+                if Instant::now() > deadline {
+                    bail!("tcpka serve did not come up");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(p)
+        }
+        Mode::None | Mode::Tcpops => None,
+    };
+    let mut k = Command::new("kamailio");
+    k.args(["-DD", "-E", "-f"])
+        .arg(cfg)
+        .arg("-w")
+        .arg(&setup.dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    match mode {
+        Mode::None => k.args(["-A", "WITHOUT_KEEPALIVE"]),
+        Mode::Tcpops => k.args(["-A", "WITH_TCPOPS"]),
+        Mode::Evapi => k.args(["-A", "WITH_TCPKA_EVAPI"]),
+        Mode::Http => k.args(["-A", "WITH_TCPKA_HTTP"]),
+    };
+    // Kamailio runs in the attached cgroup, as its service would.
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+    let kamailio = spawn(&mut k);
+    std::fs::write(home.join("cgroup.procs"), std::process::id().to_string())?;
+    let kamailio = kamailio?;
+    let _uas = spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &setup.callee,
+                "sipp",
+                "-sn",
+                "uas",
+                "-t",
+                "t1",
+            ])
+            .args(["-i", CALLEE, "-p", &CALLEE_PORT.to_string(), "-nostdin"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let up = std::net::TcpStream::connect((KAMAILIO, 5060)).is_ok();
+        let connected = mode != Mode::Evapi
+            || std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("evapi: client");
+        if up && connected {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "kamailio did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pgrp = kamailio.0.id();
+    let serve_pid = serve.as_ref().map(|p| p.0.id());
+    let enables_before = match mode {
+        Mode::Evapi | Mode::Http => Some(enables_ok(api)?),
+        _ => None,
+    };
+    let cpu0 = group_cpu(pgrp);
+    let serve0 = serve_pid.map(group_cpu);
+    let stats = setup.dir.join("uac.csv");
+    let _ = std::fs::remove_file(&stats);
+    let start = Instant::now();
+    let uac = Command::new("ip")
+        .args(["netns", "exec", &setup.caller, "sipp"])
+        .arg(format!("{KAMAILIO}:5060"))
+        .arg("-sf")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace")
+                .join("tests/sipp/uac_rr.xml"),
+        )
+        .args(["-t", "t1", "-i", CALLER, "-s", "callee", "-nostdin"])
+        .args(["-m", &calls.to_string(), "-r", &rate.to_string(), "-d", "0"])
+        .args(["-timeout", "120s", "-trace_stat", "-fd", "1", "-stf"])
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let elapsed = start.elapsed();
+    // Let the last commands (the BYE's disables) finish.
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = group_cpu(pgrp) - cpu0;
+    let serve_cpu = serve_pid.zip(serve0).map(|(p, c0)| group_cpu(p) - c0);
+    let (ok, failed) = call_counts(&stats)?;
+    if !uac.success() && failed == 0 {
+        bail!("sipp exited with {uac} and no failed call counted");
+    }
+    let enables = match (mode, enables_before) {
+        (Mode::Evapi | Mode::Http, Some(b)) => Some(enables_ok(api)? - b),
+        _ => None,
+    };
+    drop(serve);
+    drop(kamailio);
+    let _ = std::io::stderr().flush();
+    Ok(Sample {
+        rate: ok as f64 / elapsed.as_secs_f64(),
+        failed,
+        kamailio_ms_per_call: cpu.as_secs_f64() * 1000.0 / calls as f64,
+        serve_ms_per_command: serve_cpu.map(|c| c.as_secs_f64() * 1000.0 / (4 * calls) as f64),
+        enables_ok: enables,
+    })
+}
+
+/// Successful and failed calls from sipp's statistics file (its last
+/// line, cumulative columns).
+fn call_counts(path: &Path) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .context("empty sipp statistics")?
+        .split(';')
+        .collect();
+    let last: Vec<&str> = lines
+        .last()
+        .context("no sipp statistics line")?
+        .split(';')
+        .collect();
+    let col = |name: &str| -> Result<u64> {
+        let i = header
+            .iter()
+            .position(|h| *h == name)
+            .with_context(|| format!("{name} in sipp's statistics"))?;
+        Ok(last.get(i).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+    };
+    Ok((col("SuccessfulCall(C)")?, col("FailedCall(C)")?))
+}
