@@ -490,13 +490,13 @@ fn measure(
 /// line, cumulative columns).
 fn call_counts(path: &Path) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let header: Vec<&str> = lines
-        .next()
+        .first()
         .context("empty sipp statistics")?
         .split(';')
         .collect();
-    let last: Vec<&str> = lines
+    let last: Vec<&str> = lines[1..]
         .last()
         .context("no sipp statistics line")?
         .split(';')
