@@ -32,8 +32,17 @@ use crate::{
     Error, Result,
 };
 
-/// Inode number of a network namespace (`--netns PATH`, or ours).
+/// Inode number of a network namespace (`--netns PATH`, or ours: the
+/// process's, read once).
 pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
+    static OURS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if netns.is_none() {
+        if let Some(ino) = OURS.get() {
+            return Ok(*ino);
+        }
+        let ino = netns_inode(Some(Path::new("/proc/self/ns/net")))?;
+        return Ok(*OURS.get_or_init(|| ino));
+    }
     let path = netns.unwrap_or(Path::new("/proc/thread-self/ns/net"));
     crate::access::open_netns(path)?
         .metadata()

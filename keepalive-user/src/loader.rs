@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map, MapData},
+    maps::{Array, Map},
     programs::{
         links::{CgroupAttachMode, FdLink},
         BtfTracePoint, Iter, SockOps, TracePoint,
@@ -714,15 +714,117 @@ pub fn repair_attachment(layout: &PinLayout) -> Result<Option<Installation>> {
 
 /// Opens a pinned map of a loaded installation.
 pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
-    if !is_loaded(layout)? {
-        return Err(Error::NotLoaded {
-            pin_dir: layout.dir().into(),
-        });
-    }
     let path = layout.map(name);
-    let data = MapData::from_pin(&path)
-        .map_err(|e| Error::map(format!("opening {}", path.display()), e))?;
+    let data = match map_cache::open(layout, name) {
+        Ok(Some(data)) => data,
+        Ok(None) => {
+            return Err(Error::NotLoaded {
+                pin_dir: layout.dir().into(),
+            })
+        }
+        Err(map_cache::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::NoPrivilege {
+                what: format!("reading {}", layout.dir().display()),
+            })
+        }
+        Err(map_cache::OpenError::Io(e)) => {
+            return Err(Error::io(format!("reading {}", layout.dir().display()), e))
+        }
+        Err(map_cache::OpenError::Map(e)) => {
+            return Err(Error::map(format!("opening {}", path.display()), e))
+        }
+    };
     Map::from_map_data(data).map_err(|e| Error::map(format!("opening {}", path.display()), e))
+}
+
+/// The pinned maps' descriptors, kept by a process that opens them again
+/// and again (`serve` runs several commands' worth of opens per command).
+/// Opening a pin walks its path through /sys; a kept descriptor is
+/// duplicated instead. The installation's generation is the inode of its
+/// sock_ops link pin, looked at once per [`CHECK_EVERY`] at most: when it
+/// changes (an unload and a load) or disappears, the kept descriptors are
+/// dropped, so a command never reaches the maps of an installation that is
+/// gone for longer than that.
+mod map_cache {
+    use std::{
+        collections::HashMap,
+        os::fd::{AsFd as _, OwnedFd},
+        path::PathBuf,
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    use aya::maps::{MapData, MapError};
+
+    use crate::paths::PinLayout;
+
+    pub const CHECK_EVERY: Duration = Duration::from_millis(20);
+
+    struct Entry {
+        /// The link pin's inode when last looked at; 0: not loaded.
+        generation: u64,
+        checked: Instant,
+        fds: HashMap<String, OwnedFd>,
+    }
+
+    static CACHE: Mutex<Option<HashMap<PathBuf, Entry>>> = Mutex::new(None);
+
+    fn generation(layout: &PinLayout) -> std::io::Result<u64> {
+        match std::fs::symlink_metadata(layout.sock_ops_link()) {
+            Ok(m) => Ok(std::os::unix::fs::MetadataExt::ino(&m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub enum OpenError {
+        Io(std::io::Error),
+        Map(MapError),
+    }
+
+    /// The map `name` of the installation, or `None` when nothing is
+    /// loaded there.
+    pub fn open(layout: &PinLayout, name: &str) -> Result<Option<MapData>, OpenError> {
+        let io = OpenError::Io;
+        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = guard.get_or_insert_with(HashMap::new);
+        let now = Instant::now();
+        let entry = match cache.get_mut(layout.dir()) {
+            Some(e) if now.duration_since(e.checked) < CHECK_EVERY => e,
+            found => {
+                let generation = generation(layout).map_err(io)?;
+                match found {
+                    Some(e) if e.generation == generation => {
+                        e.checked = now;
+                    }
+                    _ => {
+                        cache.insert(
+                            layout.dir().to_path_buf(),
+                            Entry {
+                                generation,
+                                checked: now,
+                                fds: HashMap::new(),
+                            },
+                        );
+                    }
+                }
+                cache.get_mut(layout.dir()).expect("just inserted")
+            }
+        };
+        if entry.generation == 0 {
+            return Ok(None);
+        }
+        let fd = match entry.fds.get(name) {
+            Some(fd) => fd.try_clone().map_err(io)?,
+            None => {
+                let data = MapData::from_pin(layout.map(name)).map_err(OpenError::Map)?;
+                let fd = data.fd().as_fd().try_clone_to_owned().map_err(io)?;
+                entry.fds.insert(name.to_owned(), fd);
+                return Ok(Some(data));
+            }
+        };
+        MapData::from_fd(fd).map(Some).map_err(OpenError::Map)
+    }
 }
 
 pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {

@@ -150,11 +150,21 @@ impl PinLayout {
 }
 
 /// `path` with symlinks, `.` and `..` resolved, also when its last part does
-/// not exist yet (a pin directory before `load`).
+/// not exist yet (a pin directory before `load`). Kept once found for an
+/// existing directory: `serve` asks for it with every command.
 fn canonical(path: &Path) -> PathBuf {
+    static FOUND: std::sync::Mutex<Vec<(PathBuf, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = found.iter().find(|(p, _)| p == path) {
+        return c.clone();
+    }
     if let Ok(p) = std::fs::canonicalize(path) {
+        if found.len() < 64 {
+            found.push((path.to_path_buf(), p.clone()));
+        }
         return p;
     }
+    drop(found);
     let mut clean = PathBuf::new();
     for c in path.components() {
         match c {
