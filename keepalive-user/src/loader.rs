@@ -790,7 +790,9 @@ mod map_cache {
         let cache = guard.get_or_insert_with(HashMap::new);
         let now = Instant::now();
         let entry = match cache.get_mut(layout.dir()) {
-            Some(e) if now.duration_since(e.checked) < CHECK_EVERY => e,
+            // "Not loaded" is looked at again every time: a load may just
+            // have happened.
+            Some(e) if e.generation != 0 && now.duration_since(e.checked) < CHECK_EVERY => e,
             found => {
                 let generation = generation(layout).map_err(io)?;
                 match found {
@@ -817,13 +819,32 @@ mod map_cache {
         let fd = match entry.fds.get(name) {
             Some(fd) => fd.try_clone().map_err(io)?,
             None => {
-                let data = MapData::from_pin(layout.map(name)).map_err(OpenError::Map)?;
+                let data = match MapData::from_pin(layout.map(name)) {
+                    Ok(data) => data,
+                    // Unloaded since the last look: say so, not "no such
+                    // file".
+                    Err(e) if generation(layout).map_err(io)? != entry.generation => {
+                        drop(e);
+                        cache.remove(layout.dir());
+                        return match generation(layout).map_err(io)? {
+                            0 => Ok(None),
+                            _ => open_uncached(layout, name),
+                        };
+                    }
+                    Err(e) => return Err(OpenError::Map(e)),
+                };
                 let fd = data.fd().as_fd().try_clone_to_owned().map_err(io)?;
                 entry.fds.insert(name.to_owned(), fd);
                 return Ok(Some(data));
             }
         };
         MapData::from_fd(fd).map(Some).map_err(OpenError::Map)
+    }
+
+    fn open_uncached(layout: &PinLayout, name: &str) -> Result<Option<MapData>, OpenError> {
+        MapData::from_pin(layout.map(name))
+            .map(Some)
+            .map_err(OpenError::Map)
     }
 }
 
