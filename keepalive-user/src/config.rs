@@ -477,7 +477,9 @@ user_timeout_ms = 20000
             .collect();
         let c = Config::parse(&text, "examples").unwrap();
         assert_eq!(c.rules.len(), 2);
-        assert!(c.serve.listen.is_some() && c.serve.index_ports.is_some());
+        assert!(
+            c.serve.listen.is_some() && c.serve.index_ports.is_some() && c.serve.evapi.is_some()
+        );
     }
 
     #[test]
