@@ -59,10 +59,10 @@ fn request_of(kind: u16, local: SocketAddr, remote: SocketAddr, cookie: u64) -> 
     m
 }
 
-/// Destroys one connection of the current network namespace with
-/// sock_diag.
-fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
-    let err = |what: &str, e: std::io::Error| Error::io(format!("closing {remote}: {what}"), e);
+/// Sends one sock_diag request in the current network namespace and
+/// returns the kernel's first reply (at least a netlink header and a
+/// code).
+fn exchange(msg: &[u8]) -> std::io::Result<Vec<u8>> {
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(
@@ -72,21 +72,29 @@ fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Resu
         )
     };
     if fd < 0 {
-        return Err(err("sock_diag socket", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a new descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let msg = request(local, remote, cookie);
     // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
     if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(err("SOCK_DESTROY", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
-    let mut buf = [0u8; 512];
+    let mut buf = vec![0u8; 1024];
     // SAFETY: recv(2) into a buffer we own.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 20 {
-        return Err(err("SOCK_DESTROY", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Destroys one connection of the current network namespace with
+/// sock_diag.
+fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
+    let err = |what: &str, e: std::io::Error| Error::io(format!("closing {remote}: {what}"), e);
+    let buf = exchange(&request(local, remote, cookie)).map_err(|e| err("SOCK_DESTROY", e))?;
     let kind = u16::from_ne_bytes([buf[4], buf[5]]);
     let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
     match (kind, code) {
@@ -118,30 +126,8 @@ const NO_COOKIE: u64 = u64::MAX;
 /// namespace; `None` when there is none (for a connection, the other end
 /// is then not on this host).
 pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let msg = request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE);
-    // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
-    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut buf = [0u8; 1024];
-    // SAFETY: recv(2) into a buffer we own.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 20 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let buf = exchange(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE))?;
+    let n = buf.len();
     let kind = u16::from_ne_bytes([buf[4], buf[5]]);
     if kind == NLMSG_ERROR {
         let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
@@ -150,7 +136,7 @@ pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opti
             e => Err(std::io::Error::from_raw_os_error(e)),
         };
     }
-    if kind != SOCK_DIAG_BY_FAMILY || (n as usize) < UID_OFFSET + 4 {
+    if kind != SOCK_DIAG_BY_FAMILY || n < UID_OFFSET + 4 {
         return Err(std::io::Error::other(format!(
             "unexpected sock_diag reply type {kind}"
         )));

@@ -659,19 +659,22 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let addr = format!("127.0.0.1:{}", free_port());
+    let start = |evapi: &str| {
+        LoggedServe::start(
+            &e.tcpka,
+            &addr,
+            &[
+                "--cgroup",
+                e.cgroup.path.to_str().unwrap(),
+                "--evapi",
+                evapi,
+                "--events-token-file",
+                token_file.to_str().unwrap(),
+            ],
+        )
+    };
     let evapi = format!("127.0.0.1:{port}");
-    let s = LoggedServe::start(
-        &e.tcpka,
-        &addr,
-        &[
-            "--cgroup",
-            e.cgroup.path.to_str().unwrap(),
-            "--evapi",
-            &evapi,
-            "--events-token-file",
-            token_file.to_str().unwrap(),
-        ],
-    );
+    let s = start(&evapi);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         keepalive(&c),
@@ -691,18 +694,7 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
     // comes back as an event with the token.
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let evapi = server.local_addr().unwrap().to_string();
-    let s = LoggedServe::start(
-        &e.tcpka,
-        &addr,
-        &[
-            "--cgroup",
-            e.cgroup.path.to_str().unwrap(),
-            "--evapi",
-            &evapi,
-            "--events-token-file",
-            token_file.to_str().unwrap(),
-        ],
-    );
+    let s = start(&evapi);
     let (mut k, _) = server.accept().unwrap();
     // Two commands in one read: applied together.
     let l2 = listen("127.0.0.1:0");

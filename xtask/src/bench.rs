@@ -102,8 +102,9 @@ fn sockets_in_netns() -> usize {
             .unwrap_or(0)
 }
 
-pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Result<()> {
-    // A private network namespace for this process and its children.
+/// Moves this process (and its children to come) to a network namespace
+/// of its own, with loopback up.
+fn private_netns() -> Result<()> {
     // SAFETY: plain unshare(2); xtask is single-threaded here.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
@@ -114,6 +115,11 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     if !st.success() {
         bail!("ip link set lo up failed");
     }
+    Ok(())
+}
+
+pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Result<()> {
+    private_netns()?;
     let cg_root = cgroup2_mount()?;
     let cgroup = cg_root.join(format!("tcpka-bench-{}", std::process::id()));
     // A sibling with an empty sock_ops program: the floor of any attachment.
@@ -495,16 +501,7 @@ fn range(v: &[f64]) -> (f64, f64) {
 /// The cgroup v2 directory this process is in.
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
 pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Result<()> {
-    // SAFETY: plain unshare(2); xtask is single-threaded here.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-    }
-    let st = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()?;
-    if !st.success() {
-        bail!("ip link set lo up failed");
-    }
+    private_netns()?;
     sip_here(tcpka, calls, rate, rounds)
 }
 
@@ -890,16 +887,20 @@ impl Drop for Cleanup {
         }
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir(&self.floor);
-        // tcpka's files for this pin directory (see keepalive-user paths.rs).
-        let name: String = self
-            .pin_dir
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        for ext in ["lock", "serve", "journal"] {
-            let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
-        }
+        remove_lock_files(&self.pin_dir);
+    }
+}
+
+/// Removes tcpka's files for a pin directory (see keepalive-user
+/// paths.rs).
+pub fn remove_lock_files(pin_dir: &Path) {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    for ext in ["lock", "serve", "journal"] {
+        let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
     }
 }
 

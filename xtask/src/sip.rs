@@ -204,15 +204,7 @@ impl Drop for Installation {
             .arg("unload")
             .output();
         let _ = std::fs::remove_dir(&self.cgroup);
-        let name: String = self
-            .pin_dir
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        for ext in ["lock", "serve", "journal"] {
-            let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
-        }
+        crate::bench::remove_lock_files(&self.pin_dir);
     }
 }
 
