@@ -32,17 +32,9 @@ use crate::{
     Error, Result,
 };
 
-/// Inode number of a network namespace (`--netns PATH`, or ours: the
-/// process's, read once).
+/// Inode number of a network namespace (`--netns PATH`, or the calling
+/// thread's: threads of one process may be in different ones).
 pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
-    static OURS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if netns.is_none() {
-        if let Some(ino) = OURS.get() {
-            return Ok(*ino);
-        }
-        let ino = netns_inode(Some(Path::new("/proc/self/ns/net")))?;
-        return Ok(*OURS.get_or_init(|| ino));
-    }
     let path = netns.unwrap_or(Path::new("/proc/thread-self/ns/net"));
     crate::access::open_netns(path)?
         .metadata()

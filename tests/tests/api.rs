@@ -628,7 +628,7 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
     // A stranger's server (uid 65534) relays an enable: refused.
     let l = listen("127.0.0.1:0");
     let peer = l.local_addr().unwrap().to_string();
-    let (c, _srv) = connect(&l);
+    let (c, srv) = connect(&l);
     let port = free_port();
     let command = format!(
         r#"{{"op":"enable","conn":"{peer}","idle":21,"count":3,"interval":4,"holder":"h1"}}"#
@@ -710,7 +710,9 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
         assert!(Instant::now() < deadline, "evapi commands not applied");
         std::thread::sleep(Duration::from_millis(20));
     }
-    drop(c);
+    // Both ends: a client end left in FIN_WAIT2 by an open peer may wait
+    // out tcp_fin_timeout before it closes.
+    drop((c, srv));
     k.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];

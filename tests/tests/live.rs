@@ -466,7 +466,7 @@ fn the_index_reaches_connections_made_before_and_after_load() {
     let _netns = NetNs::new();
     let l = listen("127.0.0.1:0");
     let peer = l.local_addr().unwrap().to_string();
-    let (before, _s1) = connect(&l);
+    let (before, s1) = connect(&l);
     let cgroup = CgroupDir::new();
     let t = Tcpka::new();
     // The host-wide index holds every connection, wherever it was made
@@ -491,7 +491,9 @@ fn the_index_reaches_connections_made_before_and_after_load() {
     assert_eq!(r.code, 1, "{r:?}");
     // Managed and cleaned up like the walk's connections.
     assert_eq!(t.managed_count(), 3);
-    drop((before, after, s2));
+    // Both ends closed: a client end left in FIN_WAIT2 by an open peer may
+    // wait out tcp_fin_timeout (60 s) before it closes.
+    drop((before, after, s2, s1));
     let deadline = Instant::now() + Duration::from_secs(5);
     while t.managed_count() != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
