@@ -131,9 +131,16 @@ pub fn server_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opti
     crate::destroy::socket_uid(remote, local)
 }
 
+/// Commands taken from Kamailio and not finished yet, at most: past it
+/// tcpka stops reading until some finish, so a flood cannot grow its memory
+/// without bound.
+pub const MAX_PENDING: usize = 16_384;
+
 /// What the connection loop needs from the daemon.
 pub trait Commands: Clone + Send + Sync + 'static {
-    /// Applies these commands together; one line of log and metrics each.
+    /// Queues these commands, in order, to be applied together; returns
+    /// once they are queued (one line of log and metrics each when they
+    /// are done), waiting only while [`MAX_PENDING`] are.
     fn run(&self, commands: Vec<Command>) -> impl std::future::Future<Output = ()> + Send;
 }
 

@@ -214,13 +214,22 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
 
 /// Runs one command through the batch worker.
 async fn submit(state: &AppState, op: Op) -> Result<Disabled, Error> {
+    queue(state, op).await
+}
+
+/// Hands one command to the batch worker at once (commands run in the
+/// order they are queued); the future waits for its result.
+fn queue(state: &AppState, op: Op) -> impl std::future::Future<Output = Result<Disabled, Error>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let gone = || Error::Io {
         what: "the command worker stopped".into(),
         source: std::io::ErrorKind::Other.into(),
     };
-    state.batcher.send((op, tx)).map_err(|_| gone())?;
-    rx.await.map_err(|_| gone())?
+    let sent = state.batcher.send((op, tx)).map_err(|_| gone());
+    async move {
+        sent?;
+        rx.await.map_err(|_| gone())?
+    }
 }
 
 /// Prometheus metrics.
@@ -467,56 +476,75 @@ type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
 /// the batch worker, all of them queued before any is awaited so that
 /// they run as one batch; one log line and the metrics of each.
 #[derive(Clone)]
-struct EvapiCommands(AppState);
+struct EvapiCommands(AppState, Arc<tokio::sync::Semaphore>);
 
 impl crate::evapi::Commands for EvapiCommands {
+    /// Queues every command at once, in the order Kamailio sent them (an
+    /// enable and the disable after it must run in that order), and
+    /// leaves their results to a task of their own: the connection is read
+    /// on meanwhile, so Kamailio's evapi never waits on tcpka.
     async fn run(&self, commands: Vec<crate::evapi::Command>) {
         use crate::evapi::Command;
-        let mut set = tokio::task::JoinSet::new();
+        let state = &self.0;
+        let n = commands.len().min(crate::evapi::MAX_PENDING) as u32;
+        let Ok(permits) = self.1.clone().acquire_many_owned(n).await else {
+            return;
+        };
+        let mut pending = Vec::with_capacity(commands.len());
         for c in commands {
-            let state = self.0.clone();
-            set.spawn(async move {
-                match c {
-                    Command::Enable {
-                        conn,
-                        local,
+            let (name, conn, holder, op) = match c {
+                Command::Enable {
+                    conn,
+                    local,
+                    idle,
+                    count,
+                    interval,
+                    user_timeout_ms,
+                    holder,
+                } => {
+                    let b = EnableBody {
+                        conn: conn.clone(),
                         idle,
                         count,
                         interval,
-                        user_timeout_ms,
-                        holder,
-                    } => {
-                        let b = EnableBody {
-                            conn: conn.clone(),
-                            idle,
-                            count,
-                            interval,
-                            local,
-                            user_timeout_ms,
-                            holder: holder.clone(),
-                            netns: None,
-                        };
-                        let r = enable_body(&state, b).await;
-                        log_command("enable", Some(&conn), holder.as_deref(), &r);
-                    }
-                    Command::Disable {
-                        conn,
                         local,
-                        holder,
-                    } => {
-                        let b = DisableBody {
-                            conn: conn.clone(),
-                            local,
-                            holder: holder.clone(),
-                            netns: None,
-                        };
-                        let r = disable_body(&state, b).await;
-                        log_command("disable", Some(&conn), holder.as_deref(), &r);
-                    }
+                        user_timeout_ms,
+                        holder: holder.clone(),
+                        netns: None,
+                    };
+                    ("enable", conn, holder, enable_op(state, b))
                 }
-            });
+                Command::Disable {
+                    conn,
+                    local,
+                    holder,
+                } => {
+                    let b = DisableBody {
+                        conn: conn.clone(),
+                        local,
+                        holder: holder.clone(),
+                        netns: None,
+                    };
+                    ("disable", conn, holder, disable_op(state, b))
+                }
+            };
+            match op {
+                Ok(op) => pending.push((name, conn, holder, queue(state, op))),
+                Err(r) => log_command(name, Some(&conn), holder.as_deref(), &r),
+            }
         }
-        while set.join_next().await.is_some() {}
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _permits = permits;
+            for (name, conn, holder, done) in pending {
+                let result = done.await;
+                let r = match name {
+                    "enable" => enable_done(&state, result),
+                    _ => disable_done(&state, result),
+                };
+                log_command(name, Some(&conn), holder.as_deref(), &r);
+            }
+        });
     }
 }
 
@@ -566,27 +594,37 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
 }
 
 async fn enable_body(state: &AppState, b: EnableBody) -> Response {
+    match enable_op(state, b) {
+        Ok(op) => enable_done(state, submit(state, op).await),
+        Err(r) => *r,
+    }
+}
+
+/// An enable request as a command for the batch worker (or the reply
+/// that refuses it).
+fn enable_op(state: &AppState, b: EnableBody) -> Result<Op, Box<Response>> {
     let parsed = target(&b.conn, b.local.as_deref(), b.holder.as_deref()).and_then(|t| {
         Ok((
             t,
             Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?,
         ))
     });
-    let ((conn, local, holder), policy) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            state.metrics.command("enable", "invalid");
-            return invalid(e);
-        }
-    };
-    let op = Op {
+    let ((conn, local, holder), policy) = parsed.map_err(|e| {
+        state.metrics.command("enable", "invalid");
+        Box::new(invalid(e))
+    })?;
+    Ok(Op {
         conn,
         local,
         action: Action::Enable(policy),
         holder,
         netns: b.netns,
-    };
-    match submit(state, op).await.map(|d| d.changed) {
+    })
+}
+
+/// The reply to an enable the batch worker ran; counts it.
+fn enable_done(state: &AppState, result: Result<Disabled, Error>) -> Response {
+    match result.map(|d| d.changed) {
         Ok(changed) => {
             state.metrics.command("enable", "ok");
             state
@@ -619,21 +657,32 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
 }
 
 async fn disable_body(state: &AppState, b: DisableBody) -> Response {
-    let (conn, local, holder) = match target(&b.conn, b.local.as_deref(), b.holder.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
+    match disable_op(state, b) {
+        Ok(op) => disable_done(state, submit(state, op).await),
+        Err(r) => *r,
+    }
+}
+
+/// A disable request as a command for the batch worker (or the reply
+/// that refuses it).
+fn disable_op(state: &AppState, b: DisableBody) -> Result<Op, Box<Response>> {
+    let (conn, local, holder) =
+        target(&b.conn, b.local.as_deref(), b.holder.as_deref()).map_err(|e| {
             state.metrics.command("disable", "invalid");
-            return invalid(e);
-        }
-    };
-    let op = Op {
+            Box::new(invalid(e))
+        })?;
+    Ok(Op {
         conn,
         local,
         action: Action::Disable,
         holder,
         netns: b.netns,
-    };
-    match submit(state, op).await {
+    })
+}
+
+/// The reply to a disable the batch worker ran; counts it.
+fn disable_done(state: &AppState, result: Result<Disabled, Error>) -> Response {
+    match result {
         Ok(done) => {
             state.metrics.command("disable", "ok");
             reply(
@@ -1457,7 +1506,10 @@ pub async fn run(
         tracing::info!("evapi: commands from and events to {}", evapi.addr);
         tokio::spawn(crate::evapi::run(
             evapi,
-            EvapiCommands(state.clone()),
+            EvapiCommands(
+                state.clone(),
+                Arc::new(tokio::sync::Semaphore::new(crate::evapi::MAX_PENDING)),
+            ),
             state.events.clone(),
         ));
     }

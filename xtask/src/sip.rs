@@ -172,6 +172,19 @@ fn group_cpu(pgrp: u32) -> Duration {
     Duration::from_secs_f64(ticks as f64 * tick)
 }
 
+/// Every command serve has finished (`tcpka_commands_total`, all results).
+fn commands_done(api: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tcpka_commands_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
 /// `tcpka_commands_total{op="enable",result="ok"}` from serve's metrics.
 fn enables_ok(api: &str) -> Result<u64> {
     let out = Command::new("curl")
@@ -429,9 +442,9 @@ fn measure(
     std::thread::sleep(Duration::from_millis(300));
     let pgrp = kamailio.0.id();
     let serve_pid = serve.as_ref().map(|p| p.0.id());
-    let enables_before = match mode {
-        Mode::Evapi | Mode::Http => Some(enables_ok(api)?),
-        _ => None,
+    let (enables_before, commands_before) = match mode {
+        Mode::Evapi | Mode::Http => (Some(enables_ok(api)?), Some(commands_done(api)?)),
+        _ => (None, None),
     };
     let cpu0 = group_cpu(pgrp);
     let serve0 = serve_pid.map(group_cpu);
@@ -456,8 +469,31 @@ fn measure(
         .stderr(Stdio::null())
         .status()?;
     let elapsed = start.elapsed();
-    // Let the last commands (the BYE's disables) finish.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the last commands (the BYE's disables) finish: serve may still
+    // be working through a backlog. Waits until all four per call are done
+    // or no more finish for 2 s.
+    let mut lag = Duration::ZERO;
+    match mode {
+        Mode::Evapi | Mode::Http => {
+            let want = commands_before.unwrap_or(0) + 4 * calls as u64;
+            let (mut last, mut since) = (0, Instant::now());
+            loop {
+                let done = commands_done(api)?;
+                if done >= want || since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+                if done != last {
+                    (last, since) = (done, Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            lag = start.elapsed() - elapsed;
+        }
+        Mode::None | Mode::Tcpops => std::thread::sleep(Duration::from_millis(500)),
+    }
+    if lag > Duration::from_millis(200) {
+        eprint!(" (serve finished {lag:.1?} after the last call)");
+    }
     let cpu = group_cpu(pgrp) - cpu0;
     let serve_cpu = serve_pid.zip(serve0).map(|(p, c0)| group_cpu(p) - c0);
     let (ok, failed) = call_counts(&stats)?;
@@ -468,6 +504,18 @@ fn measure(
         (Mode::Evapi | Mode::Http, Some(b)) => Some(enables_ok(api)? - b),
         _ => None,
     };
+    if enables.is_some_and(|n| n < 2 * calls as u64) {
+        // Say where the others went: serve's commands by result.
+        let out = Command::new("curl")
+            .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+            .arg(format!("http://{api}/metrics"))
+            .output()?;
+        for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| {
+            l.starts_with("tcpka_commands_total") || l.starts_with("tcpka_errors_total")
+        }) {
+            eprintln!("  {l}");
+        }
+    }
     drop(serve);
     drop(kamailio);
     let _ = std::io::stderr().flush();
