@@ -53,6 +53,10 @@ pub static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 #[derive(Clone, Debug, Default)]
 pub struct Enforcer {
     layout: PinLayout,
+    /// A daemon detaches the outside-connection tracepoint on its own
+    /// schedule (`serve`'s attach watch, every second): its commands skip
+    /// that check, which reads the whole connection map.
+    daemon: bool,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -75,7 +79,18 @@ pub struct Counters {
 
 impl Enforcer {
     pub fn new(layout: PinLayout) -> Self {
-        Self { layout }
+        Self {
+            layout,
+            daemon: false,
+        }
+    }
+
+    /// For a daemon that runs [`loader::unwatch_outside`] itself, often.
+    pub fn for_daemon(layout: PinLayout) -> Self {
+        Self {
+            layout,
+            daemon: true,
+        }
     }
 
     /// Takes the installation lock, then finishes what a killed command
@@ -88,8 +103,10 @@ impl Enforcer {
             self.recover_journal()?;
             // Without a `serve` to do it, the next command detaches a state
             // tracepoint no connection outside the cgroup needs any more.
-            if let Err(e) = loader::unwatch_outside_locked(&self.layout) {
-                tracing::warn!("checking for managed connections outside the cgroup: {e}");
+            if !self.daemon {
+                if let Err(e) = loader::unwatch_outside_locked(&self.layout) {
+                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
+                }
             }
         }
         Ok(lock)

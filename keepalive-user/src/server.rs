@@ -1488,7 +1488,7 @@ pub async fn run(
         "{verb} the installation"
     );
     let (events_tx, _) = broadcast::channel(4096);
-    let enforcer = Enforcer::new(layout.clone());
+    let enforcer = Enforcer::for_daemon(layout.clone());
     if let Some(path) = &config.rules_file {
         apply_rules_file(&enforcer, path).await?;
     }
