@@ -138,10 +138,8 @@ macro_rules! addr {
 /// close.rs reports a managed connection's end and forgets what was kept
 /// about it.
 #[inline(always)]
-fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool) -> Result<(), ()> {
+fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool, cookie: u64) {
     if indexed {
-        // SAFETY: sock_ops context is a valid argument for the helper.
-        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
         if let Some(sk) = full_sock(ops) {
             index::add(sk, cookie);
         }
@@ -154,7 +152,6 @@ fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool) -> Result<(), ()> {
             count(stats::CLOSE_WATCH_ERRORS);
         }
     }
-    Ok(())
 }
 
 fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
@@ -202,9 +199,16 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         return Ok(());
     }
     let tracked = rule.is_some_and(|r| r.opts & OPT_UNTRACKED == 0);
-    if indexed || tracked {
-        watch(ops, host, indexed)?;
-    }
+    // An untracked rule (the default) on no index port takes no cookie, no
+    // map entry and no close watch.
+    let cookie = if indexed || tracked {
+        // SAFETY: sock_ops context is a valid argument for the helper.
+        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+        watch(ops, host, indexed, cookie);
+        cookie
+    } else {
+        0
+    };
     let rule = rule.ok_or(())?;
     let policy = rule.policy;
     if !apply_policy(ops.cast(), &policy) && trace {
@@ -218,12 +222,8 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     }
     count(stats::APPLIED_RULE);
     if !tracked {
-        // An untracked rule (the default) ends here: no map entry, no
-        // close watch, not even a cookie.
         return Ok(());
     }
-    // SAFETY: sock_ops context is a valid argument for the helper.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

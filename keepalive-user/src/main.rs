@@ -117,7 +117,9 @@ enum Command {
     /// End live connections now, from the kernel side (tcpops'
     /// tcp_close_connection): the owner's next call fails with
     /// ECONNABORTED and the peer gets a reset; the owner need not
-    /// cooperate. Uses sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY).
+    /// cooperate. Uses sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY), else
+    /// the bpf_sock_destroy kfunc (Linux 6.5+); TCPKA_CLOSE_WITH=sock_diag or
+    /// bpf_sock_destroy picks one, and `tcpka doctor` says which is used.
     /// Exit 1 "no such connection" when none matches.
     Close(CloseArgs),
     /// Show managed connections (or, with CONN, the matching connections

@@ -212,11 +212,6 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
     tx
 }
 
-/// Runs one command through the batch worker.
-async fn submit(state: &AppState, op: Op) -> Result<Disabled, Error> {
-    queue(state, op).await
-}
-
 /// Hands one command to the batch worker at once (commands run in the
 /// order they are queued); the future waits for its result.
 fn queue(state: &AppState, op: Op) -> impl std::future::Future<Output = Result<Disabled, Error>> {
@@ -595,7 +590,7 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn enable_body(state: &AppState, b: EnableBody) -> Response {
     match enable_op(state, b) {
-        Ok(op) => enable_done(state, submit(state, op).await),
+        Ok(op) => enable_done(state, queue(state, op).await),
         Err(r) => *r,
     }
 }
@@ -658,7 +653,7 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn disable_body(state: &AppState, b: DisableBody) -> Response {
     match disable_op(state, b) {
-        Ok(op) => disable_done(state, submit(state, op).await),
+        Ok(op) => disable_done(state, queue(state, op).await),
         Err(r) => *r,
     }
 }

@@ -649,7 +649,7 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
         ))
         .spawn()
         .expect("setpriv python3");
-    let mut stranger = scopeguard(stranger);
+    let mut stranger = Guard(stranger);
     let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -744,8 +744,4 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn scopeguard(c: std::process::Child) -> Guard {
-    Guard(c)
 }

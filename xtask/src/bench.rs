@@ -877,23 +877,23 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new(&self.tcpka)
-            .env("TCPKA_PIN_DIR", &self.pin_dir)
-            .arg("unload")
-            .output();
+        unload(&self.tcpka, &self.pin_dir);
         // Out of the bench cgroup, so that it can be removed.
         if let Some(home) = &self.home {
             let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
         }
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir(&self.floor);
-        remove_lock_files(&self.pin_dir);
     }
 }
 
-/// Removes tcpka's files for a pin directory (see keepalive-user
-/// paths.rs).
-pub fn remove_lock_files(pin_dir: &Path) {
+/// `tcpka unload` of a bench's installation, and its lock files (see
+/// keepalive-user paths.rs).
+pub fn unload(tcpka: &Path, pin_dir: &Path) {
+    let _ = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .arg("unload")
+        .output();
     let name: String = pin_dir
         .to_string_lossy()
         .chars()

@@ -212,12 +212,8 @@ struct Installation {
 
 impl Drop for Installation {
     fn drop(&mut self) {
-        let _ = Command::new(&self.tcpka)
-            .env("TCPKA_PIN_DIR", &self.pin_dir)
-            .arg("unload")
-            .output();
+        crate::bench::unload(&self.tcpka, &self.pin_dir);
         let _ = std::fs::remove_dir(&self.cgroup);
-        crate::bench::remove_lock_files(&self.pin_dir);
     }
 }
 
