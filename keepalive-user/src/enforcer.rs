@@ -18,6 +18,7 @@ use keepalive_common::{
 };
 
 use crate::{
+    lend::{lend, Lent},
     config::{Config, Step as ConfigStep},
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
     events::source_name,
@@ -118,9 +119,7 @@ impl Enforcer {
             return Ok(());
         };
         tracing::warn!("finishing an interrupted holder change: {entry:?}");
-        let conns: HashMap<_, u64, ConnInfo> =
-            HashMap::try_from(loader::open_map(&self.layout, maps::CONNS)?)
-                .map_err(|e| Error::map("opening the connection map", e))?;
+        let conns: Lent<HashMap<MapData, u64, ConnInfo>> = lend(&self.layout, maps::CONNS)?;
         let alive = conns.get(&entry.cookie, 0).is_ok();
         let mut holders = Holders::open(&self.layout)?;
         match entry.step {
@@ -351,9 +350,7 @@ impl Enforcer {
 
     /// The connections the kernel programs manage, by socket cookie.
     pub fn managed(&self) -> Result<Vec<(u64, ConnInfo)>> {
-        let map = loader::open_map(&self.layout, maps::CONNS)?;
-        let conns: HashMap<_, u64, ConnInfo> =
-            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
         let mut out = Vec::new();
         for entry in conns.iter() {
             match entry {
@@ -368,9 +365,7 @@ impl Enforcer {
 
     /// Kernel-side counters.
     pub fn counters(&self) -> Result<Counters> {
-        let map = loader::open_map(&self.layout, maps::STATS)?;
-        let array: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
+        let array = lend::<PerCpuArray<MapData, u64>>(&self.layout, maps::STATS)?;
         let get = |i: u32| -> Result<u64> {
             let v = array
                 .get(&i, 0)
@@ -711,19 +706,17 @@ pub(crate) fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -
 /// The pending-request maps of one installation. Requests live for one
 /// pass, under the installation lock.
 struct Pending {
-    peer: HashMap<MapData, PeerKey, Request>,
-    cookie: HashMap<MapData, u64, Request>,
-    ports: Array<MapData, u32>,
+    peer: Lent<HashMap<MapData, PeerKey, Request>>,
+    cookie: Lent<HashMap<MapData, u64, Request>>,
+    ports: Lent<Array<MapData, u32>>,
 }
 
 impl Pending {
     fn open(layout: &PinLayout) -> Result<Self> {
-        let open = |name| loader::open_map(layout, name);
-        let err = |e| Error::map("opening the request maps", e);
         Ok(Self {
-            peer: HashMap::try_from(open(maps::REQ_PEER)?).map_err(err)?,
-            cookie: HashMap::try_from(open(maps::REQ_COOKIE)?).map_err(err)?,
-            ports: Array::try_from(open(maps::REQ_PORTS)?).map_err(err)?,
+            peer: lend(layout, maps::REQ_PEER)?,
+            cookie: lend(layout, maps::REQ_COOKIE)?,
+            ports: lend(layout, maps::REQ_PORTS)?,
         })
     }
 
@@ -809,9 +802,7 @@ impl Enforcer {
                 )
             })
         };
-        let map = loader::open_map(&self.layout, maps::CONNS)?;
-        let mut conns: HashMap<_, u64, ConnInfo> =
-            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
         let mut closed = Vec::new();
         for c in found {
             // A managed connection is marked first, so that its end is
@@ -1003,9 +994,7 @@ impl Enforcer {
         match (&op.action, &op.holder) {
             (Action::Enable(_), Some(id)) => {
                 let mut holders = Holders::open(&self.layout)?;
-                let map = loader::open_map(&self.layout, maps::CONNS)?;
-                let conns: HashMap<_, u64, ConnInfo> = HashMap::try_from(map)
-                    .map_err(|e| Error::map("opening the connection map", e))?;
+                let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
                 let journal = Journal::new(&self.layout);
                 for c in &found {
                     journal.begin(&Entry {
@@ -1200,9 +1189,7 @@ impl Enforcer {
         {
             return Ok(());
         }
-        let map = loader::open_map(&self.layout, maps::CONNS)?;
-        let conns: HashMap<_, u64, ConnInfo> =
-            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
         let outside = records.iter().any(|r| {
             conns
                 .get(&r.cookie, 0)
@@ -1239,9 +1226,7 @@ impl Enforcer {
             Action::Disable => failed |= !set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0),
             Action::Query => {}
         }
-        let map = loader::open_map(&self.layout, maps::CONNS)?;
-        let mut conns: HashMap<_, u64, ConnInfo> =
-            HashMap::try_from(map).map_err(|e| Error::map("opening the connection map", e))?;
+        let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
         match action {
             Action::Enable(_) => {
                 let info = ConnInfo {

@@ -21,7 +21,8 @@ use keepalive_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::{loader, paths::PinLayout, Error, InvalidInput, Result};
+use crate::{
+    lend::Lent,loader, paths::PinLayout, Error, InvalidInput, Result};
 
 const BPF_NOEXIST: u64 = 1;
 
@@ -94,25 +95,22 @@ fn full_or(e: MapError, what: &str, capacity: u32) -> Error {
 
 /// How many holder entries exist (all connections).
 pub fn total(layout: &PinLayout) -> Result<usize> {
-    let set: HashMap<MapData, HolderKey, u8> =
-        HashMap::try_from(loader::open_map(layout, maps::HOLDERS)?)
-            .map_err(|e| Error::map("opening the holder maps", e))?;
+    let set: Lent<HashMap<MapData, HolderKey, u8>> = crate::lend::lend(layout, maps::HOLDERS)?;
     Ok(set.keys().filter(Result::is_ok).count())
 }
 
 /// The holder maps of one installation.
 pub struct Holders {
-    set: HashMap<MapData, HolderKey, u8>,
-    count: HashMap<MapData, u64, u32>,
+    set: Lent<HashMap<MapData, HolderKey, u8>>,
+    count: Lent<HashMap<MapData, u64, u32>>,
     capacity: u32,
 }
 
 impl Holders {
     pub fn open(layout: &PinLayout) -> Result<Self> {
-        let err = |e| Error::map("opening the holder maps", e);
         Ok(Self {
-            set: HashMap::try_from(loader::open_map(layout, maps::HOLDERS)?).map_err(err)?,
-            count: HashMap::try_from(loader::open_map(layout, maps::HOLDER_COUNT)?).map_err(err)?,
+            set: crate::lend::lend(layout, maps::HOLDERS)?,
+            count: crate::lend::lend(layout, maps::HOLDER_COUNT)?,
             capacity: loader::capacity(layout, maps::HOLDERS)?,
         })
     }

@@ -34,15 +34,29 @@ use crate::{
 
 /// Inode number of a network namespace (`--netns PATH`, or the calling
 /// thread's: threads of one process may be in different ones).
+/// The calling thread's is looked up once per thread: a thread that enters
+/// another namespace (a pass with `--netns`) leaves it before it returns.
 pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
+    thread_local! {
+        static OWN: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+    if netns.is_none() {
+        if let Some(ino) = OWN.get() {
+            return Ok(ino);
+        }
+    }
     let path = netns.unwrap_or(Path::new("/proc/thread-self/ns/net"));
-    crate::access::open_netns(path)?
+    let ino = crate::access::open_netns(path)?
         .metadata()
         .map(|m| m.ino())
         .map_err(|source| Error::Netns {
             path: path.into(),
             source,
-        })
+        })?;
+    if netns.is_none() {
+        OWN.set(Some(ino));
+    }
+    Ok(ino)
 }
 
 /// Records the holder of every socket that exists (one pass over all
@@ -57,9 +71,7 @@ pub fn seed_fds(layout: &PinLayout) -> Result<()> {
 /// does not fit: then the index cannot vouch for it and callers walk).
 pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
     let inode = netns_inode(netns)? as u32;
-    let map = loader::open_map(layout, maps::SEEDED)?;
-    let mut seeded: HashMap<_, u32, u32> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the seeded-namespace map", e))?;
+    let mut seeded = crate::lend::lend::<HashMap<MapData, u32, u32>>(layout, maps::SEEDED)?;
     if seeded.get(&inode, 0).is_ok() {
         return Ok(true);
     }
@@ -102,9 +114,7 @@ pub fn resolve(
             if local.is_some() && !complete {
                 return Ok(None);
             }
-            let map = loader::open_map(layout, maps::PEERS)?;
-            let peers: HashMap<_, IndexKey, u64> =
-                HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+            let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
             let mut key = peer_slot(inode, peer, SLOT_OVERFLOW);
             if peers.get(&key, 0).is_ok() {
                 return Ok(None);
@@ -121,12 +131,8 @@ pub fn resolve(
             found
         }
     };
-    let map = loader::open_map(layout, maps::SLOTS)?;
-    let slots: HashMap<MapData, u64, SlotInfo> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the slot map", e))?;
-    let map = loader::open_map(layout, maps::FDS)?;
-    let fds: HashMap<MapData, u64, FdOwner> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the socket holder map", e))?;
+    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
+    let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
     // Each cookie's socket; a cookie the index never saw is walked for.
     let mut socks = Vec::with_capacity(cookies.len());
     for cookie in cookies {
@@ -186,9 +192,7 @@ pub fn resolve(
 /// over every process's descriptors that stops once all are found; the
 /// kernel records them in the fd map. Call with the installation lock held.
 pub fn find_holders(layout: &PinLayout, socks: &[u64]) -> Result<()> {
-    let map = loader::open_map(layout, maps::WANT)?;
-    let mut want: HashMap<_, u64, FdOwner> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the holder search map", e))?;
+    let mut want = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::WANT)?;
     let err = |e| Error::map("preparing the holder search", e);
     for k in want.keys().filter_map(Result::ok).collect::<Vec<_>>() {
         let _ = want.remove(&k);
@@ -247,9 +251,7 @@ pub struct IndexState {
 
 /// Reads the index's fill and failures (walks the peer map: for `info`).
 pub fn state(layout: &PinLayout) -> Result<IndexState> {
-    let map = loader::open_map(layout, maps::PEERS)?;
-    let peers: HashMap<_, IndexKey, u64> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+    let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
     let mut out = IndexState {
         capacity: loader::capacity(layout, maps::PEERS)?,
         ..IndexState::default()
@@ -286,16 +288,12 @@ pub fn try_clear_overflow(
         return Ok(false);
     }
     let inode = netns_inode(netns)?;
-    let map = loader::open_map(layout, maps::PEERS)?;
-    let mut peers: HashMap<_, IndexKey, u64> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the peer index", e))?;
+    let mut peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
     let key = peer_slot(inode, peer, SLOT_OVERFLOW);
     if peers.get(&key, 0).is_err() {
         return Ok(false);
     }
-    let map = loader::open_map(layout, maps::SLOTS)?;
-    let slots: HashMap<MapData, u64, SlotInfo> =
-        HashMap::try_from(map).map_err(|e| Error::map("opening the slot map", e))?;
+    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
     if found.iter().any(|c| slots.get(c, 0).is_err()) {
         return Ok(false);
     }
@@ -318,9 +316,7 @@ fn index_overflowed(layout: &PinLayout) -> Result<bool> {
 
 /// One of the programs' per-CPU counters (`stats::*`), summed.
 fn kernel_counter(layout: &PinLayout, index: u32) -> Result<u64> {
-    let map = loader::open_map(layout, maps::STATS)?;
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(map).map_err(|e| Error::map("opening the counters", e))?;
+    let counters = crate::lend::lend::<PerCpuArray<MapData, u64>>(layout, maps::STATS)?;
     Ok(counters
         .get(&index, 0)
         .map_err(|e| Error::map("reading the counters", e))?

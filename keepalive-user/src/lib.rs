@@ -18,6 +18,7 @@ pub mod feed;
 pub mod holders;
 pub mod index;
 pub mod journal;
+pub mod lend;
 pub mod loader;
 pub mod paths;
 pub mod policy;

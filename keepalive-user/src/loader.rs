@@ -194,11 +194,25 @@ pub fn parse_map_size(s: &str) -> std::result::Result<u32, String> {
     }
 }
 
-/// A pinned table's capacity, as the kernel has it.
+/// A pinned table's capacity, as the kernel has it (read once per
+/// installation generation).
 pub fn capacity(layout: &PinLayout, name: &str) -> Result<u32> {
-    aya::maps::MapInfo::from_pin(layout.map(name))
-        .map(|i| i.max_entries())
-        .map_err(|e| Error::map(format!("reading the size of {name}"), e))
+    let read = || aya::maps::MapInfo::from_pin(layout.map(name)).map(|i| i.max_entries());
+    map_cache::capacity(layout, name, read).map_err(|e| match e {
+        map_cache::OpenError::Io(e) => Error::io(format!("reading {}", layout.dir().display()), e),
+        map_cache::OpenError::Map(e) => Error::map(format!("reading the size of {name}"), e),
+    })
+}
+
+/// The generation of the installation in `layout` (`None`: nothing is
+/// loaded there), looked at every 20 ms at most; see [`crate::lend`].
+pub fn generation(layout: &PinLayout) -> Result<Option<u64>> {
+    map_cache::current(layout).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Error::NoPrivilege {
+            what: format!("reading {}", layout.dir().display()),
+        },
+        _ => Error::io(format!("reading {}", layout.dir().display()), e),
+    })
 }
 
 /// Where an installation is attached.
@@ -765,6 +779,7 @@ mod map_cache {
         generation: u64,
         checked: Instant,
         fds: HashMap<String, OwnedFd>,
+        capacities: HashMap<String, u32>,
     }
 
     static CACHE: Mutex<Option<HashMap<PathBuf, Entry>>> = Mutex::new(None);
@@ -782,37 +797,72 @@ mod map_cache {
         Map(MapError),
     }
 
+    /// The installation's entry, its generation looked at again when due.
+    fn entry<'a>(
+        cache: &'a mut HashMap<PathBuf, Entry>,
+        layout: &PinLayout,
+    ) -> std::io::Result<&'a mut Entry> {
+        let now = Instant::now();
+        let due = match cache.get(layout.dir()) {
+            // "Not loaded" is looked at again every time: a load may just
+            // have happened.
+            Some(e) => e.generation == 0 || now.duration_since(e.checked) >= CHECK_EVERY,
+            None => true,
+        };
+        if due {
+            let generation = generation(layout)?;
+            match cache.get_mut(layout.dir()) {
+                Some(e) if e.generation == generation => e.checked = now,
+                _ => {
+                    cache.insert(
+                        layout.dir().to_path_buf(),
+                        Entry {
+                            generation,
+                            checked: now,
+                            fds: HashMap::new(),
+                            capacities: HashMap::new(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(cache.get_mut(layout.dir()).expect("just looked at"))
+    }
+
+    /// The installation's generation (`None`: nothing is loaded there).
+    pub fn current(layout: &PinLayout) -> std::io::Result<Option<u64>> {
+        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = guard.get_or_insert_with(HashMap::new);
+        let g = entry(cache, layout)?.generation;
+        Ok((g != 0).then_some(g))
+    }
+
+    /// A table's capacity, read from the kernel once per generation.
+    pub fn capacity(
+        layout: &PinLayout,
+        name: &str,
+        read: impl FnOnce() -> Result<u32, MapError>,
+    ) -> Result<u32, OpenError> {
+        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = guard.get_or_insert_with(HashMap::new);
+        let entry = entry(cache, layout).map_err(OpenError::Io)?;
+        if let Some(&n) = entry.capacities.get(name) {
+            return Ok(n);
+        }
+        let n = read().map_err(OpenError::Map)?;
+        if entry.generation != 0 {
+            entry.capacities.insert(name.to_owned(), n);
+        }
+        Ok(n)
+    }
+
     /// The map `name` of the installation, or `None` when nothing is
     /// loaded there.
     pub fn open(layout: &PinLayout, name: &str) -> Result<Option<MapData>, OpenError> {
         let io = OpenError::Io;
         let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
         let cache = guard.get_or_insert_with(HashMap::new);
-        let now = Instant::now();
-        let entry = match cache.get_mut(layout.dir()) {
-            // "Not loaded" is looked at again every time: a load may just
-            // have happened.
-            Some(e) if e.generation != 0 && now.duration_since(e.checked) < CHECK_EVERY => e,
-            found => {
-                let generation = generation(layout).map_err(io)?;
-                match found {
-                    Some(e) if e.generation == generation => {
-                        e.checked = now;
-                    }
-                    _ => {
-                        cache.insert(
-                            layout.dir().to_path_buf(),
-                            Entry {
-                                generation,
-                                checked: now,
-                                fds: HashMap::new(),
-                            },
-                        );
-                    }
-                }
-                cache.get_mut(layout.dir()).expect("just inserted")
-            }
-        };
+        let entry = entry(cache, layout).map_err(io)?;
         if entry.generation == 0 {
             return Ok(None);
         }
@@ -858,13 +908,15 @@ pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
         source: std::io::ErrorKind::InvalidData.into(),
     }
     };
-    match aya::maps::MapInfo::from_pin(layout.map(maps::META)) {
-        Ok(info) if info.value_size() as usize != size_of::<Meta>() => return Err(stale()),
-        _ => {}
-    }
-    let map = open_map(layout, maps::META)?;
-    let array: Array<_, Meta> =
-        Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+    // A record of another size is another version's layout.
+    let array = match crate::lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META) {
+        Err(Error::Map { source, .. })
+            if matches!(source, aya::maps::MapError::InvalidValueSize { .. }) =>
+        {
+            return Err(stale())
+        }
+        other => other?,
+    };
     let meta = array
         .get(&0, 0)
         .map_err(|e| Error::map("reading the installation record", e))?;
@@ -875,9 +927,7 @@ pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
 }
 
 pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
-    let map = open_map(layout, maps::META)?;
-    let mut array: Array<_, Meta> =
-        Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+    let mut array = crate::lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META)?;
     array
         .set(0, meta, 0)
         .map_err(|e| Error::map("writing the installation record", e))
@@ -1429,7 +1479,7 @@ fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
     }
     found |= remove_pins(layout)?;
     // A holder change left unfinished has nothing left to finish.
-    crate::journal::Journal::new(layout).end();
+    crate::journal::Journal::new(layout).remove();
     Ok(found)
 }
 

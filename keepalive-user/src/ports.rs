@@ -19,7 +19,7 @@ use keepalive_common::{
     rules::{RuleKey, RuleValue},
 };
 
-use crate::{loader, paths::PinLayout, Error, Result};
+use crate::{paths::PinLayout, Error, Result};
 
 /// Which connections sock_ops indexes (with `--index ports`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,9 +71,8 @@ impl std::fmt::Display for IndexPorts {
     }
 }
 
-fn open(layout: &PinLayout) -> Result<Array<MapData, u64>> {
-    let map = loader::open_map(layout, maps::PORTS)?;
-    Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))
+fn open(layout: &PinLayout) -> Result<crate::lend::Lent<Array<MapData, u64>>> {
+    crate::lend::lend(layout, maps::PORTS)
 }
 
 fn read_set<T: Borrow<MapData>>(map: &Array<T, u64>, base: u32) -> Result<Vec<u64>> {
@@ -162,7 +161,7 @@ pub fn set_flag(layout: &PinLayout, flag: u64, on: bool) -> Result<bool> {
 
 /// Whether a flag of the filter is on.
 pub fn flag(layout: &PinLayout, flag: u64) -> Result<bool> {
-    Ok(flags(&open(layout)?)? & flag != 0)
+    Ok(flags(&*open(layout)?)? & flag != 0)
 }
 
 /// The index ports of an installation.

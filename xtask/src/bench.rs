@@ -500,13 +500,25 @@ fn range(v: &[f64]) -> (f64, f64) {
 
 /// The cgroup v2 directory this process is in.
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
-pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Result<()> {
+pub fn sip(
+    tcpka: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+    modes: &[String],
+) -> Result<()> {
     private_netns()?;
-    sip_here(tcpka, calls, rate, rounds)
+    sip_here(tcpka, calls, rate, rounds, modes)
 }
 
 /// The Kamailio bench in the current network namespace (the bench's own).
-pub fn sip_here(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Result<()> {
+pub fn sip_here(
+    tcpka: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+    modes: &[String],
+) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the workspace")?;
@@ -518,6 +530,7 @@ pub fn sip_here(tcpka: &Path, calls: usize, rate: usize, rounds: usize) -> Resul
         calls,
         rate,
         rounds,
+        modes,
     )
 }
 

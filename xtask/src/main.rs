@@ -69,6 +69,10 @@ enum Task {
         /// Rounds of the Kamailio bench (each runs every variant once).
         #[arg(long, default_value_t = 3)]
         sip_rounds: usize,
+        /// Variants of the Kamailio bench to run, comma-separated: none,
+        /// tcpops, evapi, http (default: all).
+        #[arg(long, value_delimiter = ',')]
+        sip_modes: Vec<String>,
     },
     /// Set up, build (release) and make the Debian package
     /// (target/debian/tcpka_*.deb): binary, systemd unit, default config,
@@ -116,18 +120,19 @@ fn real_main() -> Result<()> {
             sip_calls,
             sip_rate,
             sip_rounds,
+            sip_modes,
         } => {
             setup::run()?;
             build_release()?;
             let tcpka = root.join("target/release/tcpka");
             if sip_only {
-                return bench::sip(&tcpka, sip_calls, sip_rate, sip_rounds);
+                return bench::sip(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes);
             }
             let sizes = if cost_only { Vec::new() } else { sizes };
             bench::set_load_args(load_args);
             bench::run(&tcpka, &sizes, samples, pairs)?;
             if !cost_only {
-                bench::sip_here(&tcpka, sip_calls, sip_rate, sip_rounds)?;
+                bench::sip_here(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes)?;
             }
             Ok(())
         }

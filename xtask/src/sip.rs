@@ -49,6 +49,23 @@ const MODES: [(Mode, &str); 4] = [
     (Mode::Http, "tcpka over the HTTP API"),
 ];
 
+/// The variants named on the command line (all when none is).
+fn parse_modes(names: &[String]) -> Result<Vec<Mode>> {
+    if names.is_empty() {
+        return Ok(MODES.iter().map(|m| m.0).collect());
+    }
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "none" => Ok(Mode::None),
+            "tcpops" => Ok(Mode::Tcpops),
+            "evapi" => Ok(Mode::Evapi),
+            "http" => Ok(Mode::Http),
+            other => bail!("unknown Kamailio bench variant {other:?} (none, tcpops, evapi, http)"),
+        })
+        .collect()
+}
+
 /// One run of one variant.
 struct Sample {
     rate: f64,
@@ -227,7 +244,9 @@ pub fn run(
     calls: usize,
     rate: usize,
     rounds: usize,
+    modes: &[String],
 ) -> Result<()> {
+    let wanted = parse_modes(modes)?;
     let id = std::process::id();
     let inst = Installation {
         tcpka: tcpka.to_path_buf(),
@@ -284,6 +303,9 @@ pub fn run(
     let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, (mode, name)) in MODES.iter().enumerate() {
+            if !wanted.contains(mode) {
+                continue;
+            }
             eprint!("bench: Kamailio, round {}/{rounds}, {name}…", round + 1);
             let s = measure(
                 *mode, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
@@ -304,6 +326,9 @@ pub fn run(
     let mut reference = None;
     for (i, (mode, name)) in MODES.iter().enumerate() {
         let s = &samples[i];
+        if s.is_empty() {
+            continue;
+        }
         let rate = med(s.iter().map(|x| x.rate).collect());
         let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
         if *mode == Mode::Tcpops {
@@ -327,7 +352,7 @@ pub fn run(
     }
     if let Some((rate0, cpu0)) = reference {
         for (i, (mode, name)) in MODES.iter().enumerate() {
-            if matches!(mode, Mode::Evapi | Mode::Http) {
+            if matches!(mode, Mode::Evapi | Mode::Http) && !samples[i].is_empty() {
                 let s = &samples[i];
                 let rate = med(s.iter().map(|x| x.rate).collect());
                 let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
