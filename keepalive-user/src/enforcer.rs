@@ -641,6 +641,15 @@ fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
     }
 }
 
+/// Not connected yet (SYN_SENT), a socket has no peer name to read; a
+/// peer request knows it.
+fn remote_hint(conn: ConnSpec) -> Option<SocketAddr> {
+    match conn {
+        ConnSpec::Peer(p) => Some(p),
+        ConnSpec::Cookie(_) => None,
+    }
+}
+
 fn one(mut results: Vec<Result<Disabled>>) -> Result<Disabled> {
     results.pop().expect("one result")
 }
@@ -1038,13 +1047,29 @@ impl Enforcer {
         let id = op.holder.as_deref().expect("a holder");
         let netns = op.netns.as_deref();
         let mut holders = Holders::open(&self.layout)?;
-        let found = self.apply_locked(op.conn, op.local, Action::Query, netns)?;
+        // Through the index, each connection's descriptor is kept for the
+        // disable that may follow.
+        let (found, held): (Vec<ConnStatus>, Vec<Option<Held>>) =
+            match self.try_index_held(op.conn, op.local, Action::Query, netns)? {
+                Some(v) => v.into_iter().map(|(c, h)| (c, Some(h))).unzip(),
+                None => {
+                    let found = self
+                        .walk(&[(op.conn, op.local, Action::Query)], netns)?
+                        .pop()
+                        .unwrap_or_default();
+                    let none = found.iter().map(|_| None).collect();
+                    (found, none)
+                }
+            };
+        if found.is_empty() {
+            return Err(no_such(op.conn, op.local));
+        }
         let mut out = Disabled {
             changed: Vec::new(),
             kept: Vec::new(),
         };
         let journal = Journal::new(&self.layout);
-        for c in found {
+        for (c, h) in found.into_iter().zip(held) {
             journal.begin(&Entry {
                 step: Step::Remove,
                 cookie: c.cookie,
@@ -1073,12 +1098,21 @@ impl Enforcer {
                     holders_remaining: remaining,
                 });
             } else {
-                out.changed.extend(self.apply_locked(
-                    ConnSpec::Cookie(c.cookie),
-                    None,
-                    Action::Disable,
-                    netns,
-                )?);
+                let cookie = ConnSpec::Cookie(c.cookie);
+                let changed = match &h {
+                    Some(h) => {
+                        let request = request_for(Action::Disable, None);
+                        match self.apply_held(h, Action::Disable, &request, remote_hint(op.conn)) {
+                            Ok(c) => vec![c],
+                            Err(_) if !is_connected(&h.stream) => {
+                                return Err(no_such(cookie, None))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    None => self.apply_locked(cookie, None, Action::Disable, netns)?,
+                };
+                out.changed.extend(changed);
                 journal.end();
             }
         }
@@ -1114,6 +1148,20 @@ impl Enforcer {
         action: Action,
         netns: Option<&Path>,
     ) -> Result<Option<Vec<ConnStatus>>> {
+        Ok(self
+            .try_index_held(conn, local, action, netns)?
+            .map(|v| v.into_iter().map(|(c, _)| c).collect()))
+    }
+
+    /// [`Self::try_index`], keeping each connection's borrowed descriptor
+    /// for a next step on it.
+    fn try_index_held(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        action: Action,
+        netns: Option<&Path>,
+    ) -> Result<Option<Vec<(ConnStatus, Held)>>> {
         if !crate::index::seed_netns(&self.layout, netns)? {
             return Ok(None);
         }
@@ -1124,16 +1172,10 @@ impl Enforcer {
         tracing::debug!("{conn}: {} connection(s) via the index", held.len());
         INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = request_for(action, local);
-        // Not connected yet (SYN_SENT), a socket has no peer name to read;
-        // a peer request knows it.
-        let remote_hint = match conn {
-            ConnSpec::Peer(p) => Some(p),
-            ConnSpec::Cookie(_) => None,
-        };
         let mut out = Vec::with_capacity(held.len());
-        for h in &held {
-            match self.apply_held(h, action, &request, remote_hint) {
-                Ok(c) => out.push(c),
+        for h in held {
+            match self.apply_held(&h, action, &request, remote_hint(conn)) {
+                Ok(c) => out.push((c, h)),
                 // Closed while we held it: gone, like a connection the walk
                 // no longer finds.
                 Err(e) if !is_connected(&h.stream) => {
@@ -1227,32 +1269,38 @@ impl Enforcer {
             Action::Query => {}
         }
         let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
+        // NB: for an enable, the entry goes in first, then the state is
+        // read: a close after the insert runs the close program, which
+        // removes the entry; one before it leaves TCP_CLOSE to see here.
+        if let Action::Enable(_) = action {
+            let info = ConnInfo {
+                policy: request.policy,
+                source: SOURCE_COMMAND,
+                rule_id: 0,
+                flags: 0,
+                applied_ns: monotonic_ns(),
+            };
+            conns
+                .insert(h.cookie, info, 0)
+                .map_err(|e| Error::map("recording the connection", e))?;
+        }
+        let state = tcp_state(fd);
         match action {
-            Action::Enable(_) => {
-                let info = ConnInfo {
-                    policy: request.policy,
-                    source: SOURCE_COMMAND,
-                    rule_id: 0,
-                    flags: 0,
-                    applied_ns: monotonic_ns(),
-                };
-                conns
-                    .insert(h.cookie, info, 0)
-                    .map_err(|e| Error::map("recording the connection", e))?;
-                // NB: insert first, then look at the state: a close after
-                // this point runs the close program, which removes the entry.
-                if tcp_state(fd) == Some(TCP_CLOSE) {
-                    let _ = conns.remove(&h.cookie);
-                }
+            Action::Enable(_) if state == Some(TCP_CLOSE) => {
+                let _ = conns.remove(&h.cookie);
             }
             Action::Disable => {
                 let _ = conns.remove(&h.cookie);
             }
-            Action::Query => {}
+            _ => {}
         }
-        let (source, rule_id) = conns
-            .get(&h.cookie, 0)
-            .map_or((0, 0), |i| (i.source, i.rule_id));
+        let (source, rule_id) = match action {
+            Action::Enable(_) if state != Some(TCP_CLOSE) => (SOURCE_COMMAND, 0),
+            Action::Enable(_) | Action::Disable => (0, 0),
+            Action::Query => conns
+                .get(&h.cookie, 0)
+                .map_or((0, 0), |i| (i.source, i.rule_id)),
+        };
         let local = fd
             .local_addr()
             .map_err(|e| Error::io("reading the local end", e))?;
@@ -1261,19 +1309,39 @@ impl Enforcer {
             (Err(_), Some(hint)) => hint,
             (Err(e), None) => return Err(Error::io("reading the remote end", e)),
         };
+        let get = |level, name| get_int(fd, level, name);
+        // An enable the kernel accepted in full holds exactly its values
+        // (setsockopt stores them as given); anything else is read back.
+        let (keepalive, idle, interval, count, user_timeout_ms) = match action {
+            Action::Enable(p) if !failed => (
+                1,
+                p.idle,
+                p.interval,
+                p.count,
+                p.user_timeout_ms
+                    .unwrap_or_else(|| get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)),
+            ),
+            _ => (
+                get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+                get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+                get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            ),
+        };
         let rec = ConnRecord {
             cookie: h.cookie,
             family: if local.is_ipv4() { 2 } else { 10 },
-            state: tcp_state(fd).unwrap_or(0).into(),
+            state: state.unwrap_or(0).into(),
             local_addr: v6_bytes(local.ip()),
             remote_addr: v6_bytes(remote.ip()),
             local_port: local.port(),
             remote_port: remote.port(),
-            keepalive: get_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-            idle: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-            interval: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-            count: get_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-            user_timeout_ms: get_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            keepalive,
+            idle,
+            interval,
+            count,
+            user_timeout_ms,
             source,
             rule_id,
             apply_failed: failed.into(),

@@ -135,11 +135,15 @@ pub fn resolve(
     let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
     // Each cookie's socket; a cookie the index never saw is walked for.
     let mut socks = Vec::with_capacity(cookies.len());
+    let mut in_netns = Vec::with_capacity(cookies.len());
     for cookie in cookies {
         let Ok(slot) = slots.get(&cookie, 0) else {
             return Ok(None);
         };
         socks.push((cookie, slot.sk));
+        // The namespace the kernel indexed the socket in (a socket never
+        // changes namespace; the cookie is checked on the borrowed fd).
+        in_netns.push(slot.key.netns == inode as u32);
     }
     let mut streams: Vec<Option<TcpStream>> = socks
         .iter()
@@ -164,11 +168,11 @@ pub fn resolve(
         }
     }
     let mut held = Vec::with_capacity(socks.len());
-    for (stream, (cookie, _)) in streams.into_iter().zip(socks) {
+    for ((stream, (cookie, _)), ours) in streams.into_iter().zip(socks).zip(in_netns) {
         let Some(stream) = stream else {
             return Ok(None);
         };
-        if socket_netns(&stream) != Some(inode) {
+        if !ours {
             // A cookie names one socket host-wide: in another namespace it
             // is not the one asked for. Peers are indexed per namespace.
             continue;
@@ -372,19 +376,6 @@ fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> Option<
         )
     };
     (ret == 0).then_some(v)
-}
-
-/// Inode of the network namespace a socket lives in (SIOCGSKNS).
-fn socket_netns(s: &TcpStream) -> Option<u64> {
-    const SIOCGSKNS: libc::c_ulong = 0x894c;
-    // SAFETY: the ioctl returns a new namespace fd or fails.
-    let ns = unsafe { libc::ioctl(s.as_raw_fd(), SIOCGSKNS) };
-    if ns < 0 {
-        return None;
-    }
-    // SAFETY: a fresh fd we own.
-    let ns = unsafe { File::from_raw_fd(ns) };
-    ns.metadata().ok().map(|m| m.ino())
 }
 
 /// Local ends compare as the kernel sees them: an IPv4 address equals its

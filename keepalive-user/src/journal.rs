@@ -1,5 +1,5 @@
 //! The intent of a multi-step change to the holder maps, written before
-//! the first step and removed after the last, so that a command killed in
+//! the first step and marked finished after the last, so that a command killed in
 //! between leaves a record the next command uses to finish or undo it.
 //!
 //! One file per installation, next to its lock (root only), written only
@@ -32,67 +32,98 @@ pub struct Entry {
 /// The journal of one installation.
 pub struct Journal {
     path: PathBuf,
+    /// The installation's generation ([`crate::loader::generation`]).
+    generation: Option<u64>,
 }
 
-/// The journal file a process writes, kept open between changes: a daemon
-/// records one per holder change, and creating and removing a file each
-/// time cost more than the change. Checked against the path at each
-/// `begin` (an unload removes the file).
-static OPEN: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+/// The journal file this process writes, kept open while the installation
+/// lasts: a daemon records one change per holder command, and creating,
+/// truncating and removing a file each time cost more than the change.
+/// A record is overwritten in place and padded with spaces to the file's
+/// length; a finished one has its first byte (`{`) overwritten with `#`.
+struct Open {
+    path: PathBuf,
+    generation: u64,
+    file: File,
+    len: u64,
+}
+
+static OPEN: Mutex<Option<Open>> = Mutex::new(None);
+
+/// The first byte of a finished record.
+const DONE: u8 = b'#';
+
+fn open_file(path: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
 
 impl Journal {
     pub fn new(layout: &PinLayout) -> Self {
         Self {
             path: layout.journal_file(),
+            generation: crate::loader::generation(layout).ok().flatten(),
         }
     }
 
-    fn file(&self) -> std::io::Result<File> {
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    /// Runs `f` on this journal's kept file, opening it when needed.
+    fn with_file<T>(
+        &self,
+        f: impl FnOnce(&File, &mut u64) -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let Some(generation) = self.generation else {
+            let file = open_file(&self.path)?;
+            let mut len = file.metadata()?.len();
+            return f(&file, &mut len);
+        };
         let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((path, f)) = open.as_ref() {
-            if *path == self.path {
-                let same = match (std::fs::symlink_metadata(path), f.metadata()) {
-                    (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-                    _ => false,
-                };
-                if same {
-                    return f.try_clone();
-                }
-            }
+        let kept = open
+            .as_ref()
+            .is_some_and(|o| o.path == self.path && o.generation == generation);
+        if !kept {
+            let file = open_file(&self.path)?;
+            let len = file.metadata()?.len();
+            *open = Some(Open {
+                path: self.path.clone(),
+                generation,
+                file,
+                len,
+            });
         }
-        let f = File::options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&self.path)?;
-        *open = Some((self.path.clone(), f.try_clone()?));
-        Ok(f)
+        let o = open.as_mut().expect("just opened");
+        f(&o.file, &mut o.len)
     }
 
     /// Records `entry` before its first step.
     pub fn begin(&self, entry: &Entry) -> Result<()> {
         use std::os::unix::fs::FileExt as _;
-        let text = serde_json::to_string(entry).expect("plain data");
-        let err = |e| Error::io(format!("writing {}", self.path.display()), e);
-        let f = self.file().map_err(err)?;
-        // The file is empty here: every change ends with `end`, and a
-        // command finishes a left-over record before it starts its own.
-        f.set_len(0).map_err(err)?;
-        f.write_all_at(text.as_bytes(), 0).map_err(err)
+        let mut text = serde_json::to_vec(entry).expect("plain data");
+        self.with_file(|file, len| {
+            if (text.len() as u64) < *len {
+                text.resize(*len as usize, b' ');
+            }
+            file.write_all_at(&text, 0)?;
+            *len = text.len() as u64;
+            Ok(())
+        })
+        .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
     }
 
-    /// Clears the record after the last step.
+    /// Marks the record finished after the last step.
     pub fn end(&self) {
-        match self.file() {
-            Ok(f) => {
-                let _ = f.set_len(0);
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&self.path);
-            }
+        use std::os::unix::fs::FileExt as _;
+        let marked = self.with_file(|file, len| match *len {
+            0 => Ok(()),
+            _ => file.write_all_at(&[DONE], 0),
+        });
+        if marked.is_err() {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 
@@ -100,7 +131,7 @@ impl Journal {
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
         let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-        if open.as_ref().is_some_and(|(p, _)| *p == self.path) {
+        if open.as_ref().is_some_and(|o| o.path == self.path) {
             *open = None;
         }
     }
@@ -109,10 +140,15 @@ impl Journal {
     /// record is removed with a warning: it cannot be acted on.
     pub fn pending(&self) -> Option<Entry> {
         let text = std::fs::read_to_string(&self.path).ok()?;
-        if text.trim().is_empty() {
+        if text.trim().is_empty() || text.as_bytes()[0] == DONE {
             return None;
         }
-        match serde_json::from_str(&text) {
+        // Only the first value counts: another process's longer record may
+        // have left bytes after it.
+        match serde_json::Deserializer::from_str(&text)
+            .into_iter::<Entry>()
+            .next()?
+        {
             Ok(e) => Some(e),
             Err(err) => {
                 tracing::warn!("ignoring unreadable {}: {err}", self.path.display());
@@ -120,5 +156,45 @@ impl Journal {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_found_until_it_is_ended_also_after_a_longer_one() {
+        let dir = std::env::temp_dir().join(format!("tcpka-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let j = Journal {
+            path: dir.join("j"),
+            generation: None,
+        };
+        assert_eq!(j.pending(), None);
+        let long = Entry {
+            step: Step::Remove,
+            cookie: 1,
+            netns: Some("/run/netns/a-rather-long-namespace-name".into()),
+        };
+        j.begin(&long).unwrap();
+        assert_eq!(j.pending(), Some(long));
+        j.end();
+        assert_eq!(j.pending(), None);
+        let short = Entry {
+            step: Step::Add,
+            cookie: 2,
+            netns: None,
+        };
+        j.begin(&short).unwrap();
+        assert_eq!(j.pending(), Some(short.clone()));
+        // Another writer's longer record left bytes after ours.
+        std::fs::write(&j.path, br#"{"step":"add","cookie":2,"netns":null}ns/x"}"#).unwrap();
+        assert_eq!(j.pending(), Some(short));
+        j.end();
+        assert_eq!(j.pending(), None);
+        j.remove();
+        assert!(!j.path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

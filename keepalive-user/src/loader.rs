@@ -263,7 +263,39 @@ impl LoadOutcome {
 /// The lock file lives in a root-only directory and is itself mode 0600
 /// (`flock` needs only an open descriptor, so a file others can read is a
 /// file others can lock); waiting for it is bounded.
-pub struct Lock(#[expect(dead_code, reason = "held for its flock")] File);
+pub struct Lock {
+    path: PathBuf,
+    file: std::sync::Arc<File>,
+}
+
+/// The lock files this process has open, kept between commands (opening
+/// one checks its directory and owner: more work than the command in a
+/// daemon), each with whether a thread of ours holds it. `flock` excludes
+/// other processes, not our threads, which share the open file: they wait
+/// here first.
+struct KeptLock {
+    dev: u64,
+    ino: u64,
+    file: std::sync::Arc<File>,
+    busy: bool,
+}
+
+static KEPT_LOCKS: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, KeptLock>>> =
+    std::sync::Mutex::new(None);
+static LOCK_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: plain flock(2) on an fd we own.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        let mut kept = KEPT_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = kept.get_or_insert_with(Default::default).get_mut(&self.path) {
+            k.busy = false;
+        }
+        LOCK_FREED.notify_all();
+    }
+}
 
 /// How long a command waits for the installation lock by default.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -286,14 +318,64 @@ impl Lock {
     /// Takes the lock, waiting at most `wait`; [`Error::LockBusy`] after that.
     pub fn acquire_within(layout: &PinLayout, wait: std::time::Duration) -> Result<Self> {
         use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
         let path = layout.lock_file();
-        let file = open_lock_file(&path)?;
         let start = std::time::Instant::now();
+        let busy = |waited: std::time::Duration| Error::LockBusy {
+            path: path.clone(),
+            waited_ms: waited.as_millis() as u64,
+        };
+        // Our own threads first.
+        let mut kept = KEPT_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        while kept
+            .get_or_insert_with(Default::default)
+            .get(&path)
+            .is_some_and(|k| k.busy)
+        {
+            let waited = start.elapsed();
+            if waited >= wait {
+                return Err(busy(waited));
+            }
+            kept = LOCK_FREED
+                .wait_timeout(kept, wait - waited)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let map = kept.get_or_insert_with(Default::default);
+        let same = match (map.get(&path), std::fs::symlink_metadata(&path)) {
+            (Some(k), Ok(m)) => k.dev == m.dev() && k.ino == m.ino(),
+            _ => false,
+        };
+        if !same {
+            let file = open_lock_file(&path)?;
+            let m = file
+                .metadata()
+                .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
+            map.insert(
+                path.clone(),
+                KeptLock {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    file: std::sync::Arc::new(file),
+                    busy: false,
+                },
+            );
+        }
+        let k = map.get_mut(&path).expect("just kept");
+        k.busy = true;
+        let file = k.file.clone();
+        drop(kept);
+        // From here on, dropping `lock` frees our threads' turn again.
+        let lock = Self {
+            path: path.clone(),
+            file,
+        };
+        let file = &lock.file;
         let mut pause = std::time::Duration::from_millis(1);
         loop {
             // SAFETY: plain flock(2) on an fd we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(Self(file));
+                return Ok(lock);
             }
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
@@ -303,10 +385,8 @@ impl Lock {
             }
             let waited = start.elapsed();
             if waited >= wait {
-                return Err(Error::LockBusy {
-                    path,
-                    waited_ms: waited.as_millis() as u64,
-                });
+                drop(lock);
+                return Err(busy(waited));
             }
             std::thread::sleep(pause.min(wait - waited));
             pause = (pause * 2).min(std::time::Duration::from_millis(20));

@@ -179,11 +179,19 @@ struct AppState {
     api_group: Option<u32>,
 }
 
-/// One enable or disable waiting for the batch worker.
-type Job = (Op, tokio::sync::oneshot::Sender<Result<Disabled, Error>>);
+/// One enable or disable waiting for the batch worker, and whether it may
+/// wait for company ([`LINGER`]).
+type Job = (Op, tokio::sync::oneshot::Sender<Result<Disabled, Error>>, bool);
 
 /// Most commands run together in one batch.
 const BATCH_MAX: usize = 64;
+
+/// How long a batch of evapi commands waits for more before it runs.
+/// Kamailio never waits for their results, and at a call rate most arrive
+/// alone: gathering them for a millisecond runs several per wake-up of the
+/// worker and per lock, where alone each paid for both. An API caller
+/// waits for its reply, so a batch with an API command never lingers.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// The one worker that runs commands: it takes every command waiting and
 /// runs them as one batch (one lock, shared walks of the socket table), so
@@ -193,14 +201,24 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
     std::thread::spawn(move || {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
+            let mut lingered = false;
             while batch.len() < BATCH_MAX {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
+                    // One sleep, not a wake-up per arrival: that is the
+                    // saving.
+                    Err(std::sync::mpsc::TryRecvError::Empty)
+                        if !lingered && batch.iter().all(|j| j.2) =>
+                    {
+                        std::thread::sleep(LINGER);
+                        lingered = true;
+                    }
                     Err(_) => break,
                 }
             }
             metrics.batch_size.observe(batch.len() as f64);
-            let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().unzip();
+            let (ops, replies): (Vec<Op>, Vec<_>) =
+                batch.into_iter().map(|(op, reply, _)| (op, reply)).unzip();
             let start = Instant::now();
             let results = enforcer.run_batch(ops);
             metrics.pass_seconds.observe(start.elapsed().as_secs_f64());
@@ -214,13 +232,18 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
 
 /// Hands one command to the batch worker at once (commands run in the
 /// order they are queued); the future waits for its result.
-fn queue(state: &AppState, op: Op) -> impl std::future::Future<Output = Result<Disabled, Error>> {
+/// `linger`: the caller does not wait for the result (see [`LINGER`]).
+fn queue(
+    state: &AppState,
+    op: Op,
+    linger: bool,
+) -> impl std::future::Future<Output = Result<Disabled, Error>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let gone = || Error::Io {
         what: "the command worker stopped".into(),
         source: std::io::ErrorKind::Other.into(),
     };
-    let sent = state.batcher.send((op, tx)).map_err(|_| gone());
+    let sent = state.batcher.send((op, tx, linger)).map_err(|_| gone());
     async move {
         sent?;
         rx.await.map_err(|_| gone())?
@@ -524,7 +547,7 @@ impl crate::evapi::Commands for EvapiCommands {
                 }
             };
             match op {
-                Ok(op) => pending.push((name, conn, holder, queue(state, op))),
+                Ok(op) => pending.push((name, conn, holder, queue(state, op, true))),
                 Err(r) => log_command(name, Some(&conn), holder.as_deref(), &r),
             }
         }
@@ -590,7 +613,7 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn enable_body(state: &AppState, b: EnableBody) -> Response {
     match enable_op(state, b) {
-        Ok(op) => enable_done(state, queue(state, op).await),
+        Ok(op) => enable_done(state, queue(state, op, false).await),
         Err(r) => *r,
     }
 }
@@ -653,7 +676,7 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn disable_body(state: &AppState, b: DisableBody) -> Response {
     match disable_op(state, b) {
-        Ok(op) => disable_done(state, queue(state, op).await),
+        Ok(op) => disable_done(state, queue(state, op, false).await),
         Err(r) => *r,
     }
 }
