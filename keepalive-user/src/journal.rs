@@ -56,6 +56,7 @@ const DONE: u8 = b'#';
 fn open_file(path: &std::path::Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
     File::options()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(false)
@@ -100,6 +101,31 @@ impl Journal {
         f(&o.file, &mut o.len)
     }
 
+    /// The kept file's content, when this process keeps it open (`None`:
+    /// it does not; the file is not created to be read).
+    fn read_kept(&self) -> Option<std::io::Result<Vec<u8>>> {
+        use std::os::unix::fs::FileExt as _;
+        let generation = self.generation?;
+        let open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        let o = open
+            .as_ref()
+            .filter(|o| o.path == self.path && o.generation == generation)?;
+        let mut out = vec![0; 512];
+        let mut n = 0;
+        loop {
+            if n == out.len() {
+                out.resize(2 * n, 0);
+            }
+            match o.file.read_at(&mut out[n..], n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        out.truncate(n);
+        Some(Ok(out))
+    }
+
     /// Records `entry` before its first step.
     pub fn begin(&self, entry: &Entry) -> Result<()> {
         use std::os::unix::fs::FileExt as _;
@@ -139,7 +165,11 @@ impl Journal {
     /// The change a killed command left unfinished, if any. An unreadable
     /// record is removed with a warning: it cannot be acted on.
     pub fn pending(&self) -> Option<Entry> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
+        let bytes = match self.read_kept() {
+            Some(r) => r.ok()?,
+            None => std::fs::read(&self.path).ok()?,
+        };
+        let text = String::from_utf8_lossy(&bytes);
         if text.trim().is_empty() || text.as_bytes()[0] == DONE {
             return None;
         }

@@ -710,9 +710,13 @@ pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
 
 /// Who keeps the installation's index (`Ports` when unreadable).
 pub fn index_mode_of(layout: &PinLayout) -> IndexMode {
-    read_meta(layout)
-        .map(|m| index_mode(&m))
-        .unwrap_or_default()
+    // Fixed at load: read once per installation generation.
+    let read = || read_meta(layout).map(|m| index_mode(&m) as u64).ok();
+    match map_cache::memo(layout, "index_mode", read) {
+        Some(m) if m == IndexMode::Host as u64 => IndexMode::Host,
+        Some(_) => IndexMode::Ports,
+        None => IndexMode::default(),
+    }
 }
 
 /// How the installation learns socket holders (`Scan` when unreadable).
@@ -860,6 +864,7 @@ mod map_cache {
         checked: Instant,
         fds: HashMap<String, OwnedFd>,
         capacities: HashMap<String, u32>,
+        memo: HashMap<&'static str, u64>,
     }
 
     static CACHE: Mutex<Option<HashMap<PathBuf, Entry>>> = Mutex::new(None);
@@ -901,6 +906,7 @@ mod map_cache {
                             checked: now,
                             fds: HashMap::new(),
                             capacities: HashMap::new(),
+                            memo: HashMap::new(),
                         },
                     );
                 }
@@ -934,6 +940,35 @@ mod map_cache {
             entry.capacities.insert(name.to_owned(), n);
         }
         Ok(n)
+    }
+
+    /// A value that is fixed for an installation's generation once
+    /// `read` gives it (`None`: not known yet, read again next time).
+    pub fn memo(
+        layout: &PinLayout,
+        key: &'static str,
+        read: impl FnOnce() -> Option<u64>,
+    ) -> Option<u64> {
+        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = guard.get_or_insert_with(HashMap::new);
+        let Ok(entry) = entry(cache, layout) else {
+            drop(guard);
+            return read();
+        };
+        if let Some(&v) = entry.memo.get(key) {
+            return Some(v);
+        }
+        let generation = entry.generation;
+        // Read without the cache's lock: `read` may open maps.
+        drop(guard);
+        let v = read()?;
+        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = guard.as_mut().and_then(|c| c.get_mut(layout.dir())) {
+            if e.generation == generation && generation != 0 {
+                e.memo.insert(key, v);
+            }
+        }
+        Some(v)
     }
 
     /// The map `name` of the installation, or `None` when nothing is
@@ -1494,9 +1529,17 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
     if !layout.sock_ops_link().exists() {
         return Ok(false);
     }
-    if read_meta(layout)?.flags & keepalive_common::meta::FLAG_SEEDED != 0 {
+    // Set once per load, never cleared: remembered once seen.
+    let read = || {
+        read_meta(layout)
+            .ok()
+            .filter(|m| m.flags & keepalive_common::meta::FLAG_SEEDED != 0)
+            .map(|_| 1)
+    };
+    if map_cache::memo(layout, "seeded", read).is_some() {
         return Ok(false);
     }
+    read_meta(layout)?;
     tracing::warn!("completing a load that was interrupted: indexing existing connections");
     seed(layout)?;
     Ok(true)

@@ -557,8 +557,8 @@ impl crate::evapi::Commands for EvapiCommands {
             for (name, conn, holder, done) in pending {
                 let result = done.await;
                 let r = match name {
-                    "enable" => enable_done(&state, result),
-                    _ => disable_done(&state, result),
+                    "enable" => enable_done(&state, result, false),
+                    _ => disable_done(&state, result, false),
                 };
                 log_command(name, Some(&conn), holder.as_deref(), &r);
             }
@@ -613,7 +613,7 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn enable_body(state: &AppState, b: EnableBody) -> Response {
     match enable_op(state, b) {
-        Ok(op) => enable_done(state, queue(state, op, false).await),
+        Ok(op) => enable_done(state, queue(state, op, false).await, true),
         Err(r) => *r,
     }
 }
@@ -641,7 +641,9 @@ fn enable_op(state: &AppState, b: EnableBody) -> Result<Op, Box<Response>> {
 }
 
 /// The reply to an enable the batch worker ran; counts it.
-fn enable_done(state: &AppState, result: Result<Disabled, Error>) -> Response {
+/// `body`: whether anyone reads the reply's body (evapi's commands have
+/// no reply; their status and error still go to the log and metrics).
+fn enable_done(state: &AppState, result: Result<Disabled, Error>, body: bool) -> Response {
     match result.map(|d| d.changed) {
         Ok(changed) => {
             state.metrics.command("enable", "ok");
@@ -650,6 +652,9 @@ fn enable_done(state: &AppState, result: Result<Disabled, Error>) -> Response {
                 .applied
                 .get_or_create(&labels(&[("source", "command")]))
                 .inc_by(changed.len() as u64);
+            if !body {
+                return StatusCode::OK.into_response();
+            }
             reply(
                 StatusCode::OK,
                 json!({ "changed": changed.len(), "connections": changed }),
@@ -676,7 +681,7 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn disable_body(state: &AppState, b: DisableBody) -> Response {
     match disable_op(state, b) {
-        Ok(op) => disable_done(state, queue(state, op, false).await),
+        Ok(op) => disable_done(state, queue(state, op, false).await, true),
         Err(r) => *r,
     }
 }
@@ -699,10 +704,14 @@ fn disable_op(state: &AppState, b: DisableBody) -> Result<Op, Box<Response>> {
 }
 
 /// The reply to a disable the batch worker ran; counts it.
-fn disable_done(state: &AppState, result: Result<Disabled, Error>) -> Response {
+/// `body`: as for [`enable_done`].
+fn disable_done(state: &AppState, result: Result<Disabled, Error>, body: bool) -> Response {
     match result {
         Ok(done) => {
             state.metrics.command("disable", "ok");
+            if !body {
+                return StatusCode::OK.into_response();
+            }
             reply(
                 StatusCode::OK,
                 json!({
