@@ -179,9 +179,16 @@ struct AppState {
     api_group: Option<u32>,
 }
 
-/// One enable or disable waiting for the batch worker, and whether it may
-/// wait for company ([`LINGER`]).
-type Job = (Op, tokio::sync::oneshot::Sender<Result<Disabled, Error>>, bool);
+/// What is done with a command's result, on the batch worker's thread.
+type Done = Box<dyn FnOnce(Result<Disabled, Error>) + Send>;
+
+/// One enable or disable waiting for the batch worker, what to do with its
+/// result, and whether it may wait for company ([`LINGER`]).
+struct Job {
+    op: Op,
+    done: Done,
+    linger: bool,
+}
 
 /// Most commands run together in one batch.
 const BATCH_MAX: usize = 64;
@@ -208,7 +215,7 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
                     // One sleep, not a wake-up per arrival: that is the
                     // saving.
                     Err(std::sync::mpsc::TryRecvError::Empty)
-                        if !lingered && batch.iter().all(|j| j.2) =>
+                        if !lingered && batch.iter().all(|j| j.linger) =>
                     {
                         std::thread::sleep(LINGER);
                         lingered = true;
@@ -217,37 +224,59 @@ fn spawn_batcher(enforcer: Enforcer, metrics: Arc<Metrics>) -> std::sync::mpsc::
                 }
             }
             metrics.batch_size.observe(batch.len() as f64);
-            let (ops, replies): (Vec<Op>, Vec<_>) =
-                batch.into_iter().map(|(op, reply, _)| (op, reply)).unzip();
+            let (ops, dones): (Vec<Op>, Vec<Done>) =
+                batch.into_iter().map(|j| (j.op, j.done)).unzip();
             let start = Instant::now();
             let results = enforcer.run_batch(ops);
             metrics.pass_seconds.observe(start.elapsed().as_secs_f64());
-            for (result, reply) in results.into_iter().zip(replies) {
-                let _ = reply.send(result);
+            for (result, done) in results.into_iter().zip(dones) {
+                done(result);
             }
         }
     });
     tx
 }
 
-/// Hands one command to the batch worker at once (commands run in the
-/// order they are queued); the future waits for its result.
-/// `linger`: the caller does not wait for the result (see [`LINGER`]).
-fn queue(
-    state: &AppState,
-    op: Op,
-    linger: bool,
-) -> impl std::future::Future<Output = Result<Disabled, Error>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let gone = || Error::Io {
+fn worker_gone() -> Error {
+    Error::Io {
         what: "the command worker stopped".into(),
         source: std::io::ErrorKind::Other.into(),
-    };
-    let sent = state.batcher.send((op, tx, linger)).map_err(|_| gone());
+    }
+}
+
+/// Hands one command to the batch worker at once (commands run in the
+/// order they are queued); the future waits for its result.
+fn queue(state: &AppState, op: Op) -> impl std::future::Future<Output = Result<Disabled, Error>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done: Done = Box::new(move |r| {
+        let _ = tx.send(r);
+    });
+    let sent = state
+        .batcher
+        .send(Job {
+            op,
+            done,
+            linger: false,
+        })
+        .map_err(|_| worker_gone());
     async move {
         sent?;
-        rx.await.map_err(|_| gone())?
+        rx.await.map_err(|_| worker_gone())?
     }
+}
+
+/// Hands one command to the batch worker for a caller that does not wait
+/// (evapi): `done` runs on the worker's thread, and the command may wait
+/// for company ([`LINGER`]). Fails only when the worker is gone.
+fn submit(state: &AppState, op: Op, done: Done) -> Result<(), Error> {
+    state
+        .batcher
+        .send(Job {
+            op,
+            done,
+            linger: true,
+        })
+        .map_err(|_| worker_gone())
 }
 
 /// Prometheus metrics.
@@ -491,16 +520,16 @@ struct CloseBody {
 type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
 
 /// Commands from Kamailio's evapi, run like the API's: each one a job for
-/// the batch worker, all of them queued before any is awaited so that
-/// they run as one batch; one log line and the metrics of each.
+/// the batch worker, queued without waiting, so that commands arriving
+/// together run as one batch; one log line and the metrics of each.
 #[derive(Clone)]
 struct EvapiCommands(AppState, Arc<tokio::sync::Semaphore>);
 
 impl crate::evapi::Commands for EvapiCommands {
     /// Queues every command at once, in the order Kamailio sent them (an
-    /// enable and the disable after it must run in that order), and
-    /// leaves their results to a task of their own: the connection is read
-    /// on meanwhile, so Kamailio's evapi never waits on tcpka.
+    /// enable and the disable after it must run in that order); the batch
+    /// worker logs and counts each result itself, so the connection is
+    /// read on meanwhile and Kamailio's evapi never waits on tcpka.
     async fn run(&self, commands: Vec<crate::evapi::Command>) {
         use crate::evapi::Command;
         let state = &self.0;
@@ -508,7 +537,7 @@ impl crate::evapi::Commands for EvapiCommands {
         let Ok(permits) = self.1.clone().acquire_many_owned(n).await else {
             return;
         };
-        let mut pending = Vec::with_capacity(commands.len());
+        let permits = Arc::new(permits);
         for c in commands {
             let (name, conn, holder, op) = match c {
                 Command::Enable {
@@ -546,23 +575,27 @@ impl crate::evapi::Commands for EvapiCommands {
                     ("disable", conn, holder, disable_op(state, b))
                 }
             };
-            match op {
-                Ok(op) => pending.push((name, conn, holder, queue(state, op, true))),
-                Err(r) => log_command(name, Some(&conn), holder.as_deref(), &r),
-            }
-        }
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _permits = permits;
-            for (name, conn, holder, done) in pending {
-                let result = done.await;
+            let op = match op {
+                Ok(op) => op,
+                Err(r) => {
+                    log_command(name, Some(&conn), holder.as_deref(), &r);
+                    continue;
+                }
+            };
+            // The permits go back when the last of these commands is done.
+            let (st, permits) = (state.clone(), permits.clone());
+            let done: Done = Box::new(move |result| {
+                let _permits = permits;
                 let r = match name {
-                    "enable" => enable_done(&state, result, false),
-                    _ => disable_done(&state, result, false),
+                    "enable" => enable_done(&st, result, false),
+                    _ => disable_done(&st, result, false),
                 };
                 log_command(name, Some(&conn), holder.as_deref(), &r);
+            });
+            if let Err(e) = submit(state, op, done) {
+                tracing::error!("evapi: {e}");
             }
-        });
+        }
     }
 }
 
@@ -613,7 +646,7 @@ async fn enable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn enable_body(state: &AppState, b: EnableBody) -> Response {
     match enable_op(state, b) {
-        Ok(op) => enable_done(state, queue(state, op, false).await, true),
+        Ok(op) => enable_done(state, queue(state, op).await, true),
         Err(r) => *r,
     }
 }
@@ -681,7 +714,7 @@ async fn disable(State(state): State<AppState>, body: Body) -> Response {
 
 async fn disable_body(state: &AppState, b: DisableBody) -> Response {
     match disable_op(state, b) {
-        Ok(op) => disable_done(state, queue(state, op, false).await, true),
+        Ok(op) => disable_done(state, queue(state, op).await, true),
         Err(r) => *r,
     }
 }
