@@ -71,8 +71,16 @@ pub fn seed_fds(layout: &PinLayout) -> Result<()> {
 /// does not fit: then the index cannot vouch for it and callers walk).
 pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
     let inode = netns_inode(netns)? as u32;
+    // Our own namespace outlives the installation's generation: once seeded,
+    // remembered. (Another one may die and its inode be reused.)
+    if netns.is_none() && loader::memo::<u32>(layout, "own_netns_seeded", || None) == Some(inode) {
+        return Ok(true);
+    }
     let mut seeded = crate::lend::lend::<HashMap<MapData, u32, u32>>(layout, maps::SEEDED)?;
     if seeded.get(&inode, 0).is_ok() {
+        if netns.is_none() {
+            loader::memo::<u32>(layout, "own_netns_seeded", || Some(inode));
+        }
         return Ok(true);
     }
     run_pass(&layout.iter_seed_peers(), netns, None)?;

@@ -204,6 +204,16 @@ pub fn capacity(layout: &PinLayout, name: &str) -> Result<u32> {
     })
 }
 
+/// A value fixed for the installation's generation once `read` gives it
+/// (read again while `read` gives `None`); see the map cache.
+pub fn memo<T: Clone + Send + 'static>(
+    layout: &PinLayout,
+    key: &'static str,
+    read: impl FnOnce() -> Option<T>,
+) -> Option<T> {
+    map_cache::memo(layout, key, read)
+}
+
 /// The generation of the installation in `layout` (`None`: nothing is
 /// loaded there), looked at every 20 ms at most; see [`crate::lend`].
 pub fn generation(layout: &PinLayout) -> Result<Option<u64>> {
@@ -712,7 +722,7 @@ pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
 pub fn index_mode_of(layout: &PinLayout) -> IndexMode {
     // Fixed at load: read once per installation generation.
     let read = || read_meta(layout).map(|m| index_mode(&m) as u64).ok();
-    match map_cache::memo(layout, "index_mode", read) {
+    match map_cache::memo::<u64>(layout, "index_mode", read) {
         Some(m) if m == IndexMode::Host as u64 => IndexMode::Host,
         Some(_) => IndexMode::Ports,
         None => IndexMode::default(),
@@ -864,7 +874,7 @@ mod map_cache {
         checked: Instant,
         fds: HashMap<String, OwnedFd>,
         capacities: HashMap<String, u32>,
-        memo: HashMap<&'static str, u64>,
+        memo: HashMap<&'static str, Box<dyn std::any::Any + Send>>,
     }
 
     static CACHE: Mutex<Option<HashMap<PathBuf, Entry>>> = Mutex::new(None);
@@ -944,19 +954,19 @@ mod map_cache {
 
     /// A value that is fixed for an installation's generation once
     /// `read` gives it (`None`: not known yet, read again next time).
-    pub fn memo(
+    pub fn memo<T: Clone + Send + 'static>(
         layout: &PinLayout,
         key: &'static str,
-        read: impl FnOnce() -> Option<u64>,
-    ) -> Option<u64> {
+        read: impl FnOnce() -> Option<T>,
+    ) -> Option<T> {
         let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
         let cache = guard.get_or_insert_with(HashMap::new);
         let Ok(entry) = entry(cache, layout) else {
             drop(guard);
             return read();
         };
-        if let Some(&v) = entry.memo.get(key) {
-            return Some(v);
+        if let Some(v) = entry.memo.get(key).and_then(|v| v.downcast_ref::<T>()) {
+            return Some(v.clone());
         }
         let generation = entry.generation;
         // Read without the cache's lock: `read` may open maps.
@@ -965,7 +975,7 @@ mod map_cache {
         let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = guard.as_mut().and_then(|c| c.get_mut(layout.dir())) {
             if e.generation == generation && generation != 0 {
-                e.memo.insert(key, v);
+                e.memo.insert(key, Box::new(v.clone()));
             }
         }
         Some(v)
@@ -1536,7 +1546,7 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
             .filter(|m| m.flags & keepalive_common::meta::FLAG_SEEDED != 0)
             .map(|_| 1)
     };
-    if map_cache::memo(layout, "seeded", read).is_some() {
+    if map_cache::memo::<u64>(layout, "seeded", read).is_some() {
         return Ok(false);
     }
     read_meta(layout)?;

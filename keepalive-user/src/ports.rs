@@ -177,8 +177,23 @@ pub fn read_index(layout: &PinLayout) -> Result<IndexPorts> {
 }
 
 /// Whether connections with `port` at either end are indexed (two map
-/// reads).
+/// reads the first time; the index ports are fixed at load, so the answer
+/// is kept for the installation's generation).
 pub fn is_index_port(layout: &PinLayout, port: u16) -> Result<bool> {
+    type Known = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, bool>>>;
+    let known = crate::loader::memo::<Known>(layout, "index_ports", || Some(Known::default()));
+    let lock = |k: &Known| k.lock().unwrap_or_else(|p| p.into_inner()).get(&port).copied();
+    if let Some(v) = known.as_ref().and_then(lock) {
+        return Ok(v);
+    }
+    let v = read_is_index_port(layout, port)?;
+    if let Some(k) = known {
+        k.lock().unwrap_or_else(|p| p.into_inner()).insert(port, v);
+    }
+    Ok(v)
+}
+
+fn read_is_index_port(layout: &PinLayout, port: u16) -> Result<bool> {
     let map = open(layout)?;
     if flags(&map)? & FLAG_INDEX_ALL != 0 {
         return Ok(true);
