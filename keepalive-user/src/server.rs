@@ -279,6 +279,23 @@ fn submit(state: &AppState, op: Op, done: Done) -> Result<(), Error> {
         .map_err(|_| worker_gone())
 }
 
+/// The token an `Authorization` header carries: `Bearer TOKEN`, or
+/// `Basic` with the token as the password (any user name), for clients that
+/// can only send credentials in a URL (Kamailio's `http_connect` with a
+/// kept-alive connection: `http://tcpka:TOKEN@127.0.0.1:7177`).
+fn token_given(value: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return Some(t.as_bytes().to_vec());
+    }
+    let b64 = value.strip_prefix("Basic ")?;
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let colon = pair.iter().position(|&b| b == b':')?;
+    Some(pair[colon + 1..].to_vec())
+}
+
 /// Prometheus metrics.
 struct Metrics {
     registry: Registry,
@@ -1131,13 +1148,13 @@ async fn guard(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(token_given)
             .unwrap_or_default();
-        if !access::constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        if !access::constant_time_eq(&given, token.as_bytes()) {
             return refuse_logged(
                 &req,
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong token (Authorization: Bearer TOKEN)",
+                "missing or wrong token (Authorization: Bearer TOKEN, or Basic with the token as password)",
             );
         }
     }
@@ -1675,6 +1692,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_comes_as_bearer_or_as_a_basic_password() {
+        assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
+        // "tcpka:s3cret:with:colons"
+        let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
+        assert_eq!(token_given(basic).as_deref(), Some(&b"s3cret:with:colons"[..]));
+        assert_eq!(token_given("Basic not base64!"), None);
+        // "no colon"
+        assert_eq!(token_given("Basic bm8gY29sb24="), None);
+        assert_eq!(token_given("Digest x"), None);
+        assert_eq!(token_given("abc"), None);
+    }
 
     #[test]
     fn bearer_tokens_go_only_where_nobody_else_reads_them() {

@@ -7,12 +7,18 @@
 //! - no keepalive (`WITHOUT_KEEPALIVE`);
 //! - Kamailio's own tcpops, the reference (`WITH_TCPOPS`);
 //! - tcpka over evapi (`WITH_TCPKA_EVAPI`, `serve --evapi`);
-//! - tcpka over its HTTP API (`WITH_TCPKA_HTTP`, `http_client_query`).
+//! - tcpka over its HTTP API on a kept-alive connection per Kamailio process
+//!   (`WITH_TCPKA_HTTP_POOLED`, `http_connect` with `keep_connections`);
+//! - tcpka over its HTTP API, a connection per request (`WITH_TCPKA_HTTP`,
+//!   `http_client_query`);
+//! - the tcpka CLI through `exec_cmd` (the config's default), at
+//!   [`CLI_RATE`] calls/s at most and as many calls as last as long.
 //!
 //! Each round runs every variant once, in turn; the figures are medians
 //! over the rounds: calls/s achieved, failed calls, Kamailio's CPU per call
-//! and `tcpka serve`'s CPU per command (four per call), and whether every
-//! enable was applied (serve's own count of commands that succeeded).
+//! and tcpka's CPU per command (four per call: `tcpka serve`'s, or the CLI
+//! processes'), and whether every enable was applied (serve's own count of
+//! commands that succeeded; the CLI's exit codes are not collected).
 //!
 //! ```text
 //!  caller ns (sipp uac) 10.202.1.2 ── 10.202.1.1 kamailio (this ns, the attached cgroup) 10.202.2.1 ── 10.202.2.2 callee ns (sipp uas)
@@ -39,15 +45,35 @@ enum Mode {
     None,
     Tcpops,
     Evapi,
+    HttpPooled,
     Http,
+    Cli,
 }
 
-const MODES: [(Mode, &str); 4] = [
+impl Mode {
+    /// Whether the variant talks to `tcpka serve`.
+    fn serve(self) -> bool {
+        matches!(self, Mode::Evapi | Mode::HttpPooled | Mode::Http)
+    }
+
+    /// Whether the variant is tcpka's (compared with tcpops).
+    fn tcpka(self) -> bool {
+        self.serve() || self == Mode::Cli
+    }
+}
+
+const MODES: [(Mode, &str); 6] = [
     (Mode::None, "no keepalive"),
     (Mode::Tcpops, "tcpops (in-process, the reference)"),
     (Mode::Evapi, "tcpka over evapi"),
-    (Mode::Http, "tcpka over the HTTP API"),
+    (Mode::HttpPooled, "tcpka HTTP, kept-alive (http_connect)"),
+    (Mode::Http, "tcpka HTTP, a connection per request"),
+    (Mode::Cli, "tcpka CLI via exec_cmd"),
 ];
+
+/// The CLI variant's offered rate at most: a process per command, four per
+/// call, blocking a Kamailio worker each; far above this it fails calls.
+const CLI_RATE: usize = 40;
 
 /// The variants named on the command line (all when none is).
 fn parse_modes(names: &[String]) -> Result<Vec<Mode>> {
@@ -60,18 +86,26 @@ fn parse_modes(names: &[String]) -> Result<Vec<Mode>> {
             "none" => Ok(Mode::None),
             "tcpops" => Ok(Mode::Tcpops),
             "evapi" => Ok(Mode::Evapi),
+            "http-pooled" => Ok(Mode::HttpPooled),
             "http" => Ok(Mode::Http),
-            other => bail!("unknown Kamailio bench variant {other:?} (none, tcpops, evapi, http)"),
+            "cli" => Ok(Mode::Cli),
+            other => bail!(
+                "unknown Kamailio bench variant {other:?} (none, tcpops, evapi, http-pooled, http, cli)"
+            ),
         })
         .collect()
 }
 
 /// One run of one variant.
 struct Sample {
+    offered: usize,
+    calls: usize,
     rate: f64,
     failed: u64,
     kamailio_ms_per_call: f64,
-    serve_ms_per_command: Option<f64>,
+    /// `tcpka serve`'s CPU per command, or the CLI processes' (four
+    /// commands per call).
+    tcpka_ms_per_command: Option<f64>,
     enables_ok: Option<u64>,
 }
 
@@ -154,6 +188,7 @@ fn config(root: &Path, dir: &Path, tcpka: &Path, api: &str) -> Result<PathBuf> {
     subst("TCPKA_BIN", &tcpka.display().to_string())?;
     subst("TCPKA_API", &format!("http://{api}"))?;
     subst("TCPKA_TOKEN", TOKEN)?;
+    subst("TCPKA_HTTPCON", &format!("http://tcpka:{TOKEN}@{api}"))?;
     subst("EVENTS_TOKEN", TOKEN)?;
     subst(
         "CALLEE",
@@ -168,6 +203,18 @@ fn config(root: &Path, dir: &Path, tcpka: &Path, api: &str) -> Result<PathBuf> {
 
 /// CPU time (user + system) of every process in process group `pgrp`.
 fn group_cpu(pgrp: u32) -> Duration {
+    group_ticks(pgrp, 11)
+}
+
+/// CPU time of the children the processes of `pgrp` have waited for
+/// (Kamailio's exec_cmd: the shell and the tcpka it runs).
+fn group_children_cpu(pgrp: u32) -> Duration {
+    group_ticks(pgrp, 13)
+}
+
+/// Fields `at` and `at + 1` of /proc/PID/stat (after the command), summed
+/// over the processes of `pgrp`.
+fn group_ticks(pgrp: u32, at: usize) -> Duration {
     let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut ticks = 0u64;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -184,7 +231,7 @@ fn group_cpu(pgrp: u32) -> Duration {
             continue;
         }
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        ticks += n(11) + n(12);
+        ticks += n(at) + n(at + 1);
     }
     Duration::from_secs_f64(ticks as f64 * tick)
 }
@@ -306,6 +353,11 @@ pub fn run(
             if !wanted.contains(mode) {
                 continue;
             }
+            // The CLI runs as long as the others, at a rate it can carry.
+            let (calls, rate) = match mode {
+                Mode::Cli if rate > CLI_RATE => ((calls * CLI_RATE / rate).max(1), CLI_RATE),
+                _ => (calls, rate),
+            };
             eprint!("bench: Kamailio, round {}/{rounds}, {name}…", round + 1);
             let s = measure(
                 *mode, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
@@ -316,8 +368,8 @@ pub fn run(
         }
     }
     println!(
-        "  {:<36} {:>10} {:>8} {:>16} {:>18} {:>14}",
-        "", "calls/s", "failed", "Kamailio ms/call", "serve ms/command", "enables ok"
+        "  {:<38} {:>7} {:>8} {:>7} {:>16} {:>16} {:>12}",
+        "", "offered", "calls/s", "failed", "Kamailio ms/call", "tcpka ms/command", "enables ok"
     );
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -335,30 +387,47 @@ pub fn run(
             reference = Some((rate, cpu));
         }
         let failed: u64 = s.iter().map(|x| x.failed).sum();
-        let serve = s
+        let tcpka = s
             .iter()
-            .filter_map(|x| x.serve_ms_per_command)
+            .filter_map(|x| x.tcpka_ms_per_command)
             .collect::<Vec<_>>();
-        let serve = if serve.is_empty() {
+        let tcpka = if tcpka.is_empty() {
             "-".to_owned()
         } else {
-            format!("{:.3}", med(serve))
+            format!("{:.3}", med(tcpka))
         };
         let enables = match s.iter().map(|x| x.enables_ok).collect::<Option<Vec<_>>>() {
-            Some(v) => format!("{}/{}", v.iter().sum::<u64>(), 2 * calls * rounds),
+            Some(v) => format!(
+                "{}/{}",
+                v.iter().sum::<u64>(),
+                s.iter().map(|x| 2 * x.calls).sum::<usize>()
+            ),
             None => "-".into(),
         };
-        println!("  {name:<36} {rate:>10.1} {failed:>8} {cpu:>16.3} {serve:>18} {enables:>14}");
+        let offered = s[0].offered;
+        println!(
+            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>7} {cpu:>16.3} {tcpka:>16} {enables:>12}"
+        );
     }
     if let Some((rate0, cpu0)) = reference {
         for (i, (mode, name)) in MODES.iter().enumerate() {
-            if matches!(mode, Mode::Evapi | Mode::Http) && !samples[i].is_empty() {
-                let s = &samples[i];
-                let rate = med(s.iter().map(|x| x.rate).collect());
-                let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+            let s = &samples[i];
+            if !mode.tcpka() || s.is_empty() {
+                continue;
+            }
+            let rate = med(s.iter().map(|x| x.rate).collect());
+            let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+            if s[0].offered == samples[1].first().map_or(0, |t| t.offered) {
                 println!(
                     "  {name}: {:.2}x tcpops' call rate, {:.2}x its Kamailio CPU per call",
                     rate / rate0,
+                    cpu / cpu0
+                );
+            } else {
+                println!(
+                    "  {name}: offered {} calls/s (tcpops {}); {:.2}x tcpops' Kamailio CPU per call",
+                    s[0].offered,
+                    samples[1].first().map_or(0, |t| t.offered),
                     cpu / cpu0
                 );
             }
@@ -383,7 +452,7 @@ fn measure(
 ) -> Result<Sample> {
     let log = setup.dir.join("kamailio.log");
     let serve = match mode {
-        Mode::Evapi | Mode::Http => {
+        m if m.serve() => {
             let mut c = Command::new(tcpka);
             c.env("TCPKA_PIN_DIR", pin_dir)
                 .env("TCPKA_TOKEN", TOKEN)
@@ -404,7 +473,7 @@ fn measure(
             }
             Some(p)
         }
-        Mode::None | Mode::Tcpops => None,
+        _ => None,
     };
     let mut k = Command::new("kamailio");
     // Shared memory for the transactions and dialogs of thousands of calls
@@ -419,7 +488,10 @@ fn measure(
         Mode::None => k.args(["-A", "WITHOUT_KEEPALIVE"]),
         Mode::Tcpops => k.args(["-A", "WITH_TCPOPS"]),
         Mode::Evapi => k.args(["-A", "WITH_TCPKA_EVAPI"]),
+        Mode::HttpPooled => k.args(["-A", "WITH_TCPKA_HTTP_POOLED"]),
         Mode::Http => k.args(["-A", "WITH_TCPKA_HTTP"]),
+        // The example config's default: the CLI through exec_cmd.
+        Mode::Cli => k.env("TCPKA_PIN_DIR", pin_dir),
     };
     // Kamailio runs in the attached cgroup, as its service would.
     std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
@@ -464,10 +536,11 @@ fn measure(
     let pgrp = kamailio.0.id();
     let serve_pid = serve.as_ref().map(|p| p.0.id());
     let (enables_before, commands_before) = match mode {
-        Mode::Evapi | Mode::Http => (Some(enables_ok(api)?), Some(commands_done(api)?)),
+        m if m.serve() => (Some(enables_ok(api)?), Some(commands_done(api)?)),
         _ => (None, None),
     };
     let cpu0 = group_cpu(pgrp);
+    let children0 = group_children_cpu(pgrp);
     let serve0 = serve_pid.map(group_cpu);
     let stats = setup.dir.join("uac.csv");
     let _ = std::fs::remove_file(&stats);
@@ -495,7 +568,7 @@ fn measure(
     // or no more finish for 2 s.
     let mut lag = Duration::ZERO;
     match mode {
-        Mode::Evapi | Mode::Http => {
+        m if m.serve() => {
             let want = commands_before.unwrap_or(0) + 4 * calls as u64;
             let (mut last, mut since) = (0, Instant::now());
             loop {
@@ -510,19 +583,20 @@ fn measure(
             }
             lag = start.elapsed() - elapsed;
         }
-        Mode::None | Mode::Tcpops => std::thread::sleep(Duration::from_millis(500)),
+        _ => std::thread::sleep(Duration::from_millis(500)),
     }
     if lag > Duration::from_millis(200) {
         eprint!(" (serve finished {lag:.1?} after the last call)");
     }
     let cpu = group_cpu(pgrp) - cpu0;
+    let children = group_children_cpu(pgrp) - children0;
     let serve_cpu = serve_pid.zip(serve0).map(|(p, c0)| group_cpu(p) - c0);
     let (ok, failed) = call_counts(&stats)?;
     if !uac.success() && failed == 0 {
         bail!("sipp exited with {uac} and no failed call counted");
     }
     let enables = match (mode, enables_before) {
-        (Mode::Evapi | Mode::Http, Some(b)) => Some(enables_ok(api)? - b),
+        (m, Some(b)) if m.serve() => Some(enables_ok(api)? - b),
         _ => None,
     };
     if enables.is_some_and(|n| n < 2 * calls as u64) {
@@ -536,15 +610,30 @@ fn measure(
         }) {
             eprintln!("  {l}");
         }
+        // And what Kamailio saw of them.
+        for l in std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("tcpka enable"))
+            .take(3)
+        {
+            eprintln!("  kamailio: {l}");
+        }
     }
     drop(serve);
     drop(kamailio);
     let _ = std::io::stderr().flush();
+    let tcpka_cpu = match mode {
+        Mode::Cli => Some(children),
+        _ => serve_cpu,
+    };
     Ok(Sample {
+        offered: rate,
+        calls,
         rate: ok as f64 / elapsed.as_secs_f64(),
         failed,
         kamailio_ms_per_call: cpu.as_secs_f64() * 1000.0 / calls as f64,
-        serve_ms_per_command: serve_cpu.map(|c| c.as_secs_f64() * 1000.0 / (4 * calls) as f64),
+        tcpka_ms_per_command: tcpka_cpu.map(|c| c.as_secs_f64() * 1000.0 / (4 * calls) as f64),
         enables_ok: enables,
     })
 }
