@@ -177,6 +177,23 @@ fn token_and_listen_rules() {
         .0,
         200
     );
+    // The token as a Basic password (Kamailio's http_connect), any user.
+    let basic = |user_pass: &str| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(user_pass);
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            c,
+            "GET /v1/rules HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {b64}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        reply.lines().next().unwrap_or_default().to_owned()
+    };
+    assert!(basic("kamailio:s3cret-s3cret-s3cret").contains(" 200 "));
+    assert!(basic("s3cret-s3cret-s3cret:wrong").contains(" 401 "));
+    assert!(basic(":s3cret-s3cret-s3cre").contains(" 401 "));
     drop(s);
 }
 
