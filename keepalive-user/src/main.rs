@@ -345,7 +345,8 @@ struct ServeArgs {
     /// address needs --token.
     #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
     listen: Option<Listen>,
-    /// Require `Authorization: Bearer TOKEN` on every request. Prefer
+    /// Require `Authorization: Bearer TOKEN` (or HTTP Basic with the token
+    /// as the password) on every request. Prefer
     /// --token-file or the TCPKA_TOKEN environment variable: an argument
     /// is visible to every local user in `ps`. A TCP listener always has a
     /// token: without one, serve generates one into /run/tcpka/api-token
