@@ -37,8 +37,14 @@ enum Task {
     },
     /// Set up, build (release) and measure `tcpka enable` end to end and
     /// the kernel pass with 1,000, 10,000 and 100,000 other open TCP
-    /// connections, in a private network namespace.
+    /// connections, in a private network namespace; then what tcpka costs
+    /// the rest of the host, and Kamailio driving it per call.
+    /// `bench kamailio` runs only the last (as --sip-only), `bench cost`
+    /// only the host cost (as --cost-only).
     Bench {
+        /// One part only: kamailio or cost.
+        #[arg(value_parser = ["kamailio", "cost"])]
+        part: Option<String>,
         /// Connection counts to measure at.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
         sizes: Vec<usize>,
@@ -56,8 +62,8 @@ enum Task {
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         load_args: Vec<String>,
         /// Only the Kamailio bench: calls per second through Kamailio with
-        /// no keepalive, tcpops, tcpka over evapi and over HTTP, with CPU
-        /// per call and per command.
+        /// no keepalive, tcpops, tcpka over evapi, over HTTP (kept-alive
+        /// and not) and the CLI, with CPU per call and per command.
         #[arg(long, conflicts_with = "cost_only")]
         sip_only: bool,
         /// Calls per variant and round in the Kamailio bench.
@@ -70,7 +76,7 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         sip_rounds: usize,
         /// Variants of the Kamailio bench to run, comma-separated: none,
-        /// tcpops, evapi, http (default: all).
+        /// tcpops, evapi, http-pooled, http, cli (default: all).
         #[arg(long, value_delimiter = ',')]
         sip_modes: Vec<String>,
     },
@@ -111,6 +117,7 @@ fn real_main() -> Result<()> {
         }
         Task::BenchHold { src, count } => bench::hold(&src, count),
         Task::Bench {
+            part,
             sizes,
             samples,
             pairs,
@@ -122,6 +129,8 @@ fn real_main() -> Result<()> {
             sip_rounds,
             sip_modes,
         } => {
+            let sip_only = sip_only || part.as_deref() == Some("kamailio");
+            let cost_only = cost_only || part.as_deref() == Some("cost");
             setup::run()?;
             build_release()?;
             let tcpka = root.join("target/release/tcpka");
