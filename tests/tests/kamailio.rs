@@ -121,7 +121,14 @@ fn config(dir: &Path, api: &str) -> PathBuf {
     };
     let mut text = subst(text, "TCPKA_BIN", tcpka_bin().to_str().unwrap());
     text = subst(text, "TCPKA_API", &format!("http://{api}"));
+    text = subst(
+        text,
+        "TCPKA_HTTPCON",
+        &format!("http://tcpka:{TEST_TOKEN}@{api}"),
+    );
     text = subst(text, "TCPKA_TOKEN", TEST_TOKEN);
+    // Each command's line, with the Call-ID next to its holder.
+    text = subst(text, "KA_LOG", "L_INFO");
     text = subst(
         text,
         "CALLEE",
@@ -172,6 +179,9 @@ enum Via {
     Exec,
     /// `http_client_query()` of the API; events by webhook to xhttp.
     Http,
+    /// `http_connect()` of the API on a kept-alive connection, the token as
+    /// a Basic password; events by webhook to xhttp.
+    HttpPooled,
     /// `evapi_relay()`; events back over evapi.
     Evapi,
 }
@@ -213,7 +223,9 @@ impl Sip {
             &api,
             &match via {
                 Via::Evapi => ["--evapi", EVAPI],
-                Via::Exec | Via::Http => ["--webhook", "http://127.0.0.1:8088/tcpka"],
+                Via::Exec | Via::Http | Via::HttpPooled => {
+                    ["--webhook", "http://127.0.0.1:8088/tcpka"]
+                }
             }
             .into_iter()
             .chain(["--events-token-file", token_file.to_str().unwrap()])
@@ -237,6 +249,9 @@ impl Sip {
             Via::Exec => {}
             Via::Http => {
                 k.args(["-A", "WITH_TCPKA_HTTP"]);
+            }
+            Via::HttpPooled => {
+                k.args(["-A", "WITH_TCPKA_HTTP_POOLED"]);
             }
             Via::Evapi => {
                 k.args(["-A", "WITH_TCPKA_EVAPI"]);
@@ -766,6 +781,36 @@ fn kamailio_via_evapi() {
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(evapi)");
 }
 
+/// The API over one kept-alive connection: the same commands, and the
+/// requests share a connection instead of opening one each.
+#[test]
+fn kamailio_via_http_kept_alive() {
+    let sip = Sip::start(Via::HttpPooled);
+    call_turns_keepalive_on_and_off(&sip);
+    let log = sip.kamailio_log();
+    assert!(log.contains("HTTP 200") && !log.contains("HTTP 401"), "{log}");
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
+    // Kamailio keeps its connection to the API open after its requests
+    // (http_client_query closes each one; the test's own requests close
+    // too).
+    let (_, metrics) = http(&sip.serve().addr, "GET", "/metrics", None, None).unwrap();
+    let commands: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tcpka_commands_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let port = sip.serve().addr.rsplit(':').next().unwrap().to_owned();
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .unwrap();
+    let kept = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        commands >= 4.0 && kept >= 1,
+        "{commands} commands, {kept} kept connection(s) to the API\n{log}"
+    );
+}
+
 #[test]
 fn kamailio_via_http_api_hostile_call_ids() {
     let sip = Sip::start(Via::Http);
@@ -855,7 +900,7 @@ fn ends_calls_when_the_callee_dies(via: Via) {
                 sip.kamailio_log().matches("no valid token").count() >= 2
             });
         }
-        Via::Http | Via::Exec => {
+        Via::Http | Via::HttpPooled | Via::Exec => {
             for auth in [None, Some("Bearer wrong")] {
                 let body = forged(None);
                 let mut req = format!(
