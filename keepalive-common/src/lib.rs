@@ -30,6 +30,9 @@ pub mod programs {
     /// tracepoint ([`crate::meta::FLAG_HOST_INDEX`]), 0 when sock_ops keeps
     /// it for the ports in [`crate::maps::PORTS`].
     pub const GLOBAL_HOST_INDEX: &str = "HOST_INDEX";
+    /// XDP program never attached: run with `BPF_PROG_TEST_RUN`, it does the
+    /// index lookups of one command ([`crate::index::Query`]).
+    pub const LOOKUP: &str = "tcpka_lookup";
     /// syscalls/sys_exit_accept{,4} program: records who holds an accepted
     /// socket.
     pub const ACCEPT_EXIT: &str = "tcpka_accept_exit";
@@ -496,6 +499,45 @@ pub mod index {
         /// Thread group id (the process id) in the initial pid namespace.
         pub tgid: u32,
         pub fd: u32,
+    }
+
+    /// One connection the index holds, as the lookup program reports it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Found {
+        /// Socket cookie; 0: the slot is empty.
+        pub cookie: u64,
+        /// [`SlotInfo::sk`]; 0: the slot map has no entry for the cookie.
+        pub sk: u64,
+        /// [`IndexKey::netns`] of its slot entry.
+        pub netns: u32,
+        /// Its holder, when the fd map knows one ([`FOUND_OWNER`]).
+        pub owner: FdOwner,
+        /// `FOUND_*` bits.
+        pub flags: u32,
+    }
+
+    /// [`Found::flags`]: the slot map has the cookie.
+    pub const FOUND_SLOT: u32 = 1;
+    /// [`Found::flags`]: the fd map has a holder for the socket.
+    pub const FOUND_OWNER: u32 = 2;
+
+    /// The lookup program's input and output, as one buffer (the "packet"
+    /// of a `BPF_PROG_TEST_RUN`): the index lookups of one command in one
+    /// system call instead of one each.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Query {
+        /// In: a cookie to look up alone; 0: look up the peer in [`Self::key`].
+        pub cookie: u64,
+        /// In: the peer (its slot is ignored).
+        pub key: IndexKey,
+        /// Out: 1 when the peer is marked overflowed.
+        pub overflowed: u32,
+        pub _pad: u32,
+        /// Out: each slot's connection, in slot order (the cookie's in
+        /// the first).
+        pub found: [Found; PEER_SLOTS as usize],
     }
 
     /// Capacity of the peer index and the slot map.

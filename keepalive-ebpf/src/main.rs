@@ -8,6 +8,7 @@ mod close;
 mod fds;
 mod index;
 mod iter;
+mod lookup;
 mod maps;
 mod sock;
 mod sockops;

@@ -1048,73 +1048,93 @@ impl Enforcer {
         let netns = op.netns.as_deref();
         let mut holders = Holders::open(&self.layout)?;
         // Through the index, each connection's descriptor is kept for the
-        // disable that may follow.
-        let (found, held): (Vec<ConnStatus>, Vec<Option<Held>>) =
-            match self.try_index_held(op.conn, op.local, Action::Query, netns)? {
-                Some(v) => v.into_iter().map(|(c, h)| (c, Some(h))).unzip(),
-                None => {
-                    let found = self
-                        .walk(&[(op.conn, op.local, Action::Query)], netns)?
-                        .pop()
-                        .unwrap_or_default();
-                    let none = found.iter().map(|_| None).collect();
-                    (found, none)
-                }
-            };
-        if found.is_empty() {
+        // step that follows, and its values are read then (once: disabled,
+        // or queried when kept).
+        enum Target {
+            Held(Held),
+            Walked(ConnStatus),
+        }
+        let targets: Vec<Target> = match self.resolve_held(op.conn, op.local, netns)? {
+            Some(held) => held
+                .into_iter()
+                // Closed meanwhile: gone, like a connection the walk no
+                // longer finds.
+                .filter(|h| is_connected(&h.stream))
+                .map(Target::Held)
+                .collect(),
+            None => self
+                .walk(&[(op.conn, op.local, Action::Query)], netns)?
+                .pop()
+                .unwrap_or_default()
+                .into_iter()
+                .map(Target::Walked)
+                .collect(),
+        };
+        if targets.is_empty() {
             return Err(no_such(op.conn, op.local));
         }
         let mut out = Disabled {
             changed: Vec::new(),
             kept: Vec::new(),
         };
+        let hint = remote_hint(op.conn);
+        let status = |t: &Target| -> Result<Option<ConnStatus>> {
+            match t {
+                Target::Walked(c) => Ok(Some(c.clone())),
+                Target::Held(h) => {
+                    let request = request_for(Action::Query, None);
+                    match self.apply_held(h, Action::Query, &request, hint) {
+                        Ok(c) => Ok(Some(c)),
+                        Err(_) if !is_connected(&h.stream) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        };
         let journal = Journal::new(&self.layout);
-        for (c, h) in found.into_iter().zip(held) {
+        for t in targets {
+            let cookie = match &t {
+                Target::Held(h) => h.cookie,
+                Target::Walked(c) => c.cookie,
+            };
             journal.begin(&Entry {
                 step: Step::Remove,
-                cookie: c.cookie,
+                cookie,
                 netns: op.netns.clone(),
             })?;
             // A connection this holder never held (another call's, or a
             // reconnection) stays as it is.
-            let removed = holders.remove(c.cookie, id);
+            let removed = holders.remove(cookie, id);
             if !matches!(removed, Ok(Some(0))) {
                 journal.end();
             }
-            let remaining = match removed? {
-                Some(n) => n,
-                None => {
-                    let n = holders.count_of(c.cookie);
+            let (remaining, held_it) = match removed? {
+                Some(n) => (n, true),
+                None => (holders.count_of(cookie), false),
+            };
+            if remaining > 0 || !held_it {
+                if let Some(c) = status(&t)? {
                     out.kept.push(Kept {
                         connection: c,
-                        holders_remaining: n,
+                        holders_remaining: remaining,
                     });
-                    continue;
                 }
-            };
-            if remaining > 0 {
-                out.kept.push(Kept {
-                    connection: c,
-                    holders_remaining: remaining,
-                });
-            } else {
-                let cookie = ConnSpec::Cookie(c.cookie);
-                let changed = match &h {
-                    Some(h) => {
-                        let request = request_for(Action::Disable, None);
-                        match self.apply_held(h, Action::Disable, &request, remote_hint(op.conn)) {
-                            Ok(c) => vec![c],
-                            Err(_) if !is_connected(&h.stream) => {
-                                return Err(no_such(cookie, None))
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    None => self.apply_locked(cookie, None, Action::Disable, netns)?,
-                };
-                out.changed.extend(changed);
-                journal.end();
+                continue;
             }
+            let spec = ConnSpec::Cookie(cookie);
+            let changed = match &t {
+                Target::Held(h) => {
+                    let request = request_for(Action::Disable, None);
+                    match self.apply_held(h, Action::Disable, &request, hint) {
+                        Ok(c) => vec![c],
+                        Err(_) if !is_connected(&h.stream) => return Err(no_such(spec, None)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Target::Walked(_) => self.apply_locked(spec, None, Action::Disable, netns)?,
+            };
+            out.changed.extend(changed);
+            journal.end();
         }
         Ok(out)
     }
@@ -1162,15 +1182,9 @@ impl Enforcer {
         action: Action,
         netns: Option<&Path>,
     ) -> Result<Option<Vec<(ConnStatus, Held)>>> {
-        if !crate::index::seed_netns(&self.layout, netns)? {
-            return Ok(None);
-        }
-        let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
-            tracing::debug!("{conn}: the index cannot vouch for it; walking the socket table");
+        let Some(held) = self.resolve_held(conn, local, netns)? else {
             return Ok(None);
         };
-        tracing::debug!("{conn}: {} connection(s) via the index", held.len());
-        INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let request = request_for(action, local);
         let mut out = Vec::with_capacity(held.len());
         for h in held {
@@ -1185,6 +1199,27 @@ impl Enforcer {
             }
         }
         Ok(Some(out))
+    }
+
+    /// The connections CONN names, held through their owners' descriptors
+    /// (nothing applied yet); `None` when the index cannot vouch for the
+    /// complete answer.
+    fn resolve_held(
+        &self,
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        netns: Option<&Path>,
+    ) -> Result<Option<Vec<Held>>> {
+        if !crate::index::seed_netns(&self.layout, netns)? {
+            return Ok(None);
+        }
+        let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
+            tracing::debug!("{conn}: the index cannot vouch for it; walking the socket table");
+            return Ok(None);
+        };
+        tracing::debug!("{conn}: {} connection(s) via the index", held.len());
+        INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(held))
     }
 
     /// One walk of the socket table applying every request in `items`

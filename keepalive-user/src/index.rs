@@ -20,7 +20,10 @@ use std::{
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use keepalive_common::{
-    index::{FdOwner, IndexKey, SlotInfo, PEER_SLOTS, SLOT_OVERFLOW},
+    index::{
+        FdOwner, Found, IndexKey, Query, SlotInfo, FOUND_OWNER, FOUND_SLOT, PEER_SLOTS,
+        SLOT_OVERFLOW,
+    },
     maps, stats,
 };
 
@@ -108,8 +111,20 @@ pub fn resolve(
     let covered = |port: u16| -> Result<bool> {
         Ok(mode == loader::IndexMode::Host || crate::ports::is_index_port(layout, port)?)
     };
-    let cookies = match conn {
-        ConnSpec::Cookie(c) => vec![c],
+    // Each connection the index holds, with its socket and holder: from
+    // one run of the lookup program, or (an installation without one) from
+    // the maps, a lookup each.
+    let found: Vec<Found> = match conn {
+        ConnSpec::Cookie(cookie) => {
+            let q = Query {
+                cookie,
+                ..Query::default()
+            };
+            match lookup(layout, &q)? {
+                Some(a) => vec![a.found[0]],
+                None => vec![read_found(layout, cookie)?],
+            }
+        }
         ConnSpec::Peer(peer) => {
             if index_overflowed(layout)? {
                 return Ok(None);
@@ -122,40 +137,34 @@ pub fn resolve(
             if local.is_some() && !complete {
                 return Ok(None);
             }
-            let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
-            let mut key = peer_slot(inode, peer, SLOT_OVERFLOW);
-            if peers.get(&key, 0).is_ok() {
-                return Ok(None);
-            }
-            let found: Vec<u64> = (0..PEER_SLOTS)
-                .filter_map(|slot| {
-                    key.slot = slot;
-                    peers.get(&key, 0).ok()
-                })
-                .collect();
-            if found.is_empty() && !complete {
+            let q = Query {
+                key: peer_slot(inode, peer, 0),
+                ..Query::default()
+            };
+            let (overflowed, found) = match lookup(layout, &q)? {
+                Some(a) => (
+                    a.overflowed != 0,
+                    a.found.into_iter().filter(|f| f.cookie != 0).collect(),
+                ),
+                None => read_peer(layout, inode, peer)?,
+            };
+            if overflowed || (found.is_empty() && !complete) {
                 return Ok(None);
             }
             found
         }
     };
-    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
-    let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
-    // Each cookie's socket; a cookie the index never saw is walked for.
-    let mut socks = Vec::with_capacity(cookies.len());
-    let mut in_netns = Vec::with_capacity(cookies.len());
-    for cookie in cookies {
-        let Ok(slot) = slots.get(&cookie, 0) else {
-            return Ok(None);
-        };
-        socks.push((cookie, slot.sk));
-        // The namespace the kernel indexed the socket in (a socket never
-        // changes namespace; the cookie is checked on the borrowed fd).
-        in_netns.push(slot.key.netns == inode as u32);
+    // A cookie the index never saw is walked for.
+    if found.iter().any(|f| f.flags & FOUND_SLOT == 0) {
+        return Ok(None);
     }
-    let mut streams: Vec<Option<TcpStream>> = socks
+    let socks: Vec<(u64, u64)> = found.iter().map(|f| (f.cookie, f.sk)).collect();
+    // The namespace the kernel indexed each socket in (a socket never
+    // changes namespace; the cookie is checked on the borrowed fd).
+    let in_netns: Vec<bool> = found.iter().map(|f| f.netns == inode as u32).collect();
+    let mut streams: Vec<Option<TcpStream>> = found
         .iter()
-        .map(|&(cookie, sk)| fds.get(&sk, 0).ok().and_then(|o| borrow(o, cookie)))
+        .map(|f| (f.flags & FOUND_OWNER != 0).then(|| borrow(f.owner, f.cookie)).flatten())
         .collect();
     let missing: Vec<u64> = socks
         .iter()
@@ -169,6 +178,7 @@ pub fn resolve(
         // stops at the last one found.
         tracing::debug!("{} holder(s) unknown; searching descriptors", missing.len());
         find_holders(layout, &missing)?;
+        let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
         for (s, &(cookie, sk)) in streams.iter_mut().zip(&socks) {
             if s.is_none() {
                 *s = fds.get(&sk, 0).ok().and_then(|o| borrow(o, cookie));
@@ -198,6 +208,95 @@ pub fn resolve(
         held.push(Held { cookie, stream });
     }
     Ok(Some(held))
+}
+
+/// Runs the index lookup program on `q` (one system call for the lookups
+/// of a command); `None` when the installation has no such program (loaded
+/// by an older tcpka): then the maps are read one lookup at a time.
+fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
+    use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+    use aya_obj::programs::XdpAttachType;
+    type Prog = Option<std::sync::Arc<Xdp>>;
+    let prog = loader::memo::<Prog>(layout, "lookup_prog", || {
+        Some(
+            Xdp::from_pin(layout.lookup_prog(), XdpAttachType::Interface)
+                .ok()
+                .map(std::sync::Arc::new),
+        )
+    })
+    .flatten();
+    let Some(prog) = prog else {
+        return Ok(None);
+    };
+    // SAFETY: Query is plain data (repr(C) integers, no padding).
+    let data_in = unsafe {
+        std::slice::from_raw_parts((q as *const Query).cast::<u8>(), size_of::<Query>())
+    };
+    let mut out = [0u8; size_of::<Query>()];
+    let run = prog
+        .test_run(TestRunOptions {
+            data_in: Some(data_in),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .map_err(|e| Error::Program {
+            what: "running the index lookup program".into(),
+            source: e,
+        })?;
+    const XDP_PASS: u32 = 2;
+    if run.return_value != XDP_PASS || run.data_size_out as usize != out.len() {
+        return Err(Error::io(
+            format!(
+                "the index lookup program answered {} with {} bytes",
+                run.return_value, run.data_size_out
+            ),
+            std::io::ErrorKind::InvalidData.into(),
+        ));
+    }
+    // SAFETY: as above; any bytes are a valid Query.
+    Ok(Some(unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<Query>()) }))
+}
+
+/// What the lookup program reports for `cookie`, read from the maps.
+fn read_found(layout: &PinLayout, cookie: u64) -> Result<Found> {
+    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
+    let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
+    let mut f = Found {
+        cookie,
+        ..Found::default()
+    };
+    if let Ok(info) = slots.get(&cookie, 0) {
+        f.sk = info.sk;
+        f.netns = info.key.netns;
+        f.flags = FOUND_SLOT;
+        if let Ok(owner) = fds.get(&info.sk, 0) {
+            f.owner = owner;
+            f.flags |= FOUND_OWNER;
+        }
+    }
+    Ok(f)
+}
+
+/// What the lookup program reports for a peer, read from the maps: its
+/// overflow mark and its connections.
+fn read_peer(layout: &PinLayout, inode: u64, peer: SocketAddr) -> Result<(bool, Vec<Found>)> {
+    let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
+    let mut key = peer_slot(inode, peer, SLOT_OVERFLOW);
+    if peers.get(&key, 0).is_ok() {
+        return Ok((true, Vec::new()));
+    }
+    let cookies: Vec<u64> = (0..PEER_SLOTS)
+        .filter_map(|slot| {
+            key.slot = slot;
+            peers.get(&key, 0).ok()
+        })
+        .collect();
+    drop(peers);
+    let found = cookies
+        .into_iter()
+        .map(|c| read_found(layout, c))
+        .collect::<Result<_>>()?;
+    Ok((false, found))
 }
 
 /// Finds who holds each of `socks` (`struct sock` addresses) with one pass

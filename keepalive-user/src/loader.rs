@@ -1404,6 +1404,19 @@ fn load_and_pin(
             })?;
         }
     }
+    // The index lookups of a command in one system call (see
+    // crate::index::resolve); pinned, never attached.
+    {
+        let prog: &mut aya::programs::Xdp = program(&mut ebpf, programs::LOOKUP)?;
+        prog.load().map_err(|e| Error::Program {
+            what: "loading the index lookup program".into(),
+            source: e,
+        })?;
+        prog.pin(layout.lookup_prog()).map_err(|e| Error::Pin {
+            what: "pinning the index lookup program".into(),
+            source: e,
+        })?;
+    }
     // Who holds each socket: accepted and connecting ones from now on, when
     // asked for (see HolderMode). Attaching a tracepoint reads its id from
     // tracefs.
@@ -1625,7 +1638,7 @@ fn remove_pins(layout: &PinLayout) -> Result<bool> {
             .join(format!("{}_new", crate::paths::SOCK_OPS_LINK)),
     )
     .chain(layout.links().into_iter().rev())
-    .chain(std::iter::once(layout.close_prog()))
+    .chain([layout.close_prog(), layout.lookup_prog()])
     .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {

@@ -20,6 +20,8 @@ pub const CLOSE_LINK: &str = "link_close";
 /// Pin name of the close tracepoint program, kept for attaching later
 /// (`--index ports`).
 pub const CLOSE_PROG: &str = "prog_close";
+/// Pin name of the index lookup program (run, never attached).
+pub const LOOKUP_PROG: &str = "prog_lookup";
 /// Pin names of the syscall tracepoint links that record socket holders.
 pub const ACCEPT4_LINK: &str = "link_accept4";
 pub const ACCEPT_LINK: &str = "link_accept";
@@ -91,6 +93,10 @@ impl PinLayout {
     /// Pin of the close tracepoint program (not its link).
     pub fn close_prog(&self) -> PathBuf {
         self.dir.join(CLOSE_PROG)
+    }
+
+    pub fn lookup_prog(&self) -> PathBuf {
+        self.dir.join(LOOKUP_PROG)
     }
 
     /// Pin of the iterator that finds the holders of the sockets in the
