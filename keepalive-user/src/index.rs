@@ -226,8 +226,10 @@ fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
     })
     .flatten();
     let Some(prog) = prog else {
+        tracing::debug!("no index lookup program in this installation: reading the maps");
         return Ok(None);
     };
+    tracing::debug!("index lookups in one run of the lookup program");
     // SAFETY: Query is plain data (repr(C) integers, no padding).
     let data_in = unsafe {
         std::slice::from_raw_parts((q as *const Query).cast::<u8>(), size_of::<Query>())

@@ -147,6 +147,40 @@ fn ports_index_reaches_an_index_port_connection_directly_and_forgets_it_at_close
     assert_eq!(v["index"]["entries"], 0, "{v}");
 }
 
+/// The direct path's lookups run as one program run; an installation
+/// without that program (an older tcpka's) reads the maps one by one, with
+/// the same result.
+#[test]
+fn the_lookup_program_and_the_maps_give_the_same_direct_path() {
+    let e = Env::entered_with(&["--index-ports", "5071"]);
+    let l = listen("127.0.0.1:5071");
+    let (c, _s) = connect(&l);
+    e.cgroup.leave();
+    let target = l.local_addr().unwrap().to_string();
+    let enable = |idle: &str| {
+        let out = e
+            .tcpka
+            .cmd()
+            .env("RUST_LOG", "debug")
+            .args(["enable", &target, idle, "3", "5"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("via the index"), "{err}");
+        err
+    };
+    let pin = e.tcpka.pin_dir.join("prog_lookup");
+    assert!(pin.exists(), "{pin:?}");
+    let err = enable("41");
+    assert!(err.contains("one run of the lookup program"), "{err}");
+    assert_eq!(keepalive(&c), expect(41, 3, 5, 0));
+    std::fs::remove_file(&pin).unwrap();
+    let err = enable("42");
+    assert!(err.contains("reading the maps"), "{err}");
+    assert_eq!(keepalive(&c), expect(42, 3, 5, 0));
+}
+
 #[test]
 fn ports_index_seeds_older_connections_on_index_ports_only() {
     let _ns = NetNs::new();
