@@ -220,8 +220,8 @@ async fn session<C: Commands>(
             buf.extend_from_slice(&chunk[..n]);
             let mut batch = Vec::new();
             for msg in netstrings(&mut buf)? {
-                match serde_json::from_slice::<Command>(&msg) {
-                    Ok(c) => batch.push(c),
+                match parse_commands(&msg) {
+                    Ok(c) => batch.extend(c),
                     Err(e) => tracing::warn!(
                         "evapi: a message that is not a command ({e}): {}",
                         String::from_utf8_lossy(&msg[..msg.len().min(200)]).escape_debug()
@@ -236,6 +236,16 @@ async fn session<C: Commands>(
     tokio::select! {
         r = writer => r,
         r = reader => r,
+    }
+}
+
+/// One message: a command, or a JSON array of commands (a call's two legs
+/// in one `evapi_relay()`), all or nothing.
+pub fn parse_commands(msg: &[u8]) -> Result<Vec<Command>, serde_json::Error> {
+    if msg.trim_ascii_start().first() == Some(&b'[') {
+        serde_json::from_slice(msg)
+    } else {
+        serde_json::from_slice(msg).map(|c| vec![c])
     }
 }
 
@@ -296,5 +306,16 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Command>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_message_holds_one_command_or_an_array_all_or_nothing() {
+        let one = br#"{"op":"disable","conn":"10.0.0.2:5060"}"#;
+        assert_eq!(parse_commands(one).unwrap().len(), 1);
+        let two = br#" [{"op":"disable","conn":"10.0.0.2:5060"},{"op":"disable","conn":"10.0.0.3:5060","holder":"h"}]"#;
+        assert_eq!(parse_commands(two).unwrap().len(), 2);
+        let bad = br#"[{"op":"disable","conn":"10.0.0.2:5060"},{"op":"rm","conn":"x"}]"#;
+        assert!(parse_commands(bad).is_err());
+        assert!(parse_commands(b"[]").unwrap().is_empty());
     }
 }
