@@ -14,7 +14,7 @@ use crate::maps::{FDS, PEERS, SLOTS};
 #[xdp]
 pub fn tcpka_lookup(ctx: XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + core::mem::size_of::<Query>() > end {
+    if start + size_of::<Query>() > end {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: the packet holds a whole Query (checked above) and nothing

@@ -18,13 +18,13 @@ use keepalive_common::{
 };
 
 use crate::{
-    lend::{lend, Lent},
     config::{Config, Step as ConfigStep},
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
     events::source_name,
     holders::Holders,
     index::Held,
     journal::{Entry, Journal, Step},
+    lend::{lend, Lent},
     loader::{self, Lock},
     paths::PinLayout,
     policy::Policy,

@@ -21,8 +21,7 @@ use keepalive_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::{
-    lend::Lent,loader, paths::PinLayout, Error, InvalidInput, Result};
+use crate::{lend::Lent, loader, paths::PinLayout, Error, InvalidInput, Result};
 
 const BPF_NOEXIST: u64 = 1;
 

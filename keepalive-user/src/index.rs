@@ -164,7 +164,11 @@ pub fn resolve(
     let in_netns: Vec<bool> = found.iter().map(|f| f.netns == inode as u32).collect();
     let mut streams: Vec<Option<TcpStream>> = found
         .iter()
-        .map(|f| (f.flags & FOUND_OWNER != 0).then(|| borrow(f.owner, f.cookie)).flatten())
+        .map(|f| {
+            (f.flags & FOUND_OWNER != 0)
+                .then(|| borrow(f.owner, f.cookie))
+                .flatten()
+        })
         .collect();
     let missing: Vec<u64> = socks
         .iter()
@@ -231,9 +235,8 @@ fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
     };
     tracing::debug!("index lookups in one run of the lookup program");
     // SAFETY: Query is plain data (repr(C) integers, no padding).
-    let data_in = unsafe {
-        std::slice::from_raw_parts((q as *const Query).cast::<u8>(), size_of::<Query>())
-    };
+    let data_in =
+        unsafe { std::slice::from_raw_parts((q as *const Query).cast::<u8>(), size_of::<Query>()) };
     let mut out = [0u8; size_of::<Query>()];
     let run = prog
         .test_run(TestRunOptions {
@@ -256,7 +259,9 @@ fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
         ));
     }
     // SAFETY: as above; any bytes are a valid Query.
-    Ok(Some(unsafe { std::ptr::read_unaligned(out.as_ptr().cast::<Query>()) }))
+    Ok(Some(unsafe {
+        std::ptr::read_unaligned(out.as_ptr().cast::<Query>())
+    }))
 }
 
 /// What the lookup program reports for `cookie`, read from the maps.

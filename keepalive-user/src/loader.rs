@@ -300,7 +300,10 @@ impl Drop for Lock {
         // SAFETY: plain flock(2) on an fd we own.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
         let mut kept = KEPT_LOCKS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = kept.get_or_insert_with(Default::default).get_mut(&self.path) {
+        if let Some(k) = kept
+            .get_or_insert_with(Default::default)
+            .get_mut(&self.path)
+        {
             k.busy = false;
         }
         LOCK_FREED.notify_all();
@@ -1035,11 +1038,10 @@ pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
     };
     // A record of another size is another version's layout.
     let array = match crate::lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META) {
-        Err(Error::Map { source, .. })
-            if matches!(source, aya::maps::MapError::InvalidValueSize { .. }) =>
-        {
-            return Err(stale())
-        }
+        Err(Error::Map {
+            source: aya::maps::MapError::InvalidValueSize { .. },
+            ..
+        }) => return Err(stale()),
         other => other?,
     };
     let meta = array

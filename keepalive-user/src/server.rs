@@ -1698,7 +1698,10 @@ mod tests {
         assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
         // "tcpka:s3cret:with:colons"
         let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
-        assert_eq!(token_given(basic).as_deref(), Some(&b"s3cret:with:colons"[..]));
+        assert_eq!(
+            token_given(basic).as_deref(),
+            Some(&b"s3cret:with:colons"[..])
+        );
         assert_eq!(token_given("Basic not base64!"), None);
         // "no colon"
         assert_eq!(token_given("Basic bm8gY29sb24="), None);

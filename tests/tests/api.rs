@@ -181,7 +181,7 @@ fn token_and_listen_rules() {
     let basic = |user_pass: &str| {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(user_pass);
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let mut c = TcpStream::connect(&addr).unwrap();
         write!(
             c,
             "GET /v1/rules HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {b64}\r\nConnection: close\r\n\r\n"

@@ -788,7 +788,10 @@ fn kamailio_via_http_kept_alive() {
     let sip = Sip::start(Via::HttpPooled);
     call_turns_keepalive_on_and_off(&sip);
     let log = sip.kamailio_log();
-    assert!(log.contains("HTTP 200") && !log.contains("HTTP 401"), "{log}");
+    assert!(
+        log.contains("HTTP 200") && !log.contains("HTTP 401"),
+        "{log}"
+    );
     hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
     // Kamailio keeps its connection to the API open after its requests
     // (http_client_query closes each one; the test's own requests close
@@ -800,8 +803,13 @@ fn kamailio_via_http_kept_alive() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     let port = sip.serve().addr.rsplit(':').next().unwrap().to_owned();
-    let out = std::process::Command::new("ss")
-        .args(["-Htn", "state", "established", &format!("( sport = :{port} )")])
+    let out = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
         .output()
         .unwrap();
     let kept = String::from_utf8_lossy(&out.stdout).lines().count();

@@ -500,13 +500,7 @@ fn range(v: &[f64]) -> (f64, f64) {
 
 /// The cgroup v2 directory this process is in.
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
-pub fn sip(
-    tcpka: &Path,
-    calls: usize,
-    rate: usize,
-    rounds: usize,
-    modes: &[String],
-) -> Result<()> {
+pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize, modes: &[String]) -> Result<()> {
     private_netns()?;
     sip_here(tcpka, calls, rate, rounds, modes)
 }

@@ -163,6 +163,12 @@ fn real_main() -> Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
+            // Lint gates first: formatting, then clippy with warnings as
+            // errors, on every target.
+            step("fmt", || cargo(&["fmt", "--all", "--check"]))?;
+            step("clippy", || {
+                cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+            })?;
             step("build", || {
                 cargo(&["build", "-p", "keepalive-user", "--bin", "tcpka"])
             })?;

@@ -40,7 +40,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub fn run() -> Result<()> {
     let start = std::time::Instant::now();
     step("setup: apt packages", apt)?;
-    step("setup: rust-src", rust_src)?;
+    step("setup: rust components", rust_components)?;
     step("setup: bpf-linker", bpf_linker)?;
     step("setup: cargo-deb", cargo_deb)?;
     step("setup: bpffs", bpffs)?;
@@ -93,15 +93,23 @@ fn apt() -> Result<()> {
     )
 }
 
-fn rust_src() -> Result<()> {
+/// The toolchain components the build (rust-src, for the eBPF target) and
+/// the lint gates of `cargo xtask test` (rustfmt, clippy) need.
+fn rust_components() -> Result<()> {
     let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))
-        .context("rustup is needed to install rust-src")?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        .context("rustup is needed to install rust-src, rustfmt and clippy")?;
+    let missing: Vec<&str> = ["rust-src", "rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
     run_cmd(
-        "rustup component add rust-src",
-        Command::new("rustup").args(["component", "add", "rust-src"]),
+        &format!("rustup component add {}", missing.join(" ")),
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
     )
 }
 

@@ -283,6 +283,7 @@ impl Drop for Installation {
 
 /// Runs the bench in `cgroup_root` (a cgroup of its own below it) and
 /// prints its table. The caller runs in a network namespace of its own.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     root: &Path,
     tcpka: &Path,
