@@ -42,6 +42,7 @@
 //! ```
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -90,14 +91,14 @@ struct ServeEntry {
 /// The `[serve]` table, validated: each setting the file gives.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServeSettings {
-    pub listen: Option<crate::server::Listen>,
+    pub listen: Option<Listen>,
     pub token_file: Option<PathBuf>,
     pub api_group: Option<String>,
     pub webhook: Option<String>,
     pub webhook_secret_file: Option<PathBuf>,
     pub events_token_file: Option<PathBuf>,
     pub webhook_ca: Option<PathBuf>,
-    pub evapi: Option<std::net::SocketAddr>,
+    pub evapi: Option<SocketAddr>,
     pub evapi_user: Option<String>,
     pub json: Option<bool>,
     pub cgroup: Option<PathBuf>,
@@ -113,7 +114,7 @@ impl ServeEntry {
         use crate::loader::{HolderMode, IndexMode};
         let listen = self
             .listen
-            .map(|l| l.parse::<crate::server::Listen>())
+            .map(|l| l.parse::<Listen>())
             .transpose()
             .map_err(|e| format!("listen: {e}"))?;
         let holders = match self.holders.as_deref() {
@@ -142,7 +143,7 @@ impl ServeEntry {
             .evapi
             .as_deref()
             .map(|a| {
-                a.parse::<std::net::SocketAddr>().map_err(|_| {
+                a.parse::<SocketAddr>().map_err(|_| {
                     format!("evapi: {a:?} is not HOST:PORT (an IP address and a port)")
                 })
             })
@@ -424,6 +425,39 @@ pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
     Ok(steps)
 }
 
+/// Where the API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Listen::Unix(path.into()));
+        }
+        s.parse()
+            .map(Listen::Tcp)
+            .map_err(|_| format!("{s:?} is not ADDR:PORT or unix:/path"))
+    }
+}
+
+impl Listen {
+    /// Whether only this host can connect.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listen::Tcp(a) => a.ip().is_loopback(),
+            Listen::Unix(_) => true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,10 +523,7 @@ user_timeout_ms = 20000
             "t.toml",
         )
         .unwrap();
-        assert!(matches!(
-            c.serve.listen,
-            Some(crate::server::Listen::Unix(_))
-        ));
+        assert!(matches!(c.serve.listen, Some(Listen::Unix(_))));
         assert_eq!(c.serve.index, Some(crate::loader::IndexMode::Ports));
         assert_eq!(c.serve.index_ports.unwrap().to_string(), "5060,5080");
         assert_eq!(c.serve.rule_events, Some(true));

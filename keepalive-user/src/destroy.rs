@@ -240,25 +240,7 @@ pub fn destroy(
     let Some(ns) = netns else {
         return destroy_here(local, remote, cookie);
     };
-    let ns = ns.to_path_buf();
-    // In a thread of its own: setns changes only the calling thread.
-    std::thread::spawn(move || {
-        let netns_err = |source| Error::Netns {
-            path: ns.clone(),
-            source,
-        };
-        let target = crate::access::open_netns(&ns)?;
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| netns_err(e.into()))?;
-        destroy_here(local, remote, cookie)
-    })
-    .join()
-    .unwrap_or_else(|_| {
-        Err(Error::io(
-            "closing a connection",
-            std::io::Error::other("the netns thread panicked"),
-        ))
-    })
+    crate::pass::in_netns(ns, || destroy_here(local, remote, cookie))
 }
 
 #[cfg(test)]

@@ -1,8 +1,6 @@
 //! Operations on a loaded installation: rules and managed connections. The
 //! CLI, the daemon and the tests all go through here.
 use std::{
-    fs::File,
-    io::Read as _,
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -152,7 +150,7 @@ impl Enforcer {
     }
 
     fn rules_map(&self) -> Result<RuleTable> {
-        let map = loader::open_map(&self.layout, maps::RULES)?;
+        let map = crate::pinned::open_map(&self.layout, maps::RULES)?;
         LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
     }
 
@@ -175,7 +173,7 @@ impl Enforcer {
         tracked: bool,
         name: Option<&str>,
     ) -> Result<Rule> {
-        let mut meta = loader::read_meta(&self.layout)?;
+        let mut meta = crate::pinned::read_meta(&self.layout)?;
         // Above every id in use, whatever the counter says.
         let highest = rules
             .iter()
@@ -189,7 +187,7 @@ impl Enforcer {
         // The counter moves first: a command killed between the two steps
         // skips an id, and never hands one out twice.
         meta.next_rule_id = id + 1;
-        loader::write_meta(&self.layout, &meta)?;
+        crate::pinned::write_meta(&self.layout, &meta)?;
         if let Some(n) = name {
             self.names_map()?
                 .insert(id, rule_name(n), 0)
@@ -245,7 +243,7 @@ impl Enforcer {
     }
 
     fn names_map(&self) -> Result<HashMap<MapData, u32, RuleName>> {
-        HashMap::try_from(loader::open_map(&self.layout, maps::RULE_NAMES)?)
+        HashMap::try_from(crate::pinned::open_map(&self.layout, maps::RULE_NAMES)?)
             .map_err(|e| Error::map("opening the rule names", e))
     }
 
@@ -662,54 +660,6 @@ pub struct Op {
     pub action: Action,
     pub holder: Option<String>,
     pub netns: Option<PathBuf>,
-}
-
-/// Runs one pass of a pinned iterator in the given network namespace (the
-/// iterator walks the namespace of the process that opens it). With
-/// `limit`, stops reading once that many records arrived: the kernel walks
-/// the socket table only as far as it is read.
-pub(crate) fn run_pass(pin: &Path, netns: Option<&Path>, limit: Option<usize>) -> Result<Vec<u8>> {
-    let open = || {
-        File::open(pin).map_err(|e| Error::io(format!("running the iterator {}", pin.display()), e))
-    };
-    let mut file = match netns {
-        None => open()?,
-        Some(ns) => {
-            let netns_err = |source| Error::Netns {
-                path: ns.into(),
-                source,
-            };
-            let own = File::open("/proc/thread-self/ns/net").map_err(netns_err)?;
-            let target = crate::access::open_netns(ns)?;
-            nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| netns_err(e.into()))?;
-            let file = open();
-            nix::sched::setns(&own, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| netns_err(e.into()))?;
-            file?
-        }
-    };
-    let read_err = |e| Error::io(format!("reading the iterator {}", pin.display()), e);
-    let mut buf = Vec::with_capacity(64 * 1024);
-    match limit {
-        None => {
-            file.read_to_end(&mut buf).map_err(read_err)?;
-        }
-        Some(n) => {
-            // NB: a read returns as soon as the kernel has written enough
-            // to fill the buffer, so one record per read stops the walk
-            // right after the last expected match.
-            let mut record = [0u8; size_of::<ConnRecord>()];
-            while buf.len() < n * record.len() {
-                let got = file.read(&mut record).map_err(read_err)?;
-                if got == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&record[..got]);
-            }
-        }
-    }
-    Ok(buf)
 }
 
 /// The pending-request maps of one installation. Requests live for one
@@ -1239,7 +1189,7 @@ impl Enforcer {
         // socket: the walk can stop at it.
         let exact =
             items.len() == 1 && (matches!(items[0].0, ConnSpec::Cookie(_)) || items[0].1.is_some());
-        let found = run_pass(&self.layout.iter_apply(), netns, exact.then_some(1));
+        let found = crate::pass::run(&self.layout.iter_apply(), netns, exact.then_some(1));
         pending.clear()?;
         let records = parse_raw(&found?);
         if items.iter().any(|i| matches!(i.2, Action::Enable(_))) {
@@ -1261,7 +1211,7 @@ impl Enforcer {
     /// the attached cgroup, attaches the state tracepoint that reports its
     /// close (sock_ops never runs for it).
     fn watch_if_outside(&self, records: &[ConnRecord]) -> Result<()> {
-        if loader::index_mode_of(&self.layout) != loader::IndexMode::Ports
+        if crate::pinned::index_mode_of(&self.layout) != loader::IndexMode::Ports
             || self.layout.close_link().exists()
         {
             return Ok(());
@@ -1393,7 +1343,7 @@ impl Enforcer {
                 pin_dir: self.layout.dir().into(),
             });
         }
-        let buf = run_pass(&self.layout.iter_status(), netns, None)?;
+        let buf = crate::pass::run(&self.layout.iter_status(), netns, None)?;
         let mut out = parse_records(&buf);
         out.sort_by_key(|c| c.cookie);
         self.attach_holders(&mut out)?;

@@ -24,7 +24,6 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
     events::{rfc3339, Record},
-    loader,
     paths::PinLayout,
     Error, Result,
 };
@@ -173,7 +172,7 @@ impl Rings {
             map_id(layout, maps::EVENTS).unwrap_or(0),
         );
         let ring = |name: &str| -> Result<AsyncFd<RingBuf<aya::maps::MapData>>> {
-            let map = loader::open_map(layout, name)?;
+            let map = crate::pinned::open_map(layout, name)?;
             let ring =
                 RingBuf::try_from(map).map_err(|e| Error::map("opening an event ring", e))?;
             // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
@@ -181,7 +180,7 @@ impl Rings {
             unsafe { AsyncFd::register(ring) }
                 .map_err(|e| Error::io("polling an event ring", e.into()))
         };
-        let stats = PerCpuArray::try_from(loader::open_map(layout, maps::STATS)?)
+        let stats = PerCpuArray::try_from(crate::pinned::open_map(layout, maps::STATS)?)
             .map_err(|e| Error::map("opening the counters", e))?;
         // NB: counting from zero: events the kernel dropped before this
         // feed started reading (since the installation was loaded) are

@@ -21,7 +21,7 @@ use keepalive_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::{lend::Lent, loader, paths::PinLayout, Error, InvalidInput, Result};
+use crate::{lend::Lent, paths::PinLayout, Error, InvalidInput, Result};
 
 const BPF_NOEXIST: u64 = 1;
 
@@ -110,7 +110,7 @@ impl Holders {
         Ok(Self {
             set: crate::lend::lend(layout, maps::HOLDERS)?,
             count: crate::lend::lend(layout, maps::HOLDER_COUNT)?,
-            capacity: loader::capacity(layout, maps::HOLDERS)?,
+            capacity: crate::pinned::capacity(layout, maps::HOLDERS)?,
         })
     }
 

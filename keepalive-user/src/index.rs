@@ -29,8 +29,6 @@ use keepalive_common::{
 
 use crate::{
     conn::{v6_bytes, ConnSpec},
-    enforcer::run_pass,
-    loader,
     paths::PinLayout,
     Error, Result,
 };
@@ -65,7 +63,7 @@ pub fn netns_inode(netns: Option<&Path>) -> Result<u64> {
 /// Records the holder of every socket that exists (one pass over all
 /// processes' descriptors).
 pub fn seed_fds(layout: &PinLayout) -> Result<()> {
-    run_pass(&layout.iter_seed_fds(), None, None).map(drop)
+    crate::pass::run(&layout.iter_seed_fds(), None, None).map(drop)
 }
 
 /// Indexes the connections of a network namespace that existed before
@@ -76,17 +74,19 @@ pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
     let inode = netns_inode(netns)? as u32;
     // Our own namespace outlives the installation's generation: once seeded,
     // remembered. (Another one may die and its inode be reused.)
-    if netns.is_none() && loader::memo::<u32>(layout, "own_netns_seeded", || None) == Some(inode) {
+    if netns.is_none()
+        && crate::pinned::memo::<u32>(layout, "own_netns_seeded", || None) == Some(inode)
+    {
         return Ok(true);
     }
     let mut seeded = crate::lend::lend::<HashMap<MapData, u32, u32>>(layout, maps::SEEDED)?;
     if seeded.get(&inode, 0).is_ok() {
         if netns.is_none() {
-            loader::memo::<u32>(layout, "own_netns_seeded", || Some(inode));
+            crate::pinned::memo::<u32>(layout, "own_netns_seeded", || Some(inode));
         }
         return Ok(true);
     }
-    run_pass(&layout.iter_seed_peers(), netns, None)?;
+    crate::pass::run(&layout.iter_seed_peers(), netns, None)?;
     Ok(seeded.insert(inode, 1, 0).is_ok())
 }
 
@@ -105,11 +105,11 @@ pub fn resolve(
     netns: Option<&Path>,
 ) -> Result<Option<Vec<Held>>> {
     let inode = netns_inode(netns)?;
-    let mode = loader::index_mode_of(layout);
+    let mode = crate::pinned::index_mode_of(layout);
     // With the ports index, a connection with no index port at either end
     // is indexed only if a rule matched it: an empty answer proves nothing.
     let covered = |port: u16| -> Result<bool> {
-        Ok(mode == loader::IndexMode::Host || crate::ports::is_index_port(layout, port)?)
+        Ok(mode == crate::pinned::IndexMode::Host || crate::ports::is_index_port(layout, port)?)
     };
     // Each connection the index holds, with its socket and holder: from
     // one run of the lookup program, or (an installation without one) from
@@ -221,7 +221,7 @@ fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
     use aya::programs::{TestRun as _, TestRunOptions, Xdp};
     use aya_obj::programs::XdpAttachType;
     type Prog = Option<std::sync::Arc<Xdp>>;
-    let prog = loader::memo::<Prog>(layout, "lookup_prog", || {
+    let prog = crate::pinned::memo::<Prog>(layout, "lookup_prog", || {
         Some(
             Xdp::from_pin(layout.lookup_prog(), XdpAttachType::Interface)
                 .ok()
@@ -371,7 +371,7 @@ pub struct IndexState {
 pub fn state(layout: &PinLayout) -> Result<IndexState> {
     let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
     let mut out = IndexState {
-        capacity: loader::capacity(layout, maps::PEERS)?,
+        capacity: crate::pinned::capacity(layout, maps::PEERS)?,
         ..IndexState::default()
     };
     for k in peers.keys().filter_map(Result::ok) {

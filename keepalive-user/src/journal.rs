@@ -32,7 +32,7 @@ pub struct Entry {
 /// The journal of one installation.
 pub struct Journal {
     path: PathBuf,
-    /// The installation's generation ([`crate::loader::generation`]).
+    /// The installation's generation ([`crate::pinned::generation`]).
     generation: Option<u64>,
 }
 
@@ -69,7 +69,7 @@ impl Journal {
     pub fn new(layout: &PinLayout) -> Self {
         Self {
             path: layout.journal_file(),
-            generation: crate::loader::generation(layout).ok().flatten(),
+            generation: crate::pinned::generation(layout).ok().flatten(),
         }
     }
 

@@ -1,9 +1,20 @@
 //! tcpka's library: everything the CLI, the daemon and the tests share.
+//! Dependencies run one way, from the front ends down to the kernel:
 //!
-//! - [`policy`] and [`rule`]: validated input.
-//! - [`loader`]: load, attach, pin, adopt and unload the kernel programs.
-//! - [`enforcer`]: rule and connection operations on the pinned maps.
-//! - [`events`]: what the programs report, rendered for people and scripts.
+//! - **Front ends**: the CLI (`main.rs`), [`server`] (the daemon: HTTP API,
+//!   events, webhook), [`evapi`] (Kamailio's channel), [`doctor`],
+//!   [`trace`].
+//! - **Operations**: [`enforcer`] (rules; live connections: the direct
+//!   path, the walk, batches), [`holders`] and their [`journal`],
+//!   [`config`] (files and `apply`), [`index`] (the direct path's
+//!   lookups), [`ports`], [`destroy`] and [`sock_destroy`] (`close`),
+//!   [`feed`] and [`events`] (what the programs report).
+//! - **Kernel access**: [`loader`] (load, attach, pin, adopt, unload, the
+//!   installation lock), [`pinned`] (the pinned maps, opened once per
+//!   installation, and [`lend`]'s typed handles), [`pass`] (iterator passes
+//!   and namespaces), [`host`] (what the host gives), [`btf`], [`cgroup`],
+//!   [`paths`].
+//! - **Input**, used by all: [`policy`], [`rule`], [`conn`], [`access`].
 pub mod access;
 pub mod btf;
 pub mod cgroup;
@@ -16,11 +27,14 @@ pub mod evapi;
 pub mod events;
 pub mod feed;
 pub mod holders;
+pub mod host;
 pub mod index;
 pub mod journal;
-pub mod lend;
 pub mod loader;
+pub mod pass;
 pub mod paths;
+pub mod pinned;
+pub use pinned::lend;
 pub mod policy;
 pub mod ports;
 pub mod rule;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, Map},
+    maps::Array,
     programs::{
         links::{CgroupAttachMode, FdLink},
         BtfTracePoint, Iter, SockOps, TracePoint,
@@ -19,82 +19,14 @@ use aya::{
 };
 use keepalive_common::{maps, meta::Meta, programs};
 
+use crate::pinned::{holder_mode, index_mode, index_mode_of, open_map, read_meta, write_meta};
+pub use crate::pinned::{HolderMode, IndexMode};
 use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
-
-/// How the kernel side learns which process holds each socket (what the
-/// direct path of `enable` borrows with `pidfd_getfd`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HolderMode {
-    /// Found on demand: when a command meets a socket whose holder is not
-    /// known, one pass over every process's descriptors looks for it and
-    /// stops when it is found. Costs nothing while no command runs.
-    #[default]
-    Scan,
-    /// Recorded as sockets are accepted and connected, by the
-    /// `accept`/`accept4`/`connect` syscall tracepoints: every command
-    /// takes the direct path at once, but while any syscall tracepoint is
-    /// attached every syscall of every process on the host takes the
-    /// kernel's slow path.
-    Syscalls,
-}
-
-impl HolderMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            HolderMode::Scan => "scan",
-            HolderMode::Syscalls => "syscalls",
-        }
-    }
-}
-
-/// Who keeps the connection index, and so what the rest of the host pays
-/// for it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IndexMode {
-    /// sock_ops indexes the connections of the cgroup that have an index
-    /// port at either end, and asks the kernel to call it when they (and
-    /// those a rule matched) close. Other connections cost five array reads; commands for
-    /// them walk the socket table. Needs Linux 6.12
-    /// (`TCP_BPF_SOCK_OPS_CB_FLAGS`) to watch connections it did not see
-    /// connect.
-    #[default]
-    Ports,
-    /// The `inet_sock_set_state` tracepoint indexes every connection on
-    /// the host: any connection is reached directly, and every connection
-    /// on the host pays for it (see the README's figures).
-    Host,
-}
-
-impl IndexMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            IndexMode::Ports => "ports",
-            IndexMode::Host => "host",
-        }
-    }
-}
 
 /// The first kernel whose `bpf_setsockopt` sets sock_ops callback flags.
 const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);
 
-/// Parses "6.18.0-1-amd64" into (6, 18).
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(['.', '-']);
-    let number = |s: &str| -> Option<u32> {
-        let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    };
-    Some((number(it.next()?)?, number(it.next()?)?))
-}
-
-/// The kernel's release (`uname -r`).
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
+pub use crate::host::{kernel_release, kernel_version};
 
 /// Whether `release` sets sock_ops callback flags from `bpf_setsockopt`.
 fn supports_ports_index(release: &str) -> bool {
@@ -192,37 +124,6 @@ pub fn parse_map_size(s: &str) -> std::result::Result<u32, String> {
             "a table size must be a whole number in {MAP_SIZE_MIN}..={MAP_SIZE_MAX}, got {s:?}"
         )),
     }
-}
-
-/// A pinned table's capacity, as the kernel has it (read once per
-/// installation generation).
-pub fn capacity(layout: &PinLayout, name: &str) -> Result<u32> {
-    let read = || aya::maps::MapInfo::from_pin(layout.map(name)).map(|i| i.max_entries());
-    map_cache::capacity(layout, name, read).map_err(|e| match e {
-        map_cache::OpenError::Io(e) => Error::io(format!("reading {}", layout.dir().display()), e),
-        map_cache::OpenError::Map(e) => Error::map(format!("reading the size of {name}"), e),
-    })
-}
-
-/// A value fixed for the installation's generation once `read` gives it
-/// (read again while `read` gives `None`); see the map cache.
-pub fn memo<T: Clone + Send + 'static>(
-    layout: &PinLayout,
-    key: &'static str,
-    read: impl FnOnce() -> Option<T>,
-) -> Option<T> {
-    map_cache::memo(layout, key, read)
-}
-
-/// The generation of the installation in `layout` (`None`: nothing is
-/// loaded there), looked at every 20 ms at most; see [`crate::lend`].
-pub fn generation(layout: &PinLayout) -> Result<Option<u64>> {
-    map_cache::current(layout).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => Error::NoPrivilege {
-            what: format!("reading {}", layout.dir().display()),
-        },
-        _ => Error::io(format!("reading {}", layout.dir().display()), e),
-    })
 }
 
 /// Where an installation is attached.
@@ -591,22 +492,6 @@ pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
     }))
 }
 
-fn index_mode(meta: &Meta) -> IndexMode {
-    if meta.flags & keepalive_common::meta::FLAG_HOST_INDEX != 0 {
-        IndexMode::Host
-    } else {
-        IndexMode::Ports
-    }
-}
-
-fn holder_mode(meta: &Meta) -> HolderMode {
-    if meta.flags & keepalive_common::meta::FLAG_SYSCALL_HOLDERS != 0 {
-        HolderMode::Syscalls
-    } else {
-        HolderMode::Scan
-    }
-}
-
 /// What one pinned link attaches, for `info`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Hook {
@@ -721,24 +606,6 @@ pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
     Ok(true)
 }
 
-/// Who keeps the installation's index (`Ports` when unreadable).
-pub fn index_mode_of(layout: &PinLayout) -> IndexMode {
-    // Fixed at load: read once per installation generation.
-    let read = || read_meta(layout).map(|m| index_mode(&m) as u64).ok();
-    match map_cache::memo::<u64>(layout, "index_mode", read) {
-        Some(m) if m == IndexMode::Host as u64 => IndexMode::Host,
-        Some(_) => IndexMode::Ports,
-        None => IndexMode::default(),
-    }
-}
-
-/// How the installation learns socket holders (`Scan` when unreadable).
-pub fn holders_mode(layout: &PinLayout) -> HolderMode {
-    read_meta(layout)
-        .map(|m| holder_mode(&m))
-        .unwrap_or_default()
-}
-
 fn sock_ops_link_info(layout: &PinLayout) -> Result<sys::CgroupLinkInfo> {
     let path = layout.sock_ops_link();
     let link =
@@ -823,249 +690,12 @@ pub fn repair_attachment(layout: &PinLayout) -> Result<Option<Installation>> {
     reattach(layout, &cgroup).map(Some)
 }
 
-/// Opens a pinned map of a loaded installation.
-pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
-    let path = layout.map(name);
-    let data = match map_cache::open(layout, name) {
-        Ok(Some(data)) => data,
-        Ok(None) => {
-            return Err(Error::NotLoaded {
-                pin_dir: layout.dir().into(),
-            })
-        }
-        Err(map_cache::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Error::NoPrivilege {
-                what: format!("reading {}", layout.dir().display()),
-            })
-        }
-        Err(map_cache::OpenError::Io(e)) => {
-            return Err(Error::io(format!("reading {}", layout.dir().display()), e))
-        }
-        Err(map_cache::OpenError::Map(e)) => {
-            return Err(Error::map(format!("opening {}", path.display()), e))
-        }
-    };
-    Map::from_map_data(data).map_err(|e| Error::map(format!("opening {}", path.display()), e))
-}
-
-/// The pinned maps' descriptors, kept by a process that opens them again
-/// and again (`serve` runs several commands' worth of opens per command).
-/// Opening a pin walks its path through /sys; a kept descriptor is
-/// duplicated instead. The installation's generation is the inode of its
-/// sock_ops link pin, looked at once per [`CHECK_EVERY`] at most: when it
-/// changes (an unload and a load) or disappears, the kept descriptors are
-/// dropped, so a command never reaches the maps of an installation that is
-/// gone for longer than that.
-mod map_cache {
-    use std::{
-        collections::HashMap,
-        os::fd::{AsFd as _, OwnedFd},
-        path::PathBuf,
-        sync::Mutex,
-        time::{Duration, Instant},
-    };
-
-    use aya::maps::{MapData, MapError};
-
-    use crate::paths::PinLayout;
-
-    pub const CHECK_EVERY: Duration = Duration::from_millis(20);
-
-    struct Entry {
-        /// The link pin's inode when last looked at; 0: not loaded.
-        generation: u64,
-        checked: Instant,
-        fds: HashMap<String, OwnedFd>,
-        capacities: HashMap<String, u32>,
-        memo: HashMap<&'static str, Box<dyn std::any::Any + Send>>,
-    }
-
-    static CACHE: Mutex<Option<HashMap<PathBuf, Entry>>> = Mutex::new(None);
-
-    fn generation(layout: &PinLayout) -> std::io::Result<u64> {
-        match std::fs::symlink_metadata(layout.sock_ops_link()) {
-            Ok(m) => Ok(std::os::unix::fs::MetadataExt::ino(&m)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e),
-        }
-    }
-
-    pub enum OpenError {
-        Io(std::io::Error),
-        Map(MapError),
-    }
-
-    /// The installation's entry, its generation looked at again when due.
-    fn entry<'a>(
-        cache: &'a mut HashMap<PathBuf, Entry>,
-        layout: &PinLayout,
-    ) -> std::io::Result<&'a mut Entry> {
-        let now = Instant::now();
-        let due = match cache.get(layout.dir()) {
-            // "Not loaded" is looked at again every time: a load may just
-            // have happened.
-            Some(e) => e.generation == 0 || now.duration_since(e.checked) >= CHECK_EVERY,
-            None => true,
-        };
-        if due {
-            let generation = generation(layout)?;
-            match cache.get_mut(layout.dir()) {
-                Some(e) if e.generation == generation => e.checked = now,
-                _ => {
-                    cache.insert(
-                        layout.dir().to_path_buf(),
-                        Entry {
-                            generation,
-                            checked: now,
-                            fds: HashMap::new(),
-                            capacities: HashMap::new(),
-                            memo: HashMap::new(),
-                        },
-                    );
-                }
-            }
-        }
-        Ok(cache.get_mut(layout.dir()).expect("just looked at"))
-    }
-
-    /// The installation's generation (`None`: nothing is loaded there).
-    pub fn current(layout: &PinLayout) -> std::io::Result<Option<u64>> {
-        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let cache = guard.get_or_insert_with(HashMap::new);
-        let g = entry(cache, layout)?.generation;
-        Ok((g != 0).then_some(g))
-    }
-
-    /// A table's capacity, read from the kernel once per generation.
-    pub fn capacity(
-        layout: &PinLayout,
-        name: &str,
-        read: impl FnOnce() -> Result<u32, MapError>,
-    ) -> Result<u32, OpenError> {
-        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let cache = guard.get_or_insert_with(HashMap::new);
-        let entry = entry(cache, layout).map_err(OpenError::Io)?;
-        if let Some(&n) = entry.capacities.get(name) {
-            return Ok(n);
-        }
-        let n = read().map_err(OpenError::Map)?;
-        if entry.generation != 0 {
-            entry.capacities.insert(name.to_owned(), n);
-        }
-        Ok(n)
-    }
-
-    /// A value that is fixed for an installation's generation once
-    /// `read` gives it (`None`: not known yet, read again next time).
-    pub fn memo<T: Clone + Send + 'static>(
-        layout: &PinLayout,
-        key: &'static str,
-        read: impl FnOnce() -> Option<T>,
-    ) -> Option<T> {
-        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let cache = guard.get_or_insert_with(HashMap::new);
-        let Ok(entry) = entry(cache, layout) else {
-            drop(guard);
-            return read();
-        };
-        if let Some(v) = entry.memo.get(key).and_then(|v| v.downcast_ref::<T>()) {
-            return Some(v.clone());
-        }
-        let generation = entry.generation;
-        // Read without the cache's lock: `read` may open maps.
-        drop(guard);
-        let v = read()?;
-        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = guard.as_mut().and_then(|c| c.get_mut(layout.dir())) {
-            if e.generation == generation && generation != 0 {
-                e.memo.insert(key, Box::new(v.clone()));
-            }
-        }
-        Some(v)
-    }
-
-    /// The map `name` of the installation, or `None` when nothing is
-    /// loaded there.
-    pub fn open(layout: &PinLayout, name: &str) -> Result<Option<MapData>, OpenError> {
-        let io = OpenError::Io;
-        let mut guard = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        let cache = guard.get_or_insert_with(HashMap::new);
-        let entry = entry(cache, layout).map_err(io)?;
-        if entry.generation == 0 {
-            return Ok(None);
-        }
-        let fd = match entry.fds.get(name) {
-            Some(fd) => fd.try_clone().map_err(io)?,
-            None => {
-                let data = match MapData::from_pin(layout.map(name)) {
-                    Ok(data) => data,
-                    // Unloaded since the last look: say so, not "no such
-                    // file".
-                    Err(e) if generation(layout).map_err(io)? != entry.generation => {
-                        drop(e);
-                        cache.remove(layout.dir());
-                        return match generation(layout).map_err(io)? {
-                            0 => Ok(None),
-                            _ => open_uncached(layout, name),
-                        };
-                    }
-                    Err(e) => return Err(OpenError::Map(e)),
-                };
-                let fd = data.fd().as_fd().try_clone_to_owned().map_err(io)?;
-                entry.fds.insert(name.to_owned(), fd);
-                return Ok(Some(data));
-            }
-        };
-        MapData::from_fd(fd).map(Some).map_err(OpenError::Map)
-    }
-
-    fn open_uncached(layout: &PinLayout, name: &str) -> Result<Option<MapData>, OpenError> {
-        MapData::from_pin(layout.map(name))
-            .map(Some)
-            .map_err(OpenError::Map)
-    }
-}
-
-pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
-    let stale = || {
-        Error::Io {
-        what: format!(
-            "the installation in {} was loaded by another version of tcpka; run `tcpka unload` and `tcpka load` (connections keep their keepalive)",
-            layout.dir().display()
-        ),
-        source: std::io::ErrorKind::InvalidData.into(),
-    }
-    };
-    // A record of another size is another version's layout.
-    let array = match crate::lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META) {
-        Err(Error::Map {
-            source: aya::maps::MapError::InvalidValueSize { .. },
-            ..
-        }) => return Err(stale()),
-        other => other?,
-    };
-    let meta = array
-        .get(&0, 0)
-        .map_err(|e| Error::map("reading the installation record", e))?;
-    if meta.version != keepalive_common::meta::LAYOUT_VERSION {
-        return Err(stale());
-    }
-    Ok(meta)
-}
-
-pub(crate) fn write_meta(layout: &PinLayout, meta: &Meta) -> Result<()> {
-    let mut array = crate::lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META)?;
-    array
-        .set(0, meta, 0)
-        .map_err(|e| Error::map("writing the installation record", e))
-}
-
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
 pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Result<LoadOutcome> {
     // What this host lacks, said as `tcpka doctor` says it, before anything
     // is touched.
-    if let Some(c) = crate::doctor::blocking() {
+    if let Some(c) = crate::host::blocking() {
         return Err(Error::HostMissing {
             check: c.describe(),
         });
@@ -1561,7 +1191,7 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
             .filter(|m| m.flags & keepalive_common::meta::FLAG_SEEDED != 0)
             .map(|_| 1)
     };
-    if map_cache::memo::<u64>(layout, "seeded", read).is_some() {
+    if crate::pinned::memo::<u64>(layout, "seeded", read).is_some() {
         return Ok(false);
     }
     read_meta(layout)?;

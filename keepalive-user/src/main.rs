@@ -11,6 +11,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
+    config::Listen,
     config::ServeSettings,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, ConnStatus, Enforcer},
@@ -19,8 +20,7 @@ use tcpka::{
     paths::PinLayout,
     policy::{parse_u32, Policy},
     rule::{parse_port, Cidr, RuleMatch},
-    server::{self, Listen},
-    Error,
+    server, Error,
 };
 
 /// Kernel-side TCP keepalive policy enforcer.
@@ -1155,8 +1155,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             let counters = enforcer.counters()?;
             let layout = enforcer.layout();
             let holders = tcpka::holders::total(layout)?;
-            let holder_cap = loader::capacity(layout, keepalive_common::maps::HOLDERS)?;
-            let conn_cap = loader::capacity(layout, keepalive_common::maps::CONNS)?;
+            let holder_cap = tcpka::pinned::capacity(layout, keepalive_common::maps::HOLDERS)?;
+            let conn_cap = tcpka::pinned::capacity(layout, keepalive_common::maps::CONNS)?;
             let index = tcpka::index::state(layout)?;
             let index_ports = tcpka::ports::read_index(layout)?;
             let rule_events =

@@ -181,7 +181,7 @@ pub fn read_index(layout: &PinLayout) -> Result<IndexPorts> {
 /// is kept for the installation's generation).
 pub fn is_index_port(layout: &PinLayout, port: u16) -> Result<bool> {
     type Known = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, bool>>>;
-    let known = crate::loader::memo::<Known>(layout, "index_ports", || Some(Known::default()));
+    let known = crate::pinned::memo::<Known>(layout, "index_ports", || Some(Known::default()));
     let lock = |k: &Known| {
         k.lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -39,6 +39,7 @@ use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
     access,
+    config::Listen,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, Disabled, Enforcer, Op},
     feed::{self, Gap, Message},
@@ -65,39 +66,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Webhook deliveries waiting at most; more are dropped (and counted).
 pub const WEBHOOK_QUEUE: usize = 1024;
-
-/// Where the API listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a path".into());
-            }
-            return Ok(Listen::Unix(path.into()));
-        }
-        s.parse()
-            .map(Listen::Tcp)
-            .map_err(|_| format!("{s:?} is not ADDR:PORT or unix:/path"))
-    }
-}
-
-impl Listen {
-    /// Whether only this host can connect.
-    pub fn is_local(&self) -> bool {
-        match self {
-            Listen::Tcp(a) => a.ip().is_loopback(),
-            Listen::Unix(_) => true,
-        }
-    }
-}
 
 /// Where and how events are POSTed.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 //! Opening a pinned map costs three system calls (a duplicate of the kept
 //! descriptor, the map's info, a close) and a daemon runs a dozen opens per
 //! command; a lent handle costs none. [`lend`] hands out a kept handle of
-//! the current generation (see [`crate::loader`]'s map cache: the sock_ops
+//! the current generation (see [`crate::pinned`]'s map cache: the sock_ops
 //! link pin's inode, looked at every 20 ms at most) or opens a new one, and
 //! the handle goes back to the pool when the [`Lent`] guard drops. Handles
 //! of an installation that has gone are dropped at the next lend, so a
@@ -19,7 +19,7 @@ use std::{
 
 use aya::maps::{Map, MapError};
 
-use crate::{loader, paths::PinLayout, Error, Result};
+use crate::{paths::PinLayout, Error, Result};
 
 type Key = (PathBuf, &'static str, TypeId);
 
@@ -72,13 +72,13 @@ impl<T: Send + 'static> Drop for Lent<T> {
 
 /// The map `name` of the installation in `layout`, as `T` (for example
 /// `HashMap<MapData, u64, ConnInfo>`). Fails like
-/// [`loader::open_map`] (not loaded, no privilege), or when the map is not
+/// [`crate::pinned::open_map`] (not loaded, no privilege), or when the map is not
 /// a `T` (another version's layout).
 pub fn lend<T>(layout: &PinLayout, name: &'static str) -> Result<Lent<T>>
 where
     T: TryFrom<Map, Error = MapError> + Send + 'static,
 {
-    let Some(generation) = loader::generation(layout)? else {
+    let Some(generation) = crate::pinned::generation(layout)? else {
         return Err(Error::NotLoaded {
             pin_dir: layout.dir().into(),
         });
@@ -102,7 +102,7 @@ where
             }
         }
     }
-    let map = loader::open_map(layout, name)?;
+    let map = crate::pinned::open_map(layout, name)?;
     let value = T::try_from(map).map_err(|e| Error::map(format!("opening {name}"), e))?;
     Ok(Lent {
         value: Some(value),
