@@ -31,6 +31,7 @@ pub mod host;
 pub mod index;
 pub mod journal;
 pub mod loader;
+pub mod lock;
 pub mod pass;
 pub mod paths;
 pub mod pinned;

@@ -1435,7 +1435,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Command::Reload => {
-            let Some(pid) = loader::serve_pid(&layout)? else {
+            let Some(pid) = tcpka::lock::serve_pid(&layout)? else {
                 return Err(Error::NoDaemon(layout.dir().into()));
             };
             nix::sys::signal::kill(

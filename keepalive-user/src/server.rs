@@ -957,7 +957,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
             });
         }
         // Commands need the lock: a lock nobody can take is an outage.
-        loader::Lock::acquire_within(&layout, HEALTH_LOCK_WAIT)?;
+        crate::lock::Lock::acquire_within(&layout, HEALTH_LOCK_WAIT)?;
         Ok::<_, Error>(())
     })
     .await;
@@ -1513,7 +1513,7 @@ pub async fn run(
     if let Some(path) = &config.rules_file {
         crate::config::Config::load(path)?;
     }
-    let _serving = loader::ServeLock::acquire(&layout)?;
+    let _serving = crate::lock::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
         let options = config.load.clone();

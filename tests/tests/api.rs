@@ -507,7 +507,7 @@ fn concurrent_requests_share_batches_and_walks() {
         .collect();
     // Hold the installation lock while the requests arrive, as a long
     // command would: they queue up and run together once it is released.
-    let lock = tcpka::loader::Lock::acquire(&e.tcpka.layout()).unwrap();
+    let lock = tcpka::lock::Lock::acquire(&e.tcpka.layout()).unwrap();
     std::thread::scope(|scope| {
         scope.spawn(move || {
             std::thread::sleep(Duration::from_millis(700));

@@ -227,7 +227,7 @@ fn installation_lock_is_private_bounded_and_one_per_installation() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let serve = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    let held = tcpka::loader::Lock::acquire(&layout).unwrap();
+    let held = tcpka::lock::Lock::acquire(&layout).unwrap();
     for s in spellings.iter().map(String::as_str).chain([dir.as_str()]) {
         let started = std::time::Instant::now();
         let out = Command::new(tcpka_bin())
