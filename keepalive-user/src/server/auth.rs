@@ -1,0 +1,119 @@
+//! Who may call the API: the Host check against DNS rebinding, the token
+//! (Bearer, or Basic with the token as password), unix-socket peer
+//! credentials, and JSON bodies only.
+use super::*;
+
+/// The token an `Authorization` header carries: `Bearer TOKEN`, or
+/// `Basic` with the token as the password (any user name), for clients that
+/// can only send credentials in a URL (Kamailio's `http_connect` with a
+/// kept-alive connection: `http://tcpka:TOKEN@127.0.0.1:7177`).
+pub(super) fn token_given(value: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if let Some(t) = value.strip_prefix("Bearer ") {
+        return Some(t.as_bytes().to_vec());
+    }
+    let b64 = value.strip_prefix("Basic ")?;
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let colon = pair.iter().position(|&b| b == b':')?;
+    Some(pair[colon + 1..].to_vec())
+}
+
+/// What the accept loop knows of a connection, for [`guard`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConnInfo {
+    /// Credentials of a unix socket client.
+    pub(super) peer: Option<access::Peer>,
+    /// The port of a loopback TCP listener, whose `Host` is checked.
+    pub(super) loopback_port: Option<u16>,
+}
+
+pub(super) fn refuse(status: StatusCode, msg: &str) -> Response {
+    reply(status, json!({ "error": msg }))
+}
+
+/// A request refused before it reached its handler, logged once.
+pub(super) fn refuse_logged(req: &Request, status: StatusCode, msg: &str) -> Response {
+    tracing::warn!(
+        method = %req.method(),
+        path = req.uri().path(),
+        status = status.as_u16(),
+        error = msg,
+        "refused"
+    );
+    refuse(status, msg)
+}
+
+/// Every request: a unix client must be root or in the API group; a
+/// loopback listener only answers its own `Host` names (DNS rebinding); the
+/// token, when set, must match; bodies must be JSON; and a request other
+/// than the event stream must finish within [`REQUEST_TIMEOUT`].
+pub(super) async fn guard(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let info = req.extensions().get::<ConnInfo>().copied();
+    if let Some(peer) = info.and_then(|i| i.peer) {
+        if !peer.allowed(state.api_group) {
+            return refuse_logged(
+                &req,
+                StatusCode::FORBIDDEN,
+                "only root or members of the API group may use this socket",
+            );
+        }
+    }
+    if let Some(port) = info.and_then(|i| i.loopback_port) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !access::loopback_host_ok(host, port) {
+            return refuse_logged(
+                &req,
+                StatusCode::FORBIDDEN,
+                "Host must be localhost or a loopback address on this port",
+            );
+        }
+    }
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(token_given)
+            .unwrap_or_default();
+        if !access::constant_time_eq(&given, token.as_bytes()) {
+            return refuse_logged(
+                &req,
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token (Authorization: Bearer TOKEN, or Basic with the token as password)",
+            );
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return refuse_logged(
+                &req,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            );
+        }
+    }
+    if req.uri().path() == "/v1/events" {
+        return next.run(req).await;
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(status = 503, "refused: the request took too long");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "the request took too long")
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! `tcpka serve`: the HTTP/JSON API a SIP controller drives, the event
+//! stream, the webhook and the metrics. Thin: every request goes to the
+//! same [`Enforcer`] the CLI uses.
+//!
+//! Replies carry `"result": 1` or `"result": -1` like the reference module,
+//! with HTTP 200, 400 (invalid input), 401 (token), 404 (no such
+//! connection or rule), 503 (not loaded) or 500.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Path as UrlPath, Query, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+    Json, Router,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{broadcast, mpsc},
+};
+use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
+
+use crate::{
+    access,
+    config::Listen,
+    conn::{parse_endpoint, ConnSpec},
+    enforcer::{Action, Disabled, Enforcer, Op},
+    feed::{self, Gap, Message},
+    holders::parse_holder,
+    loader,
+    paths::PinLayout,
+    policy::Policy,
+    rule::{parse_port, Cidr, RuleMatch},
+    Error, InvalidInput,
+};
+
+mod auth;
+mod batch;
+mod handlers;
+mod metrics;
+mod webhook;
+
+use auth::*;
+use batch::*;
+use handlers::*;
+use metrics::*;
+use webhook::*;
+pub use webhook::{sign, webhook_keeps_secrets, WebhookConfig};
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
+/// Most API connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must send each request head within this, or is disconnected
+/// (this also ends idle keep-alive connections).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time a request (other than the event stream) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long in-flight requests may take after SIGINT/SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Webhook deliveries waiting at most; more are dropped (and counted).
+pub const WEBHOOK_QUEUE: usize = 1024;
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Listen,
+    /// Required on every request when set. A TCP listener always has one
+    /// (see [`resolve_token`]).
+    pub token: Option<String>,
+    /// Group whose members may use a unix socket listener (root always
+    /// may); the socket is then mode 0660 with that group, else 0600.
+    pub api_group: Option<u32>,
+    /// How to load, when `serve` loads.
+    pub load: loader::LoadOptions,
+    pub webhook: Option<WebhookConfig>,
+    /// Kamailio's evapi server to take commands from and send events to.
+    pub evapi: Option<crate::evapi::EvapiConfig>,
+    /// Log events as JSON lines instead of text.
+    pub json: bool,
+    /// Configuration file whose named rules are applied at start and on
+    /// SIGHUP (`serve --config`).
+    pub rules_file: Option<PathBuf>,
+    /// The kernel programs' decisions in the daemon's log, at most this
+    /// detailed (`serve --kernel-log`); off when `None`.
+    pub kernel_log: Option<log::LevelFilter>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    enforcer: Enforcer,
+    batcher: std::sync::mpsc::Sender<Job>,
+    events: broadcast::Sender<Arc<Message>>,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<str>>,
+    api_group: Option<u32>,
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/enable", post(enable))
+        .route("/v1/disable", post(disable))
+        .route("/v1/close", post(close))
+        .route("/v1/connections", get(connections))
+        .route("/v1/rules", get(rules_list).post(rules_add))
+        .route("/v1/rules/{id}", delete(rules_del))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Sweeps holder entries of closed connections now and then, so that the
+/// holder map does not fill without anyone listing it.
+fn spawn_holder_sweep(enforcer: Enforcer) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let e = enforcer.clone();
+            if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
+                tracing::warn!("sweeping holders: {err}");
+            }
+        }
+    });
+}
+
+/// Watches the attachment: when the cgroup is removed (a service restart)
+/// the kernel detaches the sock_ops program; once a cgroup exists again at
+/// the same path, attach to it.
+fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(ATTACH_CHECK);
+        let mut warned = false;
+        loop {
+            every.tick().await;
+            let l = layout.clone();
+            let Ok(checked) = tokio::task::spawn_blocking(move || {
+                let repaired = loader::repair_attachment(&l)?;
+                if let Err(e) = loader::unwatch_outside(&l) {
+                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
+                }
+                Ok::<_, Error>((repaired, loader::installed(&l)?))
+            })
+            .await
+            else {
+                continue;
+            };
+            match checked {
+                Ok((Some(i), _)) => {
+                    metrics.reattached.inc();
+                    warned = false;
+                    tracing::warn!(cgroup = %i.cgroup.display(), "re-attached to the recreated cgroup");
+                }
+                Ok((None, Some(i))) if !i.attached && !warned => {
+                    warned = true;
+                    tracing::error!(
+                        cgroup = %i.cgroup.display(),
+                        "detached: the cgroup was removed; new connections get no rules until it is back"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("checking the attachment: {e}"),
+            }
+        }
+    });
+}
+
+/// How often `serve` checks that the sock_ops program is still attached.
+const ATTACH_CHECK: Duration = Duration::from_secs(1);
+
+/// The socket file of a unix listener, removed when serving ends if it is
+/// still the one we bound.
+struct SocketFile {
+    path: PathBuf,
+    ino: Option<u64>,
+}
+
+impl SocketFile {
+    fn new(path: &std::path::Path) -> Self {
+        let ino = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        Self {
+            path: path.to_path_buf(),
+            ino,
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        if now.is_some() && now == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Makes a unix listener's socket file 0600, or 0660 with the API group.
+fn secure_socket(path: &std::path::Path, group: Option<u32>) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let done = (|| {
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(path, None, Some(gid))?;
+        }
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    })();
+    done.map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+}
+
+/// Serves HTTP/1.1 connections from `accept` until `stop`: at most
+/// [`MAX_CONNECTIONS`] at once, each dropped when a request head takes
+/// longer than [`HEADER_TIMEOUT`]. After `stop`, connections in flight get
+/// [`SHUTDOWN_GRACE`].
+async fn serve_connections<S, F, Fut>(
+    mut accept: F,
+    app: Router,
+    stop: tokio::sync::watch::Receiver<bool>,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(S, ConnInfo)>>,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt as _;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = stopped(stop.clone()) => break,
+        };
+        let (io, info) = tokio::select! {
+            r = accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors or a client gone before accept:
+                    // wait a moment and go on.
+                    tracing::warn!("accepting an API connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped(stop.clone()) => break,
+        };
+        let svc =
+            app.clone()
+                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info);
+                    req.map(Body::new)
+                });
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                );
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection: {e}");
+            }
+        });
+    }
+    // In-flight requests get the grace period (the caller's timer).
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+}
+
+/// Brings the installed rules to the file, logging each change.
+async fn apply_rules_file(enforcer: &Enforcer, path: &std::path::Path) -> Result<(), Error> {
+    let (e, p) = (enforcer.clone(), path.to_owned());
+    let steps = tokio::task::spawn_blocking(move || {
+        let config = crate::config::Config::load(&p)?;
+        e.apply_config(&config, false)
+    })
+    .await
+    .expect("apply task")?;
+    for step in &steps {
+        tracing::info!(file = %path.display(), "{step}");
+    }
+    tracing::info!(file = %path.display(), changes = steps.len(), "rules applied");
+    Ok(())
+}
+
+/// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
+/// file that has become invalid is reported and changes nothing. Without a
+/// file, SIGHUP is logged and ignored (it must not stop the daemon).
+fn spawn_reload(enforcer: Enforcer, path: Option<PathBuf>) -> Result<(), Error> {
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(path) = &path else {
+                tracing::warn!("reload: serve has no --config file; nothing to apply");
+                continue;
+            };
+            if let Err(e) = apply_rules_file(&enforcer, path).await {
+                tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
+/// Stopping leaves enforcement in place.
+pub async fn run(
+    layout: PinLayout,
+    cgroup: crate::cgroup::Cgroup,
+    config: Config,
+) -> Result<(), Error> {
+    if matches!(config.listen, Listen::Tcp(_)) && config.token.is_none() {
+        return Err(Error::Invalid(InvalidInput::Listen(
+            "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
+        )));
+    }
+    // Everything the configuration can get wrong is found before anything
+    // is loaded.
+    let metrics = Arc::new(Metrics::new());
+    let webhook = config
+        .webhook
+        .clone()
+        .map(|w| spawn_webhook(w, metrics.clone()))
+        .transpose()?;
+    if let Some(path) = &config.rules_file {
+        crate::config::Config::load(path)?;
+    }
+    let _serving = crate::lock::ServeLock::acquire(&layout)?;
+    let outcome = {
+        let layout = layout.clone();
+        let options = config.load.clone();
+        tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup, &options))
+            .await
+            .expect("load task")?
+    };
+    let i = outcome.installation();
+    let verb = match outcome {
+        loader::LoadOutcome::Loaded(_) => "loaded",
+        loader::LoadOutcome::AlreadyLoaded(_) => "adopted",
+        loader::LoadOutcome::Reattached(_) => "re-attached",
+    };
+    tracing::info!(
+        cgroup = %i.cgroup.display(),
+        pin_dir = %i.pin_dir.display(),
+        "{verb} the installation"
+    );
+    let (events_tx, _) = broadcast::channel(4096);
+    let enforcer = Enforcer::for_daemon(layout.clone());
+    if let Some(path) = &config.rules_file {
+        apply_rules_file(&enforcer, path).await?;
+    }
+    spawn_reload(enforcer.clone(), config.rules_file.clone())?;
+    let state = AppState {
+        batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
+        enforcer,
+        events: events_tx,
+        metrics: metrics.clone(),
+        token: config.token.as_deref().map(Arc::from),
+        api_group: config.api_group,
+    };
+    spawn_feed(&layout, &state, webhook, config.json);
+    if let Some(evapi) = config.evapi.clone() {
+        tracing::info!("evapi: commands from and events to {}", evapi.addr);
+        tokio::spawn(crate::evapi::run(
+            evapi,
+            EvapiCommands(
+                state.clone(),
+                Arc::new(tokio::sync::Semaphore::new(crate::evapi::MAX_PENDING)),
+            ),
+            state.events.clone(),
+        ));
+    }
+    spawn_holder_sweep(state.enforcer.clone());
+    spawn_attach_watch(layout.clone(), metrics.clone());
+    let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kernel_log = match config.kernel_log {
+        Some(max) => Some(crate::trace::spawn_into_log(
+            state.enforcer.clone(),
+            &layout,
+            max,
+            kernel_log_stop.clone(),
+        )?),
+        None => None,
+    };
+    let app = router(state);
+
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT", e))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        let _ = stop_tx.send(true);
+    });
+    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    // Requests in flight get a moment to finish; event streams never do,
+    // so the daemon does not wait for them past the grace period.
+    let grace = {
+        let rx = stop_rx.clone();
+        async move {
+            stopping(rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
+    };
+    let serving = async {
+        match &config.listen {
+            Listen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+                tracing::info!("API on http://{addr}");
+                let info = ConnInfo {
+                    peer: None,
+                    loopback_port: addr.ip().is_loopback().then_some(addr.port()),
+                };
+                serve_connections(
+                    || async { listener.accept().await.map(|(io, _)| (io, info)) },
+                    app,
+                    stop_rx.clone(),
+                )
+                .await;
+                Ok(())
+            }
+            Listen::Unix(path) => {
+                access::claim_socket_path(path)?;
+                let listener = tokio::net::UnixListener::bind(path)
+                    .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+                let _remove = SocketFile::new(path);
+                secure_socket(path, config.api_group)?;
+                tracing::info!("API on unix:{}", path.display());
+                serve_connections(
+                    || async {
+                        let (io, _) = listener.accept().await?;
+                        let cred = io.peer_cred()?;
+                        let info = ConnInfo {
+                            peer: Some(access::Peer {
+                                pid: cred.pid().unwrap_or(0),
+                                uid: cred.uid(),
+                                gid: cred.gid(),
+                            }),
+                            loopback_port: None,
+                        };
+                        Ok((io, info))
+                    },
+                    app,
+                    stop_rx.clone(),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    };
+    let result: Result<(), Error> = tokio::select! {
+        r = serving => r,
+        _ = grace => Ok(()),
+    };
+    // The kernel log goes off with the daemon.
+    kernel_log_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = kernel_log {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    result?;
+    tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_as_bearer_or_as_a_basic_password() {
+        assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
+        // "tcpka:s3cret:with:colons"
+        let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
+        assert_eq!(
+            token_given(basic).as_deref(),
+            Some(&b"s3cret:with:colons"[..])
+        );
+        assert_eq!(token_given("Basic not base64!"), None);
+        // "no colon"
+        assert_eq!(token_given("Basic bm8gY29sb24="), None);
+        assert_eq!(token_given("Digest x"), None);
+        assert_eq!(token_given("abc"), None);
+    }
+
+    #[test]
+    fn bearer_tokens_go_only_where_nobody_else_reads_them() {
+        for ok in [
+            "https://controller.example/tcpka",
+            "http://127.0.0.1:8088/tcpka",
+            "http://127.9.9.9/x",
+            "http://[::1]:8088/tcpka",
+            "http://localhost:8088/",
+        ] {
+            assert!(webhook_keeps_secrets(ok), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:8088/tcpka",
+            "http://controller.example/tcpka",
+            "http://localhost.example/",
+            "ftp://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(!webhook_keeps_secrets(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:7077".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:7077".parse().unwrap())
+        );
+        assert!("127.0.0.1:7077".parse::<Listen>().unwrap().is_local());
+        assert!(!"0.0.0.0:7077".parse::<Listen>().unwrap().is_local());
+        assert!("unix:/run/tcpka.sock".parse::<Listen>().unwrap().is_local());
+        for bad in ["unix:", "localhost:7077", "7077", ""] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad:?}");
+        }
+    }
+}
