@@ -1,529 +1,8 @@
-//! Operations on a loaded installation: rules and managed connections. The
-//! CLI, the daemon and the tests all go through here.
-use std::{
-    net::SocketAddr,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-};
+//! Live connections: enable, disable, close and status, through the
+//! index (the direct path) or a walk of the socket table, in batches.
+use super::*;
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
-use keepalive_common::{
-    conns::{ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
-    maps,
-    requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
-    rules::{self, RuleKey, RuleName, RuleValue},
-    stats, RULES_MAX_ENTRIES,
-};
-
-use crate::{
-    config::{Config, Step as ConfigStep},
-    conn::{endpoint, peer_key, v6_bytes, ConnSpec},
-    events::source_name,
-    holders::Holders,
-    index::Held,
-    journal::{Entry, Journal, Step},
-    lend::{lend, Lent},
-    loader,
-    lock::Lock,
-    paths::PinLayout,
-    policy::Policy,
-    rule::{Rule, RuleMatch},
-    Error, Result,
-};
-
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
-
-type RuleTable = LpmTrie<MapData, RuleKey, RuleValue>;
-
-/// A rule name as the kernel map stores it.
-fn rule_name(name: &str) -> RuleName {
-    let mut bytes = [0u8; 32];
-    let n = name.len().min(32);
-    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
-    RuleName { bytes }
-}
-
-/// Commands answered by the connection index, and walks of the socket
-/// table, in this process (for metrics).
-pub static INDEX_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Handle on one installation's pinned maps.
-#[derive(Clone, Debug, Default)]
-pub struct Enforcer {
-    layout: PinLayout,
-    /// A daemon detaches the outside-connection tracepoint on its own
-    /// schedule (`serve`'s attach watch, every second): its commands skip
-    /// that check, which reads the whole connection map.
-    daemon: bool,
-}
-
-/// Kernel-side counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Counters {
-    pub applied_by_rule: u64,
-    pub setsockopt_errors: u64,
-    pub conns_map_full: u64,
-    pub conns_closed: u64,
-    pub events_dropped: u64,
-    pub alerts_dropped: u64,
-    /// Connections not indexed because the index was full.
-    pub index_full: u64,
-    /// Connections that found their peer's index slots taken.
-    pub peer_overflows: u64,
-    /// Managed or indexed connections whose close the kernel could not be
-    /// asked to report (no `closed`/`reset`/`timeout` event for them).
-    pub close_watch_errors: u64,
-}
-
-impl Enforcer {
-    pub fn new(layout: PinLayout) -> Self {
-        Self {
-            layout,
-            daemon: false,
-        }
-    }
-
-    /// For a daemon that runs [`loader::unwatch_outside`] itself, often.
-    pub fn for_daemon(layout: PinLayout) -> Self {
-        Self {
-            layout,
-            daemon: true,
-        }
-    }
-
-    /// Takes the installation lock, then finishes what a killed command
-    /// left undone: a load that did not index the existing connections, a
-    /// holder change between its steps.
-    fn lock(&self) -> Result<Lock> {
-        let lock = Lock::acquire(&self.layout)?;
-        if self.layout.sock_ops_link().exists() {
-            loader::repair_seed(&self.layout)?;
-            self.recover_journal()?;
-            // Without a `serve` to do it, the next command detaches a state
-            // tracepoint no connection outside the cgroup needs any more.
-            if !self.daemon {
-                if let Err(e) = loader::unwatch_outside_locked(&self.layout) {
-                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
-                }
-            }
-        }
-        Ok(lock)
-    }
-
-    fn recover_journal(&self) -> Result<()> {
-        let journal = Journal::new(&self.layout);
-        let Some(entry) = journal.pending() else {
-            return Ok(());
-        };
-        tracing::warn!("finishing an interrupted holder change: {entry:?}");
-        let conns: Lent<HashMap<MapData, u64, ConnInfo>> = lend(&self.layout, maps::CONNS)?;
-        let alive = conns.get(&entry.cookie, 0).is_ok();
-        let mut holders = Holders::open(&self.layout)?;
-        match entry.step {
-            Step::Clear => holders.clear(entry.cookie),
-            Step::Add => {
-                holders.recount(entry.cookie, alive)?;
-            }
-            Step::Remove => {
-                if holders.recount(entry.cookie, alive)? == 0 && alive {
-                    // The last holder was gone: keepalive goes off, as the
-                    // command meant to.
-                    match self.apply_locked(
-                        ConnSpec::Cookie(entry.cookie),
-                        None,
-                        Action::Disable,
-                        entry.netns.as_deref(),
-                    ) {
-                        Ok(_) | Err(Error::NoSuchConnection(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-        }
-        journal.end();
-        Ok(())
-    }
-
-    pub fn layout(&self) -> &PinLayout {
-        &self.layout
-    }
-
-    fn rules_map(&self) -> Result<RuleTable> {
-        let map = crate::pinned::open_map(&self.layout, maps::RULES)?;
-        LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
-    }
-
-    /// Adds a rule for connections established from now on; returns it with
-    /// its new id.
-    pub fn add_rule(&self, m: RuleMatch, policy: Policy, tracked: bool) -> Result<Rule> {
-        let _lock = self.lock()?;
-        let mut rules = self.rules_map()?;
-        self.insert_rule(&mut rules, m, policy, tracked, None)
-    }
-
-    /// Adds a rule under the lock; with a name, the name is written first
-    /// (a command killed in between leaves a name without a rule, which
-    /// nothing shows, rather than a named rule that looks hand-made).
-    fn insert_rule(
-        &self,
-        rules: &mut RuleTable,
-        m: RuleMatch,
-        policy: Policy,
-        tracked: bool,
-        name: Option<&str>,
-    ) -> Result<Rule> {
-        let mut meta = crate::pinned::read_meta(&self.layout)?;
-        // Above every id in use, whatever the counter says.
-        let highest = rules
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, v)| v.id)
-            .max()
-            .unwrap_or(0);
-        let id = meta.next_rule_id.max(highest + 1).max(1);
-        let (prefix_len, data) = m.key();
-        let key = Key::new(prefix_len, data);
-        // The counter moves first: a command killed between the two steps
-        // skips an id, and never hands one out twice.
-        meta.next_rule_id = id + 1;
-        crate::pinned::write_meta(&self.layout, &meta)?;
-        if let Some(n) = name {
-            self.names_map()?
-                .insert(id, rule_name(n), 0)
-                .map_err(|e| Error::map("recording the rule's name", e))?;
-        }
-        crate::ports::sync_rules(&self.layout, rules, Some(&data), None)?;
-        let inserted = rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST);
-        if inserted.is_err() && name.is_some() {
-            let _ = self.names_map()?.remove(&id);
-        }
-        match inserted {
-            Ok(()) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                let existing = rules.get(&key, 0).map(|v| v.id).unwrap_or(0);
-                return Err(Error::DuplicateRule(existing));
-            }
-            Err(MapError::SyscallError(e))
-                if matches!(e.io_error.raw_os_error(), Some(libc::ENOSPC | libc::E2BIG)) =>
-            {
-                return Err(Error::RulesFull(RULES_MAX_ENTRIES));
-            }
-            Err(e) => return Err(Error::map("adding the rule", e)),
-        }
-        let mut rule = Rule::new(id, m, policy, tracked);
-        rule.name = name.map(str::to_owned);
-        Ok(rule)
-    }
-
-    /// Removes a rule. Connections that already got its policy keep it.
-    pub fn delete_rule(&self, id: u32) -> Result<Rule> {
-        let _lock = self.lock()?;
-        let mut rules = self.rules_map()?;
-        self.remove_rule(&mut rules, id)
-    }
-
-    fn remove_rule(&self, rules: &mut RuleTable, id: u32) -> Result<Rule> {
-        let found = rules
-            .iter()
-            .filter_map(|r| r.ok())
-            .find(|(_, v)| v.id == id);
-        let Some((key, value)) = found else {
-            return Err(Error::NoSuchRule(id));
-        };
-        rules
-            .remove(&key)
-            .map_err(|e| Error::map(format!("removing rule {id}"), e))?;
-        crate::ports::sync_rules(&self.layout, rules, None, Some(&key.data()))?;
-        let names = self.rule_names()?;
-        let _ = self.names_map()?.remove(&id);
-        let mut rule = rule_from_entry(&key, &value);
-        rule.name = names.get(&id).cloned();
-        Ok(rule)
-    }
-
-    fn names_map(&self) -> Result<HashMap<MapData, u32, RuleName>> {
-        HashMap::try_from(crate::pinned::open_map(&self.layout, maps::RULE_NAMES)?)
-            .map_err(|e| Error::map("opening the rule names", e))
-    }
-
-    /// Names of the rules a configuration file manages, by rule id.
-    fn rule_names(&self) -> Result<std::collections::HashMap<u32, String>> {
-        let map = self.names_map()?;
-        let mut out = std::collections::HashMap::new();
-        for entry in map.iter() {
-            let (id, name) = entry.map_err(|e| Error::map("reading the rule names", e))?;
-            let len = name.bytes.iter().position(|b| *b == 0).unwrap_or(32);
-            out.insert(id, String::from_utf8_lossy(&name.bytes[..len]).into_owned());
-        }
-        Ok(out)
-    }
-
-    /// Turns the kernel programs' decision log (`tcpka trace`) on or off;
-    /// returns whether it was on.
-    pub fn set_trace(&self, on: bool) -> Result<bool> {
-        let _lock = self.lock()?;
-        crate::ports::set_flag(&self.layout, keepalive_common::ports::FLAG_TRACE, on)
-    }
-
-    /// All rules, by id.
-    pub fn rules(&self) -> Result<Vec<Rule>> {
-        let rules = self.rules_map()?;
-        let names = self.rule_names()?;
-        let mut out = Vec::new();
-        for entry in rules.iter() {
-            let (key, value) = entry.map_err(|e| Error::map("reading the rule table", e))?;
-            let mut rule = rule_from_entry(&key, &value);
-            rule.name = names.get(&rule.id).cloned();
-            out.push(rule);
-        }
-        out.sort_by_key(|r| r.id);
-        Ok(out)
-    }
-
-    /// Brings the named rules to what `config` says (see
-    /// [`crate::config::plan`]); with `dry_run`, only says what it would do.
-    /// Everything is checked before the first change: a conflict or too
-    /// many rules changes nothing.
-    pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
-        let _lock = self.lock()?;
-        let steps = crate::config::plan(&self.rules()?, config).map_err(Error::Conflict)?;
-        let installed = self.rules()?.len();
-        let adds = steps
-            .iter()
-            .filter(|s| match s {
-                ConfigStep::Add { .. } => true,
-                ConfigStep::Change { from, to } => from.matcher() != to.matcher(),
-                ConfigStep::Remove { .. } => false,
-            })
-            .count();
-        if installed + adds > RULES_MAX_ENTRIES as usize {
-            return Err(Error::RulesFull(RULES_MAX_ENTRIES));
-        }
-        if dry_run {
-            return Ok(steps);
-        }
-        let mut rules = self.rules_map()?;
-        for (done, step) in steps.iter().enumerate() {
-            let r = self.apply_step(&mut rules, step);
-            if let Err(e) = r {
-                return Err(Error::Partial {
-                    done,
-                    total: steps.len(),
-                    step: step.to_string(),
-                    source: Box::new(e),
-                });
-            }
-        }
-        Ok(steps)
-    }
-
-    fn apply_step(&self, rules: &mut RuleTable, step: &ConfigStep) -> Result<()> {
-        let policy = |r: &Rule| Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms);
-        match step {
-            ConfigStep::Add { rule } => {
-                let p = policy(rule)?;
-                self.insert_rule(rules, rule.matcher(), p, rule.tracked, rule.name.as_deref())?;
-            }
-            ConfigStep::Change { from, to } if from.matcher() == to.matcher() => {
-                // Same key: the value is replaced at once, id kept.
-                let (len, data) = to.matcher().key();
-                let value = to.matcher().value(from.id, policy(to)?, to.tracked);
-                rules
-                    .insert(&Key::new(len, data), value, BPF_EXIST)
-                    .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;
-            }
-            ConfigStep::Change { from, to } => {
-                // A new match: the new rule first, then the old one goes.
-                let p = policy(to)?;
-                self.insert_rule(rules, to.matcher(), p, to.tracked, to.name.as_deref())?;
-                self.remove_rule(rules, from.id)?;
-            }
-            ConfigStep::Remove { rule } => {
-                self.remove_rule(rules, rule.id)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The connections the kernel programs manage, by socket cookie.
-    pub fn managed(&self) -> Result<Vec<(u64, ConnInfo)>> {
-        let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
-        let mut out = Vec::new();
-        for entry in conns.iter() {
-            match entry {
-                Ok(kv) => out.push(kv),
-                // An entry removed between two reads: the connection closed.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(Error::map("reading the connection map", e)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Kernel-side counters.
-    pub fn counters(&self) -> Result<Counters> {
-        let array = lend::<PerCpuArray<MapData, u64>>(&self.layout, maps::STATS)?;
-        let get = |i: u32| -> Result<u64> {
-            let v = array
-                .get(&i, 0)
-                .map_err(|e| Error::map("reading the counters", e))?;
-            Ok(v.iter().sum())
-        };
-        Ok(Counters {
-            applied_by_rule: get(stats::APPLIED_RULE)?,
-            setsockopt_errors: get(stats::SETSOCKOPT_ERRORS)?,
-            conns_map_full: get(stats::CONNS_FULL)?,
-            conns_closed: get(stats::CONNS_CLOSED)?,
-            events_dropped: get(stats::EVENTS_DROPPED)?,
-            alerts_dropped: get(stats::ALERTS_DROPPED)?,
-            index_full: get(stats::INDEX_FULL)?,
-            peer_overflows: get(stats::PEER_OVERFLOWS)?,
-            close_watch_errors: get(stats::CLOSE_WATCH_ERRORS)?,
-        })
-    }
-}
-
-fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {
-    let m = RuleMatch::from_key(key.prefix_len(), &key.data(), value.fields);
-    Rule::new(
-        value.id,
-        m,
-        Policy::from_raw(&value.policy),
-        value.opts & rules::OPT_UNTRACKED == 0,
-    )
-}
-
-/// What to do with live connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// SO_KEEPALIVE on with these values (the reference's
-    /// `tcp_keepalive_enable`).
-    Enable(Policy),
-    /// SO_KEEPALIVE off (`tcp_keepalive_disable`).
-    Disable,
-    /// Change nothing; report the matching connections.
-    Query,
-}
-
-/// Keepalive settings read back from the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct KeepaliveState {
-    pub enabled: bool,
-    pub idle: u32,
-    pub count: u32,
-    pub interval: u32,
-    /// TCP_USER_TIMEOUT, `None` when 0 (kernel default).
-    pub user_timeout_ms: Option<u32>,
-    /// True when a non-zero user timeout makes the kernel ignore `count`:
-    /// it drops the connection once the user timeout has passed and one
-    /// probe went unanswered.
-    pub count_ignored: bool,
-}
-
-/// One connection as the kernel reports it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ConnStatus {
-    pub cookie: u64,
-    pub local: String,
-    pub remote: String,
-    /// The kernel's TCP state (`ss` names).
-    pub state: &'static str,
-    /// The state in tcpka's stable vocabulary: `established`, `listening`,
-    /// `connecting`, `peer-closed` (the peer sent its FIN) or `closing`
-    /// (see [`phase`]).
-    pub phase: &'static str,
-    /// The same as Kamailio tcpops' `tcp_conid_state` returns it: 1 OK, 2
-    /// accepting, 3 setting up, -2 EOF, -4 about to close (-1, no such
-    /// connection, is a command's exit 1 / HTTP 404).
-    pub conid_state: i32,
-    pub keepalive: KeepaliveState,
-    /// `"rule"` or `"command"`; `None` when tcpka does not manage it.
-    pub source: Option<&'static str>,
-    pub rule: Option<u32>,
-    /// Some `bpf_setsockopt` of the request failed.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub apply_failed: bool,
-    /// Holders of its keepalive (shown by status).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub holders: Option<Vec<String>>,
-}
-
-/// What a disable did.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Disabled {
-    /// Connections whose keepalive is now off.
-    pub changed: Vec<ConnStatus>,
-    /// Connections that keep keepalive for their other holders.
-    pub kept: Vec<Kept>,
-}
-
-/// A connection that kept keepalive.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Kept {
-    pub connection: ConnStatus,
-    pub holders_remaining: u32,
-}
-
-/// Name of a TCP state (`include/net/tcp_states.h`).
-/// A TCP state in tcpka's stable vocabulary, and as tcpops'
-/// `tcp_conid_state` numbers it.
-pub fn phase(state: u32) -> (&'static str, i32) {
-    match state {
-        1 => ("established", 1),
-        10 => ("listening", 2),
-        2 | 3 | 12 => ("connecting", 3),
-        8 => ("peer-closed", -2),
-        _ => ("closing", -4),
-    }
-}
-
-pub fn state_name(state: u32) -> &'static str {
-    match state {
-        1 => "established",
-        2 => "syn-sent",
-        3 => "syn-recv",
-        4 => "fin-wait-1",
-        5 => "fin-wait-2",
-        6 => "time-wait",
-        7 => "close",
-        8 => "close-wait",
-        9 => "last-ack",
-        10 => "listen",
-        11 => "closing",
-        12 => "new-syn-recv",
-        _ => "unknown",
-    }
-}
-
-impl ConnStatus {
-    fn from_raw(r: &ConnRecord) -> Self {
-        let user_timeout_ms = (r.user_timeout_ms != 0).then_some(r.user_timeout_ms);
-        Self {
-            cookie: r.cookie,
-            local: endpoint(r.family, r.local_addr, r.local_port).to_string(),
-            remote: endpoint(r.family, r.remote_addr, r.remote_port).to_string(),
-            state: state_name(r.state),
-            phase: phase(r.state).0,
-            conid_state: phase(r.state).1,
-            keepalive: KeepaliveState {
-                enabled: r.keepalive != 0,
-                idle: r.idle,
-                count: r.count,
-                interval: r.interval,
-                user_timeout_ms,
-                count_ignored: r.keepalive != 0 && user_timeout_ms.is_some(),
-            },
-            source: (r.source != 0).then(|| source_name(r.source)),
-            rule: (r.rule_id != 0).then_some(r.rule_id),
-            apply_failed: r.apply_failed != 0,
-            holders: None,
-        }
-    }
-}
-
-fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
+pub(super) fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
     let mut what = conn.to_string();
     if let Some(l) = local {
         what.push_str(&format!(" with local end {l}"));
@@ -531,13 +10,13 @@ fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
     Error::NoSuchConnection(what)
 }
 
-const TCP_CLOSE: u8 = 7;
+pub(super) const TCP_CLOSE: u8 = 7;
 
-fn is_connected(s: &std::net::TcpStream) -> bool {
+pub(super) fn is_connected(s: &std::net::TcpStream) -> bool {
     tcp_state(s).is_some_and(|st| st != TCP_CLOSE)
 }
 
-fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
+pub(super) fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
     let v = value as libc::c_int;
     // SAFETY: valid fd and a value of the size given.
     unsafe {
@@ -551,7 +30,7 @@ fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
     }
 }
 
-fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
+pub(super) fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
     let mut v: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.
@@ -568,7 +47,7 @@ fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
 }
 
 /// `tcpi_state`, the first byte of `struct tcp_info`.
-fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
+pub(super) fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
     let mut info = [0u8; 8];
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes.
@@ -584,7 +63,7 @@ fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
     (ret == 0).then_some(info[0])
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -595,20 +74,16 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Parses what an iterator pass wrote.
-fn parse_raw(buf: &[u8]) -> Vec<ConnRecord> {
+pub(super) fn parse_raw(buf: &[u8]) -> Vec<ConnRecord> {
     buf.chunks_exact(size_of::<ConnRecord>())
         // SAFETY: the programs write whole `ConnRecord`s; read unaligned.
         .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast()) })
         .collect()
 }
 
-fn parse_records(buf: &[u8]) -> Vec<ConnStatus> {
-    parse_raw(buf).iter().map(ConnStatus::from_raw).collect()
-}
-
 /// Whether a reported socket is one a request named (as the program
 /// matched it).
-fn record_matches(r: &ConnRecord, conn: ConnSpec, local: Option<SocketAddr>) -> bool {
+pub(super) fn record_matches(r: &ConnRecord, conn: ConnSpec, local: Option<SocketAddr>) -> bool {
     let named = match conn {
         ConnSpec::Cookie(c) => r.cookie == c,
         ConnSpec::Peer(p) => r.remote_addr == v6_bytes(p.ip()) && r.remote_port == p.port(),
@@ -616,7 +91,7 @@ fn record_matches(r: &ConnRecord, conn: ConnSpec, local: Option<SocketAddr>) -> 
     named && local.is_none_or(|l| r.local_addr == v6_bytes(l.ip()) && r.local_port == l.port())
 }
 
-fn same_key(a: ConnSpec, b: ConnSpec) -> bool {
+pub(super) fn same_key(a: ConnSpec, b: ConnSpec) -> bool {
     match (a, b) {
         (ConnSpec::Cookie(x), ConnSpec::Cookie(y)) => x == y,
         (ConnSpec::Peer(x), ConnSpec::Peer(y)) => peer_key(x) == peer_key(y),
@@ -624,7 +99,7 @@ fn same_key(a: ConnSpec, b: ConnSpec) -> bool {
     }
 }
 
-fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
+pub(super) fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
     let (op, policy) = match action {
         Action::Enable(p) => (OP_ENABLE, p.to_raw()),
         Action::Disable => (OP_DISABLE, Default::default()),
@@ -642,14 +117,14 @@ fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
 
 /// Not connected yet (SYN_SENT), a socket has no peer name to read; a
 /// peer request knows it.
-fn remote_hint(conn: ConnSpec) -> Option<SocketAddr> {
+pub(super) fn remote_hint(conn: ConnSpec) -> Option<SocketAddr> {
     match conn {
         ConnSpec::Peer(p) => Some(p),
         ConnSpec::Cookie(_) => None,
     }
 }
 
-fn one(mut results: Vec<Result<Disabled>>) -> Result<Disabled> {
+pub(super) fn one(mut results: Vec<Result<Disabled>>) -> Result<Disabled> {
     results.pop().expect("one result")
 }
 
@@ -665,14 +140,14 @@ pub struct Op {
 
 /// The pending-request maps of one installation. Requests live for one
 /// pass, under the installation lock.
-struct Pending {
+pub(super) struct Pending {
     peer: Lent<HashMap<MapData, PeerKey, Request>>,
     cookie: Lent<HashMap<MapData, u64, Request>>,
     ports: Lent<Array<MapData, u32>>,
 }
 
 impl Pending {
-    fn open(layout: &PinLayout) -> Result<Self> {
+    pub(super) fn open(layout: &PinLayout) -> Result<Self> {
         Ok(Self {
             peer: lend(layout, maps::REQ_PEER)?,
             cookie: lend(layout, maps::REQ_COOKIE)?,
@@ -681,7 +156,7 @@ impl Pending {
     }
 
     /// Queues a request and raises the prefilter flag it needs.
-    fn queue(&mut self, conn: ConnSpec, request: Request) -> Result<()> {
+    pub(super) fn queue(&mut self, conn: ConnSpec, request: Request) -> Result<()> {
         let err = |e| Error::map("queueing the request", e);
         match conn {
             ConnSpec::Cookie(cookie) => {
@@ -698,7 +173,7 @@ impl Pending {
     /// Removes every request and flag: after a pass, and before one in case
     /// an earlier tcpka died mid-pass (the lock is held, so nothing else is
     /// pending).
-    fn clear(&mut self) -> Result<()> {
+    pub(super) fn clear(&mut self) -> Result<()> {
         let err = |e| Error::map("clearing the request maps", e);
         let peers: Vec<PeerKey> = self.peer.keys().filter_map(|k| k.ok()).collect();
         for key in peers {
@@ -940,7 +415,7 @@ impl Enforcer {
     }
 
     /// Records holders after an enable, forgets them after a plain disable.
-    fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Disabled> {
+    pub(super) fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Disabled> {
         if found.is_empty() {
             return Err(no_such(op.conn, op.local));
         }
@@ -994,7 +469,7 @@ impl Enforcer {
 
     /// Disable for one holder: connections with other holders keep
     /// keepalive.
-    fn disable_held_locked(&self, op: &Op) -> Result<Disabled> {
+    pub(super) fn disable_held_locked(&self, op: &Op) -> Result<Disabled> {
         let id = op.holder.as_deref().expect("a holder");
         let netns = op.netns.as_deref();
         let mut holders = Holders::open(&self.layout)?;
@@ -1090,7 +565,7 @@ impl Enforcer {
         Ok(out)
     }
 
-    fn apply_locked(
+    pub(super) fn apply_locked(
         &self,
         conn: ConnSpec,
         local: Option<SocketAddr>,
@@ -1112,7 +587,7 @@ impl Enforcer {
 
     /// The direct path: `None` when the connection index cannot vouch for
     /// the complete answer.
-    fn try_index(
+    pub(super) fn try_index(
         &self,
         conn: ConnSpec,
         local: Option<SocketAddr>,
@@ -1126,7 +601,7 @@ impl Enforcer {
 
     /// [`Self::try_index`], keeping each connection's borrowed descriptor
     /// for a next step on it.
-    fn try_index_held(
+    pub(super) fn try_index_held(
         &self,
         conn: ConnSpec,
         local: Option<SocketAddr>,
@@ -1155,7 +630,7 @@ impl Enforcer {
     /// The connections CONN names, held through their owners' descriptors
     /// (nothing applied yet); `None` when the index cannot vouch for the
     /// complete answer.
-    fn resolve_held(
+    pub(super) fn resolve_held(
         &self,
         conn: ConnSpec,
         local: Option<SocketAddr>,
@@ -1175,7 +650,7 @@ impl Enforcer {
 
     /// One walk of the socket table applying every request in `items`
     /// (distinct keys, one kind); returns each item's connections.
-    fn walk(
+    pub(super) fn walk(
         &self,
         items: &[(ConnSpec, Option<SocketAddr>, Action)],
         netns: Option<&Path>,
@@ -1211,7 +686,7 @@ impl Enforcer {
     /// With the ports index: when the walk enabled a connection outside
     /// the attached cgroup, attaches the state tracepoint that reports its
     /// close (sock_ops never runs for it).
-    fn watch_if_outside(&self, records: &[ConnRecord]) -> Result<()> {
+    pub(super) fn watch_if_outside(&self, records: &[ConnRecord]) -> Result<()> {
         if crate::pinned::index_mode_of(&self.layout) != loader::IndexMode::Ports
             || self.layout.close_link().exists()
         {
@@ -1232,7 +707,7 @@ impl Enforcer {
     /// Applies an action to a connection held through its owner's
     /// descriptor: the same socket options `bpf_setsockopt` would set, then
     /// the same record of it, read back from the kernel.
-    fn apply_held(
+    pub(super) fn apply_held(
         &self,
         h: &Held,
         action: Action,

@@ -1,0 +1,222 @@
+//! Rules for new connections: add, delete, list, names, and `apply` of a
+//! configuration file, in the pinned rule table.
+use super::*;
+
+pub(super) type RuleTable = LpmTrie<MapData, RuleKey, RuleValue>;
+
+/// A rule name as the kernel map stores it.
+pub(super) fn rule_name(name: &str) -> RuleName {
+    let mut bytes = [0u8; 32];
+    let n = name.len().min(32);
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    RuleName { bytes }
+}
+
+impl Enforcer {
+    pub(super) fn rules_map(&self) -> Result<RuleTable> {
+        let map = crate::pinned::open_map(&self.layout, maps::RULES)?;
+        LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
+    }
+
+    /// Adds a rule for connections established from now on; returns it with
+    /// its new id.
+    pub fn add_rule(&self, m: RuleMatch, policy: Policy, tracked: bool) -> Result<Rule> {
+        let _lock = self.lock()?;
+        let mut rules = self.rules_map()?;
+        self.insert_rule(&mut rules, m, policy, tracked, None)
+    }
+
+    /// Adds a rule under the lock; with a name, the name is written first
+    /// (a command killed in between leaves a name without a rule, which
+    /// nothing shows, rather than a named rule that looks hand-made).
+    pub(super) fn insert_rule(
+        &self,
+        rules: &mut RuleTable,
+        m: RuleMatch,
+        policy: Policy,
+        tracked: bool,
+        name: Option<&str>,
+    ) -> Result<Rule> {
+        let mut meta = crate::pinned::read_meta(&self.layout)?;
+        // Above every id in use, whatever the counter says.
+        let highest = rules
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, v)| v.id)
+            .max()
+            .unwrap_or(0);
+        let id = meta.next_rule_id.max(highest + 1).max(1);
+        let (prefix_len, data) = m.key();
+        let key = Key::new(prefix_len, data);
+        // The counter moves first: a command killed between the two steps
+        // skips an id, and never hands one out twice.
+        meta.next_rule_id = id + 1;
+        crate::pinned::write_meta(&self.layout, &meta)?;
+        if let Some(n) = name {
+            self.names_map()?
+                .insert(id, rule_name(n), 0)
+                .map_err(|e| Error::map("recording the rule's name", e))?;
+        }
+        crate::ports::sync_rules(&self.layout, rules, Some(&data), None)?;
+        let inserted = rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST);
+        if inserted.is_err() && name.is_some() {
+            let _ = self.names_map()?.remove(&id);
+        }
+        match inserted {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                let existing = rules.get(&key, 0).map(|v| v.id).unwrap_or(0);
+                return Err(Error::DuplicateRule(existing));
+            }
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::ENOSPC | libc::E2BIG)) =>
+            {
+                return Err(Error::RulesFull(RULES_MAX_ENTRIES));
+            }
+            Err(e) => return Err(Error::map("adding the rule", e)),
+        }
+        let mut rule = Rule::new(id, m, policy, tracked);
+        rule.name = name.map(str::to_owned);
+        Ok(rule)
+    }
+
+    /// Removes a rule. Connections that already got its policy keep it.
+    pub fn delete_rule(&self, id: u32) -> Result<Rule> {
+        let _lock = self.lock()?;
+        let mut rules = self.rules_map()?;
+        self.remove_rule(&mut rules, id)
+    }
+
+    pub(super) fn remove_rule(&self, rules: &mut RuleTable, id: u32) -> Result<Rule> {
+        let found = rules
+            .iter()
+            .filter_map(|r| r.ok())
+            .find(|(_, v)| v.id == id);
+        let Some((key, value)) = found else {
+            return Err(Error::NoSuchRule(id));
+        };
+        rules
+            .remove(&key)
+            .map_err(|e| Error::map(format!("removing rule {id}"), e))?;
+        crate::ports::sync_rules(&self.layout, rules, None, Some(&key.data()))?;
+        let names = self.rule_names()?;
+        let _ = self.names_map()?.remove(&id);
+        let mut rule = rule_from_entry(&key, &value);
+        rule.name = names.get(&id).cloned();
+        Ok(rule)
+    }
+
+    pub(super) fn names_map(&self) -> Result<HashMap<MapData, u32, RuleName>> {
+        HashMap::try_from(crate::pinned::open_map(&self.layout, maps::RULE_NAMES)?)
+            .map_err(|e| Error::map("opening the rule names", e))
+    }
+
+    /// Names of the rules a configuration file manages, by rule id.
+    pub(super) fn rule_names(&self) -> Result<std::collections::HashMap<u32, String>> {
+        let map = self.names_map()?;
+        let mut out = std::collections::HashMap::new();
+        for entry in map.iter() {
+            let (id, name) = entry.map_err(|e| Error::map("reading the rule names", e))?;
+            let len = name.bytes.iter().position(|b| *b == 0).unwrap_or(32);
+            out.insert(id, String::from_utf8_lossy(&name.bytes[..len]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Turns the kernel programs' decision log (`tcpka trace`) on or off;
+    /// returns whether it was on.
+    pub fn set_trace(&self, on: bool) -> Result<bool> {
+        let _lock = self.lock()?;
+        crate::ports::set_flag(&self.layout, keepalive_common::ports::FLAG_TRACE, on)
+    }
+
+    /// All rules, by id.
+    pub fn rules(&self) -> Result<Vec<Rule>> {
+        let rules = self.rules_map()?;
+        let names = self.rule_names()?;
+        let mut out = Vec::new();
+        for entry in rules.iter() {
+            let (key, value) = entry.map_err(|e| Error::map("reading the rule table", e))?;
+            let mut rule = rule_from_entry(&key, &value);
+            rule.name = names.get(&rule.id).cloned();
+            out.push(rule);
+        }
+        out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+
+    /// Brings the named rules to what `config` says (see
+    /// [`crate::config::plan`]); with `dry_run`, only says what it would do.
+    /// Everything is checked before the first change: a conflict or too
+    /// many rules changes nothing.
+    pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
+        let _lock = self.lock()?;
+        let steps = crate::config::plan(&self.rules()?, config).map_err(Error::Conflict)?;
+        let installed = self.rules()?.len();
+        let adds = steps
+            .iter()
+            .filter(|s| match s {
+                ConfigStep::Add { .. } => true,
+                ConfigStep::Change { from, to } => from.matcher() != to.matcher(),
+                ConfigStep::Remove { .. } => false,
+            })
+            .count();
+        if installed + adds > RULES_MAX_ENTRIES as usize {
+            return Err(Error::RulesFull(RULES_MAX_ENTRIES));
+        }
+        if dry_run {
+            return Ok(steps);
+        }
+        let mut rules = self.rules_map()?;
+        for (done, step) in steps.iter().enumerate() {
+            let r = self.apply_step(&mut rules, step);
+            if let Err(e) = r {
+                return Err(Error::Partial {
+                    done,
+                    total: steps.len(),
+                    step: step.to_string(),
+                    source: Box::new(e),
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    pub(super) fn apply_step(&self, rules: &mut RuleTable, step: &ConfigStep) -> Result<()> {
+        let policy = |r: &Rule| Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms);
+        match step {
+            ConfigStep::Add { rule } => {
+                let p = policy(rule)?;
+                self.insert_rule(rules, rule.matcher(), p, rule.tracked, rule.name.as_deref())?;
+            }
+            ConfigStep::Change { from, to } if from.matcher() == to.matcher() => {
+                // Same key: the value is replaced at once, id kept.
+                let (len, data) = to.matcher().key();
+                let value = to.matcher().value(from.id, policy(to)?, to.tracked);
+                rules
+                    .insert(&Key::new(len, data), value, BPF_EXIST)
+                    .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;
+            }
+            ConfigStep::Change { from, to } => {
+                // A new match: the new rule first, then the old one goes.
+                let p = policy(to)?;
+                self.insert_rule(rules, to.matcher(), p, to.tracked, to.name.as_deref())?;
+                self.remove_rule(rules, from.id)?;
+            }
+            ConfigStep::Remove { rule } => {
+                self.remove_rule(rules, rule.id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {
+    let m = RuleMatch::from_key(key.prefix_len(), &key.data(), value.fields);
+    Rule::new(
+        value.id,
+        m,
+        Policy::from_raw(&value.policy),
+        value.opts & rules::OPT_UNTRACKED == 0,
+    )
+}
