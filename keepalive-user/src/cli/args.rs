@@ -1,0 +1,565 @@
+//! The command line: every subcommand's arguments and their --help.
+use super::*;
+
+/// Kernel-side TCP keepalive policy enforcer.
+///
+/// tcpka attaches a sock_ops eBPF program to a cgroup v2 and sets
+/// SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT (and
+/// TCP_USER_TIMEOUT when asked) on TCP connections of any process in that
+/// cgroup, so dead peers are detected without changing the server.
+///
+/// Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
+#[derive(Parser, Debug)]
+#[command(name = "tcpka", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// bpffs directory holding tcpka's pinned programs and maps.
+    #[arg(long, global = true, env = tcpka::paths::PIN_DIR_ENV, default_value = tcpka::paths::DEFAULT_PIN_DIR)]
+    pub(crate) pin_dir: PathBuf,
+
+    /// Log format on stderr: human (the default), json (one object per
+    /// line), or journald (structured fields; the default when systemd
+    /// connects stderr to the journal). What is logged: RUST_LOG (e.g.
+    /// `tcpka=debug`) [default: info for serve, warn otherwise].
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub(crate) log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    Human,
+    Json,
+    Journald,
+}
+
+/// Logs go to stderr (or the journal), never to stdout, which is the
+/// command's result.
+pub(crate) fn init_logs(format: Option<LogFormat>, daemon: bool) {
+    use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
+    });
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal.
+    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() {
+        LogFormat::Journald
+    } else {
+        LogFormat::Human
+    });
+    let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let human = || {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(ansi)
+    };
+    let _ = match format {
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(j) => registry
+                .with(j.with_syslog_identifier("tcpka".into()))
+                .try_init(),
+            Err(e) => {
+                let r = registry.with(human()).try_init();
+                tracing::warn!("no journald ({e}); logging to stderr");
+                r
+            }
+        },
+        LogFormat::Human => registry.with(human()).try_init(),
+    };
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Load the kernel programs, attach them to a cgroup and pin everything,
+    /// so enforcement goes on after tcpka exits. Loading again is a no-op.
+    Load(LoadArgs),
+    /// Detach the programs and remove every pin (also fine when nothing is
+    /// loaded). Connections keep the keepalive values they already have.
+    Unload,
+    /// Rules for new connections.
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// Enable keepalive on live connections now, idle or not, whichever
+    /// process owns them (the reference's tcp_keepalive_enable).
+    ///
+    /// Prints how many connections changed; exits 1 with "no such
+    /// connection" when none matches.
+    Enable(EnableArgs),
+    /// Turn keepalive off on live connections now (tcp_keepalive_disable).
+    Disable(ConnArgs),
+    /// End live connections now, from the kernel side (tcpops'
+    /// tcp_close_connection): the owner's next call fails with
+    /// ECONNABORTED and the peer gets a reset; the owner need not
+    /// cooperate. Uses sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY), else
+    /// the bpf_sock_destroy kfunc (Linux 6.5+); TCPKA_CLOSE_WITH=sock_diag or
+    /// bpf_sock_destroy picks one, and `tcpka doctor` says which is used.
+    /// Exit 1 "no such connection" when none matches.
+    Close(CloseArgs),
+    /// Show managed connections (or, with CONN, the matching connections
+    /// whether managed or not) with the values read back from the kernel.
+    Status(StatusArgs),
+    /// Show whether tcpka is loaded, where, and its kernel-side counters.
+    Info(JsonArg),
+    /// Check what this host gives tcpka, one line per check (ok, MISSING or
+    /// note, and what to do): kernel and BTF, cgroup v2, bpffs, tracefs,
+    /// the hooks and index mode the loader would use, capabilities,
+    /// lockdown, and the state of the pins. Changes nothing; exits 1 when
+    /// something tcpka needs is missing.
+    Doctor(JsonArg),
+    /// Load (or adopt the pinned installation), serve the HTTP/JSON API
+    /// for a SIP controller, and log every event (policies applied,
+    /// connections closed, reset or timed out). Ctrl-C stops the daemon;
+    /// enforcement stays in place.
+    ///
+    /// API: POST /v1/enable, POST /v1/disable, POST /v1/close, GET /v1/connections,
+    /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
+    /// stream), GET /metrics (Prometheus), GET /healthz.
+    Serve(Box<ServeArgs>),
+    /// Print events as they happen (from a running `tcpka serve`).
+    Watch(WatchArgs),
+    /// Bring the installed rules to a configuration file's named rules: add
+    /// the new ones, change those that differ, remove the named ones it no
+    /// longer has. Rules added by hand are kept. An invalid file is refused
+    /// with its line and reason, changing nothing.
+    ///
+    /// The file (TOML): one [[rule]] table per rule, with name (1 to 32 of
+    /// A-Z a-z 0-9 . _ -), idle, count, interval, and optionally
+    /// local_port, remote_port, remote (CIDR), user_timeout_ms and
+    /// tracked (true: `rule add --tracked`).
+    Apply(ApplyArgs),
+    /// Make the running `tcpka serve` apply its --config file again
+    /// (sends it SIGHUP, like `systemctl reload tcpka`).
+    Reload,
+    /// Print what the kernel programs decide, as they decide it: the rule
+    /// each new connection got, a keepalive option the kernel refused, a
+    /// full connection map. Off unless a trace runs (the programs then test
+    /// one bit); Ctrl-C stops it. One trace at a time per installation.
+    Trace(TraceArgs),
+    /// Print a completion script for SHELL, e.g.
+    /// `tcpka completions bash > /etc/bash_completion.d/tcpka`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (section 8: tcpka.8 and one per command) into
+    /// DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct TraceArgs {
+    /// One JSON object per line: {"level", "message"}.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Turn off a trace left on by a trace that was killed, and exit.
+    #[arg(long)]
+    pub(crate) stop: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ApplyArgs {
+    /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
+    pub(crate) file: PathBuf,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Print the changes as a JSON array.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// How the kernel side learns which process holds each socket.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub(crate) enum Holders {
+    /// On demand: a command that meets a socket whose holder is unknown
+    /// searches every process's descriptors for it, and stops when it is
+    /// found (well under a millisecond per 10,000 descriptors). Costs the
+    /// rest of the host nothing.
+    #[default]
+    Scan,
+    /// Syscall tracepoints on accept/accept4/connect: every command takes
+    /// the direct path at once, but every syscall of every process on the
+    /// host then takes the kernel's slow path (about 25% on a cheap
+    /// syscall).
+    Syscalls,
+}
+
+impl From<Holders> for loader::HolderMode {
+    fn from(h: Holders) -> Self {
+        match h {
+            Holders::Scan => loader::HolderMode::Scan,
+            Holders::Syscalls => loader::HolderMode::Syscalls,
+        }
+    }
+}
+
+/// Who keeps the connection index that lets a command reach one
+/// connection without walking every socket.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum Index {
+    /// sock_ops indexes the cgroup's connections on an index port
+    /// (--index-ports) and watches them, and those a --tracked rule matched, until
+    /// they close; other connections cost five array reads, and commands
+    /// for them walk the socket table. Needs Linux 6.12.
+    Ports,
+    /// A state tracepoint indexes every connection on the host: any
+    /// connection is reached directly, and every connection on the host
+    /// pays for it (about 15% slower connection setup).
+    Host,
+}
+
+/// How the kernel side is set up when loading.
+#[derive(Args, Debug)]
+pub(crate) struct KernelArgs {
+    /// How socket holders are learned [default: scan].
+    #[arg(long, value_enum)]
+    pub(crate) holders: Option<Holders>,
+    /// Who keeps the connection index [default: ports on Linux 6.12 or
+    /// later, else host].
+    #[arg(long, value_enum)]
+    pub(crate) index: Option<Index>,
+    /// With --index ports: connections with either end on one of these
+    /// ports are indexed (comma-separated, or `all` for every connection in
+    /// the cgroup, or `` for none) [default: 5060,5061].
+    #[arg(long, value_parser = tcpka::ports::IndexPorts::parse)]
+    pub(crate) index_ports: Option<tcpka::ports::IndexPorts>,
+    /// Report `applied` and `closed` events for the connections rules
+    /// match (off: a rule costs each connection no event). Timeouts, resets
+    /// and aborts are always reported, and every event of connections
+    /// enabled by command.
+    #[arg(long)]
+    pub(crate) rule_events: bool,
+    /// Capacity of the managed-connection table [default: 262144]. Past it,
+    /// rules still apply but their connections are not tracked.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    pub(crate) max_connections: Option<u32>,
+    /// Capacity of the connection index, in sockets [default: 1048576]. Past
+    /// it, commands walk the socket table.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    pub(crate) max_indexed: Option<u32>,
+    /// Capacity of the holder table, holders on all connections together
+    /// [default: 131072]. Past it, `enable --holder` is refused.
+    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
+    pub(crate) max_holders: Option<u32>,
+}
+
+impl KernelArgs {
+    pub(crate) fn options(&self) -> loader::LoadOptions {
+        self.options_over(&ServeSettings::default())
+    }
+
+    /// These options over a configuration file's: an option given here
+    /// wins.
+    pub(crate) fn options_over(&self, file: &ServeSettings) -> loader::LoadOptions {
+        loader::LoadOptions {
+            holders: self
+                .holders
+                .map(Into::into)
+                .or(file.holders)
+                .unwrap_or_default(),
+            index: self
+                .index
+                .map(|i| match i {
+                    Index::Ports => loader::IndexMode::Ports,
+                    Index::Host => loader::IndexMode::Host,
+                })
+                .or(file.index),
+            index_ports: self
+                .index_ports
+                .clone()
+                .or_else(|| file.index_ports.clone())
+                .unwrap_or_default(),
+            rule_events: self.rule_events || file.rule_events.unwrap_or(false),
+            sizes: loader::MapSizes {
+                connections: self.max_connections.or(file.sizes.connections),
+                indexed: self.max_indexed.or(file.sizes.indexed),
+                holders: self.max_holders.or(file.sizes.holders),
+            },
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LoadArgs {
+    /// cgroup v2 directory to attach to [default: the root of the cgroup v2
+    /// mount, i.e. every process on the host].
+    #[arg(long)]
+    pub(crate) cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) kernel: KernelArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// cgroup v2 directory to attach to when not loaded yet [default: the
+    /// root of the cgroup v2 mount].
+    #[arg(long)]
+    pub(crate) cgroup: Option<PathBuf>,
+    /// How the kernel side is set up, when serve loads.
+    #[command(flatten)]
+    pub(crate) kernel: KernelArgs,
+    /// Configuration file whose named rules are applied at start and on
+    /// SIGHUP (`tcpka reload`); see `tcpka apply --help`.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Log the kernel programs' decisions (as `tcpka trace` prints them),
+    /// at most this detailed: error, warn, info or debug. Off by default:
+    /// the programs then test one bit.
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    pub(crate) kernel_log: Option<log::LevelFilter>,
+    /// Log one JSON object per line instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Where the API listens: ADDR:PORT or unix:/path. A non-loopback
+    /// address needs --token.
+    #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
+    pub(crate) listen: Option<Listen>,
+    /// Require `Authorization: Bearer TOKEN` (or HTTP Basic with the token
+    /// as the password) on every request. Prefer
+    /// --token-file or the TCPKA_TOKEN environment variable: an argument
+    /// is visible to every local user in `ps`. A TCP listener always has a
+    /// token: without one, serve generates one into /run/tcpka/api-token
+    /// (readable by root, and by --api-group).
+    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Read the token from FILE (one line; not readable by others).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Group (name or gid) whose members may use the API besides root: a
+    /// unix socket listener is made mode 0660 with this group, and a
+    /// generated token file 0640.
+    #[arg(long, value_name = "GROUP")]
+    pub(crate) api_group: Option<String>,
+    /// POST each timeout/reset/closed/aborted event (and gap markers) as
+    /// JSON to this URL, http:// or https:// (retried with backoff; a
+    /// bounded queue, drops counted in /metrics and reported as a gap).
+    #[arg(long, value_name = "URL")]
+    pub(crate) webhook: Option<String>,
+    /// Sign every webhook request with this secret (the file's first
+    /// line): headers X-Tcpka-Timestamp (Unix seconds) and
+    /// X-Tcpka-Signature: sha256=HEX, the HMAC-SHA256 of
+    /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) webhook_secret_file: Option<PathBuf>,
+    /// A token (the file's first line) for the receivers of events that
+    /// cannot check an HMAC, such as Kamailio's configuration: sent as
+    /// `Authorization: Bearer TOKEN` with every webhook request (loopback
+    /// or https only) and as `"token"` in every event over --evapi.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) events_token_file: Option<PathBuf>,
+    /// Kamailio's evapi server (HOST:PORT, on this host): tcpka connects,
+    /// takes enable/disable commands relayed with evapi_relay() (JSON
+    /// netstrings; ones that arrive together are applied together) and
+    /// sends events back, into event_route[evapi:message-received].
+    /// Reconnects with backoff.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) evapi: Option<SocketAddr>,
+    /// The user Kamailio runs as (name or uid): tcpka talks only to an
+    /// evapi server whose socket belongs to root or to this user
+    /// [default: kamailio].
+    #[arg(long, value_name = "USER")]
+    pub(crate) evapi_user: Option<String>,
+    /// Also trust the CA certificate(s) in this PEM file for an https://
+    /// webhook (the public web's CAs are trusted already).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) webhook_ca: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WatchArgs {
+    /// The API of `tcpka serve` (host:port).
+    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN)]
+    pub(crate) api: String,
+    /// Token of the API [default: TCPKA_TOKEN, else the file serve
+    /// generated, /run/tcpka/api-token].
+    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Read the token from FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// CONN: the peer endpoint `IP:PORT` or `[IPv6]:PORT` (Kamailio's
+/// `$si:$sp`), optionally prefixed `tcp:`, `tls:`, `ws:` or `wss:`; a SIP URI
+/// such as `sip:10.0.0.2:5060;transport=tcp`; or `cookie:N` (decimal or 0x
+/// hex, as SO_COOKIE and `ss -e` `sk:` show it).
+#[derive(Args, Debug)]
+pub(crate) struct ConnArgs {
+    #[command(flatten)]
+    pub(crate) which: Which,
+    /// Who needs the keepalive (a SIP controller passes the Call-ID). A
+    /// connection keeps keepalive while any holder remains: `disable
+    /// --holder` only turns it off when the last holder goes; `disable`
+    /// without one turns it off and forgets all holders.
+    #[arg(long, value_name = "ID", value_parser = parse_holder)]
+    pub(crate) holder: Option<String>,
+    /// Print the connections changed as JSON (as `status --json`).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Which live connections a command acts on.
+#[derive(Args, Debug)]
+pub(crate) struct Which {
+    /// The connection(s): peer endpoint, SIP URI or cookie:N.
+    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
+    pub(crate) conn: ConnSpec,
+    /// Only the connection with this local end (Kamailio's `$Ri:$Rp`).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint)]
+    pub(crate) local: Option<SocketAddr>,
+    /// Act in another network namespace, e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CloseArgs {
+    #[command(flatten)]
+    pub(crate) which: Which,
+    /// Print the connections closed as JSON (as they were).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct EnableArgs {
+    #[command(flatten)]
+    pub(crate) target: ConnArgs,
+    #[command(flatten)]
+    pub(crate) policy: PolicyArgs,
+}
+
+/// IDLE COUNT INTERVAL in the reference module's order, plus the optional
+/// user timeout: shared by `enable` and `rule add`.
+#[derive(Args, Debug)]
+pub(crate) struct PolicyArgs {
+    /// Seconds idle before the first probe (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("IDLE", s))]
+    pub(crate) idle: u32,
+    /// Unanswered probes before the connection is dropped (1..=127).
+    #[arg(value_parser = |s: &str| parse_u32("COUNT", s))]
+    pub(crate) count: u32,
+    /// Seconds between probes (1..=32767).
+    #[arg(value_parser = |s: &str| parse_u32("INTERVAL", s))]
+    pub(crate) interval: u32,
+    /// Also set TCP_USER_TIMEOUT to MS milliseconds (0 = kernel default).
+    /// A non-zero value makes the kernel ignore COUNT.
+    #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
+    pub(crate) user_timeout: Option<u32>,
+}
+
+impl PolicyArgs {
+    pub(crate) fn policy(&self) -> Result<Policy, Error> {
+        Ok(Policy::new(
+            self.idle,
+            self.count,
+            self.interval,
+            self.user_timeout,
+        )?)
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// Show this connection (peer endpoint, SIP URI or cookie:N), managed
+    /// or not; exit 1 when there is none.
+    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
+    pub(crate) conn: Option<ConnSpec>,
+    /// With CONN: only the connection with this local end.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint, requires = "conn")]
+    pub(crate) local: Option<SocketAddr>,
+    /// Network namespace to look in [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: Option<PathBuf>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RuleCommand {
+    /// Add a rule for connections established from now on; prints its id.
+    ///
+    /// Arguments in the reference module's order: IDLE COUNT INTERVAL.
+    /// The rule with the most fields set wins; among --remote prefixes the
+    /// longest wins; on a tie the older rule (lower id) wins.
+    Add(RuleAddArgs),
+    /// Delete a rule. Connections that already got its policy keep it.
+    Del {
+        /// Rule id, as printed by `rule add` and `rule list`.
+        #[arg(value_parser = |s: &str| parse_u32("ID", s))]
+        id: u32,
+    },
+    /// List the rules.
+    List(JsonArg),
+    /// Show which rule a new connection from LOCAL to REMOTE would get, and
+    /// why (the precedence sock_ops applies), without changing anything.
+    Explain(RuleExplainArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RuleExplainArgs {
+    /// LOCAL REMOTE: this host's end and the peer's of a new connection
+    /// (ADDR:PORT, IPv6 as [ADDR]:PORT); or one CONN (peer endpoint, SIP
+    /// URI or cookie:N): the live connections it names, with the values
+    /// they hold.
+    #[arg(num_args = 1..=2, required = true, value_name = "LOCAL REMOTE | CONN")]
+    pub(crate) ends: Vec<String>,
+    /// With CONN: the network namespace to look in [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: Option<PathBuf>,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RuleAddArgs {
+    /// Only connections whose local port is P (a server's listening port
+    /// for inbound connections).
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) local_port: Option<u16>,
+    /// Only connections whose remote port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) remote_port: Option<u16>,
+    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
+    /// bare address means one host).
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
+    pub(crate) remote: Option<Cidr>,
+    #[command(flatten)]
+    pub(crate) policy: PolicyArgs,
+    /// Track the connections the rule matches: `status` lists them and
+    /// their timeout, reset or abort is reported as an event. Without it
+    /// (the default) the rule only sets the values, which costs each new
+    /// connection the least; the kernel still ends a dead one. Tracking
+    /// costs about 1 µs more per connection setup (see the README's
+    /// Performance section).
+    #[arg(long)]
+    pub(crate) tracked: bool,
+    /// The default: only set the values (kept for scripts).
+    #[arg(long, hide = true, conflicts_with = "tracked")]
+    pub(crate) untracked: bool,
+    /// Print the new rule as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

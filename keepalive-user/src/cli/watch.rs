@@ -1,0 +1,74 @@
+//! `tcpka watch`: the event stream of a running `tcpka serve`.
+use super::*;
+
+/// Streams `GET /v1/events` and prints each event.
+pub(crate) async fn watch(a: WatchArgs) -> Result<(), Error> {
+    let url = format!("http://{}/v1/events", a.api);
+    let fail = |what: String| Error::Io {
+        what,
+        source: std::io::ErrorKind::Other.into(),
+    };
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(tcpka::access::read_token_file(f)?),
+        (None, None) => {
+            let f = tcpka::access::default_token_file();
+            f.exists()
+                .then(|| tcpka::access::read_token_file(&f))
+                .transpose()?
+        }
+    };
+    let client = reqwest::Client::new();
+    let mut req = client.get(&url);
+    if let Some(t) = &token {
+        req = req.bearer_auth(t);
+    }
+    let mut resp = req.send().await.map_err(|e| {
+        fail(format!(
+            "connecting to {url} (is `tcpka serve` running?): {e}"
+        ))
+    })?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("{url}: HTTP {}", resp.status())));
+    }
+    let mut pending = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| fail(format!("reading {url}: {e}")))?
+    {
+        pending.extend_from_slice(&chunk);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if a.json {
+                tcpka::outln!("{line}");
+            } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["kind"] == "gap" {
+                    tcpka::outln!(
+                        "{} gap: {} events missed ({})",
+                        v["time"].as_str().unwrap_or("-"),
+                        v["missed"],
+                        v["reason"].as_str().unwrap_or("?")
+                    );
+                    continue;
+                }
+                tcpka::outln!(
+                    "{} {} {} -> {} cookie={} {}",
+                    v["time"].as_str().unwrap_or("-"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["local"].as_str().unwrap_or("?"),
+                    v["remote"].as_str().unwrap_or("?"),
+                    v["cookie"],
+                    v["error"]
+                        .as_u64()
+                        .map(|e| format!("error={e}"))
+                        .unwrap_or_default(),
+                );
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        }
+    }
+    Ok(())
+}
