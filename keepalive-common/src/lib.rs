@@ -17,7 +17,7 @@ pub mod programs {
     pub const ITER_STATUS: &str = "tcpka_iter_status";
     /// tp_btf/inet_sock_set_state program: indexes established connections
     /// and forgets closed ones.
-    pub const CLOSE: &str = "tcpka_close";
+    pub const STATE: &str = "tcpka_state";
     /// iter/tcp program that indexes the connections of one namespace that
     /// existed before tcpka was loaded.
     pub const SEED_PEERS: &str = "tcpka_seed_peers";

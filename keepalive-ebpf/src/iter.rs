@@ -272,7 +272,7 @@ pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
 
 /// Indexes the connections of the reader's network namespace that existed
 /// before tcpka was loaded (later ones are indexed as they connect, by
-/// sock_ops or by `close.rs`): all of them with `--index host`, those on an
+/// sock_ops or by `state.rs`): all of them with `--index host`, those on an
 /// index port with `--index ports`, watched until they close.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]

@@ -4,7 +4,6 @@
 #![no_main]
 
 mod apply;
-mod close;
 mod fds;
 mod index;
 mod iter;
@@ -12,6 +11,7 @@ mod lookup;
 mod maps;
 mod sock;
 mod sockops;
+mod state;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -63,7 +63,7 @@ pub static FDS: LruHashMap<u64, FdOwner> = LruHashMap::with_max_entries(index::F
 #[map(name = "TCPKA_SEEDED")]
 pub static SEEDED: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
-// Written by user space; the count goes with the connection (close.rs), the
+// Written by user space; the count goes with the connection (state.rs), the
 // holder entries of closed connections are swept by user space.
 #[map(name = "TCPKA_HOLDERS")]
 pub static HOLDERS: HashMap<HolderKey, u8> = HashMap::with_max_entries(holders::MAX_ENTRIES, 1);

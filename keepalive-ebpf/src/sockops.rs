@@ -1,7 +1,7 @@
 //! sock_ops: when a connection is established (either side), applies the
 //! best matching rule and, with `--index ports`, indexes it if one of its
 //! ports is an index port. Both kinds are then watched until they close
-//! (the STATE callback), when `close.rs` forgets them; a rule with
+//! (the STATE callback), when `state.rs` forgets them; a rule with
 //! `OPT_UNTRACKED` only sets the values.
 //!
 //! A connection whose ports no rule and no index port names costs five array
@@ -33,8 +33,9 @@ use keepalive_common::{
 
 use crate::{
     apply::{apply_policy, best_rule, emit, Candidates},
-    close, index,
+    index,
     maps::{count, host_index, index_port, port_flags, CONNS},
+    state,
 };
 
 const AF_INET: u32 = 2;
@@ -75,7 +76,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                 // them was never indexed (the ports are still bound here:
                 // the callback runs before the state changes).
                 let (local, remote) = ports(ops);
-                close::forget(sk, cookie, index_port(port_flags(), local, remote));
+                state::forget(sk, cookie, index_port(port_flags(), local, remote));
             }
             Ok(())
         }
@@ -135,7 +136,7 @@ macro_rules! addr {
 }
 
 /// Indexes a connection (an index port) and watches it until it closes:
-/// close.rs reports a managed connection's end and forgets what was kept
+/// state.rs reports a managed connection's end and forgets what was kept
 /// about it.
 #[inline(always)]
 fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool, cookie: u64) {

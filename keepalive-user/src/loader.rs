@@ -729,7 +729,7 @@ fn load_and_pin(
     // the tracepoint is only pinned, to be attached while connections
     // outside the cgroup are managed (see `watch_outside`).
     {
-        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::CLOSE)?;
+        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::STATE)?;
         prog.load("inet_sock_set_state", &btf)
             .map_err(|e| Error::Program {
                 what: "loading the close tracepoint program".into(),

@@ -1,6 +1,7 @@
-//! What happens when a connection closes ([`forget`]), and the host-wide
-//! way to see it: tp_btf/inet_sock_set_state indexes every connection as it
-//! connects and forgets it when it closes (`--index host`). With the
+//! A connection's changes of TCP state: tp_btf/inet_sock_set_state indexes
+//! every connection as it connects and forgets it when it closes (`--index
+//! host`), and what happens when a managed connection closes ([`forget`]:
+//! its entries go, its end is reported). With the
 //! default `--index ports`, sock_ops calls [`forget`] instead, for the
 //! connections it was asked to watch.
 //!
@@ -27,7 +28,7 @@ use crate::{
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn tcpka_close(ctx: BtfTracePointContext) -> u32 {
+pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let newstate = ctx.arg::<u64>(2) as u32;
     if !host_index() {
