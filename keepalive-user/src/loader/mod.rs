@@ -3,6 +3,12 @@
 //!
 //! A load that fails halfway removes whatever it pinned: the host is left
 //! as it was.
+//!
+//! `load_and_pin` is long on purpose: it is one sequence of steps in the
+//! order the kernel needs them (maps before the programs that use them,
+//! the state tracepoint before sock_ops, sock_ops attached last), and
+//! reads best in that order. Which index a load gets, what is attached,
+//! the hooks and the filesystems a load needs are in the submodules.
 use std::{
     fs::File,
     os::fd::AsFd as _,
@@ -24,66 +30,15 @@ use crate::pinned::{holder_mode, index_mode, index_mode_of, open_map, read_meta,
 pub use crate::pinned::{HolderMode, IndexMode};
 use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
 
-/// The first kernel whose `bpf_setsockopt` sets sock_ops callback flags.
-const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);
+mod attach;
+mod hooks;
+mod index_choice;
+mod mounts;
 
-pub use crate::host::{kernel_release, kernel_version};
-
-/// Whether `release` sets sock_ops callback flags from `bpf_setsockopt`.
-fn supports_ports_index(release: &str) -> bool {
-    kernel_version(release).is_some_and(|v| v >= CB_FLAGS_KERNEL)
-}
-
-/// The index mode for a kernel `release`: the one asked for, else `ports`
-/// where the kernel supports it and `host` where it does not; `Err` with
-/// the reason when `ports` is asked of a kernel without it.
-fn index_for(
-    release: &str,
-    requested: Option<IndexMode>,
-) -> std::result::Result<IndexMode, String> {
-    let supported = supports_ports_index(release);
-    match requested {
-        Some(IndexMode::Ports) if !supported => Err(format!(
-            "--index ports needs Linux 6.12 or later to watch connections it did not see connect (this kernel: {release}); use --index host"
-        )),
-        Some(mode) => Ok(mode),
-        None if supported => Ok(IndexMode::Ports),
-        None => Ok(IndexMode::Host),
-    }
-}
-
-/// The index mode to load with (see [`index_for`]); logs why when the
-/// kernel decided.
-pub fn choose_index(requested: Option<IndexMode>) -> Result<IndexMode> {
-    let release = kernel_release();
-    let mode = index_for(&release, requested).map_err(|what| Error::Io {
-        what,
-        source: std::io::ErrorKind::Unsupported.into(),
-    })?;
-    if requested.is_none() && mode == IndexMode::Host {
-        tracing::warn!(
-            "kernel {release} is older than 6.12: the connection index is kept host-wide (--index host), which costs every connection on the host"
-        );
-    }
-    Ok(mode)
-}
-
-/// The index mode a load without `--index` picks here, and why.
-pub fn default_index() -> (IndexMode, &'static str) {
-    match index_for(&kernel_release(), None) {
-        Ok(IndexMode::Ports) => (IndexMode::Ports, "the kernel is 6.12 or later"),
-        _ => (IndexMode::Host, "the kernel is older than 6.12"),
-    }
-}
-
-/// Why an installation has its index mode, for `info`.
-pub fn index_reason(mode: IndexMode) -> &'static str {
-    match (mode, supports_ports_index(&kernel_release())) {
-        (IndexMode::Ports, _) => "the default on Linux 6.12 and later",
-        (IndexMode::Host, true) => "asked for with --index host",
-        (IndexMode::Host, false) => "this kernel is older than 6.12",
-    }
-}
+pub use attach::*;
+pub use hooks::*;
+pub use index_choice::*;
+pub use mounts::*;
 
 /// How to load.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -168,244 +123,6 @@ impl LoadOutcome {
     }
 }
 
-/// Whether the installation's sock_ops link is pinned. A pin directory we
-/// may not look into is an error that says which privilege is missing,
-/// not "not loaded".
-pub fn is_loaded(layout: &PinLayout) -> Result<bool> {
-    match std::fs::symlink_metadata(layout.sock_ops_link()) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::NoPrivilege {
-            what: format!("reading {}", layout.dir().display()),
-        }),
-        Err(e) => Err(Error::io(format!("reading {}", layout.dir().display()), e)),
-    }
-}
-
-/// Reads the installation record, or `None` when nothing is loaded.
-pub fn installed(layout: &PinLayout) -> Result<Option<Installation>> {
-    if !is_loaded(layout)? {
-        return Ok(None);
-    }
-    let meta = read_meta(layout)?;
-    let link = sock_ops_link_info(layout)?;
-    let cgroup = meta_cgroup_path(&meta);
-    // A removed cgroup lingers, with the program attached, until its last
-    // socket is freed; what counts is the cgroup now at the path.
-    let at_path = std::fs::metadata(&cgroup)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .ok();
-    Ok(Some(Installation {
-        pin_dir: layout.dir().to_path_buf(),
-        cgroup,
-        cgroup_id: meta.cgroup_id,
-        attached: link.cgroup_id != 0
-            && link.cgroup_id == meta.cgroup_id
-            && at_path == Some(meta.cgroup_id),
-        seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
-        holders: holder_mode(&meta),
-        index: index_mode(&meta),
-    }))
-}
-
-/// What one pinned link attaches, for `info`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Hook {
-    /// The pin's file name.
-    pub pin: String,
-    /// Where it runs, e.g. `cgroup sock_ops`, `tp_btf inet_sock_set_state`.
-    pub attach: &'static str,
-    /// Who pays for it: `cgroup` (connections of processes in the attached
-    /// cgroup), `host` (every process), `on demand` (only when read).
-    pub cost: &'static str,
-}
-
-/// The links this installation has pinned, and what each costs.
-pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
-    let known: [(&str, &'static str, &'static str); 11] = [
-        (crate::paths::SOCK_OPS_LINK, "cgroup sock_ops", "cgroup"),
-        (
-            crate::paths::CLOSE_LINK,
-            "tp_btf inet_sock_set_state",
-            "host: every TCP state change",
-        ),
-        (
-            crate::paths::ACCEPT4_LINK,
-            "tracepoint syscalls:sys_exit_accept4",
-            "host: every syscall",
-        ),
-        (
-            crate::paths::ACCEPT_LINK,
-            "tracepoint syscalls:sys_exit_accept",
-            "host: every syscall",
-        ),
-        (
-            crate::paths::CONNECT_LINK,
-            "tracepoint syscalls:sys_enter_connect",
-            "host: every syscall",
-        ),
-        (crate::paths::ITER_APPLY, "iter tcp", "on demand"),
-        (crate::paths::ITER_STATUS, "iter tcp", "on demand"),
-        (crate::paths::ITER_SEED_PEERS, "iter tcp", "on demand"),
-        (crate::paths::ITER_SEED_FDS, "iter task_file", "on demand"),
-        (crate::paths::ITER_FIND_FDS, "iter task_file", "on demand"),
-        ("link_sockops_new", "cgroup sock_ops", "cgroup"),
-    ];
-    known
-        .iter()
-        .filter(|(pin, _, _)| layout.dir().join(pin).exists())
-        .map(|&(pin, attach, cost)| Hook {
-            pin: pin.to_owned(),
-            attach,
-            cost,
-        })
-        .collect()
-}
-
-/// With the ports index: attaches the state tracepoint, so that the close
-/// of a managed connection outside the attached cgroup (where sock_ops
-/// never runs) is reported. Costs every connection on the host while
-/// attached; [`unwatch_outside`] detaches it once no such connection is
-/// left. Call with the installation lock held.
-pub fn watch_outside(layout: &PinLayout) -> Result<()> {
-    let link = layout.close_link();
-    if link.exists() || !layout.close_prog().exists() {
-        return Ok(());
-    }
-    let prog = sys::obj_get(&layout.close_prog())
-        .map_err(|e| Error::io("opening the close tracepoint program", e))?;
-    let fd = sys::raw_tracepoint_open(prog.as_fd())
-        .map_err(|e| Error::io("attaching to tracepoint inet_sock_set_state", e))?;
-    sys::obj_pin(fd.as_fd(), &link)
-        .map_err(|e| Error::io(format!("pinning {}", link.display()), e))?;
-    tracing::info!(
-        "a managed connection is outside cgroup {}: watching closes host-wide until none is left",
-        read_meta(layout)
-            .map(|m| meta_cgroup_path(&m).display().to_string())
-            .unwrap_or_default()
-    );
-    Ok(())
-}
-
-/// Detaches the state tracepoint [`watch_outside`] attached once no
-/// managed connection is outside the cgroup. Returns whether it did.
-/// Takes the installation lock.
-pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
-    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
-        return Ok(false);
-    }
-    let _lock = Lock::acquire(layout)?;
-    unwatch_outside_locked(layout)
-}
-
-/// [`unwatch_outside`] for a caller that holds the installation lock.
-pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
-    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
-        return Ok(false);
-    }
-    let map = open_map(layout, maps::CONNS)?;
-    let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
-        aya::maps::HashMap::try_from(map)
-            .map_err(|e| Error::map("opening the connection map", e))?;
-    let outside = conns
-        .iter()
-        .filter_map(|r| r.ok())
-        .any(|(_, i)| i.flags & keepalive_common::conns::FLAG_OUTSIDE != 0);
-    if outside {
-        return Ok(false);
-    }
-    std::fs::remove_file(layout.close_link())
-        .map_err(|e| Error::io(format!("removing {}", layout.close_link().display()), e))?;
-    tracing::info!(
-        "no managed connection outside the cgroup is left: the state tracepoint is detached"
-    );
-    Ok(true)
-}
-
-fn sock_ops_link_info(layout: &PinLayout) -> Result<sys::CgroupLinkInfo> {
-    let path = layout.sock_ops_link();
-    let link =
-        sys::obj_get(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    sys::cgroup_link_info(link.as_fd())
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))
-}
-
-/// Attaches the pinned sock_ops program to `cgroup` with a new link, puts
-/// that link in place of the pinned one and records the cgroup. The
-/// caller holds the lock.
-fn reattach(layout: &PinLayout, cgroup: &Cgroup) -> Result<Installation> {
-    let info = sock_ops_link_info(layout)?;
-    let prog = sys::prog_get_fd_by_id(info.prog_id)
-        .map_err(|e| Error::io("opening the sock_ops program", e))?;
-    let dir = File::open(&cgroup.path)
-        .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.path.display()), e))?;
-    let link = sys::link_create_cgroup(prog.as_fd(), dir.as_fd(), sys::BPF_CGROUP_SOCK_OPS)
-        .map_err(|e| Error::io(format!("attaching to cgroup {}", cgroup.path.display()), e))?;
-    // Pinned under a new name, then renamed over the old pin: the
-    // installation is never seen without its link.
-    let pin = layout.sock_ops_link();
-    // NB: bpffs refuses names with a dot.
-    let fresh = layout
-        .dir()
-        .join(format!("{}_new", crate::paths::SOCK_OPS_LINK));
-    let _ = std::fs::remove_file(&fresh);
-    sys::obj_pin(link.as_fd(), &fresh)
-        .map_err(|e| Error::io(format!("pinning {}", fresh.display()), e))?;
-    std::fs::rename(&fresh, &pin).map_err(|e| {
-        let _ = std::fs::remove_file(&fresh);
-        Error::io(format!("replacing {}", pin.display()), e)
-    })?;
-    let mut meta = read_meta(layout)?;
-    set_meta_cgroup(&mut meta, cgroup);
-    write_meta(layout, &meta)?;
-    tracing::info!("re-attached to cgroup {}", cgroup.path.display());
-    Ok(Installation {
-        pin_dir: layout.dir().to_path_buf(),
-        cgroup: cgroup.path.clone(),
-        cgroup_id: cgroup.id,
-        attached: true,
-        seeded: meta.flags & keepalive_common::meta::FLAG_SEEDED != 0,
-        holders: holder_mode(&meta),
-        index: index_mode(&meta),
-    })
-}
-
-fn meta_cgroup_path(meta: &Meta) -> PathBuf {
-    let len = (meta.cgroup_path_len as usize).min(meta.cgroup_path.len());
-    PathBuf::from(String::from_utf8_lossy(&meta.cgroup_path[..len]).into_owned())
-}
-
-fn set_meta_cgroup(meta: &mut Meta, cgroup: &Cgroup) {
-    let path_bytes = cgroup.path.to_string_lossy().into_owned().into_bytes();
-    meta.cgroup_id = cgroup.id;
-    meta.cgroup_path = [0; keepalive_common::meta::PATH_MAX];
-    let n = path_bytes.len().min(meta.cgroup_path.len());
-    meta.cgroup_path[..n].copy_from_slice(&path_bytes[..n]);
-    meta.cgroup_path_len = n as u32;
-}
-
-/// Re-attaches an installation whose cgroup was removed, once a cgroup
-/// exists again at the recorded path (a restarted service). Returns the
-/// installation when it re-attached, `None` when nothing needed doing or
-/// the cgroup is not back yet.
-pub fn repair_attachment(layout: &PinLayout) -> Result<Option<Installation>> {
-    match installed(layout)? {
-        Some(i) if !i.attached => {}
-        _ => return Ok(None),
-    }
-    let _lock = Lock::acquire(layout)?;
-    let Some(current) = installed(layout)? else {
-        return Ok(None);
-    };
-    if current.attached {
-        return Ok(None);
-    }
-    let Ok(cgroup) = Cgroup::open(&current.cgroup) else {
-        return Ok(None);
-    };
-    reattach(layout, &cgroup).map(Some)
-}
-
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
 pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Result<LoadOutcome> {
@@ -468,90 +185,6 @@ impl Drop for Undo<'_> {
             }
         }
     }
-}
-
-/// Makes sure the pin directory's parent is on bpffs, mounting bpffs at its
-/// usual place `/sys/fs/bpf` when nothing is mounted there (as `bpftool`
-/// does).
-fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
-    let parent = layout.dir().parent().unwrap_or(Path::new("/"));
-    if is_bpffs(parent) {
-        return check_pin_dir(layout);
-    }
-    if parent == Path::new(crate::paths::BPFFS) {
-        // NB: mode=700 as systemd mounts it (bpffs defaults to 1777).
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some("mode=700"),
-        )
-        .map_err(|e| Error::io(format!("mounting bpffs on {}", parent.display()), e.into()))?;
-        return check_pin_dir(layout);
-    }
-    Err(Error::io(
-        format!("{} is not on a bpffs mount", parent.display()),
-        std::io::ErrorKind::InvalidInput.into(),
-    ))
-}
-
-/// Where tracefs is mounted on a usual host.
-const TRACEFS: &str = "/sys/kernel/tracing";
-/// Where debugfs shows tracefs when only debugfs is mounted.
-const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
-
-/// Makes sure tracefs can be read, mounting it at its usual place
-/// `/sys/kernel/tracing` when neither it nor debugfs's view is mounted (a
-/// fresh host, a container or a minimal image mounts neither), as bpffs is.
-pub fn ensure_tracefs() -> Result<()> {
-    let has_events = |dir: &str| Path::new(dir).join("events").is_dir();
-    if has_events(TRACEFS) || has_events(DEBUGFS_TRACING) {
-        return Ok(());
-    }
-    const TRACEFS_MAGIC: i64 = 0x7472_6163;
-    let mounted = nix::sys::statfs::statfs(TRACEFS)
-        .map(|s| s.filesystem_type().0 == TRACEFS_MAGIC)
-        .unwrap_or(false);
-    if !mounted {
-        nix::mount::mount(
-            Some("tracefs"),
-            TRACEFS,
-            Some("tracefs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            Error::io(
-                format!("tracefs is not mounted and mounting it on {TRACEFS} failed (the kernel needs CONFIG_TRACING and tcpka CAP_SYS_ADMIN)"),
-                e.into(),
-            )
-        })?;
-        tracing::info!("mounted tracefs on {TRACEFS}");
-    }
-    if has_events(TRACEFS) {
-        Ok(())
-    } else {
-        Err(Error::io(
-            format!("{TRACEFS} has no events directory: this kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"),
-            std::io::ErrorKind::NotFound.into(),
-        ))
-    }
-}
-
-/// An existing pin directory must itself be on bpffs (nothing else mounted
-/// over it), so that removing pins never removes anything else.
-fn check_pin_dir(layout: &PinLayout) -> Result<()> {
-    let dir = layout.dir();
-    if std::fs::symlink_metadata(dir).is_ok() && !is_bpffs(dir) {
-        return Err(Error::io(
-            format!("{} is not on a bpffs mount", dir.display()),
-            std::io::ErrorKind::InvalidInput.into(),
-        ));
-    }
-    Ok(())
 }
 
 fn load_and_pin(
@@ -1006,41 +639,4 @@ fn remove_pins(layout: &PinLayout) -> Result<bool> {
         }
     }
     Ok(found)
-}
-
-/// Whether `path` is on a bpffs mount.
-pub fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn index_mode_follows_the_kernel() {
-        assert_eq!(kernel_version("6.18.0-1-amd64"), Some((6, 18)));
-        assert_eq!(kernel_version("6.12"), Some((6, 12)));
-        assert_eq!(kernel_version("5.15.0-91-generic"), Some((5, 15)));
-        assert_eq!(kernel_version("6.1rc2"), Some((6, 1)));
-        assert_eq!(kernel_version("garbage"), None);
-        assert_eq!(index_for("6.18.0", None), Ok(IndexMode::Ports));
-        assert_eq!(index_for("6.12.1", None), Ok(IndexMode::Ports));
-        assert_eq!(index_for("6.11.9", None), Ok(IndexMode::Host));
-        assert_eq!(index_for("", None), Ok(IndexMode::Host));
-        assert_eq!(
-            index_for("6.18.0", Some(IndexMode::Host)),
-            Ok(IndexMode::Host)
-        );
-        assert!(index_for("6.6.0", Some(IndexMode::Ports))
-            .unwrap_err()
-            .contains("6.12"));
-        assert_eq!(
-            index_for("5.10.0", Some(IndexMode::Host)),
-            Ok(IndexMode::Host)
-        );
-    }
 }
