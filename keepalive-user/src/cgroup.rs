@@ -25,39 +25,14 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// entry: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
 /// hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").map_err(|source| CgroupError::Open {
-            path: "/proc/self/mounts".into(),
+    crate::mounts::mount_points("cgroup2")
+        .map_err(|source| CgroupError::Open {
+            path: crate::mounts::MOUNTS.into(),
             source,
-        })?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut f = line.split_whitespace();
-            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape(dir)))
-        })
+        })?
+        .into_iter()
+        .next()
         .ok_or(CgroupError::NoCgroup2Mount)
-}
-
-/// Mount paths in /proc/self/mounts escape spaces and such as `\040`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A cgroup v2 directory, checked, with its id (the directory's inode).
@@ -94,17 +69,5 @@ impl Cgroup {
             Some(p) => Self::open(p),
             None => Self::open(&cgroup2_mount()?),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mount_paths() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/x\\04"), "/x\\04");
     }
 }

@@ -26,12 +26,7 @@ fn bpffs(layout: &PinLayout) -> Check {
 }
 
 fn tracefs() -> Check {
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
-        })
-        .unwrap_or(false);
+    let mounted = crate::mounts::mount_points("tracefs").is_ok_and(|m| !m.is_empty());
     if mounted {
         Check::ok("tracefs", "mounted (used only by --holders syscalls)")
     } else {

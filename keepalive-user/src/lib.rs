@@ -32,6 +32,7 @@ pub mod index;
 pub mod journal;
 pub mod loader;
 pub mod lock;
+pub mod mounts;
 pub mod pass;
 pub mod paths;
 pub mod pinned;

@@ -124,7 +124,7 @@ pub(super) fn remote_hint(conn: ConnSpec) -> Option<SocketAddr> {
     }
 }
 
-pub(super) fn one(mut results: Vec<Result<Disabled>>) -> Result<Disabled> {
+pub(super) fn one(mut results: Vec<Result<Outcome>>) -> Result<Outcome> {
     results.pop().expect("one result")
 }
 
@@ -290,7 +290,7 @@ impl Enforcer {
         local: Option<SocketAddr>,
         holder: Option<&str>,
         netns: Option<&Path>,
-    ) -> Result<Disabled> {
+    ) -> Result<Outcome> {
         let op = Op {
             conn,
             local,
@@ -306,7 +306,7 @@ impl Enforcer {
     /// found in as few walks of the socket table as their keys allow (one
     /// for all cookie requests, one for all peer requests, per namespace).
     /// Results come back in the order of `ops`.
-    pub fn run_batch(&self, ops: Vec<Op>) -> Vec<Result<Disabled>> {
+    pub fn run_batch(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
         let _lock = match self.lock() {
             Ok(l) => l,
             Err(e) => {
@@ -320,13 +320,13 @@ impl Enforcer {
                         source: std::io::ErrorKind::Other.into(),
                     },
                 };
-                let mut out: Vec<Result<Disabled>> =
+                let mut out: Vec<Result<Outcome>> =
                     (1..ops.len()).map(|_| Err(again(&e))).collect();
                 out.push(Err(e));
                 return out;
             }
         };
-        let mut results: Vec<Option<Result<Disabled>>> = ops.iter().map(|_| None).collect();
+        let mut results: Vec<Option<Result<Outcome>>> = ops.iter().map(|_| None).collect();
         // Before any walk: see index::try_clear_overflow.
         let epoch = crate::index::overflow_epoch(&self.layout).ok();
         let mut walk: Vec<usize> = Vec::new();
@@ -415,7 +415,7 @@ impl Enforcer {
     }
 
     /// Records holders after an enable, forgets them after a plain disable.
-    pub(super) fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Disabled> {
+    pub(super) fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Outcome> {
         if found.is_empty() {
             return Err(no_such(op.conn, op.local));
         }
@@ -461,7 +461,7 @@ impl Enforcer {
             }
             _ => {}
         }
-        Ok(Disabled {
+        Ok(Outcome {
             changed: found,
             kept: Vec::new(),
         })
@@ -469,7 +469,7 @@ impl Enforcer {
 
     /// Disable for one holder: connections with other holders keep
     /// keepalive.
-    pub(super) fn disable_held_locked(&self, op: &Op) -> Result<Disabled> {
+    pub(super) fn disable_held_locked(&self, op: &Op) -> Result<Outcome> {
         let id = op.holder.as_deref().expect("a holder");
         let netns = op.netns.as_deref();
         let mut holders = Holders::open(&self.layout)?;
@@ -499,7 +499,7 @@ impl Enforcer {
         if targets.is_empty() {
             return Err(no_such(op.conn, op.local));
         }
-        let mut out = Disabled {
+        let mut out = Outcome {
             changed: Vec::new(),
             kept: Vec::new(),
         };

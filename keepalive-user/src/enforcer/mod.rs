@@ -38,7 +38,7 @@ mod status;
 pub use live::Op;
 use live::*;
 use status::*;
-pub use status::{phase, state_name, ConnStatus, Disabled, KeepaliveState, Kept};
+pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome};
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;

@@ -45,12 +45,13 @@ pub struct ConnStatus {
     pub holders: Option<Vec<String>>,
 }
 
-/// What a disable did.
+/// What a command did.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct Disabled {
-    /// Connections whose keepalive is now off.
+pub struct Outcome {
+    /// Connections it changed (an enable's, or a disable's whose
+    /// keepalive is now off), read back from the kernel.
     pub changed: Vec<ConnStatus>,
-    /// Connections that keep keepalive for their other holders.
+    /// A disable's connections that keep keepalive for their other holders.
     pub kept: Vec<Kept>,
 }
 

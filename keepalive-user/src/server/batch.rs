@@ -3,7 +3,7 @@
 use super::*;
 
 /// What is done with a command's result, on the batch worker's thread.
-pub(super) type Done = Box<dyn FnOnce(Result<Disabled, Error>) + Send>;
+pub(super) type Done = Box<dyn FnOnce(Result<Outcome, Error>) + Send>;
 
 /// One enable or disable waiting for the batch worker, what to do with its
 /// result, and whether it may wait for company ([`LINGER`]).
@@ -75,7 +75,7 @@ pub(super) fn worker_gone() -> Error {
 pub(super) fn queue(
     state: &AppState,
     op: Op,
-) -> impl std::future::Future<Output = Result<Disabled, Error>> {
+) -> impl std::future::Future<Output = Result<Outcome, Error>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let done: Done = Box::new(move |r| {
         let _ = tx.send(r);

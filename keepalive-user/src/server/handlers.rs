@@ -271,7 +271,7 @@ pub(super) fn enable_op(state: &AppState, b: EnableBody) -> Result<Op, Box<Respo
 /// no reply; their status and error still go to the log and metrics).
 pub(super) fn enable_done(
     state: &AppState,
-    result: Result<Disabled, Error>,
+    result: Result<Outcome, Error>,
     body: bool,
 ) -> Response {
     match result.map(|d| d.changed) {
@@ -337,7 +337,7 @@ pub(super) fn disable_op(state: &AppState, b: DisableBody) -> Result<Op, Box<Res
 /// `body`: as for [`enable_done`].
 pub(super) fn disable_done(
     state: &AppState,
-    result: Result<Disabled, Error>,
+    result: Result<Outcome, Error>,
     body: bool,
 ) -> Response {
     match result {

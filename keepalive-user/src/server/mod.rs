@@ -41,7 +41,7 @@ use crate::{
     access,
     config::Listen,
     conn::{parse_endpoint, ConnSpec},
-    enforcer::{Action, Disabled, Enforcer, Op},
+    enforcer::{Action, Enforcer, Op, Outcome},
     feed::{self, Gap, Message},
     holders::parse_holder,
     loader,
