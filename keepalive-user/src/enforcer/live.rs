@@ -1,5 +1,7 @@
 //! Live connections: enable, disable, close and status, through the
 //! index (the direct path) or a walk of the socket table, in batches.
+use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
+
 use super::*;
 
 pub(super) fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
@@ -16,34 +18,15 @@ pub(super) fn is_connected(s: &std::net::TcpStream) -> bool {
     tcp_state(s).is_some_and(|st| st != TCP_CLOSE)
 }
 
-pub(super) fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: u32) -> bool {
-    let v = value as libc::c_int;
-    // SAFETY: valid fd and a value of the size given.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+/// Whether the kernel took a socket option (nix's typed options: the
+/// value is what the kernel stores).
+fn set<O: SetSockOpt>(fd: &std::net::TcpStream, opt: O, value: &O::Val) -> bool {
+    setsockopt(fd, opt, value).is_ok()
 }
 
-pub(super) fn get_int(fd: &impl AsRawFd, level: i32, name: i32) -> u32 {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    v as u32
+/// A socket option's value as the kernel has it (0 when unreadable).
+fn get<O: GetSockOpt<Val = u32>>(fd: &std::net::TcpStream, opt: O) -> u32 {
+    getsockopt(fd, opt).unwrap_or(0)
 }
 
 /// `tcpi_state`, the first byte of `struct tcp_info`.
@@ -718,15 +701,15 @@ impl Enforcer {
         let mut failed = false;
         match action {
             Action::Enable(p) => {
-                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, p.idle);
-                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, p.interval);
-                failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, p.count);
+                failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
+                failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
+                failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
                 if let Some(ms) = p.user_timeout_ms {
-                    failed |= !set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+                    failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
                 }
-                failed |= !set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                failed |= !set(fd, sockopt::KeepAlive, &true);
             }
-            Action::Disable => failed |= !set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0),
+            Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
             Action::Query => {}
         }
         let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
@@ -770,7 +753,6 @@ impl Enforcer {
             (Err(_), Some(hint)) => hint,
             (Err(e), None) => return Err(Error::io("reading the remote end", e)),
         };
-        let get = |level, name| get_int(fd, level, name);
         // An enable the kernel accepted in full holds exactly its values
         // (setsockopt stores them as given); anything else is read back.
         let (keepalive, idle, interval, count, user_timeout_ms) = match action {
@@ -780,14 +762,14 @@ impl Enforcer {
                 p.interval,
                 p.count,
                 p.user_timeout_ms
-                    .unwrap_or_else(|| get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)),
+                    .unwrap_or_else(|| get(fd, sockopt::TcpUserTimeout)),
             ),
             _ => (
-                get(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-                get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-                get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-                get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-                get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+                u32::from(getsockopt(fd, sockopt::KeepAlive).unwrap_or(false)),
+                get(fd, sockopt::TcpKeepIdle),
+                get(fd, sockopt::TcpKeepInterval),
+                get(fd, sockopt::TcpKeepCount),
+                get(fd, sockopt::TcpUserTimeout),
             ),
         };
         let rec = ConnRecord {
