@@ -33,12 +33,15 @@ use crate::{
 
 mod live;
 mod rule_table;
+mod sock;
 mod status;
+mod walk;
 
 pub use live::Op;
-use live::*;
+use sock::*;
 use status::*;
 pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome};
+use walk::*;
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;

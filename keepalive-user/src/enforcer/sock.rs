@@ -1,0 +1,157 @@
+//! One held connection: the socket options set and read back through the
+//! owner's borrowed descriptor, and its record in the connection map.
+use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
+
+use super::*;
+
+pub(super) const TCP_CLOSE: u8 = 7;
+
+pub(super) fn is_connected(s: &std::net::TcpStream) -> bool {
+    tcp_state(s).is_some_and(|st| st != TCP_CLOSE)
+}
+
+/// Whether the kernel took a socket option (nix's typed options: the
+/// value is what the kernel stores).
+fn set<O: SetSockOpt>(fd: &std::net::TcpStream, opt: O, value: &O::Val) -> bool {
+    setsockopt(fd, opt, value).is_ok()
+}
+
+/// A socket option's value as the kernel has it (0 when unreadable).
+fn get<O: GetSockOpt<Val = u32>>(fd: &std::net::TcpStream, opt: O) -> u32 {
+    getsockopt(fd, opt).unwrap_or(0)
+}
+
+/// `tcpi_state`, the first byte of `struct tcp_info`.
+pub(super) fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (ret == 0).then_some(info[0])
+}
+
+pub(super) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Enforcer {
+    /// Applies an action to a connection held through its owner's
+    /// descriptor: the same socket options `bpf_setsockopt` would set, then
+    /// the same record of it, read back from the kernel.
+    pub(super) fn apply_held(
+        &self,
+        h: &Held,
+        action: Action,
+        request: &Request,
+        remote_hint: Option<SocketAddr>,
+    ) -> Result<ConnStatus> {
+        let fd = &h.stream;
+        let mut failed = false;
+        match action {
+            Action::Enable(p) => {
+                failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
+                failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
+                failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
+                if let Some(ms) = p.user_timeout_ms {
+                    failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
+                }
+                failed |= !set(fd, sockopt::KeepAlive, &true);
+            }
+            Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
+            Action::Query => {}
+        }
+        let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
+        // NB: for an enable, the entry goes in first, then the state is
+        // read: a close after the insert runs the close program, which
+        // removes the entry; one before it leaves TCP_CLOSE to see here.
+        if let Action::Enable(_) = action {
+            let info = ConnInfo {
+                policy: request.policy,
+                source: SOURCE_COMMAND,
+                rule_id: 0,
+                flags: 0,
+                applied_ns: monotonic_ns(),
+            };
+            conns
+                .insert(h.cookie, info, 0)
+                .map_err(|e| Error::map("recording the connection", e))?;
+        }
+        let state = tcp_state(fd);
+        match action {
+            Action::Enable(_) if state == Some(TCP_CLOSE) => {
+                let _ = conns.remove(&h.cookie);
+            }
+            Action::Disable => {
+                let _ = conns.remove(&h.cookie);
+            }
+            _ => {}
+        }
+        let (source, rule_id) = match action {
+            Action::Enable(_) if state != Some(TCP_CLOSE) => (SOURCE_COMMAND, 0),
+            Action::Enable(_) | Action::Disable => (0, 0),
+            Action::Query => conns
+                .get(&h.cookie, 0)
+                .map_or((0, 0), |i| (i.source, i.rule_id)),
+        };
+        let local = fd
+            .local_addr()
+            .map_err(|e| Error::io("reading the local end", e))?;
+        let remote = match (fd.peer_addr(), remote_hint) {
+            (Ok(r), _) => r,
+            (Err(_), Some(hint)) => hint,
+            (Err(e), None) => return Err(Error::io("reading the remote end", e)),
+        };
+        // An enable the kernel accepted in full holds exactly its values
+        // (setsockopt stores them as given); anything else is read back.
+        let (keepalive, idle, interval, count, user_timeout_ms) = match action {
+            Action::Enable(p) if !failed => (
+                1,
+                p.idle,
+                p.interval,
+                p.count,
+                p.user_timeout_ms
+                    .unwrap_or_else(|| get(fd, sockopt::TcpUserTimeout)),
+            ),
+            _ => (
+                u32::from(getsockopt(fd, sockopt::KeepAlive).unwrap_or(false)),
+                get(fd, sockopt::TcpKeepIdle),
+                get(fd, sockopt::TcpKeepInterval),
+                get(fd, sockopt::TcpKeepCount),
+                get(fd, sockopt::TcpUserTimeout),
+            ),
+        };
+        let rec = ConnRecord {
+            cookie: h.cookie,
+            family: if local.is_ipv4() { 2 } else { 10 },
+            state: state.unwrap_or(0).into(),
+            local_addr: v6_bytes(local.ip()),
+            remote_addr: v6_bytes(remote.ip()),
+            local_port: local.port(),
+            remote_port: remote.port(),
+            keepalive,
+            idle,
+            interval,
+            count,
+            user_timeout_ms,
+            source,
+            rule_id,
+            apply_failed: failed.into(),
+            _pad: 0,
+        };
+        Ok(ConnStatus::from_raw(&rec))
+    }
+}
