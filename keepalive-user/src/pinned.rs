@@ -118,12 +118,8 @@ pub(crate) fn holder_mode(meta: &Meta) -> HolderMode {
 /// Who keeps the installation's index (`Ports` when unreadable).
 pub fn index_mode_of(layout: &PinLayout) -> IndexMode {
     // Fixed at load: read once per installation generation.
-    let read = || read_meta(layout).map(|m| index_mode(&m) as u64).ok();
-    match map_cache::memo::<u64>(layout, "index_mode", read) {
-        Some(m) if m == IndexMode::Host as u64 => IndexMode::Host,
-        Some(_) => IndexMode::Ports,
-        None => IndexMode::default(),
-    }
+    let read = || read_meta(layout).map(|m| index_mode(&m)).ok();
+    map_cache::memo(layout, "index_mode", read).unwrap_or_default()
 }
 
 /// How the installation learns socket holders (`Scan` when unreadable).

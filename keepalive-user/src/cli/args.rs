@@ -358,7 +358,8 @@ pub(crate) struct ServeArgs {
     pub(crate) events_token_file: Option<PathBuf>,
     /// Kamailio's evapi server (HOST:PORT, on this host): tcpka connects,
     /// takes enable/disable commands relayed with evapi_relay() (JSON
-    /// netstrings; ones that arrive together are applied together) and
+    /// netstrings, a command or an array of them; ones that arrive together
+    /// are applied together) and
     /// sends events back, into event_route[evapi:message-received].
     /// Reconnects with backoff.
     #[arg(long, value_name = "HOST:PORT")]

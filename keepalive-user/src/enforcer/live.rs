@@ -352,14 +352,7 @@ impl Enforcer {
         let status = |t: &Target| -> Result<Option<ConnStatus>> {
             match t {
                 Target::Walked(c) => Ok(Some(c.clone())),
-                Target::Held(h) => {
-                    let request = request_for(Action::Query, None);
-                    match self.apply_held(h, Action::Query, &request, hint) {
-                        Ok(c) => Ok(Some(c)),
-                        Err(_) if !is_connected(&h.stream) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
+                Target::Held(h) => self.apply_held_if_open(h, Action::Query, None, hint),
             }
         };
         let journal = Journal::new(&self.layout);
@@ -394,14 +387,10 @@ impl Enforcer {
             }
             let spec = ConnSpec::Cookie(cookie);
             let changed = match &t {
-                Target::Held(h) => {
-                    let request = request_for(Action::Disable, None);
-                    match self.apply_held(h, Action::Disable, &request, hint) {
-                        Ok(c) => vec![c],
-                        Err(_) if !is_connected(&h.stream) => return Err(no_such(spec, None)),
-                        Err(e) => return Err(e),
-                    }
-                }
+                Target::Held(h) => match self.apply_held_if_open(h, Action::Disable, None, hint)? {
+                    Some(c) => vec![c],
+                    None => return Err(no_such(spec, None)),
+                },
                 Target::Walked(_) => self.apply_locked(spec, None, Action::Disable, netns)?,
             };
             out.changed.extend(changed);
@@ -456,17 +445,10 @@ impl Enforcer {
         let Some(held) = self.resolve_held(conn, local, netns)? else {
             return Ok(None);
         };
-        let request = request_for(action, local);
         let mut out = Vec::with_capacity(held.len());
         for h in held {
-            match self.apply_held(&h, action, &request, remote_hint(conn)) {
-                Ok(c) => out.push((c, h)),
-                // Closed while we held it: gone, like a connection the walk
-                // no longer finds.
-                Err(e) if !is_connected(&h.stream) => {
-                    tracing::debug!("cookie {:#x} closed meanwhile: {e}", h.cookie)
-                }
-                Err(e) => return Err(e),
+            if let Some(c) = self.apply_held_if_open(&h, action, local, remote_hint(conn))? {
+                out.push((c, h));
             }
         }
         Ok(Some(out))

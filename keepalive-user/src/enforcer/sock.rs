@@ -49,6 +49,25 @@ pub(super) fn monotonic_ns() -> u64 {
 }
 
 impl Enforcer {
+    /// [`Self::apply_held`], with `None` for a connection that closed
+    /// while we held it: gone, like one the walk no longer finds.
+    pub(super) fn apply_held_if_open(
+        &self,
+        h: &Held,
+        action: Action,
+        local: Option<SocketAddr>,
+        remote_hint: Option<SocketAddr>,
+    ) -> Result<Option<ConnStatus>> {
+        match self.apply_held(h, action, &request_for(action, local), remote_hint) {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if !is_connected(&h.stream) => {
+                tracing::debug!("cookie {:#x} closed meanwhile: {e}", h.cookie);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Applies an action to a connection held through its owner's
     /// descriptor: the same socket options `bpf_setsockopt` would set, then
     /// the same record of it, read back from the kernel.

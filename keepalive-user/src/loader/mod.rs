@@ -538,9 +538,9 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
         read_meta(layout)
             .ok()
             .filter(|m| m.flags & keepalive_common::meta::FLAG_SEEDED != 0)
-            .map(|_| 1)
+            .map(|_| ())
     };
-    if crate::pinned::memo::<u64>(layout, "seeded", read).is_some() {
+    if crate::pinned::memo(layout, "seeded", read).is_some() {
         return Ok(false);
     }
     read_meta(layout)?;
