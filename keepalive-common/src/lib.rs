@@ -327,6 +327,15 @@ pub mod conns {
     /// [`ConnInfo::source`]: the policy came from an enable command.
     pub const SOURCE_COMMAND: u32 = 2;
 
+    /// Names a `SOURCE_*` value.
+    pub fn source_name(source: u32) -> &'static str {
+        match source {
+            SOURCE_RULE => "rule",
+            SOURCE_COMMAND => "command",
+            _ => "unknown",
+        }
+    }
+
     /// The policy a connection got and where it came from.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -590,6 +599,19 @@ pub mod events {
     pub const KIND_ABORTED: u32 = 5;
     /// A managed connection was ended by `tcpka close` (`POST /v1/close`).
     pub const KIND_CLOSED_BY_TCPKA: u32 = 6;
+
+    /// Names a `KIND_*` value.
+    pub fn kind_name(kind: u32) -> &'static str {
+        match kind {
+            KIND_APPLIED => "applied",
+            KIND_CLOSED => "closed",
+            KIND_RESET => "reset",
+            KIND_TIMEOUT => "timeout",
+            KIND_ABORTED => "aborted",
+            KIND_CLOSED_BY_TCPKA => "closed_by_tcpka",
+            _ => "unknown",
+        }
+    }
 
     /// One event. Addresses are IPv6, network byte order; IPv4 connections
     /// (family 2) carry them IPv4-mapped.

@@ -267,4 +267,15 @@ mod tests {
             "[::ffff:10.0.0.2]:5060"
         );
     }
+
+    #[test]
+    fn endpoints() {
+        let v4 = std::net::Ipv4Addr::new(10, 0, 0, 2)
+            .to_ipv6_mapped()
+            .octets();
+        assert_eq!(endpoint(2, v4, 5060).to_string(), "10.0.0.2:5060");
+        assert_eq!(endpoint(10, v4, 5060).to_string(), "[::ffff:10.0.0.2]:5060");
+        let v6 = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(endpoint(10, v6, 5061).to_string(), "[2001:db8::1]:5061");
+    }
 }

@@ -471,7 +471,7 @@ impl Enforcer {
             return Ok(None);
         };
         tracing::debug!("{conn}: {} connection(s) via the index", held.len());
-        INDEX_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lookups.index.fetch_add(1, Ordering::Relaxed);
         Ok(Some(held))
     }
 

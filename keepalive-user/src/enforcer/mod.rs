@@ -4,11 +4,15 @@ use std::{
     net::SocketAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
+    conns::{source_name, ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
     maps,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
     rules::{self, RuleKey, RuleName, RuleValue},
@@ -18,7 +22,6 @@ use keepalive_common::{
 use crate::{
     config::{Config, Step as ConfigStep},
     conn::{endpoint, peer_key, v6_bytes, ConnSpec},
-    events::source_name,
     holders::Holders,
     index::Held,
     journal::{Entry, Journal, Step},
@@ -46,10 +49,13 @@ use walk::*;
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
-/// Commands answered by the connection index, and walks of the socket
-/// table, in this process (for metrics).
-pub static INDEX_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-pub static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// How this enforcer's commands found their connections: answered by the
+/// connection index, or by a walk of the socket table. Shared by clones.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    pub index: AtomicU64,
+    pub walks: AtomicU64,
+}
 
 /// Handle on one installation's pinned maps.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +65,7 @@ pub struct Enforcer {
     /// schedule (`serve`'s attach watch, every second): its commands skip
     /// that check, which reads the whole connection map.
     daemon: bool,
+    lookups: Arc<Lookups>,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -84,6 +91,7 @@ impl Enforcer {
         Self {
             layout,
             daemon: false,
+            lookups: Arc::default(),
         }
     }
 
@@ -92,6 +100,7 @@ impl Enforcer {
         Self {
             layout,
             daemon: true,
+            lookups: Arc::default(),
         }
     }
 
@@ -150,6 +159,14 @@ impl Enforcer {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    /// How commands found their connections so far (for metrics).
+    pub fn lookups(&self) -> (u64, u64) {
+        (
+            self.lookups.index.load(Ordering::Relaxed),
+            self.lookups.walks.load(Ordering::Relaxed),
+        )
     }
 
     /// The connections the kernel programs manage, by socket cookie.

@@ -102,7 +102,7 @@ impl Enforcer {
         items: &[(ConnSpec, Option<SocketAddr>, Action)],
         netns: Option<&Path>,
     ) -> Result<Vec<Vec<ConnStatus>>> {
-        WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lookups.walks.fetch_add(1, Ordering::Relaxed);
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
         for &(conn, local, action) in items {

@@ -43,7 +43,7 @@ pub(super) fn invalid(msg: impl std::fmt::Display) -> Response {
 }
 
 /// Maps a library error to a status and a reply; counts it.
-pub(super) fn failure(state: &AppState, op: &str, e: &Error) -> Response {
+pub(super) fn failure(state: &AppState, op: &'static str, e: &Error) -> Response {
     let (status, result) = match e {
         Error::Invalid(_) | Error::Netns { .. } => (StatusCode::BAD_REQUEST, "invalid"),
         Error::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_loaded"),
@@ -279,8 +279,7 @@ pub(super) fn enable_done(
             state.metrics.command("enable", "ok");
             state
                 .metrics
-                .applied
-                .get_or_create(&labels(&[("source", "command")]))
+                .applied_by_command
                 .inc_by(changed.len() as u64);
             if !body {
                 return StatusCode::OK.into_response();

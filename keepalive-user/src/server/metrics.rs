@@ -1,74 +1,165 @@
 //! Prometheus metrics: commands, events, webhook deliveries, batch sizes
-//! and pass times, and the kernel's counters read at scrape time.
+//! and pass times, counted here; the kernel's counters, the lookups and
+//! the attachment, read when scraped (a [`Collector`]).
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+};
+
 use super::*;
+
+/// The API operations, as counted in `tcpka_errors_total{kind}`.
+pub(super) const API_OPS: [&str; 7] = [
+    "enable",
+    "disable",
+    "close",
+    "status",
+    "rule_list",
+    "rule_add",
+    "rule_del",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OpResult {
+    pub(super) op: &'static str,
+    pub(super) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Kind {
+    pub(super) kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct Delivery {
+    pub(super) outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Path {
+    path: &'static str,
+}
 
 /// Prometheus metrics.
 pub(super) struct Metrics {
     pub(super) registry: Registry,
-    pub(super) commands: Family<Vec<(String, String)>, Counter>,
-    pub(super) applied: Family<Vec<(String, String)>, Counter>,
-    pub(super) errors: Family<Vec<(String, String)>, Counter>,
-    pub(super) events: Family<Vec<(String, String)>, Counter>,
-    pub(super) webhook: Family<Vec<(String, String)>, Counter>,
+    pub(super) commands: Family<OpResult, Counter>,
+    pub(super) events: Family<Kind, Counter>,
+    pub(super) webhook: Family<Delivery, Counter>,
     pub(super) pass_seconds: Histogram,
     pub(super) batch_size: Histogram,
-    /// Kernel counters are read at scrape time; these hold what was
-    /// already added to the Prometheus counters.
-    pub(super) seen_rule_applied: AtomicU64,
-    pub(super) seen_kernel_dropped: AtomicU64,
-    pub(super) seen_alerts_dropped: AtomicU64,
-    pub(super) seen_index_full: AtomicU64,
-    pub(super) seen_peer_overflows: AtomicU64,
-    pub(super) seen_setsockopt_errors: AtomicU64,
-    pub(super) seen_index_hits: AtomicU64,
-    pub(super) seen_walks: AtomicU64,
-    pub(super) lookups: Family<Vec<(String, String)>, Counter>,
-    /// 1 while the sock_ops program runs on its cgroup, read at scrape.
-    pub(super) attached: prometheus_client::metrics::gauge::Gauge,
     pub(super) reattached: Counter,
-    pub(super) scrape: Mutex<()>,
+    /// Read by [`Scraped`], which writes the families they share with the
+    /// kernel's counters.
+    pub(super) applied_by_command: Counter,
+    op_errors: Family<Kind, Counter>,
 }
 
-pub(super) fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+/// What is read when scraped: the kernel's counters (rules applied,
+/// events and alerts dropped, a full index, setsockopt failures), how
+/// commands found their connections, and whether sock_ops is attached.
+/// `tcpka_connections_applied_total` and `tcpka_errors_total` mix these
+/// with what serve counts itself.
+#[derive(Debug)]
+struct Scraped {
+    enforcer: Enforcer,
+    applied_by_command: Counter,
+    op_errors: Family<Kind, Counter>,
+}
+
+fn counter<S: EncodeLabelSet>(
+    family: &mut prometheus_client::encoding::MetricEncoder,
+    labels: &S,
+    value: u64,
+) -> std::fmt::Result {
+    ConstCounter::new(value).encode(family.encode_family(labels)?)
+}
+
+impl Collector for Scraped {
+    /// Runs where scraping may block (the map reads are system calls).
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let kernel = self.enforcer.counters().ok();
+        let attached = loader::installed(self.enforcer.layout())
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.attached);
+
+        let mut f = encoder.encode_descriptor(
+            "connections_applied",
+            "Connections given a policy, by source (rule or command)",
+            None,
+            MetricType::Counter,
+        )?;
+        if let Some(k) = &kernel {
+            counter(&mut f, &Source { source: "rule" }, k.applied_by_rule)?;
+        }
+        let by_command = self.applied_by_command.get();
+        counter(&mut f, &Source { source: "command" }, by_command)?;
+
+        let mut f =
+            encoder.encode_descriptor("errors", "Errors by kind", None, MetricType::Counter)?;
+        for kind in API_OPS {
+            if let Some(c) = self.op_errors.get(&Kind { kind }) {
+                counter(&mut f, &Kind { kind }, c.get())?;
+            }
+        }
+        if let Some(k) = &kernel {
+            for (kind, value) in [
+                ("kernel_events_dropped", k.events_dropped),
+                ("kernel_alerts_dropped", k.alerts_dropped),
+                ("index_full", k.index_full),
+                ("index_peer_overflow", k.peer_overflows),
+                ("setsockopt", k.setsockopt_errors),
+            ] {
+                counter(&mut f, &Kind { kind }, value)?;
+            }
+        }
+
+        let (index, walks) = self.enforcer.lookups();
+        let mut f = encoder.encode_descriptor(
+            "lookups",
+            "How commands found their connections: index (direct) or walk (socket table)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut f, &Path { path: "index" }, index)?;
+        counter(&mut f, &Path { path: "walk" }, walks)?;
+
+        let f = encoder.encode_descriptor(
+            "attached",
+            "1 while the sock_ops program is attached to its cgroup, 0 after the cgroup was removed",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(attached)).encode(f)
+    }
 }
 
 impl Metrics {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(enforcer: &Enforcer) -> Self {
         let mut registry = Registry::with_prefix("tcpka");
         let commands = Family::default();
-        let applied = Family::default();
-        let errors = Family::default();
         let events = Family::default();
         let webhook = Family::default();
-        let pass_seconds = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
-        );
         registry.register(
             "commands",
             "API commands by operation and result",
             commands.clone(),
-        );
-        registry.register(
-            "connections_applied",
-            "Connections given a policy, by source (rule or command)",
-            applied.clone(),
-        );
-        registry.register("errors", "Errors by kind", errors.clone());
-        let lookups = Family::default();
-        registry.register(
-            "lookups",
-            "How commands found their connections: index (direct) or walk (socket table)",
-            lookups.clone(),
         );
         registry.register("events", "Events from the kernel by kind", events.clone());
         registry.register(
             "webhook_deliveries",
             "Webhook deliveries by outcome (delivered, retried, dropped)",
             webhook.clone(),
+        );
+        let pass_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
         );
         registry.register(
             "kernel_pass_seconds",
@@ -83,132 +174,62 @@ impl Metrics {
             "Commands run together in one batch",
             batch_size.clone(),
         );
-        let attached = prometheus_client::metrics::gauge::Gauge::default();
-        registry.register(
-            "attached",
-            "1 while the sock_ops program is attached to its cgroup, 0 after the cgroup was removed",
-            attached.clone(),
-        );
         let reattached = Counter::default();
         registry.register(
             "reattached",
             "Times serve attached again to a recreated cgroup",
             reattached.clone(),
         );
+        let applied_by_command = Counter::default();
+        let op_errors = Family::default();
+        registry.register_collector(Box::new(Scraped {
+            enforcer: enforcer.clone(),
+            applied_by_command: applied_by_command.clone(),
+            op_errors: op_errors.clone(),
+        }));
         Self {
             registry,
-            attached,
-            reattached,
             commands,
-            applied,
-            errors,
             events,
             webhook,
             pass_seconds,
             batch_size,
-            seen_rule_applied: AtomicU64::new(0),
-            seen_kernel_dropped: AtomicU64::new(0),
-            seen_alerts_dropped: AtomicU64::new(0),
-            seen_index_full: AtomicU64::new(0),
-            seen_peer_overflows: AtomicU64::new(0),
-            seen_setsockopt_errors: AtomicU64::new(0),
-            seen_index_hits: AtomicU64::new(0),
-            seen_walks: AtomicU64::new(0),
-            lookups,
-            scrape: Mutex::new(()),
+            reattached,
+            applied_by_command,
+            op_errors,
         }
     }
 
-    pub(super) fn command(&self, op: &str, result: &str) {
-        self.commands
-            .get_or_create(&labels(&[("op", op), ("result", result)]))
-            .inc();
+    pub(super) fn command(&self, op: &'static str, result: &'static str) {
+        self.commands.get_or_create(&OpResult { op, result }).inc();
     }
 
-    pub(super) fn error(&self, kind: &str) {
-        self.errors.get_or_create(&labels(&[("kind", kind)])).inc();
+    /// A server-side failure of an API operation (one of [`API_OPS`]).
+    pub(super) fn error(&self, op: &'static str) {
+        debug_assert!(API_OPS.contains(&op), "{op} is not in API_OPS");
+        self.op_errors.get_or_create(&Kind { kind: op }).inc();
     }
 
-    pub(super) fn webhook(&self, outcome: &str) {
-        self.webhook
-            .get_or_create(&labels(&[("outcome", outcome)]))
-            .inc();
+    pub(super) fn event(&self, kind: &'static str) {
+        self.events.get_or_create(&Kind { kind }).inc();
+    }
+
+    pub(super) fn webhook(&self, outcome: &'static str) {
+        self.webhook.get_or_create(&Delivery { outcome }).inc();
     }
 }
 
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
-    let enforcer = state.enforcer.clone();
-    let (counters, attached) = tokio::task::spawn_blocking(move || {
-        let attached = loader::installed(enforcer.layout())
-            .ok()
-            .flatten()
-            .is_some_and(|i| i.attached);
-        (enforcer.counters().ok(), attached)
+    let m = state.metrics.clone();
+    // The collector reads the kernel's maps: off the async workers.
+    let text = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        encode(&mut text, &m.registry).map(|()| text)
     })
-    .await
-    .unwrap_or((None, false));
-    let m = &state.metrics;
-    m.attached.set(i64::from(attached));
-    let mut text = String::new();
-    {
-        let _one = m.scrape.lock().expect("not poisoned");
-        if let Some(c) = counters {
-            let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
-                let before = seen.swap(now, Ordering::Relaxed);
-                counter.inc_by(now.saturating_sub(before));
-            };
-            add(
-                &m.seen_rule_applied,
-                c.applied_by_rule,
-                &m.applied.get_or_create(&labels(&[("source", "rule")])),
-            );
-            add(
-                &m.seen_kernel_dropped,
-                c.events_dropped,
-                &m.errors
-                    .get_or_create(&labels(&[("kind", "kernel_events_dropped")])),
-            );
-            add(
-                &m.seen_index_full,
-                c.index_full,
-                &m.errors.get_or_create(&labels(&[("kind", "index_full")])),
-            );
-            add(
-                &m.seen_peer_overflows,
-                c.peer_overflows,
-                &m.errors
-                    .get_or_create(&labels(&[("kind", "index_peer_overflow")])),
-            );
-            add(
-                &m.seen_alerts_dropped,
-                c.alerts_dropped,
-                &m.errors
-                    .get_or_create(&labels(&[("kind", "kernel_alerts_dropped")])),
-            );
-            add(
-                &m.seen_setsockopt_errors,
-                c.setsockopt_errors,
-                &m.errors.get_or_create(&labels(&[("kind", "setsockopt")])),
-            );
-        }
-        let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
-            let before = seen.swap(now, Ordering::Relaxed);
-            counter.inc_by(now.saturating_sub(before));
-        };
-        add(
-            &m.seen_index_hits,
-            crate::enforcer::INDEX_HITS.load(Ordering::Relaxed),
-            &m.lookups.get_or_create(&labels(&[("path", "index")])),
-        );
-        add(
-            &m.seen_walks,
-            crate::enforcer::WALKS.load(Ordering::Relaxed),
-            &m.lookups.get_or_create(&labels(&[("path", "walk")])),
-        );
-        if encode(&mut text, &m.registry).is_err() {
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        }
-    }
+    .await;
+    let Ok(Ok(text)) = text else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,
@@ -217,4 +238,40 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With nothing loaded the kernel's families are empty, not an error;
+    /// serve's own counts are there, each family once.
+    #[test]
+    fn encodes_each_family_once() {
+        let m = Metrics::new(&Enforcer::new(PinLayout::new(
+            "/nonexistent/tcpka-metrics-test",
+        )));
+        m.command("enable", "ok");
+        m.error("enable");
+        m.applied_by_command.inc_by(3);
+        m.event("timeout");
+        m.webhook("delivered");
+        let mut text = String::new();
+        encode(&mut text, &m.registry).unwrap();
+        for line in [
+            "tcpka_commands_total{op=\"enable\",result=\"ok\"} 1",
+            "tcpka_errors_total{kind=\"enable\"} 1",
+            "tcpka_connections_applied_total{source=\"command\"} 3",
+            "tcpka_events_total{kind=\"timeout\"} 1",
+            "tcpka_webhook_deliveries_total{outcome=\"delivered\"} 1",
+            "tcpka_lookups_total{path=\"index\"} 0",
+            "tcpka_attached 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        for family in ["errors", "connections_applied", "lookups"] {
+            let header = format!("# TYPE tcpka_{family} counter");
+            assert_eq!(text.matches(&header).count(), 1, "{text}");
+        }
+    }
 }

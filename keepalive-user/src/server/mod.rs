@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -341,7 +341,8 @@ pub async fn run(
     }
     // Everything the configuration can get wrong is found before anything
     // is loaded.
-    let metrics = Arc::new(Metrics::new());
+    let enforcer = Enforcer::for_daemon(layout.clone());
+    let metrics = Arc::new(Metrics::new(&enforcer));
     let webhook = config
         .webhook
         .clone()
@@ -370,7 +371,6 @@ pub async fn run(
         "{verb} the installation"
     );
     let (events_tx, _) = broadcast::channel(4096);
-    let enforcer = Enforcer::for_daemon(layout.clone());
     if let Some(path) = &config.rules_file {
         apply_rules_file(&enforcer, path).await?;
     }

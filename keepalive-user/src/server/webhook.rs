@@ -57,10 +57,7 @@ pub(super) fn spawn_feed(
 ) {
     let metrics = state.metrics.clone();
     let each = move |m: &Arc<Message>| {
-        metrics
-            .events
-            .get_or_create(&labels(&[("kind", m.kind())]))
-            .inc();
+        metrics.event(m.kind());
         if let Some(w) = &webhook {
             if m.kind() != "applied" && w.tx.try_send(m.clone()).is_err() {
                 w.missed.fetch_add(1, Ordering::Relaxed);
