@@ -39,38 +39,87 @@ pub mod programs {
     /// syscalls/sys_enter_connect program: records who holds a connecting
     /// socket.
     pub const CONNECT_ENTER: &str = "tcpka_connect_enter";
-    /// Read-only globals: offsets of `task_struct.files`,
-    /// `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd` and
-    /// `file.private_data`, from BTF.
-    pub const GLOBAL_TASK_FILES_OFF: &str = "TASK_FILES_OFF";
-    pub const GLOBAL_FILES_FDT_OFF: &str = "FILES_FDT_OFF";
-    pub const GLOBAL_FDT_MAX_FDS_OFF: &str = "FDT_MAX_FDS_OFF";
-    pub const GLOBAL_FDT_FD_OFF: &str = "FDT_FD_OFF";
-    pub const GLOBAL_FILE_PRIVATE_OFF: &str = "FILE_PRIVATE_OFF";
-    /// Read-only global: offset of `skc_net` in `struct sock_common`.
-    pub const GLOBAL_NET_OFF: &str = "SKC_NET_OFF";
-    /// Read-only global: offset of `ns.inum` in `struct net`.
-    pub const GLOBAL_NS_INUM_OFF: &str = "NET_NS_INUM_OFF";
-    /// Read-only global: offset of `sk_err` in `struct sock`.
-    pub const GLOBAL_SK_ERR_OFF: &str = "SK_ERR_OFF";
-    /// Read-only global: offset of `sk_protocol` in `struct sock`.
-    pub const GLOBAL_SK_PROTOCOL_OFF: &str = "SK_PROTOCOL_OFF";
-    /// Read-only global: offset of `inet_sport` in `struct inet_sock`.
-    pub const GLOBAL_INET_SPORT_OFF: &str = "INET_SPORT_OFF";
-    /// Read-only globals: offsets of `sock.sk_cgrp_data`, `cgroup.level`,
-    /// `cgroup.ancestors`, `cgroup.kn` and `kernfs_node.id`, from BTF.
-    pub const GLOBAL_SK_CGRP_OFF: &str = "SK_CGRP_OFF";
-    pub const GLOBAL_CGROUP_LEVEL_OFF: &str = "CGROUP_LEVEL_OFF";
-    pub const GLOBAL_CGROUP_ANCESTORS_OFF: &str = "CGROUP_ANCESTORS_OFF";
-    pub const GLOBAL_CGROUP_KN_OFF: &str = "CGROUP_KN_OFF";
-    pub const GLOBAL_KERNFS_ID_OFF: &str = "KERNFS_ID_OFF";
-    /// Read-only global: offset of `tgid` in `struct task_struct`.
-    pub const GLOBAL_TASK_TGID_OFF: &str = "TASK_TGID_OFF";
-    /// Read-only global: offset of `skc_v6_daddr` in `struct sock_common`,
-    /// from the kernel's BTF.
-    pub const GLOBAL_V6_DADDR_OFF: &str = "SKC_V6_DADDR_OFF";
-    /// Read-only global: offset of `skc_v6_rcv_saddr` in `struct sock_common`.
-    pub const GLOBAL_V6_SADDR_OFF: &str = "SKC_V6_RCV_SADDR_OFF";
+}
+
+/// Where kernel struct members are: the programs read kernel memory at
+/// these offsets. Members whose place depends on the kernel's
+/// configuration come from the running kernel's BTF; the loader sets them
+/// all at once as the read-only global [`offsets::GLOBAL`] (Rust eBPF has
+/// no CO-RE field relocations).
+pub mod offsets {
+    /// Name of the read-only global that holds the [`Offsets`].
+    pub const GLOBAL: &str = "OFFSETS";
+
+    /// Byte offsets of the kernel struct members the programs read.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Offsets {
+        /// `sock_common.skc_v6_daddr`.
+        pub skc_v6_daddr: u32,
+        /// `sock_common.skc_v6_rcv_saddr`.
+        pub skc_v6_rcv_saddr: u32,
+        /// `sock_common.skc_net` (a `struct net *`).
+        pub skc_net: u32,
+        /// `net.ns.inum`: the namespace's inode, as `stat` on
+        /// `/proc/PID/ns/net` shows it.
+        pub net_ns_inum: u32,
+        /// `sock.sk_err`.
+        pub sk_err: u32,
+        /// `sock.sk_protocol`.
+        pub sk_protocol: u32,
+        /// `inet_sock.inet_sport`: the local port, which stays when closing
+        /// has already released `skc_num`.
+        pub inet_sport: u32,
+        /// `task_struct.tgid`.
+        pub task_tgid: u32,
+        /// `task_struct.files`.
+        pub task_files: u32,
+        /// `files_struct.fdt`.
+        pub files_fdt: u32,
+        /// `fdtable.max_fds`.
+        pub fdt_max_fds: u32,
+        /// `fdtable.fd`.
+        pub fdt_fd: u32,
+        /// `file.private_data`.
+        pub file_private_data: u32,
+        /// `sock.sk_cgrp_data.cgroup`: the cgroup check, used by the ports
+        /// index on kernels (6.12+) that have these members; 0 elsewhere.
+        pub sk_cgroup: u32,
+        /// `cgroup.level`.
+        pub cgroup_level: u32,
+        /// `cgroup.ancestors`.
+        pub cgroup_ancestors: u32,
+        /// `cgroup.kn`.
+        pub cgroup_kn: u32,
+        /// `kernfs_node.id`.
+        pub kernfs_id: u32,
+    }
+
+    impl Offsets {
+        /// What the programs hold until the loader sets them: x86_64's
+        /// values for the socket members, 0 for the rest. Never used as
+        /// loaded; non-zero so that the global is in `.rodata`.
+        pub const UNSET: Self = Self {
+            skc_v6_daddr: 56,
+            skc_v6_rcv_saddr: 72,
+            skc_net: 48,
+            net_ns_inum: 176,
+            sk_err: 0,
+            sk_protocol: 0,
+            inet_sport: 0,
+            task_tgid: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdt_max_fds: 0,
+            fdt_fd: 0,
+            file_private_data: 0,
+            sk_cgroup: 0,
+            cgroup_level: 0,
+            cgroup_ancestors: 0,
+            cgroup_kn: 0,
+            kernfs_id: 0,
+        };
+    }
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).
@@ -710,6 +759,7 @@ mod pod {
     unsafe impl aya::Pod for crate::index::FdOwner {}
     unsafe impl aya::Pod for crate::index::SlotInfo {}
     unsafe impl aya::Pod for crate::holders::HolderKey {}
+    unsafe impl aya::Pod for crate::offsets::Offsets {}
 }
 
 #[cfg(test)]
@@ -731,6 +781,7 @@ mod tests {
         assert_eq!(size_of::<index::FdOwner>(), 8);
         assert_eq!(size_of::<requests::Request>(), 48);
         assert_eq!(size_of::<requests::ConnRecord>(), 84 + 4);
+        assert_eq!(size_of::<offsets::Offsets>(), 18 * 4);
     }
 
     #[test]

@@ -23,28 +23,9 @@ use keepalive_common::index::FdOwner;
 use crate::{
     index::{current_tgid, record_fd},
     maps::{FDS, WANT},
+    offsets::offset,
     sock::read,
 };
-
-// Configuration-dependent offsets, set by the loader from BTF.
-#[unsafe(no_mangle)]
-static TASK_TGID_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static TASK_FILES_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static FILES_FDT_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static FDT_MAX_FDS_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static FDT_FD_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static FILE_PRIVATE_OFF: u32 = 0;
-
-#[inline(always)]
-fn global(g: &u32) -> usize {
-    // SAFETY: read-only globals set by the loader.
-    unsafe { core::ptr::read_volatile(g) as usize }
-}
 
 /// Records the holder of descriptor `fd` of the current process:
 /// task->files->fdt->fd[fd]->private_data is the `struct socket`.
@@ -52,24 +33,24 @@ fn global(g: &u32) -> usize {
 fn record_current(fd: u64) {
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let files: u64 = read(task, global(&TASK_FILES_OFF));
+    let files: u64 = read(task, offset!(task_files));
     if files == 0 {
         return;
     }
-    let fdt: u64 = read(files as *const u8, global(&FILES_FDT_OFF));
+    let fdt: u64 = read(files as *const u8, offset!(files_fdt));
     if fdt == 0 {
         return;
     }
-    let max: u32 = read(fdt as *const u8, global(&FDT_MAX_FDS_OFF));
+    let max: u32 = read(fdt as *const u8, offset!(fdt_max_fds));
     if fd >= max as u64 {
         return;
     }
-    let array: u64 = read(fdt as *const u8, global(&FDT_FD_OFF));
+    let array: u64 = read(fdt as *const u8, offset!(fdt_fd));
     let f: u64 = read(array as *const u8, (fd as usize) * 8);
     if f == 0 {
         return;
     }
-    let socket: u64 = read(f as *const u8, global(&FILE_PRIVATE_OFF));
+    let socket: u64 = read(f as *const u8, offset!(file_private_data));
     record_fd(socket as *const u8, Some(f), current_tgid(), fd as u32);
 }
 
@@ -115,7 +96,7 @@ pub fn tcpka_seed_fds(ctx: *mut c_void) -> i32 {
     if task.is_null() || f.is_null() {
         return 0;
     }
-    let tgid: u32 = read(task, global(&TASK_TGID_OFF));
+    let tgid: u32 = read(task, offset!(task_tgid));
     // SAFETY: a `struct file` pointer from the iterator.
     let socket = unsafe { bpf_sock_from_file(f) } as *const u8;
     record_fd(socket, None, tgid, fd);
@@ -157,7 +138,7 @@ pub fn tcpka_find_fds(ctx: *mut c_void) -> i32 {
         return 0;
     }
     let owner = FdOwner {
-        tgid: read(task, global(&TASK_TGID_OFF)),
+        tgid: read(task, offset!(task_tgid)),
         fd,
     };
     // SAFETY: as above.

@@ -9,6 +9,7 @@ mod index;
 mod iter;
 mod lookup;
 mod maps;
+mod offsets;
 mod sock;
 mod sockops;
 mod state;

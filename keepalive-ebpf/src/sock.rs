@@ -2,13 +2,7 @@
 //! `struct sock_common`, shared by the programs that see socket pointers.
 use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
 
-// Offsets of the IPv6 addresses in `struct sock_common` depend on the
-// kernel's configuration; the loader reads them from BTF and sets these
-// before load. Rust eBPF has no CO-RE field relocations.
-#[unsafe(no_mangle)]
-pub static SKC_V6_DADDR_OFF: u32 = 56;
-#[unsafe(no_mangle)]
-pub static SKC_V6_RCV_SADDR_OFF: u32 = 72;
+use crate::offsets::offset;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -72,14 +66,10 @@ pub fn ends(sk: *const u8) -> Option<Ends> {
             v4_mapped(daddr.to_ne_bytes()),
         )
     } else if family == AF_INET6 {
-        // SAFETY: read-only globals set by the loader.
-        let (d, s) = unsafe {
-            (
-                core::ptr::read_volatile(&SKC_V6_DADDR_OFF),
-                core::ptr::read_volatile(&SKC_V6_RCV_SADDR_OFF),
-            )
-        };
-        (read(sk, s as usize), read(sk, d as usize))
+        (
+            read(sk, offset!(skc_v6_rcv_saddr)),
+            read(sk, offset!(skc_v6_daddr)),
+        )
     } else {
         return None;
     };
@@ -94,54 +84,21 @@ pub fn ends(sk: *const u8) -> Option<Ends> {
     })
 }
 
-/// `sock_common.skc_net` (a `struct net *`), from BTF.
-#[unsafe(no_mangle)]
-pub static SKC_NET_OFF: u32 = 48;
-/// `net.ns.inum`, from BTF: the namespace's inode number, as `stat` on
-/// `/proc/PID/ns/net` shows it.
-#[unsafe(no_mangle)]
-pub static NET_NS_INUM_OFF: u32 = 176;
-
 /// Inode number of the socket's network namespace.
 #[inline(always)]
 pub fn netns_inum(sk: *const u8) -> u32 {
-    // SAFETY: read-only globals set by the loader.
-    let (net_off, inum_off) = unsafe {
-        (
-            core::ptr::read_volatile(&SKC_NET_OFF),
-            core::ptr::read_volatile(&NET_NS_INUM_OFF),
-        )
-    };
-    let net: u64 = read(sk, net_off as usize);
-    read(net as *const u8, inum_off as usize)
+    let net: u64 = read(sk, offset!(skc_net));
+    read(net as *const u8, offset!(net_ns_inum))
 }
-
-/// `sock.sk_protocol`, from BTF.
-#[unsafe(no_mangle)]
-pub static SK_PROTOCOL_OFF: u32 = 0;
 
 const IPPROTO_TCP: u16 = 6;
 
 /// Whether a socket is TCP (SCTP and MPTCP share families and types).
 #[inline(always)]
 pub fn is_tcp(sk: *const u8) -> bool {
-    // SAFETY: read-only global set by the loader.
-    let off = unsafe { core::ptr::read_volatile(&SK_PROTOCOL_OFF) };
-    let proto: u16 = read(sk, off as usize);
+    let proto: u16 = read(sk, offset!(sk_protocol));
     proto == IPPROTO_TCP
 }
-
-// Offsets for the cgroup check, set by the loader from BTF.
-#[unsafe(no_mangle)]
-static SK_CGRP_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static CGROUP_LEVEL_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static CGROUP_ANCESTORS_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static CGROUP_KN_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static KERNFS_ID_OFF: u32 = 0;
 
 /// Deepest cgroup level looked at.
 const MAX_LEVEL: u32 = 32;
@@ -151,16 +108,13 @@ const MAX_LEVEL: u32 = 32;
 /// whose `ancestors[level]` is itself and `ancestors[0]` the root.
 #[inline(always)]
 pub fn in_cgroup(sk: *const u8, id: u64) -> bool {
-    // SAFETY: read-only globals set by the loader.
-    let (cgrp, level_off, anc_off, kn_off, kid_off) = unsafe {
-        (
-            core::ptr::read_volatile(&SK_CGRP_OFF) as usize,
-            core::ptr::read_volatile(&CGROUP_LEVEL_OFF) as usize,
-            core::ptr::read_volatile(&CGROUP_ANCESTORS_OFF) as usize,
-            core::ptr::read_volatile(&CGROUP_KN_OFF) as usize,
-            core::ptr::read_volatile(&KERNFS_ID_OFF) as usize,
-        )
-    };
+    let (cgrp, level_off, anc_off, kn_off, kid_off) = (
+        offset!(sk_cgroup),
+        offset!(cgroup_level),
+        offset!(cgroup_ancestors),
+        offset!(cgroup_kn),
+        offset!(kernfs_id),
+    );
     // `struct sock_cgroup_data` starts with the cgroup pointer.
     let cg: u64 = read(sk, cgrp);
     if cg == 0 {

@@ -24,6 +24,7 @@ use crate::{
     apply::emit,
     index,
     maps::{count, host_index, port_flags, CONNS, HOLDER_COUNT},
+    offsets::offset,
     sock::{ends, is_tcp, read},
 };
 
@@ -100,14 +101,6 @@ pub fn forget(sk: *const u8, cookie: u64, maybe_indexed: bool) {
     }
 }
 
-/// Offset of `sk_err` in `struct sock`, set by the loader from BTF.
-#[unsafe(no_mangle)]
-static SK_ERR_OFF: u32 = 0;
-/// Offset of `inet_sport` in `struct inet_sock`: the local port, which
-/// stays when closing has already released `skc_num`.
-#[unsafe(no_mangle)]
-static INET_SPORT_OFF: u32 = 0;
-
 const EPIPE: u32 = 32;
 const ECONNABORTED: u32 = 103;
 const ECONNRESET: u32 = 104;
@@ -116,14 +109,8 @@ const ECONNRESET: u32 = 104;
 /// ended it decides timeout, reset or orderly close.
 #[inline(always)]
 fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
-    // SAFETY: read-only globals set by the loader.
-    let (off, sport_off) = unsafe {
-        (
-            core::ptr::read_volatile(&SK_ERR_OFF),
-            core::ptr::read_volatile(&INET_SPORT_OFF),
-        )
-    };
-    let error: i32 = read(sk, off as usize);
+    let (off, sport_off) = (offset!(sk_err), offset!(inet_sport));
+    let error: i32 = read(sk, off);
     let error = error.unsigned_abs();
     let kind = match error {
         // Marked by `tcpka close` just before it destroyed the socket.
@@ -140,7 +127,7 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
         return;
     }
     let Some(e) = ends(sk) else { return };
-    let sport: u16 = read(sk, sport_off as usize);
+    let sport: u16 = read(sk, sport_off);
     emit(&Event {
         kind,
         family: e.family as u32,

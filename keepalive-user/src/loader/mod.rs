@@ -23,7 +23,12 @@ use aya::{
     },
     EbpfLoader,
 };
-use keepalive_common::{maps, meta::Meta, programs};
+use keepalive_common::{
+    maps,
+    meta::Meta,
+    offsets::{self, Offsets},
+    programs,
+};
 
 use crate::lock::Lock;
 use crate::pinned::{holder_mode, index_mode, index_mode_of, open_map, read_meta, write_meta};
@@ -187,6 +192,46 @@ impl Drop for Undo<'_> {
     }
 }
 
+/// Where the members the programs read are in the running kernel.
+fn kernel_offsets(btf: &crate::btf::Btf, index: IndexMode) -> Result<Offsets> {
+    let at = |strukt: &str, member: &str| btf.member_offset(strukt, member);
+    // The cgroup check (which connections sock_ops sees) is used by the
+    // ports index only, on kernels (6.12+) that have these members.
+    let cgroup = || -> Result<[u32; 5]> {
+        Ok([
+            at("sock", "sk_cgrp_data")? + at("sock_cgroup_data", "cgroup")?,
+            at("cgroup", "level")?,
+            at("cgroup", "ancestors")?,
+            at("cgroup", "kn")?,
+            at("kernfs_node", "id")?,
+        ])
+    };
+    let [sk_cgroup, cgroup_level, cgroup_ancestors, cgroup_kn, kernfs_id] = match index {
+        IndexMode::Ports => cgroup()?,
+        IndexMode::Host => cgroup().unwrap_or_default(),
+    };
+    Ok(Offsets {
+        skc_v6_daddr: at("sock_common", "skc_v6_daddr")?,
+        skc_v6_rcv_saddr: at("sock_common", "skc_v6_rcv_saddr")?,
+        skc_net: at("sock_common", "skc_net")?,
+        net_ns_inum: at("net", "ns")? + at("ns_common", "inum")?,
+        sk_err: at("sock", "sk_err")?,
+        sk_protocol: at("sock", "sk_protocol")?,
+        inet_sport: at("inet_sock", "inet_sport")?,
+        task_tgid: at("task_struct", "tgid")?,
+        task_files: at("task_struct", "files")?,
+        files_fdt: at("files_struct", "fdt")?,
+        fdt_max_fds: at("fdtable", "max_fds")?,
+        fdt_fd: at("fdtable", "fd")?,
+        file_private_data: at("file", "private_data")?,
+        sk_cgroup,
+        cgroup_level,
+        cgroup_ancestors,
+        cgroup_kn,
+        kernfs_id,
+    })
+}
+
 fn load_and_pin(
     layout: &PinLayout,
     cgroup: &Cgroup,
@@ -204,37 +249,7 @@ fn load_and_pin(
             .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
     }
     let kernel_btf = crate::btf::Btf::from_sys_fs()?;
-    let v6_daddr = kernel_btf.member_offset("sock_common", "skc_v6_daddr")?;
-    let v6_saddr = kernel_btf.member_offset("sock_common", "skc_v6_rcv_saddr")?;
-    let net_off = kernel_btf.member_offset("sock_common", "skc_net")?;
-    let ns_inum_off =
-        kernel_btf.member_offset("net", "ns")? + kernel_btf.member_offset("ns_common", "inum")?;
-    let tgid_off = kernel_btf.member_offset("task_struct", "tgid")?;
-    let sk_err_off = kernel_btf.member_offset("sock", "sk_err")?;
-    let sk_protocol_off = kernel_btf.member_offset("sock", "sk_protocol")?;
-    let inet_sport_off = kernel_btf.member_offset("inet_sock", "inet_sport")?;
-    let task_files_off = kernel_btf.member_offset("task_struct", "files")?;
-    let files_fdt_off = kernel_btf.member_offset("files_struct", "fdt")?;
-    let fdt_max_fds_off = kernel_btf.member_offset("fdtable", "max_fds")?;
-    let fdt_fd_off = kernel_btf.member_offset("fdtable", "fd")?;
-    let file_private_off = kernel_btf.member_offset("file", "private_data")?;
-    // The cgroup check (which connections sock_ops sees) is used by the
-    // ports index only, on kernels (6.12+) that have these members.
-    let cgroup_offsets = || -> Result<[u32; 5]> {
-        Ok([
-            kernel_btf.member_offset("sock", "sk_cgrp_data")?
-                + kernel_btf.member_offset("sock_cgroup_data", "cgroup")?,
-            kernel_btf.member_offset("cgroup", "level")?,
-            kernel_btf.member_offset("cgroup", "ancestors")?,
-            kernel_btf.member_offset("cgroup", "kn")?,
-            kernel_btf.member_offset("kernfs_node", "id")?,
-        ])
-    };
-    let [sk_cgrp_off, cgroup_level_off, cgroup_ancestors_off, cgroup_kn_off, kernfs_id_off] =
-        match index {
-            IndexMode::Ports => cgroup_offsets()?,
-            IndexMode::Host => cgroup_offsets().unwrap_or_default(),
-        };
+    let offsets = kernel_offsets(&kernel_btf, index)?;
     // The fd programs read `struct socket` at fixed offsets; refuse a kernel
     // where they moved rather than read garbage.
     for (member, want) in [("type", 4), ("file", 16), ("sk", 24)] {
@@ -252,29 +267,8 @@ fn load_and_pin(
     })?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
-        .override_global(programs::GLOBAL_V6_DADDR_OFF, &v6_daddr, true)
-        .override_global(programs::GLOBAL_V6_SADDR_OFF, &v6_saddr, true)
-        .override_global(programs::GLOBAL_NET_OFF, &net_off, true)
-        .override_global(programs::GLOBAL_NS_INUM_OFF, &ns_inum_off, true)
-        .override_global(programs::GLOBAL_TASK_TGID_OFF, &tgid_off, true)
-        .override_global(programs::GLOBAL_SK_ERR_OFF, &sk_err_off, true)
-        .override_global(programs::GLOBAL_SK_PROTOCOL_OFF, &sk_protocol_off, true)
-        .override_global(programs::GLOBAL_INET_SPORT_OFF, &inet_sport_off, true)
-        .override_global(programs::GLOBAL_TASK_FILES_OFF, &task_files_off, true)
-        .override_global(programs::GLOBAL_FILES_FDT_OFF, &files_fdt_off, true)
-        .override_global(programs::GLOBAL_FDT_MAX_FDS_OFF, &fdt_max_fds_off, true)
-        .override_global(programs::GLOBAL_FDT_FD_OFF, &fdt_fd_off, true)
-        .override_global(programs::GLOBAL_FILE_PRIVATE_OFF, &file_private_off, true)
+        .override_global(offsets::GLOBAL, &offsets, true)
         .override_global(programs::GLOBAL_HOST_INDEX, &host_index, true)
-        .override_global(programs::GLOBAL_SK_CGRP_OFF, &sk_cgrp_off, true)
-        .override_global(programs::GLOBAL_CGROUP_LEVEL_OFF, &cgroup_level_off, true)
-        .override_global(
-            programs::GLOBAL_CGROUP_ANCESTORS_OFF,
-            &cgroup_ancestors_off,
-            true,
-        )
-        .override_global(programs::GLOBAL_CGROUP_KN_OFF, &cgroup_kn_off, true)
-        .override_global(programs::GLOBAL_KERNFS_ID_OFF, &kernfs_id_off, true)
         .map_max_entries(
             maps::CONNS,
             options
