@@ -23,14 +23,31 @@ use tcpka::{
     server, Error,
 };
 
+/// One module per subcommand (`load.rs` has load and unload, `enable.rs`
+/// enable and disable, `apply.rs` apply and reload); `args.rs` the
+/// command line and the argument groups they share; `output.rs` printing.
 mod cli {
     pub(crate) use super::*;
+    pub(crate) mod apply;
     pub(crate) mod args;
+    pub(crate) mod close;
+    pub(crate) mod completions;
+    pub(crate) mod doctor;
+    pub(crate) mod enable;
+    pub(crate) mod info;
+    pub(crate) mod load;
     pub(crate) mod output;
+    pub(crate) mod rule;
     pub(crate) mod run;
+    pub(crate) mod serve;
+    pub(crate) mod status;
+    pub(crate) mod trace;
     pub(crate) mod watch;
 }
-use cli::{args::*, output::*, run::*, watch::*};
+use cli::{
+    apply::*, args::*, close::*, completions::*, doctor::*, enable::*, info::*, load::*, output::*,
+    rule::*, run::*, serve::*, status::*, trace::*, watch::*,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

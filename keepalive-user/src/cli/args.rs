@@ -152,28 +152,6 @@ pub(crate) enum Command {
     Manpages { dir: PathBuf },
 }
 
-#[derive(Args, Debug)]
-pub(crate) struct TraceArgs {
-    /// One JSON object per line: {"level", "message"}.
-    #[arg(long)]
-    pub(crate) json: bool,
-    /// Turn off a trace left on by a trace that was killed, and exit.
-    #[arg(long)]
-    pub(crate) stop: bool,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct ApplyArgs {
-    /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
-    pub(crate) file: PathBuf,
-    /// Print what would change, and change nothing.
-    #[arg(long)]
-    pub(crate) dry_run: bool,
-    /// Print the changes as a JSON array.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
 /// How the kernel side learns which process holds each socket.
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
 pub(crate) enum Holders {
@@ -285,113 +263,6 @@ impl KernelArgs {
     }
 }
 
-#[derive(Args, Debug)]
-pub(crate) struct LoadArgs {
-    /// cgroup v2 directory to attach to [default: the root of the cgroup v2
-    /// mount, i.e. every process on the host].
-    #[arg(long)]
-    pub(crate) cgroup: Option<PathBuf>,
-    #[command(flatten)]
-    pub(crate) kernel: KernelArgs,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct ServeArgs {
-    /// cgroup v2 directory to attach to when not loaded yet [default: the
-    /// root of the cgroup v2 mount].
-    #[arg(long)]
-    pub(crate) cgroup: Option<PathBuf>,
-    /// How the kernel side is set up, when serve loads.
-    #[command(flatten)]
-    pub(crate) kernel: KernelArgs,
-    /// Configuration file whose named rules are applied at start and on
-    /// SIGHUP (`tcpka reload`); see `tcpka apply --help`.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) config: Option<PathBuf>,
-    /// Log the kernel programs' decisions (as `tcpka trace` prints them),
-    /// at most this detailed: error, warn, info or debug. Off by default:
-    /// the programs then test one bit.
-    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
-    pub(crate) kernel_log: Option<log::LevelFilter>,
-    /// Log one JSON object per line instead of text.
-    #[arg(long)]
-    pub(crate) json: bool,
-    /// Where the API listens: ADDR:PORT or unix:/path. A non-loopback
-    /// address needs --token.
-    #[arg(long, value_parser = |s: &str| s.parse::<Listen>())]
-    pub(crate) listen: Option<Listen>,
-    /// Require `Authorization: Bearer TOKEN` (or HTTP Basic with the token
-    /// as the password) on every request. Prefer
-    /// --token-file or the TCPKA_TOKEN environment variable: an argument
-    /// is visible to every local user in `ps`. A TCP listener always has a
-    /// token: without one, serve generates one into /run/tcpka/api-token
-    /// (readable by root, and by --api-group).
-    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
-    pub(crate) token: Option<String>,
-    /// Read the token from FILE (one line; not readable by others).
-    #[arg(long, value_name = "FILE", conflicts_with = "token")]
-    pub(crate) token_file: Option<PathBuf>,
-    /// Group (name or gid) whose members may use the API besides root: a
-    /// unix socket listener is made mode 0660 with this group, and a
-    /// generated token file 0640.
-    #[arg(long, value_name = "GROUP")]
-    pub(crate) api_group: Option<String>,
-    /// POST each timeout/reset/closed/aborted event (and gap markers) as
-    /// JSON to this URL, http:// or https:// (retried with backoff; a
-    /// bounded queue, drops counted in /metrics and reported as a gap).
-    #[arg(long, value_name = "URL")]
-    pub(crate) webhook: Option<String>,
-    /// Sign every webhook request with this secret (the file's first
-    /// line): headers X-Tcpka-Timestamp (Unix seconds) and
-    /// X-Tcpka-Signature: sha256=HEX, the HMAC-SHA256 of
-    /// "TIMESTAMP.BODY". The receiver recomputes it to reject forgeries.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) webhook_secret_file: Option<PathBuf>,
-    /// A token (the file's first line) for the receivers of events that
-    /// cannot check an HMAC, such as Kamailio's configuration: sent as
-    /// `Authorization: Bearer TOKEN` with every webhook request (loopback
-    /// or https only) and as `"token"` in every event over --evapi.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) events_token_file: Option<PathBuf>,
-    /// Kamailio's evapi server (HOST:PORT, on this host): tcpka connects,
-    /// takes enable/disable commands relayed with evapi_relay() (JSON
-    /// netstrings, a command or an array of them; ones that arrive together
-    /// are applied together) and
-    /// sends events back, into event_route[evapi:message-received].
-    /// Reconnects with backoff.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) evapi: Option<SocketAddr>,
-    /// The user Kamailio runs as (name or uid): tcpka talks only to an
-    /// evapi server whose socket belongs to root or to this user
-    /// [default: kamailio].
-    #[arg(long, value_name = "USER")]
-    pub(crate) evapi_user: Option<String>,
-    /// Also trust the CA certificate(s) in this PEM file for an https://
-    /// webhook (the public web's CAs are trusted already).
-    #[arg(long, value_name = "FILE")]
-    pub(crate) webhook_ca: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct WatchArgs {
-    /// The API of `tcpka serve` (host:port).
-    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN)]
-    pub(crate) api: String,
-    /// Token of the API [default: TCPKA_TOKEN, else the file serve
-    /// generated, /run/tcpka/api-token].
-    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
-    pub(crate) token: Option<String>,
-    /// Read the token from FILE.
-    #[arg(long, value_name = "FILE", conflicts_with = "token")]
-    pub(crate) token_file: Option<PathBuf>,
-    /// Print one JSON object per line.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
 /// CONN: the peer endpoint `IP:PORT` or `[IPv6]:PORT` (Kamailio's
 /// `$si:$sp`), optionally prefixed `tcp:`, `tls:`, `ws:` or `wss:`; a SIP URI
 /// such as `sip:10.0.0.2:5060;transport=tcp`; or `cookie:N` (decimal or 0x
@@ -426,23 +297,6 @@ pub(crate) struct Which {
     pub(crate) netns: Option<PathBuf>,
 }
 
-#[derive(Args, Debug)]
-pub(crate) struct CloseArgs {
-    #[command(flatten)]
-    pub(crate) which: Which,
-    /// Print the connections closed as JSON (as they were).
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct EnableArgs {
-    #[command(flatten)]
-    pub(crate) target: ConnArgs,
-    #[command(flatten)]
-    pub(crate) policy: PolicyArgs,
-}
-
 /// IDLE COUNT INTERVAL in the reference module's order, plus the optional
 /// user timeout: shared by `enable` and `rule add`.
 #[derive(Args, Debug)]
@@ -474,93 +328,8 @@ impl PolicyArgs {
 }
 
 #[derive(Args, Debug)]
-pub(crate) struct StatusArgs {
-    /// Show this connection (peer endpoint, SIP URI or cookie:N), managed
-    /// or not; exit 1 when there is none.
-    #[arg(value_name = "CONN", value_parser = |s: &str| s.parse::<ConnSpec>())]
-    pub(crate) conn: Option<ConnSpec>,
-    /// With CONN: only the connection with this local end.
-    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_endpoint, requires = "conn")]
-    pub(crate) local: Option<SocketAddr>,
-    /// Network namespace to look in [default: tcpka's own].
-    #[arg(long, value_name = "PATH")]
-    pub(crate) netns: Option<PathBuf>,
-    /// Print a JSON array.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Args, Debug)]
 pub(crate) struct JsonArg {
     /// Print JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Subcommand, Debug)]
-pub(crate) enum RuleCommand {
-    /// Add a rule for connections established from now on; prints its id.
-    ///
-    /// Arguments in the reference module's order: IDLE COUNT INTERVAL.
-    /// The rule with the most fields set wins; among --remote prefixes the
-    /// longest wins; on a tie the older rule (lower id) wins.
-    Add(RuleAddArgs),
-    /// Delete a rule. Connections that already got its policy keep it.
-    Del {
-        /// Rule id, as printed by `rule add` and `rule list`.
-        #[arg(value_parser = |s: &str| parse_u32("ID", s))]
-        id: u32,
-    },
-    /// List the rules.
-    List(JsonArg),
-    /// Show which rule a new connection from LOCAL to REMOTE would get, and
-    /// why (the precedence sock_ops applies), without changing anything.
-    Explain(RuleExplainArgs),
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct RuleExplainArgs {
-    /// LOCAL REMOTE: this host's end and the peer's of a new connection
-    /// (ADDR:PORT, IPv6 as [ADDR]:PORT); or one CONN (peer endpoint, SIP
-    /// URI or cookie:N): the live connections it names, with the values
-    /// they hold.
-    #[arg(num_args = 1..=2, required = true, value_name = "LOCAL REMOTE | CONN")]
-    pub(crate) ends: Vec<String>,
-    /// With CONN: the network namespace to look in [default: tcpka's own].
-    #[arg(long, value_name = "PATH")]
-    pub(crate) netns: Option<PathBuf>,
-    /// Print the explanation as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
-}
-
-#[derive(Args, Debug)]
-pub(crate) struct RuleAddArgs {
-    /// Only connections whose local port is P (a server's listening port
-    /// for inbound connections).
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) local_port: Option<u16>,
-    /// Only connections whose remote port is P.
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) remote_port: Option<u16>,
-    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
-    /// bare address means one host).
-    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
-    pub(crate) remote: Option<Cidr>,
-    #[command(flatten)]
-    pub(crate) policy: PolicyArgs,
-    /// Track the connections the rule matches: `status` lists them and
-    /// their timeout, reset or abort is reported as an event. Without it
-    /// (the default) the rule only sets the values, which costs each new
-    /// connection the least; the kernel still ends a dead one. Tracking
-    /// costs about 1 µs more per connection setup (see the README's
-    /// Performance section).
-    #[arg(long)]
-    pub(crate) tracked: bool,
-    /// The default: only set the values (kept for scripts).
-    #[arg(long, hide = true, conflicts_with = "tracked")]
-    pub(crate) untracked: bool,
-    /// Print the new rule as JSON.
     #[arg(long)]
     pub(crate) json: bool,
 }

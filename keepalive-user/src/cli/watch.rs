@@ -1,6 +1,23 @@
 //! `tcpka watch`: the event stream of a running `tcpka serve`.
 use super::*;
 
+#[derive(Args, Debug)]
+pub(crate) struct WatchArgs {
+    /// The API of `tcpka serve` (host:port).
+    #[arg(long, default_value = tcpka::server::DEFAULT_LISTEN)]
+    pub(crate) api: String,
+    /// Token of the API [default: TCPKA_TOKEN, else the file serve
+    /// generated, /run/tcpka/api-token].
+    #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Read the token from FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 /// Streams `GET /v1/events` and prints each event.
 pub(crate) async fn watch(a: WatchArgs) -> Result<(), Error> {
     let url = format!("http://{}/v1/events", a.api);

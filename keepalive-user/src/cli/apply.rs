@@ -1,0 +1,51 @@
+//! `tcpka apply` and `tcpka reload`: rules from a configuration file.
+use super::*;
+
+#[derive(Args, Debug)]
+pub(crate) struct ApplyArgs {
+    /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
+    pub(crate) file: PathBuf,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Print the changes as a JSON array.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
+    let config = tcpka::config::Config::load(&a.file)?;
+    let steps = Enforcer::new(layout).apply_config(&config, a.dry_run)?;
+    if a.json {
+        print_json(&steps);
+    } else {
+        for s in &steps {
+            tcpka::outln!("{s}");
+        }
+        let n = steps.len();
+        let changes = if n == 1 {
+            "1 change".to_owned()
+        } else {
+            format!("{n} changes")
+        };
+        match (n, a.dry_run) {
+            (0, _) => tcpka::outln!("rules already match {}", a.file.display()),
+            (_, true) => tcpka::outln!("{changes}; nothing changed (--dry-run)"),
+            (_, false) => tcpka::outln!("{changes} applied"),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn reload(layout: &PinLayout) -> Result<(), Error> {
+    let Some(pid) = tcpka::lock::serve_pid(layout)? else {
+        return Err(Error::NoDaemon(layout.dir().into()));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .map_err(|e| Error::io(format!("signalling tcpka serve (pid {pid})"), e.into()))?;
+    tcpka::outln!("asked tcpka serve (pid {pid}) to apply its configuration file again");
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! `tcpka rule`: add, delete, list and explain the rules for new connections.
+use super::*;
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum RuleCommand {
+    /// Add a rule for connections established from now on; prints its id.
+    ///
+    /// Arguments in the reference module's order: IDLE COUNT INTERVAL.
+    /// The rule with the most fields set wins; among --remote prefixes the
+    /// longest wins; on a tie the older rule (lower id) wins.
+    Add(RuleAddArgs),
+    /// Delete a rule. Connections that already got its policy keep it.
+    Del {
+        /// Rule id, as printed by `rule add` and `rule list`.
+        #[arg(value_parser = |s: &str| parse_u32("ID", s))]
+        id: u32,
+    },
+    /// List the rules.
+    List(JsonArg),
+    /// Show which rule a new connection from LOCAL to REMOTE would get, and
+    /// why (the precedence sock_ops applies), without changing anything.
+    Explain(RuleExplainArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RuleExplainArgs {
+    /// LOCAL REMOTE: this host's end and the peer's of a new connection
+    /// (ADDR:PORT, IPv6 as [ADDR]:PORT); or one CONN (peer endpoint, SIP
+    /// URI or cookie:N): the live connections it names, with the values
+    /// they hold.
+    #[arg(num_args = 1..=2, required = true, value_name = "LOCAL REMOTE | CONN")]
+    pub(crate) ends: Vec<String>,
+    /// With CONN: the network namespace to look in [default: tcpka's own].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) netns: Option<PathBuf>,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RuleAddArgs {
+    /// Only connections whose local port is P (a server's listening port
+    /// for inbound connections).
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) local_port: Option<u16>,
+    /// Only connections whose remote port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) remote_port: Option<u16>,
+    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
+    /// bare address means one host).
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
+    pub(crate) remote: Option<Cidr>,
+    #[command(flatten)]
+    pub(crate) policy: PolicyArgs,
+    /// Track the connections the rule matches: `status` lists them and
+    /// their timeout, reset or abort is reported as an event. Without it
+    /// (the default) the rule only sets the values, which costs each new
+    /// connection the least; the kernel still ends a dead one. Tracking
+    /// costs about 1 µs more per connection setup (see the README's
+    /// Performance section).
+    #[arg(long)]
+    pub(crate) tracked: bool,
+    /// The default: only set the values (kept for scripts).
+    #[arg(long, hide = true, conflicts_with = "tracked")]
+    pub(crate) untracked: bool,
+    /// Print the new rule as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error> {
+    match command {
+        RuleCommand::Add(a) => add(layout, a),
+        RuleCommand::Del { id } => {
+            Enforcer::new(layout).delete_rule(id)?;
+            tcpka::outln!("deleted rule {id}");
+            Ok(())
+        }
+        RuleCommand::List(a) => list(layout, a),
+        RuleCommand::Explain(a) => explain(layout, a),
+    }
+}
+
+fn add(layout: PinLayout, a: RuleAddArgs) -> Result<(), Error> {
+    let policy = a.policy.policy()?;
+    let m = RuleMatch {
+        local_port: a.local_port,
+        remote_port: a.remote_port,
+        remote: a.remote,
+    };
+    let rule = Enforcer::new(layout).add_rule(m, policy, a.tracked)?;
+    if a.json {
+        print_json(&rule);
+    } else {
+        tcpka::outln!("{}", rule.id);
+    }
+    Ok(())
+}
+
+fn list(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
+    let rules = Enforcer::new(layout).rules()?;
+    if a.json {
+        print_json(&rules);
+    } else if rules.is_empty() {
+        tcpka::outln!("no rules");
+    } else {
+        tcpka::outln!(
+            "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}",
+            "ID",
+            "LOCAL_PORT",
+            "REMOTE_PORT",
+            "REMOTE",
+            "IDLE",
+            "COUNT",
+            "INTERVAL",
+            "USER_TIMEOUT",
+            "TRACKED",
+            "NAME"
+        );
+        let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
+        for r in rules {
+            tcpka::outln!(
+                "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}",
+                r.id,
+                any(r.local_port.map(|p| p.to_string())),
+                any(r.remote_port.map(|p| p.to_string())),
+                any(r.remote.map(|c| c.to_string())),
+                r.idle,
+                r.count,
+                r.interval,
+                r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                if r.tracked { "yes" } else { "no" },
+                r.name.as_deref().unwrap_or("- (by hand)"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn explain(layout: PinLayout, a: RuleExplainArgs) -> Result<(), Error> {
+    let enforcer = Enforcer::new(layout);
+    let rules = enforcer.rules()?;
+    let explanations = match a.ends.as_slice() {
+        [local, remote] => {
+            let (local, remote) = (parse_endpoint(local)?, parse_endpoint(remote)?);
+            vec![(None, tcpka::rule::explain(&rules, local, remote))]
+        }
+        [conn] => {
+            // The live connections CONN names: what a new connection
+            // with their ends would get, beside what they hold.
+            let conn: ConnSpec = conn.parse()?;
+            let found = enforcer.apply(conn, None, Action::Query, a.netns.as_deref())?;
+            let mut out = Vec::new();
+            for c in found {
+                let (l, r) = (parse_endpoint(&c.local)?, parse_endpoint(&c.remote)?);
+                out.push((Some(c), tcpka::rule::explain(&rules, l, r)));
+            }
+            out
+        }
+        _ => unreachable!("clap takes one or two"),
+    };
+    if a.json {
+        let v: Vec<_> = explanations
+            .iter()
+            .map(|(c, e)| match c {
+                Some(c) => serde_json::json!({ "connection": c, "explanation": e }),
+                None => serde_json::to_value(e).expect("plain data"),
+            })
+            .collect();
+        if a.ends.len() == 2 {
+            print_json(&v[0]);
+        } else {
+            print_json(&v);
+        }
+    } else {
+        for (c, e) in &explanations {
+            print_explanation(c.as_ref(), e);
+        }
+    }
+    Ok(())
+}
