@@ -622,4 +622,18 @@ user_timeout_ms = 20000
         let e = plan(&clash, &wanted).unwrap_err();
         assert!(e.contains("rule \"new\" has the match of rule 9"), "{e}");
     }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:7077".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:7077".parse().unwrap())
+        );
+        assert!("127.0.0.1:7077".parse::<Listen>().unwrap().is_local());
+        assert!(!"0.0.0.0:7077".parse::<Listen>().unwrap().is_local());
+        assert!("unix:/run/tcpka.sock".parse::<Listen>().unwrap().is_local());
+        for bad in ["unix:", "localhost:7077", "7077", ""] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad:?}");
+        }
+    }
 }

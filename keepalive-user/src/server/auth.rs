@@ -117,3 +117,24 @@ pub(super) async fn guard(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_as_bearer_or_as_a_basic_password() {
+        assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
+        // "tcpka:s3cret:with:colons"
+        let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
+        assert_eq!(
+            token_given(basic).as_deref(),
+            Some(&b"s3cret:with:colons"[..])
+        );
+        assert_eq!(token_given("Basic not base64!"), None);
+        // "no colon"
+        assert_eq!(token_given("Basic bm8gY29sb24="), None);
+        assert_eq!(token_given("Digest x"), None);
+        assert_eq!(token_given("abc"), None);
+    }
+}

@@ -53,14 +53,24 @@ use crate::{
 
 mod auth;
 mod batch;
+mod commands;
+mod connections;
 mod handlers;
+mod listeners;
 mod metrics;
+mod rules;
+mod tasks;
 mod webhook;
 
 use auth::*;
 use batch::*;
+use commands::*;
+use connections::*;
 use handlers::*;
+use listeners::*;
 use metrics::*;
+use rules::*;
+use tasks::*;
 use webhook::*;
 pub use webhook::{sign, webhook_keeps_secrets, WebhookConfig};
 
@@ -128,203 +138,6 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
-}
-
-/// Sweeps holder entries of closed connections now and then, so that the
-/// holder map does not fill without anyone listing it.
-fn spawn_holder_sweep(enforcer: Enforcer) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            every.tick().await;
-            let e = enforcer.clone();
-            if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
-                tracing::warn!("sweeping holders: {err}");
-            }
-        }
-    });
-}
-
-/// Watches the attachment: when the cgroup is removed (a service restart)
-/// the kernel detaches the sock_ops program; once a cgroup exists again at
-/// the same path, attach to it.
-fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(ATTACH_CHECK);
-        let mut warned = false;
-        loop {
-            every.tick().await;
-            let l = layout.clone();
-            let Ok(checked) = tokio::task::spawn_blocking(move || {
-                let repaired = loader::repair_attachment(&l)?;
-                if let Err(e) = loader::unwatch_outside(&l) {
-                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
-                }
-                Ok::<_, Error>((repaired, loader::installed(&l)?))
-            })
-            .await
-            else {
-                continue;
-            };
-            match checked {
-                Ok((Some(i), _)) => {
-                    metrics.reattached.inc();
-                    warned = false;
-                    tracing::warn!(cgroup = %i.cgroup.display(), "re-attached to the recreated cgroup");
-                }
-                Ok((None, Some(i))) if !i.attached && !warned => {
-                    warned = true;
-                    tracing::error!(
-                        cgroup = %i.cgroup.display(),
-                        "detached: the cgroup was removed; new connections get no rules until it is back"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("checking the attachment: {e}"),
-            }
-        }
-    });
-}
-
-/// How often `serve` checks that the sock_ops program is still attached.
-const ATTACH_CHECK: Duration = Duration::from_secs(1);
-
-/// The socket file of a unix listener, removed when serving ends if it is
-/// still the one we bound.
-struct SocketFile {
-    path: PathBuf,
-    ino: Option<u64>,
-}
-
-impl SocketFile {
-    fn new(path: &std::path::Path) -> Self {
-        let ino = std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        Self {
-            path: path.to_path_buf(),
-            ino,
-        }
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let now = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        if now.is_some() && now == self.ino {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Makes a unix listener's socket file 0600, or 0660 with the API group.
-fn secure_socket(path: &std::path::Path, group: Option<u32>) -> Result<(), Error> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let done = (|| {
-        if let Some(gid) = group {
-            std::os::unix::fs::lchown(path, None, Some(gid))?;
-        }
-        let mode = if group.is_some() { 0o660 } else { 0o600 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-    })();
-    done.map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
-}
-
-/// Serves HTTP/1.1 connections from `accept` until `stop`: at most
-/// [`MAX_CONNECTIONS`] at once, each dropped when a request head takes
-/// longer than [`HEADER_TIMEOUT`]. After `stop`, connections in flight get
-/// [`SHUTDOWN_GRACE`].
-async fn serve_connections<S, F, Fut>(
-    mut accept: F,
-    app: Router,
-    stop: tokio::sync::watch::Receiver<bool>,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<(S, ConnInfo)>>,
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use tower::ServiceExt as _;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            _ = stopped(stop.clone()) => break,
-        };
-        let (io, info) = tokio::select! {
-            r = accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors or a client gone before accept:
-                    // wait a moment and go on.
-                    tracing::warn!("accepting an API connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stopped(stop.clone()) => break,
-        };
-        let svc =
-            app.clone()
-                .map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(info);
-                    req.map(Body::new)
-                });
-        tokio::spawn(async move {
-            let _permit = permit;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(
-                    hyper_util::rt::TokioIo::new(io),
-                    hyper_util::service::TowerToHyperService::new(svc),
-                );
-            if let Err(e) = conn.await {
-                tracing::debug!("API connection: {e}");
-            }
-        });
-    }
-    // In-flight requests get the grace period (the caller's timer).
-    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
-}
-
-/// Brings the installed rules to the file, logging each change.
-async fn apply_rules_file(enforcer: &Enforcer, path: &std::path::Path) -> Result<(), Error> {
-    let (e, p) = (enforcer.clone(), path.to_owned());
-    let steps = tokio::task::spawn_blocking(move || {
-        let config = crate::config::Config::load(&p)?;
-        e.apply_config(&config, false)
-    })
-    .await
-    .expect("apply task")?;
-    for step in &steps {
-        tracing::info!(file = %path.display(), "{step}");
-    }
-    tracing::info!(file = %path.display(), changes = steps.len(), "rules applied");
-    Ok(())
-}
-
-/// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
-/// file that has become invalid is reported and changes nothing. Without a
-/// file, SIGHUP is logged and ignored (it must not stop the daemon).
-fn spawn_reload(enforcer: Enforcer, path: Option<PathBuf>) -> Result<(), Error> {
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let Some(path) = &path else {
-                tracing::warn!("reload: serve has no --config file; nothing to apply");
-                continue;
-            };
-            if let Err(e) = apply_rules_file(&enforcer, path).await {
-                tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
-            }
-        }
-    });
-    Ok(())
 }
 
 /// Loads or adopts the installation, then serves until SIGINT or SIGTERM.
@@ -492,61 +305,4 @@ pub async fn run(
     result?;
     tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_token_comes_as_bearer_or_as_a_basic_password() {
-        assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
-        // "tcpka:s3cret:with:colons"
-        let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
-        assert_eq!(
-            token_given(basic).as_deref(),
-            Some(&b"s3cret:with:colons"[..])
-        );
-        assert_eq!(token_given("Basic not base64!"), None);
-        // "no colon"
-        assert_eq!(token_given("Basic bm8gY29sb24="), None);
-        assert_eq!(token_given("Digest x"), None);
-        assert_eq!(token_given("abc"), None);
-    }
-
-    #[test]
-    fn bearer_tokens_go_only_where_nobody_else_reads_them() {
-        for ok in [
-            "https://controller.example/tcpka",
-            "http://127.0.0.1:8088/tcpka",
-            "http://127.9.9.9/x",
-            "http://[::1]:8088/tcpka",
-            "http://localhost:8088/",
-        ] {
-            assert!(webhook_keeps_secrets(ok), "{ok}");
-        }
-        for bad in [
-            "http://10.0.0.1:8088/tcpka",
-            "http://controller.example/tcpka",
-            "http://localhost.example/",
-            "ftp://127.0.0.1/",
-            "not a url",
-        ] {
-            assert!(!webhook_keeps_secrets(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            "127.0.0.1:7077".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:7077".parse().unwrap())
-        );
-        assert!("127.0.0.1:7077".parse::<Listen>().unwrap().is_local());
-        assert!(!"0.0.0.0:7077".parse::<Listen>().unwrap().is_local());
-        assert!("unix:/run/tcpka.sock".parse::<Listen>().unwrap().is_local());
-        for bad in ["unix:", "localhost:7077", "7077", ""] {
-            assert!(bad.parse::<Listen>().is_err(), "{bad:?}");
-        }
-    }
 }

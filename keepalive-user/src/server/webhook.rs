@@ -177,3 +177,30 @@ pub(super) fn spawn_webhook(
     });
     Ok(Webhook { tx, missed })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_go_only_where_nobody_else_reads_them() {
+        for ok in [
+            "https://controller.example/tcpka",
+            "http://127.0.0.1:8088/tcpka",
+            "http://127.9.9.9/x",
+            "http://[::1]:8088/tcpka",
+            "http://localhost:8088/",
+        ] {
+            assert!(webhook_keeps_secrets(ok), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1:8088/tcpka",
+            "http://controller.example/tcpka",
+            "http://localhost.example/",
+            "ftp://127.0.0.1/",
+            "not a url",
+        ] {
+            assert!(!webhook_keeps_secrets(bad), "{bad}");
+        }
+    }
+}

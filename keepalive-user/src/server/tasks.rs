@@ -1,0 +1,100 @@
+//! What serve runs beside the API: the holder sweep, the attachment
+//! watch, and the rules file applied at start and on SIGHUP.
+use super::*;
+
+/// Sweeps holder entries of closed connections now and then, so that the
+/// holder map does not fill without anyone listing it.
+pub(super) fn spawn_holder_sweep(enforcer: Enforcer) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let e = enforcer.clone();
+            if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
+                tracing::warn!("sweeping holders: {err}");
+            }
+        }
+    });
+}
+
+/// Watches the attachment: when the cgroup is removed (a service restart)
+/// the kernel detaches the sock_ops program; once a cgroup exists again at
+/// the same path, attach to it.
+pub(super) fn spawn_attach_watch(layout: PinLayout, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(ATTACH_CHECK);
+        let mut warned = false;
+        loop {
+            every.tick().await;
+            let l = layout.clone();
+            let Ok(checked) = tokio::task::spawn_blocking(move || {
+                let repaired = loader::repair_attachment(&l)?;
+                if let Err(e) = loader::unwatch_outside(&l) {
+                    tracing::warn!("checking for managed connections outside the cgroup: {e}");
+                }
+                Ok::<_, Error>((repaired, loader::installed(&l)?))
+            })
+            .await
+            else {
+                continue;
+            };
+            match checked {
+                Ok((Some(i), _)) => {
+                    metrics.reattached.inc();
+                    warned = false;
+                    tracing::warn!(cgroup = %i.cgroup.display(), "re-attached to the recreated cgroup");
+                }
+                Ok((None, Some(i))) if !i.attached && !warned => {
+                    warned = true;
+                    tracing::error!(
+                        cgroup = %i.cgroup.display(),
+                        "detached: the cgroup was removed; new connections get no rules until it is back"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("checking the attachment: {e}"),
+            }
+        }
+    });
+}
+
+/// How often `serve` checks that the sock_ops program is still attached.
+pub(super) const ATTACH_CHECK: Duration = Duration::from_secs(1);
+
+/// Brings the installed rules to the file, logging each change.
+pub(super) async fn apply_rules_file(
+    enforcer: &Enforcer,
+    path: &std::path::Path,
+) -> Result<(), Error> {
+    let (e, p) = (enforcer.clone(), path.to_owned());
+    let steps = tokio::task::spawn_blocking(move || {
+        let config = crate::config::Config::load(&p)?;
+        e.apply_config(&config, false)
+    })
+    .await
+    .expect("apply task")?;
+    for step in &steps {
+        tracing::info!(file = %path.display(), "{step}");
+    }
+    tracing::info!(file = %path.display(), changes = steps.len(), "rules applied");
+    Ok(())
+}
+
+/// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
+/// file that has become invalid is reported and changes nothing. Without a
+/// file, SIGHUP is logged and ignored (it must not stop the daemon).
+pub(super) fn spawn_reload(enforcer: Enforcer, path: Option<PathBuf>) -> Result<(), Error> {
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(path) = &path else {
+                tracing::warn!("reload: serve has no --config file; nothing to apply");
+                continue;
+            };
+            if let Err(e) = apply_rules_file(&enforcer, path).await {
+                tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
+            }
+        }
+    });
+    Ok(())
+}
