@@ -40,11 +40,7 @@
 //! max_indexed = 1048576
 //! max_holders = 131072
 //! ```
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::Deserialize;
 
@@ -53,6 +49,13 @@ use crate::{
     rule::{parse_port, Cidr, Rule, RuleMatch},
     InvalidInput,
 };
+
+mod plan;
+mod serve;
+
+pub use plan::{plan, Step};
+use serve::ServeEntry;
+pub use serve::{Listen, ServeSettings};
 
 /// Longest rule name, in bytes.
 pub const NAME_MAX: usize = 32;
@@ -63,115 +66,6 @@ struct File {
     #[serde(default)]
     rule: Vec<toml::Spanned<RuleEntry>>,
     serve: Option<toml::Spanned<ServeEntry>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServeEntry {
-    listen: Option<String>,
-    token_file: Option<PathBuf>,
-    api_group: Option<String>,
-    webhook: Option<String>,
-    webhook_secret_file: Option<PathBuf>,
-    events_token_file: Option<PathBuf>,
-    webhook_ca: Option<PathBuf>,
-    evapi: Option<String>,
-    evapi_user: Option<String>,
-    json: Option<bool>,
-    cgroup: Option<PathBuf>,
-    holders: Option<String>,
-    index: Option<String>,
-    index_ports: Option<String>,
-    rule_events: Option<bool>,
-    max_connections: Option<i64>,
-    max_indexed: Option<i64>,
-    max_holders: Option<i64>,
-}
-
-/// The `[serve]` table, validated: each setting the file gives.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServeSettings {
-    pub listen: Option<Listen>,
-    pub token_file: Option<PathBuf>,
-    pub api_group: Option<String>,
-    pub webhook: Option<String>,
-    pub webhook_secret_file: Option<PathBuf>,
-    pub events_token_file: Option<PathBuf>,
-    pub webhook_ca: Option<PathBuf>,
-    pub evapi: Option<SocketAddr>,
-    pub evapi_user: Option<String>,
-    pub json: Option<bool>,
-    pub cgroup: Option<PathBuf>,
-    pub holders: Option<crate::loader::HolderMode>,
-    pub index: Option<crate::loader::IndexMode>,
-    pub index_ports: Option<crate::ports::IndexPorts>,
-    pub rule_events: Option<bool>,
-    pub sizes: crate::loader::MapSizes,
-}
-
-impl ServeEntry {
-    fn check(self) -> Result<ServeSettings, String> {
-        use crate::loader::{HolderMode, IndexMode};
-        let listen = self
-            .listen
-            .map(|l| l.parse::<Listen>())
-            .transpose()
-            .map_err(|e| format!("listen: {e}"))?;
-        let holders = match self.holders.as_deref() {
-            None => None,
-            Some("scan") => Some(HolderMode::Scan),
-            Some("syscalls") => Some(HolderMode::Syscalls),
-            Some(o) => return Err(format!("holders: {o:?} is not \"scan\" or \"syscalls\"")),
-        };
-        let index = match self.index.as_deref() {
-            None => None,
-            Some("ports") => Some(IndexMode::Ports),
-            Some("host") => Some(IndexMode::Host),
-            Some(o) => return Err(format!("index: {o:?} is not \"ports\" or \"host\"")),
-        };
-        let index_ports = self
-            .index_ports
-            .map(|p| crate::ports::IndexPorts::parse(&p))
-            .transpose()
-            .map_err(|e| format!("index_ports: {e}"))?;
-        let size = |what: &str, v: Option<i64>| {
-            v.map(|n| crate::loader::parse_map_size(&n.to_string()))
-                .transpose()
-                .map_err(|e| format!("{what}: {e}"))
-        };
-        let evapi = self
-            .evapi
-            .as_deref()
-            .map(|a| {
-                a.parse::<SocketAddr>().map_err(|_| {
-                    format!("evapi: {a:?} is not HOST:PORT (an IP address and a port)")
-                })
-            })
-            .transpose()?;
-        let sizes = crate::loader::MapSizes {
-            connections: size("max_connections", self.max_connections)?,
-            indexed: size("max_indexed", self.max_indexed)?,
-            holders: size("max_holders", self.max_holders)?,
-        };
-        Ok(ServeSettings {
-            listen,
-            token_file: self.token_file,
-            api_group: self.api_group,
-            webhook: self.webhook,
-            webhook_secret_file: self.webhook_secret_file,
-            events_token_file: self.events_token_file,
-            webhook_ca: self.webhook_ca,
-            evapi,
-            evapi_user: self.evapi_user,
-            json: self.json,
-            cgroup: self.cgroup,
-            holders,
-            index,
-            index_ports,
-            rule_events: self.rule_events,
-            sizes,
-        })
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,128 +230,6 @@ fn bytes_of(key: &keepalive_common::rules::RuleKey) -> Vec<u8> {
     v
 }
 
-/// One step of bringing the installed rules to the file.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "action", rename_all = "lowercase")]
-pub enum Step {
-    /// A named rule the file has and the kernel not.
-    Add { rule: Rule },
-    /// A named rule whose match, values or tracking differ.
-    Change { from: Rule, to: Rule },
-    /// A named rule the file no longer has.
-    Remove { rule: Rule },
-}
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let show = |r: &Rule| {
-            format!(
-                "{} idle {} count {} interval {}{}{}",
-                r.describe_match(),
-                r.idle,
-                r.count,
-                r.interval,
-                r.user_timeout_ms
-                    .map(|ms| format!(" user-timeout {ms}"))
-                    .unwrap_or_default(),
-                if r.tracked { " tracked" } else { "" }
-            )
-        };
-        let name = |r: &Rule| r.name.clone().unwrap_or_default();
-        match self {
-            Step::Add { rule } => write!(f, "+ {}: {}", name(rule), show(rule)),
-            Step::Change { from, to } => {
-                write!(f, "~ {}: {} -> {}", name(to), show(from), show(to))
-            }
-            Step::Remove { rule } => write!(f, "- {}: {}", name(rule), show(rule)),
-        }
-    }
-}
-
-/// What to do so that the installed rules' named part equals `wanted`:
-/// rules without a name (added by hand) are not touched. Fails, changing
-/// nothing, when a wanted rule has the match of a rule added by hand.
-pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
-    let to_rule = |w: &NamedRule, id: u32| {
-        let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
-        r.name = Some(w.name.clone());
-        r
-    };
-    let mut steps = Vec::new();
-    for w in &wanted.rules {
-        let current = installed
-            .iter()
-            .find(|r| r.name.as_deref() == Some(&w.name));
-        if let Some(by_hand) = installed
-            .iter()
-            .find(|r| r.name.is_none() && r.matcher() == w.matcher)
-        {
-            return Err(format!(
-                "rule {:?} has the match of rule {} ({}), added by hand: delete that one first (`tcpka rule del {}`)",
-                w.name,
-                by_hand.id,
-                by_hand.describe_match(),
-                by_hand.id
-            ));
-        }
-        match current {
-            None => steps.push(Step::Add {
-                rule: to_rule(w, 0),
-            }),
-            Some(c) => {
-                let want = to_rule(w, c.id);
-                if *c != want {
-                    steps.push(Step::Change {
-                        from: c.clone(),
-                        to: want,
-                    });
-                }
-            }
-        }
-    }
-    for r in installed {
-        if let Some(name) = &r.name {
-            if !wanted.rules.iter().any(|w| &w.name == name) {
-                steps.push(Step::Remove { rule: r.clone() });
-            }
-        }
-    }
-    Ok(steps)
-}
-
-/// Where the API listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Listen {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Listen {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("unix: needs a path".into());
-            }
-            return Ok(Listen::Unix(path.into()));
-        }
-        s.parse()
-            .map(Listen::Tcp)
-            .map_err(|_| format!("{s:?} is not ADDR:PORT or unix:/path"))
-    }
-}
-
-impl Listen {
-    /// Whether only this host can connect.
-    pub fn is_local(&self) -> bool {
-        match self {
-            Listen::Tcp(a) => a.ip().is_loopback(),
-            Listen::Unix(_) => true,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,10 +272,10 @@ user_timeout_ms = 20000
 
     #[test]
     fn the_packaged_file_is_valid() {
-        let c = Config::parse(include_str!("../../contrib/tcpka.toml"), "tcpka.toml").unwrap();
+        let c = Config::parse(include_str!("../../../contrib/tcpka.toml"), "tcpka.toml").unwrap();
         assert_eq!(c, Config::default(), "every example in it is commented out");
         // Its examples, uncommented, are valid too.
-        let text: String = include_str!("../../contrib/tcpka.toml")
+        let text: String = include_str!("../../../contrib/tcpka.toml")
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| l.starts_with('[') || l.contains(" = "))
@@ -572,68 +344,5 @@ user_timeout_ms = 20000
         assert!(e.contains("same match as rule \"a\" on line 1"), "{e}");
         let e = err_of("[[rule]]\nname = \"a\"\nidle = -1\ncount = 1\ninterval = 1\n");
         assert!(e.contains("idle must be in"), "{e}");
-    }
-
-    fn installed(id: u32, name: Option<&str>, lp: u16, idle: u32) -> Rule {
-        let m = RuleMatch {
-            local_port: Some(lp),
-            ..Default::default()
-        };
-        let mut r = Rule::new(id, m, Policy::new(idle, 5, 5, None).unwrap(), false);
-        r.name = name.map(str::to_owned);
-        r
-    }
-
-    #[test]
-    fn plan_adds_changes_removes_by_name_and_keeps_hand_rules() {
-        let wanted = Config::parse(
-            "[[rule]]\nname = \"keep\"\nlocal_port = 1\nidle = 60\ncount = 5\ninterval = 5\n\
-             [[rule]]\nname = \"change\"\nlocal_port = 2\nidle = 61\ncount = 5\ninterval = 5\n\
-             [[rule]]\nname = \"new\"\nlocal_port = 3\nidle = 60\ncount = 5\ninterval = 5\n",
-            "t.toml",
-        )
-        .unwrap();
-        let have = [
-            installed(1, Some("keep"), 1, 60),
-            installed(2, Some("change"), 2, 60),
-            installed(3, Some("gone"), 4, 60),
-            installed(4, None, 5, 60),
-        ];
-        let steps = plan(&have, &wanted).unwrap();
-        let shown: Vec<String> = steps.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            shown,
-            [
-                "~ change: --local-port 2 idle 60 count 5 interval 5 -> --local-port 2 idle 61 count 5 interval 5",
-                "+ new: --local-port 3 idle 60 count 5 interval 5",
-                "- gone: --local-port 4 idle 60 count 5 interval 5",
-            ]
-        );
-        // Applied, nothing is left to do.
-        let after = [
-            installed(1, Some("keep"), 1, 60),
-            installed(2, Some("change"), 2, 61),
-            installed(5, Some("new"), 3, 60),
-            installed(4, None, 5, 60),
-        ];
-        assert_eq!(plan(&after, &wanted).unwrap(), []);
-        // A wanted rule with the match of a hand-made one is refused.
-        let clash = [installed(9, None, 3, 60)];
-        let e = plan(&clash, &wanted).unwrap_err();
-        assert!(e.contains("rule \"new\" has the match of rule 9"), "{e}");
-    }
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            "127.0.0.1:7077".parse::<Listen>().unwrap(),
-            Listen::Tcp("127.0.0.1:7077".parse().unwrap())
-        );
-        assert!("127.0.0.1:7077".parse::<Listen>().unwrap().is_local());
-        assert!(!"0.0.0.0:7077".parse::<Listen>().unwrap().is_local());
-        assert!("unix:/run/tcpka.sock".parse::<Listen>().unwrap().is_local());
-        for bad in ["unix:", "localhost:7077", "7077", ""] {
-            assert!(bad.parse::<Listen>().is_err(), "{bad:?}");
-        }
     }
 }
