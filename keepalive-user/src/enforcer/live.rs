@@ -33,6 +33,41 @@ pub struct Op {
     pub netns: Option<PathBuf>,
 }
 
+impl Op {
+    /// A command without a holder.
+    pub fn new(
+        conn: ConnSpec,
+        local: Option<SocketAddr>,
+        action: Action,
+        netns: Option<&Path>,
+    ) -> Self {
+        Self {
+            conn,
+            local,
+            action,
+            holder: None,
+            netns: netns.map(Path::to_path_buf),
+        }
+    }
+
+    /// A command from the text of its fields (the API's and evapi's): a
+    /// query until the caller gives it an action.
+    pub fn parse(
+        conn: &str,
+        local: Option<&str>,
+        holder: Option<&str>,
+        netns: Option<PathBuf>,
+    ) -> std::result::Result<Self, InvalidInput> {
+        Ok(Self {
+            conn: conn.parse()?,
+            local: local.map(parse_endpoint).transpose()?,
+            action: Action::Query,
+            holder: holder.map(crate::holders::parse_holder).transpose()?,
+            netns,
+        })
+    }
+}
+
 impl Enforcer {
     /// Applies an action to live connections at once, also idle ones and
     /// ones established before tcpka was loaded, in the network namespace
@@ -68,7 +103,7 @@ impl Enforcer {
             return Err(no_such(conn, local));
         }
         if found.iter().any(|c| c.state == "listen") {
-            return Err(Error::Invalid(crate::InvalidInput::Conn {
+            return Err(Error::Invalid(InvalidInput::Conn {
                 value: conn.to_string(),
                 reason:
                     "is a listening socket: closing it would stop the server; name a connection",
@@ -216,11 +251,8 @@ impl Enforcer {
                 }
             }
             walk = rest;
-            let items: Vec<(ConnSpec, Option<SocketAddr>, Action)> = group
-                .iter()
-                .map(|&i| (ops[i].conn, ops[i].local, ops[i].action))
-                .collect();
-            match self.walk(&items, first.netns.as_deref()) {
+            let items: Vec<&Op> = group.iter().map(|&i| &ops[i]).collect();
+            match self.walk(&items) {
                 Ok(found) => {
                     for (&i, found) in group.iter().zip(found) {
                         // A walk for a whole peer sees all its connections:
@@ -266,7 +298,7 @@ impl Enforcer {
         }
         if !matches!(op.action, Action::Query) && found.iter().any(|c| c.state == "listen") {
             // The kernel programs leave listening sockets alone.
-            return Err(Error::Invalid(crate::InvalidInput::Conn {
+            return Err(Error::Invalid(InvalidInput::Conn {
                 value: op.conn.to_string(),
                 reason: "is a listening socket: its keepalive would pass to every connection it accepts; use `tcpka rule add --local-port PORT` for those",
             }));
@@ -321,24 +353,28 @@ impl Enforcer {
         // Through the index, each connection's descriptor is kept for the
         // step that follows, and its values are read then (once: disabled,
         // or queried when kept).
-        enum Target {
+        enum Reached {
             Held(Held),
             Walked(ConnStatus),
         }
-        let targets: Vec<Target> = match self.resolve_held(op.conn, op.local, netns)? {
+        let targets: Vec<Reached> = match self.resolve_held(op.conn, op.local, netns)? {
             Some(held) => held
                 .into_iter()
                 // Closed meanwhile: gone, like a connection the walk no
                 // longer finds.
                 .filter(|h| is_connected(&h.stream))
-                .map(Target::Held)
+                .map(Reached::Held)
                 .collect(),
             None => self
-                .walk(&[(op.conn, op.local, Action::Query)], netns)?
+                .walk(&[&Op {
+                    action: Action::Query,
+                    holder: None,
+                    ..op.clone()
+                }])?
                 .pop()
                 .unwrap_or_default()
                 .into_iter()
-                .map(Target::Walked)
+                .map(Reached::Walked)
                 .collect(),
         };
         if targets.is_empty() {
@@ -349,17 +385,17 @@ impl Enforcer {
             kept: Vec::new(),
         };
         let hint = remote_hint(op.conn);
-        let status = |t: &Target| -> Result<Option<ConnStatus>> {
+        let status = |t: &Reached| -> Result<Option<ConnStatus>> {
             match t {
-                Target::Walked(c) => Ok(Some(c.clone())),
-                Target::Held(h) => self.apply_held_if_open(h, Action::Query, None, hint),
+                Reached::Walked(c) => Ok(Some(c.clone())),
+                Reached::Held(h) => self.apply_held_if_open(h, Action::Query, None, hint),
             }
         };
         let journal = Journal::new(&self.layout);
         for t in targets {
             let cookie = match &t {
-                Target::Held(h) => h.cookie,
-                Target::Walked(c) => c.cookie,
+                Reached::Held(h) => h.cookie,
+                Reached::Walked(c) => c.cookie,
             };
             journal.begin(&Entry {
                 step: Step::Remove,
@@ -387,11 +423,13 @@ impl Enforcer {
             }
             let spec = ConnSpec::Cookie(cookie);
             let changed = match &t {
-                Target::Held(h) => match self.apply_held_if_open(h, Action::Disable, None, hint)? {
-                    Some(c) => vec![c],
-                    None => return Err(no_such(spec, None)),
-                },
-                Target::Walked(_) => self.apply_locked(spec, None, Action::Disable, netns)?,
+                Reached::Held(h) => {
+                    match self.apply_held_if_open(h, Action::Disable, None, hint)? {
+                        Some(c) => vec![c],
+                        None => return Err(no_such(spec, None)),
+                    }
+                }
+                Reached::Walked(_) => self.apply_locked(spec, None, Action::Disable, netns)?,
             };
             out.changed.extend(changed);
             journal.end();
@@ -409,7 +447,7 @@ impl Enforcer {
         let found = match self.try_index(conn, local, action, netns)? {
             Some(found) => found,
             None => self
-                .walk(&[(conn, local, action)], netns)?
+                .walk(&[&Op::new(conn, local, action, netns)])?
                 .pop()
                 .unwrap_or_default(),
         };

@@ -21,7 +21,7 @@ use keepalive_common::{
 
 use crate::{
     config::{Config, Step as ConfigStep},
-    conn::{endpoint, peer_key, v6_bytes, ConnSpec},
+    conn::{endpoint, parse_endpoint, peer_key, v6_bytes, ConnSpec},
     holders::Holders,
     index::Held,
     journal::{Entry, Journal, Step},
@@ -31,7 +31,7 @@ use crate::{
     paths::PinLayout,
     policy::Policy,
     rule::{Rule, RuleMatch},
-    Error, Result,
+    Error, InvalidInput, Result,
 };
 
 mod live;

@@ -95,35 +95,40 @@ impl Pending {
 }
 
 impl Enforcer {
-    /// One walk of the socket table applying every request in `items`
-    /// (distinct keys, one kind); returns each item's connections.
-    pub(super) fn walk(
-        &self,
-        items: &[(ConnSpec, Option<SocketAddr>, Action)],
-        netns: Option<&Path>,
-    ) -> Result<Vec<Vec<ConnStatus>>> {
+    /// One walk of the socket table applying every command in `ops`
+    /// (distinct keys, one kind, one namespace); returns each command's
+    /// connections.
+    pub(super) fn walk(&self, ops: &[&Op]) -> Result<Vec<Vec<ConnStatus>>> {
+        let Some(first) = ops.first() else {
+            return Ok(Vec::new());
+        };
+        debug_assert!(ops.iter().all(|op| op.netns == first.netns));
         self.lookups.walks.fetch_add(1, Ordering::Relaxed);
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
-        for &(conn, local, action) in items {
-            pending.queue(conn, request_for(action, local))?;
+        for op in ops {
+            pending.queue(op.conn, request_for(op.action, op.local))?;
         }
         // A lone cookie, or a lone peer with a local end, names at most one
         // socket: the walk can stop at it.
         let exact =
-            items.len() == 1 && (matches!(items[0].0, ConnSpec::Cookie(_)) || items[0].1.is_some());
-        let found = crate::pass::run(&self.layout.iter_apply(), netns, exact.then_some(1));
+            ops.len() == 1 && (matches!(first.conn, ConnSpec::Cookie(_)) || first.local.is_some());
+        let found = crate::pass::run(
+            &self.layout.iter_apply(),
+            first.netns.as_deref(),
+            exact.then_some(1),
+        );
         pending.clear()?;
         let records = parse_raw(&found?);
-        if items.iter().any(|i| matches!(i.2, Action::Enable(_))) {
+        if ops.iter().any(|op| matches!(op.action, Action::Enable(_))) {
             self.watch_if_outside(&records)?;
         }
-        Ok(items
+        Ok(ops
             .iter()
-            .map(|&(conn, local, _)| {
+            .map(|op| {
                 records
                     .iter()
-                    .filter(|r| record_matches(r, conn, local))
+                    .filter(|r| record_matches(r, op.conn, op.local))
                     .map(ConnStatus::from_raw)
                     .collect()
             })

@@ -32,8 +32,6 @@ pub(super) struct CloseBody {
     netns: Option<PathBuf>,
 }
 
-pub(super) type Target = (ConnSpec, Option<SocketAddr>, Option<String>);
-
 /// Commands from Kamailio's evapi, run like the API's: each one a job for
 /// the batch worker, queued without waiting, so that commands arriving
 /// together run as one batch; one log line and the metrics of each.
@@ -139,22 +137,21 @@ pub(super) async fn enable_body(state: &AppState, b: EnableBody) -> Response {
 /// An enable request as a command for the batch worker (or the reply
 /// that refuses it).
 pub(super) fn enable_op(state: &AppState, b: EnableBody) -> Result<Op, Box<Response>> {
-    let parsed = target(&b.conn, b.local.as_deref(), b.holder.as_deref()).and_then(|t| {
-        Ok((
-            t,
-            Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?,
-        ))
-    });
-    let ((conn, local, holder), policy) = parsed.map_err(|e| {
+    let parsed =
+        Op::parse(&b.conn, b.local.as_deref(), b.holder.as_deref(), b.netns).and_then(|op| {
+            Ok(Op {
+                action: Action::Enable(Policy::new(
+                    b.idle,
+                    b.count,
+                    b.interval,
+                    b.user_timeout_ms,
+                )?),
+                ..op
+            })
+        });
+    parsed.map_err(|e| {
         state.metrics.command("enable", "invalid");
         Box::new(invalid(e))
-    })?;
-    Ok(Op {
-        conn,
-        local,
-        action: Action::Enable(policy),
-        holder,
-        netns: b.netns,
     })
 }
 
@@ -210,17 +207,13 @@ pub(super) async fn disable_body(state: &AppState, b: DisableBody) -> Response {
 /// A disable request as a command for the batch worker (or the reply
 /// that refuses it).
 pub(super) fn disable_op(state: &AppState, b: DisableBody) -> Result<Op, Box<Response>> {
-    let (conn, local, holder) =
-        target(&b.conn, b.local.as_deref(), b.holder.as_deref()).map_err(|e| {
-            state.metrics.command("disable", "invalid");
-            Box::new(invalid(e))
-        })?;
+    let op = Op::parse(&b.conn, b.local.as_deref(), b.holder.as_deref(), b.netns).map_err(|e| {
+        state.metrics.command("disable", "invalid");
+        Box::new(invalid(e))
+    })?;
     Ok(Op {
-        conn,
-        local,
         action: Action::Disable,
-        holder,
-        netns: b.netns,
+        ..op
     })
 }
 
@@ -267,15 +260,18 @@ pub(super) async fn close(State(state): State<AppState>, body: Body) -> Response
 }
 
 pub(super) async fn close_body(state: &AppState, b: &CloseBody) -> Response {
-    let (conn, local, _) = match target(&b.conn, b.local.as_deref(), None) {
-        Ok(t) => t,
+    let op = match Op::parse(&b.conn, b.local.as_deref(), None, b.netns.clone()) {
+        Ok(op) => op,
         Err(e) => {
             state.metrics.command("close", "invalid");
             return invalid(e);
         }
     };
-    let netns = b.netns.clone();
-    match blocking(state, move |e| e.close(conn, local, netns.as_deref())).await {
+    match blocking(state, move |e| {
+        e.close(op.conn, op.local, op.netns.as_deref())
+    })
+    .await
+    {
         Ok(closed) => {
             state.metrics.command("close", "ok");
             reply(

@@ -28,7 +28,7 @@ pub(super) async fn connections(
     let spec = match q
         .conn
         .as_deref()
-        .map(|c| target(c, q.local.as_deref(), None))
+        .map(|c| Op::parse(c, q.local.as_deref(), None, None))
         .transpose()
     {
         Ok(t) => t,
@@ -46,7 +46,7 @@ pub(super) async fn connections(
     let netns = q.netns;
     let out = blocking(&state, move |e| {
         let mut conns = match spec {
-            Some((conn, local, _)) => e.apply(conn, local, Action::Query, netns.as_deref())?,
+            Some(op) => e.apply(op.conn, op.local, Action::Query, netns.as_deref())?,
             None => return e.status(netns.as_deref()),
         };
         e.attach_holders(&mut conns)?;

@@ -77,18 +77,6 @@ pub(super) async fn json_body<T: for<'de> Deserialize<'de>>(body: Body) -> Resul
     serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
 }
 
-pub(super) fn target(
-    conn: &str,
-    local: Option<&str>,
-    holder: Option<&str>,
-) -> Result<Target, InvalidInput> {
-    Ok((
-        conn.parse()?,
-        local.map(parse_endpoint).transpose()?,
-        holder.map(parse_holder).transpose()?,
-    ))
-}
-
 /// Runs blocking enforcer work off the async threads, timing it.
 pub(super) async fn blocking<T: Send + 'static>(
     state: &AppState,

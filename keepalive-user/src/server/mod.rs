@@ -6,7 +6,6 @@
 //! with HTTP 200, 400 (invalid input), 401 (token), 404 (no such
 //! connection or rule), 503 (not loaded) or 500.
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -40,10 +39,8 @@ use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 use crate::{
     access,
     config::Listen,
-    conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, Enforcer, Op, Outcome},
     feed::{self, Gap, Message},
-    holders::parse_holder,
     loader,
     paths::PinLayout,
     policy::Policy,
