@@ -1,5 +1,6 @@
-//! Live connections: enable, disable, close and status, through the
-//! index (the direct path) or a walk of the socket table, in batches.
+//! Live connections: enable, disable, close and status, and batches of
+//! commands; each goes the direct path (`direct.rs`) or walks the socket
+//! table (`walk.rs`); holders are in `holding.rs`.
 use super::*;
 
 pub(super) fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
@@ -291,152 +292,6 @@ impl Enforcer {
             .collect()
     }
 
-    /// Records holders after an enable, forgets them after a plain disable.
-    pub(super) fn finish(&self, op: &Op, found: Vec<ConnStatus>) -> Result<Outcome> {
-        if found.is_empty() {
-            return Err(no_such(op.conn, op.local));
-        }
-        if !matches!(op.action, Action::Query) && found.iter().any(|c| c.state == "listen") {
-            // The kernel programs leave listening sockets alone.
-            return Err(Error::Invalid(InvalidInput::Conn {
-                value: op.conn.to_string(),
-                reason: "is a listening socket: its keepalive would pass to every connection it accepts; use `tcpka rule add --local-port PORT` for those",
-            }));
-        }
-        match (&op.action, &op.holder) {
-            (Action::Enable(_), Some(id)) => {
-                let mut holders = Holders::open(&self.layout)?;
-                let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
-                let journal = Journal::new(&self.layout);
-                for c in &found {
-                    journal.begin(&Entry {
-                        step: Step::Add,
-                        cookie: c.cookie,
-                        netns: op.netns.clone(),
-                    })?;
-                    holders.add(c.cookie, id)?;
-                    // Closed meanwhile: the kernel dropped its entries, and
-                    // would not drop a count written after that.
-                    if conns.get(&c.cookie, 0).is_err() {
-                        holders.forget(c.cookie);
-                    }
-                    journal.end();
-                }
-            }
-            (Action::Disable, None) => {
-                let mut holders = Holders::open(&self.layout)?;
-                let journal = Journal::new(&self.layout);
-                for c in &found {
-                    journal.begin(&Entry {
-                        step: Step::Clear,
-                        cookie: c.cookie,
-                        netns: op.netns.clone(),
-                    })?;
-                    holders.clear(c.cookie);
-                    journal.end();
-                }
-            }
-            _ => {}
-        }
-        Ok(Outcome {
-            changed: found,
-            kept: Vec::new(),
-        })
-    }
-
-    /// Disable for one holder: connections with other holders keep
-    /// keepalive.
-    pub(super) fn disable_held_locked(&self, op: &Op) -> Result<Outcome> {
-        let id = op.holder.as_deref().expect("a holder");
-        let netns = op.netns.as_deref();
-        let mut holders = Holders::open(&self.layout)?;
-        // Through the index, each connection's descriptor is kept for the
-        // step that follows, and its values are read then (once: disabled,
-        // or queried when kept).
-        enum Reached {
-            Held(Held),
-            Walked(ConnStatus),
-        }
-        let targets: Vec<Reached> = match self.resolve_held(op.conn, op.local, netns)? {
-            Some(held) => held
-                .into_iter()
-                // Closed meanwhile: gone, like a connection the walk no
-                // longer finds.
-                .filter(|h| is_connected(&h.stream))
-                .map(Reached::Held)
-                .collect(),
-            None => self
-                .walk(&[&Op {
-                    action: Action::Query,
-                    holder: None,
-                    ..op.clone()
-                }])?
-                .pop()
-                .unwrap_or_default()
-                .into_iter()
-                .map(Reached::Walked)
-                .collect(),
-        };
-        if targets.is_empty() {
-            return Err(no_such(op.conn, op.local));
-        }
-        let mut out = Outcome {
-            changed: Vec::new(),
-            kept: Vec::new(),
-        };
-        let hint = remote_hint(op.conn);
-        let status = |t: &Reached| -> Result<Option<ConnStatus>> {
-            match t {
-                Reached::Walked(c) => Ok(Some(c.clone())),
-                Reached::Held(h) => self.apply_held_if_open(h, Action::Query, None, hint),
-            }
-        };
-        let journal = Journal::new(&self.layout);
-        for t in targets {
-            let cookie = match &t {
-                Reached::Held(h) => h.cookie,
-                Reached::Walked(c) => c.cookie,
-            };
-            journal.begin(&Entry {
-                step: Step::Remove,
-                cookie,
-                netns: op.netns.clone(),
-            })?;
-            // A connection this holder never held (another call's, or a
-            // reconnection) stays as it is.
-            let removed = holders.remove(cookie, id);
-            if !matches!(removed, Ok(Some(0))) {
-                journal.end();
-            }
-            let (remaining, held_it) = match removed? {
-                Some(n) => (n, true),
-                None => (holders.count_of(cookie), false),
-            };
-            if remaining > 0 || !held_it {
-                if let Some(c) = status(&t)? {
-                    out.kept.push(Kept {
-                        connection: c,
-                        holders_remaining: remaining,
-                    });
-                }
-                continue;
-            }
-            let spec = ConnSpec::Cookie(cookie);
-            let changed = match &t {
-                Reached::Held(h) => {
-                    match self.apply_held_if_open(h, Action::Disable, None, hint)? {
-                        Some(c) => vec![c],
-                        None => return Err(no_such(spec, None)),
-                    }
-                }
-                Reached::Walked(_) => self.apply_locked(spec, None, Action::Disable, netns)?,
-            };
-            out.changed.extend(changed);
-            journal.end();
-        }
-        Ok(out)
-    }
-
     pub(super) fn apply_locked(
         &self,
         conn: ConnSpec,
@@ -457,62 +312,6 @@ impl Enforcer {
         Ok(found)
     }
 
-    /// The direct path: `None` when the connection index cannot vouch for
-    /// the complete answer.
-    pub(super) fn try_index(
-        &self,
-        conn: ConnSpec,
-        local: Option<SocketAddr>,
-        action: Action,
-        netns: Option<&Path>,
-    ) -> Result<Option<Vec<ConnStatus>>> {
-        Ok(self
-            .try_index_held(conn, local, action, netns)?
-            .map(|v| v.into_iter().map(|(c, _)| c).collect()))
-    }
-
-    /// [`Self::try_index`], keeping each connection's borrowed descriptor
-    /// for a next step on it.
-    pub(super) fn try_index_held(
-        &self,
-        conn: ConnSpec,
-        local: Option<SocketAddr>,
-        action: Action,
-        netns: Option<&Path>,
-    ) -> Result<Option<Vec<(ConnStatus, Held)>>> {
-        let Some(held) = self.resolve_held(conn, local, netns)? else {
-            return Ok(None);
-        };
-        let mut out = Vec::with_capacity(held.len());
-        for h in held {
-            if let Some(c) = self.apply_held_if_open(&h, action, local, remote_hint(conn))? {
-                out.push((c, h));
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// The connections CONN names, held through their owners' descriptors
-    /// (nothing applied yet); `None` when the index cannot vouch for the
-    /// complete answer.
-    pub(super) fn resolve_held(
-        &self,
-        conn: ConnSpec,
-        local: Option<SocketAddr>,
-        netns: Option<&Path>,
-    ) -> Result<Option<Vec<Held>>> {
-        if !crate::index::seed_netns(&self.layout, netns)? {
-            return Ok(None);
-        }
-        let Some(held) = crate::index::resolve(&self.layout, conn, local, netns)? else {
-            tracing::debug!("{conn}: the index cannot vouch for it; walking the socket table");
-            return Ok(None);
-        };
-        tracing::debug!("{conn}: {} connection(s) via the index", held.len());
-        self.lookups.index.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(held))
-    }
-
     /// Every connection tcpka manages in `netns`, values read back from the
     /// kernel.
     pub fn status(&self, netns: Option<&Path>) -> Result<Vec<ConnStatus>> {
@@ -526,22 +325,5 @@ impl Enforcer {
         out.sort_by_key(|c| c.cookie);
         self.attach_holders(&mut out)?;
         Ok(out)
-    }
-
-    /// Removes the holder entries of connections that closed.
-    pub fn sweep_holders(&self) -> Result<()> {
-        let _lock = self.lock()?;
-        Holders::open(&self.layout)?.all();
-        Ok(())
-    }
-
-    /// Fills in each connection's holders.
-    pub fn attach_holders(&self, conns: &mut [ConnStatus]) -> Result<()> {
-        let _lock = self.lock()?;
-        let mut all = Holders::open(&self.layout)?.all();
-        for c in conns {
-            c.holders = Some(all.remove(&c.cookie).unwrap_or_default());
-        }
-        Ok(())
     }
 }

@@ -34,12 +34,15 @@ use crate::{
     Error, InvalidInput, Result,
 };
 
+mod direct;
+mod holding;
 mod live;
 mod rule_table;
 mod sock;
 mod status;
 mod walk;
 
+use live::*;
 pub use live::Op;
 use sock::*;
 use status::*;
