@@ -42,8 +42,8 @@ mod sock;
 mod status;
 mod walk;
 
-use live::*;
 pub use live::Op;
+use live::*;
 use sock::*;
 use status::*;
 pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome};

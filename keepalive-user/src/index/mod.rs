@@ -33,6 +33,13 @@ use crate::{
     Error, Result,
 };
 
+mod lookup;
+mod state;
+
+use lookup::*;
+use state::*;
+pub use state::{overflow_epoch, state, try_clear_overflow, IndexState};
+
 /// Inode number of a network namespace (`--netns PATH`, or the calling
 /// thread's: threads of one process may be in different ones).
 /// The calling thread's is looked up once per thread: a thread that enters
@@ -214,101 +221,6 @@ pub fn resolve(
     Ok(Some(held))
 }
 
-/// Runs the index lookup program on `q` (one system call for the lookups
-/// of a command); `None` when the installation has no such program (loaded
-/// by an older tcpka): then the maps are read one lookup at a time.
-fn lookup(layout: &PinLayout, q: &Query) -> Result<Option<Query>> {
-    use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-    use aya_obj::programs::XdpAttachType;
-    type Prog = Option<std::sync::Arc<Xdp>>;
-    let prog = crate::pinned::memo::<Prog>(layout, "lookup_prog", || {
-        Some(
-            Xdp::from_pin(layout.lookup_prog(), XdpAttachType::Interface)
-                .ok()
-                .map(std::sync::Arc::new),
-        )
-    })
-    .flatten();
-    let Some(prog) = prog else {
-        tracing::debug!("no index lookup program in this installation: reading the maps");
-        return Ok(None);
-    };
-    tracing::debug!("index lookups in one run of the lookup program");
-    // SAFETY: Query is plain data (repr(C) integers, no padding).
-    let data_in =
-        unsafe { std::slice::from_raw_parts((q as *const Query).cast::<u8>(), size_of::<Query>()) };
-    let mut out = [0u8; size_of::<Query>()];
-    let run = prog.test_run(TestRunOptions {
-        data_in: Some(data_in),
-        data_out: Some(&mut out),
-        ..TestRunOptions::default()
-    });
-    // The maps give the same answer, a lookup at a time: a run that fails
-    // (a kernel that refuses it) costs speed, not the command.
-    const XDP_PASS: u32 = 2;
-    match run {
-        Ok(r) if r.return_value == XDP_PASS && r.data_size_out as usize == out.len() => {}
-        Ok(r) => {
-            tracing::warn!(
-                "the index lookup program answered {} with {} bytes; reading the maps",
-                r.return_value,
-                r.data_size_out
-            );
-            return Ok(None);
-        }
-        Err(e) => {
-            tracing::warn!("running the index lookup program: {e}; reading the maps");
-            return Ok(None);
-        }
-    }
-    // SAFETY: as above; any bytes are a valid Query.
-    Ok(Some(unsafe {
-        std::ptr::read_unaligned(out.as_ptr().cast::<Query>())
-    }))
-}
-
-/// What the lookup program reports for `cookie`, read from the maps.
-fn read_found(layout: &PinLayout, cookie: u64) -> Result<Found> {
-    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
-    let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
-    let mut f = Found {
-        cookie,
-        ..Found::default()
-    };
-    if let Ok(info) = slots.get(&cookie, 0) {
-        f.sk = info.sk;
-        f.netns = info.key.netns;
-        f.flags = FOUND_SLOT;
-        if let Ok(owner) = fds.get(&info.sk, 0) {
-            f.owner = owner;
-            f.flags |= FOUND_OWNER;
-        }
-    }
-    Ok(f)
-}
-
-/// What the lookup program reports for a peer, read from the maps: its
-/// overflow mark and its connections.
-fn read_peer(layout: &PinLayout, inode: u64, peer: SocketAddr) -> Result<(bool, Vec<Found>)> {
-    let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
-    let mut key = peer_slot(inode, peer, SLOT_OVERFLOW);
-    if peers.get(&key, 0).is_ok() {
-        return Ok((true, Vec::new()));
-    }
-    let cookies: Vec<u64> = (0..PEER_SLOTS)
-        .filter_map(|slot| {
-            key.slot = slot;
-            peers.get(&key, 0).ok()
-        })
-        .collect();
-    drop(peers);
-    let found = cookies
-        .into_iter()
-        .map(|c| read_found(layout, c))
-        .collect::<Result<_>>()?;
-    Ok((false, found))
-}
-
 /// Finds who holds each of `socks` (`struct sock` addresses) with one pass
 /// over every process's descriptors that stops once all are found; the
 /// kernel records them in the fd map. Call with the installation lock held.
@@ -352,97 +264,6 @@ pub fn find_holders(layout: &PinLayout, socks: &[u64]) -> Result<()> {
         let _ = want.remove(&k);
     }
     Ok(())
-}
-
-/// How complete the connection index is.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct IndexState {
-    /// Connections indexed by peer.
-    pub entries: usize,
-    /// Capacity of the peer index.
-    pub capacity: u32,
-    /// Connections the kernel could not index since load because the
-    /// index was full. While non-zero, every peer lookup walks the socket
-    /// table.
-    pub failures: u64,
-    /// Peers with more connections than the index has slots for: lookups
-    /// of these peers walk the socket table.
-    pub overflowed_peers: usize,
-}
-
-/// Reads the index's fill and failures (walks the peer map: for `info`).
-pub fn state(layout: &PinLayout) -> Result<IndexState> {
-    let peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
-    let mut out = IndexState {
-        capacity: crate::pinned::capacity(layout, maps::PEERS)?,
-        ..IndexState::default()
-    };
-    for k in peers.keys().filter_map(Result::ok) {
-        if k.slot == SLOT_OVERFLOW {
-            out.overflowed_peers += 1;
-        } else {
-            out.entries += 1;
-        }
-    }
-    out.failures = kernel_counter(layout, stats::INDEX_FULL)?;
-    Ok(out)
-}
-
-/// The kernel's count of peer overflows (see `stats::PEER_OVERFLOWS`).
-pub fn overflow_epoch(layout: &PinLayout) -> Result<u64> {
-    kernel_counter(layout, stats::PEER_OVERFLOWS)
-}
-
-/// After a walk found every connection to `peer` (`found`), clears the
-/// peer's overflow mark when all of them are indexed again, so that its
-/// lookups go back to the index. `epoch` is [`overflow_epoch`] from before
-/// the walk: if any connection overflowed since, the mark is put back.
-/// Returns whether the mark was cleared.
-pub fn try_clear_overflow(
-    layout: &PinLayout,
-    peer: SocketAddr,
-    netns: Option<&Path>,
-    found: &[u64],
-    epoch: u64,
-) -> Result<bool> {
-    if found.len() > PEER_SLOTS as usize {
-        return Ok(false);
-    }
-    let inode = netns_inode(netns)?;
-    let mut peers = crate::lend::lend::<HashMap<MapData, IndexKey, u64>>(layout, maps::PEERS)?;
-    let key = peer_slot(inode, peer, SLOT_OVERFLOW);
-    if peers.get(&key, 0).is_err() {
-        return Ok(false);
-    }
-    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
-    if found.iter().any(|c| slots.get(c, 0).is_err()) {
-        return Ok(false);
-    }
-    peers
-        .remove(&key)
-        .map_err(|e| Error::map("clearing an overflow mark", e))?;
-    if overflow_epoch(layout)? != epoch {
-        let _ = peers.insert(key, 0, 0);
-        return Ok(false);
-    }
-    tracing::debug!("{peer}: every connection is indexed again");
-    Ok(true)
-}
-
-/// Set when the kernel could not index some connection: peer lookups are
-/// not complete any more and must walk.
-fn index_overflowed(layout: &PinLayout) -> Result<bool> {
-    Ok(kernel_counter(layout, stats::INDEX_FULL)? > 0)
-}
-
-/// One of the programs' per-CPU counters (`stats::*`), summed.
-fn kernel_counter(layout: &PinLayout, index: u32) -> Result<u64> {
-    let counters = crate::lend::lend::<PerCpuArray<MapData, u64>>(layout, maps::STATS)?;
-    Ok(counters
-        .get(&index, 0)
-        .map_err(|e| Error::map("reading the counters", e))?
-        .iter()
-        .sum())
 }
 
 /// The peer index's key for `peer` in namespace `inode`.
