@@ -7,8 +7,11 @@
 //! `load_and_pin` is long on purpose: it is one sequence of steps in the
 //! order the kernel needs them (maps before the programs that use them,
 //! the state tracepoint before sock_ops, sock_ops attached last), and
-//! reads best in that order. Which index a load gets, what is attached,
-//! the hooks and the filesystems a load needs are in the submodules.
+//! reads best in that order (this file is over 400 lines for it). The
+//! options and what a load returns (`options.rs`), the kernel offsets
+//! (`btf_offsets.rs`), which index a load gets, what is attached, the
+//! hooks, the filesystems a load needs, and unloading are in the
+//! submodules.
 use std::{
     fs::File,
     os::fd::AsFd as _,
@@ -36,97 +39,21 @@ pub use crate::pinned::{HolderMode, IndexMode};
 use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
 
 mod attach;
+mod btf_offsets;
 mod hooks;
 mod index_choice;
 mod mounts;
+mod options;
+mod unload;
 
 pub use attach::*;
+use btf_offsets::*;
 pub use hooks::*;
 pub use index_choice::*;
 pub use mounts::*;
-
-/// How to load.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LoadOptions {
-    pub holders: HolderMode,
-    /// `None`: chosen by [`choose_index`].
-    pub index: Option<IndexMode>,
-    /// With [`IndexMode::Ports`]: which connections are indexed.
-    pub index_ports: crate::ports::IndexPorts,
-    /// Report `applied` and `closed` events for connections rules match.
-    pub rule_events: bool,
-    /// Capacities of the tables that grow with the host.
-    pub sizes: MapSizes,
-}
-
-/// Capacities of the tables that grow with the host; `None` keeps the
-/// built-in one. Set at load; a table's entries exist only while used, but
-/// its bucket array (8 bytes per entry) is allocated at load.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MapSizes {
-    /// Managed connections ([`keepalive_common::CONNS_MAX_ENTRIES`]).
-    pub connections: Option<u32>,
-    /// Indexed sockets ([`keepalive_common::index::MAX_ENTRIES`]).
-    pub indexed: Option<u32>,
-    /// Holders on all connections
-    /// ([`keepalive_common::holders::MAX_ENTRIES`]).
-    pub holders: Option<u32>,
-}
-
-/// The range a table capacity must be in.
-pub const MAP_SIZE_MIN: u32 = 1024;
-pub const MAP_SIZE_MAX: u32 = 1 << 24;
-
-/// Parses a table capacity (1024..=16777216).
-pub fn parse_map_size(s: &str) -> std::result::Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(n) if (MAP_SIZE_MIN..=MAP_SIZE_MAX).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "a table size must be a whole number in {MAP_SIZE_MIN}..={MAP_SIZE_MAX}, got {s:?}"
-        )),
-    }
-}
-
-/// Where an installation is attached.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Installation {
-    pub pin_dir: PathBuf,
-    pub cgroup: PathBuf,
-    pub cgroup_id: u64,
-    /// Whether the sock_ops program still runs on that cgroup. The kernel
-    /// detaches it when the cgroup is removed, as a service manager does
-    /// on every restart of the service (`systemctl restart kamailio`).
-    pub attached: bool,
-    /// Whether the load completed (existing connections indexed). A load
-    /// that was killed is completed by the next command.
-    pub seeded: bool,
-    /// How socket holders are learned.
-    pub holders: HolderMode,
-    /// Who keeps the connection index.
-    pub index: IndexMode,
-}
-
-/// What `load` did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LoadOutcome {
-    /// Programs loaded, attached and pinned now.
-    Loaded(Installation),
-    /// The same installation was already pinned; nothing changed.
-    AlreadyLoaded(Installation),
-    /// The installation was pinned but its cgroup had been removed and
-    /// recreated: the sock_ops program was attached to it again.
-    Reattached(Installation),
-}
-
-impl LoadOutcome {
-    pub fn installation(&self) -> &Installation {
-        match self {
-            LoadOutcome::Loaded(i) | LoadOutcome::AlreadyLoaded(i) | LoadOutcome::Reattached(i) => {
-                i
-            }
-        }
-    }
-}
+pub use options::*;
+pub use unload::unload;
+use unload::*;
 
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.
@@ -190,46 +117,6 @@ impl Drop for Undo<'_> {
             }
         }
     }
-}
-
-/// Where the members the programs read are in the running kernel.
-fn kernel_offsets(btf: &crate::btf::Btf, index: IndexMode) -> Result<Offsets> {
-    let at = |strukt: &str, member: &str| btf.member_offset(strukt, member);
-    // The cgroup check (which connections sock_ops sees) is used by the
-    // ports index only, on kernels (6.12+) that have these members.
-    let cgroup = || -> Result<[u32; 5]> {
-        Ok([
-            at("sock", "sk_cgrp_data")? + at("sock_cgroup_data", "cgroup")?,
-            at("cgroup", "level")?,
-            at("cgroup", "ancestors")?,
-            at("cgroup", "kn")?,
-            at("kernfs_node", "id")?,
-        ])
-    };
-    let [sk_cgroup, cgroup_level, cgroup_ancestors, cgroup_kn, kernfs_id] = match index {
-        IndexMode::Ports => cgroup()?,
-        IndexMode::Host => cgroup().unwrap_or_default(),
-    };
-    Ok(Offsets {
-        skc_v6_daddr: at("sock_common", "skc_v6_daddr")?,
-        skc_v6_rcv_saddr: at("sock_common", "skc_v6_rcv_saddr")?,
-        skc_net: at("sock_common", "skc_net")?,
-        net_ns_inum: at("net", "ns")? + at("ns_common", "inum")?,
-        sk_err: at("sock", "sk_err")?,
-        sk_protocol: at("sock", "sk_protocol")?,
-        inet_sport: at("inet_sock", "inet_sport")?,
-        task_tgid: at("task_struct", "tgid")?,
-        task_files: at("task_struct", "files")?,
-        files_fdt: at("files_struct", "fdt")?,
-        fdt_max_fds: at("fdtable", "max_fds")?,
-        fdt_fd: at("fdtable", "fd")?,
-        file_private_data: at("file", "private_data")?,
-        sk_cgroup,
-        cgroup_level,
-        cgroup_ancestors,
-        cgroup_kn,
-        kernfs_id,
-    })
 }
 
 fn load_and_pin(
@@ -573,64 +460,4 @@ where
         source: e,
     })?;
     Ok(())
-}
-
-/// Detaches the programs and removes every pin. Returns whether anything
-/// was there.
-pub fn unload(layout: &PinLayout) -> Result<bool> {
-    if std::fs::symlink_metadata(layout.dir()).is_err() {
-        return Ok(false);
-    }
-    check_pin_dir(layout)?;
-    let _lock = Lock::acquire(layout)?;
-    detach_and_remove(layout)
-}
-
-fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
-    let link_path = layout.sock_ops_link();
-    let mut found = false;
-    if link_path.exists() {
-        found = true;
-        let link = sys::obj_get(&link_path)
-            .map_err(|e| Error::io(format!("opening {}", link_path.display()), e))?;
-        // Detach now even if another process (a running `tcpka serve`)
-        // still holds the link open.
-        sys::link_detach(link.as_fd()).map_err(|e| Error::io("detaching the sock_ops link", e))?;
-        drop(link);
-    }
-    found |= remove_pins(layout)?;
-    // A holder change left unfinished has nothing left to finish.
-    crate::journal::Journal::new(layout).remove();
-    Ok(found)
-}
-
-/// Removes tcpka's pin files and then the directory if it is empty.
-fn remove_pins(layout: &PinLayout) -> Result<bool> {
-    let mut found = false;
-    let names = std::iter::once(
-        layout
-            .dir()
-            .join(format!("{}_new", crate::paths::SOCK_OPS_LINK)),
-    )
-    .chain(layout.links().into_iter().rev())
-    .chain([layout.close_prog(), layout.lookup_prog()])
-    .chain(maps::ALL.iter().map(|n| layout.map(n)));
-    for path in names {
-        match std::fs::remove_file(&path) {
-            Ok(()) => found = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
-        }
-    }
-    match std::fs::remove_dir(layout.dir()) {
-        Ok(()) => found = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("removing {} (not empty?)", layout.dir().display()),
-                e,
-            ))
-        }
-    }
-    Ok(found)
 }
