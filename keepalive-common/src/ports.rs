@@ -1,0 +1,34 @@
+/// `u64` words per bit set.
+pub const WORDS: u32 = 1024;
+/// First word of the local ports rules name.
+pub const RULES_LOCAL: u32 = 0;
+/// First word of the remote ports rules name.
+pub const RULES_REMOTE: u32 = WORDS;
+/// First word of the index ports: connections with either end on one
+/// are indexed.
+pub const INDEX: u32 = 2 * WORDS;
+/// Index of the flag word.
+pub const FLAGS: u32 = 3 * WORDS;
+/// Entries in the map.
+pub const LEN: u32 = 3 * WORDS + 1;
+/// Flag: some rule names no port: every connection is looked up.
+pub const FLAG_ANY_PORT_RULE: u64 = 1;
+/// Flag: every connection is indexed.
+pub const FLAG_INDEX_ALL: u64 = 2;
+/// Flag: report `applied` and `closed` events for the connections a
+/// rule matches (`--rule-events`); off, a rule costs no event per
+/// connection. Timeouts, resets and aborts are always reported, and
+/// every event of connections enabled by command.
+pub const FLAG_RULE_EVENTS: u64 = 4;
+/// [`FLAGS`]: `tcpka trace` runs: the programs log their decisions
+/// through aya-log. Off, each log statement costs one bit test.
+pub const FLAG_TRACE: u64 = 8;
+
+/// The word and bit of `port` in a set starting at `base`.
+#[inline(always)]
+pub const fn slot(base: u32, port: u16) -> (u32, u64) {
+    (base + (port as u32 >> 6), 1u64 << (port & 63))
+}
+
+/// Default index ports: SIP over TCP and over TLS.
+pub const DEFAULT_INDEX: [u16; 2] = [5060, 5061];

@@ -1,0 +1,76 @@
+use crate::policy::Policy;
+
+/// Apply the policy (SO_KEEPALIVE on and the values).
+pub const OP_ENABLE: u32 = 1;
+/// SO_KEEPALIVE off.
+pub const OP_DISABLE: u32 = 2;
+/// Change nothing, only report the connection.
+pub const OP_QUERY: u32 = 3;
+
+/// A peer endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// Remote address as IPv6 (IPv4 mapped), network byte order.
+    pub addr: [u8; 16],
+    /// Remote port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// What to do with the matching connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `OP_*`.
+    pub op: u32,
+    /// 1 when only connections with this local end match.
+    pub has_local: u32,
+    /// Local address as IPv6 (IPv4 mapped), network byte order.
+    pub local_addr: [u8; 16],
+    /// Local port, host byte order.
+    pub local_port: u16,
+    pub _pad: u16,
+    /// Values for [`OP_ENABLE`].
+    pub policy: Policy,
+}
+
+/// What the iterators write for each connection they report, read back
+/// from the kernel with `bpf_getsockopt`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub cookie: u64,
+    /// 2 (IPv4) or 10 (IPv6).
+    pub family: u32,
+    /// TCP state (`BPF_TCP_*`, 1 = established).
+    pub state: u32,
+    /// Network byte order, IPv6 (IPv4 mapped).
+    pub local_addr: [u8; 16],
+    /// Network byte order, IPv6 (IPv4 mapped).
+    pub remote_addr: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// SO_KEEPALIVE.
+    pub keepalive: u32,
+    pub idle: u32,
+    pub interval: u32,
+    pub count: u32,
+    pub user_timeout_ms: u32,
+    /// [`crate::conns`] `SOURCE_*`, 0 when not managed.
+    pub source: u32,
+    pub rule_id: u32,
+    /// 0 when every `bpf_setsockopt` of the request worked.
+    pub apply_failed: u32,
+    pub _pad: u32,
+}
+
+/// Capacity of each request map (requests live for one pass).
+pub const MAX_ENTRIES: u32 = 16_384;
+/// Entries in the port prefilter: every port, 0 used as the cookie flag.
+pub const PORTS_LEN: u32 = 65_536;
+/// Index in the port prefilter that flags pending cookie requests (no
+/// peer has port 0).
+pub const COOKIES_PENDING: u32 = 0;
