@@ -159,11 +159,12 @@ fn cargo_deb() -> Result<()> {
 }
 
 fn bpffs() -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    // findmnt (util-linux) reads the mount table; it exits 1 when none.
+    let found = Command::new("findmnt")
+        .args(["-n", "-t", "bpf"])
+        .output()
+        .context("running findmnt")?;
+    if found.status.success() {
         return Ok(());
     }
     run_cmd(

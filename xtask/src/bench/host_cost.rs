@@ -1,0 +1,298 @@
+//! `cargo xtask bench cost`: what tcpka costs every other process on the
+//! host, as ratios to no program and to an empty one.
+use super::*;
+
+/// What tcpka costs the rest of the host, as ratios of CPU time from
+/// alternating pairs in one run.
+///
+/// Host-wide (what a process outside the attached cgroup pays): each pair
+/// measures without tcpka and with it loaded with a rule, in alternating
+/// order so that drift cancels, and the ratio is taken within the pair:
+/// - a `getppid()` loop (time with / without: 1.00 is free);
+/// - connection setup: connect, accept, close on loopback (rate with /
+///   without: 1.00 is free).
+///
+/// In the attached cgroup: while loaded, the process moves between its own
+/// cgroup and the attached one, [`ROUNDS`] times per pair, so that each
+/// ratio compares measurements a fraction of a second apart (the machine's
+/// drift between a load and an unload is larger than the effect):
+/// connection setup in each of [`CASES`]: on a port nobody names; a SIP
+/// server's end (index port and rule); a rule, tracked or untracked, at the
+/// server's end only (what a host sees of a connection: one end); and at
+/// both ends, as loopback has them.
+///
+/// Their product with the host-wide ratio is the cost relative to no
+/// tcpka at all.
+pub fn host_cost(
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    floor_cgroup: &Path,
+    pairs: usize,
+) -> Result<()> {
+    const CALLS: usize = 2_000_000;
+    const CONNS: usize = 4000;
+    const ROUNDS: usize = 5;
+    let home = own_cgroup()?;
+    let me = std::process::id().to_string();
+    let enter = |dir: &Path| std::fs::write(dir.join("cgroup.procs"), &me);
+    // In a cgroup for one measurement, back home whatever it returned.
+    let inside_of = |dir: &Path, f: &dyn Fn() -> Result<f64>| -> Result<f64> {
+        enter(dir)?;
+        let r = f();
+        enter(&home)?;
+        r
+    };
+    let inside = |f: &dyn Fn() -> Result<f64>| inside_of(cgroup, f);
+    // Warm up: the first connections and calls of a process are slower.
+    let _ = churn_rate(CONNS)?;
+    let _ = syscall_ns(CALLS);
+    let (mut sys, mut outside) = (Vec::new(), Vec::new());
+    let mut in_cgroup: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let mut floor = Vec::new();
+    for i in 0..pairs {
+        eprint!("\rbench: host cost, pair {}/{pairs}…", i + 1);
+        let mut off = |()| -> Result<(f64, f64)> {
+            let _ = churn_rate(CONNS / 4)?;
+            let r = (syscall_ns(CALLS), churn_rate(CONNS)?);
+            // tcpka not loaded: the empty program's cgroup vs home.
+            for _ in 0..ROUNDS {
+                let out = churn_rate_on(CONNS, OTHER_PORT)?;
+                let inn = inside_of(floor_cgroup, &|| churn_rate_on(CONNS, OTHER_PORT))?;
+                floor.push(inn / out);
+            }
+            Ok(r)
+        };
+        let mut on = |()| -> Result<(f64, f64)> {
+            load(tcpka, pin_dir, cgroup)?;
+            time_cmd(
+                tcpka,
+                pin_dir,
+                &["rule", "add", "--local-port", "1", "60", "5", "5"],
+            )?;
+            // Loading is heavy work (BTF, verifier, seeding): let it settle,
+            // then the same warm-up as without.
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = churn_rate(CONNS / 4)?;
+            let r = (syscall_ns(CALLS), churn_rate(CONNS)?);
+            let rounds = |into: &mut Vec<f64>, port: u16| -> Result<()> {
+                for _ in 0..ROUNDS {
+                    let out = churn_rate_on(CONNS, port)?;
+                    let inn = inside(&|| churn_rate_on(CONNS, port))?;
+                    into.push(inn / out);
+                }
+                Ok(())
+            };
+            let per_case = in_each_case(tcpka, pin_dir, |port| {
+                let mut v = Vec::new();
+                rounds(&mut v, port)?;
+                Ok(v)
+            })?;
+            for (all, v) in in_cgroup.iter_mut().zip(per_case) {
+                all.extend(v);
+            }
+            time_cmd(tcpka, pin_dir, &["unload"])?;
+            Ok(r)
+        };
+        let ((s0, c0), (s1, c1)) = if i % 2 == 0 {
+            let a = off(())?;
+            (a, on(())?)
+        } else {
+            let b = on(())?;
+            (off(())?, b)
+        };
+        sys.push(s0 / s1);
+        outside.push(c1 / c0);
+    }
+    eprintln!();
+    let line = |what: &str, v: &[f64]| {
+        let (lo, hi) = range(v);
+        println!(
+            "  {what:<58} {:>6.3}  (range {lo:.3}–{hi:.3})",
+            median(v.to_vec())
+        );
+    };
+    println!(
+        "host cost (CPU time; {pairs} alternating pairs, {} rounds in the cgroup; 1.000 is free, lower is slower):",
+        pairs * ROUNDS
+    );
+    println!(" every process on the host (loaded with a rule, vs not loaded):");
+    line("getppid() calls per CPU second", &sys);
+    line("connection setups per CPU second", &outside);
+    println!(" processes in the attached cgroup (vs outside it, while loaded):");
+    line(FLOOR, &floor);
+    for ((what, _, _), v) in CASES.iter().zip(&in_cgroup) {
+        line(what, v);
+    }
+    let host = median(outside.clone());
+    println!(" processes in the attached cgroup, vs not loaded (product of medians):");
+    for ((what, _, _), v) in CASES.iter().zip(&in_cgroup) {
+        println!("  {what:<58} {:>6.3}", host * median(v.clone()));
+    }
+    println!();
+    Ok(())
+}
+
+/// The first row of the cgroup measurements: what any sock_ops program
+/// costs, measured in a cgroup of its own.
+pub(super) const FLOOR: &str = "floor: an empty sock_ops program (not tcpka)";
+
+/// The cases measured in the attached cgroup: what each is called, the
+/// rules added before it (on top of the earlier cases' rules, so each new
+/// one must be the best match for its port) and the listener's port.
+pub(super) const CASES: [(&str, &[&[&str]], u16); 6] = [
+    ("no rule and no index port", &[], OTHER_PORT),
+    (
+        "rule + index port at the server's end (a SIP server)",
+        &[&["--local-port", "5060"]],
+        SIP_PORT,
+    ),
+    (
+        "rule at the server's end",
+        &[&["--local-port", "5091"]],
+        5091,
+    ),
+    (
+        "--tracked rule at the server's end",
+        &[&["--tracked", "--local-port", "5092"]],
+        5092,
+    ),
+    (
+        "rule at both ends",
+        &[&["--local-port", "5093"], &["--remote-port", "5093"]],
+        5093,
+    ),
+    ("--tracked rule at both ends", &[&["--tracked"]], OTHER_PORT),
+];
+
+/// Runs `measure(port)` in each of [`CASES`], in order, on an installation
+/// that starts with a rule that matches nothing.
+pub(super) fn in_each_case<T>(
+    tcpka: &Path,
+    pin_dir: &Path,
+    mut measure: impl FnMut(u16) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for (_, rules, port) in CASES {
+        for m in rules {
+            let mut args = vec!["rule", "add"];
+            args.extend_from_slice(m);
+            args.extend_from_slice(&["60", "5", "5"]);
+            time_cmd(tcpka, pin_dir, &args)?;
+        }
+        out.push(measure(port)?);
+    }
+    Ok(out)
+}
+
+/// Turns on the kernel's run-time statistics of BPF programs
+/// (`BPF_ENABLE_STATS`) for as long as the returned descriptor is open.
+pub(super) fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; }: BPF_STATS_RUN_TIME = 0.
+    let attr = [0u8; 8];
+    // SAFETY: a zeroed bpf_attr of the given size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Total run time (ns) and runs of the installation's programs that run
+/// on connections: sock_ops, and the state tracepoint when attached.
+pub(super) fn programs_runtime(pin_dir: &Path) -> Result<(u64, u64)> {
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = Command::new("bpftool").args(args).output()?;
+        if !out.status.success() {
+            bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let (mut ns, mut runs) = (0, 0);
+    for link in ["link_sockops", "link_close"] {
+        let pin = pin_dir.join(link);
+        if !pin.exists() {
+            continue;
+        }
+        let link = json(&[
+            "link",
+            "show",
+            "pinned",
+            pin.to_str().unwrap_or_default(),
+            "--json",
+        ])?;
+        let id = link["prog_id"].as_u64().context("no prog_id")?.to_string();
+        let prog = json(&["prog", "show", "id", &id, "--json"])?;
+        ns += prog["run_time_ns"].as_u64().unwrap_or(0);
+        runs += prog["run_cnt"].as_u64().unwrap_or(0);
+    }
+    Ok((ns, runs))
+}
+
+/// The kernel's own count of the time spent in tcpka's programs per
+/// connection setup (both ends), for the cases of [`host_cost`]:
+/// absolute, and free of the machine's noise. Statistics add a clock
+/// read to each run, so these figures are slightly high.
+pub(super) fn program_time(
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    floor_cgroup: &Path,
+    floor: &crate::floor::EmptySockOps,
+) -> Result<()> {
+    const CONNS: usize = 5000;
+    let home = own_cgroup()?;
+    let me = std::process::id().to_string();
+    load(tcpka, pin_dir, cgroup)?;
+    let result = (|| -> Result<()> {
+        time_cmd(
+            tcpka,
+            pin_dir,
+            &["rule", "add", "--local-port", "1", "60", "5", "5"],
+        )?;
+        let stats = enable_bpf_stats()?;
+        let base = churn_rate(CONNS)?;
+        let per_setup = |before: (u64, u64), after: (u64, u64)| {
+            (
+                (after.0 - before.0) as f64 / CONNS as f64,
+                (after.1 - before.1) as f64 / CONNS as f64,
+            )
+        };
+        std::fs::write(floor_cgroup.join("cgroup.procs"), &me)?;
+        let before = floor.runtime()?;
+        let r = churn_rate_on(CONNS, OTHER_PORT);
+        let after = floor.runtime();
+        std::fs::write(home.join("cgroup.procs"), &me)?;
+        let (after, _) = (after?, r?);
+        let empty = per_setup(before, after);
+        let measure = |port: u16| -> Result<(f64, f64)> {
+            std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+            let before = programs_runtime(pin_dir)?;
+            let r = churn_rate_on(CONNS, port);
+            let after = programs_runtime(pin_dir);
+            std::fs::write(home.join("cgroup.procs"), &me)?;
+            let (after, _) = (after?, r?);
+            Ok(per_setup(before, after))
+        };
+        let per_case = in_each_case(tcpka, pin_dir, measure)?;
+        drop(stats);
+        println!(
+            "time in tcpka's programs per connection setup, in the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
+            1e6 / base
+        );
+        let rows = std::iter::once((FLOOR, empty)).chain(CASES.iter().map(|c| c.0).zip(per_case));
+        for (what, (ns, runs)) in rows {
+            println!(
+                "  {what:<58} {ns:>6.0} ns  ({runs:.0} runs, {:.1}% of a setup)",
+                ns * base / 1e7
+            );
+        }
+        println!();
+        Ok(())
+    })();
+    time_cmd(tcpka, pin_dir, &["unload"])?;
+    result
+}

@@ -1,0 +1,295 @@
+//! One variant's round: Kamailio between the sipp caller and callee, the
+//! call counts, and the CPU of Kamailio and of tcpka.
+use super::*;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn measure(
+    mode: Mode,
+    setup: &Setup,
+    cfg: &Path,
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    home: &Path,
+    api: &str,
+    calls: usize,
+    rate: usize,
+) -> Result<Sample> {
+    let log = setup.dir.join("kamailio.log");
+    let serve = match mode {
+        m if m.serve() => {
+            let mut c = Command::new(tcpka);
+            c.env("TCPKA_PIN_DIR", pin_dir)
+                .env("TCPKA_TOKEN", TOKEN)
+                .args(["serve", "--listen", api, "--cgroup"])
+                .arg(cgroup)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if mode == Mode::Evapi {
+                c.args(["--evapi", EVAPI]);
+            }
+            let p = spawn(&mut c)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while enables_ok(api).is_err() || std::net::TcpStream::connect(api).is_err() {
+                if Instant::now() > deadline {
+                    bail!("tcpka serve did not come up");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(p)
+        }
+        _ => None,
+    };
+    let mut k = Command::new("kamailio");
+    // Shared memory for the transactions and dialogs of thousands of calls
+    // (Kamailio's default of 64 MB runs out past about 3,500 quick calls).
+    k.args(["-DD", "-E", "-m", "512", "-f"])
+        .arg(cfg)
+        .arg("-w")
+        .arg(&setup.dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    match mode {
+        Mode::None => k.args(["-A", "WITHOUT_KEEPALIVE"]),
+        Mode::Tcpops => k.args(["-A", "WITH_TCPOPS"]),
+        Mode::Evapi => k.args(["-A", "WITH_TCPKA_EVAPI"]),
+        Mode::HttpPooled => k.args(["-A", "WITH_TCPKA_HTTP_POOLED"]),
+        Mode::Http => k.args(["-A", "WITH_TCPKA_HTTP"]),
+        // The example config's default: the CLI through exec_cmd.
+        Mode::Cli => k.env("TCPKA_PIN_DIR", pin_dir),
+    };
+    // Kamailio runs in the attached cgroup, as its service would.
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+    let kamailio = spawn(&mut k);
+    std::fs::write(home.join("cgroup.procs"), std::process::id().to_string())?;
+    let kamailio = kamailio?;
+    let _uas = spawn(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &setup.callee,
+                "sipp",
+                "-sn",
+                "uas",
+                "-t",
+                "t1",
+            ])
+            .args(["-i", CALLEE, "-p", &CALLEE_PORT.to_string(), "-nostdin"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let up = std::net::TcpStream::connect((KAMAILIO, 5060)).is_ok();
+        let connected = mode != Mode::Evapi
+            || std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("evapi: client");
+        if up && connected {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "kamailio did not come up: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pgrp = kamailio.0.id();
+    let serve_pid = serve.as_ref().map(|p| p.0.id());
+    let (enables_before, commands_before) = match mode {
+        m if m.serve() => (Some(enables_ok(api)?), Some(commands_done(api)?)),
+        _ => (None, None),
+    };
+    let cpu0 = group_cpu(pgrp);
+    let children0 = group_children_cpu(pgrp);
+    let serve0 = serve_pid.map(group_cpu);
+    let stats = setup.dir.join("uac.csv");
+    let _ = std::fs::remove_file(&stats);
+    let start = Instant::now();
+    let uac = Command::new("ip")
+        .args(["netns", "exec", &setup.caller, "sipp"])
+        .arg(format!("{KAMAILIO}:5060"))
+        .arg("-sf")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace")
+                .join("tests/sipp/uac_rr.xml"),
+        )
+        .args(["-t", "t1", "-i", CALLER, "-s", "callee", "-nostdin"])
+        .args(["-m", &calls.to_string(), "-r", &rate.to_string(), "-d", "0"])
+        .args(["-timeout", "120s", "-trace_stat", "-fd", "1", "-stf"])
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let elapsed = start.elapsed();
+    // Let the last commands (the BYE's disables) finish: serve may still
+    // be working through a backlog. Waits until all four per call are done
+    // or no more finish for 2 s.
+    let mut lag = Duration::ZERO;
+    match mode {
+        m if m.serve() => {
+            let want = commands_before.unwrap_or(0) + 4 * calls as u64;
+            let (mut last, mut since) = (0, Instant::now());
+            loop {
+                let done = commands_done(api)?;
+                if done >= want || since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+                if done != last {
+                    (last, since) = (done, Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            lag = start.elapsed() - elapsed;
+        }
+        _ => std::thread::sleep(Duration::from_millis(500)),
+    }
+    if lag > Duration::from_millis(200) {
+        eprint!(" (serve finished {lag:.1?} after the last call)");
+    }
+    let cpu = group_cpu(pgrp) - cpu0;
+    let children = group_children_cpu(pgrp) - children0;
+    let serve_cpu = serve_pid.zip(serve0).map(|(p, c0)| group_cpu(p) - c0);
+    let (ok, failed) = call_counts(&stats)?;
+    if !uac.success() && failed == 0 {
+        bail!("sipp exited with {uac} and no failed call counted");
+    }
+    let enables = match (mode, enables_before) {
+        (m, Some(b)) if m.serve() => Some(enables_ok(api)? - b),
+        _ => None,
+    };
+    if enables.is_some_and(|n| n < 2 * calls as u64) {
+        // Say where the others went: serve's commands by result.
+        let out = Command::new("curl")
+            .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+            .arg(format!("http://{api}/metrics"))
+            .output()?;
+        for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| {
+            l.starts_with("tcpka_commands_total") || l.starts_with("tcpka_errors_total")
+        }) {
+            eprintln!("  {l}");
+        }
+        // And what Kamailio saw of them.
+        for l in std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("tcpka enable"))
+            .take(3)
+        {
+            eprintln!("  kamailio: {l}");
+        }
+    }
+    drop(serve);
+    drop(kamailio);
+    let _ = std::io::stderr().flush();
+    let tcpka_cpu = match mode {
+        Mode::Cli => Some(children),
+        _ => serve_cpu,
+    };
+    Ok(Sample {
+        offered: rate,
+        calls,
+        rate: ok as f64 / elapsed.as_secs_f64(),
+        failed,
+        kamailio_ms_per_call: cpu.as_secs_f64() * 1000.0 / calls as f64,
+        tcpka_ms_per_command: tcpka_cpu.map(|c| c.as_secs_f64() * 1000.0 / (4 * calls) as f64),
+        enables_ok: enables,
+    })
+}
+
+/// Successful and failed calls from sipp's statistics file (its last
+/// line, cumulative columns).
+pub(super) fn call_counts(path: &Path) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let header: Vec<&str> = lines
+        .first()
+        .context("empty sipp statistics")?
+        .split(';')
+        .collect();
+    let last: Vec<&str> = lines[1..]
+        .last()
+        .context("no sipp statistics line")?
+        .split(';')
+        .collect();
+    let col = |name: &str| -> Result<u64> {
+        let i = header
+            .iter()
+            .position(|h| *h == name)
+            .with_context(|| format!("{name} in sipp's statistics"))?;
+        Ok(last.get(i).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+    };
+    Ok((col("SuccessfulCall(C)")?, col("FailedCall(C)")?))
+}
+
+/// CPU time (user + system) of every process in process group `pgrp`.
+pub(super) fn group_cpu(pgrp: u32) -> Duration {
+    group_ticks(pgrp, 11)
+}
+
+/// CPU time of the children the processes of `pgrp` have waited for
+/// (Kamailio's exec_cmd: the shell and the tcpka it runs).
+pub(super) fn group_children_cpu(pgrp: u32) -> Duration {
+    group_ticks(pgrp, 13)
+}
+
+/// Fields `at` and `at + 1` of /proc/PID/stat (after the command), summed
+/// over the processes of `pgrp`.
+pub(super) fn group_ticks(pgrp: u32, at: usize) -> Duration {
+    let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state is 3, pgrp
+        // 5, utime 14, stime 15 (1-based, as proc(5) counts them).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(2).and_then(|p| p.parse::<u32>().ok()) != Some(pgrp) {
+            continue;
+        }
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += n(at) + n(at + 1);
+    }
+    Duration::from_secs_f64(ticks as f64 * tick)
+}
+
+/// Every command serve has finished (`tcpka_commands_total`, all results).
+pub(super) fn commands_done(api: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tcpka_commands_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// `tcpka_commands_total{op="enable",result="ok"}` from serve's metrics.
+pub(super) fn enables_ok(api: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("tcpka_commands_total")
+                && l.contains("op=\"enable\"")
+                && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}

@@ -1,0 +1,272 @@
+//! Kamailio driving keepalive per call, at a call rate: the example
+//! config (`examples/kamailio/kamailio.cfg`) between sipp's UAC and UAS over
+//! TCP, in namespaces of its own, with keepalive enabled on both legs at
+//! the 200 OK to the INVITE and disabled at the 200 OK to the BYE, in each
+//! of its variants:
+//!
+//! - no keepalive (`WITHOUT_KEEPALIVE`);
+//! - Kamailio's own tcpops, the reference (`WITH_TCPOPS`);
+//! - tcpka over evapi (`WITH_TCPKA_EVAPI`, `serve --evapi`);
+//! - tcpka over its HTTP API on a kept-alive connection per Kamailio process
+//!   (`WITH_TCPKA_HTTP_POOLED`, `http_connect` with `keep_connections`);
+//! - tcpka over its HTTP API, a connection per request (`WITH_TCPKA_HTTP`,
+//!   `http_client_query`);
+//! - the tcpka CLI through `exec_cmd` (the config's default), at
+//!   [`CLI_RATE`] calls/s at most and as many calls as last as long.
+//!
+//! Each round runs every variant once, in turn; the figures are medians
+//! over the rounds: calls/s achieved, failed calls, Kamailio's CPU per call
+//! and tcpka's CPU per command (four per call: `tcpka serve`'s, or the CLI
+//! processes'), and whether every enable was applied (serve's own count of
+//! commands that succeeded; the CLI's exit codes are not collected).
+//!
+//! ```text
+//!  caller ns (sipp uac) 10.202.1.2 ── 10.202.1.1 kamailio (this ns, the attached cgroup) 10.202.2.1 ── 10.202.2.2 callee ns (sipp uas)
+//! ```
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+mod measure;
+mod setup;
+use measure::*;
+use setup::*;
+
+const CALLER: &str = "10.202.1.2";
+const KAMAILIO: &str = "10.202.1.1";
+const KAMAILIO_CALLEE_SIDE: &str = "10.202.2.1";
+const CALLEE: &str = "10.202.2.2";
+const CALLEE_PORT: u16 = 5062;
+const TOKEN: &str = "tcpka-bench-token-0123456789abcdef";
+const EVAPI: &str = "127.0.0.1:8448";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    None,
+    Tcpops,
+    Evapi,
+    HttpPooled,
+    Http,
+    Cli,
+}
+
+impl Mode {
+    /// Whether the variant talks to `tcpka serve`.
+    fn serve(self) -> bool {
+        matches!(self, Mode::Evapi | Mode::HttpPooled | Mode::Http)
+    }
+
+    /// Whether the variant is tcpka's (compared with tcpops).
+    fn tcpka(self) -> bool {
+        self.serve() || self == Mode::Cli
+    }
+}
+
+const MODES: [(Mode, &str); 6] = [
+    (Mode::None, "no keepalive"),
+    (Mode::Tcpops, "tcpops (in-process, the reference)"),
+    (Mode::Evapi, "tcpka over evapi"),
+    (Mode::HttpPooled, "tcpka HTTP, kept-alive (http_connect)"),
+    (Mode::Http, "tcpka HTTP, a connection per request"),
+    (Mode::Cli, "tcpka CLI via exec_cmd"),
+];
+
+/// The CLI variant's offered rate at most: a process per command, four per
+/// call, blocking a Kamailio worker each; far above this it fails calls.
+const CLI_RATE: usize = 40;
+
+/// The variants named on the command line (all when none is).
+fn parse_modes(names: &[String]) -> Result<Vec<Mode>> {
+    if names.is_empty() {
+        return Ok(MODES.iter().map(|m| m.0).collect());
+    }
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "none" => Ok(Mode::None),
+            "tcpops" => Ok(Mode::Tcpops),
+            "evapi" => Ok(Mode::Evapi),
+            "http-pooled" => Ok(Mode::HttpPooled),
+            "http" => Ok(Mode::Http),
+            "cli" => Ok(Mode::Cli),
+            other => bail!(
+                "unknown Kamailio bench variant {other:?} (none, tcpops, evapi, http-pooled, http, cli)"
+            ),
+        })
+        .collect()
+}
+
+/// One run of one variant.
+struct Sample {
+    offered: usize,
+    calls: usize,
+    rate: f64,
+    failed: u64,
+    kamailio_ms_per_call: f64,
+    /// `tcpka serve`'s CPU per command, or the CLI processes' (four
+    /// commands per call).
+    tcpka_ms_per_command: Option<f64>,
+    enables_ok: Option<u64>,
+}
+
+/// Runs the bench in `cgroup_root` (a cgroup of its own below it) and
+/// prints its table. The caller runs in a network namespace of its own.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    root: &Path,
+    tcpka: &Path,
+    cgroup_root: &Path,
+    home: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+    modes: &[String],
+) -> Result<()> {
+    let wanted = parse_modes(modes)?;
+    let id = std::process::id();
+    let inst = Installation {
+        tcpka: tcpka.to_path_buf(),
+        pin_dir: PathBuf::from(format!("/sys/fs/bpf/tcpka-bench-sip-{id}")),
+        cgroup: cgroup_root.join(format!("tcpka-bench-sip-{id}")),
+    };
+    std::fs::create_dir(&inst.cgroup).context("create the SIP bench's cgroup")?;
+    let (pin_dir, cgroup) = (&inst.pin_dir, &inst.cgroup);
+    for t in ["kamailio", "sipp", "curl"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!("{t} is not installed (cargo xtask setup installs it)");
+        }
+    }
+    let setup = Setup {
+        caller: format!("tcpka-bench-caller-{id}"),
+        callee: format!("tcpka-bench-callee-{id}"),
+        dir: std::env::temp_dir().join(format!("tcpka-bench-sip-{id}")),
+    };
+    std::fs::create_dir_all(&setup.dir)?;
+    for ns in [&setup.caller, &setup.callee] {
+        sh(&["ip", "netns", "add", ns])?;
+    }
+    link(&setup.caller, "kbca0", "kbca1", KAMAILIO, CALLER)?;
+    link(
+        &setup.callee,
+        "kbcb0",
+        "kbcb1",
+        KAMAILIO_CALLEE_SIDE,
+        CALLEE,
+    )?;
+    // The SIP ports of this setup are the index ports, as a deployment
+    // sets them.
+    let st = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .args(["load", "--cgroup"])
+        .arg(cgroup)
+        .args(["--index-ports", &format!("5060,{CALLEE_PORT}")])
+        .output()?;
+    if !st.status.success() {
+        bail!("tcpka load: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    let api = "127.0.0.1:7177";
+    let cfg = config(root, &setup.dir, tcpka, api)?;
+
+    println!(
+        "Kamailio per call ({calls} calls at {rate} calls/s offered, zero hold, keepalive on both legs \
+         from the 200 OK to the INVITE to the 200 OK to the BYE; {rounds} rounds, medians):"
+    );
+    let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (mode, name)) in MODES.iter().enumerate() {
+            if !wanted.contains(mode) {
+                continue;
+            }
+            // The CLI runs as long as the others, at a rate it can carry.
+            let (calls, rate) = match mode {
+                Mode::Cli if rate > CLI_RATE => ((calls * CLI_RATE / rate).max(1), CLI_RATE),
+                _ => (calls, rate),
+            };
+            eprint!("bench: Kamailio, round {}/{rounds}, {name}…", round + 1);
+            let s = measure(
+                *mode, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
+            )
+            .with_context(|| format!("{name}, round {}", round + 1))?;
+            eprintln!(" {:.1} calls/s", s.rate);
+            samples[i].push(s);
+        }
+    }
+    println!(
+        "  {:<38} {:>7} {:>8} {:>7} {:>16} {:>16} {:>12}",
+        "", "offered", "calls/s", "failed", "Kamailio ms/call", "tcpka ms/command", "enables ok"
+    );
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut reference = None;
+    for (i, (mode, name)) in MODES.iter().enumerate() {
+        let s = &samples[i];
+        if s.is_empty() {
+            continue;
+        }
+        let rate = med(s.iter().map(|x| x.rate).collect());
+        let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+        if *mode == Mode::Tcpops {
+            reference = Some((rate, cpu));
+        }
+        let failed: u64 = s.iter().map(|x| x.failed).sum();
+        let tcpka = s
+            .iter()
+            .filter_map(|x| x.tcpka_ms_per_command)
+            .collect::<Vec<_>>();
+        let tcpka = if tcpka.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.3}", med(tcpka))
+        };
+        let enables = match s.iter().map(|x| x.enables_ok).collect::<Option<Vec<_>>>() {
+            Some(v) => format!(
+                "{}/{}",
+                v.iter().sum::<u64>(),
+                s.iter().map(|x| 2 * x.calls).sum::<usize>()
+            ),
+            None => "-".into(),
+        };
+        let offered = s[0].offered;
+        println!(
+            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>7} {cpu:>16.3} {tcpka:>16} {enables:>12}"
+        );
+    }
+    if let Some((rate0, cpu0)) = reference {
+        for (i, (mode, name)) in MODES.iter().enumerate() {
+            let s = &samples[i];
+            if !mode.tcpka() || s.is_empty() {
+                continue;
+            }
+            let rate = med(s.iter().map(|x| x.rate).collect());
+            let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
+            if s[0].offered == samples[1].first().map_or(0, |t| t.offered) {
+                println!(
+                    "  {name}: {:.2}x tcpops' call rate, {:.2}x its Kamailio CPU per call",
+                    rate / rate0,
+                    cpu / cpu0
+                );
+            } else {
+                println!(
+                    "  {name}: offered {} calls/s (tcpops {}); {:.2}x tcpops' Kamailio CPU per call",
+                    s[0].offered,
+                    samples[1].first().map_or(0, |t| t.offered),
+                    cpu / cpu0
+                );
+            }
+        }
+    }
+    println!();
+    Ok(())
+}
