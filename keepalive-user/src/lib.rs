@@ -42,6 +42,7 @@ pub mod ports;
 pub mod rule;
 pub mod server;
 pub mod sock_destroy;
+pub mod sockopt;
 mod sys;
 pub mod trace;
 

@@ -2,7 +2,7 @@
 //! CLI, the daemon and the tests all go through here.
 use std::{
     net::SocketAddr,
-    os::fd::AsRawFd,
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},

@@ -22,30 +22,14 @@ fn get<O: GetSockOpt<Val = u32>>(fd: &std::net::TcpStream, opt: O) -> u32 {
 }
 
 /// `tcpi_state`, the first byte of `struct tcp_info`.
-pub(super) fn tcp_state(fd: &impl AsRawFd) -> Option<u8> {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    (ret == 0).then_some(info[0])
+pub(super) fn tcp_state(fd: &impl AsFd) -> Option<u8> {
+    getsockopt(fd, crate::sockopt::TcpState).ok()
 }
 
 pub(super) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 impl Enforcer {

@@ -294,26 +294,11 @@ fn borrow(owner: FdOwner, cookie: u64) -> Option<TcpStream> {
     // SAFETY: pidfd_getfd returned a new descriptor that we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // The holder may have closed the descriptor and reused its number.
-    let same = sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_COOKIE) == Some(cookie)
-        && sockopt_u64(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
-            .is_some_and(|p| p as u32 == libc::IPPROTO_TCP as u32);
+    use crate::sockopt::{Cookie, Protocol};
+    use nix::sys::socket::getsockopt;
+    let same =
+        getsockopt(&fd, Cookie) == Ok(cookie) && getsockopt(&fd, Protocol) == Ok(libc::IPPROTO_TCP);
     same.then(|| TcpStream::from(fd))
-}
-
-fn sockopt_u64(fd: &impl std::os::fd::AsRawFd, level: i32, name: i32) -> Option<u64> {
-    let mut v: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointers of the right size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    (ret == 0).then_some(v)
 }
 
 /// Local ends compare as the kernel sees them: an IPv4 address equals its
