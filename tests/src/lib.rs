@@ -5,14 +5,26 @@
 //! Tests panic on failure rather than return errors.
 use std::{
     fs::File,
+    io::BufRead as _,
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc::Receiver,
+    },
+    time::{Duration, Instant},
 };
 
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::{
+    sched::{setns, unshare, CloneFlags},
+    sys::socket::{
+        getsockopt, setsockopt,
+        sockopt::{KeepAlive, Linger, TcpKeepCount, TcpKeepIdle, TcpKeepInterval, TcpUserTimeout},
+    },
+};
+use serde_json::Value;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -159,7 +171,7 @@ impl Drop for CgroupDir {
             if std::fs::remove_dir(&self.path).is_ok() {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!("warning: could not remove {}", self.path.display());
     }
@@ -301,32 +313,18 @@ pub struct Keepalive {
     pub user_timeout_ms: i32,
 }
 
-fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> i32 {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(ret, 0, "getsockopt({level}, {name})");
-    v
-}
-
 /// Reads SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and
 /// TCP_USER_TIMEOUT with getsockopt.
-pub fn keepalive(fd: &impl AsRawFd) -> Keepalive {
+pub fn keepalive(fd: &impl AsFd) -> Keepalive {
+    fn get<O: nix::sys::socket::GetSockOpt>(fd: &impl AsFd, opt: O, name: &str) -> O::Val {
+        getsockopt(fd, opt).unwrap_or_else(|e| panic!("getsockopt({name}): {e}"))
+    }
     Keepalive {
-        enabled: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
-        idle: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-        interval: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-        count: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-        user_timeout_ms: getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+        enabled: get(fd, KeepAlive, "SO_KEEPALIVE"),
+        idle: get(fd, TcpKeepIdle, "TCP_KEEPIDLE") as i32,
+        interval: get(fd, TcpKeepInterval, "TCP_KEEPINTVL") as i32,
+        count: get(fd, TcpKeepCount, "TCP_KEEPCNT") as i32,
+        user_timeout_ms: get(fd, TcpUserTimeout, "TCP_USER_TIMEOUT") as i32,
     }
 }
 
@@ -350,14 +348,14 @@ pub fn expect(idle: i32, count: i32, interval: i32, user_timeout_ms: i32) -> Kee
     }
 }
 
-/// The socket cookie (SO_COOKIE).
-pub fn cookie(fd: &impl AsRawFd) -> u64 {
+/// The socket cookie (SO_COOKIE; nix 0.29 has no option for it).
+pub fn cookie(fd: &impl AsFd) -> u64 {
     let mut v: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and out-pointers of the right size.
     let ret = unsafe {
         libc::getsockopt(
-            fd.as_raw_fd(),
+            fd.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_COOKIE,
             (&mut v as *mut u64).cast(),
@@ -366,6 +364,26 @@ pub fn cookie(fd: &impl AsRawFd) -> u64 {
     };
     assert_eq!(ret, 0, "getsockopt(SO_COOKIE)");
     v
+}
+
+/// SO_LINGER 0: closing the socket then resets its connection (RST)
+/// instead of ending it in order.
+pub fn reset_on_close(fd: &impl AsFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(fd, Linger, &linger).expect("setsockopt(SO_LINGER)");
+}
+
+/// Polls `done` every 50 ms; panics naming `what` unless it holds within
+/// `within`.
+pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A connected pair over the given listener: (client, accepted server side).
@@ -405,8 +423,7 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
         "bpftool: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v.as_array()
         .map(|a| {
             a.iter()
@@ -532,17 +549,8 @@ impl Serve {
             .find(|w| w[0] == "--token")
             .map(|w| w[1].to_owned())
             .or_else(|| (!own_token).then(|| TEST_TOKEN.to_owned()));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Ok((200, _)) = http(&s.addr, "GET", "/healthz", None, token.as_deref()) {
-                return s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tcpka serve did not come up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for_healthz(&s.addr, token.as_deref(), |code| code == 200);
+        s
     }
 }
 
@@ -558,8 +566,47 @@ impl Drop for Serve {
 /// its own; [`http`] sends it when given no other.
 pub const TEST_TOKEN: &str = "tcpka-test-token-0123456789abcdef";
 
-/// One HTTP/1.1 request (Connection: close) with `token` (or
-/// [`TEST_TOKEN`]); returns status and body.
+/// How long a request of the harness may take (connect, send, each read).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The harness's HTTP client, to finish with `build()`: [`HTTP_TIMEOUT`],
+/// and no proxy whatever the environment says. Build it on the thread
+/// whose network namespace it should connect in: its runtime thread
+/// inherits that thread's.
+pub fn http_client() -> reqwest::blocking::ClientBuilder {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .connect_timeout(HTTP_TIMEOUT)
+        .timeout(HTTP_TIMEOUT)
+}
+
+/// A request to `http://ADDR/PATH` with `Authorization: Bearer TOKEN`:
+/// `token` None sends [`TEST_TOKEN`], `Some("")` no Authorization at all.
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::blocking::RequestBuilder {
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .unwrap_or_else(|e| panic!("HTTP method {method:?}: {e}"));
+    let client = http_client().build().expect("an HTTP client");
+    let r = client.request(method, format!("http://{addr}{path}"));
+    match token.unwrap_or(TEST_TOKEN) {
+        "" => r,
+        t => r.bearer_auth(t),
+    }
+}
+
+/// Sends a request; returns status and body.
+pub fn reply(r: reqwest::blocking::RequestBuilder) -> std::io::Result<(u16, String)> {
+    let r = r.send().map_err(std::io::Error::other)?;
+    let code = r.status().as_u16();
+    Ok((code, r.text().map_err(std::io::Error::other)?))
+}
+
+/// One HTTP/1.1 request (a JSON content type, `body` or an empty one)
+/// with `token` as [`request`] takes it; returns status and body.
 pub fn http(
     addr: &str,
     method: &str,
@@ -567,27 +614,15 @@ pub fn http(
     body: Option<&[u8]>,
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let body = body.unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    let t = token.unwrap_or(TEST_TOKEN);
-    if !t.is_empty() {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    parse_response(&out)
+    reply(
+        request(addr, method, path, token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.unwrap_or_default().to_vec()),
+    )
 }
 
-/// Splits a raw HTTP/1.1 response into status and (de-chunked) body.
+/// Splits a raw HTTP/1.1 response into status and (de-chunked) body: for
+/// the tests that speak HTTP over a raw socket on purpose.
 pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text
@@ -620,18 +655,21 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
 }
 
 /// `http` with a JSON body, parsing the JSON reply.
-pub fn http_json(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
+pub fn http_json(addr: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
     let (code, text) = http(addr, method, path, Some(body.to_string().as_bytes()), None)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     (
         code,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Polls `GET /healthz` (with `token` as [`request`] takes it) every 50 ms
+/// until it answers with a status `ready` accepts; panics after 10 s.
+pub fn wait_for_healthz(addr: &str, token: Option<&str>, ready: impl Fn(u16) -> bool) {
+    wait_until("tcpka serve up", Duration::from_secs(10), || {
+        http(addr, "GET", "/healthz", None, token).is_ok_and(|(code, _)| ready(code))
+    });
 }
 
 /// A free TCP port on 127.0.0.1 in the current namespace.
@@ -693,86 +731,69 @@ impl Default for VethPeer {
     }
 }
 
-/// A tiny HTTP server that answers 200 to every POST and hands over the
-/// bodies: the webhook's receiving end.
-pub fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<serde_json::Value>) {
-    use std::io::{BufRead as _, Read as _, Write as _};
+/// A tiny HTTP server that answers 200 to every request and hands over the
+/// JSON bodies: the webhook's receiving end.
+pub fn webhook_receiver() -> (String, Receiver<Value>) {
     let l = listen("127.0.0.1:0");
     let addr = l.local_addr().unwrap().to_string();
+    (addr, webhook_receiver_on(l))
+}
+
+/// [`webhook_receiver`] on a listener of the test's: axum on a tokio
+/// runtime of its own thread, answering 200 to every request on any path
+/// and sending each body that is JSON.
+pub fn webhook_receiver_on(l: TcpListener) -> Receiver<Value> {
     let (tx, rx) = std::sync::mpsc::channel();
+    l.set_nonblocking(true).expect("non-blocking listener");
     std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_ok() {
-                if let Ok(v) = serde_json::from_slice(&body) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("a tokio listener");
+            let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
                     let _ = tx.send(v);
                 }
-            }
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
+                std::future::ready(axum::http::StatusCode::OK)
+            });
+            let _ = axum::serve(l, app).await;
+        });
     });
-    (addr, rx)
+    rx
 }
 
 /// Subscribes to `GET /v1/events` of a running `tcpka serve`: one JSON
 /// value per event, from a reader thread.
-pub fn event_stream(addr: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
-    use std::io::{BufRead as _, Write as _};
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(
-        format!(
-            "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .unwrap();
+pub fn event_stream(addr: &str) -> Receiver<Value> {
+    // No timeout: events may be far apart.
+    let client = http_client().timeout(None).build().expect("an HTTP client");
+    let r = client
+        .get(format!("http://{addr}/v1/events"))
+        .bearer_auth(TEST_TOKEN)
+        .send()
+        .unwrap_or_else(|e| panic!("GET /v1/events: {e}"));
     // Subscribed once the response header arrives.
-    let mut r = std::io::BufReader::new(s);
-    let mut status = String::new();
-    r.read_line(&mut status).unwrap();
-    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(r.status(), reqwest::StatusCode::OK, "GET /v1/events");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            // Chunk sizes and headers are not JSON objects; events are.
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+        for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
                 if v.is_object() {
                     let _ = tx.send(v);
                 }
             }
-            line.clear();
         }
     });
     rx
 }
 
 /// Waits for an event of `kind` for `cookie`, skipping others.
-pub fn wait_for_event(
-    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
-    kind: &str,
-    cookie: u64,
-    within: std::time::Duration,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + within;
+pub fn wait_for_event(rx: &Receiver<Value>, kind: &str, cookie: u64, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
     loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         let v = rx
             .recv_timeout(left)
             .unwrap_or_else(|_| panic!("no {kind} event for cookie {cookie} within {within:?}"));
@@ -800,20 +821,13 @@ impl LoggedServe {
             .spawn()
             .expect("start tcpka serve");
         let s = Self { child };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while http(addr, "GET", "/healthz", None, Some(TEST_TOKEN)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tcpka serve did not come up"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for_healthz(addr, Some(TEST_TOKEN), |_| true);
         s
     }
 
     /// Stops the daemon (SIGINT) and returns its log, one JSON object per
     /// line.
-    pub fn stop(mut self) -> Vec<serde_json::Value> {
+    pub fn stop(mut self) -> Vec<Value> {
         use std::io::Read as _;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };

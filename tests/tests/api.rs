@@ -178,18 +178,15 @@ fn token_and_listen_rules() {
         200
     );
     // The token as a Basic password (Kamailio's http_connect), any user.
+    // Returns the status line.
     let basic = |user_pass: &str| {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD.encode(user_pass);
-        let mut c = TcpStream::connect(&addr).unwrap();
-        write!(
-            c,
-            "GET /v1/rules HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {b64}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut reply = String::new();
-        c.read_to_string(&mut reply).unwrap();
-        reply.lines().next().unwrap_or_default().to_owned()
+        let r = request(&addr, "GET", "/v1/rules", Some(""))
+            .header(reqwest::header::AUTHORIZATION, format!("Basic {b64}"))
+            .send()
+            .unwrap();
+        format!("{:?} {}", r.version(), r.status())
     };
     assert!(basic("kamailio:s3cret-s3cret-s3cret").contains(" 200 "));
     assert!(basic("s3cret-s3cret-s3cret:wrong").contains(" 401 "));
@@ -211,14 +208,14 @@ fn unix_socket_listener() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    let client = http_client().unix_socket(path.as_path()).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let reply = loop {
-        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) {
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).unwrap();
-            break parse_response(&out).unwrap();
+        match client.get("http://tcpka/healthz").send() {
+            Ok(r) => break (r.status().as_u16(), r.text().unwrap()),
+            Err(e) if !e.is_connect() => panic!("GET /healthz: {e}"),
+            // Not listening yet.
+            Err(_) => {}
         }
         assert!(Instant::now() < deadline, "no unix socket");
         std::thread::sleep(Duration::from_millis(50));
@@ -449,20 +446,7 @@ fn reset_and_orderly_close_events() {
         200
     );
     // The peer of c1 resets (SO_LINGER 0); c2 closes in order.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt with a valid linger struct.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s1),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        );
-    }
+    reset_on_close(&s1);
     drop(s1);
     let ev = wait_for_event(&stream, "reset", k1, Duration::from_secs(3));
     assert_eq!(ev["error"].as_u64(), Some(104), "ECONNRESET: {ev}");
@@ -667,14 +651,11 @@ fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
         .spawn()
         .expect("setpriv python3");
     let mut stranger = Guard(stranger);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the stranger's server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the stranger's server started",
+        Duration::from_secs(5),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
     let addr = format!("127.0.0.1:{}", free_port());
     let start = |evapi: &str| {
         LoggedServe::start(

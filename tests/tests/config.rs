@@ -2,7 +2,7 @@
 //! and its reload, checked on the rule table and on real sockets.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tcpka_tests::*;
@@ -159,14 +159,6 @@ fn an_invalid_or_conflicting_file_is_refused_and_changes_nothing() {
     assert_eq!(rules(&e.tcpka), before);
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// What a reboot leaves: no pins. `serve --config` brings the rules back,
 /// and `tcpka reload` applies the edited file to the running daemon.
 #[test]
@@ -206,7 +198,7 @@ fn serve_config_restores_rules_after_the_pins_are_gone_and_reloads() {
         r.stdout.contains("apply its configuration file again"),
         "{r:?}"
     );
-    wait_for("the reload", || {
+    wait_until("the reload", Duration::from_secs(10), || {
         let now = rules(&t);
         now.len() == 2
             && now

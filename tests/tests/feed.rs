@@ -36,20 +36,7 @@ fn reset_client_after(l: &TcpListener, before: impl FnOnce(u64)) -> u64 {
     let (mut c, s) = connect(l);
     let ck = cookie(&c);
     before(ck);
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and option of the right size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
+    reset_on_close(&s);
     drop(s);
     std::thread::sleep(Duration::from_millis(50));
     let _ = c.write_all(b"x");
@@ -90,11 +77,25 @@ fn wait_for(
     }
 }
 
-/// `GET /v1/events` on a raw connection; returns the socket after the
-/// response head.
-fn subscribe(addr: &str, rcvbuf: Option<i32>) -> BufReader<TcpStream> {
-    let sock = socket2_connect(addr, rcvbuf);
-    let mut s = sock;
+/// `GET /v1/events` on a raw connection whose receive buffer is
+/// `rcvbuf` bytes (set before connecting): a subscriber that can fall
+/// behind. Returns the socket after the response head.
+fn subscribe_slowly(addr: &str, rcvbuf: usize) -> BufReader<TcpStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt::RcvBuf, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let sa: std::net::SocketAddrV4 = addr.parse().unwrap();
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, RcvBuf, &rcvbuf).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(sa))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut s = TcpStream::from(fd);
     s.write_all(
         format!(
             "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n"
@@ -112,41 +113,6 @@ fn subscribe(addr: &str, rcvbuf: Option<i32>) -> BufReader<TcpStream> {
         if line == "\r\n" {
             return r;
         }
-    }
-}
-
-/// A TCP connection with a small receive buffer set before connecting.
-fn socket2_connect(addr: &str, rcvbuf: Option<i32>) -> TcpStream {
-    use std::os::fd::FromRawFd as _;
-    let sa: std::net::SocketAddrV4 = addr.parse().unwrap();
-    // SAFETY: plain socket calls on a new fd we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        if let Some(n) = rcvbuf {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&n as *const i32).cast(),
-                4,
-            );
-        }
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: sa.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(sa.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let r = libc::connect(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        );
-        assert_eq!(r, 0, "connect {addr}");
-        TcpStream::from_raw_fd(fd)
     }
 }
 
@@ -251,16 +217,8 @@ fn blocked_stdout_does_not_stall_events() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while http(&addr, "GET", "/healthz", None, None)
-        .map(|r| r.0)
-        .unwrap_or(0)
-        != 200
-    {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let events = stream_lines(subscribe(&addr, None));
+    wait_for_healthz(&addr, None, |code| code == 200);
+    let events = event_stream(&addr);
     let l = listen("127.0.0.1:0");
     // Far more than a pipe holds (64 KiB): thousands of log lines.
     churn(&l, 3000);
@@ -288,7 +246,7 @@ fn slow_subscriber_gets_a_gap_marker() {
     e.tcpka.rule_add(&["--tracked", "30", "3", "5"]);
     let addr = format!("127.0.0.1:{}", free_port());
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    let slow = subscribe(&addr, Some(4096));
+    let slow = subscribe_slowly(&addr, 4096);
     let l = listen("127.0.0.1:0");
     churn(&l, 12_000);
     e.cgroup.leave();
@@ -320,7 +278,7 @@ fn serve_survives_reload_and_is_alone() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("already serves"), "{r:?}");
 
-    let events = stream_lines(subscribe(&addr, None));
+    let events = event_stream(&addr);
     e.tcpka.run(&["unload"]).ok();
     e.tcpka.load(&e.cgroup.path);
     // Let the feed notice (it checks every second).
@@ -504,34 +462,7 @@ fn webhook_reports_what_it_could_not_deliver() {
     reset_client_enabled(&e, &l);
     std::thread::sleep(Duration::from_millis(2000));
     // The receiver comes up; the next event is preceded by a gap.
-    let receiver = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in receiver.incoming() {
-            let Ok(conn) = conn else { return };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut len = 0;
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-                line.clear();
-            }
-            let mut body = vec![0; len];
-            if std::io::Read::read_exact(&mut r, &mut body).is_ok() {
-                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                    let _ = tx.send(v);
-                }
-            }
-            let mut conn = conn;
-            let _ = conn
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        }
-    });
+    let rx = webhook_receiver_on(TcpListener::bind(("127.0.0.1", port)).unwrap());
     let ck = reset_client_enabled(&e, &l);
     let first = rx
         .recv_timeout(Duration::from_secs(10))

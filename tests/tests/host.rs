@@ -371,14 +371,11 @@ fn recreated_cgroup_is_detected_and_reattached() {
     assert!(body.contains("detached"), "{body}");
     assert_eq!(metric("tcpka_attached"), Some(0.0));
     std::fs::create_dir(&e.cgroup.path).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !attached(&e.tcpka) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "serve did not re-attach within 5 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until(
+        "serve re-attached",
+        std::time::Duration::from_secs(5),
+        || attached(&e.tcpka),
+    );
     assert_eq!(attached_programs(&e.cgroup.path).len(), 1);
     rule_reaches_new_connections(&e, expect(13, 3, 2, 0));
     let (code, body) = http(&addr, "GET", "/healthz", None, None).unwrap();

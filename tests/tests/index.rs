@@ -5,7 +5,7 @@
 use std::{
     net::{TcpListener, TcpStream},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tcpka_tests::*;
@@ -76,14 +76,6 @@ fn enabled_by_cookie(t: &Tcpka, idle: i32) -> (TcpListener, TcpStream, TcpStream
     .ok();
     assert_eq!(keepalive(&c), expect(idle, 3, 5, 0));
     (l, c, s, ck)
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -3,11 +3,12 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
-    os::fd::FromRawFd as _,
+    os::fd::AsRawFd as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrIn};
 use tcpka_tests::*;
 
 /// Loaded on a fresh cgroup that the test process is NOT in, so whatever
@@ -604,31 +605,20 @@ fn set_up_connection_found(mode: &str, direct: bool) {
     peer.cut();
     // A non-blocking connect to a peer that no longer answers stays in
     // SYN_SENT, as a proxy's connection does until the handshake completes.
-    // SAFETY: plain socket calls on a descriptor we own.
-    let fd = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
-        assert!(fd >= 0);
-        let SocketAddr::V4(a) = addr else {
-            unreachable!()
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let ret = libc::connect(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        );
-        assert!(
-            ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS)
-        );
-        std::os::fd::OwnedFd::from_raw_fd(fd)
+    let SocketAddr::V4(a) = addr else {
+        unreachable!()
     };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        Err(nix::errno::Errno::EINPROGRESS)
+    );
     let (r, via_index) = enable_traced(&e.tcpka, &[&addr.to_string(), "30", "4", "6"]);
     assert_eq!(r.code, 0, "{mode}: {r:?}");
     assert_eq!(via_index, direct, "{mode}: {r:?}");

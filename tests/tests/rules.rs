@@ -299,20 +299,7 @@ fn connection_map_returns_to_its_size_after_10000_connections() {
         }
         if i % 2 == 0 {
             // Half end with an RST (SO_LINGER 0), half with an orderly close.
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt with a valid linger struct.
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&client),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    size_of::<libc::linger>() as u32,
-                );
-            }
+            reset_on_close(&client);
         }
         drop(client);
         drop(server);

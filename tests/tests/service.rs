@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tcpka_tests::*;
@@ -157,14 +157,6 @@ impl Drop for Service {
     }
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn rule_idles(t: &Tcpka) -> Vec<u64> {
     let r = t.run(&["rule", "list", "--json"]);
     if r.code != 0 {
@@ -195,9 +187,11 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
     let svc = Service::start(&t, &cgroup.path, &config);
-    wait_for("the service to load and apply its rules", || {
-        rule_idles(&t) == [30]
-    });
+    wait_until(
+        "the service to load and apply its rules",
+        Duration::from_secs(15),
+        || rule_idles(&t) == [30],
+    );
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&t.pin_dir).unwrap());
     assert_eq!(owner, 65534, "the pins belong to the service user");
     // The API on loopback, with the token serve wrote for its group.
@@ -240,7 +234,7 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     std::fs::write(&config, rule(33)).unwrap();
     let out = svc.cli(&t, &["reload"]);
     assert!(out.status.success(), "{out:?}");
-    wait_for("the reload", || {
+    wait_until("the reload", Duration::from_secs(15), || {
         let mut idles = rule_idles(&t);
         idles.sort_unstable();
         idles == [20, 33]
