@@ -7,7 +7,7 @@ use std::{
     fs::File,
     io::BufRead as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::{
@@ -348,22 +348,9 @@ pub fn expect(idle: i32, count: i32, interval: i32, user_timeout_ms: i32) -> Kee
     }
 }
 
-/// The socket cookie (SO_COOKIE; nix 0.29 has no option for it).
+/// The socket cookie (SO_COOKIE), read as tcpka reads it.
 pub fn cookie(fd: &impl AsFd) -> u64 {
-    let mut v: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd and out-pointers of the right size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(ret, 0, "getsockopt(SO_COOKIE)");
-    v
+    getsockopt(fd, tcpka::sockopt::Cookie).expect("getsockopt(SO_COOKIE)")
 }
 
 /// SO_LINGER 0: closing the socket then resets its connection (RST)
