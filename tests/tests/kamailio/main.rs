@@ -1,0 +1,217 @@
+//! Real Kamailio 5.6 and sipp in network namespaces, driving tcpka with the
+//! shipped `examples/kamailio/kamailio.cfg`:
+//!
+//! ```text
+//!  caller ns (sipp uac)  10.201.1.2 ── 10.201.1.1  kamailio ns  10.201.2.1 ── 10.201.2.2  callee ns (sipp uas)
+//!                                      (kamailio, tcpka serve)
+//! ```
+//!
+//! Each call: keepalive on both legs from the 200 OK to the INVITE, off
+//! after the 200 OK to the BYE; when the callee's host stops answering, the
+//! timeout event reaches Kamailio's xhttp route. Call-IDs made to break out
+//! of a shell word or a JSON string run nothing and add no field: the
+//! config hands tcpka only their MD5, and those calls get keepalive too.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tcpka_tests::*;
+
+mod checks;
+mod dead_callee;
+mod sip;
+
+use checks::*;
+use dead_callee::*;
+use sip::*;
+
+const CALLER: &str = "10.201.1.2";
+const CALLEE: &str = "10.201.2.2";
+const CALLEE_PORT: u16 = 5062;
+const KAMAILIO_CALLER_SIDE: &str = "10.201.1.1";
+const KA: (u32, u32, u32) = (1, 2, 1); // idle, count, interval
+const KA_USER_TIMEOUT_MS: u64 = 4000;
+const EVENTS_TOKEN: &str = "tcpka-events-token-fedcba9876543210";
+
+#[test]
+fn kamailio_via_http_api_and_dead_callee_timeout_event() {
+    let sip = Sip::start(Via::Http);
+    call_turns_keepalive_on_and_off(&sip);
+    assert!(
+        sip.kamailio_log().contains("tcpka enable"),
+        "{}",
+        sip.kamailio_log()
+    );
+    assert!(
+        sip.kamailio_log().contains("HTTP 200"),
+        "{}",
+        sip.kamailio_log()
+    );
+    let (_, metrics) = http(&sip.serve().addr, "GET", "/metrics", None, None).unwrap();
+    let lookups: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tcpka_lookups_total"))
+        .collect();
+    eprintln!("how Kamailio's connections were found: {lookups:?}");
+    // Kamailio's tcp_main keeps the descriptors it accepts and connects, so
+    // the connection index reaches every one directly.
+    assert!(
+        lookups.contains(&"tcpka_lookups_total{path=\"walk\"} 0"),
+        "{lookups:?}"
+    );
+
+    // A long call; then the callee's host stops answering.
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    let _uac = sip.call(60_000);
+    sip.wait(
+        "keepalive on the callee leg",
+        Duration::from_secs(10),
+        || sip.connection(&callee).is_some_and(|c| ka_on(&c)),
+    );
+    // Cut only once the leg is idle, the second call's ACK delivered: with
+    // data in flight the kernel retransmits instead of probing, and only
+    // TCP_USER_TIMEOUT bounds that (a policy can set it: user_timeout_ms).
+    sip.wait(
+        "the callee got the second ACK",
+        Duration::from_secs(5),
+        || sip.acks_at_callee() >= 2,
+    );
+    sip.wait("the callee leg idle", Duration::from_secs(5), || {
+        ss_keepalive(&callee)
+    });
+    sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);
+    let start = Instant::now();
+    let bound = Duration::from_secs(u64::from(KA.0 + KA.1 * KA.2) + 2);
+    sip.wait("the timeout event at Kamailio's xhttp route", bound, || {
+        sip.kamailio_log().lines().any(|l| {
+            l.contains("tcpka event:") && l.contains("\"kind\":\"timeout\"") && l.contains(&callee)
+        })
+    });
+    let took = start.elapsed();
+    let line = sip
+        .kamailio_log()
+        .lines()
+        .find(|l| l.contains("tcpka event:") && l.contains("timeout"))
+        .unwrap()
+        .to_owned();
+    eprintln!("timeout event at Kamailio after {took:?} (bound {bound:?}):\n{line}");
+    let _ = sip.uas.0.id();
+}
+
+#[test]
+fn kamailio_via_exec_cli() {
+    let sip = Sip::start(Via::Exec);
+    call_turns_keepalive_on_and_off(&sip);
+    assert!(
+        sip.kamailio_log().contains("(exec)"),
+        "{}",
+        sip.kamailio_log()
+    );
+    let _ = sip.kamailio.0.id();
+}
+
+/// The recommended variant: commands relayed over evapi, applied on the
+/// sockets like the others; Call-IDs made to break out of JSON reach tcpka
+/// only as their hash.
+#[test]
+fn kamailio_via_evapi() {
+    let sip = Sip::start(Via::Evapi);
+    call_turns_keepalive_on_and_off(&sip);
+    assert!(
+        sip.kamailio_log().contains("(evapi)"),
+        "{}",
+        sip.kamailio_log()
+    );
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(evapi)");
+}
+
+/// The API over one kept-alive connection: the same commands, and the
+/// requests share a connection instead of opening one each.
+#[test]
+fn kamailio_via_http_kept_alive() {
+    let sip = Sip::start(Via::HttpPooled);
+    call_turns_keepalive_on_and_off(&sip);
+    let log = sip.kamailio_log();
+    assert!(
+        log.contains("HTTP 200") && !log.contains("HTTP 401"),
+        "{log}"
+    );
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
+    // Kamailio keeps its connection to the API open after its requests
+    // (http_client_query closes each one; the test's own requests close
+    // too).
+    let (_, metrics) = http(&sip.serve().addr, "GET", "/metrics", None, None).unwrap();
+    let commands: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tcpka_commands_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let port = sip.serve().addr.rsplit(':').next().unwrap().to_owned();
+    let out = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .unwrap();
+    let kept = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        commands >= 4.0 && kept >= 1,
+        "{commands} commands, {kept} kept connection(s) to the API\n{log}"
+    );
+}
+
+#[test]
+fn kamailio_via_http_api_hostile_call_ids() {
+    let sip = Sip::start(Via::Http);
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "HTTP 200");
+    long_call_id_is_one_holder(&sip, Via::Http);
+    let _ = (sip.uas.0.id(), sip.kamailio.0.id());
+}
+
+#[test]
+fn kamailio_via_exec_cli_hostile_call_ids() {
+    let sip = Sip::start(Via::Exec);
+    hostile_call_ids_run_nothing_and_get_keepalive(&sip, "(exec)");
+    long_call_id_is_one_holder(&sip, Via::Exec);
+    let _ = (sip.uas.0.id(), sip.kamailio.0.id());
+}
+
+/// The loop closed: the callee's host goes dark while 10 calls are up;
+/// keepalive finds the dead connection, tcpka's timeout event reaches
+/// Kamailio's event route, and Kamailio ends every call on it (BYE to each
+/// caller), its dialog count back to 0. A forged event without the token
+/// ends nothing. New calls work once the link is back.
+#[test]
+fn kamailio_ends_calls_when_the_callee_dies() {
+    ends_calls_when_the_callee_dies(Via::Http);
+}
+
+/// The same loop over evapi: commands relayed, the timeout event sent back
+/// over the same connection.
+#[test]
+fn kamailio_via_evapi_ends_calls_when_the_callee_dies() {
+    ends_calls_when_the_callee_dies(Via::Evapi);
+}
+
+/// The contrast: the same calls and the same dead callee without tcpka.
+/// Nothing notices: after longer than the bound above every call is still
+/// up in Kamailio and no caller got a BYE.
+#[test]
+fn without_tcpka_calls_to_a_dead_callee_stay_up() {
+    let mut sip = Sip::start(Via::Http);
+    sip.stop_tcpka();
+    let mut uac = calls_up(&sip, false);
+    sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        uac.0.try_wait().unwrap().is_none(),
+        "a caller got a BYE without tcpka"
+    );
+    assert_eq!(sip.active_dialogs(), Some(CALLS as u64));
+    eprintln!("without tcpka: {CALLS} calls to a dead callee still up after 12 s");
+}
