@@ -5,15 +5,17 @@
 //!   events, webhook), [`evapi`] (Kamailio's channel), [`doctor`],
 //!   [`trace`].
 //! - **Operations**: [`enforcer`] (rules; live connections: the direct
-//!   path, the walk, batches), [`holders`] and their [`journal`],
-//!   [`config`] (files and `apply`), [`index`] (the direct path's
-//!   lookups), [`ports`], [`destroy`] and [`sock_destroy`] (`close`),
-//!   [`feed`] and [`events`] (what the programs report).
+//!   path, the walk, batches, holders), [`holders`], [`config`] (files and
+//!   `apply`), [`destroy`] and [`sock_destroy`] (`close`), [`feed`] and
+//!   [`events`] (what the programs report).
 //! - **Kernel access**: [`loader`] (load, attach, pin, adopt, unload, the
-//!   installation lock), [`pinned`] (the pinned maps, opened once per
-//!   installation, and [`lend`]'s typed handles), [`pass`] (iterator passes
-//!   and namespaces), [`host`] (what the host gives), [`btf`], [`cgroup`],
-//!   [`paths`].
+//!   kernel offsets), [`lock`] (the installation lock) and [`journal`]
+//!   (unfinished holder changes, beside it), [`pinned`] (the pinned maps,
+//!   opened once per installation, and [`lend`]'s typed handles),
+//!   [`index`] (the connection index's lookups) and [`ports`] (the port
+//!   sets sock_ops reads), [`pass`] (iterator passes and namespaces),
+//!   [`host`] (what the host gives), [`btf`], [`cgroup`], [`paths`],
+//!   [`sockopt`], [`mounts`].
 //! - **Input**, used by all: [`policy`], [`rule`], [`conn`], [`access`].
 pub mod access;
 pub mod btf;
