@@ -296,3 +296,64 @@ pub(super) fn program_time(
     time_cmd(tcpka, pin_dir, &["unload"])?;
     result
 }
+
+/// Opens and closes `n` loopback connections; returns connections per
+/// CPU second of this thread (loopback delivery runs in the sender's
+/// context, so both ends' kernel work is counted).
+pub(super) fn churn_rate(n: usize) -> Result<f64> {
+    churn_rate_on(n, OTHER_PORT)
+}
+
+/// A port no rule and no index port names.
+pub(super) const OTHER_PORT: u16 = 5090;
+
+/// [`churn_rate`] with the listener on `port`.
+pub(super) fn churn_rate_on(n: usize, port: u16) -> Result<f64> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    let addr = l.local_addr()?;
+    let t = thread_cpu();
+    for _ in 0..n {
+        let c = TcpStream::connect(addr)?;
+        let (s, _) = l.accept()?;
+        // RST on close: no TIME_WAIT, so the port range never runs out.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a valid linger struct.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        drop(c);
+        drop(s);
+    }
+    Ok(n as f64 / (thread_cpu() - t))
+}
+
+/// CPU nanoseconds per `getppid()` over `n` calls: the cheapest syscall,
+/// so any per-syscall hook shows.
+pub(super) fn syscall_ns(n: usize) -> f64 {
+    let t = thread_cpu();
+    for _ in 0..n {
+        // SAFETY: getppid has no arguments and cannot fail.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    (thread_cpu() - t) * 1e9 / n as f64
+}
+
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub(super) fn range(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}

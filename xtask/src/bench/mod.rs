@@ -17,8 +17,11 @@ use anyhow::{bail, Context as _, Result};
 
 mod api;
 mod host_cost;
+mod kamailio;
 use api::*;
 use host_cost::*;
+use kamailio::*;
+pub use kamailio::{sip, sip_here};
 
 /// The port every measured server listens on: a default index port, like
 /// a SIP server's, so that all connections are indexed (the most the index
@@ -349,106 +352,6 @@ fn thread_cpu() -> f64 {
     // SAFETY: clock_gettime with a valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// Opens and closes `n` loopback connections; returns connections per
-/// CPU second of this thread (loopback delivery runs in the sender's
-/// context, so both ends' kernel work is counted).
-fn churn_rate(n: usize) -> Result<f64> {
-    churn_rate_on(n, OTHER_PORT)
-}
-
-/// A port no rule and no index port names.
-const OTHER_PORT: u16 = 5090;
-
-/// [`churn_rate`] with the listener on `port`.
-fn churn_rate_on(n: usize, port: u16) -> Result<f64> {
-    let l = TcpListener::bind(("127.0.0.1", port))?;
-    let addr = l.local_addr()?;
-    let t = thread_cpu();
-    for _ in 0..n {
-        let c = TcpStream::connect(addr)?;
-        let (s, _) = l.accept()?;
-        // RST on close: no TIME_WAIT, so the port range never runs out.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt with a valid linger struct.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&c),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        drop(c);
-        drop(s);
-    }
-    Ok(n as f64 / (thread_cpu() - t))
-}
-
-/// CPU nanoseconds per `getppid()` over `n` calls: the cheapest syscall,
-/// so any per-syscall hook shows.
-fn syscall_ns(n: usize) -> f64 {
-    let t = thread_cpu();
-    for _ in 0..n {
-        // SAFETY: getppid has no arguments and cannot fail.
-        std::hint::black_box(unsafe { libc::getppid() });
-    }
-    (thread_cpu() - t) * 1e9 / n as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn range(v: &[f64]) -> (f64, f64) {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (lo, hi)
-}
-
-/// The cgroup v2 directory this process is in.
-/// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
-pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize, modes: &[String]) -> Result<()> {
-    private_netns()?;
-    sip_here(tcpka, calls, rate, rounds, modes)
-}
-
-/// The Kamailio bench in the current network namespace (the bench's own).
-pub fn sip_here(
-    tcpka: &Path,
-    calls: usize,
-    rate: usize,
-    rounds: usize,
-    modes: &[String],
-) -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the workspace")?;
-    crate::sip::run(
-        root,
-        tcpka,
-        &cgroup2_mount()?,
-        &own_cgroup()?,
-        calls,
-        rate,
-        rounds,
-        modes,
-    )
-}
-
-fn own_cgroup() -> Result<PathBuf> {
-    let cg_root = cgroup2_mount()?;
-    let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    own.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
-        .context("no cgroup v2 line in /proc/self/cgroup")
 }
 
 /// Runs one tcpka command, failing the bench if it fails; returns its

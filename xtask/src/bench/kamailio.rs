@@ -1,0 +1,42 @@
+//! `cargo xtask bench kamailio`: the Kamailio bench, in a cgroup of its
+//! own.
+use super::*;
+
+/// The cgroup v2 directory this process is in.
+/// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
+pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize, modes: &[String]) -> Result<()> {
+    private_netns()?;
+    sip_here(tcpka, calls, rate, rounds, modes)
+}
+
+/// The Kamailio bench in the current network namespace (the bench's own).
+pub fn sip_here(
+    tcpka: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+    modes: &[String],
+) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace")?;
+    crate::sip::run(
+        root,
+        tcpka,
+        &cgroup2_mount()?,
+        &own_cgroup()?,
+        calls,
+        rate,
+        rounds,
+        modes,
+    )
+}
+
+pub(super) fn own_cgroup() -> Result<PathBuf> {
+    let cg_root = cgroup2_mount()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    own.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| cg_root.join(rel.trim_start_matches('/')))
+        .context("no cgroup v2 line in /proc/self/cgroup")
+}
