@@ -7,7 +7,8 @@
 //! - **Operations**: [`enforcer`] (rules; live connections: the direct
 //!   path, the walk, batches, holders), [`holders`], [`config`] (files and
 //!   `apply`), [`destroy`] and [`sock_destroy`] (`close`), [`feed`] and
-//!   [`events`] (what the programs report).
+//!   [`events`] (what the programs report), [`fleet`] (rules from etcd,
+//!   the node's status).
 //! - **Kernel access**: [`loader`] (load, attach, pin, adopt, unload, the
 //!   kernel offsets), [`lock`] (the installation lock) and [`journal`]
 //!   (unfinished holder changes, beside it), [`pinned`] (the pinned maps,
@@ -28,6 +29,7 @@ pub mod enforcer;
 pub mod evapi;
 pub mod events;
 pub mod feed;
+pub mod fleet;
 pub mod holders;
 pub mod host;
 pub mod index;

@@ -13,6 +13,8 @@ pub const RUN_DIR: &str = "/run/tcpka";
 /// Directory of the lock files that serialise changes to one installation
 /// (root only).
 pub const LOCK_DIR: &str = "/run/tcpka/locks";
+/// Where fleet agents keep the rules they last applied (root only).
+pub const FLEET_CACHE_DIR: &str = "/var/lib/tcpka/fleet";
 /// Pin name of the sock_ops cgroup link, inside the pin directory.
 pub const SOCK_OPS_LINK: &str = "link_sockops";
 /// Pin name of the close tracepoint link.
@@ -152,6 +154,14 @@ impl PinLayout {
     /// The journal of unfinished holder changes, next to the lock.
     pub fn journal_file(&self) -> PathBuf {
         self.lock_file().with_extension("journal")
+    }
+
+    /// The fleet agent's copy of the etcd rules, kept across restarts
+    /// and reboots (unlike the locks in /run).
+    pub fn fleet_cache_file(&self) -> PathBuf {
+        let name = self.lock_file();
+        let name = name.file_stem().unwrap_or_default();
+        Path::new(FLEET_CACHE_DIR).join(format!("{}.json", name.to_string_lossy()))
     }
 }
 

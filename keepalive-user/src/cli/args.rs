@@ -140,6 +140,15 @@ pub(crate) enum Command {
     /// full connection map. Off unless a trace runs (the programs then test
     /// one bit); Ctrl-C stops it. One trace at a time per installation.
     Trace(TraceArgs),
+    /// One policy for many hosts through etcd: put and list the fleet's
+    /// rules, see which nodes enforce what (agents are `tcpka serve
+    /// --etcd`). etcd from --etcd or TCPKA_ETCD.
+    ///
+    /// Keys under PREFIX (default /tcpka): rules/NAME (JSON: idle, count,
+    /// interval, local_port, remote_port, remote, user_timeout_ms, tracked,
+    /// and the selector nodes: [...] and labels: {...}), nodes/NODE (an
+    /// agent's status, under a 10 s lease), known/NODE (its labels).
+    Fleet(Box<FleetArgs>),
     /// Print a completion script for SHELL, e.g.
     /// `tcpka completions bash > /etc/bash_completion.d/tcpka`.
     Completions {
@@ -332,4 +341,77 @@ pub(crate) struct JsonArg {
     /// Print JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// How to reach etcd: shared by `serve --etcd` and `tcpka fleet`.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct EtcdArgs {
+    /// etcd's members, URL[,URL...]: http://HOST:PORT, or https:// with
+    /// --etcd-ca (and --etcd-cert/--etcd-key for client certificates).
+    #[arg(long, value_name = "URL[,URL...]", value_parser = |s: &str| tcpka::fleet::EtcdOptions::parse_endpoints(s).map(|_| s.to_owned()))]
+    pub(crate) etcd: Option<String>,
+    /// Key prefix of this fleet [default: /tcpka].
+    #[arg(long, value_name = "PREFIX")]
+    pub(crate) etcd_prefix: Option<String>,
+    /// CA certificate (PEM) of the etcd members.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for members that require one.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub(crate) etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub(crate) etcd_key: Option<PathBuf>,
+    /// etcd user (etcd auth); the password is read from
+    /// --etcd-password-file.
+    #[arg(long, value_name = "USER", requires = "etcd_password_file")]
+    pub(crate) etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password (not readable by
+    /// others).
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub(crate) etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The options given here over the configuration file's; `None` without
+    /// endpoints.
+    pub(crate) fn options_over(
+        &self,
+        file: &tcpka::config::FleetSettings,
+    ) -> Result<Option<tcpka::fleet::EtcdOptions>, Error> {
+        let given = self
+            .etcd
+            .as_deref()
+            .map(tcpka::fleet::EtcdOptions::parse_endpoints)
+            .transpose()
+            .map_err(|e| Error::Invalid(tcpka::InvalidInput::Usage(format!("--etcd: {e}"))))?;
+        let Some(endpoints) = given.or(file.etcd.clone()) else {
+            let set = self.etcd_prefix.is_some()
+                || self.etcd_ca.is_some()
+                || self.etcd_cert.is_some()
+                || self.etcd_user.is_some();
+            if set {
+                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                    "the --etcd-* options need --etcd URL".into(),
+                )));
+            }
+            return Ok(None);
+        };
+        let pick = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.clone().or(b.clone());
+        let o = tcpka::fleet::EtcdOptions {
+            endpoints,
+            prefix: self
+                .etcd_prefix
+                .clone()
+                .or(file.etcd_prefix.clone())
+                .unwrap_or_else(|| tcpka::fleet::DEFAULT_PREFIX.into()),
+            ca: pick(&self.etcd_ca, &file.etcd_ca),
+            cert: pick(&self.etcd_cert, &file.etcd_cert),
+            key: pick(&self.etcd_key, &file.etcd_key),
+            user: self.etcd_user.clone().or(file.etcd_user.clone()),
+            password_file: pick(&self.etcd_password_file, &file.etcd_password_file),
+        };
+        o.check()?;
+        Ok(Some(o))
+    }
 }

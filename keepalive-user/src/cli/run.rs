@@ -19,6 +19,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Error> {
         Command::Apply(a) => apply(layout, a),
         Command::Reload => reload(&layout),
         Command::Trace(a) => trace(layout, a),
+        Command::Fleet(a) => fleet(*a),
         Command::Completions { shell } => completions(shell),
         Command::Manpages { dir } => manpages(&dir),
     }

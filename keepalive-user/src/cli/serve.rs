@@ -77,6 +77,26 @@ pub(crate) struct ServeArgs {
     /// webhook (the public web's CAs are trusted already).
     #[arg(long, value_name = "FILE")]
     pub(crate) webhook_ca: Option<PathBuf>,
+    /// Join a fleet: take the rules under PREFIX/rules/ in etcd that select
+    /// this node, keep this node's status at PREFIX/nodes/NODE (see
+    /// `tcpka fleet --help`). Enforcement goes on when etcd is away.
+    #[command(flatten)]
+    pub(crate) etcd: EtcdArgs,
+    /// This node's name in the fleet [default: the host name].
+    #[arg(long, value_name = "NAME", value_parser = |s: &str| {
+        if tcpka::fleet::valid_node(s) { Ok(s.to_owned()) }
+        else { Err("1 to 64 of A-Z a-z 0-9 . _ -".to_owned()) }
+    })]
+    pub(crate) node: Option<String>,
+    /// A label of this node, KEY=VALUE (repeat it), that fleet rules can
+    /// select on.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = |s: &str| tcpka::fleet::parse_label(s))]
+    pub(crate) labels: Vec<(String, String)>,
+    /// Where the fleet rules last applied are kept, to be applied at start
+    /// without etcd [default: /var/lib/tcpka/fleet/, one file per
+    /// installation].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) etcd_cache: Option<PathBuf>,
 }
 
 pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
@@ -182,6 +202,32 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
             })
         }
     };
+    let fleet = match a.etcd.options_over(&file.fleet)? {
+        None => {
+            if a.node.is_some() || !a.labels.is_empty() || a.etcd_cache.is_some() {
+                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                    "--node, --label and --etcd-cache need --etcd URL".into(),
+                )));
+            }
+            None
+        }
+        Some(etcd) => {
+            let mut labels = file.fleet.labels.clone();
+            labels.extend(a.labels);
+            Some(tcpka::fleet::AgentConfig {
+                etcd,
+                node: a
+                    .node
+                    .or(file.fleet.node.clone())
+                    .unwrap_or_else(tcpka::fleet::default_node),
+                labels,
+                cache: a
+                    .etcd_cache
+                    .or(file.fleet.etcd_cache.clone())
+                    .unwrap_or_else(|| layout.fleet_cache_file()),
+            })
+        }
+    };
     let token = serve_token(&listen, a.token, token_file, api_group)?;
     let config = server::Config {
         listen,
@@ -193,6 +239,7 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
         json: a.json || file.json.unwrap_or(false),
         rules_file: a.config,
         kernel_log: a.kernel_log,
+        fleet,
     };
     runtime()?.block_on(server::run(layout, cgroup, config))?;
     Ok(())

@@ -53,9 +53,13 @@ use crate::{
 mod plan;
 mod serve;
 
-pub use plan::{plan, Step};
+pub use plan::{plan, plan_owned, Step};
 use serve::ServeEntry;
-pub use serve::{Listen, ServeSettings};
+pub use serve::{FleetSettings, Listen, ServeSettings};
+
+/// Named rules from the fleet (etcd) carry this prefix in the kernel: a
+/// file's name cannot start with it, and files never change or remove them.
+pub const FLEET_PREFIX: &str = "@";
 
 /// Longest rule name, in bytes.
 pub const NAME_MAX: usize = 32;
@@ -68,19 +72,66 @@ struct File {
     serve: Option<toml::Spanned<ServeEntry>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A rule as written: in the file's `[[rule]]` tables, and in the fleet's
+/// etcd values (where the name is the key's last part).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct RuleEntry {
-    name: String,
-    local_port: Option<i64>,
-    remote_port: Option<i64>,
-    remote: Option<String>,
-    idle: i64,
-    count: i64,
-    interval: i64,
-    user_timeout_ms: Option<i64>,
-    #[serde(default)]
-    tracked: bool,
+pub struct RuleEntry {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_port: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
+    pub idle: i64,
+    pub count: i64,
+    pub interval: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_timeout_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tracked: bool,
+}
+
+impl RuleEntry {
+    /// The rule, checked: its values in range, its match well formed. The
+    /// error is in the file's words (lower-case fields). The name is not
+    /// checked here.
+    pub fn check(&self) -> Result<NamedRule, String> {
+        let port = |p: Option<i64>| -> Result<Option<u16>, InvalidInput> {
+            p.map(|p| parse_port(&p.to_string())).transpose()
+        };
+        let num = |what: &'static str, v: i64| -> Result<u32, InvalidInput> {
+            u32::try_from(v).map_err(|_| InvalidInput::OutOfRange {
+                what,
+                value: v,
+                min: 0,
+                max: u32::MAX.into(),
+            })
+        };
+        (|| -> Result<NamedRule, InvalidInput> {
+            let matcher = RuleMatch {
+                local_port: port(self.local_port)?,
+                remote_port: port(self.remote_port)?,
+                remote: self.remote.as_deref().map(str::parse::<Cidr>).transpose()?,
+            };
+            let policy = Policy::new(
+                num("idle", self.idle)?,
+                num("count", self.count)?,
+                num("interval", self.interval)?,
+                self.user_timeout_ms
+                    .map(|v| num("user_timeout_ms", v))
+                    .transpose()?,
+            )?;
+            Ok(NamedRule {
+                name: self.name.clone(),
+                matcher,
+                policy,
+                tracked: self.tracked,
+            })
+        })()
+        .map_err(field_words)
+    }
 }
 
 /// A rule of the file, validated.
@@ -156,39 +207,9 @@ impl Config {
             if let Some(first) = names.insert(r.name.clone(), line) {
                 return Err(err(line, format!("{what} is also on line {first}")));
             }
-            let port = |p: Option<i64>| -> Result<Option<u16>, InvalidInput> {
-                p.map(|p| parse_port(&p.to_string())).transpose()
-            };
-            let num = |what: &'static str, v: i64| -> Result<u32, InvalidInput> {
-                u32::try_from(v).map_err(|_| InvalidInput::OutOfRange {
-                    what,
-                    value: v,
-                    min: 0,
-                    max: u32::MAX.into(),
-                })
-            };
-            let checked = (|| -> Result<NamedRule, InvalidInput> {
-                let matcher = RuleMatch {
-                    local_port: port(r.local_port)?,
-                    remote_port: port(r.remote_port)?,
-                    remote: r.remote.as_deref().map(str::parse::<Cidr>).transpose()?,
-                };
-                let policy = Policy::new(
-                    num("idle", r.idle)?,
-                    num("count", r.count)?,
-                    num("interval", r.interval)?,
-                    r.user_timeout_ms
-                        .map(|v| num("user_timeout_ms", v))
-                        .transpose()?,
-                )?;
-                Ok(NamedRule {
-                    name: r.name.clone(),
-                    matcher,
-                    policy,
-                    tracked: r.tracked,
-                })
-            })()
-            .map_err(|e| err(line, format!("{what}: {}", field_words(e))))?;
+            let checked = r
+                .check()
+                .map_err(|reason| err(line, format!("{what}: {reason}")))?;
             let (len, key) = checked.matcher.key();
             let key = (len, bytes_of(&key));
             if let Some((other, at)) = keys.insert(key, (r.name.clone(), line)) {

@@ -40,9 +40,20 @@ impl std::fmt::Display for Step {
 }
 
 /// What to do so that the installed rules' named part equals `wanted`:
-/// rules without a name (added by hand) are not touched. Fails, changing
-/// nothing, when a wanted rule has the match of a rule added by hand.
+/// rules without a name (added by hand) and the fleet's (named
+/// [`FLEET_PREFIX`]...) are not touched. Fails, changing nothing, when a
+/// wanted rule has the match of a rule added by hand.
 pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
+    plan_owned(installed, wanted, |name| !name.starts_with(FLEET_PREFIX))
+}
+
+/// [`plan`] for the named rules `owned` says are the caller's: only those
+/// are changed or removed.
+pub fn plan_owned(
+    installed: &[Rule],
+    wanted: &Config,
+    owned: impl Fn(&str) -> bool,
+) -> Result<Vec<Step>, String> {
     let to_rule = |w: &NamedRule, id: u32| {
         let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
         r.name = Some(w.name.clone());
@@ -81,8 +92,8 @@ pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
         }
     }
     for r in installed {
-        if let Some(name) = &r.name {
-            if !wanted.rules.iter().any(|w| &w.name == name) {
+        if let Some(name) = r.name.as_deref().filter(|n| owned(n)) {
+            if !wanted.rules.iter().any(|w| w.name == name) {
                 steps.push(Step::Remove { rule: r.clone() });
             }
         }

@@ -25,6 +25,32 @@ pub(super) struct ServeEntry {
     max_connections: Option<i64>,
     max_indexed: Option<i64>,
     max_holders: Option<i64>,
+    etcd: Option<String>,
+    etcd_prefix: Option<String>,
+    node: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
+    etcd_cache: Option<PathBuf>,
+}
+
+/// The `[serve]` table's fleet settings (`tcpka serve --etcd`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub node: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
+    pub etcd_cache: Option<PathBuf>,
 }
 
 /// The `[serve]` table, validated: each setting the file gives.
@@ -46,6 +72,7 @@ pub struct ServeSettings {
     pub index_ports: Option<crate::ports::IndexPorts>,
     pub rule_events: Option<bool>,
     pub sizes: crate::loader::MapSizes,
+    pub fleet: FleetSettings,
 }
 
 impl ServeEntry {
@@ -92,7 +119,38 @@ impl ServeEntry {
             indexed: size("max_indexed", self.max_indexed)?,
             holders: size("max_holders", self.max_holders)?,
         };
+        let etcd = self
+            .etcd
+            .as_deref()
+            .map(crate::fleet::EtcdOptions::parse_endpoints)
+            .transpose()
+            .map_err(|e| format!("etcd: {e}"))?;
+        if let Some(n) = self
+            .node
+            .as_deref()
+            .filter(|n| !crate::fleet::valid_node(n))
+        {
+            return Err(format!(
+                "node: {n:?} is not a node name (1 to 64 of A-Z a-z 0-9 . _ -)"
+            ));
+        }
+        for (k, v) in &self.labels {
+            crate::fleet::check_label(k, v).map_err(|e| format!("labels: {e}"))?;
+        }
+        let fleet = FleetSettings {
+            etcd,
+            etcd_prefix: self.etcd_prefix,
+            node: self.node,
+            labels: self.labels,
+            etcd_ca: self.etcd_ca,
+            etcd_cert: self.etcd_cert,
+            etcd_key: self.etcd_key,
+            etcd_user: self.etcd_user,
+            etcd_password_file: self.etcd_password_file,
+            etcd_cache: self.etcd_cache,
+        };
         Ok(ServeSettings {
+            fleet,
             listen,
             token_file: self.token_file,
             api_group: self.api_group,

@@ -20,7 +20,7 @@ use keepalive_common::{
 };
 
 use crate::{
-    config::{Config, Step as ConfigStep},
+    config::{Config, NamedRule, Step as ConfigStep},
     conn::{endpoint, parse_endpoint, peer_key, v6_bytes, ConnSpec},
     holders::Holders,
     index::Held,

@@ -150,8 +150,39 @@ impl Enforcer {
     /// Everything is checked before the first change: a conflict or too
     /// many rules changes nothing.
     pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
+        self.apply_owned(config, dry_run, |name| {
+            !name.starts_with(crate::config::FLEET_PREFIX)
+        })
+    }
+
+    /// Brings the fleet's rules (named `@NAME` in the kernel) to `wanted`
+    /// (named without the prefix), leaving every other rule alone. The
+    /// caller has left out what clashes with the host's own rules.
+    pub fn apply_fleet(&self, wanted: &[NamedRule]) -> Result<Vec<ConfigStep>> {
+        let config = Config {
+            rules: wanted
+                .iter()
+                .map(|r| NamedRule {
+                    name: format!("{}{}", crate::config::FLEET_PREFIX, r.name),
+                    ..r.clone()
+                })
+                .collect(),
+            ..Config::default()
+        };
+        self.apply_owned(&config, false, |name| {
+            name.starts_with(crate::config::FLEET_PREFIX)
+        })
+    }
+
+    fn apply_owned(
+        &self,
+        config: &Config,
+        dry_run: bool,
+        owned: impl Fn(&str) -> bool,
+    ) -> Result<Vec<ConfigStep>> {
         let _lock = self.lock()?;
-        let steps = crate::config::plan(&self.rules()?, config).map_err(Error::Conflict)?;
+        let steps =
+            crate::config::plan_owned(&self.rules()?, config, owned).map_err(Error::Conflict)?;
         let installed = self.rules()?.len();
         let adds = steps
             .iter()

@@ -110,6 +110,8 @@ pub struct Config {
     /// The kernel programs' decisions in the daemon's log, at most this
     /// detailed (`serve --kernel-log`); off when `None`.
     pub kernel_log: Option<log::LevelFilter>,
+    /// Rules from etcd, and this node's status there (`serve --etcd`).
+    pub fleet: Option<crate::fleet::AgentConfig>,
 }
 
 #[derive(Clone)]
@@ -120,6 +122,8 @@ struct AppState {
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
     api_group: Option<u32>,
+    /// Timeouts and resets, for the fleet's node status.
+    event_counts: Arc<crate::fleet::EventCounts>,
 }
 
 fn router(state: AppState) -> Router {
@@ -192,8 +196,22 @@ pub async fn run(
         metrics: metrics.clone(),
         token: config.token.as_deref().map(Arc::from),
         api_group: config.api_group,
+        event_counts: Arc::default(),
     };
     spawn_feed(&layout, &state, webhook, config.json);
+    if let Some(fleet) = config.fleet.clone() {
+        tracing::info!(
+            node = %fleet.node,
+            "fleet: rules from etcd ({}) under {}",
+            fleet.etcd.endpoints.join(","),
+            fleet.etcd.prefix
+        );
+        tokio::spawn(crate::fleet::run_agent(
+            fleet,
+            state.enforcer.clone(),
+            state.event_counts.clone(),
+        ));
+    }
     if let Some(evapi) = config.evapi.clone() {
         tracing::info!("evapi: commands from and events to {}", evapi.addr);
         tokio::spawn(crate::evapi::run(

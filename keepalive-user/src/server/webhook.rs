@@ -56,8 +56,10 @@ pub(super) fn spawn_feed(
     json_log: bool,
 ) {
     let metrics = state.metrics.clone();
+    let counts = state.event_counts.clone();
     let each = move |m: &Arc<Message>| {
         metrics.event(m.kind());
+        counts.count(m.kind());
         if let Some(w) = &webhook {
             if m.kind() != "applied" && w.tx.try_send(m.clone()).is_err() {
                 w.missed.fetch_add(1, Ordering::Relaxed);

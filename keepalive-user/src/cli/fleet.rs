@@ -1,0 +1,445 @@
+//! `tcpka fleet`: the fleet's rules in etcd, and its nodes' status, from
+//! anywhere that reaches etcd.
+use std::collections::BTreeMap;
+
+use etcd_client::{Client, GetOptions};
+use tcpka::fleet::{etcd_error, EtcdOptions, FleetRule, NodeStatus, RuleValue, Selector};
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub(crate) struct FleetArgs {
+    #[command(flatten)]
+    pub(crate) etcd: EtcdArgs,
+    #[command(subcommand)]
+    pub(crate) command: FleetCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum FleetCommand {
+    /// The fleet's rules (PREFIX/rules/NAME).
+    #[command(subcommand)]
+    Rule(FleetRuleCommand),
+    /// The nodes: each agent's status (up while its lease lives), and
+    /// nodes seen before whose agent is gone.
+    Status(JsonArg),
+    /// Which rules select NODE and why, and the ones it could not apply.
+    Explain(FleetExplainArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum FleetRuleCommand {
+    /// Put a rule (add or replace): every agent it selects applies it
+    /// within a second. Arguments in the reference module's order: IDLE
+    /// COUNT INTERVAL.
+    Add(FleetRuleAddArgs),
+    /// Delete a rule: every agent removes it from its kernel.
+    Del {
+        /// The rule's name.
+        name: String,
+    },
+    /// List the rules, with their selectors.
+    List(JsonArg),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FleetRuleAddArgs {
+    /// The rule's name: 1 to 31 of A-Z a-z 0-9 . _ - (agents install it as
+    /// @NAME).
+    pub(crate) name: String,
+    #[command(flatten)]
+    pub(crate) policy: PolicyArgs,
+    /// Only connections whose local port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) local_port: Option<u16>,
+    /// Only connections whose remote port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) remote_port: Option<u16>,
+    /// Only connections whose remote address is in CIDR.
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
+    pub(crate) remote: Option<Cidr>,
+    /// Track the connections the rule matches (see `rule add --help`).
+    #[arg(long)]
+    pub(crate) tracked: bool,
+    /// Only for this node (repeat it for more) [default: every node].
+    #[arg(long = "node", value_name = "NODE")]
+    pub(crate) nodes: Vec<String>,
+    /// Only for nodes with this label, KEY=VALUE (repeat it: all must
+    /// match).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = |s: &str| tcpka::fleet::parse_label(s))]
+    pub(crate) labels: Vec<(String, String)>,
+    /// Print the rule as put, as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FleetExplainArgs {
+    /// The node's name.
+    pub(crate) node: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn fleet(a: FleetArgs) -> Result<(), Error> {
+    let mut etcd = a.etcd;
+    if etcd.etcd.is_none() {
+        if let Ok(env) = std::env::var("TCPKA_ETCD") {
+            EtcdOptions::parse_endpoints(&env).map_err(|e| {
+                Error::Invalid(tcpka::InvalidInput::Usage(format!("TCPKA_ETCD: {e}")))
+            })?;
+            etcd.etcd = Some(env);
+        }
+    }
+    let options = etcd.options_over(&Default::default())?.ok_or_else(|| {
+        Error::Invalid(tcpka::InvalidInput::Usage(
+            "tcpka fleet needs etcd: --etcd URL[,URL...] or TCPKA_ETCD".into(),
+        ))
+    })?;
+    runtime()?.block_on(async move {
+        let mut client = options.connect().await?;
+        match a.command {
+            FleetCommand::Rule(FleetRuleCommand::Add(r)) => {
+                rule_add(&mut client, &options, r).await
+            }
+            FleetCommand::Rule(FleetRuleCommand::Del { name }) => {
+                let deleted = client
+                    .delete(options.rule_key(&name), None)
+                    .await
+                    .map_err(|e| etcd_error("deleting the rule", e))?;
+                if deleted.deleted() == 0 {
+                    return Err(Error::Io {
+                        what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    });
+                }
+                let revision = deleted.header().map_or(0, |h| h.revision());
+                tcpka::outln!("deleted fleet rule {name} (revision {revision})");
+                Ok(())
+            }
+            FleetCommand::Rule(FleetRuleCommand::List(j)) => {
+                rule_list(&mut client, &options, j.json).await
+            }
+            FleetCommand::Status(j) => status(&mut client, &options, j.json).await,
+            FleetCommand::Explain(e) => explain(&mut client, &options, e).await,
+        }
+    })
+}
+
+async fn rule_add(client: &mut Client, o: &EtcdOptions, r: FleetRuleAddArgs) -> Result<(), Error> {
+    let policy = r.policy.policy()?;
+    for n in &r.nodes {
+        if !tcpka::fleet::valid_node(n) {
+            return Err(Error::Invalid(tcpka::InvalidInput::Usage(format!(
+                "--node {n:?}: 1 to 64 of A-Z a-z 0-9 . _ -"
+            ))));
+        }
+    }
+    let value = RuleValue {
+        local_port: r.local_port.map(i64::from),
+        remote_port: r.remote_port.map(i64::from),
+        remote: r.remote.map(|c| c.to_string()),
+        idle: policy.idle.into(),
+        count: policy.count.into(),
+        interval: policy.interval.into(),
+        user_timeout_ms: policy.user_timeout_ms.map(i64::from),
+        tracked: r.tracked,
+        nodes: r.nodes,
+        labels: r.labels.into_iter().collect(),
+    };
+    let json = serde_json::to_string(&value).expect("plain data");
+    // The same check every agent makes: a value they would skip is refused.
+    FleetRule::parse(&r.name, json.as_bytes())
+        .map_err(|e| Error::Invalid(tcpka::InvalidInput::Usage(e)))?;
+    let put = client
+        .put(o.rule_key(&r.name), json.clone(), None)
+        .await
+        .map_err(|e| etcd_error("putting the rule", e))?;
+    let revision = put.header().map_or(0, |h| h.revision());
+    if r.json {
+        print_json(&serde_json::json!({ "name": r.name, "rule": value, "revision": revision }));
+    } else {
+        tcpka::outln!("put fleet rule {} (revision {revision})", r.name);
+    }
+    Ok(())
+}
+
+/// Every rule under the prefix: its name, raw value, and the checked rule
+/// or why it is malformed.
+async fn rules(
+    client: &mut Client,
+    o: &EtcdOptions,
+) -> Result<Vec<(String, String, Result<FleetRule, String>)>, Error> {
+    let prefix = o.rules_prefix();
+    let all = client
+        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| etcd_error("reading the rules", e))?;
+    Ok(all
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
+            let raw = String::from_utf8_lossy(kv.value()).into_owned();
+            let parsed = FleetRule::parse(&name, kv.value());
+            Some((name, raw, parsed))
+        })
+        .collect())
+}
+
+fn describe_selector(s: &Selector) -> String {
+    let mut parts = Vec::new();
+    if !s.nodes.is_empty() {
+        parts.push(format!("nodes {}", s.nodes.join(",")));
+    }
+    if !s.labels.is_empty() {
+        let l: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.push(format!("labels {}", l.join(",")));
+    }
+    if parts.is_empty() {
+        "every node".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+async fn rule_list(client: &mut Client, o: &EtcdOptions, json: bool) -> Result<(), Error> {
+    let rules = rules(client, o).await?;
+    if json {
+        let v: Vec<_> = rules
+            .iter()
+            .map(|(name, raw, parsed)| match parsed {
+                Ok(r) => serde_json::json!({ "name": name, "rule": r.value, "valid": true }),
+                Err(e) => {
+                    serde_json::json!({ "name": name, "value": raw, "valid": false, "error": e })
+                }
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    if rules.is_empty() {
+        tcpka::outln!("no fleet rules under {}", o.rules_prefix());
+        return Ok(());
+    }
+    tcpka::outln!(
+        "{:<31}  {:<40}  {:>5}  {:>5}  {:>8}  {:>12}  {:<7}  {}",
+        "NAME",
+        "MATCH",
+        "IDLE",
+        "COUNT",
+        "INTERVAL",
+        "USER_TIMEOUT",
+        "TRACKED",
+        "FOR"
+    );
+    for (name, _, parsed) in &rules {
+        match parsed {
+            Ok(r) => {
+                let m = tcpka::rule::Rule::new(0, r.rule.matcher, r.rule.policy, r.rule.tracked);
+                tcpka::outln!(
+                    "{:<31}  {:<40}  {:>5}  {:>5}  {:>8}  {:>12}  {:<7}  {}",
+                    name,
+                    m.describe_match(),
+                    r.rule.policy.idle,
+                    r.rule.policy.count,
+                    r.rule.policy.interval,
+                    r.rule
+                        .policy
+                        .user_timeout_ms
+                        .map_or("-".into(), |ms| format!("{ms}ms")),
+                    if r.rule.tracked { "yes" } else { "no" },
+                    describe_selector(&r.selector)
+                );
+            }
+            Err(e) => tcpka::outln!("{name:<31}  MALFORMED (agents skip it): {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Live statuses (under a lease) and the labels of every node seen.
+async fn nodes(
+    client: &mut Client,
+    o: &EtcdOptions,
+) -> Result<BTreeMap<String, (Option<NodeStatus>, BTreeMap<String, String>)>, Error> {
+    let mut out: BTreeMap<String, (Option<NodeStatus>, BTreeMap<String, String>)> = BTreeMap::new();
+    let known = client
+        .get(o.known_prefix(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| etcd_error("reading the known nodes", e))?;
+    for kv in known.kvs() {
+        let Some(node) = kv
+            .key_str()
+            .ok()
+            .and_then(|k| k.strip_prefix(&o.known_prefix()))
+        else {
+            continue;
+        };
+        let labels = serde_json::from_slice::<serde_json::Value>(kv.value())
+            .ok()
+            .and_then(|v| serde_json::from_value(v["labels"].clone()).ok())
+            .unwrap_or_default();
+        out.insert(node.to_owned(), (None, labels));
+    }
+    let live = client
+        .get(o.nodes_prefix(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| etcd_error("reading the nodes' status", e))?;
+    for kv in live.kvs() {
+        let Some(node) = kv
+            .key_str()
+            .ok()
+            .and_then(|k| k.strip_prefix(&o.nodes_prefix()))
+        else {
+            continue;
+        };
+        if let Ok(s) = serde_json::from_slice::<NodeStatus>(kv.value()) {
+            let labels = s.labels.clone();
+            out.insert(node.to_owned(), (Some(s), labels));
+        }
+    }
+    Ok(out)
+}
+
+async fn status(client: &mut Client, o: &EtcdOptions, json: bool) -> Result<(), Error> {
+    let nodes = nodes(client, o).await?;
+    if json {
+        let v: Vec<_> = nodes
+            .iter()
+            .map(|(node, (s, labels))| {
+                serde_json::json!({ "node": node, "up": s.is_some(), "labels": labels, "status": s })
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        tcpka::outln!("no nodes under {}", o.prefix);
+        return Ok(());
+    }
+    tcpka::outln!(
+        "{:<20}  {:<5}  {:<8}  {:<8}  {:<15}  {:>8}  {:>5}  {:>5}  {:>7}  {:>8}  {:>6}  {}",
+        "NODE",
+        "STATE",
+        "VERSION",
+        "ATTACHED",
+        "HOOKS",
+        "REVISION",
+        "RULES",
+        "FLEET",
+        "CONNS",
+        "TIMEOUTS",
+        "RESETS",
+        "NOTES"
+    );
+    for (node, (s, _)) in &nodes {
+        match s {
+            None => tcpka::outln!(
+                "{node:<20}  gone   (no status: its agent stopped or lost etcd for over 10 s)"
+            ),
+            Some(s) => {
+                let mut notes = Vec::new();
+                if !s.clashes.is_empty() {
+                    notes.push(format!("{} clash(es)", s.clashes.len()));
+                }
+                if !s.invalid.is_empty() {
+                    notes.push(format!("{} malformed", s.invalid.len()));
+                }
+                if let Some(e) = &s.error {
+                    notes.push(format!("error: {e}"));
+                }
+                tcpka::outln!(
+                    "{:<20}  {:<5}  {:<8}  {:<8}  {:<15}  {:>8}  {:>5}  {:>5}  {:>7}  {:>8}  {:>6}  {}",
+                    node,
+                    "up",
+                    s.version,
+                    if !s.loaded { "unloaded" } else if s.attached { "yes" } else { "NO" },
+                    format!("{}/{}", s.index, s.holders),
+                    s.revision,
+                    s.rules,
+                    s.fleet_rules,
+                    s.managed_connections,
+                    s.timeouts,
+                    s.resets,
+                    notes.join("; ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn explain(client: &mut Client, o: &EtcdOptions, a: FleetExplainArgs) -> Result<(), Error> {
+    let nodes = nodes(client, o).await?;
+    let Some((status, labels)) = nodes.get(&a.node) else {
+        return Err(Error::Io {
+            what: format!("no node {:?} under {} (never seen)", a.node, o.prefix),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    };
+    let rules = rules(client, o).await?;
+    let clash = |name: &str| {
+        status.as_ref().and_then(|s| {
+            s.clashes
+                .iter()
+                .find(|c| c.split(':').next() == Some(name))
+                .cloned()
+        })
+    };
+    let verdicts: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|(name, _, parsed)| match parsed {
+            Err(e) => serde_json::json!({ "rule": name, "selects": false, "why": format!("malformed: {e}") }),
+            Ok(r) => {
+                let (selects, why) = r.selector.selects(&a.node, labels);
+                let applied = selects && clash(name).is_none();
+                let mut v = serde_json::json!({ "rule": name, "selects": selects, "why": why, "applied": applied });
+                if let Some(c) = clash(name) {
+                    v["clash"] = c.into();
+                }
+                v
+            }
+        })
+        .collect();
+    if a.json {
+        print_json(&serde_json::json!({
+            "node": a.node,
+            "up": status.is_some(),
+            "labels": labels,
+            "revision": status.as_ref().map(|s| s.revision),
+            "rules": verdicts,
+        }));
+        return Ok(());
+    }
+    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    tcpka::outln!(
+        "node {} ({}), labels: {}",
+        a.node,
+        match status {
+            Some(s) => format!("up, rules of revision {}", s.revision),
+            None => "gone".into(),
+        },
+        if l.is_empty() {
+            "none".into()
+        } else {
+            l.join(",")
+        }
+    );
+    if verdicts.is_empty() {
+        tcpka::outln!("no fleet rules under {}", o.rules_prefix());
+    }
+    for v in &verdicts {
+        let name = v["rule"].as_str().unwrap_or_default();
+        let why = v["why"].as_str().unwrap_or_default();
+        match (v["selects"].as_bool(), v["clash"].as_str()) {
+            (Some(true), Some(c)) => {
+                tcpka::outln!("  {name}: selects it ({why}), NOT applied: {c}")
+            }
+            (Some(true), None) => tcpka::outln!("  {name}: applies ({why})"),
+            _ => tcpka::outln!("  {name}: not for it ({why})"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,543 @@
+//! The agent inside `tcpka serve --etcd`: it keeps the kernel's fleet
+//! rules equal to the etcd rules that select this node, and publishes the
+//! node's status under a lease.
+//!
+//! etcd is never in the way of enforcement: the rules last applied are
+//! kept on disk and applied at start before etcd is reached; while etcd is
+//! away, the kernel keeps them and local commands work as ever. On
+//! reconnection the watch resumes after the last revision seen, or, when
+//! etcd has compacted that revision away, everything is read again.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use serde::{Deserialize, Serialize};
+
+use super::{etcd_error, EtcdOptions, FleetRule, NodeStatus, NODE_TTL};
+use crate::{config::FLEET_PREFIX, enforcer::Enforcer, loader, Error};
+
+/// What the agent needs to know.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub etcd: EtcdOptions,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    /// The rules last applied, kept across restarts.
+    pub cache: PathBuf,
+}
+
+/// Timeout and reset events seen by serve, for the node's status.
+#[derive(Debug, Default)]
+pub struct EventCounts {
+    pub timeouts: AtomicU64,
+    pub resets: AtomicU64,
+}
+
+impl EventCounts {
+    pub fn count(&self, kind: &str) {
+        match kind {
+            "timeout" => self.timeouts.fetch_add(1, Ordering::Relaxed),
+            "reset" => self.resets.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+}
+
+/// How often the lease is renewed and the status written.
+const TICK: Duration = Duration::from_secs(3);
+/// The managed-connection count reads the whole connection map: not more
+/// often than this.
+const MANAGED_EVERY: Duration = Duration::from_secs(15);
+
+/// The rules as etcd has them (raw values, malformed ones included) and
+/// the revision they are at.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Cache {
+    prefix: String,
+    revision: i64,
+    rules: BTreeMap<String, String>,
+}
+
+impl Cache {
+    fn load(path: &std::path::Path, prefix: &str) -> Option<Self> {
+        let text = std::fs::read_to_string(path).ok()?;
+        match serde_json::from_str::<Cache>(&text) {
+            Ok(c) if c.prefix == prefix => Some(c),
+            Ok(c) => {
+                tracing::warn!(
+                    cache = %path.display(),
+                    "fleet: the cached rules are for prefix {}, not {prefix}: not used",
+                    c.prefix
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(cache = %path.display(), "fleet: unreadable cache ignored: {e}");
+                None
+            }
+        }
+    }
+
+    /// Written whole or not at all (a new file renamed over the old).
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let tmp = path.with_extension("json.new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// What the last kernel update left.
+#[derive(Clone, Debug, Default)]
+struct Applied {
+    revision: i64,
+    fleet_rules: usize,
+    clashes: Vec<String>,
+    invalid: Vec<String>,
+    error: Option<String>,
+}
+
+struct Agent {
+    config: AgentConfig,
+    enforcer: Enforcer,
+    events: Arc<EventCounts>,
+    cache: Cache,
+    applied: Applied,
+    managed: Option<(Instant, usize)>,
+}
+
+/// Runs the agent until the process ends.
+pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) {
+    let prefix = config.etcd.prefix.clone();
+    let cache = Cache::load(&config.cache, &prefix).unwrap_or(Cache {
+        prefix,
+        ..Cache::default()
+    });
+    let mut agent = Agent {
+        config,
+        enforcer,
+        events,
+        cache,
+        applied: Applied::default(),
+        managed: None,
+    };
+    if agent.cache.revision > 0 {
+        tracing::info!(
+            cache = %agent.config.cache.display(),
+            revision = agent.cache.revision,
+            "fleet: applying the {} cached rule(s) before etcd answers",
+            agent.cache.rules.len()
+        );
+        agent.apply().await;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match agent.session().await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(
+                "fleet: {}; enforcement goes on with the rules of revision {}",
+                crate::one_line(&e),
+                agent.applied.revision
+            ),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+impl Agent {
+    /// One connection to etcd, until it fails.
+    async fn session(&mut self) -> Result<(), Error> {
+        let etcd = self.config.etcd.clone();
+        let mut client = etcd.connect().await?;
+        let (mut _watcher, mut stream) = self.watch(&mut client).await?;
+        let lease = client
+            .lease_grant(NODE_TTL.as_secs() as i64, None)
+            .await
+            .map_err(|e| etcd_error("granting the node's lease", e))?
+            .id();
+        let (mut keeper, mut renewals) = client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| etcd_error("keeping the node's lease", e))?;
+        let known = serde_json::json!({ "labels": self.config.labels }).to_string();
+        client
+            .put(etcd.known_key(&self.config.node), known, None)
+            .await
+            .map_err(|e| etcd_error("writing the node's labels", e))?;
+        tracing::info!(
+            node = %self.config.node,
+            revision = self.cache.revision,
+            "fleet: connected to etcd, watching {}",
+            etcd.rules_prefix()
+        );
+        self.publish(&mut client, lease).await?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let response = message
+                        .map_err(|e| etcd_error("watching the rules", e))?
+                        .ok_or_else(|| Error::Io {
+                            what: "the watch of the rules ended".into(),
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        })?;
+                    if response.compact_revision() > 0 {
+                        tracing::warn!(
+                            "fleet: revision {} was compacted away; reading every rule again",
+                            self.cache.revision + 1
+                        );
+                        self.cache.revision = 0;
+                        (_watcher, stream) = self.watch(&mut client).await?;
+                        self.publish(&mut client, lease).await?;
+                        continue;
+                    }
+                    if response.canceled() {
+                        return Err(Error::Io {
+                            what: format!("etcd cancelled the watch: {}", response.cancel_reason()),
+                            source: std::io::ErrorKind::Other.into(),
+                        });
+                    }
+                    if response.events().is_empty() {
+                        continue;
+                    }
+                    let prefix = etcd.rules_prefix();
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                            continue;
+                        };
+                        match event.event_type() {
+                            EventType::Put => {
+                                let value = String::from_utf8_lossy(kv.value()).into_owned();
+                                self.cache.rules.insert(name.to_owned(), value);
+                            }
+                            EventType::Delete => {
+                                self.cache.rules.remove(name);
+                            }
+                        }
+                        self.cache.revision = self.cache.revision.max(kv.mod_revision());
+                    }
+                    self.apply().await;
+                    self.publish(&mut client, lease).await?;
+                }
+                _ = tick.tick() => {
+                    keeper
+                        .keep_alive()
+                        .await
+                        .map_err(|e| etcd_error("renewing the node's lease", e))?;
+                    match tokio::time::timeout(TICK, renewals.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        Ok(Ok(Some(_))) => {
+                            return Err(Error::Io {
+                                what: "the node's lease expired".into(),
+                                source: std::io::ErrorKind::TimedOut.into(),
+                            })
+                        }
+                        Ok(Err(e)) => return Err(etcd_error("renewing the node's lease", e)),
+                        _ => {
+                            return Err(Error::Io {
+                                what: "etcd did not renew the node's lease".into(),
+                                source: std::io::ErrorKind::TimedOut.into(),
+                            })
+                        }
+                    }
+                    self.publish(&mut client, lease).await?;
+                }
+            }
+        }
+    }
+
+    /// Starts watching the rules after the revision seen; with none (or a
+    /// compacted one), reads them all first.
+    async fn watch(
+        &mut self,
+        client: &mut Client,
+    ) -> Result<(etcd_client::Watcher, WatchStream), Error> {
+        let prefix = self.config.etcd.rules_prefix();
+        if self.cache.revision > 0 {
+            // etcd-client has read the "created" response; when the revision
+            // was compacted away, the next response says so (see session).
+            let watch = client
+                .watch(
+                    prefix.clone(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(self.cache.revision + 1),
+                    ),
+                )
+                .await
+                .map_err(|e| etcd_error("watching the rules", e))?;
+            tracing::info!("fleet: resuming after revision {}", self.cache.revision);
+            return Ok(watch);
+        }
+        let all = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| etcd_error("reading the rules", e))?;
+        let revision = all.header().map_or(0, |h| h.revision());
+        let mut rules = BTreeMap::new();
+        for kv in all.kvs() {
+            if let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) {
+                rules.insert(
+                    name.to_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                );
+            }
+        }
+        self.cache.rules = rules;
+        self.cache.revision = revision;
+        self.apply().await;
+        client
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .map_err(|e| etcd_error("watching the rules", e))
+    }
+
+    /// Brings the kernel's fleet rules to the cached rules that select
+    /// this node, then keeps the cache on disk.
+    async fn apply(&mut self) {
+        let (enforcer, cache, node, labels) = (
+            self.enforcer.clone(),
+            self.cache.clone(),
+            self.config.node.clone(),
+            self.config.labels.clone(),
+        );
+        let previous = self.applied.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            apply_rules(&enforcer, &cache, &node, &labels, &previous)
+        })
+        .await
+        .unwrap_or_else(|e| Applied {
+            error: Some(format!("applying the fleet rules: {e}")),
+            ..Applied::default()
+        });
+        if let Some(e) = &applied.error {
+            tracing::error!("fleet: {e}");
+        }
+        self.applied = applied;
+        if let Err(e) = self.cache.save(&self.config.cache) {
+            tracing::warn!(cache = %self.config.cache.display(), "fleet: keeping the rules on disk: {e}");
+        }
+    }
+
+    /// Writes the node's status under the lease.
+    async fn publish(&mut self, client: &mut Client, lease: i64) -> Result<(), Error> {
+        let managed = match self.managed {
+            Some((at, n)) if at.elapsed() < MANAGED_EVERY => Some(n),
+            _ => None,
+        };
+        let (enforcer, node, labels, applied) = (
+            self.enforcer.clone(),
+            self.config.node.clone(),
+            self.config.labels.clone(),
+            self.applied.clone(),
+        );
+        let events = self.events.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            status(&enforcer, node, labels, &applied, &events, managed)
+        })
+        .await
+        .map_err(|e| Error::Io {
+            what: format!("reading the node's status: {e}"),
+            source: std::io::ErrorKind::Other.into(),
+        })?;
+        if managed.is_none() {
+            self.managed = Some((Instant::now(), status.managed_connections));
+        }
+        client
+            .put(
+                self.config.etcd.node_key(&self.config.node),
+                serde_json::to_string(&status).expect("plain data"),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| etcd_error("writing the node's status", e))?;
+        Ok(())
+    }
+}
+
+/// The kernel update itself (blocking). Malformed values and clashes are
+/// left out and reported once each; the rest is applied.
+fn apply_rules(
+    enforcer: &Enforcer,
+    cache: &Cache,
+    node: &str,
+    labels: &BTreeMap<String, String>,
+    previous: &Applied,
+) -> Applied {
+    let mut out = Applied {
+        revision: cache.revision,
+        ..Applied::default()
+    };
+    let mut selected = Vec::new();
+    for (name, value) in &cache.rules {
+        match FleetRule::parse(name, value.as_bytes()) {
+            Ok(r) if r.selector.selects(node, labels).0 => selected.push(r),
+            Ok(_) => {}
+            Err(e) => out.invalid.push(format!("{name}: {e}")),
+        }
+    }
+    let installed = match enforcer.rules() {
+        Ok(r) => r,
+        Err(e) => {
+            out.error = Some(format!(
+                "reading the installed rules: {}",
+                crate::one_line(&e)
+            ));
+            out.revision = previous.revision;
+            return out;
+        }
+    };
+    let own: Vec<_> = installed
+        .iter()
+        .filter(|r| {
+            !r.name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(FLEET_PREFIX))
+        })
+        .collect();
+    let mut wanted = Vec::new();
+    let mut matches = Vec::new();
+    for r in selected {
+        let name = &r.rule.name;
+        if own.iter().any(|o| o.name.as_deref() == Some(name)) {
+            out.clashes
+                .push(format!("{name}: this host has a rule of that name"));
+        } else if let Some(o) = own.iter().find(|o| o.matcher() == r.rule.matcher) {
+            out.clashes.push(format!(
+                "{name}: this host's rule {} has the same match",
+                o.id
+            ));
+        } else if matches.contains(&r.rule.matcher) {
+            out.clashes
+                .push(format!("{name}: another fleet rule has the same match"));
+        } else {
+            matches.push(r.rule.matcher);
+            wanted.push(r.rule);
+        }
+    }
+    for m in out.invalid.iter().filter(|m| !previous.invalid.contains(m)) {
+        tracing::warn!("fleet: rule skipped, malformed: {m}");
+    }
+    for m in out.clashes.iter().filter(|m| !previous.clashes.contains(m)) {
+        tracing::warn!("fleet: rule skipped, the local rule wins: {m}");
+    }
+    match enforcer.apply_fleet(&wanted) {
+        Ok(steps) => {
+            for step in &steps {
+                tracing::info!(revision = cache.revision, "fleet: {step}");
+            }
+            out.fleet_rules = wanted.len();
+        }
+        Err(e) => {
+            out.error = Some(format!(
+                "applying the fleet rules of revision {}: {}",
+                cache.revision,
+                crate::one_line(&e)
+            ));
+            out.revision = previous.revision;
+            out.fleet_rules = previous.fleet_rules;
+        }
+    }
+    out
+}
+
+/// The node's status (blocking: it reads the pins).
+fn status(
+    enforcer: &Enforcer,
+    node: String,
+    labels: BTreeMap<String, String>,
+    applied: &Applied,
+    events: &EventCounts,
+    managed: Option<usize>,
+) -> NodeStatus {
+    let installation = loader::installed(enforcer.layout()).ok().flatten();
+    let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    NodeStatus {
+        node,
+        labels,
+        version: env!("CARGO_PKG_VERSION").into(),
+        loaded: installation.is_some(),
+        attached: installation.as_ref().is_some_and(|i| i.attached),
+        index: installation
+            .as_ref()
+            .map(|i| name(serde_json::to_value(i.index).unwrap_or_default()))
+            .unwrap_or_default(),
+        holders: installation
+            .as_ref()
+            .map(|i| name(serde_json::to_value(i.holders).unwrap_or_default()))
+            .unwrap_or_default(),
+        revision: applied.revision,
+        rules: enforcer.rules().map(|r| r.len()).unwrap_or(0),
+        fleet_rules: applied.fleet_rules,
+        managed_connections: managed
+            .unwrap_or_else(|| enforcer.managed().map(|m| m.len()).unwrap_or(0)),
+        timeouts: events.timeouts.load(Ordering::Relaxed),
+        resets: events.resets.load(Ordering::Relaxed),
+        clashes: applied.clashes.clone(),
+        invalid: applied.invalid.clone(),
+        error: applied.error.clone(),
+        updated: crate::events::rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_written_whole_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("tcpka-fleet-cache-{}", std::process::id()));
+        let path = dir.join("sub/x.json");
+        let c = Cache {
+            prefix: "/tcpka".into(),
+            revision: 7,
+            rules: [("a".to_owned(), "{\"idle\":1}".to_owned())].into(),
+        };
+        c.save(&path).unwrap();
+        assert_eq!(Cache::load(&path, "/tcpka"), Some(c));
+        assert_eq!(Cache::load(&path, "/other"), None);
+        std::fs::write(&path, "{not json").unwrap();
+        assert_eq!(Cache::load(&path, "/tcpka"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
