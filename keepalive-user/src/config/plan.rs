@@ -44,7 +44,25 @@ impl std::fmt::Display for Step {
 /// [`FLEET_PREFIX`]...) are not touched. Fails, changing nothing, when a
 /// wanted rule has the match of a rule added by hand.
 pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
-    plan_owned(installed, wanted, |name| !name.starts_with(FLEET_PREFIX))
+    let fleet = |r: &Rule| {
+        r.name
+            .as_deref()
+            .is_some_and(|n| n.starts_with(FLEET_PREFIX))
+    };
+    // The host's own rule wins: a fleet rule with the match of a wanted
+    // rule goes first (its agent reports the clash).
+    let (yielding, rest): (Vec<Rule>, Vec<Rule>) = installed
+        .iter()
+        .cloned()
+        .partition(|r| fleet(r) && wanted.rules.iter().any(|w| w.matcher == r.matcher()));
+    let mut steps: Vec<Step> = yielding
+        .into_iter()
+        .map(|rule| Step::Remove { rule })
+        .collect();
+    steps.extend(plan_owned(&rest, wanted, |name| {
+        !name.starts_with(FLEET_PREFIX)
+    })?);
+    Ok(steps)
 }
 
 /// [`plan`] for the named rules `owned` says are the caller's: only those
@@ -152,5 +170,20 @@ mod tests {
         let clash = [installed(9, None, 3, 60)];
         let e = plan(&clash, &wanted).unwrap_err();
         assert!(e.contains("rule \"new\" has the match of rule 9"), "{e}");
+    }
+
+    #[test]
+    fn a_files_rule_wins_over_a_fleet_rule_with_its_match() {
+        let wanted = Config::parse(
+            "[[rule]]\nname = \"mine\"\nlocal_port = 1\nidle = 60\ncount = 5\ninterval = 5\n",
+            "t.toml",
+        )
+        .unwrap();
+        let fleet = installed(3, Some("@theirs"), 1, 30);
+        let other = installed(4, Some("@other"), 2, 30);
+        let steps = plan(&[fleet.clone(), other], &wanted).unwrap();
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert_eq!(steps[0], Step::Remove { rule: fleet });
+        assert!(matches!(&steps[1], Step::Add { rule } if rule.name.as_deref() == Some("mine")));
     }
 }

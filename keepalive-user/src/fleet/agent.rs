@@ -123,6 +123,8 @@ struct Agent {
     enforcer: Enforcer,
     events: Arc<EventCounts>,
     cache: Cache,
+    /// What is on disk, so that an unchanged cache is not written again.
+    saved: Option<Cache>,
     applied: Applied,
     managed: Option<(Instant, usize)>,
 }
@@ -138,6 +140,7 @@ pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCount
         config,
         enforcer,
         events,
+        saved: Some(cache.clone()),
         cache,
         applied: Applied::default(),
         managed: None,
@@ -268,6 +271,9 @@ impl Agent {
                             })
                         }
                     }
+                    // Repairs what changed beside the fleet: a fleet rule
+                    // deleted by hand, a local rule that now clashes.
+                    self.apply().await;
                     self.publish(&mut client, lease).await?;
                 }
             }
@@ -350,8 +356,14 @@ impl Agent {
             tracing::error!("fleet: {e}");
         }
         self.applied = applied;
-        if let Err(e) = self.cache.save(&self.config.cache) {
-            tracing::warn!(cache = %self.config.cache.display(), "fleet: keeping the rules on disk: {e}");
+        if self.saved.as_ref() != Some(&self.cache) {
+            match self.cache.save(&self.config.cache) {
+                Ok(()) => self.saved = Some(self.cache.clone()),
+                Err(e) => tracing::warn!(
+                    cache = %self.config.cache.display(),
+                    "fleet: keeping the rules on disk: {e}"
+                ),
+            }
         }
     }
 
