@@ -1,0 +1,200 @@
+//! A real etcd cluster (the Debian package's `etcd`) on loopback in the
+//! test's own network namespace, its data in a temporary directory; each
+//! member can be stopped and started again with its data.
+use super::*;
+
+pub(super) struct Member {
+    pub(super) name: String,
+    pub(super) client: String,
+    peer: String,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+pub(super) struct Cluster {
+    pub(super) members: Vec<Member>,
+    initial: String,
+    token: String,
+    root: PathBuf,
+}
+
+fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "--command-timeout=3s"])
+        .args(args)
+        .output()
+        .expect("etcdctl (Debian package etcd-client; cargo xtask setup installs it)")
+}
+
+impl Cluster {
+    /// `n` members, started and healthy.
+    pub(super) fn start(n: usize) -> Self {
+        let token = unique("tcpka-etcd");
+        let root = std::env::temp_dir().join(&token);
+        std::fs::create_dir_all(&root).unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: format!("http://127.0.0.1:{}", free_port()),
+                peer: format!("http://127.0.0.1:{}", free_port()),
+                dir: root.join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self {
+            members,
+            initial,
+            token,
+            root,
+        };
+        for i in 0..n {
+            c.spawn(i, "new");
+        }
+        c.wait_healthy(&(0..n).collect::<Vec<_>>());
+        c
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let m = &mut self.members[i];
+        let log = std::fs::File::create(self.root.join(format!("{}.log", m.name))).unwrap();
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                &m.name,
+                "--data-dir",
+                m.dir.to_str().unwrap(),
+                "--listen-client-urls",
+                &m.client,
+                "--advertise-client-urls",
+                &m.client,
+                "--listen-peer-urls",
+                &m.peer,
+                "--initial-advertise-peer-urls",
+                &m.peer,
+                "--initial-cluster",
+                &self.initial,
+                "--initial-cluster-state",
+                state,
+                "--initial-cluster-token",
+                &self.token,
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (Debian package etcd-server; cargo xtask setup installs it)");
+        m.child = Some(child);
+    }
+
+    fn wait_healthy(&self, which: &[usize]) {
+        for &i in which {
+            let ep = self.members[i].client.clone();
+            wait_until(
+                &format!("etcd member {} healthy", self.members[i].name),
+                Duration::from_secs(20),
+                || etcdctl(&ep, &["endpoint", "health"]).status.success(),
+            );
+        }
+    }
+
+    /// Every member's client URL, comma-separated.
+    pub(super) fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The running members' client URLs.
+    fn running(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Runs etcdctl against the running members until it succeeds (a
+    /// cluster electing a leader refuses writes for a moment).
+    fn write(&self, args: &[&str]) {
+        let start = Instant::now();
+        loop {
+            let o = etcdctl(&self.running(), args);
+            if o.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "etcdctl {args:?}: {o:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub(super) fn put(&self, key: &str, value: &str) {
+        self.write(&["put", key, value]);
+    }
+
+    pub(super) fn del(&self, key: &str) {
+        self.write(&["del", key]);
+    }
+
+    /// The value at `key`, if any.
+    pub(super) fn get(&self, key: &str) -> Option<String> {
+        let o = etcdctl(&self.running(), &["get", key, "--print-value-only"]);
+        assert!(o.status.success(), "etcdctl get {key}: {o:?}");
+        let v = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        (!v.is_empty()).then_some(v)
+    }
+
+    /// The index of the member that leads.
+    pub(super) fn leader(&self) -> usize {
+        let o = etcdctl(&self.running(), &["endpoint", "status", "-w", "json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).expect("endpoint status JSON");
+        for s in v.as_array().expect("an array") {
+            let me = &s["Status"]["header"]["member_id"];
+            if me == &s["Status"]["leader"] {
+                let ep = s["Endpoint"].as_str().unwrap();
+                return self.members.iter().position(|m| m.client == ep).unwrap();
+            }
+        }
+        panic!("no leader in {v}");
+    }
+
+    /// Stops member `i` (SIGKILL: as a crash).
+    pub(super) fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again with its data.
+    pub(super) fn restart(&mut self, i: usize) {
+        self.spawn(i, "existing");
+    }
+
+    pub(super) fn wait_all_healthy(&self) {
+        self.wait_healthy(&(0..self.members.len()).collect::<Vec<_>>());
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.stop(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}

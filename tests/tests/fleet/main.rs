@@ -1,0 +1,415 @@
+//! The fleet with a real 3-member etcd cluster (the Debian package) on
+//! loopback in the test's network namespace, and two `tcpka serve --etcd`
+//! agents, each with its own pin directory, child cgroup and cache file.
+//! Rules are checked in each agent's kernel maps and on real sockets made
+//! in each agent's cgroup.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tcpka_tests::*;
+
+mod etcd;
+
+use etcd::Cluster;
+
+/// One agent: `tcpka serve --etcd` on its own installation.
+struct Agent {
+    name: String,
+    args: Vec<String>,
+    addr: String,
+    log: PathBuf,
+    cache: PathBuf,
+    child: Option<std::process::Child>,
+    tcpka: Tcpka,
+    cgroup: CgroupDir,
+}
+
+impl Agent {
+    fn start(name: &str, labels: &[&str], cluster: &Cluster, prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("tcpka-agent"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgroup = CgroupDir::new();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = [
+            "serve",
+            "--cgroup",
+            cgroup.path.to_str().unwrap(),
+            "--listen",
+            &addr,
+            "--etcd",
+            &cluster.endpoints(),
+            "--etcd-prefix",
+            prefix,
+            "--node",
+            name,
+            "--etcd-cache",
+            dir.join("cache.json").to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for l in labels {
+            args.push("--label".into());
+            args.push((*l).into());
+        }
+        let mut a = Self {
+            name: name.into(),
+            args,
+            addr,
+            log: dir.join("serve.log"),
+            cache: dir.join("cache.json"),
+            child: None,
+            tcpka: Tcpka::new(),
+            cgroup,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .tcpka
+            .cmd()
+            .env("TCPKA_TOKEN", TEST_TOKEN)
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tcpka serve --etcd");
+        self.child = Some(child);
+        wait_for_healthz(&self.addr, Some(TEST_TOKEN), |code| code == 200);
+    }
+
+    /// Stops serve (SIGINT); enforcement stays.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The fleet rules in this agent's kernel, by name (without the `@`).
+    fn fleet_rules(&self) -> Vec<(String, u32)> {
+        tcpka::enforcer::Enforcer::new(self.tcpka.layout())
+            .rules()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| Some((r.name?.strip_prefix('@')?.to_owned(), r.idle)))
+            .collect()
+    }
+
+    fn has(&self, rule: &str) -> bool {
+        self.fleet_rules().iter().any(|(n, _)| n == rule)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds for this agent's kernel; returns how long
+    /// that took.
+    fn wait(&self, what: &str, within: Duration, done: impl Fn(&Agent) -> bool) -> Duration {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < within,
+                "agent {}: {what} within {within:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        start.elapsed()
+    }
+
+    /// The keepalive a new connection to `port` gets in this agent's
+    /// cgroup (the accepted end: its local port is `port`).
+    fn keepalive_on(&self, port: u16) -> Keepalive {
+        self.cgroup.enter();
+        let l = listen(&format!("127.0.0.1:{port}"));
+        let (_client, server) = connect(&l);
+        let k = keepalive(&server);
+        self.cgroup.leave();
+        k
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn rule(port: u16, idle: u32) -> String {
+    format!(r#"{{"local_port":{port},"idle":{idle},"count":3,"interval":5}}"#)
+}
+
+fn fleet(cluster: &Cluster, prefix: &str, args: &[&str]) -> Run {
+    Run::from(
+        Command::new(tcpka_bin())
+            .args([
+                "fleet",
+                "--etcd",
+                &cluster.endpoints(),
+                "--etcd-prefix",
+                prefix,
+            ])
+            .args(args)
+            .output()
+            .expect("tcpka fleet"),
+    )
+}
+
+fn prefix() -> String {
+    format!("/{}", unique("tcpka-fleet"))
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[test]
+fn a_rule_reaches_the_agents_it_selects_within_a_second() {
+    let _ns = NetNs::new();
+    let cluster = Cluster::start(3);
+    let prefix = prefix();
+    let a = Agent::start("edge-1", &["role=edge"], &cluster, &prefix);
+    let b = Agent::start("core-1", &["role=core"], &cluster, &prefix);
+    let (p_all, p_edge) = (free_port(), free_port());
+
+    cluster.put(&format!("{prefix}/rules/all"), &rule(p_all, 31));
+    for x in [&a, &b] {
+        let took = x.wait("the rule for every node", SECOND, |x| x.has("all"));
+        eprintln!(
+            "{}: rule `all` in the kernel {took:?} after the put",
+            x.name
+        );
+        assert_eq!(x.keepalive_on(p_all), expect(31, 3, 5, 0), "{}", x.name);
+    }
+
+    // A labelled rule: only the edge node.
+    let mut v: Value = serde_json::from_str(&rule(p_edge, 32)).unwrap();
+    v["labels"] = serde_json::json!({ "role": "edge" });
+    cluster.put(&format!("{prefix}/rules/edge-only"), &v.to_string());
+    a.wait("the labelled rule", SECOND, |x| x.has("edge-only"));
+    assert_eq!(a.keepalive_on(p_edge), expect(32, 3, 5, 0));
+    std::thread::sleep(SECOND);
+    assert!(!b.has("edge-only"), "{:?}", b.fleet_rules());
+    assert_eq!(b.keepalive_on(p_edge), KERNEL_DEFAULT);
+
+    // `tcpka fleet` sees both nodes and explains the selection.
+    let s = fleet(&cluster, &prefix, &["status", "--json"]).ok();
+    let nodes: Value = serde_json::from_str(&s.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["up"], true, "{n}");
+        assert!(n["status"]["revision"].as_i64().unwrap() > 0, "{n}");
+        assert_eq!(n["status"]["attached"], true, "{n}");
+    }
+    let e = fleet(&cluster, &prefix, &["explain", "core-1"]).ok();
+    assert!(
+        e.stdout.contains("all: applies") && e.stdout.contains("edge-only: not for it"),
+        "{}",
+        e.stdout
+    );
+
+    // Deleting a rule removes it everywhere.
+    fleet(&cluster, &prefix, &["rule", "del", "all"]).ok();
+    for x in [&a, &b] {
+        x.wait("the deleted rule gone", SECOND, |x| !x.has("all"));
+        assert_eq!(x.keepalive_on(p_all), KERNEL_DEFAULT, "{}", x.name);
+    }
+    assert!(a.has("edge-only"));
+}
+
+#[test]
+fn malformed_values_and_clashes_are_reported_and_break_nothing() {
+    let _ns = NetNs::new();
+    let cluster = Cluster::start(3);
+    let prefix = prefix();
+    let a = Agent::start("n1", &[], &cluster, &prefix);
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    // The host's own named rule, from a file.
+    let file = a.log.with_file_name("tcpka.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[rule]]\nname = \"mine\"\nlocal_port = {p2}\nidle = 40\ncount = 4\ninterval = 4\n"
+        ),
+    )
+    .unwrap();
+    a.tcpka.run(&["apply", file.to_str().unwrap()]).ok();
+
+    cluster.put(
+        &format!("{prefix}/rules/bad"),
+        r#"{"idle": 30, "count": 3}"#,
+    );
+    cluster.put(&format!("{prefix}/rules/mine"), &rule(p3, 33));
+    cluster.put(&format!("{prefix}/rules/same-match"), &rule(p2, 34));
+    cluster.put(&format!("{prefix}/rules/good"), &rule(p1, 35));
+    a.wait("the good rule", SECOND, |x| x.has("good"));
+    assert_eq!(a.keepalive_on(p1), expect(35, 3, 5, 0));
+    // The host's rule wins, by name and by match.
+    assert_eq!(a.keepalive_on(p2), expect(40, 4, 4, 0));
+    assert_eq!(a.keepalive_on(p3), KERNEL_DEFAULT);
+    assert_eq!(a.fleet_rules(), vec![("good".to_owned(), 35)]);
+    let status = |c: &Cluster| -> Value {
+        serde_json::from_str(&c.get(&format!("{prefix}/nodes/n1")).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    wait_until(
+        "the node status reporting them",
+        Duration::from_secs(5),
+        || {
+            let s = status(&cluster);
+            s["invalid"].as_array().is_some_and(|v| v.len() == 1)
+                && s["clashes"].as_array().is_some_and(|v| v.len() == 2)
+        },
+    );
+    let s = status(&cluster);
+    assert!(
+        s["invalid"][0].as_str().unwrap().starts_with("bad: "),
+        "{s}"
+    );
+    let log = a.log();
+    assert!(log.contains("rule skipped, malformed: bad"), "{log}");
+    assert!(
+        log.contains("mine: this host has a rule of that name"),
+        "{log}"
+    );
+    assert!(log.contains("same-match: this host's rule"), "{log}");
+    let e = fleet(&cluster, &prefix, &["explain", "n1"]).ok();
+    assert!(
+        e.stdout.contains("mine: selects it") && e.stdout.contains("NOT applied"),
+        "{}",
+        e.stdout
+    );
+    // A value the agents would skip is refused by `tcpka fleet` itself.
+    let r = fleet(&cluster, &prefix, &["rule", "add", "x", "0", "3", "5"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(cluster.get(&format!("{prefix}/rules/x")).is_none());
+}
+
+#[test]
+fn agents_ride_out_the_leader_and_the_whole_cluster_going_away() {
+    let _ns = NetNs::new();
+    let mut cluster = Cluster::start(3);
+    let prefix = prefix();
+    let mut a = Agent::start("a", &[], &cluster, &prefix);
+    let b = Agent::start("b", &[], &cluster, &prefix);
+    let (p1, p2, p3, p4) = (free_port(), free_port(), free_port(), free_port());
+    cluster.put(&format!("{prefix}/rules/r1"), &rule(p1, 41));
+    for x in [&a, &b] {
+        x.wait("r1", SECOND, |x| x.has("r1"));
+    }
+
+    // The leader goes: the agents keep enforcing and follow the new one.
+    let leader = cluster.leader();
+    cluster.stop(leader);
+    for x in [&a, &b] {
+        assert_eq!(x.keepalive_on(p1), expect(41, 3, 5, 0), "{}", x.name);
+    }
+    cluster.put(&format!("{prefix}/rules/r2"), &rule(p2, 42));
+    let put = Instant::now();
+    for x in [&a, &b] {
+        x.wait("r2 through the new leader", Duration::from_secs(15), |x| {
+            x.has("r2")
+        });
+        eprintln!(
+            "{}: r2 {:?} after the put, leader gone",
+            x.name,
+            put.elapsed()
+        );
+    }
+
+    // Every member goes: local commands still work, enforcement stays, and
+    // an agent started afresh (its pins gone) restores the rules it had.
+    for i in 0..cluster.members.len() {
+        cluster.stop(i);
+    }
+    assert_eq!(a.keepalive_on(p2), expect(42, 3, 5, 0));
+    a.tcpka
+        .rule_add(&["--local-port", &p4.to_string(), "44", "4", "4"]);
+    assert_eq!(a.keepalive_on(p4), expect(44, 4, 4, 0));
+    a.stop();
+    a.tcpka.run(&["unload"]).ok();
+    a.spawn();
+    a.wait(
+        "r1 and r2 from the cache, etcd down",
+        Duration::from_secs(5),
+        |x| x.has("r1") && x.has("r2"),
+    );
+    assert_eq!(a.keepalive_on(p1), expect(41, 3, 5, 0));
+    assert!(
+        a.log().contains("cached rule(s) before etcd answers"),
+        "{}",
+        a.log()
+    );
+
+    // etcd comes back: both converge on what changes next.
+    for i in 0..cluster.members.len() {
+        cluster.restart(i);
+    }
+    cluster.wait_all_healthy();
+    cluster.del(&format!("{prefix}/rules/r1"));
+    cluster.put(&format!("{prefix}/rules/r3"), &rule(p3, 43));
+    for x in [&a, &b] {
+        x.wait(
+            "convergence after etcd came back",
+            Duration::from_secs(20),
+            |x| {
+                let mut names: Vec<String> = x.fleet_rules().into_iter().map(|(n, _)| n).collect();
+                names.sort();
+                names == ["r2", "r3"]
+            },
+        );
+        assert_eq!(x.keepalive_on(p3), expect(43, 3, 5, 0), "{}", x.name);
+    }
+}
+
+#[test]
+fn a_killed_agents_node_key_vanishes_within_its_ttl() {
+    let _ns = NetNs::new();
+    let cluster = Cluster::start(3);
+    let prefix = prefix();
+    let mut a = Agent::start("doomed", &["role=edge"], &cluster, &prefix);
+    let key = format!("{prefix}/nodes/doomed");
+    wait_until("the node's status", Duration::from_secs(5), || {
+        cluster.get(&key).is_some()
+    });
+    let s: Value = serde_json::from_str(&cluster.get(&key).unwrap()).unwrap();
+    assert_eq!(s["node"], "doomed");
+    assert_eq!(s["labels"]["role"], "edge");
+    assert_eq!(s["loaded"], true);
+    a.kill9();
+    let killed = Instant::now();
+    wait_until("the node key gone", Duration::from_secs(14), || {
+        cluster.get(&key).is_none()
+    });
+    eprintln!("node key gone {:?} after kill -9", killed.elapsed());
+    let s = fleet(&cluster, &prefix, &["status"]).ok();
+    assert!(
+        s.stdout.contains("doomed") && s.stdout.contains("gone"),
+        "{}",
+        s.stdout
+    );
+    let _ = Path::new(&a.cache);
+}
