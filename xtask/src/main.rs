@@ -40,10 +40,11 @@ enum Task {
     /// connections, in a private network namespace; then what tcpka costs
     /// the rest of the host, and Kamailio driving it per call.
     /// `bench kamailio` runs only the last (as --sip-only), `bench cost`
-    /// only the host cost (as --cost-only).
+    /// only the host cost (as --cost-only), `bench fleet` only how long a
+    /// fleet rule takes from the etcd put to the kernel of 2 and 20 agents.
     Bench {
-        /// One part only: kamailio or cost.
-        #[arg(value_parser = ["kamailio", "cost"])]
+        /// One part only: kamailio, cost or fleet.
+        #[arg(value_parser = ["kamailio", "cost", "fleet"])]
         part: Option<String>,
         /// Connection counts to measure at.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
@@ -137,11 +138,15 @@ fn real_main() -> Result<()> {
             if sip_only {
                 return bench::sip(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes);
             }
+            if part.as_deref() == Some("fleet") {
+                return bench::fleet(&tcpka);
+            }
             let sizes = if cost_only { Vec::new() } else { sizes };
             bench::set_load_args(load_args);
             bench::run(&tcpka, &sizes, samples, pairs)?;
             if !cost_only {
                 bench::sip_here(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes)?;
+                bench::fleet(&tcpka)?;
             }
             Ok(())
         }

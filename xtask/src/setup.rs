@@ -32,6 +32,11 @@ const APT_PACKAGES: &[&str] = &[
     // The service tests verify the unit (systemd-analyze) and run its
     // command in the service's mount namespace (nsenter, util-linux).
     "systemd",
+    // The fleet: etcd-client's build compiles etcd's protos (protoc); the
+    // fleet tests run a 3-member cluster (etcd) and write to it (etcdctl).
+    "protobuf-compiler",
+    "etcd-server",
+    "etcd-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -80,6 +85,7 @@ fn apt() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
+    let new_etcd = missing.contains(&"etcd-server");
     run_cmd(
         "apt-get update",
         Command::new("apt-get").args(["-q", "update"]),
@@ -90,7 +96,17 @@ fn apt() -> Result<()> {
             .args(["-q", "install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    // Debian's etcd-server starts a host-wide etcd on 127.0.0.1:2379. The
+    // tests run their own clusters: the service this install started is
+    // stopped and disabled (an etcd that was there before is left alone).
+    if new_etcd && std::path::Path::new("/run/systemd/system").exists() {
+        run_cmd(
+            "systemctl disable --now etcd (the tests run their own etcd)",
+            Command::new("systemctl").args(["disable", "--now", "etcd.service"]),
+        )?;
+    }
+    Ok(())
 }
 
 /// The toolchain components the build (rust-src, for the eBPF target) and

@@ -2,7 +2,6 @@
 //! own.
 use super::*;
 
-/// The cgroup v2 directory this process is in.
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
 pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize, modes: &[String]) -> Result<()> {
     private_netns()?;
@@ -32,6 +31,7 @@ pub fn sip_here(
     )
 }
 
+/// The cgroup v2 directory this process is in.
 pub(super) fn own_cgroup() -> Result<PathBuf> {
     let cg_root = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup")?;

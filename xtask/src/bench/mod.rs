@@ -16,9 +16,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 mod api;
+mod fleet;
 mod host_cost;
 mod kamailio;
 use api::*;
+pub use fleet::fleet;
 use host_cost::*;
 use kamailio::*;
 pub use kamailio::{sip, sip_here};

@@ -103,6 +103,15 @@ pub(super) struct Installation {
 impl Drop for Installation {
     fn drop(&mut self) {
         crate::bench::unload(&self.tcpka, &self.pin_dir);
-        let _ = std::fs::remove_dir(&self.cgroup);
+        // Kamailio's processes may still be exiting: end what is left
+        // (cgroup.kill, Linux 5.14+) and retry until the cgroup is empty.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("bench: could not remove {}", self.cgroup.display());
     }
 }
