@@ -110,7 +110,7 @@ impl Drop for Installation {
                 return;
             }
             let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
         }
         eprintln!("bench: could not remove {}", self.cgroup.display());
     }
