@@ -39,6 +39,35 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Reads a token file: one line, surrounding whitespace ignored. Refuses a
 /// file that others than its owner and group can read.
 pub fn read_token_file(path: &Path) -> Result<String> {
+    let token = read_secret_file(path)?;
+    check_token(&token).map_err(|what| {
+        Error::io(
+            format!("{}: {what}", path.display()),
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    Ok(token)
+}
+
+/// A password (e.g. etcd's) from a file: its first line, not empty; the
+/// file must not be readable by every user.
+pub fn read_password_file(path: &Path) -> Result<String> {
+    let text = read_secret_file(path)?;
+    let first = text.lines().next().unwrap_or_default().to_owned();
+    if first.is_empty() || first.len() > 1024 {
+        return Err(Error::io(
+            format!(
+                "{}: the first line must hold the password (1 to 1024 bytes)",
+                path.display()
+            ),
+            std::io::ErrorKind::InvalidData.into(),
+        ));
+    }
+    Ok(first)
+}
+
+/// A file holding a secret, refused when every user can read it.
+fn read_secret_file(path: &Path) -> Result<String> {
     let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     let meta = file
         .metadata()
@@ -55,14 +84,7 @@ pub fn read_token_file(path: &Path) -> Result<String> {
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    let token = text.trim().to_owned();
-    check_token(&token).map_err(|what| {
-        Error::io(
-            format!("{}: {what}", path.display()),
-            std::io::ErrorKind::InvalidData.into(),
-        )
-    })?;
-    Ok(token)
+    Ok(text.trim().to_owned())
 }
 
 /// A token must be 16 to 256 visible ASCII characters.

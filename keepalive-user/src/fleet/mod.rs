@@ -132,7 +132,7 @@ impl EtcdOptions {
             o = o.with_tls(tls);
         }
         if let (Some(user), Some(file)) = (&self.user, &self.password_file) {
-            let password = crate::access::read_token_file(file)?;
+            let password = crate::access::read_password_file(file)?;
             o = o.with_user(user.clone(), password);
         }
         Ok(o)
@@ -173,8 +173,14 @@ impl EtcdOptions {
 
 /// An etcd failure, in one line.
 pub fn etcd_error(what: &str, e: etcd_client::Error) -> Error {
+    let why = match &e {
+        etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => {
+            format!("{} ({:?})", s.message(), s.code())
+        }
+        other => other.to_string(),
+    };
     Error::Io {
-        what: format!("{what}: {e}"),
+        what: format!("{what}: {why}"),
         source: std::io::ErrorKind::Other.into(),
     }
 }

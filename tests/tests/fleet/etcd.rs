@@ -15,12 +15,102 @@ pub(super) struct Cluster {
     pub(super) members: Vec<Member>,
     initial: String,
     token: String,
-    root: PathBuf,
+    pub(super) root: PathBuf,
+    /// TLS: the members' server flags, and etcdctl's client flags.
+    tls: Option<Tls>,
+    /// etcdctl's `--user USER:PASSWORD` once auth is on.
+    user: Option<String>,
 }
 
-fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
+/// A CA, a server certificate for 127.0.0.1 and a client certificate
+/// (CN root), made with openssl.
+pub(super) struct Tls {
+    pub(super) ca: PathBuf,
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl Tls {
+    pub(super) fn make(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+        let openssl = |args: &[&str]| sh(&[&["openssl"], args].concat());
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    &p("ca.key"),
+                    "-out",
+                    &p("ca.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=tcpka-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (who, cn) in [("server", "etcd"), ("client", "root")] {
+            openssl(
+                &[
+                    &["req"],
+                    &ec[..],
+                    &[
+                        "-keyout",
+                        &p(&format!("{who}.key")),
+                        "-out",
+                        &p(&format!("{who}.csr")),
+                        "-subj",
+                        &format!("/CN={cn}"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{who}.csr")),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-out",
+                &p(&format!("{who}.pem")),
+                "-days",
+                "2",
+                "-extfile",
+                &p(&format!("{who}.ext")),
+            ]);
+        }
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("client.pem"),
+            key: dir.join("client.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        }
+    }
+}
+
+fn etcdctl_with(flags: &[String], endpoints: &str, args: &[&str]) -> std::process::Output {
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
+        .args(flags)
         .args(["--endpoints", endpoints, "--command-timeout=3s"])
         .args(args)
         .output()
@@ -30,13 +120,25 @@ fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
 impl Cluster {
     /// `n` members, started and healthy.
     pub(super) fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// `n` members serving clients over TLS, asking for a client
+    /// certificate (see [`Cluster::tls`]).
+    pub(super) fn start_tls(n: usize) -> Self {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Self {
         let token = unique("tcpka-etcd");
         let root = std::env::temp_dir().join(&token);
         std::fs::create_dir_all(&root).unwrap();
+        let tls = tls.then(|| Tls::make(&root.join("tls")));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: format!("http://127.0.0.1:{}", free_port()),
+                client: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 dir: root.join(format!("m{i}")),
                 child: None,
@@ -52,6 +154,8 @@ impl Cluster {
             initial,
             token,
             root,
+            tls,
+            user: None,
         };
         for i in 0..n {
             c.spawn(i, "new");
@@ -88,6 +192,17 @@ impl Cluster {
                 "--election-timeout",
                 "500",
             ])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    "--cert-file".into(),
+                    t.server_cert.to_str().unwrap().to_owned(),
+                    "--key-file".into(),
+                    t.server_key.to_str().unwrap().to_owned(),
+                    "--trusted-ca-file".into(),
+                    t.ca.to_str().unwrap().to_owned(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -101,9 +216,43 @@ impl Cluster {
             wait_until(
                 &format!("etcd member {} healthy", self.members[i].name),
                 Duration::from_secs(20),
-                || etcdctl(&ep, &["endpoint", "health"]).status.success(),
+                || self.ctl(&ep, &["endpoint", "health"]).status.success(),
             );
         }
+    }
+
+    /// etcdctl with this cluster's TLS and user flags.
+    fn ctl(&self, endpoints: &str, args: &[&str]) -> std::process::Output {
+        let mut flags = Vec::new();
+        if let Some(t) = &self.tls {
+            for (f, p) in [("--cacert", &t.ca), ("--cert", &t.cert), ("--key", &t.key)] {
+                flags.push(f.to_owned());
+                flags.push(p.to_str().unwrap().to_owned());
+            }
+        }
+        if let Some(u) = &self.user {
+            flags.push("--user".into());
+            flags.push(u.clone());
+        }
+        etcdctl_with(&flags, endpoints, args)
+    }
+
+    pub(super) fn tls(&self) -> &Tls {
+        self.tls.as_ref().expect("a TLS cluster")
+    }
+
+    /// Turns etcd auth on with user root and `password`.
+    pub(super) fn enable_auth(&mut self, password: &str) {
+        let eps = self.running();
+        for args in [
+            &["user", "add", &format!("root:{password}")][..],
+            &["user", "grant-role", "root", "root"],
+            &["auth", "enable"],
+        ] {
+            let o = self.ctl(&eps, args);
+            assert!(o.status.success(), "etcdctl {args:?}: {o:?}");
+        }
+        self.user = Some(format!("root:{password}"));
     }
 
     /// Every member's client URL, comma-separated.
@@ -130,7 +279,7 @@ impl Cluster {
     fn write(&self, args: &[&str]) {
         let start = Instant::now();
         loop {
-            let o = etcdctl(&self.running(), args);
+            let o = self.ctl(&self.running(), args);
             if o.status.success() {
                 return;
             }
@@ -152,7 +301,7 @@ impl Cluster {
 
     /// The value at `key`, if any.
     pub(super) fn get(&self, key: &str) -> Option<String> {
-        let o = etcdctl(&self.running(), &["get", key, "--print-value-only"]);
+        let o = self.ctl(&self.running(), &["get", key, "--print-value-only"]);
         assert!(o.status.success(), "etcdctl get {key}: {o:?}");
         let v = String::from_utf8_lossy(&o.stdout).trim().to_owned();
         (!v.is_empty()).then_some(v)
@@ -160,7 +309,7 @@ impl Cluster {
 
     /// The index of the member that leads.
     pub(super) fn leader(&self) -> usize {
-        let o = etcdctl(&self.running(), &["endpoint", "status", "-w", "json"]);
+        let o = self.ctl(&self.running(), &["endpoint", "status", "-w", "json"]);
         let v: Value = serde_json::from_slice(&o.stdout).expect("endpoint status JSON");
         for s in v.as_array().expect("an array") {
             let me = &s["Status"]["header"]["member_id"];

@@ -30,6 +30,16 @@ struct Agent {
 
 impl Agent {
     fn start(name: &str, labels: &[&str], cluster: &Cluster, prefix: &str) -> Self {
+        Self::start_with(name, labels, cluster, prefix, &[])
+    }
+
+    fn start_with(
+        name: &str,
+        labels: &[&str],
+        cluster: &Cluster,
+        prefix: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join(unique("tcpka-agent"));
         std::fs::create_dir_all(&dir).unwrap();
         let cgroup = CgroupDir::new();
@@ -56,6 +66,7 @@ impl Agent {
             args.push("--label".into());
             args.push((*l).into());
         }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         let mut a = Self {
             name: name.into(),
             args,
@@ -412,4 +423,98 @@ fn a_killed_agents_node_key_vanishes_within_its_ttl() {
         s.stdout
     );
     let _ = Path::new(&a.cache);
+}
+
+#[test]
+fn tls_with_a_client_certificate_and_etcd_auth() {
+    let _ns = NetNs::new();
+    // TLS, the members asking for a client certificate.
+    let cluster = Cluster::start_tls(1);
+    let prefix = prefix();
+    let tls = cluster.tls();
+    let (ca, cert, key) = (
+        tls.ca.to_str().unwrap(),
+        tls.cert.to_str().unwrap(),
+        tls.key.to_str().unwrap(),
+    );
+    assert!(cluster.endpoints().starts_with("https://"));
+    let a = Agent::start_with(
+        "tls",
+        &[],
+        &cluster,
+        &prefix,
+        &["--etcd-ca", ca, "--etcd-cert", cert, "--etcd-key", key],
+    );
+    let port = free_port();
+    cluster.put(&format!("{prefix}/rules/over-tls"), &rule(port, 51));
+    a.wait("a rule over TLS", Duration::from_secs(5), |x| {
+        x.has("over-tls")
+    });
+    assert_eq!(a.keepalive_on(port), expect(51, 3, 5, 0));
+    // Without the client certificate etcd refuses, and says so.
+    let r = fleet(&cluster, &prefix, &["--etcd-ca", ca, "rule", "list"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let r = fleet(
+        &cluster,
+        &prefix,
+        &[
+            "--etcd-ca",
+            ca,
+            "--etcd-cert",
+            cert,
+            "--etcd-key",
+            key,
+            "rule",
+            "list",
+        ],
+    )
+    .ok();
+    assert!(r.stdout.contains("over-tls"), "{}", r.stdout);
+    drop(a);
+    drop(cluster);
+
+    // etcd auth: user and password, the password from a file.
+    let mut cluster = Cluster::start(1);
+    cluster.enable_auth("s3cret-pw");
+    let dir = cluster.root.join("auth");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (good, bad) = (dir.join("good"), dir.join("bad"));
+    for (f, pw) in [(&good, "s3cret-pw\n"), (&bad, "wrong\n")] {
+        std::fs::write(f, pw).unwrap();
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let user = |f: &Path| -> Vec<String> {
+        vec![
+            "--etcd-user".into(),
+            "root".into(),
+            "--etcd-password-file".into(),
+            f.to_str().unwrap().into(),
+        ]
+    };
+    let good_args = user(&good);
+    let good_args: Vec<&str> = good_args.iter().map(String::as_str).collect();
+    let a = Agent::start_with("authed", &[], &cluster, &prefix, &good_args);
+    let port = free_port();
+    let mut add = good_args.clone();
+    add.extend(["rule", "add", "with-auth", "52", "3", "5", "--local-port"]);
+    let p = port.to_string();
+    add.push(&p);
+    fleet(&cluster, &prefix, &add).ok();
+    a.wait("a rule with etcd auth", Duration::from_secs(5), |x| {
+        x.has("with-auth")
+    });
+    assert_eq!(a.keepalive_on(port), expect(52, 3, 5, 0));
+    let bad_args = user(&bad);
+    let mut list: Vec<&str> = bad_args.iter().map(String::as_str).collect();
+    list.extend(["rule", "list"]);
+    let r = fleet(&cluster, &prefix, &list);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("authentication failed"), "{}", r.stderr);
+    // A password file every user can read is refused before anything.
+    std::fs::set_permissions(&good, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut list = good_args.clone();
+    list.extend(["rule", "list"]);
+    let r = fleet(&cluster, &prefix, &list);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("readable by every user"), "{}", r.stderr);
 }
