@@ -39,6 +39,13 @@
 //! max_connections = 262144            # table sizes, at load
 //! max_indexed = 1048576
 //! max_holders = 131072
+//! etcd = "http://10.0.0.1:2379,http://10.0.0.2:2379"   # join a fleet
+//! etcd_prefix = "/tcpka"
+//! node = "edge-1"                      # default: the host name
+//! labels = { role = "edge" }
+//! etcd_ca = "/etc/tcpka/etcd-ca.pem"   # and etcd_cert, etcd_key
+//! etcd_user = "tcpka"                  # and etcd_password_file
+//! etcd_cache = "/var/lib/tcpka/fleet/edge-1.json"
 //! ```
 use std::{collections::BTreeMap, path::Path};
 
@@ -331,6 +338,27 @@ user_timeout_ms = 20000
         assert!(e.starts_with("t.toml:1: [serve] index_ports:"), "{e}");
         let e = err_of("[serve]\nport = 1\n");
         assert!(e.contains("unknown field `port`"), "{e}");
+    }
+
+    #[test]
+    fn fleet_settings_are_checked() {
+        let c = Config::parse(
+            "[serve]\netcd = \"http://10.0.0.1:2379,http://10.0.0.2:2379\"\nnode = \"edge-1\"\nlabels = { role = \"edge\", dc = \"fra\" }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let f = &c.serve.fleet;
+        assert_eq!(f.etcd.as_ref().unwrap().len(), 2);
+        assert_eq!(f.node.as_deref(), Some("edge-1"));
+        assert_eq!(f.labels["dc"], "fra");
+        for (text, want) in [
+            ("[serve]\netcd = \"10.0.0.1:2379\"\n", "[serve] etcd:"),
+            ("[serve]\nnode = \"a b\"\n", "[serve] node:"),
+            ("[serve]\nlabels = { role = \"\" }\n", "[serve] labels:"),
+        ] {
+            let e = err_of(text);
+            assert!(e.starts_with(&format!("t.toml:1: {want}")), "{e}");
+        }
     }
 
     #[test]
