@@ -25,6 +25,12 @@ pub(crate) enum FleetCommand {
     Status(JsonArg),
     /// Which rules select NODE and why, and the ones it could not apply.
     Explain(FleetExplainArgs),
+    /// Forget a node taken out of service: `status` no longer lists it
+    /// as gone. A node whose agent still runs comes back.
+    Forget {
+        /// The node's name.
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +129,20 @@ pub(crate) fn fleet(a: FleetArgs) -> Result<(), Error> {
             }
             FleetCommand::Status(j) => status(&mut client, &options, j.json).await,
             FleetCommand::Explain(e) => explain(&mut client, &options, e).await,
+            FleetCommand::Forget { node } => {
+                let deleted = client
+                    .delete(options.known_key(&node), None)
+                    .await
+                    .map_err(|e| etcd_error("forgetting the node", e))?;
+                if deleted.deleted() == 0 {
+                    return Err(Error::Io {
+                        what: format!("no node {node:?} under {}", options.prefix),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    });
+                }
+                tcpka::outln!("forgot node {node}");
+                Ok(())
+            }
         }
     })
 }

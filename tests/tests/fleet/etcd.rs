@@ -299,6 +299,16 @@ impl Cluster {
         self.write(&["del", key]);
     }
 
+    /// Compacts the history up to the current revision.
+    pub(super) fn compact(&self) {
+        let o = self.ctl(&self.running(), &["endpoint", "status", "-w", "json"]);
+        let v: Value = serde_json::from_slice(&o.stdout).expect("endpoint status JSON");
+        let rev = v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("a revision");
+        self.write(&["compact", &rev.to_string()]);
+    }
+
     /// The value at `key`, if any.
     pub(super) fn get(&self, key: &str) -> Option<String> {
         let o = self.ctl(&self.running(), &["get", key, "--print-value-only"]);

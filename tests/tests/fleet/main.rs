@@ -518,3 +518,43 @@ fn tls_with_a_client_certificate_and_etcd_auth() {
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("readable by every user"), "{}", r.stderr);
 }
+
+#[test]
+fn an_agent_back_after_a_compaction_reads_everything_again() {
+    let _ns = NetNs::new();
+    let cluster = Cluster::start(3);
+    let prefix = prefix();
+    let mut a = Agent::start("c", &[], &cluster, &prefix);
+    let (p1, p2) = (free_port(), free_port());
+    cluster.put(&format!("{prefix}/rules/old"), &rule(p1, 61));
+    a.wait("the first rule", SECOND, |x| x.has("old"));
+    a.stop();
+    // While it is away: a rule deleted, another added, and the history
+    // compacted past the revision the agent saw last.
+    cluster.del(&format!("{prefix}/rules/old"));
+    cluster.put(&format!("{prefix}/rules/new"), &rule(p2, 62));
+    cluster.compact();
+    a.spawn();
+    a.wait(
+        "the rules as etcd has them now",
+        Duration::from_secs(10),
+        |x| x.fleet_rules() == [("new".to_owned(), 62)],
+    );
+    assert!(
+        a.log()
+            .contains("was compacted away; reading every rule again"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(a.keepalive_on(p2), expect(62, 3, 5, 0));
+    assert_eq!(a.keepalive_on(p1), KERNEL_DEFAULT);
+    // A node taken out of service for good is forgotten.
+    a.kill9();
+    let known = format!("{prefix}/known/c");
+    assert!(cluster.get(&known).is_some());
+    let r = fleet(&cluster, &prefix, &["forget", "c"]).ok();
+    assert!(r.stdout.contains("forgot node c"), "{}", r.stdout);
+    assert!(cluster.get(&known).is_none());
+    let r = fleet(&cluster, &prefix, &["forget", "c"]);
+    assert_eq!(r.code, 1, "{r:?}");
+}
