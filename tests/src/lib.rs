@@ -31,12 +31,14 @@ mod http;
 mod ns;
 mod runner;
 mod sockets;
+mod tls;
 
 pub use cgroup::*;
 pub use http::*;
 pub use ns::*;
 pub use runner::*;
 pub use sockets::*;
+pub use tls::*;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

@@ -306,6 +306,32 @@ pub(crate) struct Which {
     pub(crate) netns: Option<PathBuf>,
 }
 
+/// What a rule matches: shared by `rule add` and `fleet rule add`.
+#[derive(Args, Debug)]
+pub(crate) struct MatchArgs {
+    /// Only connections whose local port is P (a server's listening port
+    /// for inbound connections).
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) local_port: Option<u16>,
+    /// Only connections whose remote port is P.
+    #[arg(long, value_name = "P", value_parser = parse_port)]
+    pub(crate) remote_port: Option<u16>,
+    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
+    /// bare address means one host).
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
+    pub(crate) remote: Option<Cidr>,
+}
+
+impl MatchArgs {
+    pub(crate) fn matcher(&self) -> RuleMatch {
+        RuleMatch {
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            remote: self.remote,
+        }
+    }
+}
+
 /// IDLE COUNT INTERVAL in the reference module's order, plus the optional
 /// user timeout: shared by `enable` and `rule add`.
 #[derive(Args, Debug)]

@@ -55,15 +55,8 @@ pub(crate) struct FleetRuleAddArgs {
     pub(crate) name: String,
     #[command(flatten)]
     pub(crate) policy: PolicyArgs,
-    /// Only connections whose local port is P.
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) local_port: Option<u16>,
-    /// Only connections whose remote port is P.
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) remote_port: Option<u16>,
-    /// Only connections whose remote address is in CIDR.
-    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
-    pub(crate) remote: Option<Cidr>,
+    #[command(flatten)]
+    pub(crate) matcher: MatchArgs,
     /// Track the connections the rule matches (see `rule add --help`).
     #[arg(long)]
     pub(crate) tracked: bool,
@@ -157,9 +150,9 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: FleetRuleAddArgs) -> 
         }
     }
     let value = RuleValue {
-        local_port: r.local_port.map(i64::from),
-        remote_port: r.remote_port.map(i64::from),
-        remote: r.remote.map(|c| c.to_string()),
+        local_port: r.matcher.local_port.map(i64::from),
+        remote_port: r.matcher.remote_port.map(i64::from),
+        remote: r.matcher.remote.map(|c| c.to_string()),
         idle: policy.idle.into(),
         count: policy.count.into(),
         interval: policy.interval.into(),

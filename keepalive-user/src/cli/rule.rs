@@ -40,17 +40,8 @@ pub(crate) struct RuleExplainArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct RuleAddArgs {
-    /// Only connections whose local port is P (a server's listening port
-    /// for inbound connections).
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) local_port: Option<u16>,
-    /// Only connections whose remote port is P.
-    #[arg(long, value_name = "P", value_parser = parse_port)]
-    pub(crate) remote_port: Option<u16>,
-    /// Only connections whose remote address is in CIDR (IPv4 or IPv6; a
-    /// bare address means one host).
-    #[arg(long, value_name = "CIDR", value_parser = |s: &str| s.parse::<Cidr>())]
-    pub(crate) remote: Option<Cidr>,
+    #[command(flatten)]
+    pub(crate) matcher: MatchArgs,
     #[command(flatten)]
     pub(crate) policy: PolicyArgs,
     /// Track the connections the rule matches: `status` lists them and
@@ -84,11 +75,7 @@ pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error>
 
 fn add(layout: PinLayout, a: RuleAddArgs) -> Result<(), Error> {
     let policy = a.policy.policy()?;
-    let m = RuleMatch {
-        local_port: a.local_port,
-        remote_port: a.remote_port,
-        remote: a.remote,
-    };
+    let m = a.matcher.matcher();
     let rule = Enforcer::new(layout).add_rule(m, policy, a.tracked)?;
     if a.json {
         print_json(&rule);

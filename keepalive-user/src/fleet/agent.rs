@@ -127,24 +127,13 @@ struct Agent {
     saved: Option<Cache>,
     applied: Applied,
     managed: Option<(Instant, usize)>,
+    /// The member last connected to: tried first next time.
+    member: usize,
 }
 
 /// Runs the agent until the process ends.
 pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) {
-    let prefix = config.etcd.prefix.clone();
-    let cache = Cache::load(&config.cache, &prefix).unwrap_or(Cache {
-        prefix,
-        ..Cache::default()
-    });
-    let mut agent = Agent {
-        config,
-        enforcer,
-        events,
-        saved: Some(cache.clone()),
-        cache,
-        applied: Applied::default(),
-        managed: None,
-    };
+    let mut agent = Agent::new(config.clone(), enforcer.clone(), events.clone());
     if agent.cache.revision > 0 {
         tracing::info!(
             cache = %agent.config.cache.display(),
@@ -157,14 +146,31 @@ pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCount
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        match agent.session().await {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(
-                "fleet: {}; enforcement goes on with the rules of revision {}",
-                crate::one_line(&e),
-                agent.applied.revision
-            ),
-        }
+        // Each session in a task of its own: a panic in it (the etcd
+        // client's) ends that session, not the agent, which starts again
+        // from its cache.
+        let session = tokio::spawn(async move {
+            let result = agent.session().await;
+            (agent, result)
+        })
+        .await;
+        agent = match session {
+            Ok((a, Ok(()))) => a,
+            Ok((a, Err(e))) => {
+                tracing::warn!(
+                    "fleet: {}; enforcement goes on with the rules of revision {}",
+                    crate::one_line(&e),
+                    a.applied.revision
+                );
+                a
+            }
+            Err(e) => {
+                tracing::error!(
+                    "fleet: the etcd session failed ({e}); starting again from the cache"
+                );
+                Agent::new(config.clone(), enforcer.clone(), events.clone())
+            }
+        };
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
@@ -174,10 +180,30 @@ pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCount
 }
 
 impl Agent {
+    /// The agent with the rules kept on disk, if any.
+    fn new(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) -> Self {
+        let prefix = config.etcd.prefix.clone();
+        let cache = Cache::load(&config.cache, &prefix).unwrap_or(Cache {
+            prefix,
+            ..Cache::default()
+        });
+        Self {
+            config,
+            enforcer,
+            events,
+            saved: Some(cache.clone()),
+            cache,
+            applied: Applied::default(),
+            managed: None,
+            member: 0,
+        }
+    }
+
     /// One connection to etcd, until it fails.
     async fn session(&mut self) -> Result<(), Error> {
         let etcd = self.config.etcd.clone();
-        let mut client = etcd.connect().await?;
+        let (mut client, member) = etcd.connect_from(self.member).await?;
+        self.member = member;
         let (mut _watcher, mut stream) = self.watch(&mut client).await?;
         let lease = client
             .lease_grant(NODE_TTL.as_secs() as i64, None)
@@ -196,7 +222,8 @@ impl Agent {
         tracing::info!(
             node = %self.config.node,
             revision = self.cache.revision,
-            "fleet: connected to etcd, watching {}",
+            "fleet: connected to etcd at {}, watching {}",
+            etcd.endpoints[member],
             etcd.rules_prefix()
         );
         self.publish(&mut client, lease).await?;

@@ -138,12 +138,41 @@ impl EtcdOptions {
         Ok(o)
     }
 
-    /// Connects (and authenticates, when a user is given).
+    /// Connects (and authenticates, when a user is given) to the first
+    /// member that answers and has a leader.
     pub async fn connect(&self) -> Result<Client, Error> {
+        self.connect_from(0).await.map(|(c, _)| c)
+    }
+
+    /// [`EtcdOptions::connect`], trying the members in turn from `first`
+    /// (an agent starts where it was last connected); returns which one
+    /// answered. One member per client: a request never goes to a member
+    /// that has gone away while another answers.
+    pub async fn connect_from(&self, first: usize) -> Result<(Client, usize), Error> {
         let options = self.connect_options()?;
-        Client::connect(&self.endpoints, Some(options))
-            .await
-            .map_err(|e| etcd_error("connecting to etcd", e))
+        let n = self.endpoints.len();
+        let mut why = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let endpoint = &self.endpoints[i];
+            let tried = async {
+                let mut c = Client::connect([endpoint], Some(options.clone())).await?;
+                let status = c.status().await?;
+                Ok::<_, etcd_client::Error>((c, status.leader()))
+            };
+            match tried.await {
+                Ok((c, leader)) if leader != 0 => return Ok((c, i)),
+                Ok(_) => why.push(format!("{endpoint}: no leader")),
+                Err(e) => why.push(format!(
+                    "{endpoint}: {}",
+                    crate::one_line(&etcd_error("connecting", e))
+                )),
+            }
+        }
+        Err(Error::Io {
+            what: format!("no etcd member answers ({})", why.join("; ")),
+            source: std::io::ErrorKind::NotConnected.into(),
+        })
     }
 
     pub fn rules_prefix(&self) -> String {

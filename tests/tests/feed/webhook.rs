@@ -19,60 +19,8 @@ pub(super) fn https_webhook_with_signed_events() {
     let dir = std::env::temp_dir().join(unique("tcpka-tls"));
     std::fs::create_dir(&dir).unwrap();
     let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-    let openssl = |args: &[&str]| sh(&[&["openssl"], args].concat());
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-        "-days",
-        "1",
-        "-subj",
-        "/CN=tcpka test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        &p("srv.key"),
-        "-out",
-        &p("srv.csr"),
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &p("srv.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-out",
-        &p("srv.pem"),
-        "-days",
-        "1",
-        "-extfile",
-        &p("ext"),
-    ]);
+    let certs = Certs::make(&dir);
+    let path = |f: &std::path::Path| f.to_str().unwrap().to_owned();
     std::fs::write(dir.join("secret"), "webhook-secret-0123456789\n").unwrap();
     std::fs::set_permissions(
         dir.join("secret"),
@@ -81,7 +29,12 @@ pub(super) fn https_webhook_with_signed_events() {
     .unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/https_webhook.py");
     let mut receiver = std::process::Command::new("python3")
-        .args([script, &p("srv.pem"), &p("srv.key"), &p("secret")])
+        .args([
+            script,
+            &path(&certs.server_cert),
+            &path(&certs.server_key),
+            &p("secret"),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -101,7 +54,7 @@ pub(super) fn https_webhook_with_signed_events() {
             "--webhook-secret-file",
             &p("secret"),
             "--webhook-ca",
-            &p("ca.pem"),
+            &path(&certs.ca),
         ],
     );
     let l = listen("127.0.0.1:0");

@@ -22,8 +22,8 @@ pub(super) struct Cluster {
     user: Option<String>,
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate
-/// (CN root), made with openssl.
+/// The cluster's certificates (a CA, the members' server certificate,
+/// and the client certificate for tcpka and etcdctl).
 pub(super) struct Tls {
     pub(super) ca: PathBuf,
     pub(super) cert: PathBuf,
@@ -33,76 +33,14 @@ pub(super) struct Tls {
 }
 
 impl Tls {
-    pub(super) fn make(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-        let openssl = |args: &[&str]| sh(&[&["openssl"], args].concat());
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"],
-                &ec[..],
-                &[
-                    "-keyout",
-                    &p("ca.key"),
-                    "-out",
-                    &p("ca.pem"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=tcpka-test-ca",
-                ],
-            ]
-            .concat(),
-        );
-        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for (who, cn) in [("server", "etcd"), ("client", "root")] {
-            openssl(
-                &[
-                    &["req"],
-                    &ec[..],
-                    &[
-                        "-keyout",
-                        &p(&format!("{who}.key")),
-                        "-out",
-                        &p(&format!("{who}.csr")),
-                        "-subj",
-                        &format!("/CN={cn}"),
-                    ],
-                ]
-                .concat(),
-            );
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &p(&format!("{who}.csr")),
-                "-CA",
-                &p("ca.pem"),
-                "-CAkey",
-                &p("ca.key"),
-                "-CAcreateserial",
-                "-out",
-                &p(&format!("{who}.pem")),
-                "-days",
-                "2",
-                "-extfile",
-                &p(&format!("{who}.ext")),
-            ]);
-        }
+    fn make(dir: &Path) -> Self {
+        let c = Certs::make(dir);
         Self {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("client.pem"),
-            key: dir.join("client.key"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server.key"),
+            ca: c.ca,
+            cert: c.client_cert,
+            key: c.client_key,
+            server_cert: c.server_cert,
+            server_key: c.server_key,
         }
     }
 }
