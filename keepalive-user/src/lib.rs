@@ -17,7 +17,8 @@
 //!   sets sock_ops reads), [`pass`] (iterator passes and namespaces),
 //!   [`host`] (what the host gives), [`btf`], [`cgroup`], [`paths`],
 //!   [`sockopt`], [`mounts`].
-//! - **Input**, used by all: [`policy`], [`rule`], [`conn`], [`access`].
+//! - **Input**, used by all: [`policy`], [`rule`], [`conn`], [`access`],
+//!   [`node`] (fleet node names, labels, etcd endpoints).
 pub mod access;
 pub mod btf;
 pub mod cgroup;
@@ -37,6 +38,7 @@ pub mod journal;
 pub mod loader;
 pub mod lock;
 pub mod mounts;
+pub mod node;
 pub mod pass;
 pub mod paths;
 pub mod pinned;

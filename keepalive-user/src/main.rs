@@ -35,6 +35,7 @@ mod cli {
     pub(crate) mod doctor;
     pub(crate) mod enable;
     pub(crate) mod fleet;
+    pub(crate) mod fleet_nodes;
     pub(crate) mod info;
     pub(crate) mod load;
     pub(crate) mod output;
@@ -46,8 +47,8 @@ mod cli {
     pub(crate) mod watch;
 }
 use cli::{
-    apply::*, args::*, close::*, completions::*, doctor::*, enable::*, fleet::*, info::*, load::*,
-    output::*, rule::*, run::*, serve::*, status::*, trace::*, watch::*,
+    apply::*, args::*, close::*, completions::*, doctor::*, enable::*, fleet::*, fleet_nodes::*,
+    info::*, load::*, output::*, rule::*, run::*, serve::*, status::*, trace::*, watch::*,
 };
 
 fn main() -> ExitCode {

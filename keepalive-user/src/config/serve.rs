@@ -122,20 +122,16 @@ impl ServeEntry {
         let etcd = self
             .etcd
             .as_deref()
-            .map(crate::fleet::EtcdOptions::parse_endpoints)
+            .map(crate::node::parse_etcd_endpoints)
             .transpose()
             .map_err(|e| format!("etcd: {e}"))?;
-        if let Some(n) = self
-            .node
-            .as_deref()
-            .filter(|n| !crate::fleet::valid_node(n))
-        {
+        if let Some(n) = self.node.as_deref().filter(|n| !crate::node::valid_node(n)) {
             return Err(format!(
                 "node: {n:?} is not a node name (1 to 64 of A-Z a-z 0-9 . _ -)"
             ));
         }
         for (k, v) in &self.labels {
-            crate::fleet::check_label(k, v).map_err(|e| format!("labels: {e}"))?;
+            crate::node::check_label(k, v).map_err(|e| format!("labels: {e}"))?;
         }
         let fleet = FleetSettings {
             etcd,

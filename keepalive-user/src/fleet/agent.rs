@@ -18,10 +18,9 @@ use std::{
 };
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
-use serde::{Deserialize, Serialize};
 
-use super::{etcd_error, EtcdOptions, FleetRule, NodeStatus, NODE_TTL};
-use crate::{config::FLEET_PREFIX, enforcer::Enforcer, loader, Error};
+use super::{apply::*, cache::*, etcd_error, EtcdOptions, NODE_TTL};
+use crate::{enforcer::Enforcer, Error};
 
 /// What the agent needs to know.
 #[derive(Clone, Debug)]
@@ -56,66 +55,14 @@ const TICK: Duration = Duration::from_secs(3);
 /// often than this.
 const MANAGED_EVERY: Duration = Duration::from_secs(15);
 
-/// The rules as etcd has them (raw values, malformed ones included) and
-/// the revision they are at.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Cache {
-    prefix: String,
-    revision: i64,
-    rules: BTreeMap<String, String>,
-}
-
-impl Cache {
-    fn load(path: &std::path::Path, prefix: &str) -> Option<Self> {
-        let text = std::fs::read_to_string(path).ok()?;
-        match serde_json::from_str::<Cache>(&text) {
-            Ok(c) if c.prefix == prefix => Some(c),
-            Ok(c) => {
-                tracing::warn!(
-                    cache = %path.display(),
-                    "fleet: the cached rules are for prefix {}, not {prefix}: not used",
-                    c.prefix
-                );
-                None
-            }
-            Err(e) => {
-                tracing::warn!(cache = %path.display(), "fleet: unreadable cache ignored: {e}");
-                None
-            }
-        }
-    }
-
-    /// Written whole or not at all (a new file renamed over the old).
-    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-        if let Some(dir) = path.parent() {
-            use std::os::unix::fs::DirBuilderExt as _;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let tmp = path.with_extension("json.new");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    }
-}
-
 /// What the last kernel update left.
 #[derive(Clone, Debug, Default)]
-struct Applied {
-    revision: i64,
-    fleet_rules: usize,
-    clashes: Vec<String>,
-    invalid: Vec<String>,
-    error: Option<String>,
+pub(super) struct Applied {
+    pub(super) revision: i64,
+    pub(super) fleet_rules: usize,
+    pub(super) clashes: Vec<String>,
+    pub(super) invalid: Vec<String>,
+    pub(super) error: Option<String>,
 }
 
 struct Agent {
@@ -427,156 +374,5 @@ impl Agent {
             .await
             .map_err(|e| etcd_error("writing the node's status", e))?;
         Ok(())
-    }
-}
-
-/// The kernel update itself (blocking). Malformed values and clashes are
-/// left out and reported once each; the rest is applied.
-fn apply_rules(
-    enforcer: &Enforcer,
-    cache: &Cache,
-    node: &str,
-    labels: &BTreeMap<String, String>,
-    previous: &Applied,
-) -> Applied {
-    let mut out = Applied {
-        revision: cache.revision,
-        ..Applied::default()
-    };
-    let mut selected = Vec::new();
-    for (name, value) in &cache.rules {
-        match FleetRule::parse(name, value.as_bytes()) {
-            Ok(r) if r.selector.selects(node, labels).0 => selected.push(r),
-            Ok(_) => {}
-            Err(e) => out.invalid.push(format!("{name}: {e}")),
-        }
-    }
-    let installed = match enforcer.rules() {
-        Ok(r) => r,
-        Err(e) => {
-            out.error = Some(format!(
-                "reading the installed rules: {}",
-                crate::one_line(&e)
-            ));
-            out.revision = previous.revision;
-            return out;
-        }
-    };
-    let own: Vec<_> = installed
-        .iter()
-        .filter(|r| {
-            !r.name
-                .as_deref()
-                .is_some_and(|n| n.starts_with(FLEET_PREFIX))
-        })
-        .collect();
-    let mut wanted = Vec::new();
-    let mut matches = Vec::new();
-    for r in selected {
-        let name = &r.rule.name;
-        if own.iter().any(|o| o.name.as_deref() == Some(name)) {
-            out.clashes
-                .push(format!("{name}: this host has a rule of that name"));
-        } else if let Some(o) = own.iter().find(|o| o.matcher() == r.rule.matcher) {
-            out.clashes.push(format!(
-                "{name}: this host's rule {} has the same match",
-                o.id
-            ));
-        } else if matches.contains(&r.rule.matcher) {
-            out.clashes
-                .push(format!("{name}: another fleet rule has the same match"));
-        } else {
-            matches.push(r.rule.matcher);
-            wanted.push(r.rule);
-        }
-    }
-    for m in out.invalid.iter().filter(|m| !previous.invalid.contains(m)) {
-        tracing::warn!("fleet: rule skipped, malformed: {m}");
-    }
-    for m in out.clashes.iter().filter(|m| !previous.clashes.contains(m)) {
-        tracing::warn!("fleet: rule skipped, the local rule wins: {m}");
-    }
-    match enforcer.apply_fleet(&wanted) {
-        Ok(steps) => {
-            for step in &steps {
-                tracing::info!(revision = cache.revision, "fleet: {step}");
-            }
-            out.fleet_rules = wanted.len();
-        }
-        Err(e) => {
-            out.error = Some(format!(
-                "applying the fleet rules of revision {}: {}",
-                cache.revision,
-                crate::one_line(&e)
-            ));
-            out.revision = previous.revision;
-            out.fleet_rules = previous.fleet_rules;
-        }
-    }
-    out
-}
-
-/// The node's status (blocking: it reads the pins).
-fn status(
-    enforcer: &Enforcer,
-    node: String,
-    labels: BTreeMap<String, String>,
-    applied: &Applied,
-    events: &EventCounts,
-    managed: Option<usize>,
-) -> NodeStatus {
-    let installation = loader::installed(enforcer.layout()).ok().flatten();
-    let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-    NodeStatus {
-        node,
-        labels,
-        version: env!("CARGO_PKG_VERSION").into(),
-        loaded: installation.is_some(),
-        attached: installation.as_ref().is_some_and(|i| i.attached),
-        index: installation
-            .as_ref()
-            .map(|i| name(serde_json::to_value(i.index).unwrap_or_default()))
-            .unwrap_or_default(),
-        holders: installation
-            .as_ref()
-            .map(|i| name(serde_json::to_value(i.holders).unwrap_or_default()))
-            .unwrap_or_default(),
-        revision: applied.revision,
-        rules: enforcer.rules().map(|r| r.len()).unwrap_or(0),
-        fleet_rules: applied.fleet_rules,
-        managed_connections: managed
-            .unwrap_or_else(|| enforcer.managed().map(|m| m.len()).unwrap_or(0)),
-        timeouts: events.timeouts.load(Ordering::Relaxed),
-        resets: events.resets.load(Ordering::Relaxed),
-        clashes: applied.clashes.clone(),
-        invalid: applied.invalid.clone(),
-        error: applied.error.clone(),
-        updated: crate::events::rfc3339(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128),
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cache_is_written_whole_and_read_back() {
-        let dir = std::env::temp_dir().join(format!("tcpka-fleet-cache-{}", std::process::id()));
-        let path = dir.join("sub/x.json");
-        let c = Cache {
-            prefix: "/tcpka".into(),
-            revision: 7,
-            rules: [("a".to_owned(), "{\"idle\":1}".to_owned())].into(),
-        };
-        c.save(&path).unwrap();
-        assert_eq!(Cache::load(&path, "/tcpka"), Some(c));
-        assert_eq!(Cache::load(&path, "/other"), None);
-        std::fs::write(&path, "{not json").unwrap();
-        assert_eq!(Cache::load(&path, "/tcpka"), None);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
