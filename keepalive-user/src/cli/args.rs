@@ -124,8 +124,10 @@ pub(crate) enum Command {
     Watch(WatchArgs),
     /// Bring the installed rules to a configuration file's named rules: add
     /// the new ones, change those that differ, remove the named ones it no
-    /// longer has. Rules added by hand are kept. An invalid file is refused
-    /// with its line and reason, changing nothing.
+    /// longer has. Rules added by hand are kept, and so are the fleet's
+    /// (`@NAME`, from `serve --etcd`), except one with the match of a rule
+    /// in the file: the file's wins. An invalid file is refused with its
+    /// line and reason, changing nothing.
     ///
     /// The file (TOML): one [[rule]] table per rule, with name (1 to 32 of
     /// A-Z a-z 0-9 . _ -), idle, count, interval, and optionally

@@ -84,7 +84,7 @@ pub(crate) fn fleet(a: FleetArgs) -> Result<(), Error> {
     let mut etcd = a.etcd;
     if etcd.etcd.is_none() {
         if let Ok(env) = std::env::var("TCPKA_ETCD") {
-            EtcdOptions::parse_endpoints(&env).map_err(|e| {
+            tcpka::node::parse_etcd_endpoints(&env).map_err(|e| {
                 Error::Invalid(tcpka::InvalidInput::Usage(format!("TCPKA_ETCD: {e}")))
             })?;
             etcd.etcd = Some(env);
@@ -276,7 +276,7 @@ async fn rule_list(client: &mut Client, o: &EtcdOptions, json: bool) -> Result<(
 pub(crate) struct EtcdArgs {
     /// etcd's members, URL[,URL...]: http://HOST:PORT, or https:// with
     /// --etcd-ca (and --etcd-cert/--etcd-key for client certificates).
-    #[arg(long, value_name = "URL[,URL...]", value_parser = |s: &str| EtcdOptions::parse_endpoints(s).map(|_| s.to_owned()))]
+    #[arg(long, value_name = "URL[,URL...]", value_parser = |s: &str| tcpka::node::parse_etcd_endpoints(s).map(|_| s.to_owned()))]
     pub(crate) etcd: Option<String>,
     /// Key prefix of this fleet [default: /tcpka].
     #[arg(long, value_name = "PREFIX")]
@@ -310,7 +310,7 @@ impl EtcdArgs {
         let given = self
             .etcd
             .as_deref()
-            .map(EtcdOptions::parse_endpoints)
+            .map(tcpka::node::parse_etcd_endpoints)
             .transpose()
             .map_err(|e| Error::Invalid(tcpka::InvalidInput::Usage(format!("--etcd: {e}"))))?;
         let Some(endpoints) = given.or(file.etcd.clone()) else {

@@ -6,45 +6,43 @@ use tcpka::fleet::{etcd_error, EtcdOptions, NodeStatus};
 
 use super::*;
 
+/// The keys under `prefix` (their last part) and values.
+async fn under(
+    client: &mut Client,
+    prefix: &str,
+    what: &str,
+) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let got = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| etcd_error(what, e))?;
+    Ok(got
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = kv.key_str().ok()?.strip_prefix(prefix)?;
+            Some((name.to_owned(), kv.value().to_vec()))
+        })
+        .collect())
+}
+
 /// Live statuses (under a lease) and the labels of every node seen.
 pub(crate) async fn fleet_nodes(
     client: &mut Client,
     o: &EtcdOptions,
 ) -> Result<BTreeMap<String, (Option<NodeStatus>, BTreeMap<String, String>)>, Error> {
     let mut out: BTreeMap<String, (Option<NodeStatus>, BTreeMap<String, String>)> = BTreeMap::new();
-    let known = client
-        .get(o.known_prefix(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| etcd_error("reading the known nodes", e))?;
-    for kv in known.kvs() {
-        let Some(node) = kv
-            .key_str()
-            .ok()
-            .and_then(|k| k.strip_prefix(&o.known_prefix()))
-        else {
-            continue;
-        };
-        let labels = serde_json::from_slice::<serde_json::Value>(kv.value())
+    for (node, value) in under(client, &o.known_prefix(), "reading the known nodes").await? {
+        let labels = serde_json::from_slice::<serde_json::Value>(&value)
             .ok()
             .and_then(|v| serde_json::from_value(v["labels"].clone()).ok())
             .unwrap_or_default();
-        out.insert(node.to_owned(), (None, labels));
+        out.insert(node, (None, labels));
     }
-    let live = client
-        .get(o.nodes_prefix(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| etcd_error("reading the nodes' status", e))?;
-    for kv in live.kvs() {
-        let Some(node) = kv
-            .key_str()
-            .ok()
-            .and_then(|k| k.strip_prefix(&o.nodes_prefix()))
-        else {
-            continue;
-        };
-        if let Ok(s) = serde_json::from_slice::<NodeStatus>(kv.value()) {
+    for (node, value) in under(client, &o.nodes_prefix(), "reading the nodes' status").await? {
+        if let Ok(s) = serde_json::from_slice::<NodeStatus>(&value) {
             let labels = s.labels.clone();
-            out.insert(node.to_owned(), (Some(s), labels));
+            out.insert(node, (Some(s), labels));
         }
     }
     Ok(out)

@@ -106,7 +106,6 @@ pub(super) fn status(
     managed: Option<usize>,
 ) -> NodeStatus {
     let installation = loader::installed(enforcer.layout()).ok().flatten();
-    let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_owned();
     NodeStatus {
         node,
         labels,
@@ -115,11 +114,11 @@ pub(super) fn status(
         attached: installation.as_ref().is_some_and(|i| i.attached),
         index: installation
             .as_ref()
-            .map(|i| name(serde_json::to_value(i.index).unwrap_or_default()))
+            .map(|i| i.index.name().to_owned())
             .unwrap_or_default(),
         holders: installation
             .as_ref()
-            .map(|i| name(serde_json::to_value(i.holders).unwrap_or_default()))
+            .map(|i| i.holders.name().to_owned())
             .unwrap_or_default(),
         revision: applied.revision,
         rules: enforcer.rules().map(|r| r.len()).unwrap_or(0),

@@ -19,11 +19,6 @@ pub struct EtcdOptions {
 }
 
 impl EtcdOptions {
-    /// Endpoints from `URL[,URL...]` (see [`crate::node::parse_etcd_endpoints`]).
-    pub fn parse_endpoints(s: &str) -> Result<Vec<String>, String> {
-        crate::node::parse_etcd_endpoints(s)
-    }
-
     /// Checks what can be checked before connecting: the prefix, the files
     /// (read here, so that a bad one changes nothing), the pairs.
     pub fn check(&self) -> Result<(), Error> {

@@ -185,11 +185,11 @@ mod tests {
     #[test]
     fn endpoints_and_options() {
         assert_eq!(
-            EtcdOptions::parse_endpoints("http://127.0.0.1:2379, https://[::1]:2379").unwrap(),
+            crate::node::parse_etcd_endpoints("http://127.0.0.1:2379, https://[::1]:2379").unwrap(),
             vec!["http://127.0.0.1:2379", "https://[::1]:2379"]
         );
         for bad in ["", "127.0.0.1:2379", "ftp://x:1", "http://", "http://a:1/x"] {
-            assert!(EtcdOptions::parse_endpoints(bad).is_err(), "{bad:?}");
+            assert!(crate::node::parse_etcd_endpoints(bad).is_err(), "{bad:?}");
         }
         let o = |prefix: &str| EtcdOptions {
             endpoints: vec!["http://127.0.0.1:2379".into()],

@@ -16,33 +16,11 @@ pub(super) struct Cluster {
     initial: String,
     token: String,
     pub(super) root: PathBuf,
-    /// TLS: the members' server flags, and etcdctl's client flags.
-    tls: Option<Tls>,
+    /// TLS: the members' server certificate, and the client certificate
+    /// tcpka and etcdctl use.
+    tls: Option<Certs>,
     /// etcdctl's `--user USER:PASSWORD` once auth is on.
     user: Option<String>,
-}
-
-/// The cluster's certificates (a CA, the members' server certificate,
-/// and the client certificate for tcpka and etcdctl).
-pub(super) struct Tls {
-    pub(super) ca: PathBuf,
-    pub(super) cert: PathBuf,
-    pub(super) key: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-}
-
-impl Tls {
-    fn make(dir: &Path) -> Self {
-        let c = Certs::make(dir);
-        Self {
-            ca: c.ca,
-            cert: c.client_cert,
-            key: c.client_key,
-            server_cert: c.server_cert,
-            server_key: c.server_key,
-        }
-    }
 }
 
 fn etcdctl_with(flags: &[String], endpoints: &str, args: &[&str]) -> std::process::Output {
@@ -71,7 +49,7 @@ impl Cluster {
         let token = unique("tcpka-etcd");
         let root = std::env::temp_dir().join(&token);
         std::fs::create_dir_all(&root).unwrap();
-        let tls = tls.then(|| Tls::make(&root.join("tls")));
+        let tls = tls.then(|| Certs::make(&root.join("tls")));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -163,7 +141,11 @@ impl Cluster {
     fn ctl(&self, endpoints: &str, args: &[&str]) -> std::process::Output {
         let mut flags = Vec::new();
         if let Some(t) = &self.tls {
-            for (f, p) in [("--cacert", &t.ca), ("--cert", &t.cert), ("--key", &t.key)] {
+            for (f, p) in [
+                ("--cacert", &t.ca),
+                ("--cert", &t.client_cert),
+                ("--key", &t.client_key),
+            ] {
                 flags.push(f.to_owned());
                 flags.push(p.to_str().unwrap().to_owned());
             }
@@ -175,7 +157,7 @@ impl Cluster {
         etcdctl_with(&flags, endpoints, args)
     }
 
-    pub(super) fn tls(&self) -> &Tls {
+    pub(super) fn tls(&self) -> &Certs {
         self.tls.as_ref().expect("a TLS cluster")
     }
 

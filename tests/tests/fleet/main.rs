@@ -281,8 +281,8 @@ fn tls_with_a_client_certificate_and_etcd_auth() {
     let tls = cluster.tls();
     let (ca, cert, key) = (
         tls.ca.to_str().unwrap(),
-        tls.cert.to_str().unwrap(),
-        tls.key.to_str().unwrap(),
+        tls.client_cert.to_str().unwrap(),
+        tls.client_key.to_str().unwrap(),
     );
     assert!(cluster.endpoints().starts_with("https://"));
     let a = Agent::start_with(

@@ -32,17 +32,12 @@ fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// Puts `key` = `value` through etcd's JSON gateway; returns the wall
-/// time just before the request went out, and the put's revision.
-fn put(client: &str, key: &str, value: &str) -> Result<(std::time::SystemTime, i64)> {
+/// POSTs `body` to etcd's JSON gateway at `path`; returns the wall time
+/// just before the request went out, and the reply (status line first).
+fn gateway(client: &str, path: &str, body: &str) -> Result<(std::time::SystemTime, String)> {
     let addr = client.trim_start_matches("http://");
-    let body = format!(
-        r#"{{"key":"{}","value":"{}"}}"#,
-        b64(key.as_bytes()),
-        b64(value.as_bytes())
-    );
     let req = format!(
-        "POST /v3/kv/put HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut s = TcpStream::connect(addr)?;
@@ -51,8 +46,20 @@ fn put(client: &str, key: &str, value: &str) -> Result<(std::time::SystemTime, i
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     if !reply.starts_with("HTTP/1.1 200") {
-        bail!("etcd put: {reply}");
+        bail!("etcd {path}: {reply}");
     }
+    Ok((at, reply))
+}
+
+/// Puts `key` = `value`; returns when the request went out and the put's
+/// revision.
+fn put(client: &str, key: &str, value: &str) -> Result<(std::time::SystemTime, i64)> {
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(key.as_bytes()),
+        b64(value.as_bytes())
+    );
+    let (at, reply) = gateway(client, "/v3/kv/put", &body)?;
     // The body: {"header":{..., "revision":"N", ...}} (int64 as a string).
     let revision = reply
         .split_once("\"revision\":\"")
@@ -80,21 +87,9 @@ fn applied_at(log: &Path, revision: i64) -> Option<i128> {
     })
 }
 
-/// Whether etcd answers (a range read through the gateway).
+/// Whether etcd answers (a range read).
 fn answers(client: &str) -> bool {
-    let addr = client.trim_start_matches("http://");
-    let body = r#"{"key":"AA=="}"#;
-    let req = format!(
-        "POST /v3/kv/range HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let mut reply = String::new();
-    s.write_all(req.as_bytes()).is_ok()
-        && s.read_to_string(&mut reply).is_ok()
-        && reply.starts_with("HTTP/1.1 200")
+    gateway(client, "/v3/kv/range", r#"{"key":"AA=="}"#).is_ok()
 }
 
 pub fn fleet(tcpka: &Path) -> Result<()> {
