@@ -17,7 +17,8 @@ use std::{
 
 use crate::{Error, Result};
 
-/// Where `serve` writes the token it generates when none is configured.
+/// Where `serve` writes the token it generates when none is configured,
+/// in the runtime directory ([`crate::paths::run_dir`]).
 pub const DEFAULT_TOKEN_FILE: &str = "/run/tcpka/api-token";
 /// Environment variable holding the token.
 pub const TOKEN_ENV: &str = "TCPKA_TOKEN";
@@ -299,7 +300,7 @@ pub fn claim_socket_path(path: &Path) -> Result<()> {
 
 /// Token file path to use by default if it exists.
 pub fn default_token_file() -> PathBuf {
-    PathBuf::from(DEFAULT_TOKEN_FILE)
+    crate::paths::run_dir().join("api-token")
 }
 
 #[cfg(test)]

@@ -86,6 +86,11 @@ pub const CAPS: [(u32, &str); 4] = [
     (19, "CAP_SYS_PTRACE"),
 ];
 
+/// The capabilities of [`CAPS`] without which `load` cannot work;
+/// CAP_SYS_PTRACE only lets tcpka find other users' sockets through their
+/// file tables (without it, commands fall back to the walk).
+pub const REQUIRED_CAPS: [(u32, &str); 3] = [CAPS[0], CAPS[1], CAPS[2]];
+
 /// Needed only to act in another network namespace (`--netns`, the API's
 /// `netns`): entering it is `setns(2)`.
 const CAP_SYS_ADMIN: u32 = 21;
@@ -142,26 +147,93 @@ pub(crate) fn cgroup2() -> Check {
 }
 
 pub(crate) fn capabilities() -> Check {
-    match missing_caps() {
-        Some(m) if m.is_empty() => {
-            let all = CAPS.iter().map(|c| c.1).collect::<Vec<_>>().join(", ");
-            if effective_caps().is_some_and(|e| e & (1 << CAP_SYS_ADMIN) != 0) {
-                Check::ok("capabilities", format!("{all}, CAP_SYS_ADMIN"))
-            } else {
-                Check::note(
-                    "capabilities",
-                    format!("{all}; no CAP_SYS_ADMIN"),
-                    Some("add it only to act in other network namespaces (--netns)".into()),
-                )
-            }
-        }
-        Some(m) => Check::missing(
+    let Some(missing) = missing_caps() else {
+        return Check::note("capabilities", "unreadable (/proc/self/status)", None);
+    };
+    let required: Vec<&str> = missing
+        .iter()
+        .copied()
+        .filter(|m| REQUIRED_CAPS.iter().any(|c| c.1 == *m))
+        .collect();
+    if !required.is_empty() {
+        return Check::missing(
             "capabilities",
-            format!("this process lacks {}", m.join(", ")),
+            format!("this process lacks {}", required.join(", ")),
             "run as root, or with those capabilities",
-        ),
-        None => Check::note("capabilities", "unreadable (/proc/self/status)", None),
+        );
     }
+    let held: Vec<&str> = CAPS
+        .iter()
+        .map(|c| c.1)
+        .filter(|c| !missing.contains(c))
+        .collect();
+    let held = held.join(", ");
+    if !missing.is_empty() {
+        return Check::note(
+            "capabilities",
+            format!("{held}; no CAP_SYS_PTRACE"),
+            Some(
+                "commands find other users' sockets by the slower walk; add CAP_SYS_PTRACE for the direct path"
+                    .into(),
+            ),
+        );
+    }
+    if effective_caps().is_some_and(|e| e & (1 << CAP_SYS_ADMIN) != 0) {
+        Check::ok("capabilities", format!("{held}, CAP_SYS_ADMIN"))
+    } else {
+        Check::note(
+            "capabilities",
+            format!("{held}; no CAP_SYS_ADMIN"),
+            Some("add it only to act in other network namespaces (--netns)".into()),
+        )
+    }
+}
+
+/// The directory on the way to `path` (or `path` itself, a directory) that
+/// this process may not search, with its mode and owner: what a
+/// "permission denied" there really means when no capability is missing.
+pub fn unsearchable_dir(path: &Path) -> Option<(std::path::PathBuf, u32, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut dirs: Vec<&Path> = path.ancestors().collect();
+    dirs.reverse();
+    for dir in dirs {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            return None;
+        };
+        if !meta.is_dir() {
+            return None;
+        }
+        let searchable = nix::unistd::faccessat(
+            None,
+            dir,
+            nix::unistd::AccessFlags::X_OK,
+            nix::fcntl::AtFlags::AT_EACCESS,
+        )
+        .is_ok();
+        if !searchable {
+            return Some((dir.to_path_buf(), meta.mode() & 0o777, meta.uid()));
+        }
+    }
+    None
+}
+
+/// The error for "permission denied" while doing `what` on `path`: a
+/// directory this user may not search when that is the cause (no
+/// capability lets a user through a directory it may not search, short of
+/// CAP_DAC_OVERRIDE), else the capabilities tcpka needs.
+pub fn denied(what: String, path: &Path) -> crate::Error {
+    if missing_caps().is_some_and(|m| m.iter().all(|c| !REQUIRED_CAPS.iter().any(|r| r.1 == *c))) {
+        if let Some((dir, mode, owner)) = unsearchable_dir(path) {
+            return crate::Error::Unreachable {
+                what,
+                dir,
+                mode,
+                owner,
+                uid: nix::unistd::geteuid().as_raw(),
+            };
+        }
+    }
+    crate::Error::NoPrivilege { what }
 }
 
 pub(crate) fn lockdown() -> Check {

@@ -47,6 +47,7 @@ pub mod policy;
 pub mod ports;
 pub mod rule;
 pub mod server;
+pub mod service;
 pub mod sock_destroy;
 pub mod sockopt;
 mod sys;
@@ -121,6 +122,18 @@ pub enum Error {
         "{what}: permission denied; tcpka needs root, or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_PTRACE (and CAP_SYS_ADMIN for --netns)"
     )]
     NoPrivilege { what: String },
+    #[error(
+        "{what}: {dir} is mode {mode:04o} owned by uid {owner}, and uid {uid} may not search it; \
+         give this user its own view of the pin directory (the unit binds it onto a private \
+         /sys/fs/bpf) or run as root"
+    )]
+    Unreachable {
+        what: String,
+        dir: PathBuf,
+        mode: u32,
+        owner: u32,
+        uid: u32,
+    },
     #[error("this host cannot run tcpka: {check} (`tcpka doctor` lists every check)")]
     HostMissing { check: String },
     #[error("tcpka is not loaded (no pins in {pin_dir}); run `tcpka load` first")]

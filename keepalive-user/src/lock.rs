@@ -234,9 +234,20 @@ fn open_lock_file(path: &Path) -> Result<File> {
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| Error::io(format!("checking {}", dir.display()), e))?;
     if !meta.is_dir() || !trusted(meta.uid()) {
+        // A user without tcpka's capabilities could not use the
+        // installation anyway: say that, not what the directory is.
+        if crate::host::missing_caps().is_some_and(|m| {
+            m.iter()
+                .any(|c| crate::host::REQUIRED_CAPS.iter().any(|r| r.1 == *c))
+        }) {
+            return Err(Error::NoPrivilege {
+                what: format!("using {}", dir.display()),
+            });
+        }
         return Err(Error::io(
             format!(
-                "{} must be a directory owned by uid {me} (it is {} owned by uid {}); remove it",
+                "{} must be a directory owned by uid {me} (it is {} owned by uid {}); \
+                 `tcpka prepare --user {me}` as root hands it over (the unit runs it), or remove it",
                 dir.display(),
                 if meta.is_dir() {
                     "a directory"

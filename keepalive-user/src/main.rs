@@ -53,6 +53,19 @@ use cli::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        // A SIGHUP (`systemctl reload`) that comes while serve starts must
+        // not end it: ignored until serve installs its reload handler, which
+        // happens before it loads.
+        // SAFETY: setting a signal's disposition to SIG_IGN, before any
+        // thread is started.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::SIGHUP,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        };
+    }
     init_logs(cli.log_format, matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,13 +8,45 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpka";
 /// Environment variable that overrides the pin directory (tests use it to
 /// keep their pins apart from the host's).
 pub const PIN_DIR_ENV: &str = "TCPKA_PIN_DIR";
-/// tcpka's runtime directory (the API token, the lock directory).
+/// tcpka's runtime directory (the API token, the lock directory), unless
+/// systemd names another in `$RUNTIME_DIRECTORY`.
 pub const RUN_DIR: &str = "/run/tcpka";
+/// tcpka's state directory (the fleet cache), unless systemd names another
+/// in `$STATE_DIRECTORY`.
+pub const STATE_DIR: &str = "/var/lib/tcpka";
+
+/// The runtime directory: the first of systemd's `$RUNTIME_DIRECTORY`
+/// (`RuntimeDirectory=`) when set, else [`RUN_DIR`]. The unit's
+/// `RuntimeDirectory=tcpka` is /run/tcpka, where root's commands look too.
+pub fn run_dir() -> PathBuf {
+    systemd_dir("RUNTIME_DIRECTORY").unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+/// The state directory: systemd's `$STATE_DIRECTORY` when set, else
+/// [`STATE_DIR`].
+pub fn state_dir() -> PathBuf {
+    systemd_dir("STATE_DIRECTORY").unwrap_or_else(|| PathBuf::from(STATE_DIR))
+}
+
 /// Directory of the lock files that serialise changes to one installation
-/// (root only).
-pub const LOCK_DIR: &str = "/run/tcpka/locks";
-/// Where fleet agents keep the rules they last applied (root only).
-pub const FLEET_CACHE_DIR: &str = "/var/lib/tcpka/fleet";
+/// (its owner's only).
+pub fn lock_dir() -> PathBuf {
+    run_dir().join("locks")
+}
+
+/// Where fleet agents keep the rules they last applied.
+pub fn fleet_cache_dir() -> PathBuf {
+    state_dir().join("fleet")
+}
+
+/// systemd passes a colon-separated list of absolute paths; the first is
+/// tcpka's. Anything else is ignored.
+fn systemd_dir(var: &str) -> Option<PathBuf> {
+    let v = std::env::var_os(var)?;
+    let v = v.to_str()?;
+    let first = v.split(':').next()?;
+    Path::new(first).is_absolute().then(|| PathBuf::from(first))
+}
 /// Pin name of the sock_ops cgroup link, inside the pin directory.
 pub const SOCK_OPS_LINK: &str = "link_sockops";
 /// Pin name of the close tracepoint link.
@@ -143,7 +175,7 @@ impl PinLayout {
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
-        Path::new(LOCK_DIR).join(format!("{name}.lock"))
+        lock_dir().join(format!("{name}.lock"))
     }
 
     /// Held by the installation's one `tcpka serve`, next to the lock.
@@ -161,7 +193,7 @@ impl PinLayout {
     pub fn fleet_cache_file(&self) -> PathBuf {
         let name = self.lock_file();
         let name = name.file_stem().unwrap_or_default();
-        Path::new(FLEET_CACHE_DIR).join(format!("{}.json", name.to_string_lossy()))
+        fleet_cache_dir().join(format!("{}.json", name.to_string_lossy()))
     }
 }
 

@@ -92,9 +92,9 @@ pub fn memo<T: Clone + Send + 'static>(
 /// loaded there), looked at every 20 ms at most; see [`crate::lend`].
 pub fn generation(layout: &PinLayout) -> Result<Option<u64>> {
     map_cache::current(layout).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => Error::NoPrivilege {
-            what: format!("reading {}", layout.dir().display()),
-        },
+        std::io::ErrorKind::PermissionDenied => {
+            crate::host::denied(format!("reading {}", layout.dir().display()), layout.dir())
+        }
         _ => Error::io(format!("reading {}", layout.dir().display()), e),
     })
 }
@@ -140,9 +140,10 @@ pub fn open_map(layout: &PinLayout, name: &str) -> Result<Map> {
             })
         }
         Err(map_cache::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Error::NoPrivilege {
-                what: format!("reading {}", layout.dir().display()),
-            })
+            return Err(crate::host::denied(
+                format!("reading {}", layout.dir().display()),
+                layout.dir(),
+            ))
         }
         Err(map_cache::OpenError::Io(e)) => {
             return Err(Error::io(format!("reading {}", layout.dir().display()), e))

@@ -2,6 +2,7 @@
 //! command line runs as an unprivileged user holding exactly the unit's
 //! capabilities, as systemd would start it.
 use std::{
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -80,31 +81,90 @@ fn unit_verifies_and_holds_the_documented_capabilities() {
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
 
-/// The service, as systemd starts it: a private /run/tcpka owned by the
-/// service user (`RuntimeDirectory=`), the pin directory made for it
-/// (`ExecStartPre=`), and `ExecStart=` run by that user with exactly
-/// `AmbientCapabilities=` (here uid 65534; the config file, pin directory,
-/// cgroup and group are the test's own).
+/// The service, as systemd starts it from the unit's lines, on a host whose
+/// bpffs is root's mode 0700:
+/// - `RuntimeDirectory=`: the runtime directory (here the test's own, named
+///   in `$RUNTIME_DIRECTORY` to root's commands too) handed to the service
+///   user, mode 0750;
+/// - `ExecStartPre=+`: run as root;
+/// - `TemporaryFileSystem=` and `BindPaths=`: a private, read-only
+///   `/sys/fs/bpf` holding only the pin directory;
+/// - `ExecStart=` run by the service user (uid 65534) with exactly
+///   `AmbientCapabilities=`, told where to notify systemd (`Type=notify`).
+///
+/// The config file, pin directory, cgroup and group are the test's own.
 struct Service {
     child: Child,
     caps: String,
+    run_dir: PathBuf,
+    notify: std::os::unix::net::UnixDatagram,
+    _notify_dir: TempDir,
+}
+
+/// A runtime directory of the test's own under /run, as root's commands
+/// leave /run/tcpka before the service first starts (root's, 0755);
+/// removed on drop.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> Self {
+        let dir = PathBuf::from("/run").join(unique("tcpka-rt"));
+        std::fs::create_dir(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Service {
-    fn start(t: &Tcpka, cgroup: &Path, config: &Path) -> Self {
+    fn start(t: &Tcpka, cgroup: &Path, config: &Path, run_dir: &Path) -> Self {
         let text = unit_text();
+        assert_eq!(unit_value(&text, "Type"), "notify");
+        assert_eq!(unit_value(&text, "RuntimeDirectory"), "tcpka");
         let caps = setpriv_caps(&unit_caps(&text));
+        let bin = tcpka_bin().to_str().unwrap().to_owned();
+        let pre = unit_value(&text, "ExecStartPre");
+        let pre = pre
+            .strip_prefix('+')
+            .expect("ExecStartPre runs as root")
+            .replace("/usr/bin/tcpka", &bin)
+            .replace("--user tcpka", "--user 65534");
+        // A private, read-only /sys/fs/bpf with only the pin directory.
+        let (tmpfs, tmpfs_opts) = unit_value(&text, "TemporaryFileSystem")
+            .split_once(':')
+            .map(|(p, o)| (p.to_owned(), o.to_owned()))
+            .unwrap();
+        assert_eq!((tmpfs.as_str(), tmpfs_opts.as_str()), ("/sys/fs/bpf", "ro"));
+        assert_eq!(unit_value(&text, "BindPaths"), "/sys/fs/bpf/tcpka");
+        assert_eq!(t.pin_dir.parent().unwrap(), Path::new(&tmpfs));
         let exec = unit_value(&text, "ExecStart")
             .replace("/etc/tcpka/tcpka.toml", config.to_str().unwrap())
             .replace("--api-group tcpka", "--api-group nogroup");
         let mut args: Vec<String> = exec.split_whitespace().map(str::to_owned).collect();
         assert_eq!(args[0], "/usr/bin/tcpka");
-        args[0] = tcpka_bin().to_str().unwrap().to_owned();
+        args[0] = bin;
         args.extend(["--cgroup".into(), cgroup.to_str().unwrap().into()]);
+        let notify_dir = TempDir::new("tcpka-notify");
+        std::fs::set_permissions(&notify_dir.0, PermissionsExt::from_mode(0o755)).unwrap();
+        let socket = notify_dir.0.join("notify");
+        let notify = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        std::fs::set_permissions(&socket, PermissionsExt::from_mode(0o666)).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let script = format!(
-            "set -e; mkdir -p /run/tcpka; \
-             mount -t tmpfs -o mode=0750,uid=65534,gid=65534 tcpka-run /run/tcpka; \
-             install -d -o 65534 -g 65534 -m 0700 \"$TCPKA_PIN_DIR\"; \
+            "set -e; \
+             chown 65534:65534 \"$RUNTIME_DIRECTORY\"; chmod 0750 \"$RUNTIME_DIRECTORY\"; \
+             {pre} >/dev/null; \
+             keep=\"$RUNTIME_DIRECTORY/.bind\"; mkdir \"$keep\"; \
+             mount --bind \"$TCPKA_PIN_DIR\" \"$keep\"; \
+             mount -t tmpfs -o mode=0755 tmpfs {tmpfs}; \
+             mkdir \"$TCPKA_PIN_DIR\"; mount --move \"$keep\" \"$TCPKA_PIN_DIR\"; rmdir \"$keep\"; \
+             mount -o remount,bind,ro {tmpfs}; \
              exec setpriv --reuid 65534 --regid 65534 --clear-groups \
                --inh-caps {caps} --ambient-caps {caps} --bounding-set {caps} \"$@\""
         );
@@ -112,15 +172,46 @@ impl Service {
             .args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
             .args(&args)
             .env("TCPKA_PIN_DIR", &t.pin_dir)
+            .env("RUNTIME_DIRECTORY", run_dir)
+            .env("NOTIFY_SOCKET", &socket)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start the service");
-        Self { child, caps }
+        Self {
+            child,
+            caps,
+            run_dir: run_dir.to_owned(),
+            notify,
+            _notify_dir: notify_dir,
+        }
+    }
+
+    /// The next message the service sent systemd.
+    fn notified(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self
+            .notify
+            .recv(&mut buf)
+            .expect("a message to systemd within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Waits for a message to systemd that contains `what`, returning the
+    /// messages before it.
+    fn wait_notified(&self, what: &str) -> Vec<String> {
+        let mut before = Vec::new();
+        loop {
+            let m = self.notified();
+            if m.lines().any(|l| l == what) {
+                return before;
+            }
+            before.push(m);
+        }
     }
 
     /// A tcpka command as the service user, in the service's mount
-    /// namespace (its /run/tcpka).
+    /// namespace (its /sys/fs/bpf).
     fn cli(&self, t: &Tcpka, args: &[&str]) -> std::process::Output {
         let caps = &self.caps;
         Command::new("nsenter")
@@ -144,17 +235,36 @@ impl Service {
             .arg(tcpka_bin())
             .args(args)
             .env("TCPKA_PIN_DIR", &t.pin_dir)
+            .env("RUNTIME_DIRECTORY", &self.run_dir)
             .output()
             .unwrap()
+    }
+
+    fn signal(&self, sig: i32) {
+        // The service is the unshare's exec'd process: its pid is ours to
+        // signal.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child (systemd stops with SIGTERM).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // systemd stops with SIGTERM.
+        self.signal(libc::SIGTERM);
         let _ = self.child.wait();
     }
+}
+
+/// A root command sharing the service's runtime directory.
+fn root_cli(t: &Tcpka, run_dir: &Path, args: &[&str]) -> Run {
+    Run::from(
+        t.cmd()
+            .env("RUNTIME_DIRECTORY", run_dir)
+            .args(args)
+            .output()
+            .unwrap(),
+    )
 }
 
 fn rule_idles(t: &Tcpka) -> Vec<u64> {
@@ -170,47 +280,57 @@ fn rule_idles(t: &Tcpka) -> Vec<u64> {
         .collect()
 }
 
+fn sip_rule(idle: u32) -> String {
+    format!("[[rule]]\nname = \"sip\"\nlocal_port = 7030\nidle = {idle}\ncount = 4\ninterval = 6\n")
+}
+
+/// A config file the service user can read.
+fn service_config(dir: &TempDir, idle: u32) -> PathBuf {
+    let config = dir.0.join("tcpka.toml");
+    std::fs::write(&config, sip_rule(idle)).unwrap();
+    std::fs::set_permissions(&dir.0, PermissionsExt::from_mode(0o755)).unwrap();
+    config
+}
+
+/// On a host whose bpffs is root's 0700 (this test run's), the unit's
+/// service starts as its user with exactly its capabilities, tells systemd
+/// it is ready only once its rules are applied and its API listens, and
+/// reloads around RELOADING=1/READY=1.
 #[test]
 fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     let _netns = NetNs::new();
     let cgroup = CgroupDir::new();
     let t = Tcpka::new();
     let dir = TempDir::new("tcpka-svc");
-    let config = dir.0.join("tcpka.toml");
-    let rule = |idle: u32| {
-        format!(
-            "[[rule]]\nname = \"sip\"\nlocal_port = 7030\nidle = {idle}\ncount = 4\ninterval = 6\n"
-        )
-    };
-    std::fs::write(&config, rule(30)).unwrap();
-    // The service user must read its config.
-    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-
-    let svc = Service::start(&t, &cgroup.path, &config);
-    wait_until(
-        "the service to load and apply its rules",
-        Duration::from_secs(15),
-        || rule_idles(&t) == [30],
+    let config = service_config(&dir, 30);
+    let run = RunDir::new();
+    let bpffs = std::fs::metadata("/sys/fs/bpf").unwrap();
+    assert_eq!(
+        PermissionsExt::mode(&bpffs.permissions()) & 0o777,
+        0o700,
+        "the tests run on a bpffs mounted as systemd does (cargo xtask test)"
     );
+
+    let svc = Service::start(&t, &cgroup.path, &config, &run.0);
+    svc.wait_notified("READY=1");
+    // Ready means ready: the rules are in and the API answers.
+    assert_eq!(rule_idles(&t), [30]);
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&t.pin_dir).unwrap());
     assert_eq!(owner, 65534, "the pins belong to the service user");
     // The API on loopback, with the token serve wrote for its group.
-    let out = Command::new("nsenter")
-        .args(["-t", &svc.child.id().to_string(), "-m", "--"])
-        .args(["stat", "-c", "%a %U %G", "/run/tcpka/api-token"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "640 nobody nogroup"
-    );
-    let token = Command::new("nsenter")
-        .args(["-t", &svc.child.id().to_string(), "-m", "--"])
-        .args(["cat", "/run/tcpka/api-token"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
-    let (code, body) = http("127.0.0.1:7077", "GET", "/v1/rules", None, Some(&token)).unwrap();
+    let token_file = run.0.join("api-token");
+    let meta = std::fs::metadata(&token_file).unwrap();
+    assert_eq!(PermissionsExt::mode(&meta.permissions()) & 0o777, 0o640);
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let (code, body) = http(
+        "127.0.0.1:7077",
+        "GET",
+        "/v1/rules",
+        None,
+        Some(token.trim()),
+    )
+    .unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"sip\""), "{body}");
 
@@ -231,15 +351,52 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     assert_eq!(keepalive(&server), expect(12, 3, 4, 0));
     let out = svc.cli(&t, &["rule", "add", "--local-port", "7031", "20", "2", "2"]);
     assert!(out.status.success(), "{out:?}");
-    std::fs::write(&config, rule(33)).unwrap();
+    std::fs::write(&config, sip_rule(33)).unwrap();
     let out = svc.cli(&t, &["reload"]);
     assert!(out.status.success(), "{out:?}");
-    wait_until("the reload", Duration::from_secs(15), || {
-        let mut idles = rule_idles(&t);
-        idles.sort_unstable();
-        idles == [20, 33]
-    });
+    svc.wait_notified("RELOADING=1");
+    svc.wait_notified("READY=1");
+    let mut idles = rule_idles(&t);
+    idles.sort_unstable();
+    assert_eq!(idles, [20, 33]);
     cgroup.leave();
+
+    // Root shares the installation and its lock with the service.
+    root_cli(
+        &t,
+        &run.0,
+        &["rule", "add", "--local-port", "7032", "21", "2", "2"],
+    )
+    .ok();
+    let out = svc.cli(&t, &["rule", "add", "--local-port", "7033", "22", "2", "2"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Without the unit's view of bpffs, the service user is told which
+    // directory it may not search, not that a capability is missing.
+    let caps = svc.caps.clone();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args([
+            "--inh-caps",
+            &caps,
+            "--ambient-caps",
+            &caps,
+            "--bounding-set",
+            &caps,
+        ])
+        .arg(tcpka_bin())
+        .arg("info")
+        .env("TCPKA_PIN_DIR", &t.pin_dir)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/sys/fs/bpf is mode 0700 owned by uid 0, and uid 65534 may not search it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("needs root"), "{stderr}");
 
     // Without one of the unit's capabilities, load says which.
     let text = unit_text();
@@ -270,9 +427,190 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     assert!(stderr.contains("lacks CAP_NET_ADMIN"), "{stderr}");
     assert!(!other.exists());
 
+    svc.signal(libc::SIGTERM);
+    svc.wait_notified("STOPPING=1");
     drop(svc);
     // Stopping the service leaves enforcement in place.
-    assert_eq!(rule_idles(&t).len(), 2);
+    assert_eq!(rule_idles(&t).len(), 4);
+}
+
+/// Root's commands before the service's first start leave a root-owned
+/// runtime directory, lock directory and pins: the unit's ExecStartPre hands
+/// them to the service, which adopts the installation; then root and the
+/// service take turns on it.
+#[test]
+fn root_first_then_the_service_then_root_again() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let run = RunDir::new();
+    root_cli(
+        &t,
+        &run.0,
+        &["load", "--cgroup", cgroup.path.to_str().unwrap()],
+    )
+    .ok();
+    root_cli(
+        &t,
+        &run.0,
+        &["rule", "add", "--local-port", "7040", "40", "4", "4"],
+    )
+    .ok();
+    let locks = run.0.join("locks");
+    let uid = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).unwrap());
+    assert_eq!((uid(&locks), uid(&t.pin_dir)), (0, 0));
+
+    let dir = TempDir::new("tcpka-svc");
+    let config = service_config(&dir, 30);
+    let svc = Service::start(&t, &cgroup.path, &config, &run.0);
+    svc.wait_notified("READY=1");
+    assert_eq!((uid(&locks), uid(&t.pin_dir)), (65534, 65534));
+    for entry in std::fs::read_dir(&t.pin_dir).unwrap() {
+        assert_eq!(uid(&entry.unwrap().path()), 65534);
+    }
+    let mut idles = rule_idles(&t);
+    idles.sort_unstable();
+    assert_eq!(idles, [30, 40]);
+    let out = svc.cli(&t, &["rule", "add", "--local-port", "7041", "41", "4", "4"]);
+    assert!(out.status.success(), "{out:?}");
+    let id = root_cli(
+        &t,
+        &run.0,
+        &["rule", "add", "--local-port", "7042", "42", "4", "4"],
+    )
+    .ok();
+    let out = svc.cli(&t, &["rule", "del", id.stdout.trim()]);
+    assert!(out.status.success(), "{out:?}");
+    for entry in std::fs::read_dir(&locks).unwrap() {
+        assert_eq!(
+            uid(&entry.unwrap().path()),
+            65534,
+            "root hands its lock files over"
+        );
+    }
+    drop(svc);
+    assert_eq!(rule_idles(&t).len(), 3);
+}
+
+/// A SIGHUP at any moment of the start (`systemctl start; systemctl
+/// reload`) is never fatal: the service becomes ready with its rules.
+#[test]
+fn sighup_while_the_service_starts_is_not_fatal() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let run = RunDir::new();
+    let dir = TempDir::new("tcpka-svc");
+    let config = service_config(&dir, 30);
+    let svc = Service::start(&t, &cgroup.path, &config, &run.0);
+    // The unshare and shell exec into tcpka: signal whatever runs there
+    // now, from the first millisecond until it is ready.
+    svc.notify
+        .set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut ready = false;
+    let mut sent = 0;
+    while !ready && std::time::Instant::now() < deadline {
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{}/comm", svc.child.id())) {
+            if comm.trim() == "tcpka" {
+                svc.signal(libc::SIGHUP);
+                sent += 1;
+            }
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(n) = svc.notify.recv(&mut buf) {
+            ready = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1");
+        }
+    }
+    assert!(ready, "the service became ready ({sent} SIGHUPs sent)");
+    assert!(sent > 0);
+    assert_eq!(rule_idles(&t), [30]);
+    drop(svc);
+}
+
+/// `load` without CAP_SYS_PTRACE works (commands walk to find sockets of
+/// other users), as documented.
+#[test]
+fn load_works_without_cap_sys_ptrace() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let caps = "-all,+bpf,+perfmon,+net_admin";
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--bounding-set",
+            caps,
+        ])
+        .arg(tcpka_bin())
+        .args(["load", "--cgroup", cgroup.path.to_str().unwrap()])
+        .env("TCPKA_PIN_DIR", &t.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    cgroup.enter();
+    let l = listen("127.0.0.1:0");
+    let (client, server) = connect(&l);
+    cgroup.leave();
+    let port = client.local_addr().unwrap().port().to_string();
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--bounding-set",
+            caps,
+        ])
+        .arg(tcpka_bin())
+        .args(["enable", &format!("127.0.0.1:{port}"), "11", "3", "4"])
+        .env("TCPKA_PIN_DIR", &t.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(keepalive(&server), expect(11, 3, 4, 0));
+}
+
+/// Two loads started together on a host without bpffs mounted end with one
+/// bpffs mount and one installation (each mount is a new instance, which
+/// would hide the other's pins).
+#[test]
+fn two_loads_at_once_mount_bpffs_once() {
+    let _netns = NetNs::new();
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let cg = cgroup.path.to_str().unwrap();
+    let bin = tcpka_bin();
+    let bin = bin.to_str().unwrap();
+    // In a mount namespace of its own, without bpffs; what the loads pin
+    // goes with it.
+    let script = format!(
+        "set -e; umount /sys/fs/bpf; \
+         {bin} load --cgroup {cg} >/dev/null & a=$!; \
+         {bin} load --cgroup {cg} >/dev/null & b=$!; \
+         wait $a; wait $b; \
+         grep -c ' /sys/fs/bpf bpf ' /proc/self/mounts; \
+         {bin} info --json; {bin} unload >/dev/null"
+    );
+    for _ in 0..3 {
+        let out = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .env("TCPKA_PIN_DIR", &t.pin_dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        let (mounts, info) = stdout.split_once('\n').unwrap();
+        assert_eq!(mounts, "1", "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(info).unwrap();
+        assert_eq!(v["loaded"], true, "{v}");
+    }
 }
 
 /// Purges the package on drop if a test left it installed.
@@ -376,4 +714,47 @@ fn debian_package_installs_runs_and_purges_without_a_trace() {
     }
     assert!(!user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"));
     assert!(!pin_dir.exists());
+}
+
+/// Logs go to the journal only when stderr is the stream that systemd's
+/// `$JOURNAL_STREAM` names, not whenever the variable is set (Kamailio's
+/// `exec_cmd` children inherit it with their stderr elsewhere).
+#[test]
+fn journal_stream_must_name_stderr_itself() {
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroup = CgroupDir::new();
+    let t = Tcpka::new();
+    let dir = TempDir::new("tcpka-journal");
+    let cg = cgroup.path.to_str().unwrap().to_owned();
+    // A load that mounts bpffs logs it (at info).
+    let run = |journal_stream: &dyn Fn(&std::fs::File) -> String| {
+        let path = dir.0.join(unique("stderr"));
+        let file = std::fs::File::create(&path).unwrap();
+        let stream = journal_stream(&file);
+        let script = format!(
+            "set -e; umount /sys/fs/bpf; {} load --cgroup {cg} >/dev/null; {} unload >/dev/null",
+            tcpka_bin().display(),
+            tcpka_bin().display()
+        );
+        let status = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .env("TCPKA_PIN_DIR", &t.pin_dir)
+            .env("RUST_LOG", "info")
+            .env("JOURNAL_STREAM", stream)
+            .stderr(file)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(&path).unwrap()
+    };
+    // (With no journald here, a tcpka that chose the journal says so and
+    // falls back to stderr.)
+    let elsewhere = run(&|_| "1:1".to_owned());
+    assert!(elsewhere.contains("mounted bpffs"), "{elsewhere}");
+    assert!(!elsewhere.contains("journald"), "{elsewhere}");
+    let this = run(&|f| {
+        let m = f.metadata().unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    });
+    assert!(this.contains("no journald"), "{this}");
 }

@@ -16,6 +16,7 @@ mod bench;
 mod floor;
 mod setup;
 mod sip;
+mod vm;
 
 #[derive(Parser)]
 #[command(about = "tcpka project tasks")]
@@ -94,6 +95,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// (internal) Boot the Debian 12 kernel VM and run one shell command
+    /// line in it; exits with the command's code.
+    #[command(hide = true)]
+    Vm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -117,6 +125,10 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Task::BenchHold { src, count } => bench::hold(&src, count),
+        Task::Vm { args } => {
+            let code = vm::run_command(&root, &args.join(" "), &[])?;
+            std::process::exit(code);
+        }
         Task::Bench {
             part,
             sizes,
@@ -185,16 +197,13 @@ fn real_main() -> Result<()> {
             // network namespaces, so they run one at a time.
             let mut cmd = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
             cmd.extend(args.iter().map(String::as_str));
-            // NB: in a private mount namespace without tracefs and debugfs,
-            // as on a fresh host: nothing may depend on them, and what the
-            // tests mount stays in there.
+            // NB: in a private mount namespace laid out like a freshly
+            // booted systemd host, whatever this machine's own state: see
+            // FRESH_HOST.
             step("test", || {
                 let status = Command::new("unshare")
                     .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                    .arg(concat!(
-                        "for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" { print $2 }' /proc/self/mounts | sort -r); do ",
-                        "umount -l \"$m\" || exit 1; done; exec \"$@\""
-                    ))
+                    .arg(FRESH_HOST)
                     .arg("sh")
                     .arg(cargo_bin())
                     .args(&cmd)
@@ -210,6 +219,24 @@ fn real_main() -> Result<()> {
         }
     }
 }
+
+/// Shell prologue that lays out a private mount namespace like a freshly
+/// booted Debian 12 systemd host, then runs its arguments: a new bpffs
+/// instance mode 0700 on /sys/fs/bpf (as systemd mounts it), an empty tmpfs
+/// on /run (/run/lock and /run/shm as on such a host), no tracefs or
+/// debugfs, and an empty /var/lib/tcpka. The machine's own bpffs mode,
+/// pins, leftover /run/tcpka or fleet cache cannot change a test's result;
+/// a test that needs something else sets it up itself.
+const FRESH_HOST: &str = concat!(
+    "set -e; ",
+    "for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" { print $2 }' /proc/self/mounts | sort -r); do ",
+    "umount -l \"$m\"; done; ",
+    "mount -t bpf -o mode=0700,nosuid,nodev,noexec bpf /sys/fs/bpf; ",
+    "mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run; ",
+    "install -d -m 1777 /run/lock; ln -s /dev/shm /run/shm; ",
+    "if [ -d /var/lib/tcpka ]; then mount -t tmpfs -o mode=0700 tmpfs /var/lib/tcpka; fi; ",
+    "exec \"$@\""
+);
 
 /// Makes the Debian package from the release binary: man pages and
 /// completions first (generated from the CLI), then `cargo deb`. Returns

@@ -37,6 +37,11 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "etcd-server",
     "etcd-client",
+    // `cargo xtask test --kernel debian12` boots Debian 12's kernel under
+    // qemu (TCG) with a busybox initramfs; depmod for its modules (kmod).
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -48,7 +53,6 @@ pub fn run() -> Result<()> {
     step("setup: rust components", rust_components)?;
     step("setup: bpf-linker", bpf_linker)?;
     step("setup: cargo-deb", cargo_deb)?;
-    step("setup: bpffs", bpffs)?;
     eprintln!(
         "xtask: setup complete in {:.1} s",
         start.elapsed().as_secs_f64()
@@ -171,20 +175,5 @@ fn cargo_deb() -> Result<()> {
             CARGO_DEB_VERSION,
             "--locked",
         ]),
-    )
-}
-
-fn bpffs() -> Result<()> {
-    // findmnt (util-linux) reads the mount table; it exits 1 when none.
-    let found = Command::new("findmnt")
-        .args(["-n", "-t", "bpf"])
-        .output()
-        .context("running findmnt")?;
-    if found.status.success() {
-        return Ok(());
-    }
-    run_cmd(
-        "mount -t bpf bpf /sys/fs/bpf",
-        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
     )
 }

@@ -41,8 +41,9 @@ pub(crate) fn init_logs(format: Option<LogFormat>, daemon: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
     });
-    // systemd sets JOURNAL_STREAM when stderr goes to the journal.
-    let format = format.unwrap_or(if std::env::var_os("JOURNAL_STREAM").is_some() {
+    // Only when stderr really is the journal's stream (JOURNAL_STREAM is
+    // inherited by whatever a service starts).
+    let format = format.unwrap_or(if tcpka::service::stderr_is_journal() {
         LogFormat::Journald
     } else {
         LogFormat::Human
@@ -161,6 +162,12 @@ pub(crate) enum Command {
     /// DIR.
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+    /// Set up, as root, what the least-privilege service needs before it
+    /// starts (the unit's `ExecStartPre=+`): bpffs mounted on /sys/fs/bpf
+    /// when missing, the pin directory made, and it, its pins, the lock
+    /// directory and the fleet cache handed to USER, whichever of root's
+    /// commands made them first. Changes nothing else; safe to run again.
+    Prepare(PrepareArgs),
 }
 
 /// How the kernel side learns which process holds each socket.

@@ -75,3 +75,26 @@ pub(crate) fn target_cgroup(layout: &PinLayout, named: Option<&Path>) -> Result<
     }
     Ok(Cgroup::open_or_root(named)?)
 }
+
+#[derive(Args, Debug)]
+pub(crate) struct PrepareArgs {
+    /// The service's user (name or uid); its primary group goes with it.
+    #[arg(long, default_value = "tcpka")]
+    pub(crate) user: String,
+    /// Print what was done as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn prepare(layout: &PinLayout, args: PrepareArgs) -> Result<(), Error> {
+    let owner = tcpka::service::Owner::lookup(&args.user)?;
+    let steps = tcpka::service::prepare(layout, owner)?;
+    if args.json {
+        print_json(&serde_json::json!({ "user": args.user, "uid": owner.uid, "steps": steps }));
+    } else {
+        for s in steps {
+            tcpka::outln!("prepared: {s}");
+        }
+    }
+    Ok(())
+}

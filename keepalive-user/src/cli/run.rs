@@ -22,5 +22,6 @@ pub(crate) fn run(cli: Cli) -> Result<(), Error> {
         Command::Fleet(a) => fleet(*a),
         Command::Completions { shell } => completions(shell),
         Command::Manpages { dir } => manpages(&dir),
+        Command::Prepare(a) => prepare(&layout, a),
     }
 }

@@ -228,10 +228,12 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
             })
         }
     };
-    let token = serve_token(&listen, a.token, token_file, api_group)?;
+    let mut token_write = None;
+    let token = serve_token(&listen, a.token, token_file, &mut token_write)?;
     let config = server::Config {
         listen,
         token,
+        token_file: token_write,
         api_group,
         load: a.kernel.options_over(&file),
         webhook,
@@ -246,12 +248,13 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
 }
 
 /// The API token: from --token-file, --token or TCPKA_TOKEN; for a TCP
-/// listener without one, a new token written to /run/tcpka/api-token.
+/// listener without one, a new token, for serve to write to
+/// /run/tcpka/api-token (`write_to`).
 pub(crate) fn serve_token(
     listen: &Listen,
     token: Option<String>,
     file: Option<&Path>,
-    group: Option<u32>,
+    write_to: &mut Option<PathBuf>,
 ) -> Result<Option<String>, Error> {
     let token = match (token, file) {
         (_, Some(f)) => Some(tcpka::access::read_token_file(f)?),
@@ -265,12 +268,9 @@ pub(crate) fn serve_token(
     if token.is_some() || !matches!(listen, Listen::Tcp(_)) {
         return Ok(token);
     }
+    // Written once serve holds the installation and has loaded: a serve
+    // that cannot start leaves the running one's token alone.
     let t = tcpka::access::generate_token()?;
-    let path = tcpka::access::default_token_file();
-    tcpka::access::write_token_file(&path, &t, group)?;
-    tcpka::errln!(
-        "tcpka: API token in {} (send it as Authorization: Bearer TOKEN)",
-        path.display()
-    );
+    *write_to = Some(tcpka::access::default_token_file());
     Ok(Some(t))
 }

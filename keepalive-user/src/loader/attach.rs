@@ -9,9 +9,10 @@ pub fn is_loaded(layout: &PinLayout) -> Result<bool> {
     match std::fs::symlink_metadata(layout.sock_ops_link()) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::NoPrivilege {
-            what: format!("reading {}", layout.dir().display()),
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(crate::host::denied(
+            format!("reading {}", layout.dir().display()),
+            layout.dir(),
+        )),
         Err(e) => Err(Error::io(format!("reading {}", layout.dir().display()), e)),
     }
 }

@@ -72,7 +72,9 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Resul
     if let Some(current) = installed(layout)? {
         if !current.attached {
             // The cgroup it ran on is gone: attach where asked.
-            return reattach(layout, cgroup).map(LoadOutcome::Reattached);
+            let outcome = reattach(layout, cgroup).map(LoadOutcome::Reattached)?;
+            crate::service::hand_over_pins(layout)?;
+            return Ok(outcome);
         }
         if current.cgroup_id == cgroup.id {
             if !current.seeded {
@@ -99,6 +101,8 @@ pub fn load(layout: &PinLayout, cgroup: &Cgroup, options: &LoadOptions) -> Resul
         armed: true,
     };
     let installation = load_and_pin(layout, cgroup, options, index)?;
+    // Root loading into the service's pin directory leaves it the pins.
+    crate::service::hand_over_pins(layout)?;
     undo.armed = false;
     Ok(LoadOutcome::Loaded(installation))
 }
@@ -112,7 +116,8 @@ struct Undo<'a> {
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = detach_and_remove(self.layout) {
+            if let Err(e) = detach_and_remove(self.layout).and_then(|_| remove_pin_dir(self.layout))
+            {
                 tracing::warn!("undoing a failed load: {e}");
             }
         }

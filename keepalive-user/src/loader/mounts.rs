@@ -2,32 +2,66 @@
 //! missing), tracefs for the syscall tracepoints.
 use super::*;
 
-/// Makes sure the pin directory's parent is on bpffs, mounting bpffs at its
-/// usual place `/sys/fs/bpf` when nothing is mounted there (as `bpftool`
-/// does).
+/// Makes sure the pin directory is on bpffs, mounting bpffs at its usual
+/// place `/sys/fs/bpf` when nothing is mounted there (as `bpftool` does).
+///
+/// A pin directory that is itself on bpffs is enough: the service sees only
+/// its own pin directory, bound onto a private `/sys/fs/bpf` (the unit's
+/// `TemporaryFileSystem=` and `BindPaths=`), so that it need not search the
+/// host's root-only bpffs.
 pub(super) fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
-    let parent = layout.dir().parent().unwrap_or(Path::new("/"));
+    let dir = layout.dir();
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
     if is_bpffs(parent) {
         return check_pin_dir(layout);
     }
     if parent == Path::new(crate::paths::BPFFS) {
-        // NB: mode=700 as systemd mounts it (bpffs defaults to 1777).
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some("mode=700"),
-        )
-        .map_err(|e| Error::io(format!("mounting bpffs on {}", parent.display()), e.into()))?;
+        mount_bpffs(parent)?;
         return check_pin_dir(layout);
     }
     Err(Error::io(
         format!("{} is not on a bpffs mount", parent.display()),
         std::io::ErrorKind::InvalidInput.into(),
     ))
+}
+
+/// Mounts a bpffs instance on `dir` unless one is there, once however many
+/// tcpka processes try at the same moment: each mount is a new instance,
+/// and a second one would hide the first one's pins. The processes take an
+/// exclusive `flock` on the mount point (the directory under any bpffs
+/// mounted there later), then look again.
+pub fn mount_bpffs(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let point = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    // NB: flock on a directory works on every file system; the lock goes
+    // with the descriptor.
+    nix::fcntl::Flock::lock(point, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io(format!("locking {}", dir.display()), e.into()))
+        .and_then(|_held| {
+            if is_bpffs(dir) {
+                return Ok(());
+            }
+            // NB: mode=700 as systemd mounts it (bpffs defaults to 1777).
+            nix::mount::mount(
+                Some("bpf"),
+                dir,
+                Some("bpf"),
+                nix::mount::MsFlags::MS_NOSUID
+                    | nix::mount::MsFlags::MS_NODEV
+                    | nix::mount::MsFlags::MS_NOEXEC,
+                Some("mode=700"),
+            )
+            .map_err(|e| Error::io(format!("mounting bpffs on {}", dir.display()), e.into()))?;
+            tracing::info!("mounted bpffs on {}", dir.display());
+            Ok(())
+        })
 }
 
 /// Where tracefs is mounted on a usual host.

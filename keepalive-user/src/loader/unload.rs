@@ -9,7 +9,8 @@ pub fn unload(layout: &PinLayout) -> Result<bool> {
     }
     check_pin_dir(layout)?;
     let _lock = Lock::acquire(layout)?;
-    detach_and_remove(layout)
+    let found = detach_and_remove(layout)?;
+    Ok(remove_pin_dir(layout)? || found)
 }
 
 pub(super) fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
@@ -30,7 +31,8 @@ pub(super) fn detach_and_remove(layout: &PinLayout) -> Result<bool> {
     Ok(found)
 }
 
-/// Removes tcpka's pin files and then the directory if it is empty.
+/// Removes tcpka's pin files. The directory stays: the unit makes it for
+/// the service user, who may not make it again (`/sys/fs/bpf` is root's).
 pub(super) fn remove_pins(layout: &PinLayout) -> Result<bool> {
     let mut found = false;
     let names = std::iter::once(
@@ -48,15 +50,19 @@ pub(super) fn remove_pins(layout: &PinLayout) -> Result<bool> {
             Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
         }
     }
-    match std::fs::remove_dir(layout.dir()) {
-        Ok(()) => found = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("removing {} (not empty?)", layout.dir().display()),
-                e,
-            ))
-        }
-    }
     Ok(found)
+}
+
+/// Removes the emptied pin directory (`unload`). One that is a mount point
+/// (the service's own view of it, bound by the unit) is left to its mount.
+pub(super) fn remove_pin_dir(layout: &PinLayout) -> Result<bool> {
+    match std::fs::remove_dir(layout.dir()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+        Err(e) => Err(Error::io(
+            format!("removing {} (not empty?)", layout.dir().display()),
+            e,
+        )),
+    }
 }

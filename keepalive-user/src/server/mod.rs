@@ -31,7 +31,7 @@ use prometheus_client::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::{broadcast, mpsc},
 };
 use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
@@ -94,6 +94,9 @@ pub struct Config {
     /// Required on every request when set. A TCP listener always has one
     /// (see [`resolve_token`]).
     pub token: Option<String>,
+    /// Where to write the token, once serve has loaded (a generated one:
+    /// `/run/tcpka/api-token`, readable by `api_group`).
+    pub token_file: Option<PathBuf>,
     /// Group whose members may use a unix socket listener (root always
     /// may); the socket is then mode 0660 with that group, else 0600.
     pub api_group: Option<u32>,
@@ -165,6 +168,9 @@ pub async fn run(
     if let Some(path) = &config.rules_file {
         crate::config::Config::load(path)?;
     }
+    // SIGHUP from here on is a reload, applied once the rules file has
+    // been applied the first time (until here it was ignored: main).
+    let hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
     let _serving = crate::lock::ServeLock::acquire(&layout)?;
     let outcome = {
         let layout = layout.clone();
@@ -184,11 +190,18 @@ pub async fn run(
         pin_dir = %i.pin_dir.display(),
         "{verb} the installation"
     );
+    if let (Some(path), Some(token)) = (&config.token_file, &config.token) {
+        access::write_token_file(path, token, config.api_group)?;
+        crate::errln!(
+            "tcpka: API token in {} (send it as Authorization: Bearer TOKEN)",
+            path.display()
+        );
+    }
     let (events_tx, _) = broadcast::channel(4096);
     if let Some(path) = &config.rules_file {
         apply_rules_file(&enforcer, path).await?;
     }
-    spawn_reload(enforcer.clone(), config.rules_file.clone())?;
+    spawn_reload(hup, enforcer.clone(), config.rules_file.clone());
     let state = AppState {
         batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
         enforcer,
@@ -246,6 +259,7 @@ pub async fn run(
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
+        crate::service::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = stop_tx.send(true);
     });
     let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -267,6 +281,7 @@ pub async fn run(
                     .await
                     .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
                 tracing::info!("API on http://{addr}");
+                crate::service::notify(&[sd_notify::NotifyState::Ready]);
                 let info = ConnInfo {
                     peer: None,
                     loopback_port: addr.ip().is_loopback().then_some(addr.port()),
@@ -286,6 +301,7 @@ pub async fn run(
                 let _remove = SocketFile::new(path);
                 secure_socket(path, config.api_group)?;
                 tracing::info!("API on unix:{}", path.display());
+                crate::service::notify(&[sd_notify::NotifyState::Ready]);
                 serve_connections(
                     || async {
                         let (io, _) = listener.accept().await?;

@@ -83,18 +83,22 @@ pub(super) async fn apply_rules_file(
 /// On SIGHUP (`tcpka reload`, `systemctl reload`), the rules file again. A
 /// file that has become invalid is reported and changes nothing. Without a
 /// file, SIGHUP is logged and ignored (it must not stop the daemon).
-pub(super) fn spawn_reload(enforcer: Enforcer, path: Option<PathBuf>) -> Result<(), Error> {
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
+/// A SIGHUP that came while serve started (`hup` was installed before
+/// the load) is a reload now: applying the file again is harmless.
+pub(super) fn spawn_reload(mut hup: Signal, enforcer: Enforcer, path: Option<PathBuf>) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             let Some(path) = &path else {
                 tracing::warn!("reload: serve has no --config file; nothing to apply");
                 continue;
             };
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            crate::service::notify(&reloading);
             if let Err(e) = apply_rules_file(&enforcer, path).await {
                 tracing::error!(file = %path.display(), "reload refused: {}", crate::one_line(&e));
             }
+            crate::service::notify(&[sd_notify::NotifyState::Ready]);
         }
     });
-    Ok(())
 }
