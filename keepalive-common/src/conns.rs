@@ -5,6 +5,13 @@ pub const FLAG_OUTSIDE: u32 = 1;
 /// [`ConnInfo::flags`]: `tcpka close` is ending it; its end is reported
 /// as `KIND_CLOSED_BY_TCPKA`.
 pub const FLAG_CLOSING: u32 = 2;
+/// [`ConnInfo::flags`]: in the attached cgroup, but sock_ops may not see
+/// its close: a kernel before 6.12 cannot ask it to for a connection it
+/// did not see connect. Like [`FLAG_OUTSIDE`], its close is seen while the
+/// state tracepoint is attached for such connections.
+pub const FLAG_UNWATCHED: u32 = 4;
+/// Flags of connections whose close only the state tracepoint sees.
+pub const FLAGS_TRACEPOINT_CLOSE: u32 = FLAG_OUTSIDE | FLAG_UNWATCHED;
 use crate::policy::Policy;
 
 /// [`ConnInfo::source`]: the policy came from a rule.

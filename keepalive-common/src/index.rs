@@ -29,6 +29,28 @@ pub struct SlotInfo {
     pub sk: u64,
 }
 
+/// A bit of [`SlotInfo::key`]'s `slot` (a real slot is below
+/// [`PEER_SLOTS`]; the peer map's key has it clear): sock_ops will not see
+/// this connection close (see `stats::UNWATCHED_ADDED`), the state
+/// tracepoint forgets it. (Kept in the key, not in a field of its own: the
+/// value stays 32 bytes, and sock_ops' stack within Linux 6.1's limit.)
+pub const SLOT_UNWATCHED: u16 = 0x4000;
+
+impl SlotInfo {
+    /// Whether only the state tracepoint sees this connection close.
+    pub fn unwatched(&self) -> bool {
+        self.key.slot & SLOT_UNWATCHED != 0
+    }
+
+    /// Its key in the peer map.
+    pub fn peer_key(&self) -> IndexKey {
+        IndexKey {
+            slot: self.key.slot & !SLOT_UNWATCHED,
+            ..self.key
+        }
+    }
+}
+
 /// A process and descriptor that last received a TCP socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -24,6 +24,16 @@ pub const FLAG_RULE_EVENTS: u64 = 4;
 /// through aya-log. Off, each log statement costs one bit test.
 pub const FLAG_TRACE: u64 = 8;
 
+/// [`FLAGS`]: this kernel cannot set sock_ops callback flags from an
+/// iterator (before 6.12): connections sock_ops did not see connect are
+/// watched by the state tracepoint instead, attached while any is left.
+pub const FLAG_CLOSE_BY_TRACEPOINT: u64 = 16;
+/// [`FLAGS`]: managed connections whose close sock_ops will not see
+/// (`conns::FLAGS_TRACEPOINT_CLOSE`) may exist: the state tracepoint looks
+/// up every closing connection. Set by user space before such an entry is
+/// made, cleared with the tracepoint's detach.
+pub const FLAG_WATCH_CONNS: u64 = 32;
+
 /// The word and bit of `port` in a set starting at `base`.
 #[inline(always)]
 pub const fn slot(base: u32, port: u16) -> (u32, u64) {

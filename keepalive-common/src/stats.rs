@@ -25,5 +25,12 @@ pub const PEER_OVERFLOWS: u32 = 7;
 /// (`TCP_BPF_SOCK_OPS_CB_FLAGS` refused): their `closed`, `reset` and
 /// `timeout` events are not sent.
 pub const CLOSE_WATCH_ERRORS: u32 = 8;
+/// Index entries of connections whose close sock_ops will not see (a
+/// kernel before 6.12 cannot ask it to, for connections it did not see
+/// connect): the state tracepoint forgets them, attached while
+/// `UNWATCHED_ADDED - UNWATCHED_GONE` is not zero.
+pub const UNWATCHED_ADDED: u32 = 9;
+/// Such index entries removed (the connection closed).
+pub const UNWATCHED_GONE: u32 = 10;
 /// Number of counters.
-pub const LEN: u32 = 9;
+pub const LEN: u32 = 11;

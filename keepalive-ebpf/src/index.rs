@@ -5,7 +5,7 @@
 //! user space walks for.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_current_pid_tgid};
 use keepalive_common::{
-    index::{FdOwner, IndexKey, SlotInfo, PEER_SLOTS, SLOT_OVERFLOW},
+    index::{FdOwner, IndexKey, SlotInfo, PEER_SLOTS, SLOT_OVERFLOW, SLOT_UNWATCHED},
     stats,
 };
 
@@ -16,9 +16,11 @@ use crate::{
 
 const E2BIG: i32 = -7;
 
-/// Adds a connected socket to the peer index, once.
+/// Adds a connected socket to the peer index, once. `unwatched`: only the
+/// state tracepoint will see it close (counted, for user space to know
+/// when the tracepoint may go).
 #[inline(always)]
-pub fn add(sk: *const u8, cookie: u64) {
+pub fn add(sk: *const u8, cookie: u64, unwatched: bool) {
     // SAFETY: read-only lookup.
     if unsafe { SLOTS.get(&cookie) }.is_some() {
         return;
@@ -38,11 +40,17 @@ pub fn add(sk: *const u8, cookie: u64) {
         key.slot = slot;
         match PEERS.insert(&key, &cookie, BPF_NOEXIST as u64) {
             Ok(()) => {
-                let info = SlotInfo { key, sk: sk as u64 };
+                let mut info = SlotInfo { key, sk: sk as u64 };
+                if unwatched {
+                    info.key.slot |= SLOT_UNWATCHED;
+                }
                 if SLOTS.insert(&cookie, &info, 0).is_err() {
                     let _ = PEERS.remove(&key);
                     full = true;
                     break;
+                }
+                if unwatched {
+                    count(stats::UNWATCHED_ADDED);
                 }
                 return;
             }
@@ -69,10 +77,16 @@ pub fn add(sk: *const u8, cookie: u64) {
 #[inline(always)]
 pub fn remove(cookie: u64) {
     // SAFETY: read-only lookup.
-    let Some(key) = (unsafe { SLOTS.get(&cookie) }).map(|i| i.key) else {
+    let Some((key, unwatched)) =
+        (unsafe { SLOTS.get(&cookie) }).map(|i| (i.peer_key(), i.unwatched()))
+    else {
         return;
     };
-    let _ = SLOTS.remove(&cookie);
+    // NB: counted only by the one that removed it (sock_ops and the state
+    // tracepoint may both see the close).
+    if SLOTS.remove(&cookie).is_ok() && unwatched {
+        count(stats::UNWATCHED_GONE);
+    }
     // Only if the slot still holds this socket.
     // SAFETY: read-only lookup.
     if unsafe { PEERS.get(&key) }.is_some_and(|c| *c == cookie) {

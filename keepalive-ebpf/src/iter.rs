@@ -17,7 +17,8 @@ use aya_ebpf::helpers::{
     generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_OUTSIDE, SOURCE_COMMAND},
+    conns::{ConnInfo, FLAG_OUTSIDE, FLAG_UNWATCHED, SOURCE_COMMAND},
+    ports,
     requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE},
     sockopt::*,
 };
@@ -42,14 +43,19 @@ use keepalive_common::stats;
 /// that its close is reported (`--index ports`; the state tracepoint sees
 /// every close with `--index host`). Needs 6.12
 /// (`TCP_BPF_SOCK_OPS_CB_FLAGS`) and a socket in the attached cgroup.
+/// Returns whether sock_ops will see the close: false on an older kernel
+/// (`FLAG_CLOSE_BY_TRACEPOINT`), where the state tracepoint watches it.
 #[inline(always)]
-fn watch_close(tp: *mut c_void) {
+fn watch_close(tp: *mut c_void) -> bool {
     if host_index() {
-        return;
+        return true;
+    }
+    if port_flags() & ports::FLAG_CLOSE_BY_TRACEPOINT != 0 {
+        return false;
     }
     let flags = get(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) as i32;
     if flags & STATE_CB_FLAG != 0 {
-        return;
+        return true;
     }
     if !setsockopt_int(
         tp,
@@ -59,6 +65,7 @@ fn watch_close(tp: *mut c_void) {
     ) {
         count(stats::CLOSE_WATCH_ERRORS);
     }
+    true
 }
 
 /// `TCP_LISTEN` in `enum tcp_state`.
@@ -226,19 +233,26 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
         if !apply_policy(tp, &req.policy) {
             failed = 1;
         }
-        // Outside the cgroup sock_ops never sees its close: user space then
-        // attaches the state tracepoint for such connections.
+        // Outside the cgroup sock_ops never sees its close, nor (before
+        // 6.12) that of a connection it did not see connect: user space
+        // then attaches the state tracepoint for such connections.
         let outside = !host_index() && !covered(sk);
+        let flags = if outside {
+            FLAG_OUTSIDE
+        } else if !watch_close(tp) {
+            FLAG_UNWATCHED
+        } else {
+            0
+        };
         let info = ConnInfo {
             policy: req.policy,
             source: SOURCE_COMMAND,
             rule_id: 0,
-            flags: if outside { FLAG_OUTSIDE } else { 0 },
+            flags,
             // SAFETY: helper without arguments.
             applied_ns: unsafe { bpf_ktime_get_ns() },
         };
         let _ = CONNS.insert(&cookie, &info, 0);
-        watch_close(tp);
     } else if req.op == OP_DISABLE {
         if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
             failed = 1;
@@ -285,15 +299,17 @@ pub fn tcpka_seed_peers(ctx: *mut c_void) -> i32 {
     if matches!(state, 7 | 10) {
         return 0;
     }
+    let mut unwatched = false;
     if !host_index() {
         let Some(e) = ends(sk) else { return 0 };
-        // Only what sock_ops will see close: the index never keeps a
-        // socket it cannot forget.
+        // Only what sock_ops (or, before 6.12, the state tracepoint, which
+        // user space attached before this pass) will see close: the index
+        // never keeps a socket it cannot forget.
         if !index_port(port_flags(), e.local_port, e.remote_port) || !covered(sk) {
             return 0;
         }
-        watch_close(tp);
+        unwatched = !watch_close(tp);
     }
-    index::add(sk, cookie);
+    index::add(sk, cookie, unwatched);
     0
 }

@@ -1,6 +1,6 @@
 //! Reading a socket's addresses, ports, state and network namespace from
 //! `struct sock_common`, shared by the programs that see socket pointers.
-use aya_ebpf::helpers::bpf_probe_read_kernel_buf;
+use aya_ebpf::helpers::generated::bpf_probe_read_kernel;
 
 use crate::offsets::offset;
 
@@ -26,16 +26,25 @@ pub struct Ends {
 }
 
 /// Reads a field at a configuration-dependent offset through the probe
-/// helper; a fault leaves the default value.
+/// helper; a fault leaves zeroes (the helper clears what it cannot read).
 #[inline(always)]
-pub fn read<T: Copy + Default>(sk: *const u8, off: usize) -> T {
-    let mut v = T::default();
-    // SAFETY: `buf` covers exactly `v`.
-    let buf =
-        unsafe { core::slice::from_raw_parts_mut(&mut v as *mut T as *mut u8, size_of::<T>()) };
-    // SAFETY: the helper checks the kernel address.
-    let _ = unsafe { bpf_probe_read_kernel_buf(sk.wrapping_add(off), buf) };
-    v
+pub fn read<T: Copy>(sk: *const u8, off: usize) -> T {
+    // NB: not zeroed first: LLVM zeroes a 16-byte value with a call to
+    // memset, a subprogram whose frame Linux 6.1 adds to the caller's
+    // (over its 512-byte stack limit). The helper takes uninitialised
+    // memory.
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the destination is exactly `v`; the helper checks the kernel
+    // address.
+    let _ = unsafe {
+        bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            sk.wrapping_add(off).cast(),
+        )
+    };
+    // SAFETY: the helper wrote every byte: what it read, or zeroes.
+    unsafe { v.assume_init() }
 }
 
 /// Loads a field at one of the stable `sock_common` offsets directly: the

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_CLOSING, FLAG_OUTSIDE, SOURCE_COMMAND, SOURCE_RULE},
+    conns::{ConnInfo, FLAGS_TRACEPOINT_CLOSE, FLAG_CLOSING, SOURCE_COMMAND, SOURCE_RULE},
     events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT},
     ports, stats,
 };
@@ -23,9 +23,9 @@ use keepalive_common::{
 use crate::{
     apply::emit,
     index,
-    maps::{count, host_index, port_flags, CONNS, HOLDER_COUNT},
+    maps::{count, host_index, index_port, port_flags, CONNS, HOLDER_COUNT, SLOTS},
     offsets::offset,
-    sock::{ends, is_tcp, read},
+    sock::{ends, is_tcp, load, read, SKC_DPORT},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -33,8 +33,10 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
     let newstate = ctx.arg::<u64>(2) as u32;
     if !host_index() {
-        // Attached only while connections outside the cgroup are managed:
-        // their close is reported here, everything else by sock_ops.
+        // Attached only while connections whose close sock_ops will not see
+        // are managed or indexed (outside the cgroup; before 6.12, those it
+        // did not see connect): their close is reported here, everything
+        // else by sock_ops.
         if newstate != BPF_TCP_CLOSE {
             return 0;
         }
@@ -42,10 +44,32 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
         if !is_tcp(sk as *const u8) {
             return 0;
         }
+        // Index entries first, behind a port check: most connections on the
+        // host have no index port and cost no map lookup here.
+        let flags = port_flags();
+        if flags & ports::FLAG_CLOSE_BY_TRACEPOINT != 0 {
+            // NB: not skc_num, which the port's release zeroes before the
+            // tracepoint runs (a passive close): inet_sport stays.
+            let sport: u16 = read(sk as *const u8, offset!(inet_sport));
+            let local = u16::from_be(sport);
+            let remote: u16 = u16::from_be(load(sk as *const u8, SKC_DPORT));
+            if index_port(flags, local, remote) {
+                // SAFETY: a `struct sock` pointer from the tracepoint.
+                let cookie = unsafe { bpf_get_socket_cookie(sk) };
+                // SAFETY: read-only lookup.
+                if unsafe { SLOTS.get(&cookie) }.is_some_and(|i| i.unwatched()) {
+                    forget(sk as *const u8, cookie, true);
+                    return 0;
+                }
+            }
+        }
+        if flags & ports::FLAG_WATCH_CONNS == 0 {
+            return 0;
+        }
         // SAFETY: a `struct sock` pointer from the tracepoint.
         let cookie = unsafe { bpf_get_socket_cookie(sk) };
         // SAFETY: read-only lookup.
-        if unsafe { CONNS.get(&cookie) }.is_some_and(|i| i.flags & FLAG_OUTSIDE != 0) {
+        if unsafe { CONNS.get(&cookie) }.is_some_and(|i| i.flags & FLAGS_TRACEPOINT_CLOSE != 0) {
             forget(sk as *const u8, cookie, true);
         }
         return 0;
@@ -67,7 +91,7 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
     if connecting {
         // Indexed from the first state that knows the peer, so a command
         // for a connection still being set up finds it too.
-        index::add(sk as *const u8, cookie);
+        index::add(sk as *const u8, cookie, false);
         return 0;
     }
     forget(sk as *const u8, cookie, true);

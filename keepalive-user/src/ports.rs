@@ -127,9 +127,13 @@ pub fn write_initial<T: BorrowMut<MapData>>(
     map: &mut Array<T, u64>,
     index: &IndexPorts,
     rule_events: bool,
+    close_by_tracepoint: bool,
 ) -> Result<()> {
     let mut set = vec![0u64; WORDS as usize];
     let mut flags = 0;
+    if close_by_tracepoint {
+        flags |= ports::FLAG_CLOSE_BY_TRACEPOINT;
+    }
     match index {
         IndexPorts::List(l) => l.iter().for_each(|&p| set_bit(&mut set, p)),
         IndexPorts::All => flags |= FLAG_INDEX_ALL,

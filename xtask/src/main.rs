@@ -90,8 +90,14 @@ enum Task {
     #[command(hide = true)]
     BenchHold { src: String, count: usize },
     /// Set up, build, and run every test: unit tests and the real-kernel
-    /// integration tests (as root). Extra arguments filter test names.
+    /// integration tests (as root), on this machine's kernel and on Debian
+    /// 12's 6.1 in a VM (qemu TCG, one test at a time). Extra arguments
+    /// filter test names.
     Test {
+        /// Which kernels run the real-kernel tests: host (this machine's),
+        /// debian12 (Debian 12's current 6.1, booted under qemu) or all.
+        #[arg(long, value_enum, default_value_t = Kernel::All)]
+        kernel: Kernel,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -102,6 +108,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Kernel {
+    Host,
+    Debian12,
+    All,
 }
 
 fn main() {
@@ -178,7 +191,7 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Test { args } => {
+        Task::Test { kernel, args } => {
             setup::run()?;
             // Lint gates first: formatting, then clippy with warnings as
             // errors, on every target.
@@ -193,31 +206,97 @@ fn real_main() -> Result<()> {
             // The package test installs what a user would.
             build_release()?;
             let deb = build_deb(&root)?;
-            // Kernel tests move the test process between cgroups and
-            // network namespaces, so they run one at a time.
-            let mut cmd = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
-            cmd.extend(args.iter().map(String::as_str));
-            // NB: in a private mount namespace laid out like a freshly
-            // booted systemd host, whatever this machine's own state: see
-            // FRESH_HOST.
-            step("test", || {
-                let status = Command::new("unshare")
-                    .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                    .arg(FRESH_HOST)
-                    .arg("sh")
-                    .arg(cargo_bin())
-                    .args(&cmd)
-                    .env("TCPKA_BIN", &bin)
-                    .env("TCPKA_DEB", &deb)
-                    .status()
-                    .context("starting cargo test (unshare is in util-linux)")?;
-                if !status.success() {
-                    bail!("tests failed ({status})");
+            let env = [
+                ("TCPKA_BIN".to_owned(), bin.display().to_string()),
+                ("TCPKA_DEB".to_owned(), deb.display().to_string()),
+            ];
+            let mut failed = Vec::new();
+            if kernel != Kernel::Debian12 {
+                if let Err(e) = test_host(&args, &env) {
+                    eprintln!("xtask: {e:#}");
+                    failed.push("this machine's kernel");
                 }
-                Ok(())
-            })
+            }
+            if kernel != Kernel::Host {
+                if let Err(e) = test_debian12(&root, &args, &env) {
+                    eprintln!("xtask: {e:#}");
+                    failed.push("Debian 12's kernel");
+                }
+            }
+            if !failed.is_empty() {
+                bail!("tests failed on {}", failed.join(" and "));
+            }
+            Ok(())
         }
     }
+}
+
+/// Every test on this machine's kernel. Kernel tests move the test process
+/// between cgroups and network namespaces, so they run one at a time.
+fn test_host(args: &[String], env: &[(String, String)]) -> Result<()> {
+    let mut cmd = vec!["test", "--no-fail-fast", "--", "--test-threads=1"];
+    cmd.extend(args.iter().map(String::as_str));
+    // NB: in a private mount namespace laid out like a freshly booted
+    // systemd host, whatever this machine's own state: see FRESH_HOST.
+    step("test (this machine's kernel)", || {
+        let status = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(FRESH_HOST)
+            .arg("sh")
+            .arg(cargo_bin())
+            .args(&cmd)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .status()
+            .context("starting cargo test (unshare is in util-linux)")?;
+        if !status.success() {
+            bail!("tests failed ({status})");
+        }
+        Ok(())
+    })
+}
+
+/// The real-kernel tests (the tests package's) on Debian 12's 6.1, in a VM
+/// laid out like a freshly booted Debian 12 host (see `vm.rs`).
+fn test_debian12(root: &Path, args: &[String], env: &[(String, String)]) -> Result<()> {
+    let bins = test_binaries()?;
+    step("test (Debian 12's kernel, in a VM)", || {
+        vm::run_tests(root, &bins, args, env)
+    })
+}
+
+/// The integration test binaries of the tests package, built.
+fn test_binaries() -> Result<Vec<PathBuf>> {
+    let out = Command::new(cargo_bin())
+        .args([
+            "test",
+            "-p",
+            "tcpka-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed ({})", out.status);
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = v["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe)) = (is_test, v["executable"].as_str()) {
+            bins.push(PathBuf::from(exe));
+        }
+    }
+    if bins.is_empty() {
+        bail!("cargo test --no-run named no test binaries");
+    }
+    bins.sort();
+    Ok(bins)
 }
 
 /// Shell prologue that lays out a private mount namespace like a freshly

@@ -188,7 +188,6 @@ struct Vm {
 /// `BIN --test-threads=1 <filter args>`, with `env` set. Streams guest
 /// output to stderr with a "[debian12] " prefix. Ok(()) only if every
 /// binary exited 0; otherwise an error naming the failed binaries.
-#[allow(dead_code)] // until `cargo xtask test --kernel debian12` calls it
 pub fn run_tests(
     root: &Path,
     bins: &[PathBuf],
@@ -315,12 +314,6 @@ pub fn run_command(root: &Path, command: &str, env: &[(String, String)]) -> Resu
             log_path(root).display()
         ),
     }
-}
-
-/// The kernel release booted, e.g. "6.1.0-57-amd64" (after prepare).
-#[allow(dead_code)] // until `cargo xtask test --kernel debian12` calls it
-pub fn kernel_release(root: &Path) -> Result<String> {
-    Ok(prepare(root)?.release)
 }
 
 fn vm_dir(root: &Path) -> PathBuf {
@@ -995,33 +988,5 @@ mod tests {
         assert_eq!(sh_quote("a'b c"), r"'a'\''b c'");
         assert_eq!(parse_duration("90", "x").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("2m", "x").unwrap(), Duration::from_secs(120));
-    }
-}
-
-// TEMPORARY caller for trying run_tests by hand (to be removed).
-#[cfg(test)]
-mod by_hand {
-    #[test]
-    #[ignore]
-    fn run_tests_by_hand() {
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let bins: Vec<std::path::PathBuf> = std::env::var("TCPKA_VM_BINS")
-            .unwrap()
-            .split(':')
-            .map(Into::into)
-            .collect();
-        let filter: Vec<String> = std::env::var("TCPKA_VM_FILTER")
-            .map(|f| f.split_whitespace().map(Into::into).collect())
-            .unwrap_or_default();
-        let env: Vec<(String, String)> = ["TCPKA_BIN", "TCPKA_DEB"]
-            .iter()
-            .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
-            .collect();
-        let r = super::run_tests(&root, &bins, &filter, &env);
-        eprintln!("run_tests returned: {r:?}");
-        eprintln!("release: {:?}", super::kernel_release(&root));
     }
 }

@@ -104,6 +104,13 @@ impl Enforcer {
         };
         debug_assert!(ops.iter().all(|op| op.netns == first.netns));
         self.lookups.walks.fetch_add(1, Ordering::Relaxed);
+        let enabling = ops.iter().any(|op| matches!(op.action, Action::Enable(_)));
+        // Before 6.12 most connections the walk enables are ones sock_ops
+        // will not see close: the tracepoint watches from before the pass,
+        // so that none closes unseen (detached afterwards if not needed).
+        if enabling && loader::close_by_tracepoint(&self.layout)? {
+            loader::watch_outside(&self.layout, true)?;
+        }
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
         for op in ops {
@@ -120,7 +127,7 @@ impl Enforcer {
         );
         pending.clear()?;
         let records = parse_raw(&found?);
-        if ops.iter().any(|op| matches!(op.action, Action::Enable(_))) {
+        if enabling {
             self.watch_if_outside(&records)?;
         }
         Ok(ops
@@ -139,19 +146,19 @@ impl Enforcer {
     /// the attached cgroup, attaches the state tracepoint that reports its
     /// close (sock_ops never runs for it).
     pub(super) fn watch_if_outside(&self, records: &[ConnRecord]) -> Result<()> {
-        if crate::pinned::index_mode_of(&self.layout) != loader::IndexMode::Ports
-            || self.layout.close_link().exists()
-        {
+        if crate::pinned::index_mode_of(&self.layout) != loader::IndexMode::Ports {
             return Ok(());
         }
         let conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
         let outside = records.iter().any(|r| {
             conns
                 .get(&r.cookie, 0)
-                .is_ok_and(|i| i.flags & keepalive_common::conns::FLAG_OUTSIDE != 0)
+                .is_ok_and(|i| i.flags & keepalive_common::conns::FLAGS_TRACEPOINT_CLOSE != 0)
         });
         if outside {
-            loader::watch_outside(&self.layout)?;
+            loader::watch_outside(&self.layout, true)?;
+        } else if loader::close_by_tracepoint(&self.layout)? {
+            loader::unwatch_outside_locked(&self.layout)?;
         }
         Ok(())
     }

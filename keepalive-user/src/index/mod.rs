@@ -93,7 +93,16 @@ pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
         }
         return Ok(true);
     }
+    // Before 6.12 sock_ops cannot be asked to watch what the pass indexes:
+    // the state tracepoint does, from before the pass until none is left.
+    let by_tracepoint = crate::loader::close_by_tracepoint(layout)?;
+    if by_tracepoint {
+        crate::loader::watch_outside(layout, false)?;
+    }
     crate::pass::run(&layout.iter_seed_peers(), netns, None)?;
+    if by_tracepoint {
+        crate::loader::unwatch_outside_locked(layout)?;
+    }
     Ok(seeded.insert(inode, 1, 0).is_ok())
 }
 

@@ -58,11 +58,18 @@ pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
 }
 
 /// With the ports index: attaches the state tracepoint, so that the close
-/// of a managed connection outside the attached cgroup (where sock_ops
-/// never runs) is reported. Costs every connection on the host while
+/// of a connection sock_ops will not see close is reported: a managed one
+/// outside the attached cgroup (where sock_ops never runs), and, before
+/// Linux 6.12, one that sock_ops did not see connect (indexed by the seed
+/// pass, or enabled by the walk). Costs every connection on the host while
 /// attached; [`unwatch_outside`] detaches it once no such connection is
-/// left. Call with the installation lock held.
-pub fn watch_outside(layout: &PinLayout) -> Result<()> {
+/// left. `conns`: managed connections need it (the tracepoint then looks
+/// each closing connection up; index entries cost a port check only). Call
+/// with the installation lock held.
+pub fn watch_outside(layout: &PinLayout, conns: bool) -> Result<()> {
+    if conns {
+        crate::ports::set_flag(layout, keepalive_common::ports::FLAG_WATCH_CONNS, true)?;
+    }
     let link = layout.close_link();
     if link.exists() || !layout.close_prog().exists() {
         return Ok(());
@@ -73,18 +80,40 @@ pub fn watch_outside(layout: &PinLayout) -> Result<()> {
         .map_err(|e| Error::io("attaching to tracepoint inet_sock_set_state", e))?;
     sys::obj_pin(fd.as_fd(), &link)
         .map_err(|e| Error::io(format!("pinning {}", link.display()), e))?;
-    tracing::info!(
-        "a managed connection is outside cgroup {}: watching closes host-wide until none is left",
-        read_meta(layout)
-            .map(|m| meta_cgroup_path(&m).display().to_string())
-            .unwrap_or_default()
-    );
+    tracing::debug!("watching closes host-wide until no connection needs it");
     Ok(())
 }
 
+/// Whether closes are reported by the state tracepoint for connections
+/// sock_ops did not see connect (a kernel before 6.12).
+pub fn close_by_tracepoint(layout: &PinLayout) -> Result<bool> {
+    if index_mode_of(layout) != IndexMode::Ports {
+        return Ok(false);
+    }
+    let read =
+        || crate::ports::flag(layout, keepalive_common::ports::FLAG_CLOSE_BY_TRACEPOINT).ok();
+    Ok(crate::pinned::memo(layout, "close_by_tracepoint", read).unwrap_or(false))
+}
+
+/// Index entries whose close only the state tracepoint sees, still open.
+pub fn unwatched_indexed(layout: &PinLayout) -> Result<u64> {
+    let array =
+        crate::lend::lend::<aya::maps::PerCpuArray<aya::maps::MapData, u64>>(layout, maps::STATS)?;
+    let get = |i: u32| -> Result<u64> {
+        Ok(array
+            .get(&i, 0)
+            .map_err(|e| Error::map("reading the counters", e))?
+            .iter()
+            .sum())
+    };
+    let added = get(keepalive_common::stats::UNWATCHED_ADDED)?;
+    let gone = get(keepalive_common::stats::UNWATCHED_GONE)?;
+    Ok(added.saturating_sub(gone))
+}
+
 /// Detaches the state tracepoint [`watch_outside`] attached once no
-/// managed connection is outside the cgroup. Returns whether it did.
-/// Takes the installation lock.
+/// connection needs it. Returns whether it did. Takes the installation
+/// lock.
 pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
     if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
         return Ok(false);
@@ -102,17 +131,19 @@ pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
     let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
         aya::maps::HashMap::try_from(map)
             .map_err(|e| Error::map("opening the connection map", e))?;
-    let outside = conns
+    let managed = conns
         .iter()
         .filter_map(|r| r.ok())
-        .any(|(_, i)| i.flags & keepalive_common::conns::FLAG_OUTSIDE != 0);
-    if outside {
+        .any(|(_, i)| i.flags & keepalive_common::conns::FLAGS_TRACEPOINT_CLOSE != 0);
+    if managed {
+        return Ok(false);
+    }
+    crate::ports::set_flag(layout, keepalive_common::ports::FLAG_WATCH_CONNS, false)?;
+    if close_by_tracepoint(layout)? && unwatched_indexed(layout)? > 0 {
         return Ok(false);
     }
     std::fs::remove_file(layout.close_link())
         .map_err(|e| Error::io(format!("removing {}", layout.close_link().display()), e))?;
-    tracing::info!(
-        "no managed connection outside the cgroup is left: the state tracepoint is detached"
-    );
+    tracing::debug!("no connection needs the state tracepoint: detached");
     Ok(true)
 }

@@ -239,7 +239,12 @@ fn load_and_pin(
         let map = ebpf.map_mut(maps::PORTS).expect("checked above");
         let mut ports: Array<_, u64> =
             Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))?;
-        crate::ports::write_initial(&mut ports, &options.index_ports, options.rule_events)?;
+        crate::ports::write_initial(
+            &mut ports,
+            &options.index_ports,
+            options.rule_events,
+            index == IndexMode::Ports && !iterators_set_cb_flags(),
+        )?;
     }
 
     // The state tracepoint: with a host-wide index attached first, so
