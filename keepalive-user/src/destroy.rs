@@ -122,10 +122,39 @@ const UID_OFFSET: usize = 80;
 /// `INET_DIAG_NOCOOKIE`: any cookie.
 const NO_COOKIE: u64 = u64::MAX;
 
+/// Offset of `idiag_state` in the reply.
+const STATE_OFFSET: usize = 17;
+/// `TCP_SYN_RECV`: sock_diag reports a connection the server has not
+/// finished setting up (a request socket) with this state and uid 0.
+const TCP_SYN_RECV: u8 = 3;
+
 /// The uid that owns the TCP socket with these ends in this network
 /// namespace; `None` when there is none (for a connection, the other end
 /// is then not on this host).
+///
+/// NB: until the handshake's last ACK is processed, the server's end is a
+/// request socket, which sock_diag reports as owned by uid 0: that is not
+/// an owner, and this waits (up to a second) for the real socket.
 pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match socket_uid_once(local, remote)? {
+            Some((_, TCP_SYN_RECV)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Some((_, TCP_SYN_RECV)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the other end is still being set up: its owner is not known yet",
+                ))
+            }
+            other => return Ok(other.map(|(uid, _)| uid)),
+        }
+    }
+}
+
+/// [`socket_uid`]'s one look: the uid and the state sock_diag reports.
+fn socket_uid_once(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<(u32, u8)>> {
     let buf = exchange(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE))?;
     let n = buf.len();
     let kind = u16::from_ne_bytes([buf[4], buf[5]]);
@@ -142,7 +171,10 @@ pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opti
         )));
     }
     let b = &buf[UID_OFFSET..UID_OFFSET + 4];
-    Ok(Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
+    Ok(Some((
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        buf[STATE_OFFSET],
+    )))
 }
 
 /// How tcpka ends connections on this host.

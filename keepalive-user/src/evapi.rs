@@ -174,7 +174,12 @@ async fn session<C: Commands>(
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
-    match server_uid(local, config.addr) {
+    // NB: may wait (up to a second) for the server to finish accepting.
+    let addr = config.addr;
+    let owner = tokio::task::spawn_blocking(move || server_uid(local, addr))
+        .await
+        .map_err(|e| format!("finding the server's owner: {e}"))?;
+    match owner {
         Ok(Some(uid)) if uid == 0 || config.users.contains(&uid) => {}
         Ok(Some(uid)) => {
             return Err(format!(

@@ -357,3 +357,112 @@ pub(super) fn range(v: &[f64]) -> (f64, f64) {
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (lo, hi)
 }
+
+/// What the state tracepoint costs every process on the host while it is
+/// attached, from the kernel's statistics: per connection setup (connect,
+/// accept, close with a reset: no TIME_WAIT) on a port no one names, by a
+/// process outside the attached cgroup.
+///
+/// - the ports index with connections from before the load still open on
+///   an index port: before Linux 6.12 the tracepoint watches their close
+///   (on a newer kernel, `TCPKA_CLOSE_BY_TRACEPOINT=1` takes that path);
+/// - `--index host`, which keeps the index for every connection on the
+///   host (the default on 6.1 before the ports index reached it).
+pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    const CONNS: usize = 5000;
+    let home = own_cgroup()?;
+    let me = std::process::id().to_string();
+    let base = churn_rate(CONNS)?;
+    println!(
+        "host-wide: the state tracepoint per connection setup on a port no one names, outside the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
+        1e6 / base
+    );
+    let cases: [(&str, &[&str], bool); 2] = [
+        (
+            "ports index, attached for connections from before the load",
+            &[],
+            true,
+        ),
+        (
+            "--index host (every connection indexed)",
+            &["--index", "host"],
+            false,
+        ),
+    ];
+    for (what, args, older) in cases {
+        // A SIP connection from before the load, in the cgroup.
+        std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+        let l = TcpListener::bind(("127.0.0.1", SIP_PORT))?;
+        let held = (TcpStream::connect(l.local_addr()?)?, l.accept()?.0);
+        std::fs::write(home.join("cgroup.procs"), &me)?;
+        let mut cmd = Command::new(tcpka);
+        cmd.env("TCPKA_PIN_DIR", pin_dir)
+            .args(["load", "--cgroup"])
+            .arg(cgroup)
+            .args(args);
+        if older && newer_than_6_11() {
+            cmd.env("TCPKA_CLOSE_BY_TRACEPOINT", "1");
+        }
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let result = (|| -> Result<(f64, f64)> {
+            if !pin_dir.join("link_close").exists() {
+                bail!("{what}: the state tracepoint is not attached");
+            }
+            let stats = enable_bpf_stats()?;
+            let before = link_runtime(&pin_dir.join("link_close"))?;
+            churn_rate_on(CONNS, OTHER_PORT)?;
+            let after = link_runtime(&pin_dir.join("link_close"))?;
+            drop(stats);
+            Ok((
+                (after.0 - before.0) as f64 / CONNS as f64,
+                (after.1 - before.1) as f64 / CONNS as f64,
+            ))
+        })();
+        time_cmd(tcpka, pin_dir, &["unload"])?;
+        drop(held);
+        let (ns, runs) = result?;
+        println!(
+            "  {what:<58} {ns:>6.0} ns  ({runs:.1} runs, {:.2}% of a setup)",
+            ns * base / 1e7
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Whether this kernel is 6.12 or later (the tracepoint path for older
+/// connections is then taken on request).
+fn newer_than_6_11() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release.trim().split(['.', '-']);
+    let major: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let minor: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 12)
+}
+
+/// Run time (ns) and runs of the program behind a pinned link.
+fn link_runtime(pin: &Path) -> Result<(u64, u64)> {
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = Command::new("bpftool").args(args).output()?;
+        if !out.status.success() {
+            bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let link = json(&[
+        "link",
+        "show",
+        "pinned",
+        pin.to_str().unwrap_or_default(),
+        "--json",
+    ])?;
+    let id = link["prog_id"].as_u64().context("no prog_id")?.to_string();
+    let prog = json(&["prog", "show", "id", &id, "--json"])?;
+    Ok((
+        prog["run_time_ns"].as_u64().unwrap_or(0),
+        prog["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}

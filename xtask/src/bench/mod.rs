@@ -145,8 +145,11 @@ pub fn run(tcpka: &Path, sizes: &[usize], samples: usize, pairs: usize) -> Resul
     };
     std::fs::create_dir(&floor_cgroup).context("create the floor's cgroup")?;
     let floor = crate::floor::EmptySockOps::attach(&floor_cgroup)?;
-    host_cost(tcpka, &pin_dir, &cgroup, &floor_cgroup, pairs)?;
+    if pairs > 0 {
+        host_cost(tcpka, &pin_dir, &cgroup, &floor_cgroup, pairs)?;
+    }
     program_time(tcpka, &pin_dir, &cgroup, &floor_cgroup, &floor)?;
+    tracepoint_time(tcpka, &pin_dir, &cgroup)?;
     drop(floor);
     if sizes.is_empty() {
         return Ok(());
