@@ -42,10 +42,12 @@ enum Task {
     /// the rest of the host, and Kamailio driving it per call.
     /// `bench kamailio` runs only the last (as --sip-only), `bench cost`
     /// only the host cost (as --cost-only), `bench fleet` only how long a
-    /// fleet rule takes from the etcd put to the kernel of 2 and 20 agents.
+    /// fleet rule takes from the etcd put to the kernel of 2 and 20 agents,
+    /// `bench enable` only the enable latencies (and the kernel's
+    /// statistics of the host cost, without the ratios).
     Bench {
-        /// One part only: kamailio, cost or fleet.
-        #[arg(value_parser = ["kamailio", "cost", "fleet"])]
+        /// One part only: kamailio, cost, fleet or enable.
+        #[arg(value_parser = ["kamailio", "cost", "fleet", "enable"])]
         part: Option<String>,
         /// Connection counts to measure at.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
@@ -181,6 +183,11 @@ fn real_main() -> Result<()> {
             }
             if part.as_deref() == Some("fleet") {
                 return bench::fleet(&tcpka);
+            }
+            if part.as_deref() == Some("enable") {
+                bench::set_load_args(load_args);
+                println!("== this machine's kernel ({})", kernel_release());
+                return bench::run(&tcpka, &sizes, samples, 0);
             }
             let sizes = if cost_only { Vec::new() } else { sizes };
             bench::set_load_args(load_args);

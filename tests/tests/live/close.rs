@@ -7,7 +7,15 @@ use super::*;
 pub(super) fn close_in_another_network_namespace_with_netns() {
     use std::io::Read as _;
     let e = env();
-    for method in ["sock_diag", "bpf_sock_destroy"] {
+    // bpf_sock_destroy is Linux 6.5's (before, close_with_bpf_sock_destroy
+    // checks the refusal).
+    let kfunc = tcpka::sock_destroy::probe().is_ok();
+    let methods: &[&str] = if kfunc {
+        &["sock_diag", "bpf_sock_destroy"]
+    } else {
+        &["sock_diag"]
+    };
+    for &method in methods {
         let named = NamedNetns::new();
         let ns = named.path();
         let (l, mut c, _s) = in_netns(&ns, || {
@@ -53,6 +61,39 @@ pub(super) fn close_ends_a_live_connection_from_the_kernel_side() {
 /// the way a kernel without sock_diag's SOCK_DESTROY is served.
 #[test]
 pub(super) fn close_with_bpf_sock_destroy() {
+    // The kfunc is Linux 6.5's: before, asking for it is refused, saying so.
+    if let Err(why) = tcpka::sock_destroy::probe() {
+        assert!(why.contains("no bpf_sock_destroy (Linux 6.5+)"), "{why}");
+        let e = Env::outside();
+        let run = |args: &[&str]| {
+            Run::from(
+                e.tcpka
+                    .cmd()
+                    .env("TCPKA_CLOSE_WITH", "bpf_sock_destroy")
+                    .args(args)
+                    .output()
+                    .unwrap(),
+            )
+        };
+        let doctor = run(&["doctor"]).ok().stdout;
+        assert!(
+            doctor.contains(
+                "note    close: bpf_sock_destroy: the kernel has no bpf_sock_destroy (Linux 6.5+)"
+            ),
+            "{doctor}"
+        );
+        let l = listen("127.0.0.1:0");
+        let (c, _s) = connect(&l);
+        let r = run(&["close", &l.local_addr().unwrap().to_string()]);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(
+            r.stderr.contains("this host cannot end connections")
+                && r.stderr.contains("Linux 6.5+"),
+            "{r:?}"
+        );
+        assert!(c.peer_addr().is_ok(), "the connection is still open");
+        return;
+    }
     close_with(Some("bpf_sock_destroy"));
 }
 

@@ -361,13 +361,22 @@ fn concurrent_commands_from_8_processes_are_all_applied() {
             scope.spawn(move || {
                 for n in 1..=200u32 {
                     let idle = (i as u32 + 1) * 1000 + n;
-                    let r = t.run(&[
-                        "enable",
-                        &format!("cookie:{ck}"),
-                        &idle.to_string(),
-                        "3",
-                        "4",
-                    ]);
+                    // NB: a generous lock wait: what is tested is that
+                    // every command is applied, not how long 8 processes
+                    // queue (a slow machine, an emulated CPU).
+                    let r = Run::from(
+                        t.cmd()
+                            .env("TCPKA_LOCK_WAIT_MS", "120000")
+                            .args([
+                                "enable",
+                                &format!("cookie:{ck}"),
+                                &idle.to_string(),
+                                "3",
+                                "4",
+                            ])
+                            .output()
+                            .unwrap(),
+                    );
                     assert_eq!(r.code, 0, "process {i} command {n}: {r:?}");
                     assert!(r.stdout.contains("on 1 connection"), "{r:?}");
                 }
