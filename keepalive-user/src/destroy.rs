@@ -122,6 +122,8 @@ const UID_OFFSET: usize = 80;
 /// `INET_DIAG_NOCOOKIE`: any cookie.
 const NO_COOKIE: u64 = u64::MAX;
 
+/// Offset of `idiag_inode` in the reply (after `idiag_uid`).
+const INODE_OFFSET: usize = 84;
 /// Offset of `idiag_state` in the reply.
 const STATE_OFFSET: usize = 17;
 /// `TCP_SYN_RECV`: sock_diag reports a connection the server has not
@@ -132,29 +134,47 @@ const TCP_SYN_RECV: u8 = 3;
 /// namespace; `None` when there is none (for a connection, the other end
 /// is then not on this host).
 ///
-/// NB: until the handshake's last ACK is processed, the server's end is a
-/// request socket, which sock_diag reports as owned by uid 0: that is not
-/// an owner, and this waits (up to a second) for the real socket.
+/// NB: a socket no process holds has no owner, yet sock_diag reports uid 0
+/// for it: a request socket (until the handshake's last ACK is processed),
+/// and, before Linux 6.x took the uid from the socket itself (6.1 still
+/// did not), a connection the server has not accepted yet or has closed.
+/// Such a socket has no inode: this waits (up to a second) for the server
+/// to hold it, then gives up rather than take uid 0 for root.
 pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     loop {
         match socket_uid_once(local, remote)? {
-            Some((_, TCP_SYN_RECV)) if std::time::Instant::now() < deadline => {
+            Some(s) if s.held() => return Ok(Some(s.uid)),
+            Some(_) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            Some((_, TCP_SYN_RECV)) => {
+            Some(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "the other end is still being set up: its owner is not known yet",
+                    "no process holds the other end (not accepted yet, or closed): its owner is not known",
                 ))
             }
-            other => return Ok(other.map(|(uid, _)| uid)),
+            None => return Ok(None),
         }
     }
 }
 
-/// [`socket_uid`]'s one look: the uid and the state sock_diag reports.
-fn socket_uid_once(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<(u32, u8)>> {
+/// What sock_diag says of one socket.
+struct DiagOwner {
+    uid: u32,
+    inode: u32,
+    state: u8,
+}
+
+impl DiagOwner {
+    /// Whether a process holds the socket, so that its uid is an owner's.
+    fn held(&self) -> bool {
+        self.state != TCP_SYN_RECV && self.inode != 0
+    }
+}
+
+/// [`socket_uid`]'s one look.
+fn socket_uid_once(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<DiagOwner>> {
     let buf = exchange(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE))?;
     let n = buf.len();
     let kind = u16::from_ne_bytes([buf[4], buf[5]]);
@@ -165,16 +185,17 @@ fn socket_uid_once(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opt
             e => Err(std::io::Error::from_raw_os_error(e)),
         };
     }
-    if kind != SOCK_DIAG_BY_FAMILY || n < UID_OFFSET + 4 {
+    if kind != SOCK_DIAG_BY_FAMILY || n < INODE_OFFSET + 4 {
         return Err(std::io::Error::other(format!(
             "unexpected sock_diag reply type {kind}"
         )));
     }
-    let b = &buf[UID_OFFSET..UID_OFFSET + 4];
-    Ok(Some((
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        buf[STATE_OFFSET],
-    )))
+    let word = |at: usize| u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+    Ok(Some(DiagOwner {
+        uid: word(UID_OFFSET),
+        inode: word(INODE_OFFSET),
+        state: buf[STATE_OFFSET],
+    }))
 }
 
 /// How tcpka ends connections on this host.
@@ -283,6 +304,10 @@ mod tests {
     fn socket_uid_is_the_owner_of_the_other_end() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // Not accepted yet: no process holds the server's end (6.1 says
+        // uid 0 for it): no owner.
+        let e = socket_uid(l.local_addr().unwrap(), c.local_addr().unwrap()).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
         let (s, _) = l.accept().unwrap();
         let me = nix::unistd::geteuid().as_raw();
         // The server's accepted socket, seen from the client's side.

@@ -46,7 +46,7 @@ pub type Steps = Vec<String>;
 
 /// Makes the installation usable by the service user `owner`: bpffs
 /// mounted on `/sys/fs/bpf` (race-free), the pin directory there (mode 0700)
-/// with its pins, and the lock and fleet cache directories with their
+/// with its pins, and the runtime, lock and fleet cache directories with their
 /// files, all owned by `owner`. Needs root. Idempotent.
 pub fn prepare(layout: &PinLayout, owner: Owner) -> Result<Steps> {
     if !nix::unistd::geteuid().is_root() {
@@ -81,7 +81,13 @@ pub fn prepare(layout: &PinLayout, owner: Owner) -> Result<Steps> {
         dir.display(),
         owner.uid
     ));
-    for d in [crate::paths::lock_dir(), crate::paths::fleet_cache_dir()] {
+    // The runtime directory too (systemd makes it the user's when it makes
+    // it; root may have made it first), with its files (the token).
+    for d in [
+        crate::paths::run_dir(),
+        crate::paths::lock_dir(),
+        crate::paths::fleet_cache_dir(),
+    ] {
         if std::fs::symlink_metadata(&d).is_ok() {
             let n = hand_over_dir(&d, owner)?;
             steps.push(format!(
