@@ -41,11 +41,9 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
             return 0;
         }
         let sk: *mut core::ffi::c_void = ctx.arg(0);
-        if !is_tcp(sk as *const u8) {
-            return 0;
-        }
         // Index entries first, behind a port check: most connections on the
-        // host have no index port and cost no map lookup here.
+        // host have no index port and cost no map lookup here, nor the
+        // protocol's read (SCTP and DCCP use this tracepoint too).
         let flags = port_flags();
         if flags & ports::FLAG_CLOSE_BY_TRACEPOINT != 0 {
             // NB: not skc_num, which the port's release zeroes before the
@@ -53,7 +51,7 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
             let sport: u16 = read(sk as *const u8, offset!(inet_sport));
             let local = u16::from_be(sport);
             let remote: u16 = u16::from_be(load(sk as *const u8, SKC_DPORT));
-            if index_port(flags, local, remote) {
+            if index_port(flags, local, remote) && is_tcp(sk as *const u8) {
                 // SAFETY: a `struct sock` pointer from the tracepoint.
                 let cookie = unsafe { bpf_get_socket_cookie(sk) };
                 // SAFETY: read-only lookup.
@@ -63,7 +61,7 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
                 }
             }
         }
-        if flags & ports::FLAG_WATCH_CONNS == 0 {
+        if flags & ports::FLAG_WATCH_CONNS == 0 || !is_tcp(sk as *const u8) {
             return 0;
         }
         // SAFETY: a `struct sock` pointer from the tracepoint.
