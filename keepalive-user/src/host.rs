@@ -130,7 +130,7 @@ pub(crate) fn kernel() -> Check {
         _ => Check::missing(
             "kernel",
             format!("{release}: setting options from an iterator needs 6.0"),
-            "Linux 6.0 or later (6.12 for the low-cost index)",
+            "Linux 6.0 or later",
         ),
     }
 }

@@ -1,5 +1,5 @@
 //! The two index modes the loader chooses between (`--index ports`, the
-//! default on Linux 6.12+, and `--index host`): what each attaches, the
+//! default, and `--index host`): what each attaches, the
 //! direct path through the index, the walk for what the index does not
 //! hold, and close events for connections inside and outside the cgroup.
 use std::{

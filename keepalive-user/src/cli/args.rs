@@ -202,7 +202,9 @@ pub(crate) enum Index {
     /// sock_ops indexes the cgroup's connections on an index port
     /// (--index-ports) and watches them, and those a --tracked rule matched, until
     /// they close; other connections cost five array reads, and commands
-    /// for them walk the socket table. Needs Linux 6.12.
+    /// for them walk the socket table. Before Linux 6.12 the state
+    /// tracepoint watches the connections from before the load until they
+    /// close.
     Ports,
     /// A state tracepoint indexes every connection on the host: any
     /// connection is reached directly, and every connection on the host
@@ -216,8 +218,7 @@ pub(crate) struct KernelArgs {
     /// How socket holders are learned [default: scan].
     #[arg(long, value_enum)]
     pub(crate) holders: Option<Holders>,
-    /// Who keeps the connection index [default: ports on Linux 6.12 or
-    /// later, else host].
+    /// Who keeps the connection index [default: ports].
     #[arg(long, value_enum)]
     pub(crate) index: Option<Index>,
     /// With --index ports: connections with either end on one of these
