@@ -18,6 +18,9 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_F_ALLOW_MULTI: u32 = 2;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_TRACE_RAW_TP: u32 = 23;
 
 /// `union bpf_attr` as a zeroed buffer, fields written at their offsets.
 struct Attr([u8; 128]);
@@ -85,23 +88,93 @@ impl EmptySockOps {
     /// The kernel's run statistics of the program: (run_time_ns, run_cnt),
     /// counted while `BPF_ENABLE_STATS` is on.
     pub fn runtime(&self) -> Result<(u64, u64)> {
-        // struct bpf_prog_info: run_time_ns at 192, run_cnt at 200.
-        let mut info = [0u8; 232];
-        Attr::new()
-            .u32(0, self.prog.as_raw_fd() as u32)
-            .u32(4, info.len() as u32)
-            .u64(8, info.as_mut_ptr() as u64)
-            .call(
-                BPF_OBJ_GET_INFO_BY_FD,
-                "reading the empty program's statistics",
-            )?;
-        let at = |off: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&info[off..off + 8]);
-            u64::from_ne_bytes(b)
-        };
-        Ok((at(192), at(200)))
+        runtime(&self.prog)
     }
+}
+
+/// The kernel's run statistics of a program: (run_time_ns, run_cnt).
+fn runtime(prog: &OwnedFd) -> Result<(u64, u64)> {
+    // struct bpf_prog_info: run_time_ns at 192, run_cnt at 200.
+    let mut info = [0u8; 232];
+    Attr::new()
+        .u32(0, prog.as_raw_fd() as u32)
+        .u32(4, info.len() as u32)
+        .u64(8, info.as_mut_ptr() as u64)
+        .call(
+            BPF_OBJ_GET_INFO_BY_FD,
+            "reading the empty program's statistics",
+        )?;
+    let at = |off: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&info[off..off + 8]);
+        u64::from_ne_bytes(b)
+    };
+    Ok((at(192), at(200)))
+}
+
+/// The floor of any program on the `inet_sock_set_state` tracepoint (the
+/// hook tcpka's state program uses): one that returns at once, attached
+/// host-wide (tp_btf) for as long as this lives.
+pub struct EmptyStateTracepoint {
+    prog: OwnedFd,
+    _link: OwnedFd,
+}
+
+impl EmptyStateTracepoint {
+    pub fn attach() -> Result<Self> {
+        let btf_id = vmlinux_type_id("btf_trace_inet_sock_set_state")?;
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), // r0 = 0
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
+        ];
+        let license = c"GPL";
+        let mut name = [0u8; 16];
+        name[..11].copy_from_slice(b"tcpka_floor");
+        let mut attr = Attr::new()
+            .u32(0, BPF_PROG_TYPE_TRACING)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(68, BPF_TRACE_RAW_TP)
+            .u32(108, btf_id);
+        attr.0[48..64].copy_from_slice(&name);
+        let fd = attr.call(BPF_PROG_LOAD, "loading an empty tp_btf program")?;
+        // SAFETY: a new descriptor we own.
+        let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let link = Attr::new().u32(8, prog.as_raw_fd() as u32).call(
+            BPF_RAW_TRACEPOINT_OPEN,
+            "attaching the empty tp_btf program",
+        )?;
+        // SAFETY: a new descriptor we own.
+        let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+        Ok(Self { prog, _link: link })
+    }
+
+    /// See [`EmptySockOps::runtime`].
+    pub fn runtime(&self) -> Result<(u64, u64)> {
+        runtime(&self.prog)
+    }
+}
+
+/// The id of a named type in the kernel's BTF (bpftool reads it).
+fn vmlinux_type_id(name: &str) -> Result<u32> {
+    let out = std::process::Command::new("bpftool")
+        .args([
+            "btf",
+            "dump",
+            "file",
+            "/sys/kernel/btf/vmlinux",
+            "format",
+            "raw",
+        ])
+        .output()
+        .context("running bpftool btf dump")?;
+    let want = format!("'{name}'");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(want.as_str()))
+        .and_then(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .with_context(|| format!("no type {name} in the kernel's BTF"))
 }
 
 impl Drop for EmptySockOps {

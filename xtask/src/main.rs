@@ -366,6 +366,8 @@ const FRESH_HOST: &str = concat!(
     "set -e; ",
     "for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" { print $2 }' /proc/self/mounts | sort -r); do ",
     "umount -l \"$m\"; done; ",
+    // Any bpffs this machine has (a stack of them, even) goes first.
+    "while umount /sys/fs/bpf 2>/dev/null; do :; done; ",
     "mount -t bpf -o mode=0700,nosuid,nodev,noexec bpf /sys/fs/bpf; ",
     "mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run; ",
     "install -d -m 1777 /run/lock; ln -s /dev/shm /run/shm; ",

@@ -142,7 +142,12 @@ must mount -t tmpfs -o nosuid,nodev,mode=755,size=20% tmpfs /run
 # As Debian's tmpfiles.d make them (and as the host tests' FRESH_HOST does).
 must install -d -m 1777 /run/lock
 must ln -s /dev/shm /run/shm
-must mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+# A fresh /tmp, unless the workspace (and the results share) is in it: then
+# the overlay's /tmp, writable, and discarded at power-off all the same.
+case "@ROOT@/" in
+    /tmp/*) ;;
+    *) must mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp ;;
+esac
 # The host's own tcpka state (seen through the 9p root) stays out.
 if [ -d /var/lib/tcpka ]; then
     must mount -t tmpfs -o mode=0700 tmpfs /var/lib/tcpka

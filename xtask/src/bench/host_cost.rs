@@ -204,30 +204,14 @@ pub(super) fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
 /// Total run time (ns) and runs of the installation's programs that run
 /// on connections: sock_ops, and the state tracepoint when attached.
 pub(super) fn programs_runtime(pin_dir: &Path) -> Result<(u64, u64)> {
-    let json = |args: &[&str]| -> Result<serde_json::Value> {
-        let out = Command::new("bpftool").args(args).output()?;
-        if !out.status.success() {
-            bail!("bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    };
     let (mut ns, mut runs) = (0, 0);
     for link in ["link_sockops", "link_close"] {
         let pin = pin_dir.join(link);
-        if !pin.exists() {
-            continue;
+        if pin.exists() {
+            let (n, r) = link_runtime(&pin)?;
+            ns += n;
+            runs += r;
         }
-        let link = json(&[
-            "link",
-            "show",
-            "pinned",
-            pin.to_str().unwrap_or_default(),
-            "--json",
-        ])?;
-        let id = link["prog_id"].as_u64().context("no prog_id")?.to_string();
-        let prog = json(&["prog", "show", "id", &id, "--json"])?;
-        ns += prog["run_time_ns"].as_u64().unwrap_or(0);
-        runs += prog["run_cnt"].as_u64().unwrap_or(0);
     }
     Ok((ns, runs))
 }
@@ -377,6 +361,22 @@ pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Re
         "host-wide: the state tracepoint per connection setup on a port no one names, outside the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
         1e6 / base
     );
+    // The floor: an empty program on the same tracepoint.
+    {
+        let floor = crate::floor::EmptyStateTracepoint::attach()?;
+        let stats = enable_bpf_stats()?;
+        let before = floor.runtime()?;
+        churn_rate_on(CONNS, OTHER_PORT)?;
+        let after = floor.runtime()?;
+        drop(stats);
+        let ns = (after.0 - before.0) as f64 / CONNS as f64;
+        let runs = (after.1 - before.1) as f64 / CONNS as f64;
+        println!(
+            "  {:<58} {ns:>6.0} ns  ({runs:.1} runs, {:.2}% of a setup)",
+            "floor: an empty program on this tracepoint (not tcpka)",
+            ns * base / 1e7
+        );
+    }
     let cases: [(&str, &[&str], bool); 2] = [
         (
             "ports index, attached for connections from before the load",
