@@ -144,8 +144,8 @@ must install -d -m 1777 /run/lock
 must ln -s /dev/shm /run/shm
 # A fresh /tmp, unless the workspace (and the results share) is in it: then
 # the overlay's /tmp, writable, and discarded at power-off all the same.
-case "@ROOT@/" in
-    /tmp/*) ;;
+case @ROOT@ in
+    /tmp | /tmp/*) ;;
     *) must mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp ;;
 esac
 # The host's own tcpka state (seen through the 9p root) stays out.
