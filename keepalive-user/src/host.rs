@@ -95,6 +95,12 @@ pub const REQUIRED_CAPS: [(u32, &str); 3] = [CAPS[0], CAPS[1], CAPS[2]];
 /// `netns`): entering it is `setns(2)`.
 const CAP_SYS_ADMIN: u32 = 21;
 
+/// Whether this process lacks one of [`REQUIRED_CAPS`] (false when its
+/// capabilities cannot be read).
+pub fn lacks_required_caps() -> bool {
+    missing_caps().is_some_and(|m| m.iter().any(|c| REQUIRED_CAPS.iter().any(|r| r.1 == *c)))
+}
+
 /// The effective capability set of this process.
 fn effective_caps() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -222,7 +228,7 @@ pub fn unsearchable_dir(path: &Path) -> Option<(std::path::PathBuf, u32, u32)> {
 /// capability lets a user through a directory it may not search, short of
 /// CAP_DAC_OVERRIDE), else the capabilities tcpka needs.
 pub fn denied(what: String, path: &Path) -> crate::Error {
-    if missing_caps().is_some_and(|m| m.iter().all(|c| !REQUIRED_CAPS.iter().any(|r| r.1 == *c))) {
+    if !lacks_required_caps() {
         if let Some((dir, mode, owner)) = unsearchable_dir(path) {
             return crate::Error::Unreachable {
                 what,

@@ -236,10 +236,7 @@ fn open_lock_file(path: &Path) -> Result<File> {
     if !meta.is_dir() || !trusted(meta.uid()) {
         // A user without tcpka's capabilities could not use the
         // installation anyway: say that, not what the directory is.
-        if crate::host::missing_caps().is_some_and(|m| {
-            m.iter()
-                .any(|c| crate::host::REQUIRED_CAPS.iter().any(|r| r.1 == *c))
-        }) {
+        if crate::host::lacks_required_caps() {
             return Err(Error::NoPrivilege {
                 what: format!("using {}", dir.display()),
             });

@@ -256,6 +256,21 @@ impl Drop for Service {
     }
 }
 
+/// `tcpka ARGS` as uid 65534 holding exactly `caps` (setpriv's form), on
+/// the pin directory `pin_dir`, in the host's mount namespace.
+fn as_nobody(caps: &str, pin_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["--inh-caps", caps, "--ambient-caps", caps])
+        .args(["--bounding-set", caps])
+        .arg(tcpka_bin())
+        .args(args)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
 /// A root command sharing the service's runtime directory.
 fn root_cli(t: &Tcpka, run_dir: &Path, args: &[&str]) -> Run {
     Run::from(
@@ -373,23 +388,7 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
 
     // Without the unit's view of bpffs, the service user is told which
     // directory it may not search, not that a capability is missing.
-    let caps = svc.caps.clone();
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args([
-            "--inh-caps",
-            &caps,
-            "--ambient-caps",
-            &caps,
-            "--bounding-set",
-            &caps,
-        ])
-        .arg(tcpka_bin())
-        .arg("info")
-        .env("TCPKA_PIN_DIR", &t.pin_dir)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = as_nobody(&svc.caps, &t.pin_dir, &["info"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -406,22 +405,11 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
         .collect();
     let fewer = setpriv_caps(&fewer);
     let other = PathBuf::from("/sys/fs/bpf").join(unique("tcpka-svc-other"));
-    let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args([
-            "--inh-caps",
-            &fewer,
-            "--ambient-caps",
-            &fewer,
-            "--bounding-set",
-            &fewer,
-        ])
-        .arg(tcpka_bin())
-        .args(["load", "--cgroup", cgroup.path.to_str().unwrap()])
-        .env("TCPKA_PIN_DIR", &other)
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
+    let out = as_nobody(
+        &fewer,
+        &other,
+        &["load", "--cgroup", cgroup.path.to_str().unwrap()],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("lacks CAP_NET_ADMIN"), "{stderr}");

@@ -50,6 +50,25 @@ impl Attr {
     }
 }
 
+/// Loads a program that returns `r0` at once (`r0 = R0; exit`), named
+/// `tcpka_floor`; `attr` holds its type and where it attaches.
+fn load_empty(attr: Attr, r0: u8, what: &str) -> Result<OwnedFd> {
+    // struct bpf_insn: code, regs, off, imm.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, r0, 0, 0, 0]), // r0 = R0
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),  // exit
+    ];
+    let license = c"GPL";
+    let mut attr = attr
+        .u32(4, insns.len() as u32)
+        .u64(8, insns.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64);
+    attr.0[48..59].copy_from_slice(b"tcpka_floor");
+    let fd = attr.call(BPF_PROG_LOAD, what)?;
+    // SAFETY: a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// An empty sock_ops program attached to one cgroup; detached on drop.
 pub struct EmptySockOps {
     prog: OwnedFd,
@@ -58,23 +77,11 @@ pub struct EmptySockOps {
 
 impl EmptySockOps {
     pub fn attach(cgroup: &Path) -> Result<Self> {
-        // struct bpf_insn: code, regs, off, imm.
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), // r0 = 1
-            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
-        ];
-        let license = c"GPL";
-        let mut name = [0u8; 16];
-        name[..11].copy_from_slice(b"tcpka_floor");
-        let mut attr = Attr::new()
-            .u32(0, BPF_PROG_TYPE_SOCK_OPS)
-            .u32(4, insns.len() as u32)
-            .u64(8, insns.as_ptr() as u64)
-            .u64(16, license.as_ptr() as u64);
-        attr.0[48..64].copy_from_slice(&name);
-        let fd = attr.call(BPF_PROG_LOAD, "loading an empty sock_ops program")?;
-        // SAFETY: a new descriptor we own.
-        let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let prog = load_empty(
+            Attr::new().u32(0, BPF_PROG_TYPE_SOCK_OPS),
+            1,
+            "loading an empty sock_ops program",
+        )?;
         let cgroup = File::open(cgroup).with_context(|| format!("open {}", cgroup.display()))?;
         Attr::new()
             .u32(0, cgroup.as_raw_fd() as u32)
@@ -123,24 +130,14 @@ pub struct EmptyStateTracepoint {
 impl EmptyStateTracepoint {
     pub fn attach() -> Result<Self> {
         let btf_id = vmlinux_type_id("btf_trace_inet_sock_set_state")?;
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), // r0 = 0
-            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]), // exit
-        ];
-        let license = c"GPL";
-        let mut name = [0u8; 16];
-        name[..11].copy_from_slice(b"tcpka_floor");
-        let mut attr = Attr::new()
-            .u32(0, BPF_PROG_TYPE_TRACING)
-            .u32(4, insns.len() as u32)
-            .u64(8, insns.as_ptr() as u64)
-            .u64(16, license.as_ptr() as u64)
-            .u32(68, BPF_TRACE_RAW_TP)
-            .u32(108, btf_id);
-        attr.0[48..64].copy_from_slice(&name);
-        let fd = attr.call(BPF_PROG_LOAD, "loading an empty tp_btf program")?;
-        // SAFETY: a new descriptor we own.
-        let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let prog = load_empty(
+            Attr::new()
+                .u32(0, BPF_PROG_TYPE_TRACING)
+                .u32(68, BPF_TRACE_RAW_TP)
+                .u32(108, btf_id),
+            0,
+            "loading an empty tp_btf program",
+        )?;
         let link = Attr::new().u32(8, prog.as_raw_fd() as u32).call(
             BPF_RAW_TRACEPOINT_OPEN,
             "attaching the empty tp_btf program",

@@ -436,11 +436,10 @@ pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Re
 /// Whether this kernel is 6.12 or later (the tracepoint path for older
 /// connections is then taken on request).
 fn newer_than_6_11() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release.trim().split(['.', '-']);
-    let major: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let minor: u32 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 12)
+    let release = crate::kernel_release();
+    let mut it = release.split(['.', '-']);
+    let mut next = || it.next().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    (next(), next()) >= (6, 12)
 }
 
 /// Run time (ns) and runs of the program behind a pinned link.
