@@ -26,13 +26,19 @@ pub const FLAG_TRACE: u64 = 8;
 
 /// [`FLAGS`]: this kernel cannot set sock_ops callback flags from an
 /// iterator (before 6.12): connections sock_ops did not see connect are
-/// watched by the state tracepoint instead, attached while any is left.
+/// watched by tracepoints instead, attached while any is left (index
+/// entries by the destroy tracepoint, managed connections by the state
+/// tracepoint).
 pub const FLAG_CLOSE_BY_TRACEPOINT: u64 = 16;
 /// [`FLAGS`]: managed connections whose close sock_ops will not see
 /// (`conns::FLAGS_TRACEPOINT_CLOSE`) may exist: the state tracepoint looks
 /// up every closing connection. Set by user space before such an entry is
 /// made, cleared with the tracepoint's detach.
 pub const FLAG_WATCH_CONNS: u64 = 32;
+/// [`FLAGS`]: like [`FLAG_WATCH_CONNS`], for managed connections on index
+/// ports only (enabled through the index before 6.12): the state
+/// tracepoint looks up closing connections on index ports only.
+pub const FLAG_WATCH_INDEXED: u64 = 64;
 
 /// The word and bit of `port` in a set starting at `base`.
 #[inline(always)]

@@ -7,6 +7,9 @@ pub const ITER_STATUS: &str = "tcpka_iter_status";
 /// tp_btf/inet_sock_set_state program: indexes established connections
 /// and forgets closed ones.
 pub const STATE: &str = "tcpka_state";
+/// tp_btf/tcp_destroy_sock program: forgets the index entries that
+/// sock_ops does not watch (before Linux 6.12).
+pub const DESTROY: &str = "tcpka_destroy";
 /// iter/tcp program that indexes the connections of one namespace that
 /// existed before tcpka was loaded.
 pub const SEED_PEERS: &str = "tcpka_seed_peers";

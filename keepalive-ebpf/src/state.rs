@@ -34,34 +34,32 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
     let newstate = ctx.arg::<u64>(2) as u32;
     if !host_index() {
         // Attached only while connections whose close sock_ops will not see
-        // are managed or indexed (outside the cgroup; before 6.12, those it
-        // did not see connect): their close is reported here, everything
-        // else by sock_ops.
+        // are managed (outside the cgroup; before 6.12, those it did not
+        // see connect): their close is reported here, as it happens,
+        // everything else by sock_ops.
         if newstate != BPF_TCP_CLOSE {
             return 0;
         }
-        let sk: *mut core::ffi::c_void = ctx.arg(0);
-        // Index entries first, behind a port check: most connections on the
-        // host have no index port and cost no map lookup here, nor the
-        // protocol's read (SCTP and DCCP use this tracepoint too).
+        // Index entries sock_ops does not watch are forgotten by
+        // [`tcpka_destroy`] (one run per socket, not one per state change).
         let flags = port_flags();
-        if flags & ports::FLAG_CLOSE_BY_TRACEPOINT != 0 {
+        if flags & (ports::FLAG_WATCH_CONNS | ports::FLAG_WATCH_INDEXED) == 0 {
+            return 0;
+        }
+        let sk: *mut core::ffi::c_void = ctx.arg(0);
+        if flags & ports::FLAG_WATCH_CONNS == 0 {
+            // Only connections on index ports need it: a port check before
+            // any map work, for every other connection on the host.
             // NB: not skc_num, which the port's release zeroes before the
             // tracepoint runs (a passive close): inet_sport stays.
             let sport: u16 = read(sk as *const u8, offset!(inet_sport));
             let local = u16::from_be(sport);
             let remote: u16 = u16::from_be(load(sk as *const u8, SKC_DPORT));
-            if index_port(flags, local, remote) && is_tcp(sk as *const u8) {
-                // SAFETY: a `struct sock` pointer from the tracepoint.
-                let cookie = unsafe { bpf_get_socket_cookie(sk) };
-                // SAFETY: read-only lookup.
-                if unsafe { SLOTS.get(&cookie) }.is_some_and(|i| i.unwatched()) {
-                    forget(sk as *const u8, cookie, true);
-                    return 0;
-                }
+            if !index_port(flags, local, remote) {
+                return 0;
             }
         }
-        if flags & ports::FLAG_WATCH_CONNS == 0 || !is_tcp(sk as *const u8) {
+        if !is_tcp(sk as *const u8) {
             return 0;
         }
         // SAFETY: a `struct sock` pointer from the tracepoint.
@@ -93,6 +91,35 @@ pub fn tcpka_state(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     forget(sk as *const u8, cookie, true);
+    0
+}
+
+/// A TCP socket is destroyed: before Linux 6.12, attached while index
+/// entries that sock_ops does not watch (connections from before the load,
+/// which it did not see connect) are left, to forget them. Two runs per
+/// connection (one per end) where the state tracepoint has six, and a port
+/// check before any map work: what every other connection on the host
+/// pays. The index may keep a closed socket until its owner releases it;
+/// a lookup of it finds a closed connection, as one racing a close would.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcpka_destroy(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(struct sock *sk); TCP's own (tcp_v4_destroy_sock, which
+    // IPv6 calls too).
+    let sk: *const u8 = ctx.arg(0);
+    // NB: not skc_num, which the port's release zeroes before the socket
+    // is destroyed: inet_sport stays.
+    let sport: u16 = read(sk, offset!(inet_sport));
+    let local = u16::from_be(sport);
+    let remote: u16 = u16::from_be(load(sk, SKC_DPORT));
+    if !index_port(port_flags(), local, remote) {
+        return 0;
+    }
+    // SAFETY: a `struct sock` pointer from the tracepoint.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut core::ffi::c_void) };
+    // SAFETY: read-only lookup.
+    if unsafe { SLOTS.get(&cookie) }.is_some_and(|i| i.unwatched()) {
+        index::remove(cookie);
+    }
     0
 }
 

@@ -54,6 +54,11 @@ pub const CLOSE_LINK: &str = "link_close";
 /// Pin name of the close tracepoint program, kept for attaching later
 /// (`--index ports`).
 pub const CLOSE_PROG: &str = "prog_close";
+/// Pin name of the destroy tracepoint link (attached while index entries
+/// sock_ops does not watch are left: before Linux 6.12).
+pub const DESTROY_LINK: &str = "link_destroy";
+/// Pin name of the destroy tracepoint program, kept for attaching later.
+pub const DESTROY_PROG: &str = "prog_destroy";
 /// Pin name of the index lookup program (run, never attached).
 pub const LOOKUP_PROG: &str = "prog_lookup";
 /// Pin names of the syscall tracepoint links that record socket holders.
@@ -99,6 +104,16 @@ impl PinLayout {
     /// Pin of the close tracepoint link.
     pub fn close_link(&self) -> PathBuf {
         self.dir.join(CLOSE_LINK)
+    }
+
+    /// Pin of the destroy tracepoint link.
+    pub fn destroy_link(&self) -> PathBuf {
+        self.dir.join(DESTROY_LINK)
+    }
+
+    /// Pin of the destroy tracepoint program (not its link).
+    pub fn destroy_prog(&self) -> PathBuf {
+        self.dir.join(DESTROY_PROG)
     }
 
     /// Pins of the syscall tracepoint links.
@@ -151,9 +166,10 @@ impl PinLayout {
 
     /// Every link pin, the sock_ops link last (its presence means
     /// "loaded", so it is pinned last and removed first).
-    pub fn links(&self) -> [PathBuf; 10] {
+    pub fn links(&self) -> [PathBuf; 11] {
         [
             self.close_link(),
+            self.destroy_link(),
             self.accept4_link(),
             self.accept_link(),
             self.connect_link(),

@@ -204,12 +204,15 @@ fn ports_index_seeds_older_connections_on_index_ports_only() {
     ));
     assert_eq!(keepalive(&oc), expect(34, 3, 5, 0));
     // Both are watched until they close: from 6.12 by sock_ops, with
-    // nothing attached host-wide; before, sock_ops cannot be asked to, and
-    // the state tracepoint is attached until they close.
-    assert_eq!(host_wide(&t), closes_watched_host_wide());
+    // nothing attached host-wide; before, sock_ops cannot be asked to: the
+    // state tracepoint reports the managed one's end, and the destroy
+    // tracepoint forgets the seeded index entries.
+    assert_eq!(
+        host_wide(&t),
+        closes_watched_host_wide(&["link_close", "link_destroy"])
+    );
     drop((c, s, oc));
     wait_until("closes seen", Duration::from_secs(5), || {
-        eprintln!("DBG {} {}", t.managed_count(), info(&t));
         t.managed_count() == 0 && info(&t)["index"]["entries"] == 0
     });
     // The next command detaches it (without a daemon to do it).
@@ -217,14 +220,52 @@ fn ports_index_seeds_older_connections_on_index_ports_only() {
     assert_eq!(host_wide(&t), Vec::<String>::new());
 }
 
+#[test]
+fn an_older_connection_enabled_through_the_index_reports_its_end() {
+    let _ns = NetNs::new();
+    let cg = CgroupDir::new();
+    cg.enter();
+    let l = listen("127.0.0.1:0");
+    let (c, s) = connect(&l);
+    let ck = cookie(&c);
+    cg.leave();
+    let t = Tcpka::new();
+    let port = l.local_addr().unwrap().port().to_string();
+    t.load_with(&cg.path, &["--index-ports", &port]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let serve = Serve::start(&t, &cg.path, &addr, &[]);
+    let events = event_stream(&serve.addr);
+    // Before 6.12 the destroy tracepoint forgets the seeded entries; once
+    // one is managed, the state tracepoint reports its end as it happens.
+    assert_eq!(host_wide(&t), closes_watched_host_wide(&["link_destroy"]));
+    assert!(enable_direct(
+        &t,
+        &l.local_addr().unwrap().to_string(),
+        "35"
+    ));
+    assert_eq!(keepalive(&c), expect(35, 3, 5, 0));
+    assert_eq!(
+        host_wide(&t),
+        closes_watched_host_wide(&["link_close", "link_destroy"])
+    );
+    drop((c, s));
+    let v = wait_for_event(&events, "closed", ck, Duration::from_secs(10));
+    assert_eq!(v["source"], "command", "{v}");
+    // Neither is needed any more: the daemon detaches both.
+    wait_until("nothing host-wide", Duration::from_secs(10), || {
+        host_wide(&t).is_empty() && info(&t)["index"]["entries"] == 0
+    });
+}
+
 /// What is attached host-wide while a connection sock_ops did not see
-/// connect is managed or indexed: nothing from Linux 6.12, the state
-/// tracepoint before.
-fn closes_watched_host_wide() -> Vec<String> {
+/// connect is managed or indexed: nothing from Linux 6.12, `before` (the
+/// state tracepoint for a managed one, the destroy tracepoint for index
+/// entries) on an older kernel.
+fn closes_watched_host_wide(before: &[&str]) -> Vec<String> {
     if tcpka::loader::iterators_set_cb_flags() {
         Vec::new()
     } else {
-        vec!["link_close".to_owned()]
+        before.iter().map(|&p| p.to_owned()).collect()
     }
 }
 
@@ -235,7 +276,10 @@ fn ports_index_reports_closes_in_the_cgroup_without_host_wide_hooks() {
     let (_l, c, s, ck) = enabled_by_cookie(&e.tcpka, 40);
     // Not on an index port, no rule: sock_ops did not watch it. From 6.12
     // the enable asks it to; before, the state tracepoint watches it.
-    assert_eq!(host_wide(&e.tcpka), closes_watched_host_wide());
+    assert_eq!(
+        host_wide(&e.tcpka),
+        closes_watched_host_wide(&["link_close"])
+    );
     drop((c, s));
     let v = wait_for_event(&events, "closed", ck, Duration::from_secs(10));
     assert_eq!(v["source"], "command", "{v}");

@@ -119,17 +119,17 @@ fn runtime(prog: &OwnedFd) -> Result<(u64, u64)> {
     Ok((at(192), at(200)))
 }
 
-/// The floor of any program on the `inet_sock_set_state` tracepoint (the
-/// hook tcpka's state program uses): one that returns at once, attached
-/// host-wide (tp_btf) for as long as this lives.
-pub struct EmptyStateTracepoint {
+/// The floor of any program on a tracepoint tcpka uses
+/// (`inet_sock_set_state`, `tcp_destroy_sock`): one that returns at once,
+/// attached host-wide (tp_btf) for as long as this lives.
+pub struct EmptyTracepoint {
     prog: OwnedFd,
     _link: OwnedFd,
 }
 
-impl EmptyStateTracepoint {
-    pub fn attach() -> Result<Self> {
-        let btf_id = vmlinux_type_id("btf_trace_inet_sock_set_state")?;
+impl EmptyTracepoint {
+    pub fn attach(tracepoint: &str) -> Result<Self> {
+        let btf_id = vmlinux_type_id(&format!("btf_trace_{tracepoint}"))?;
         let prog = load_empty(
             Attr::new()
                 .u32(0, BPF_PROG_TYPE_TRACING)

@@ -82,11 +82,23 @@ impl Enforcer {
         // read: a close after the insert runs the close program, which
         // removes the entry; one before it leaves TCP_CLOSE to see here.
         if let Action::Enable(_) = action {
+            // Before 6.12, one indexed at load is a connection sock_ops did
+            // not see connect, and will not see close: the state tracepoint
+            // reports its end (attached first, so no close goes unseen).
+            let unwatched = loader::close_by_tracepoint(&self.layout)?
+                && crate::index::is_unwatched(&self.layout, h.cookie)?;
+            if unwatched {
+                loader::watch_outside(&self.layout, loader::Watch::IndexedConns)?;
+            }
             let info = ConnInfo {
                 policy: request.policy,
                 source: SOURCE_COMMAND,
                 rule_id: 0,
-                flags: 0,
+                flags: if unwatched {
+                    keepalive_common::conns::FLAG_UNWATCHED
+                } else {
+                    0
+                },
                 applied_ns: monotonic_ns(),
             };
             conns

@@ -109,7 +109,7 @@ impl Enforcer {
         // will not see close: the tracepoint watches from before the pass,
         // so that none closes unseen (detached afterwards if not needed).
         if enabling && loader::close_by_tracepoint(&self.layout)? {
-            loader::watch_outside(&self.layout, true)?;
+            loader::watch_outside(&self.layout, loader::Watch::Conns)?;
         }
         let mut pending = Pending::open(&self.layout)?;
         pending.clear()?;
@@ -156,7 +156,7 @@ impl Enforcer {
                 .is_ok_and(|i| i.flags & keepalive_common::conns::FLAGS_TRACEPOINT_CLOSE != 0)
         });
         if outside {
-            loader::watch_outside(&self.layout, true)?;
+            loader::watch_outside(&self.layout, loader::Watch::Conns)?;
         } else if loader::close_by_tracepoint(&self.layout)? {
             loader::unwatch_outside_locked(&self.layout)?;
         }

@@ -38,7 +38,7 @@ mod state;
 
 use lookup::*;
 use state::*;
-pub use state::{overflow_epoch, state, try_clear_overflow, IndexState};
+pub use state::{kernel_counter, overflow_epoch, state, try_clear_overflow, IndexState};
 
 /// Inode number of a network namespace (`--netns PATH`, or the calling
 /// thread's: threads of one process may be in different ones).
@@ -97,13 +97,21 @@ pub fn seed_netns(layout: &PinLayout, netns: Option<&Path>) -> Result<bool> {
     // the state tracepoint does, from before the pass until none is left.
     let by_tracepoint = crate::loader::close_by_tracepoint(layout)?;
     if by_tracepoint {
-        crate::loader::watch_outside(layout, false)?;
+        crate::loader::watch_outside(layout, crate::loader::Watch::IndexEntries)?;
     }
     crate::pass::run(&layout.iter_seed_peers(), netns, None)?;
     if by_tracepoint {
         crate::loader::unwatch_outside_locked(layout)?;
     }
     Ok(seeded.insert(inode, 1, 0).is_ok())
+}
+
+/// Whether the index holds connection `cookie` as one sock_ops does not
+/// watch (before Linux 6.12, seeded at load): only a tracepoint sees its
+/// close.
+pub fn is_unwatched(layout: &PinLayout, cookie: u64) -> Result<bool> {
+    let slots = crate::lend::lend::<HashMap<MapData, u64, SlotInfo>>(layout, maps::SLOTS)?;
+    Ok(slots.get(&cookie, 0).is_ok_and(|i| i.unwatched()))
 }
 
 /// A live connection held through a duplicate of its owner's descriptor.

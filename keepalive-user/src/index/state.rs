@@ -84,7 +84,7 @@ pub(super) fn index_overflowed(layout: &PinLayout) -> Result<bool> {
 }
 
 /// One of the programs' per-CPU counters (`stats::*`), summed.
-pub(super) fn kernel_counter(layout: &PinLayout, index: u32) -> Result<u64> {
+pub fn kernel_counter(layout: &PinLayout, index: u32) -> Result<u64> {
     let counters = crate::lend::lend::<PerCpuArray<MapData, u64>>(layout, maps::STATS)?;
     Ok(counters
         .get(&index, 0)

@@ -17,12 +17,17 @@ pub struct Hook {
 
 /// The links this installation has pinned, and what each costs.
 pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
-    let known: [(&str, &'static str, &'static str); 11] = [
+    let known: [(&str, &'static str, &'static str); 12] = [
         (crate::paths::SOCK_OPS_LINK, "cgroup sock_ops", "cgroup"),
         (
             crate::paths::CLOSE_LINK,
             "tp_btf inet_sock_set_state",
             "host: every TCP state change",
+        ),
+        (
+            crate::paths::DESTROY_LINK,
+            "tp_btf tcp_destroy_sock",
+            "host: every TCP socket's end",
         ),
         (
             crate::paths::ACCEPT4_LINK,
@@ -57,30 +62,61 @@ pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
         .collect()
 }
 
-/// With the ports index: attaches the state tracepoint, so that the close
-/// of a connection sock_ops will not see close is reported: a managed one
-/// outside the attached cgroup (where sock_ops never runs), and, before
-/// Linux 6.12, one that sock_ops did not see connect (indexed by the seed
-/// pass, or enabled by the walk). Costs every connection on the host while
+/// What [`watch_outside`] is asked to watch the close of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Managed connections on any port: outside the attached cgroup, where
+    /// sock_ops never runs, or (before Linux 6.12) enabled by the walk
+    /// without sock_ops having seen them connect.
+    Conns,
+    /// Managed connections on index ports that sock_ops did not see
+    /// connect (before 6.12, enabled through the index).
+    IndexedConns,
+    /// Index entries from the seed pass (before 6.12).
+    IndexEntries,
+}
+
+/// With the ports index: attaches what reports the close of connections
+/// sock_ops will not see close. Costs every connection on the host while
 /// attached; [`unwatch_outside`] detaches it once no such connection is
-/// left. `conns`: managed connections need it (the tracepoint then looks
-/// each closing connection up; index entries cost a port check only). Call
-/// with the installation lock held.
-pub fn watch_outside(layout: &PinLayout, conns: bool) -> Result<()> {
-    if conns {
-        crate::ports::set_flag(layout, keepalive_common::ports::FLAG_WATCH_CONNS, true)?;
-    }
-    let link = layout.close_link();
-    if link.exists() || !layout.close_prog().exists() {
+/// left. Call with the installation lock held.
+///
+/// Managed connections get the state tracepoint, which reports their end
+/// as it happens (for [`Watch::IndexedConns`] behind a port check);
+/// index entries the destroy tracepoint, which forgets them, and runs once
+/// per socket where the state tracepoint runs at each change of state.
+pub fn watch_outside(layout: &PinLayout, what: Watch) -> Result<()> {
+    use keepalive_common::ports::{FLAG_WATCH_CONNS, FLAG_WATCH_INDEXED};
+    let (link, prog, hook) = match what {
+        Watch::Conns | Watch::IndexedConns => {
+            let flag = if what == Watch::Conns {
+                FLAG_WATCH_CONNS
+            } else {
+                FLAG_WATCH_INDEXED
+            };
+            crate::ports::set_flag(layout, flag, true)?;
+            (
+                layout.close_link(),
+                layout.close_prog(),
+                "inet_sock_set_state",
+            )
+        }
+        Watch::IndexEntries => (
+            layout.destroy_link(),
+            layout.destroy_prog(),
+            "tcp_destroy_sock",
+        ),
+    };
+    if link.exists() || !prog.exists() {
         return Ok(());
     }
-    let prog = sys::obj_get(&layout.close_prog())
-        .map_err(|e| Error::io("opening the close tracepoint program", e))?;
+    let prog = sys::obj_get(&prog)
+        .map_err(|e| Error::io(format!("opening the {hook} tracepoint program"), e))?;
     let fd = sys::raw_tracepoint_open(prog.as_fd())
-        .map_err(|e| Error::io("attaching to tracepoint inet_sock_set_state", e))?;
+        .map_err(|e| Error::io(format!("attaching to tracepoint {hook}"), e))?;
     sys::obj_pin(fd.as_fd(), &link)
         .map_err(|e| Error::io(format!("pinning {}", link.display()), e))?;
-    tracing::debug!("watching closes host-wide until no connection needs it");
+    tracing::debug!("attached tracepoint {hook} until no connection needs it");
     Ok(())
 }
 
@@ -95,27 +131,25 @@ pub fn close_by_tracepoint(layout: &PinLayout) -> Result<bool> {
     Ok(crate::pinned::memo(layout, "close_by_tracepoint", read).unwrap_or(false))
 }
 
-/// Index entries whose close only the state tracepoint sees, still open.
+/// Index entries whose close only the destroy tracepoint sees, still open.
 pub fn unwatched_indexed(layout: &PinLayout) -> Result<u64> {
-    let array =
-        crate::lend::lend::<aya::maps::PerCpuArray<aya::maps::MapData, u64>>(layout, maps::STATS)?;
-    let get = |i: u32| -> Result<u64> {
-        Ok(array
-            .get(&i, 0)
-            .map_err(|e| Error::map("reading the counters", e))?
-            .iter()
-            .sum())
-    };
-    let added = get(keepalive_common::stats::UNWATCHED_ADDED)?;
-    let gone = get(keepalive_common::stats::UNWATCHED_GONE)?;
+    use keepalive_common::stats::{UNWATCHED_ADDED, UNWATCHED_GONE};
+    let added = crate::index::kernel_counter(layout, UNWATCHED_ADDED)?;
+    let gone = crate::index::kernel_counter(layout, UNWATCHED_GONE)?;
     Ok(added.saturating_sub(gone))
 }
 
-/// Detaches the state tracepoint [`watch_outside`] attached once no
-/// connection needs it. Returns whether it did. Takes the installation
+/// Whether a tracepoint [`watch_outside`] attached is attached.
+fn watching(layout: &PinLayout) -> bool {
+    index_mode_of(layout) == IndexMode::Ports
+        && (layout.close_link().exists() || layout.destroy_link().exists())
+}
+
+/// Detaches the tracepoints [`watch_outside`] attached once no connection
+/// needs them. Returns whether it detached one. Takes the installation
 /// lock.
 pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
-    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
+    if !watching(layout) {
         return Ok(false);
     }
     let _lock = Lock::acquire(layout)?;
@@ -124,26 +158,39 @@ pub fn unwatch_outside(layout: &PinLayout) -> Result<bool> {
 
 /// [`unwatch_outside`] for a caller that holds the installation lock.
 pub fn unwatch_outside_locked(layout: &PinLayout) -> Result<bool> {
-    if index_mode_of(layout) != IndexMode::Ports || !layout.close_link().exists() {
+    if !watching(layout) {
         return Ok(false);
     }
-    let map = open_map(layout, maps::CONNS)?;
-    let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
-        aya::maps::HashMap::try_from(map)
-            .map_err(|e| Error::map("opening the connection map", e))?;
-    let managed = conns
-        .iter()
-        .filter_map(|r| r.ok())
-        .any(|(_, i)| i.flags & keepalive_common::conns::FLAGS_TRACEPOINT_CLOSE != 0);
-    if managed {
-        return Ok(false);
+    let mut detached = false;
+    if layout.close_link().exists() {
+        let map = open_map(layout, maps::CONNS)?;
+        let conns: aya::maps::HashMap<_, u64, keepalive_common::conns::ConnInfo> =
+            aya::maps::HashMap::try_from(map)
+                .map_err(|e| Error::map("opening the connection map", e))?;
+        let managed = conns
+            .iter()
+            .filter_map(|r| r.ok())
+            .any(|(_, i)| i.flags & keepalive_common::conns::FLAGS_TRACEPOINT_CLOSE != 0);
+        if !managed {
+            use keepalive_common::ports::{FLAG_WATCH_CONNS, FLAG_WATCH_INDEXED};
+            crate::ports::set_flag(layout, FLAG_WATCH_CONNS | FLAG_WATCH_INDEXED, false)?;
+            detached |= detach(&layout.close_link())?;
+        }
     }
-    crate::ports::set_flag(layout, keepalive_common::ports::FLAG_WATCH_CONNS, false)?;
-    if close_by_tracepoint(layout)? && unwatched_indexed(layout)? > 0 {
-        return Ok(false);
+    if layout.destroy_link().exists() && unwatched_indexed(layout)? == 0 {
+        detached |= detach(&layout.destroy_link())?;
     }
-    std::fs::remove_file(layout.close_link())
-        .map_err(|e| Error::io(format!("removing {}", layout.close_link().display()), e))?;
-    tracing::debug!("no connection needs the state tracepoint: detached");
-    Ok(true)
+    Ok(detached)
+}
+
+/// Removes a link's pin (its last reference: the program detaches).
+fn detach(link: &Path) -> Result<bool> {
+    match std::fs::remove_file(link) {
+        Ok(()) => {
+            tracing::debug!("no connection needs {}: detached", link.display());
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("removing {}", link.display()), e)),
+    }
 }

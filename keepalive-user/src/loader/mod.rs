@@ -276,6 +276,20 @@ fn load_and_pin(
             })?;
         }
     }
+    // Before 6.12, the destroy tracepoint forgets index entries sock_ops
+    // does not watch; pinned, attached while any is left.
+    if index == IndexMode::Ports {
+        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::DESTROY)?;
+        prog.load("tcp_destroy_sock", &btf)
+            .map_err(|e| Error::Program {
+                what: "loading the destroy tracepoint program".into(),
+                source: e,
+            })?;
+        prog.pin(layout.destroy_prog()).map_err(|e| Error::Pin {
+            what: "pinning the destroy tracepoint program".into(),
+            source: e,
+        })?;
+    }
     // The index lookups of a command in one system call (see
     // crate::index::resolve); pinned, never attached.
     {

@@ -41,7 +41,11 @@ pub(super) fn remove_pins(layout: &PinLayout) -> Result<bool> {
             .join(format!("{}_new", crate::paths::SOCK_OPS_LINK)),
     )
     .chain(layout.links().into_iter().rev())
-    .chain([layout.close_prog(), layout.lookup_prog()])
+    .chain([
+        layout.close_prog(),
+        layout.destroy_prog(),
+        layout.lookup_prog(),
+    ])
     .chain(maps::ALL.iter().map(|n| layout.map(n)));
     for path in names {
         match std::fs::remove_file(&path) {

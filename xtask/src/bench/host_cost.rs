@@ -202,10 +202,11 @@ pub(super) fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
 }
 
 /// Total run time (ns) and runs of the installation's programs that run
-/// on connections: sock_ops, and the state tracepoint when attached.
+/// on connections: sock_ops, and the state and destroy tracepoints when
+/// attached.
 pub(super) fn programs_runtime(pin_dir: &Path) -> Result<(u64, u64)> {
     let (mut ns, mut runs) = (0, 0);
-    for link in ["link_sockops", "link_close"] {
+    for link in ["link_sockops", "link_close", "link_destroy"] {
         let pin = pin_dir.join(link);
         if pin.exists() {
             let (n, r) = link_runtime(&pin)?;
@@ -342,56 +343,92 @@ pub(super) fn range(v: &[f64]) -> (f64, f64) {
     (lo, hi)
 }
 
-/// What the state tracepoint costs every process on the host while it is
+/// What tcpka's host-wide tracepoints cost every process on the host while
 /// attached, from the kernel's statistics: per connection setup (connect,
 /// accept, close with a reset: no TIME_WAIT) on a port no one names, by a
-/// process outside the attached cgroup.
+/// process outside the attached cgroup. Each beside the floor of an empty
+/// program on the same tracepoint.
 ///
 /// - the ports index with connections from before the load still open on
-///   an index port: before Linux 6.12 the tracepoint watches their close
+///   an index port: before Linux 6.12 the destroy tracepoint forgets them
 ///   (on a newer kernel, `TCPKA_CLOSE_BY_TRACEPOINT=1` takes that path);
+/// - one of those enabled by a command: the state tracepoint reports its
+///   end, behind a port check;
+/// - a connection outside the attached cgroup enabled by a command: the
+///   state tracepoint reports its end (any kernel);
 /// - `--index host`, which keeps the index for every connection on the
-///   host (the default on 6.1 before the ports index reached it).
+///   host with the state tracepoint (the default on 6.1 before the ports
+///   index reached it).
 pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
     const CONNS: usize = 5000;
     let home = own_cgroup()?;
     let me = std::process::id().to_string();
     let base = churn_rate(CONNS)?;
     println!(
-        "host-wide: the state tracepoint per connection setup on a port no one names, outside the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
+        "host-wide: tcpka's tracepoints per connection setup on a port no one names, outside the cgroup (kernel statistics; one setup takes {:.1} µs of CPU here):",
         1e6 / base
     );
-    // The floor: an empty program on the same tracepoint.
-    {
-        let floor = crate::floor::EmptyStateTracepoint::attach()?;
+    let row = |what: &str, (ns, runs): (f64, f64)| {
+        println!(
+            "  {what:<66} {ns:>6.0} ns  ({runs:.1} runs, {:.2}% of a setup)",
+            ns * base / 1e7
+        );
+    };
+    let per_setup = |before: (u64, u64), after: (u64, u64)| {
+        (
+            (after.0 - before.0) as f64 / CONNS as f64,
+            (after.1 - before.1) as f64 / CONNS as f64,
+        )
+    };
+    for tracepoint in ["tcp_destroy_sock", "inet_sock_set_state"] {
+        let floor = crate::floor::EmptyTracepoint::attach(tracepoint)?;
         let stats = enable_bpf_stats()?;
         let before = floor.runtime()?;
         churn_rate_on(CONNS, OTHER_PORT)?;
         let after = floor.runtime()?;
         drop(stats);
-        let ns = (after.0 - before.0) as f64 / CONNS as f64;
-        let runs = (after.1 - before.1) as f64 / CONNS as f64;
-        println!(
-            "  {:<58} {ns:>6.0} ns  ({runs:.1} runs, {:.2}% of a setup)",
-            "floor: an empty program on this tracepoint (not tcpka)",
-            ns * base / 1e7
+        row(
+            &format!("floor: an empty program on {tracepoint} (not tcpka)"),
+            per_setup(before, after),
         );
     }
-    let cases: [(&str, &[&str], bool); 2] = [
+    // What is named, the load's arguments, the connection held open (from
+    // before the load in the cgroup; or after it, outside the cgroup),
+    // whether a command enables it, and the link measured.
+    let cases: [(&str, &[&str], bool, bool, &str); 4] = [
         (
-            "ports index, attached for connections from before the load",
+            "ports index, connections from before the load (destroy tp)",
             &[],
             true,
+            false,
+            "link_destroy",
         ),
         (
-            "--index host (every connection indexed)",
-            &["--index", "host"],
+            "the same, one of them enabled (+ state tp, port check)",
+            &[],
+            true,
+            true,
+            "link_close",
+        ),
+        (
+            "a managed connection outside the cgroup (state tp)",
+            &[],
             false,
+            true,
+            "link_close",
+        ),
+        (
+            "--index host: every connection indexed (state tp)",
+            &["--index", "host"],
+            true,
+            false,
+            "link_close",
         ),
     ];
-    for (what, args, older) in cases {
-        // A SIP connection from before the load, in the cgroup.
-        std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+    for (what, args, older, enabled, link) in cases {
+        if older {
+            std::fs::write(cgroup.join("cgroup.procs"), &me)?;
+        }
         let l = TcpListener::bind(("127.0.0.1", SIP_PORT))?;
         let held = (TcpStream::connect(l.local_addr()?)?, l.accept()?.0);
         std::fs::write(home.join("cgroup.procs"), &me)?;
@@ -400,7 +437,7 @@ pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Re
             .args(["load", "--cgroup"])
             .arg(cgroup)
             .args(args);
-        if older && newer_than_6_11() {
+        if older && args.is_empty() && newer_than_6_11() {
             cmd.env("TCPKA_CLOSE_BY_TRACEPOINT", "1");
         }
         let out = cmd.output()?;
@@ -408,26 +445,31 @@ pub(super) fn tracepoint_time(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Re
             bail!("tcpka load: {}", String::from_utf8_lossy(&out.stderr));
         }
         let result = (|| -> Result<(f64, f64)> {
-            if !pin_dir.join("link_close").exists() {
-                bail!("{what}: the state tracepoint is not attached");
+            if enabled {
+                // Through the index for the connection from before the load
+                // (its peer is on an index port), by the walk for the one
+                // outside (the index holds the cgroup's connections only).
+                let target = if older {
+                    l.local_addr()?.to_string()
+                } else {
+                    format!("cookie:{}", cookie(&held.0)?)
+                };
+                time_cmd(tcpka, pin_dir, &["enable", &target, "60", "5", "5"])?;
+            }
+            let pin = pin_dir.join(link);
+            if !pin.exists() {
+                bail!("{what}: {link} is not attached");
             }
             let stats = enable_bpf_stats()?;
-            let before = link_runtime(&pin_dir.join("link_close"))?;
+            let before = link_runtime(&pin)?;
             churn_rate_on(CONNS, OTHER_PORT)?;
-            let after = link_runtime(&pin_dir.join("link_close"))?;
+            let after = link_runtime(&pin)?;
             drop(stats);
-            Ok((
-                (after.0 - before.0) as f64 / CONNS as f64,
-                (after.1 - before.1) as f64 / CONNS as f64,
-            ))
+            Ok(per_setup(before, after))
         })();
         time_cmd(tcpka, pin_dir, &["unload"])?;
         drop(held);
-        let (ns, runs) = result?;
-        println!(
-            "  {what:<58} {ns:>6.0} ns  ({runs:.1} runs, {:.2}% of a setup)",
-            ns * base / 1e7
-        );
+        row(what, result?);
     }
     println!();
     Ok(())
