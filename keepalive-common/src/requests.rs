@@ -62,10 +62,18 @@ pub struct ConnRecord {
     /// [`crate::conns`] `SOURCE_*`, 0 when not managed.
     pub source: u32,
     pub rule_id: u32,
-    /// 0 when every `bpf_setsockopt` of the request worked.
+    /// 0 when every `bpf_setsockopt` of the request worked; else
+    /// [`APPLY_SETSOCKOPT_FAILED`] or [`APPLY_CONNS_FULL`].
     pub apply_failed: u32,
     pub _pad: u32,
 }
+
+/// [`ConnRecord::apply_failed`]: the kernel refused some value.
+pub const APPLY_SETSOCKOPT_FAILED: u32 = 1;
+/// [`ConnRecord::apply_failed`]: the connection map is full: nothing was
+/// applied (a connection tcpka cannot manage gets no keepalive from it, so
+/// that no one waits for events that would not come).
+pub const APPLY_CONNS_FULL: u32 = 2;
 
 /// Capacity of each request map (requests live for one pass).
 pub const MAX_ENTRIES: u32 = 16_384;

@@ -19,7 +19,10 @@ use aya_ebpf::helpers::{
 use keepalive_common::{
     conns::{ConnInfo, FLAG_OUTSIDE, FLAG_UNWATCHED, SOURCE_COMMAND},
     ports,
-    requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE},
+    requests::{
+        ConnRecord, PeerKey, Request, APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING,
+        OP_DISABLE, OP_ENABLE,
+    },
     sockopt::*,
 };
 
@@ -230,9 +233,6 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
     }
     let mut failed = 0;
     if req.op == OP_ENABLE {
-        if !apply_policy(tp, &req.policy) {
-            failed = 1;
-        }
         // Outside the cgroup sock_ops never sees its close, nor (before
         // 6.12) that of a connection it did not see connect: user space
         // then attaches the state tracepoint for such connections.
@@ -252,10 +252,17 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
             // SAFETY: helper without arguments.
             applied_ns: unsafe { bpf_ktime_get_ns() },
         };
-        let _ = CONNS.insert(&cookie, &info, 0);
+        // Recorded first: a connection the full map cannot hold is left as
+        // it was, and said so.
+        if CONNS.insert(&cookie, &info, 0).is_err() {
+            count(stats::CONNS_FULL);
+            failed = APPLY_CONNS_FULL;
+        } else if !apply_policy(tp, &req.policy) {
+            failed = APPLY_SETSOCKOPT_FAILED;
+        }
     } else if req.op == OP_DISABLE {
         if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
-            failed = 1;
+            failed = APPLY_SETSOCKOPT_FAILED;
         }
         let _ = CONNS.remove(&cookie);
     }

@@ -12,13 +12,14 @@ use std::{
     fs::File,
     io::Write as _,
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use crate::{Error, Result};
 
 /// Where `serve` writes the token it generates when none is configured,
-/// in the runtime directory ([`crate::paths::run_dir`]).
+/// for the default installation, in the runtime directory
+/// ([`crate::paths::run_dir`]; see `PinLayout::token_file`).
 pub const DEFAULT_TOKEN_FILE: &str = "/run/tcpka/api-token";
 /// Environment variable holding the token.
 pub const TOKEN_ENV: &str = "TCPKA_TOKEN";
@@ -67,12 +68,31 @@ pub fn read_password_file(path: &Path) -> Result<String> {
     Ok(first)
 }
 
-/// A file holding a secret, refused when every user can read it.
+/// A file holding a secret, refused when every user can read it or when
+/// someone other than root or us owns it.
 fn read_secret_file(path: &Path) -> Result<String> {
     let file = File::open(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    // Whoever owns the file decides the secret: root, or the user serve
+    // runs as (the service user's own files).
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(Error::io(
+            format!(
+                "{} is owned by uid {}, who could change the secret: it must be owned by root{}",
+                path.display(),
+                meta.uid(),
+                if me == 0 {
+                    String::new()
+                } else {
+                    format!(" or uid {me}")
+                }
+            ),
+            std::io::ErrorKind::PermissionDenied.into(),
+        ));
+    }
     if meta.mode() & 0o007 != 0 {
         return Err(Error::io(
             format!(
@@ -83,7 +103,9 @@ fn read_secret_file(path: &Path) -> Result<String> {
             std::io::ErrorKind::PermissionDenied.into(),
         ));
     }
-    let text = std::fs::read_to_string(path)
+    // The file checked, not whatever is at the path now.
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &file, &mut text)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     Ok(text.trim().to_owned())
 }
@@ -161,37 +183,74 @@ pub fn uid_of(name: &str) -> Option<u32> {
         .map(|u| u.uid.as_raw())
 }
 
-/// Credentials of a unix socket peer.
+/// Credentials of a unix socket peer, read from the socket when it was
+/// accepted (`SO_PEERCRED`, `SO_PEERGROUPS`: race-free, unlike a look at
+/// `/proc/PID` later, when the pid may be another process's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// Whether the API group is the peer's group or one of its
+    /// supplementary groups (false without an API group).
+    pub in_api_group: bool,
 }
 
 impl Peer {
-    /// Whether this peer may use the API: root, or a member of `group`.
-    pub fn allowed(&self, group: Option<u32>) -> bool {
-        if self.uid == 0 {
-            return true;
-        }
-        let Some(g) = group else { return false };
-        self.gid == g || supplementary_groups(self.pid).contains(&g)
+    /// The credentials of the peer of unix socket `fd`; `api_group` is the
+    /// group whose members may use the API.
+    pub fn of_socket(fd: &impl std::os::fd::AsFd, api_group: Option<u32>) -> std::io::Result<Self> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let cred = getsockopt(fd, PeerCredentials).map_err(std::io::Error::from)?;
+        let in_api_group = match api_group {
+            Some(g) => cred.gid() == g || peer_groups(fd)?.contains(&g),
+            None => false,
+        };
+        Ok(Self {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            in_api_group,
+        })
+    }
+
+    /// Whether this peer may use the API: root, or a member of the API
+    /// group.
+    pub fn allowed(&self) -> bool {
+        self.uid == 0 || self.in_api_group
     }
 }
 
-/// The supplementary groups of process `pid` (empty when unreadable).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// The supplementary groups of a unix socket's peer (`SO_PEERGROUPS`,
+/// Linux 4.13), as they were when it connected.
+fn peer_groups(fd: &impl std::os::fd::AsFd) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer holds `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        // ERANGE: `len` says how much it needs.
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
+    }
 }
 
 /// Whether a `Host` header names this loopback listener: an IP literal of
@@ -219,41 +278,45 @@ pub fn loopback_host_ok(host: &str, port: u16) -> bool {
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
 /// Opens a network namespace file: an nsfs file (a `/run/netns/NAME`
-/// mount, or `/proc/PID/ns/net`). The last component is not followed if it
-/// is a symlink (the `/proc` namespace links excepted), a FIFO or device
-/// cannot block or be read, and anything that is not a namespace is
-/// refused.
+/// mount, or `/proc/PID/ns/net`). The path is first opened `O_PATH`, which
+/// opens nothing (a device or FIFO there is not touched), without following
+/// a last symlink (the `/proc` namespace links excepted); only once that is
+/// known to be nsfs is it opened for use, through the descriptor. Every
+/// refusal reads the same, so that the API cannot be used to learn which
+/// files exist where the caller may not look.
 pub fn open_netns(path: &Path) -> Result<File> {
-    let err = |source| Error::Netns {
+    let refused = || {
+        Error::Netns {
         path: path.into(),
-        source,
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a network namespace file (nsfs) tcpka can use: name /run/netns/NAME or /proc/PID/ns/net itself, not a link to it",
+        ),
+    }
     };
-    let mut flags = libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
     if !is_proc_ns_link(path) {
         flags |= libc::O_NOFOLLOW;
     }
-    let file = File::options()
+    let handle = File::options()
         .read(true)
         .custom_flags(flags)
         .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "is a symlink; name the namespace file itself",
-                ))
-            } else {
-                err(e)
-            }
-        })?;
-    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| err(e.into()))?;
+        .map_err(|_| refused())?;
+    let fs = nix::sys::statfs::fstatfs(&handle).map_err(|_| refused())?;
     if fs.filesystem_type().0 != NSFS_MAGIC {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a namespace file (nsfs): use /run/netns/NAME or /proc/PID/ns/net",
-        )));
+        return Err(refused());
     }
-    Ok(file)
+    // The same file, for setns (which an O_PATH descriptor is not).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&handle);
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| Error::Netns {
+            path: path.into(),
+            source: e,
+        })
 }
 
 /// `/proc/PID/ns/net`, `/proc/self/ns/net` or `/proc/thread-self/ns/net`.
@@ -296,11 +359,6 @@ pub fn claim_socket_path(path: &Path) -> Result<()> {
     }
     std::fs::remove_file(path)
         .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))
-}
-
-/// Token file path to use by default if it exists.
-pub fn default_token_file() -> PathBuf {
-    crate::paths::run_dir().join("api-token")
 }
 
 #[cfg(test)]

@@ -159,6 +159,15 @@ pub fn socket_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opti
     }
 }
 
+/// The uid of the process that holds the TCP socket with these ends, from
+/// one sock_diag lookup: `None` when there is no such socket or no process
+/// holds it (see [`socket_uid`] on why its uid is then no owner's).
+pub fn holder_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<u32>> {
+    Ok(socket_uid_once(local, remote)?
+        .filter(DiagOwner::held)
+        .map(|s| s.uid))
+}
+
 /// What sock_diag says of one socket.
 struct DiagOwner {
     uid: u32,

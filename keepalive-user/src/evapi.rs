@@ -227,10 +227,19 @@ async fn session<C: Commands>(
             for msg in netstrings(&mut buf)? {
                 match parse_commands(&msg) {
                     Ok(c) => batch.extend(c),
-                    Err(e) => tracing::warn!(
-                        "evapi: a message that is not a command ({e}): {}",
-                        String::from_utf8_lossy(&msg[..msg.len().min(200)]).escape_debug()
-                    ),
+                    Err(e) => {
+                        if let crate::logs::Admit::Log { left_out } =
+                            crate::logs::THROTTLE.admit("evapi message refused")
+                        {
+                            let text = String::from_utf8_lossy(&msg[..msg.len().min(200)]);
+                            tracing::warn!(
+                                left_out,
+                                "evapi: a message that is not a command ({}): {}",
+                                crate::logs::escape_controls(&e.to_string()),
+                                text.escape_debug()
+                            )
+                        }
+                    }
                 }
             }
             if !batch.is_empty() {

@@ -29,6 +29,13 @@ pub struct Entry {
     pub netns: Option<PathBuf>,
 }
 
+/// A change that could not be finished, set aside.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Aside {
+    pub entry: Entry,
+    pub why: String,
+}
+
 /// The journal of one installation.
 pub struct Journal {
     path: PathBuf,
@@ -153,8 +160,49 @@ impl Journal {
         }
     }
 
+    /// Sets a record that cannot be finished aside (with why), so that it
+    /// blocks no other command, and ends it. Kept, one JSON line each, in
+    /// a file beside the journal until the installation goes (see
+    /// [`Journal::set_aside`]).
+    pub fn put_aside(&self, entry: &Entry, why: &str) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let line = serde_json::json!({ "entry": entry, "why": why }).to_string();
+        let written = File::options()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.aside_path())
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::warn!("recording a holder change set aside: {e}");
+        }
+        self.end();
+    }
+
+    /// The records set aside by [`Journal::put_aside`], with why.
+    pub fn set_aside(&self) -> Vec<Aside> {
+        let Ok(text) = std::fs::read_to_string(self.aside_path()) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Forgets the records set aside (none is needed any more).
+    pub fn clear_aside(&self) {
+        let _ = std::fs::remove_file(self.aside_path());
+    }
+
+    fn aside_path(&self) -> PathBuf {
+        self.path.with_extension("aside")
+    }
+
     /// Removes the file (the installation is gone).
     pub fn remove(&self) {
+        self.clear_aside();
         let _ = std::fs::remove_file(&self.path);
         let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
         if open.as_ref().is_some_and(|o| o.path == self.path) {

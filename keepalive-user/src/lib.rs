@@ -37,6 +37,7 @@ pub mod index;
 pub mod journal;
 pub mod loader;
 pub mod lock;
+pub mod logs;
 pub mod mounts;
 pub mod node;
 pub mod pass;
@@ -153,6 +154,10 @@ pub enum Error {
     DuplicateRule(u32),
     #[error("the rule table is full ({0} rules)")]
     RulesFull(u32),
+    #[error(
+        "the connection map is full: {0} connection(s) not managed, left as they were (tcpka load --max-connections)"
+    )]
+    ConnsFull(usize),
     #[error(
         "the holder table is full ({0} holders on all connections); release holders of calls that ended (disable --holder)"
     )]

@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             )
         };
     }
-    init_logs(cli.log_format, matches!(cli.command, Command::Serve(_)));
+    let _logs = init_logs(cli.log_format, matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
                 msg.push_str("; ");
                 msg.push_str(&hint);
             }
-            tcpka::errln!("error: {msg}");
+            tcpka::errln!("error: {}", tcpka::logs::escape_controls(&msg));
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -194,6 +194,18 @@ impl PinLayout {
         lock_dir().join(format!("{name}.lock"))
     }
 
+    /// Where `tcpka serve` writes the API token it generated: the default
+    /// installation's is `/run/tcpka/api-token`; any other's is beside its
+    /// lock, so that two installations never share one (nor does a test's
+    /// serve touch the host's).
+    pub fn token_file(&self) -> PathBuf {
+        if canonical(&self.dir) == canonical(Path::new(DEFAULT_PIN_DIR)) {
+            run_dir().join("api-token")
+        } else {
+            self.lock_file().with_extension("token")
+        }
+    }
+
     /// Held by the installation's one `tcpka serve`, next to the lock.
     pub fn serve_lock_file(&self) -> PathBuf {
         self.lock_file().with_extension("serve")

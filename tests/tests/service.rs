@@ -333,7 +333,10 @@ fn the_units_command_runs_as_a_service_user_with_its_capabilities() {
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&t.pin_dir).unwrap());
     assert_eq!(owner, 65534, "the pins belong to the service user");
     // The API on loopback, with the token serve wrote for its group.
-    let token_file = run.0.join("api-token");
+    // This installation's (the default one's is api-token), in the
+    // service's runtime directory.
+    let token_name = t.layout().token_file();
+    let token_file = run.0.join("locks").join(token_name.file_name().unwrap());
     let meta = std::fs::metadata(&token_file).unwrap();
     assert_eq!(PermissionsExt::mode(&meta.permissions()) & 0o777, 0o640);
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);

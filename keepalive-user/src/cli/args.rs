@@ -35,8 +35,17 @@ pub(crate) enum LogFormat {
 }
 
 /// Logs go to stderr (or the journal), never to stdout, which is the
-/// command's result.
-pub(crate) fn init_logs(format: Option<LogFormat>, daemon: bool) {
+/// command's result. Every line has its control characters escaped (see
+/// `tcpka::logs`). The daemon writes through a non-blocking writer: a
+/// stderr nobody drains, or a stalled journal, drops lines (counted in
+/// `/metrics`) and never stalls a request; it keeps the returned guard
+/// (dropping it flushes the lines left). In journald format the daemon
+/// writes priority-prefixed lines (`<4>…`) on the journal's stream: the
+/// journal takes the level from them, and nothing waits on its socket.
+pub(crate) fn init_logs(
+    format: Option<LogFormat>,
+    daemon: bool,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use tracing_subscriber::{fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if daemon { "info" } else { "warn" })
@@ -49,16 +58,44 @@ pub(crate) fn init_logs(format: Option<LogFormat>, daemon: bool) {
         LogFormat::Human
     });
     let registry = tracing_subscriber::registry().with(filter);
+    if daemon {
+        let (writer, guard) = tcpka::logs::nonblocking_stderr();
+        let _ = match format {
+            LogFormat::Json => registry
+                .with(fmt::layer().json().with_writer(writer))
+                .try_init(),
+            LogFormat::Journald => registry
+                .with(
+                    fmt::layer()
+                        .with_writer(writer)
+                        .with_ansi(false)
+                        .event_format(SyslogPrefix(
+                            fmt::format().with_target(false).without_time(),
+                        )),
+                )
+                .try_init(),
+            LogFormat::Human => registry
+                .with(
+                    fmt::layer()
+                        .with_writer(writer)
+                        .with_target(false)
+                        .with_ansi(false),
+                )
+                .try_init(),
+        };
+        return Some(guard);
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stderr = || tcpka::logs::MakeEscaping(std::io::stderr);
     let human = || {
         fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr())
             .with_target(false)
             .with_ansi(ansi)
     };
     let _ = match format {
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(fmt::layer().json().with_writer(stderr()))
             .try_init(),
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(j) => registry
@@ -72,6 +109,34 @@ pub(crate) fn init_logs(format: Option<LogFormat>, daemon: bool) {
         },
         LogFormat::Human => registry.with(human()).try_init(),
     };
+    None
+}
+
+/// Each line prefixed with its syslog priority, which the journal reads
+/// from a service's stream (`SyslogLevelPrefix=`, on by default).
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPrefix<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -19,7 +19,25 @@ pub(crate) fn enable(layout: PinLayout, a: EnableArgs) -> Result<(), Error> {
         t.holder.as_deref(),
         t.which.netns.as_deref(),
     )?;
-    report_changed(&changed, "enabled keepalive", &policy.to_string(), t.json);
+    // Connections the full connection map left as they were: an error when
+    // none could be managed, a warning beside the others.
+    let full = changed.iter().filter(|c| c.error.is_some()).count();
+    if full > 0 && full == changed.len() {
+        return Err(Error::ConnsFull(full));
+    }
+    let managed: Vec<ConnStatus> = changed
+        .iter()
+        .filter(|c| c.error.is_none())
+        .cloned()
+        .collect();
+    if t.json {
+        print_json(&changed);
+    } else {
+        report_changed(&managed, "enabled keepalive", &policy.to_string(), false);
+    }
+    if full > 0 {
+        tcpka::errln!("warning: {}", Error::ConnsFull(full));
+    }
     Ok(())
 }
 

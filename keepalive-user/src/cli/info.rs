@@ -24,6 +24,7 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
     let index_ports = tcpka::ports::read_index(layout)?;
     let rule_events = tcpka::ports::flag(layout, keepalive_common::ports::FLAG_RULE_EVENTS)?;
     let trace = tcpka::ports::flag(layout, keepalive_common::ports::FLAG_TRACE)?;
+    let aside = enforcer.set_aside()?;
     if a.json {
         print_json(&serde_json::json!({
             "loaded": true,
@@ -40,6 +41,7 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
             "trace": trace,
             "counters": counters,
             "hooks": loader::hooks(layout),
+            "set_aside": aside,
         }));
     } else {
         tcpka::outln!("loaded: cgroup {}", installation.cgroup.display());
@@ -113,6 +115,14 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
         tcpka::outln!("applied by rule: {}", counters.applied_by_rule);
         tcpka::outln!("setsockopt errors: {}", counters.setsockopt_errors);
         tcpka::outln!("connection map full: {}", counters.conns_map_full);
+        for a in &aside {
+            tcpka::outln!(
+                "set aside: an interrupted holder change on cookie {} ({:?}) could not be finished: {}; the connection keeps its keepalive until it closes",
+                a.entry.cookie,
+                a.entry.step,
+                tcpka::logs::escape_controls(&a.why)
+            );
+        }
         if counters.close_watch_errors > 0 {
             tcpka::outln!(
                 "close watch errors: {} (connections whose close is not reported)",

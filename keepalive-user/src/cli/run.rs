@@ -15,7 +15,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Error> {
         Command::Info(a) => info(layout, a),
         Command::Doctor(a) => doctor(&layout, a),
         Command::Serve(a) => serve(layout, *a),
-        Command::Watch(a) => runtime()?.block_on(watch(a)),
+        Command::Watch(a) => runtime()?.block_on(watch(&layout, a)),
         Command::Apply(a) => apply(layout, a),
         Command::Reload => reload(&layout),
         Command::Trace(a) => trace(layout, a),

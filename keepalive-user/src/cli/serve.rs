@@ -32,10 +32,12 @@ pub(crate) struct ServeArgs {
     /// --token-file or the TCPKA_TOKEN environment variable: an argument
     /// is visible to every local user in `ps`. A TCP listener always has a
     /// token: without one, serve generates one into /run/tcpka/api-token
-    /// (readable by root, and by --api-group).
+    /// (another --pin-dir's: /run/tcpka/locks/NAME.token), readable by root
+    /// and by --api-group.
     #[arg(long, env = "TCPKA_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
-    /// Read the token from FILE (one line; not readable by others).
+    /// Read the token from FILE (one line; owned by root or by the user
+    /// serve runs as, and not readable by others).
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     pub(crate) token_file: Option<PathBuf>,
     /// Group (name or gid) whose members may use the API besides root: a
@@ -229,7 +231,7 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
         }
     };
     let mut token_write = None;
-    let token = serve_token(&listen, a.token, token_file, &mut token_write)?;
+    let token = serve_token(&layout, &listen, a.token, token_file, &mut token_write)?;
     let config = server::Config {
         listen,
         token,
@@ -248,9 +250,11 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
 }
 
 /// The API token: from --token-file, --token or TCPKA_TOKEN; for a TCP
-/// listener without one, a new token, for serve to write to
-/// /run/tcpka/api-token (`write_to`).
+/// listener without one, a new token, for serve to write to the
+/// installation's token file (`write_to`: /run/tcpka/api-token for the
+/// default installation).
 pub(crate) fn serve_token(
+    layout: &PinLayout,
     listen: &Listen,
     token: Option<String>,
     file: Option<&Path>,
@@ -271,6 +275,6 @@ pub(crate) fn serve_token(
     // Written once serve holds the installation and has loaded: a serve
     // that cannot start leaves the running one's token alone.
     let t = tcpka::access::generate_token()?;
-    *write_to = Some(tcpka::access::default_token_file());
+    *write_to = Some(layout.token_file());
     Ok(Some(t))
 }

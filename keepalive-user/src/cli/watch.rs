@@ -19,7 +19,7 @@ pub(crate) struct WatchArgs {
 }
 
 /// Streams `GET /v1/events` and prints each event.
-pub(crate) async fn watch(a: WatchArgs) -> Result<(), Error> {
+pub(crate) async fn watch(layout: &PinLayout, a: WatchArgs) -> Result<(), Error> {
     let url = format!("http://{}/v1/events", a.api);
     let fail = |what: String| Error::Io {
         what,
@@ -29,7 +29,7 @@ pub(crate) async fn watch(a: WatchArgs) -> Result<(), Error> {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => Some(tcpka::access::read_token_file(f)?),
         (None, None) => {
-            let f = tcpka::access::default_token_file();
+            let f = layout.token_file();
             f.exists()
                 .then(|| tcpka::access::read_token_file(&f))
                 .transpose()?

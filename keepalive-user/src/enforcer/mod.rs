@@ -46,7 +46,7 @@ pub use live::Op;
 use live::*;
 use sock::*;
 use status::*;
-pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome};
+pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome, CONNS_FULL_ERROR};
 use walk::*;
 
 const BPF_NOEXIST: u64 = 1;
@@ -151,7 +151,18 @@ impl Enforcer {
                         entry.netns.as_deref(),
                     ) {
                         Ok(_) | Err(Error::NoSuchConnection(_)) => {}
-                        Err(e) => return Err(e),
+                        // Its namespace file is gone, say: it cannot be
+                        // finished now, and must not block every other
+                        // command. Set aside, shown by /healthz and info.
+                        Err(e) => {
+                            let why = crate::one_line(&e);
+                            tracing::warn!(
+                                cookie = entry.cookie,
+                                "set aside an interrupted holder change that cannot be finished ({why}); the connection keeps its keepalive until it closes"
+                            );
+                            journal.put_aside(&entry, &why);
+                            return Ok(());
+                        }
                     }
                 }
             }
@@ -162,6 +173,26 @@ impl Enforcer {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    /// Interrupted holder changes set aside because they could not be
+    /// finished, for connections still managed (once none is, the record
+    /// is forgotten).
+    pub fn set_aside(&self) -> Result<Vec<crate::journal::Aside>> {
+        let journal = Journal::new(&self.layout);
+        let all = journal.set_aside();
+        if all.is_empty() {
+            return Ok(all);
+        }
+        let conns: Lent<HashMap<MapData, u64, ConnInfo>> = lend(&self.layout, maps::CONNS)?;
+        let live: Vec<_> = all
+            .into_iter()
+            .filter(|a| conns.get(&a.entry.cookie, 0).is_ok())
+            .collect();
+        if live.is_empty() {
+            journal.clear_aside();
+        }
+        Ok(live)
     }
 
     /// How commands found their connections so far (for metrics).

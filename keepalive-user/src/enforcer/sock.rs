@@ -3,6 +3,7 @@
 use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
 
 use super::*;
+use keepalive_common::requests::{APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED};
 
 pub(super) const TCP_CLOSE: u8 = 7;
 
@@ -63,24 +64,12 @@ impl Enforcer {
         remote_hint: Option<SocketAddr>,
     ) -> Result<ConnStatus> {
         let fd = &h.stream;
-        let mut failed = false;
-        match action {
-            Action::Enable(p) => {
-                failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
-                failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
-                failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
-                if let Some(ms) = p.user_timeout_ms {
-                    failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
-                }
-                failed |= !set(fd, sockopt::KeepAlive, &true);
-            }
-            Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
-            Action::Query => {}
-        }
         let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
-        // NB: for an enable, the entry goes in first, then the state is
-        // read: a close after the insert runs the close program, which
-        // removes the entry; one before it leaves TCP_CLOSE to see here.
+        // NB: for an enable, the entry goes in first, then the options are
+        // set and the state is read: a close after the insert runs the
+        // close program, which removes the entry; one before it leaves
+        // TCP_CLOSE to see here. A full map leaves the connection as it was.
+        let mut full = false;
         if let Action::Enable(_) = action {
             // Before 6.12, one indexed at load is a connection sock_ops did
             // not see connect, and will not see close: the state tracepoint
@@ -101,9 +90,29 @@ impl Enforcer {
                 },
                 applied_ns: monotonic_ns(),
             };
-            conns
-                .insert(h.cookie, info, 0)
-                .map_err(|e| Error::map("recording the connection", e))?;
+            match conns.insert(h.cookie, info, 0) {
+                Ok(()) => {}
+                Err(e) if map_full(&e) => {
+                    full = true;
+                    self.count_conns_full();
+                }
+                Err(e) => return Err(Error::map("recording the connection", e)),
+            }
+        }
+        let mut failed = false;
+        match action {
+            Action::Enable(_) if full => {}
+            Action::Enable(p) => {
+                failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
+                failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
+                failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
+                if let Some(ms) = p.user_timeout_ms {
+                    failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
+                }
+                failed |= !set(fd, sockopt::KeepAlive, &true);
+            }
+            Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
+            Action::Query => {}
         }
         let state = tcp_state(fd);
         match action {
@@ -116,6 +125,7 @@ impl Enforcer {
             _ => {}
         }
         let (source, rule_id) = match action {
+            Action::Enable(_) if full => (0, 0),
             Action::Enable(_) if state != Some(TCP_CLOSE) => (SOURCE_COMMAND, 0),
             Action::Enable(_) | Action::Disable => (0, 0),
             Action::Query => conns
@@ -133,7 +143,7 @@ impl Enforcer {
         // An enable the kernel accepted in full holds exactly its values
         // (setsockopt stores them as given); anything else is read back.
         let (keepalive, idle, interval, count, user_timeout_ms) = match action {
-            Action::Enable(p) if !failed => (
+            Action::Enable(p) if !failed && !full => (
                 1,
                 p.idle,
                 p.interval,
@@ -164,9 +174,44 @@ impl Enforcer {
             user_timeout_ms,
             source,
             rule_id,
-            apply_failed: failed.into(),
+            apply_failed: if full {
+                APPLY_CONNS_FULL
+            } else if failed {
+                APPLY_SETSOCKOPT_FAILED
+            } else {
+                0
+            },
             _pad: 0,
         };
         Ok(ConnStatus::from_raw(&rec))
     }
+
+    /// Counts an enable the full connection map refused on the direct path
+    /// with the kernel's own (`stats::CONNS_FULL`, CPU 0's slot): `info`
+    /// and `/metrics` show one figure. A race with another command may
+    /// lose a count, never a connection.
+    fn count_conns_full(&self) {
+        let bump = || -> Result<()> {
+            let mut a = lend::<PerCpuArray<MapData, u64>>(&self.layout, maps::STATS)?;
+            let mut v: Vec<u64> = a
+                .get(&stats::CONNS_FULL, 0)
+                .map_err(|e| Error::map("reading the counters", e))?
+                .iter()
+                .copied()
+                .collect();
+            v[0] += 1;
+            let v = aya::maps::PerCpuValues::try_from(v)
+                .map_err(|e| Error::io("counting a full connection map", e))?;
+            a.set(stats::CONNS_FULL, v, 0)
+                .map_err(|e| Error::map("writing the counters", e))
+        };
+        if let Err(e) = bump() {
+            tracing::debug!("counting a full connection map: {e}");
+        }
+    }
+}
+
+/// Whether a map update failed because the map is full.
+pub(super) fn map_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
 }

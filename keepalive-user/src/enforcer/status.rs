@@ -1,6 +1,11 @@
 //! What a command reports of a connection: its state and keepalive values
 //! as the kernel has them, and what a batch changed or kept.
 use super::*;
+use keepalive_common::requests::{APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED};
+
+/// A connection an enable could not manage: the connection map is full.
+pub const CONNS_FULL_ERROR: &str =
+    "the connection map is full (tcpka load --max-connections): not managed, left as it was";
 
 /// Keepalive settings read back from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -40,6 +45,10 @@ pub struct ConnStatus {
     /// Some `bpf_setsockopt` of the request failed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub apply_failed: bool,
+    /// Why the command left this connection as it was (the connection map
+    /// is full: tcpka could not manage it, so it gave it nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Holders of its keepalive (shown by status).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holders: Option<Vec<String>>,
@@ -113,7 +122,8 @@ impl ConnStatus {
             },
             source: (r.source != 0).then(|| source_name(r.source)),
             rule: (r.rule_id != 0).then_some(r.rule_id),
-            apply_failed: r.apply_failed != 0,
+            apply_failed: r.apply_failed == APPLY_SETSOCKOPT_FAILED,
+            error: (r.apply_failed == APPLY_CONNS_FULL).then(|| CONNS_FULL_ERROR.to_owned()),
             holders: None,
         }
     }

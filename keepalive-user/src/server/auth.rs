@@ -9,10 +9,15 @@ use super::*;
 /// kept-alive connection: `http://tcpka:TOKEN@127.0.0.1:7177`).
 pub(super) fn token_given(value: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    if let Some(t) = value.strip_prefix("Bearer ") {
-        return Some(t.as_bytes().to_vec());
+    // The scheme is case-insensitive (RFC 9110, 11.1).
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("Bearer") {
+        return Some(rest.trim_start().as_bytes().to_vec());
     }
-    let b64 = value.strip_prefix("Basic ")?;
+    if !scheme.eq_ignore_ascii_case("Basic") {
+        return None;
+    }
+    let b64 = rest;
     let pair = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .ok()?;
@@ -30,18 +35,32 @@ pub(super) struct ConnInfo {
 }
 
 pub(super) fn refuse(status: StatusCode, msg: &str) -> Response {
-    reply(status, json!({ "error": msg }))
+    let mut r = reply(status, json!({ "error": msg }));
+    // A caller without the right to ask keeps no connection: its slot is
+    // free at once for the next.
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    r
 }
 
 /// A request refused before it reached its handler, logged once.
+/// At most [`crate::logs::THROTTLE`]'s rate of such lines, then one a
+/// second with the count: a flood of bad requests costs the log little.
 pub(super) fn refuse_logged(req: &Request, status: StatusCode, msg: &str) -> Response {
-    tracing::warn!(
-        method = %req.method(),
-        path = req.uri().path(),
-        status = status.as_u16(),
-        error = msg,
-        "refused"
-    );
+    if let crate::logs::Admit::Log { left_out } = crate::logs::THROTTLE.admit("request refused") {
+        tracing::warn!(
+            method = %req.method(),
+            path = ?req.uri().path(),
+            status = status.as_u16(),
+            error = msg,
+            left_out,
+            "refused"
+        );
+    }
     refuse(status, msg)
 }
 
@@ -57,7 +76,7 @@ pub(super) async fn guard(
 ) -> Response {
     let info = req.extensions().get::<ConnInfo>().copied();
     if let Some(peer) = info.and_then(|i| i.peer) {
-        if !peer.allowed(state.api_group) {
+        if !peer.allowed() {
             return refuse_logged(
                 &req,
                 StatusCode::FORBIDDEN,
@@ -125,11 +144,17 @@ mod tests {
     #[test]
     fn the_token_comes_as_bearer_or_as_a_basic_password() {
         assert_eq!(token_given("Bearer abc").as_deref(), Some(&b"abc"[..]));
+        assert_eq!(token_given("bearer abc").as_deref(), Some(&b"abc"[..]));
+        assert_eq!(token_given("BEARER  abc").as_deref(), Some(&b"abc"[..]));
         // "tcpka:s3cret:with:colons"
         let basic = "Basic dGNwa2E6czNjcmV0OndpdGg6Y29sb25z";
         assert_eq!(
             token_given(basic).as_deref(),
             Some(&b"s3cret:with:colons"[..])
+        );
+        assert_eq!(
+            token_given("basic dGNwa2E6eA==").as_deref(),
+            Some(&b"x"[..])
         );
         assert_eq!(token_given("Basic not base64!"), None);
         // "no colon"

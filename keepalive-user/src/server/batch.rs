@@ -1,5 +1,6 @@
 //! The one command worker: commands from the API and evapi run in batches
-//! (one lock, shared walks), in the order they were queued.
+//! (one lock, shared walks): each channel's in the order it queued them,
+//! the API's ahead of an evapi backlog.
 use super::*;
 
 /// What is done with a command's result, on the batch worker's thread.
@@ -26,29 +27,34 @@ pub(super) const LINGER: Duration = Duration::from_millis(1);
 /// The one worker that runs commands: it takes every command waiting and
 /// runs them as one batch (one lock, shared walks of the socket table), so
 /// concurrent requests share the kernel work instead of queueing for it.
+///
+/// Channels are served fairly: a caller waiting for its reply (API, CLI
+/// through the API) goes into the next batch ahead of any evapi backlog,
+/// which fills the rest of each batch in the order Kamailio sent it. An
+/// API command waits for one batch at most, however deep a flood of evapi
+/// commands is.
 pub(super) fn spawn_batcher(
     enforcer: Enforcer,
     metrics: Arc<Metrics>,
 ) -> std::sync::mpsc::Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::spawn(move || {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            let mut lingered = false;
-            while batch.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    // One sleep, not a wake-up per arrival: that is the
-                    // saving.
-                    Err(std::sync::mpsc::TryRecvError::Empty)
-                        if !lingered && batch.iter().all(|j| j.linger) =>
-                    {
-                        std::thread::sleep(LINGER);
-                        lingered = true;
-                    }
-                    Err(_) => break,
+        let mut waiting = Waiting::default();
+        loop {
+            if waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => waiting.add(job),
+                    Err(_) => return,
                 }
             }
+            waiting.drain(&rx);
+            // Only evapi commands, fewer than a batch: one sleep for more,
+            // not a wake-up per arrival (that is the saving).
+            if waiting.api.is_empty() && waiting.evapi.len() < BATCH_MAX {
+                std::thread::sleep(LINGER);
+                waiting.drain(&rx);
+            }
+            let batch = waiting.next_batch();
             metrics.batch_size.observe(batch.len() as f64);
             let (ops, dones): (Vec<Op>, Vec<Done>) =
                 batch.into_iter().map(|j| (j.op, j.done)).unzip();
@@ -61,6 +67,45 @@ pub(super) fn spawn_batcher(
         }
     });
     tx
+}
+
+/// The commands the worker has taken from its channel, by who waits.
+#[derive(Default)]
+struct Waiting {
+    /// Callers waiting for the reply.
+    api: std::collections::VecDeque<Job>,
+    /// evapi's, which nobody waits for (at most `evapi::MAX_PENDING`).
+    evapi: std::collections::VecDeque<Job>,
+}
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        self.api.is_empty() && self.evapi.is_empty()
+    }
+
+    fn add(&mut self, job: Job) {
+        if job.linger {
+            self.evapi.push_back(job);
+        } else {
+            self.api.push_back(job);
+        }
+    }
+
+    /// Takes everything in the channel now.
+    fn drain(&mut self, rx: &std::sync::mpsc::Receiver<Job>) {
+        while let Ok(job) = rx.try_recv() {
+            self.add(job);
+        }
+    }
+
+    /// At most [`BATCH_MAX`]: the API's first, then evapi's, each in order.
+    fn next_batch(&mut self) -> Vec<Job> {
+        let from_api = self.api.len().min(BATCH_MAX);
+        let mut batch: Vec<Job> = self.api.drain(..from_api).collect();
+        let from_evapi = self.evapi.len().min(BATCH_MAX - batch.len());
+        batch.extend(self.evapi.drain(..from_evapi));
+        batch
+    }
 }
 
 pub(super) fn worker_gone() -> Error {

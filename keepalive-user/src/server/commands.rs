@@ -164,19 +164,35 @@ pub(super) fn enable_done(
     body: bool,
 ) -> Response {
     match result.map(|d| d.changed) {
+        // The full connection map left every connection as it was.
+        Ok(changed) if !changed.is_empty() && changed.iter().all(|c| c.error.is_some()) => {
+            let mut r = failure(state, "enable", &Error::ConnsFull(changed.len()));
+            if body {
+                let e = Error::ConnsFull(changed.len()).to_string();
+                r = reply(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    json!({ "error": e, "changed": 0, "failed": changed.len(), "connections": changed }),
+                );
+            }
+            r
+        }
         Ok(changed) => {
+            let failed = changed.iter().filter(|c| c.error.is_some()).count();
             state.metrics.command("enable", "ok");
             state
                 .metrics
                 .applied_by_command
-                .inc_by(changed.len() as u64);
+                .inc_by((changed.len() - failed) as u64);
             if !body {
                 return StatusCode::OK.into_response();
             }
-            reply(
-                StatusCode::OK,
-                json!({ "changed": changed.len(), "connections": changed }),
-            )
+            let mut v = json!({ "changed": changed.len() - failed, "connections": changed });
+            // Some left as they were: said, beside the others.
+            if failed > 0 {
+                v["failed"] = json!(failed);
+                v["warning"] = json!(Error::ConnsFull(failed).to_string());
+            }
+            reply(StatusCode::OK, v)
         }
         Err(e) => failure(state, "enable", &e),
     }

@@ -23,8 +23,16 @@ pub const NEXT_PAGE_HEADER: &str = "x-tcpka-next-after";
 
 pub(super) async fn connections(
     State(state): State<AppState>,
-    Query(q): Query<ConnQuery>,
+    q: Result<Query<ConnQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    // A query string that does not parse gets the API's JSON error.
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            state.metrics.command("status", "invalid");
+            return invalid(format!("bad query string: {}", e.body_text()));
+        }
+    };
     let spec = match q
         .conn
         .as_deref()

@@ -22,19 +22,30 @@ pub(super) struct ErrorNote(String);
 /// One log line per command: what was asked, on which connection, and how
 /// it ended. Peer-given strings are logged quoted (`?`), so that nothing in
 /// them can forge a line.
+///
+/// At most [`crate::logs::THROTTLE`]'s rate of each (applied, refused),
+/// then one line a second with the count left out.
 pub(super) fn log_command(op: &str, conn: Option<&str>, holder: Option<&str>, r: &Response) {
+    use crate::logs::{Admit, THROTTLE};
     let status = r.status().as_u16();
     match r.extensions().get::<ErrorNote>() {
-        None => tracing::info!(command = op, conn, holder, status, "applied"),
+        None => {
+            if let Admit::Log { left_out } = THROTTLE.admit("command applied") {
+                tracing::info!(command = op, conn, holder, status, left_out, "applied")
+            }
+        }
         Some(ErrorNote(why)) => {
-            tracing::warn!(
-                command = op,
-                conn,
-                holder,
-                status,
-                error = why.as_str(),
-                "refused"
-            )
+            if let Admit::Log { left_out } = THROTTLE.admit("command refused") {
+                tracing::warn!(
+                    command = op,
+                    conn,
+                    holder,
+                    status,
+                    error = why.as_str(),
+                    left_out,
+                    "refused"
+                )
+            }
         }
     }
 }
@@ -51,7 +62,9 @@ pub(super) fn failure(state: &AppState, op: &'static str, e: &Error) -> Response
         Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
         Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
         Error::LockBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-        Error::HoldersFull(_) | Error::RulesFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "full"),
+        Error::HoldersFull(_) | Error::RulesFull(_) | Error::ConnsFull(_) => {
+            (StatusCode::INSUFFICIENT_STORAGE, "full")
+        }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "error"),
     };
     state.metrics.command(op, result);
@@ -100,8 +113,25 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 /// Newline-delimited JSON, one event per line, until the client goes.
-pub(super) async fn events(State(state): State<AppState>) -> Response {
-    let stream = BroadcastStream::new(state.events.subscribe()).map(|r| {
+/// The event stream: a slot of its own (at most [`EVENT_STREAMS`]), and
+/// the connection's API slot given back, so that subscribers, who stay,
+/// never hold the API's slots. A dead subscriber is found by TCP
+/// keepalive (set on every API connection) and dropped.
+pub(super) async fn events(
+    State(state): State<AppState>,
+    slot: Option<axum::Extension<SlotHandle>>,
+) -> Response {
+    let Ok(stream_slot) = state.streams.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{EVENT_STREAMS} event streams are open already"),
+        );
+    };
+    if let Some(axum::Extension(s)) = slot {
+        s.give_back();
+    }
+    let stream = BroadcastStream::new(state.events.subscribe()).map(move |r| {
+        let _held = &stream_slot;
         let m = match r {
             Ok(m) => m,
             // This subscriber fell behind: say how much it missed.
@@ -140,11 +170,21 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
         }
         // Commands need the lock: a lock nobody can take is an outage.
         crate::lock::Lock::acquire_within(&layout, HEALTH_LOCK_WAIT)?;
-        Ok::<_, Error>(())
+        Enforcer::new(layout).set_aside()
     })
     .await;
     match health {
-        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Ok(aside)) if aside.is_empty() => (StatusCode::OK, "ok\n").into_response(),
+        // Serving, but something needs an operator: said, still 200.
+        Ok(Ok(aside)) => (
+            StatusCode::OK,
+            format!(
+                "ok; {} interrupted holder change(s) set aside, not finished (tcpka info): {}\n",
+                aside.len(),
+                crate::logs::escape_controls(&aside[0].why)
+            ),
+        )
+            .into_response(),
         Ok(Err(Error::NotLoaded { .. })) => {
             (StatusCode::SERVICE_UNAVAILABLE, "not loaded\n").into_response()
         }

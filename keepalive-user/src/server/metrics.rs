@@ -42,6 +42,16 @@ struct Source {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Table {
+    table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Path {
     path: &'static str,
 }
@@ -114,12 +124,32 @@ impl Collector for Scraped {
                 ("kernel_events_dropped", k.events_dropped),
                 ("kernel_alerts_dropped", k.alerts_dropped),
                 ("index_full", k.index_full),
+                ("connection_map_full", k.conns_map_full),
                 ("index_peer_overflow", k.peer_overflows),
                 ("setsockopt", k.setsockopt_errors),
             ] {
                 counter(&mut f, &Kind { kind }, value)?;
             }
         }
+
+        let mut f = encoder.encode_descriptor(
+            "log_lines_lost",
+            "Log lines not written: dropped (stderr or the journal fell behind) or left out (more than 20 a second of one kind; each second's count is logged)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(
+            &mut f,
+            &Outcome { outcome: "dropped" },
+            crate::logs::dropped_lines(),
+        )?;
+        counter(
+            &mut f,
+            &Outcome {
+                outcome: "left_out",
+            },
+            crate::logs::THROTTLE.suppressed(),
+        )?;
 
         let (index, walks) = self.enforcer.lookups();
         let mut f = encoder.encode_descriptor(
@@ -130,6 +160,52 @@ impl Collector for Scraped {
         )?;
         counter(&mut f, &Path { path: "index" }, index)?;
         counter(&mut f, &Path { path: "walk" }, walks)?;
+
+        // How full each kernel table is: used and most, per table.
+        let layout = self.enforcer.layout();
+        let cap = |name: &str| crate::pinned::capacity(layout, name).ok().map(i64::from);
+        let tables: [(&'static str, Option<i64>, Option<i64>); 4] = [
+            (
+                "connections",
+                self.enforcer.managed().ok().map(|m| m.len() as i64),
+                cap(keepalive_common::maps::CONNS),
+            ),
+            (
+                "holders",
+                crate::holders::total(layout).ok().map(|n| n as i64),
+                cap(keepalive_common::maps::HOLDERS),
+            ),
+            (
+                "index",
+                crate::index::state(layout).ok().map(|s| s.entries as i64),
+                cap(keepalive_common::maps::PEERS),
+            ),
+            (
+                "rules",
+                self.enforcer.rules().ok().map(|r| r.len() as i64),
+                Some(i64::from(keepalive_common::RULES_MAX_ENTRIES)),
+            ),
+        ];
+        for (name, help, pick) in [
+            (
+                "table_entries",
+                "Entries in each kernel table (connections, holders, index, rules)",
+                0,
+            ),
+            (
+                "table_capacity",
+                "Most entries each kernel table holds; past it, what does not fit is refused and counted in tcpka_errors_total",
+                1,
+            ),
+        ] {
+            let mut f = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (table, used, max) in tables {
+                let v = if pick == 0 { used } else { max };
+                if let Some(v) = v {
+                    ConstGauge::new(v).encode(f.encode_family(&Table { table })?)?;
+                }
+            }
+        }
 
         let f = encoder.encode_descriptor(
             "attached",

@@ -75,11 +75,21 @@ pub use webhook::{sign, webhook_keeps_secrets, WebhookConfig};
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7077";
-/// Most API connections served at once; more wait in the listen backlog.
+/// API connections served at once for all callers (see `Slots`).
 pub const MAX_CONNECTIONS: usize = 256;
+/// Of those, most one caller (a uid, or a remote address) may hold.
+pub const PER_CALLER: usize = 64;
+/// Connections beyond [`MAX_CONNECTIONS`] that only root and the daemon's
+/// own user may take.
+pub const RESERVED: usize = 32;
 /// A client must send each request head within this, or is disconnected
 /// (this also ends idle keep-alive connections).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Event streams open at most (apart from the API's connections).
+pub const EVENT_STREAMS: usize = 64;
+/// Largest request head (request line and headers), in bytes: a larger one
+/// is refused (431) and its connection closed.
+pub const HEAD_LIMIT: usize = 16 * 1024;
 /// Longest time a request (other than the event stream) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long in-flight requests may take after SIGINT/SIGTERM.
@@ -123,8 +133,9 @@ struct AppState {
     batcher: std::sync::mpsc::Sender<Job>,
     events: broadcast::Sender<Arc<Message>>,
     metrics: Arc<Metrics>,
+    /// Slots of the event streams (see [`EVENT_STREAMS`]).
+    streams: Arc<tokio::sync::Semaphore>,
     token: Option<Arc<str>>,
-    api_group: Option<u32>,
     /// Timeouts and resets, for the fleet's node status.
     event_counts: Arc<crate::fleet::EventCounts>,
 }
@@ -207,8 +218,8 @@ pub async fn run(
         enforcer,
         events: events_tx,
         metrics: metrics.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(EVENT_STREAMS)),
         token: config.token.as_deref().map(Arc::from),
-        api_group: config.api_group,
         event_counts: Arc::default(),
     };
     spawn_feed(&layout, &state, webhook, config.json);
@@ -238,6 +249,7 @@ pub async fn run(
     }
     spawn_holder_sweep(state.enforcer.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());
+    spawn_log_report();
     let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kernel_log = match config.kernel_log {
         Some(max) => Some(crate::trace::spawn_into_log(
@@ -286,8 +298,24 @@ pub async fn run(
                     peer: None,
                     loopback_port: addr.ip().is_loopback().then_some(addr.port()),
                 };
+                let local = listener
+                    .local_addr()
+                    .map_err(|e| Error::io("reading the API's address", e))?;
                 serve_connections(
-                    || async { listener.accept().await.map(|(io, _)| (io, info)) },
+                    || async {
+                        let (io, peer) = listener.accept().await?;
+                        keep_alive(&io);
+                        // A local client is known by its uid (one sock_diag
+                        // lookup); one on another host by its address.
+                        let caller = if peer.ip().is_loopback() {
+                            tokio::task::spawn_blocking(move || loopback_caller(local, peer))
+                                .await
+                                .unwrap_or(Caller::Addr(peer.ip()))
+                        } else {
+                            Caller::Addr(peer.ip())
+                        };
+                        Ok((io, info, caller))
+                    },
                     app,
                     stop_rx.clone(),
                 )
@@ -305,16 +333,12 @@ pub async fn run(
                 serve_connections(
                     || async {
                         let (io, _) = listener.accept().await?;
-                        let cred = io.peer_cred()?;
+                        let peer = access::Peer::of_socket(&io, config.api_group)?;
                         let info = ConnInfo {
-                            peer: Some(access::Peer {
-                                pid: cred.pid().unwrap_or(0),
-                                uid: cred.uid(),
-                                gid: cred.gid(),
-                            }),
+                            peer: Some(peer),
                             loopback_port: None,
                         };
-                        Ok((io, info))
+                        Ok((io, info, Caller::Uid(peer.uid)))
                     },
                     app,
                     stop_rx.clone(),

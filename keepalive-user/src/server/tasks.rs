@@ -1,5 +1,5 @@
 //! What serve runs beside the API: the holder sweep, the attachment
-//! watch, and the rules file applied at start and on SIGHUP.
+//! watch, the report of log lines left out, and the rules file applied at start and on SIGHUP.
 use super::*;
 
 /// Sweeps holder entries of closed connections now and then, so that the
@@ -13,6 +13,18 @@ pub(super) fn spawn_holder_sweep(enforcer: Enforcer) {
             if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
                 tracing::warn!("sweeping holders: {err}");
             }
+        }
+    });
+}
+
+/// Once a second, one line per kind of repeated line left out of the log
+/// (see [`crate::logs::Throttle`]).
+pub(super) fn spawn_log_report() {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            crate::logs::report_left_out();
         }
     });
 }

@@ -128,6 +128,73 @@ pub(super) fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stranger's evapi server that accepts late: until it accepts, the
+/// kernel may report its end as uid 0 (Linux 6.1 does, for a socket no
+/// process holds yet). tcpka waits for an owner, and refuses it.
+#[test]
+pub(super) fn a_strangers_evapi_server_that_accepts_late_is_refused() {
+    let e = Env::outside();
+    let netstring = |s: &str| format!("{}:{s},", s.len());
+    let l = listen("127.0.0.1:0");
+    let peer = l.local_addr().unwrap().to_string();
+    let (c, _srv) = connect(&l);
+    let port = free_port();
+    let command = format!(r#"{{"op":"enable","conn":"{peer}","idle":23,"count":3,"interval":4}}"#);
+    let stranger = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c"])
+        .arg(format!(
+            "import socket,time\n\
+             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('127.0.0.1',{port})); s.listen(8); print('up', flush=True)\n\
+             end=time.time()+6; keep=[]\n\
+             while time.time()<end:\n\
+             \x20time.sleep(0.3); s.settimeout(0.5)\n\
+             \x20try:\n\
+             \x20 c,_=s.accept(); c.sendall({msg:?}.encode()); keep.append(c)\n\
+             \x20except socket.timeout: pass\n",
+            msg = netstring(&command)
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("setpriv python3");
+    let mut stranger = Guard(stranger);
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(stranger.0.stdout.as_mut().unwrap(), &mut up).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let s = LoggedServe::start(
+        &e.tcpka,
+        &addr,
+        &[
+            "--cgroup",
+            e.cgroup.path.to_str().unwrap(),
+            "--evapi",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        keepalive(&c),
+        KERNEL_DEFAULT,
+        "a stranger's command applied"
+    );
+    let log = s.stop();
+    assert!(
+        log.iter()
+            .any(|l| l["fields"]["message"].as_str().is_some_and(|m| m
+                .contains("belongs to uid 65534")
+                || m.contains("owner is not known"))),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("connected"))),
+        "{log:?}"
+    );
+    let _ = stranger.0.kill();
+}
+
 /// Kills a child on drop.
 pub(super) struct Guard(std::process::Child);
 
