@@ -12,12 +12,15 @@ fn info(t: &Tcpka) -> serde_json::Value {
 
 #[test]
 fn a_full_connection_map_leaves_connections_as_they_were_and_says_so() {
-    let e = Env::outside_with(&["--max-connections", "8"]);
+    // The smallest map tcpka takes, and four connections more than it
+    // holds (both ends of each are ours: raise the descriptor limit).
+    const CAP: usize = 1024;
+    raise_fd_limit(4 * CAP + 256);
+    let e = Env::outside_with(&["--max-connections", &CAP.to_string()]);
     let addr = format!("127.0.0.1:{}", free_port());
     let _s = Serve::start(&e.tcpka, &e.cgroup.path, &addr, &[]);
-    // Twelve connections to one peer: the map holds eight.
     let l = listen("127.0.0.1:0");
-    let pairs: Vec<_> = (0..12).map(|_| connect(&l)).collect();
+    let pairs: Vec<_> = (0..CAP + 4).map(|_| connect(&l)).collect();
     let peer = l.local_addr().unwrap().to_string();
     let (code, v) = http_json(
         &addr,
@@ -26,7 +29,7 @@ fn a_full_connection_map_leaves_connections_as_they_were_and_says_so() {
         serde_json::json!({"conn": peer, "idle": 31, "count": 3, "interval": 5}),
     );
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["changed"], 8, "{v}");
+    assert_eq!(v["changed"], CAP, "{v}");
     assert_eq!(v["failed"], 4, "{v}");
     assert!(
         v["warning"]
@@ -89,20 +92,46 @@ fn a_full_connection_map_leaves_connections_as_they_were_and_says_so() {
     let full = info(&e.tcpka)["counters"]["conns_map_full"]
         .as_u64()
         .unwrap();
-    assert!(full >= 4 + 1 + 1, "{full}");
+    assert!(full > 5, "{full}");
     let (_, metrics) = http(&addr, "GET", "/metrics", None, None).unwrap();
     assert!(
         metrics.contains("tcpka_errors_total{kind=\"connection_map_full\"}"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tcpka_table_entries{table=\"connections\"} 8"),
+        metrics.contains(&format!(
+            "tcpka_table_entries{{table=\"connections\"}} {CAP}"
+        )),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tcpka_table_capacity{table=\"connections\"} 8"),
+        metrics.contains(&format!(
+            "tcpka_table_capacity{{table=\"connections\"}} {CAP}"
+        )),
         "{metrics}"
     );
+}
+
+/// Raises this process's soft limit of open descriptors to at least `n`
+/// (root may, up to the hard limit).
+fn raise_fd_limit(n: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if (lim.rlim_cur as usize) < n {
+            lim.rlim_cur = (n as libc::rlim_t).min(lim.rlim_max).max(n as libc::rlim_t);
+            lim.rlim_max = lim.rlim_max.max(lim.rlim_cur);
+            assert_eq!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+                0,
+                "raising the descriptor limit to {n}"
+            );
+        }
+    }
 }
 
 #[test]
