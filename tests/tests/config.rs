@@ -142,11 +142,19 @@ fn an_invalid_or_conflicting_file_is_refused_and_changes_nothing() {
     assert_eq!(r.code, 2, "{r:?}");
     let want = format!("{}:8: rule \"b\": idle must be in", file.arg());
     assert!(r.stderr.contains(&want), "{r:?}");
-    // A syntax error.
+    // A syntax error: one line on stderr, however many the parser wrote.
     file.write("[[rule]\nname = 1\n");
     let r = e.tcpka.run(&["apply", file.arg()]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains(&format!("{}:1:", file.arg())), "{r:?}");
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{r:?}");
+    // A name made to forge a line: quoted in one line, no raw escape.
+    file.write(&rule("x\\nERROR FORGED line \\u001b[2J", 7013, 0));
+    let r = e.tcpka.run(&["apply", file.arg()]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("FORGED"), "{r:?}");
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{r:?}");
+    assert!(!r.stderr.contains('\u{1b}'), "{r:?}");
     // The match of a rule added by hand: refused, nothing changed.
     file.write(&format!("{}{}", rule("a", 7010, 22), rule("c", 7011, 5)));
     let r = e.tcpka.run(&["apply", file.arg()]);

@@ -116,9 +116,10 @@ fn malformed_values_and_clashes_are_reported_and_break_nothing() {
     .unwrap();
     a.tcpka.run(&["apply", file.to_str().unwrap()]).ok();
 
+    // Malformed, with a field name made to forge a log line.
     cluster.put(
         &format!("{prefix}/rules/bad"),
-        r#"{"idle": 30, "count": 3}"#,
+        r#"{"idle": 30, "count": 3, "x\nERROR FORGED line \u001b[2J": 1}"#,
     );
     cluster.put(&format!("{prefix}/rules/mine"), &rule(p3, 33));
     cluster.put(&format!("{prefix}/rules/same-match"), &rule(p2, 34));
@@ -149,6 +150,11 @@ fn malformed_values_and_clashes_are_reported_and_break_nothing() {
     );
     let log = a.log();
     assert!(log.contains("rule skipped, malformed: bad"), "{log}");
+    assert!(log.contains("FORGED"), "{log}");
+    for line in log.lines() {
+        assert!(!line.trim_start().starts_with("ERROR FORGED"), "{line}");
+        assert!(!line.contains('\u{1b}'), "a raw escape: {line:?}");
+    }
     assert!(
         log.contains("mine: this host has a rule of that name"),
         "{log}"
