@@ -132,6 +132,20 @@ fn tcp_listener_needs_the_token_host_and_json() {
     ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("readable by every user"), "{r:?}");
+    // So is one another user owns (they could change the secret).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&token_file, Some(65534), Some(65534)).unwrap();
+    let r = e.tcpka.run(&[
+        "serve",
+        "--cgroup",
+        e.cgroup.path.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("owned by uid 65534"), "{r:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -412,6 +426,15 @@ fn connections_come_in_pages() {
     assert_eq!(seen, want);
     let (code, _) = http(&addr, "GET", "/v1/connections?limit=0", None, None).unwrap();
     assert_eq!(code, 400);
+    // A query string that does not parse: the API's JSON error too.
+    let (code, body) = http(&addr, "GET", "/v1/connections?limit=many", None, None).unwrap();
+    assert_eq!(code, 400);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["result"], -1, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("bad query string"),
+        "{v}"
+    );
 }
 
 fn tempdir(prefix: &str) -> std::path::PathBuf {

@@ -488,3 +488,43 @@ fn an_evapi_flood_neither_delays_api_commands_nor_fills_the_log() {
     assert!(during <= Duration::from_millis(10), "{during:?}");
     assert!(size <= 1 << 20, "{size} bytes of log");
 }
+
+#[test]
+fn event_streams_have_slots_of_their_own() {
+    let e = Env::outside();
+    let d = Daemon::start(&e, Stdio::null(), &[], &[]);
+    // One user opens all the event streams it may (one more is refused),
+    // then uses its whole share of API connections: the streams gave back
+    // their API slots.
+    let script = format!(
+        r#"fds=(); for i in $(seq {streams}); do
+          exec {{fd}}<>/dev/tcp/127.0.0.1/{port}; fds+=($fd)
+          printf 'GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n' >&$fd
+          read -t 5 -u $fd status; echo "stream $i: $status"
+        done
+        for i in $(seq {more}); do exec {{fd}}<>/dev/tcp/127.0.0.1/{port}; fds+=($fd); done
+        exec 3<>/dev/tcp/127.0.0.1/{port}
+        printf 'GET /v1/rules HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_TOKEN}\r\nConnection: close\r\n\r\n' >&3
+        read -t 5 -u 3 status; echo "api $status"; sleep 30"#,
+        streams = tcpka::server::STREAMS_PER_CALLER + 1,
+        port = d.port(),
+        // (the refused stream's connection stays open: one of the share)
+        more = tcpka::server::PER_CALLER - 2,
+    );
+    let mut user = bash_as(NOBODY, &script);
+    for i in 1..=tcpka::server::STREAMS_PER_CALLER {
+        let said = wait_line(&mut user, &format!("stream {i}:"));
+        assert!(said.contains(" 200 "), "{said}");
+    }
+    let said = wait_line(&mut user, "stream");
+    assert!(said.contains(" 503 "), "one stream too many: {said}");
+    let said = wait_line(&mut user, "api");
+    assert!(said.contains(" 200 "), "{said}");
+    // Others still have theirs.
+    let r = request(&d.addr, "GET", "/v1/events", None)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    stop(user);
+}

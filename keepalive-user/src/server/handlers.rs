@@ -113,19 +113,23 @@ pub(super) async fn blocking<T: Send + 'static>(
 }
 
 /// Newline-delimited JSON, one event per line, until the client goes.
-/// The event stream: a slot of its own (at most [`EVENT_STREAMS`]), and
-/// the connection's API slot given back, so that subscribers, who stay,
-/// never hold the API's slots. A dead subscriber is found by TCP
-/// keepalive (set on every API connection) and dropped.
+/// The event stream: a slot of its own (at most [`EVENT_STREAMS`], of
+/// which one caller holds at most [`STREAMS_PER_CALLER`]), and the
+/// connection's API slot given back, so that subscribers, who stay, never
+/// hold the API's slots. A subscriber whose host died is found by TCP
+/// keepalive (set on every API connection) and dropped; one that closed
+/// its end, at the next event written to it.
 pub(super) async fn events(
     State(state): State<AppState>,
     slot: Option<axum::Extension<SlotHandle>>,
 ) -> Response {
-    let Ok(stream_slot) = state.streams.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("{EVENT_STREAMS} event streams are open already"),
-        );
+    let caller = slot
+        .as_ref()
+        .and_then(|axum::Extension(s)| s.caller())
+        .unwrap_or(Caller::Uid(0));
+    let stream_slot = match state.streams.take(caller) {
+        Ok(s) => s,
+        Err(why) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &why),
     };
     if let Some(axum::Extension(s)) = slot {
         s.give_back();

@@ -88,6 +88,11 @@ pub(super) fn loopback_caller(local: std::net::SocketAddr, peer: std::net::Socke
 /// connection over its caller's share is closed at once: one local user
 /// cannot take the API from the others, nor from root.
 pub(super) struct Slots {
+    /// What is counted ("API connections", "event streams").
+    what: &'static str,
+    shared_max: usize,
+    per_caller: usize,
+    reserved: usize,
     state: std::sync::Mutex<SlotState>,
     /// Every slot taken holds one of these (for the wait at shutdown).
     all: Arc<tokio::sync::Semaphore>,
@@ -108,10 +113,26 @@ pub(super) struct Slot {
 }
 
 impl Slots {
+    /// The API's connections.
     pub(super) fn new() -> Arc<Self> {
+        Self::with("API connections", MAX_CONNECTIONS, PER_CALLER, RESERVED)
+    }
+
+    /// `shared_max` shared, at most `per_caller` each, `reserved` more for
+    /// root and the daemon's user.
+    pub(super) fn with(
+        what: &'static str,
+        shared_max: usize,
+        per_caller: usize,
+        reserved: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            what,
+            shared_max,
+            per_caller,
+            reserved,
             state: std::sync::Mutex::default(),
-            all: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS + RESERVED)),
+            all: Arc::new(tokio::sync::Semaphore::new(shared_max + reserved)),
         })
     }
 
@@ -120,17 +141,16 @@ impl Slots {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mine = st.per_caller.get(&caller).copied().unwrap_or(0);
         let privileged = caller.privileged();
-        if !privileged && mine >= PER_CALLER {
-            return Err(format!(
-                "{caller} already holds {PER_CALLER} API connections"
-            ));
+        let what = self.what;
+        if !privileged && mine >= self.per_caller {
+            return Err(format!("{caller} already holds {} {what}", self.per_caller));
         }
-        let shared = st.shared < MAX_CONNECTIONS;
+        let shared = st.shared < self.shared_max;
         if !shared && !privileged {
-            return Err(format!("all {MAX_CONNECTIONS} API connections are taken"));
+            return Err(format!("all {} {what} are taken", self.shared_max));
         }
         let Ok(all) = self.all.clone().try_acquire_owned() else {
-            return Err("every API connection is taken".into());
+            return Err(format!("every one of the {what} is taken"));
         };
         *st.per_caller.entry(caller).or_insert(0) += 1;
         if shared {
@@ -148,7 +168,7 @@ impl Slots {
     pub(super) async fn drained(&self) {
         let _ = self
             .all
-            .acquire_many((MAX_CONNECTIONS + RESERVED) as u32)
+            .acquire_many((self.shared_max + self.reserved) as u32)
             .await;
     }
 }
@@ -175,6 +195,13 @@ impl Drop for Slot {
 pub(super) struct SlotHandle(Arc<std::sync::Mutex<Option<Slot>>>);
 
 impl SlotHandle {
+    /// Whose slot it is, while held.
+    pub(super) fn caller(&self) -> Option<Caller> {
+        let slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().map(|s| s.caller)
+    }
+
+    /// Gives the slot back.
     pub(super) fn give_back(&self) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
     }

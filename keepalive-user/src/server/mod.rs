@@ -85,8 +85,11 @@ pub const RESERVED: usize = 32;
 /// A client must send each request head within this, or is disconnected
 /// (this also ends idle keep-alive connections).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Event streams open at most (apart from the API's connections).
+/// Event streams open at most for all callers (apart from the API's
+/// connections), and more that only root and the daemon's user may open.
 pub const EVENT_STREAMS: usize = 64;
+/// Of those, most one caller may hold (also the number kept for root).
+pub const STREAMS_PER_CALLER: usize = 8;
 /// Largest request head (request line and headers), in bytes: a larger one
 /// is refused (431) and its connection closed.
 pub const HEAD_LIMIT: usize = 16 * 1024;
@@ -134,7 +137,7 @@ struct AppState {
     events: broadcast::Sender<Arc<Message>>,
     metrics: Arc<Metrics>,
     /// Slots of the event streams (see [`EVENT_STREAMS`]).
-    streams: Arc<tokio::sync::Semaphore>,
+    streams: Arc<Slots>,
     token: Option<Arc<str>>,
     /// Timeouts and resets, for the fleet's node status.
     event_counts: Arc<crate::fleet::EventCounts>,
@@ -218,7 +221,12 @@ pub async fn run(
         enforcer,
         events: events_tx,
         metrics: metrics.clone(),
-        streams: Arc::new(tokio::sync::Semaphore::new(EVENT_STREAMS)),
+        streams: Slots::with(
+            "event streams",
+            EVENT_STREAMS,
+            STREAMS_PER_CALLER,
+            STREAMS_PER_CALLER,
+        ),
         token: config.token.as_deref().map(Arc::from),
         event_counts: Arc::default(),
     };
