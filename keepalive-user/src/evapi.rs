@@ -150,18 +150,55 @@ pub async fn run<C: Commands>(
     commands: C,
     events: broadcast::Sender<Arc<Message>>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RETRY_FIRST;
+    // Said once when the channel goes down, then every RETRY_REPORT.
+    let mut down_since: Option<std::time::Instant> = None;
+    let mut reported = std::time::Instant::now();
     loop {
+        let started = std::time::Instant::now();
         match session(&config, &commands, &events).await {
             Ok(()) => {
                 tracing::warn!("evapi {}: Kamailio closed the connection", config.addr);
-                backoff = Duration::from_millis(100);
+                backoff = RETRY_FIRST;
+                down_since = Some(std::time::Instant::now());
             }
-            Err(e) => tracing::warn!("evapi {}: {e}; retrying in {backoff:?}", config.addr),
+            Err(e) if down_since.is_none() || reported.elapsed() >= RETRY_REPORT => {
+                let down = down_since.get_or_insert(started).elapsed();
+                tracing::warn!(
+                    "evapi {}: {e}; retrying every {RETRY_MAX:?} or sooner (down {down:.0?})",
+                    config.addr
+                );
+                reported = std::time::Instant::now();
+            }
+            Err(e) => tracing::debug!("evapi {}: {e}", config.addr),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if started.elapsed() > Duration::from_secs(1) {
+            // It was up a while: start over from the shortest wait.
+            backoff = RETRY_FIRST;
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
     }
+}
+
+/// The first wait before connecting again.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between two tries: Kamailio drops what `evapi_relay()`
+/// sends while no client is connected, so tcpka is back within about half
+/// a second of Kamailio's start (a refused connect costs next to nothing).
+pub const RETRY_MAX: Duration = Duration::from_millis(400);
+/// How often a channel that stays down is said again in the log.
+const RETRY_REPORT: Duration = Duration::from_secs(30);
+
+/// `d` give or take a quarter, so that many daemons (or a restart of
+/// all of them) do not knock at once.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    // 0.75..1.25 of d, from the clock's low bits.
+    let f = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(f)
 }
 
 /// One connection, until it ends.

@@ -34,6 +34,18 @@ pub(super) fn log_command(op: &str, conn: Option<&str>, holder: Option<&str>, r:
                 tracing::info!(command = op, conn, holder, status, left_out, "applied")
             }
         }
+        // A connection that has closed: the normal end of a call whose
+        // phone went away first, counted in /metrics, not a warning.
+        Some(ErrorNote(why)) if status == 404 => {
+            tracing::debug!(
+                command = op,
+                conn,
+                holder,
+                status,
+                error = why.as_str(),
+                "not found"
+            )
+        }
         Some(ErrorNote(why)) => {
             if let Admit::Log { left_out } = THROTTLE.admit("command refused") {
                 tracing::warn!(

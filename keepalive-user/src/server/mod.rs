@@ -141,6 +141,8 @@ struct AppState {
     token: Option<Arc<str>>,
     /// Timeouts and resets, for the fleet's node status.
     event_counts: Arc<crate::fleet::EventCounts>,
+    /// Told when a command-managed connection ends (its holders go).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 fn router(state: AppState) -> Router {
@@ -229,6 +231,7 @@ pub async fn run(
         ),
         token: config.token.as_deref().map(Arc::from),
         event_counts: Arc::default(),
+        ended: Arc::default(),
     };
     spawn_feed(&layout, &state, webhook, config.json);
     if let Some(fleet) = config.fleet.clone() {
@@ -255,7 +258,7 @@ pub async fn run(
             state.events.clone(),
         ));
     }
-    spawn_holder_sweep(state.enforcer.clone());
+    spawn_holder_sweep(state.enforcer.clone(), state.ended.clone());
     spawn_attach_watch(layout.clone(), metrics.clone());
     spawn_log_report();
     let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -2,13 +2,17 @@
 //! watch, the report of log lines left out, and the rules file applied at start and on SIGHUP.
 use super::*;
 
-/// Sweeps holder entries of closed connections now and then, so that the
-/// holder map does not fill without anyone listing it.
-pub(super) fn spawn_holder_sweep(enforcer: Enforcer) {
+/// Sweeps the holder entries of closed connections: within a second of a
+/// command-managed connection's end (`closed`), and once a minute in any
+/// case, so that holders die with their connection and the holder map
+/// never fills with the dead. One sweep a second at most, however many
+/// connections end.
+pub(super) fn spawn_holder_sweep(enforcer: Enforcer, closed: Arc<tokio::sync::Notify>) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
-            every.tick().await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), closed.notified()).await;
+            // Let the ends of a burst of calls gather.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let e = enforcer.clone();
             if let Ok(Err(err)) = tokio::task::spawn_blocking(move || e.sweep_holders()).await {
                 tracing::warn!("sweeping holders: {err}");

@@ -57,9 +57,15 @@ pub(super) fn spawn_feed(
 ) {
     let metrics = state.metrics.clone();
     let counts = state.event_counts.clone();
+    let ended = state.ended.clone();
     let each = move |m: &Arc<Message>| {
         metrics.event(m.kind());
         counts.count(m.kind());
+        if let Message::Event(r) = &**m {
+            if r.source == "command" && r.kind != "applied" {
+                ended.notify_one();
+            }
+        }
         if let Some(w) = &webhook {
             if m.kind() != "applied" && w.tx.try_send(m.clone()).is_err() {
                 w.missed.fetch_add(1, Ordering::Relaxed);

@@ -195,6 +195,53 @@ pub(super) fn a_strangers_evapi_server_that_accepts_late_is_refused() {
     let _ = stranger.0.kill();
 }
 
+/// Kamailio restarting: tcpka is connected again within a second of its
+/// evapi port opening, however long it was down.
+#[test]
+pub(super) fn evapi_reconnects_within_a_second_of_kamailio_starting() {
+    let e = Env::outside();
+    let mut listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let evapi = listener.local_addr().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let s = LoggedServe::start(
+        &e.tcpka,
+        &addr,
+        &[
+            "--cgroup",
+            e.cgroup.path.to_str().unwrap(),
+            "--evapi",
+            &evapi.to_string(),
+        ],
+    );
+    let (mut conn, _) = listener.accept().unwrap();
+    for down in [Duration::from_secs(1), Duration::from_secs(4)] {
+        // Kamailio stops: its connection and its port go...
+        drop(conn);
+        drop(listener);
+        std::thread::sleep(down);
+        // ...and it starts again on the same port.
+        listener = std::net::TcpListener::bind(evapi).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let started = Instant::now();
+        let c = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(started.elapsed() < Duration::from_secs(5), "not back");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let took = started.elapsed();
+        eprintln!("evapi: down {down:?}, connected again {took:?} after the port opened");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        conn = c;
+    }
+    drop(conn);
+    drop(s.stop());
+}
+
 /// Kills a child on drop.
 pub(super) struct Guard(std::process::Child);
 
