@@ -16,6 +16,10 @@ pub(super) struct Job {
 
 /// Most commands run together in one batch.
 pub(super) const BATCH_MAX: usize = 64;
+/// Most evapi commands in one batch: an API command arriving meanwhile
+/// waits for at most this many (a batch of them takes about a
+/// millisecond), yet a flood still shares one lock per 16.
+pub(super) const EVAPI_BATCH_MAX: usize = 16;
 
 /// How long a batch of evapi commands waits for more before it runs.
 /// Kamailio never waits for their results, and at a call rate most arrive
@@ -50,7 +54,7 @@ pub(super) fn spawn_batcher(
             waiting.drain(&rx);
             // Only evapi commands, fewer than a batch: one sleep for more,
             // not a wake-up per arrival (that is the saving).
-            if waiting.api.is_empty() && waiting.evapi.len() < BATCH_MAX {
+            if waiting.api.is_empty() && waiting.evapi.len() < EVAPI_BATCH_MAX {
                 std::thread::sleep(LINGER);
                 waiting.drain(&rx);
             }
@@ -98,11 +102,16 @@ impl Waiting {
         }
     }
 
-    /// At most [`BATCH_MAX`]: the API's first, then evapi's, each in order.
+    /// At most [`BATCH_MAX`]: the API's first, then at most
+    /// [`EVAPI_BATCH_MAX`] of evapi's, each in order.
     fn next_batch(&mut self) -> Vec<Job> {
         let from_api = self.api.len().min(BATCH_MAX);
         let mut batch: Vec<Job> = self.api.drain(..from_api).collect();
-        let from_evapi = self.evapi.len().min(BATCH_MAX - batch.len());
+        let from_evapi = self
+            .evapi
+            .len()
+            .min(EVAPI_BATCH_MAX)
+            .min(BATCH_MAX - batch.len());
         batch.extend(self.evapi.drain(..from_evapi));
         batch
     }

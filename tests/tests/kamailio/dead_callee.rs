@@ -108,6 +108,22 @@ pub(super) fn ends_calls_when_the_callee_dies(via: Via) {
     let log = sip.kamailio_log();
     let ended = log.matches("tcpka: ended call").count();
     assert_eq!(ended, CALLS, "{log}");
+    // Every leg of every ended call let go: the callers' connections, alive,
+    // are no longer managed (keepalive off, no holders left).
+    sip.wait(
+        "keepalive released on the callers' legs",
+        Duration::from_secs(10),
+        || {
+            let r = sip.e.tcpka.run(&["status", "--json"]);
+            let managed: Vec<serde_json::Value> =
+                serde_json::from_str(&r.stdout).unwrap_or_default();
+            !managed.iter().any(|c| {
+                c["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&format!("{CALLER}:")))
+            })
+        },
+    );
     eprintln!(
         "{via:?}: link down -> last of {CALLS} callers got its BYE: {took:?} \
          (keepalive {}/{}/{}, user timeout {KA_USER_TIMEOUT_MS} ms)",

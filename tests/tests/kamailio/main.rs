@@ -198,6 +198,18 @@ fn kamailio_via_evapi_ends_calls_when_the_callee_dies() {
     ends_calls_when_the_callee_dies(Via::Evapi);
 }
 
+/// The example keeps a quiet call's connections open: Kamailio's own idle
+/// timer (120 s by default) would close them under a long call.
+#[test]
+fn the_example_keeps_idle_connections_for_longer_than_a_call() {
+    let sip = Sip::start(Via::Evapi);
+    let lifetime: u64 = sip
+        .tcp_option("connection_lifetime")
+        .and_then(|v| v.parse().ok())
+        .expect("kamcmd core.tcp_options: connection_lifetime");
+    assert!(lifetime >= 3600, "tcp connection_lifetime {lifetime} s");
+}
+
 /// The contrast: the same calls and the same dead callee without tcpka.
 /// Nothing notices: after longer than the bound above every call is still
 /// up in Kamailio and no caller got a BYE.

@@ -305,6 +305,21 @@ impl Sip {
     }
 
     /// Kamailio's count of active dialogs (kamcmd over the ctl socket).
+    /// One of the running Kamailio's TCP options (`kamcmd
+    /// core.tcp_options`), e.g. `connection_lifetime`.
+    pub(super) fn tcp_option(&self, name: &str) -> Option<String> {
+        let out = Command::new("kamcmd")
+            .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
+            .arg("core.tcp_options")
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            (k == name).then(|| v.trim().to_owned())
+        })
+    }
+
     pub(super) fn active_dialogs(&self) -> Option<u64> {
         let out = Command::new("kamcmd")
             .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
