@@ -108,8 +108,14 @@ pub(super) fn ends_calls_when_the_callee_dies(via: Via) {
     let log = sip.kamailio_log();
     let ended = log.matches("tcpka: ended call").count();
     assert_eq!(ended, CALLS, "{log}");
-    // Every leg of every ended call let go: the callers' connections, alive,
-    // are no longer managed (keepalive off, no holders left).
+    // Every leg of every ended call let go: a disable for each (the
+    // callee's, gone, answered "not found"), and the callers' connections
+    // no longer managed (keepalive off, no holders left).
+    sip.wait(
+        "a disable for both legs of every ended call",
+        Duration::from_secs(10),
+        || sip.commands("disable") >= 2 * CALLS as u64,
+    );
     sip.wait(
         "keepalive released on the callers' legs",
         Duration::from_secs(10),

@@ -305,6 +305,20 @@ impl Sip {
     }
 
     /// Kamailio's count of active dialogs (kamcmd over the ctl socket).
+    /// Commands `op` tcpka's serve got so far, whatever their result
+    /// (`tcpka_commands_total`).
+    pub(super) fn commands(&self, op: &str) -> u64 {
+        let Some(serve) = &self.serve else { return 0 };
+        let Ok((_, text)) = http(&serve.addr, "GET", "/metrics", None, None) else {
+            return 0;
+        };
+        let prefix = format!("tcpka_commands_total{{op=\"{op}\",");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// One of the running Kamailio's TCP options (`kamcmd
     /// core.tcp_options`), e.g. `connection_lifetime`.
     pub(super) fn tcp_option(&self, name: &str) -> Option<String> {
