@@ -83,6 +83,12 @@ enum Task {
         /// tcpops, evapi, http-pooled, http, cli (default: all).
         #[arg(long, value_delimiter = ',')]
         sip_modes: Vec<String>,
+        /// Traffic shapes of the Kamailio bench, comma-separated: trunk
+        /// (every call on one caller connection, sipp -t t1), phone (a
+        /// connection per call, -t tn), phone-held (the same, calls held
+        /// 1 s) (default: all).
+        #[arg(long, value_delimiter = ',')]
+        sip_shapes: Vec<String>,
         /// Where the host cost is measured: host (this machine's kernel),
         /// debian12 (Debian 12's 6.1 under qemu: the kernel's statistics
         /// only, as TCG distorts timing ratios) or all.
@@ -171,6 +177,7 @@ fn real_main() -> Result<()> {
             sip_rate,
             sip_rounds,
             sip_modes,
+            sip_shapes,
             kernel,
         } => {
             let sip_only = sip_only || part.as_deref() == Some("kamailio");
@@ -179,7 +186,14 @@ fn real_main() -> Result<()> {
             build_release()?;
             let tcpka = root.join("target/release/tcpka");
             if sip_only {
-                return bench::sip(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes);
+                return bench::sip(
+                    &tcpka,
+                    sip_calls,
+                    sip_rate,
+                    sip_rounds,
+                    &sip_modes,
+                    &sip_shapes,
+                );
             }
             if part.as_deref() == Some("fleet") {
                 return bench::fleet(&tcpka);
@@ -208,7 +222,14 @@ fn real_main() -> Result<()> {
                 }
             }
             if !cost_only {
-                bench::sip_here(&tcpka, sip_calls, sip_rate, sip_rounds, &sip_modes)?;
+                bench::sip_here(
+                    &tcpka,
+                    sip_calls,
+                    sip_rate,
+                    sip_rounds,
+                    &sip_modes,
+                    &sip_shapes,
+                )?;
                 bench::fleet(&tcpka)?;
             }
             Ok(())

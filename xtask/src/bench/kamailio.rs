@@ -3,9 +3,16 @@
 use super::*;
 
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
-pub fn sip(tcpka: &Path, calls: usize, rate: usize, rounds: usize, modes: &[String]) -> Result<()> {
+pub fn sip(
+    tcpka: &Path,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+    modes: &[String],
+    shapes: &[String],
+) -> Result<()> {
     private_netns()?;
-    sip_here(tcpka, calls, rate, rounds, modes)
+    sip_here(tcpka, calls, rate, rounds, modes, shapes)
 }
 
 /// The Kamailio bench in the current network namespace (the bench's own).
@@ -15,6 +22,7 @@ pub fn sip_here(
     rate: usize,
     rounds: usize,
     modes: &[String],
+    shapes: &[String],
 ) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -28,6 +36,7 @@ pub fn sip_here(
         rate,
         rounds,
         modes,
+        shapes,
     )
 }
 

@@ -5,6 +5,7 @@ use super::*;
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure(
     mode: Mode,
+    shape: &Shape,
     setup: &Setup,
     cfg: &Path,
     tcpka: &Path,
@@ -100,8 +101,8 @@ pub(super) fn measure(
     std::thread::sleep(Duration::from_millis(300));
     let pgrp = kamailio.0.id();
     let serve_pid = serve.as_ref().map(|p| p.0.id());
-    let (enables_before, commands_before) = match mode {
-        m if m.serve() => (Some(enables_ok(api)?), Some(commands_done(api)?)),
+    let (commands_before, by_result_before) = match mode {
+        m if m.serve() => (Some(commands_done(api)?), Some(commands_by_result(api)?)),
         _ => (None, None),
     };
     let cpu0 = group_cpu(pgrp);
@@ -120,8 +121,17 @@ pub(super) fn measure(
                 .expect("workspace")
                 .join("tests/sipp/uac_rr.xml"),
         )
-        .args(["-t", "t1", "-i", CALLER, "-s", "callee", "-nostdin"])
-        .args(["-m", &calls.to_string(), "-r", &rate.to_string(), "-d", "0"])
+        .args([
+            "-t",
+            shape.transport,
+            "-i",
+            CALLER,
+            "-s",
+            "callee",
+            "-nostdin",
+        ])
+        .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
+        .args(["-d", &shape.hold_ms.to_string()])
         .args(["-timeout", "120s", "-trace_stat", "-fd", "1", "-stf"])
         .arg(&stats)
         .stdout(Stdio::null())
@@ -160,31 +170,37 @@ pub(super) fn measure(
     if !uac.success() && failed == 0 {
         bail!("sipp exited with {uac} and no failed call counted");
     }
-    let enables = match (mode, enables_before) {
-        (m, Some(b)) if m.serve() => Some(enables_ok(api)? - b),
-        _ => None,
+    let (by_enable, by_disable) = match by_result_before {
+        Some(before) => {
+            let after = commands_by_result(api)?;
+            let of = |op: &str| {
+                let n = |result: &str| {
+                    let k = (op.to_owned(), result.to_owned());
+                    after.get(&k).copied().unwrap_or(0) - before.get(&k).copied().unwrap_or(0)
+                };
+                let all: u64 = after
+                    .iter()
+                    .filter(|((o, _), _)| o == op)
+                    .map(|(k, v)| v - before.get(k).copied().unwrap_or(0))
+                    .sum();
+                Results {
+                    ok: n("ok"),
+                    not_found: n("not_found"),
+                    other: all - n("ok") - n("not_found"),
+                }
+            };
+            (Some(of("enable")), Some(of("disable")))
+        }
+        None => (None, None),
     };
-    if enables.is_some_and(|n| n < 2 * calls as u64) {
-        // Say where the others went: serve's commands by result.
-        let out = Command::new("curl")
-            .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
-            .arg(format!("http://{api}/metrics"))
-            .output()?;
-        for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| {
-            l.starts_with("tcpka_commands_total") || l.starts_with("tcpka_errors_total")
-        }) {
-            eprintln!("  {l}");
-        }
-        // And what Kamailio saw of them.
-        for l in std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("tcpka enable"))
-            .take(3)
-        {
-            eprintln!("  kamailio: {l}");
-        }
-    }
+    // Holders of calls that all ended: none should be left once their
+    // connections closed (a sweep follows a close within a second).
+    let holders_left = if mode.tcpka() {
+        std::thread::sleep(Duration::from_millis(1500));
+        Some(holders_total(tcpka, pin_dir)?)
+    } else {
+        None
+    };
     drop(serve);
     drop(kamailio);
     let _ = std::io::stderr().flush();
@@ -194,12 +210,14 @@ pub(super) fn measure(
     };
     Ok(Sample {
         offered: rate,
-        calls,
         rate: ok as f64 / elapsed.as_secs_f64(),
         failed,
         kamailio_ms_per_call: cpu.as_secs_f64() * 1000.0 / calls as f64,
         tcpka_ms_per_command: tcpka_cpu.map(|c| c.as_secs_f64() * 1000.0 / (4 * calls) as f64),
-        enables_ok: enables,
+        enables: by_enable,
+        disables: by_disable,
+        holders_left,
+        backlog: lag,
     })
 }
 
@@ -292,4 +310,47 @@ pub(super) fn enables_ok(api: &str) -> Result<u64> {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum())
+}
+
+/// serve's finished commands by (op, result), from its metrics.
+pub(super) fn commands_by_result(
+    api: &str,
+) -> Result<std::collections::HashMap<(String, String), u64>> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    let mut by = std::collections::HashMap::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(rest) = l.strip_prefix("tcpka_commands_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        if let (Some(op), Some(result), Ok(n)) =
+            (label("op"), label("result"), value.trim().parse::<u64>())
+        {
+            by.insert((op, result), n);
+        }
+    }
+    Ok(by)
+}
+
+/// Holder entries in the installation (`tcpka info --json`).
+pub(super) fn holders_total(tcpka: &Path, pin_dir: &Path) -> Result<u64> {
+    let out = Command::new(tcpka)
+        .env("TCPKA_PIN_DIR", pin_dir)
+        .args(["info", "--json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("tcpka info --json")?;
+    v["holders"]["count"]
+        .as_u64()
+        .context("no holder count in tcpka info")
 }

@@ -76,6 +76,55 @@ const MODES: [(Mode, &str); 6] = [
     (Mode::Cli, "tcpka CLI via exec_cmd"),
 ];
 
+/// How the calls reach Kamailio.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    key: &'static str,
+    name: &'static str,
+    /// sipp's transport: t1 (one connection for every call) or tn (one
+    /// per call, closed when the call ends).
+    transport: &'static str,
+    /// How long each call is held before the BYE.
+    hold_ms: u32,
+}
+
+const SHAPES: [Shape; 3] = [
+    Shape {
+        key: "trunk",
+        name: "a trunk: every call on one caller connection (sipp -t t1), zero hold",
+        transport: "t1",
+        hold_ms: 0,
+    },
+    Shape {
+        key: "phone",
+        name: "a connection per phone: one per call, closed as it ends (sipp -t tn), zero hold",
+        transport: "tn",
+        hold_ms: 0,
+    },
+    Shape {
+        key: "phone-held",
+        name: "a connection per phone, calls held 1 s (commands land on live connections)",
+        transport: "tn",
+        hold_ms: 1000,
+    },
+];
+
+fn parse_shapes(names: &[String]) -> Result<Vec<Shape>> {
+    if names.is_empty() {
+        return Ok(SHAPES.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            SHAPES
+                .iter()
+                .find(|s| s.key == n)
+                .copied()
+                .with_context(|| format!("unknown traffic shape {n:?} (trunk, phone, phone-held)"))
+        })
+        .collect()
+}
+
 /// The CLI variant's offered rate at most: a process per command, four per
 /// call, blocking a Kamailio worker each; far above this it fails calls.
 const CLI_RATE: usize = 40;
@@ -104,14 +153,28 @@ fn parse_modes(names: &[String]) -> Result<Vec<Mode>> {
 /// One run of one variant.
 struct Sample {
     offered: usize,
-    calls: usize,
     rate: f64,
     failed: u64,
     kamailio_ms_per_call: f64,
     /// `tcpka serve`'s CPU per command, or the CLI processes' (four
     /// commands per call).
     tcpka_ms_per_command: Option<f64>,
-    enables_ok: Option<u64>,
+    /// serve's commands of the round by result: enables and disables
+    /// applied, not found (the connection had closed), refused otherwise.
+    enables: Option<Results>,
+    disables: Option<Results>,
+    /// Holder entries left once the round's calls ended (and a sweep).
+    holders_left: Option<u64>,
+    /// How long after the last call serve finished its commands.
+    backlog: Duration,
+}
+
+/// Commands of one kind by result.
+#[derive(Clone, Copy, Default)]
+struct Results {
+    ok: u64,
+    not_found: u64,
+    other: u64,
 }
 
 /// Runs the bench in `cgroup_root` (a cgroup of its own below it) and
@@ -126,8 +189,10 @@ pub fn run(
     rate: usize,
     rounds: usize,
     modes: &[String],
+    shapes: &[String],
 ) -> Result<()> {
     let wanted = parse_modes(modes)?;
+    let shapes = parse_shapes(shapes)?;
     let id = std::process::id();
     let inst = Installation {
         tcpka: tcpka.to_path_buf(),
@@ -177,9 +242,36 @@ pub fn run(
     let api = "127.0.0.1:7177";
     let cfg = config(root, &setup.dir, tcpka, api)?;
 
+    for shape in &shapes {
+        bench_shape(
+            shape, &wanted, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate, rounds,
+        )?;
+    }
+    println!();
+    Ok(())
+}
+
+/// Every wanted variant in one traffic shape, `rounds` times; prints the
+/// shape's table.
+#[allow(clippy::too_many_arguments)]
+fn bench_shape(
+    shape: &Shape,
+    wanted: &[Mode],
+    setup: &Setup,
+    cfg: &Path,
+    tcpka: &Path,
+    pin_dir: &Path,
+    cgroup: &Path,
+    home: &Path,
+    api: &str,
+    calls: usize,
+    rate: usize,
+    rounds: usize,
+) -> Result<()> {
     println!(
-        "Kamailio per call ({calls} calls at {rate} calls/s offered, zero hold, keepalive on both legs \
-         from the 200 OK to the INVITE to the 200 OK to the BYE; {rounds} rounds, medians):"
+        "Kamailio per call, {} ({calls} calls at {rate} calls/s offered, keepalive on both legs \
+         from the 200 OK to the INVITE to the 200 OK to the BYE; {rounds} rounds, medians):",
+        shape.name
     );
     let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
@@ -192,22 +284,46 @@ pub fn run(
                 Mode::Cli if rate > CLI_RATE => ((calls * CLI_RATE / rate).max(1), CLI_RATE),
                 _ => (calls, rate),
             };
-            eprint!("bench: Kamailio, round {}/{rounds}, {name}…", round + 1);
+            eprint!(
+                "bench: Kamailio, {}, round {}/{rounds}, {name}…",
+                shape.key,
+                round + 1
+            );
             let s = measure(
-                *mode, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
+                *mode, shape, setup, cfg, tcpka, pin_dir, cgroup, home, api, calls, rate,
             )
-            .with_context(|| format!("{name}, round {}", round + 1))?;
+            .with_context(|| format!("{name}, {}, round {}", shape.key, round + 1))?;
             eprintln!(" {:.1} calls/s", s.rate);
             samples[i].push(s);
         }
     }
     println!(
-        "  {:<38} {:>7} {:>8} {:>7} {:>16} {:>16} {:>12}",
-        "", "offered", "calls/s", "failed", "Kamailio ms/call", "tcpka ms/command", "enables ok"
+        "  {:<38} {:>7} {:>8} {:>6} {:>9} {:>10} {:>17} {:>17} {:>7} {:>7}",
+        "",
+        "offered",
+        "calls/s",
+        "failed",
+        "Kam ms/c",
+        "tcpka ms/c",
+        "enables ok/nf/ref",
+        "disables ok/nf/rf",
+        "holders",
+        "backlog"
     );
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
+    };
+    let sum = |v: &[Sample], f: &dyn Fn(&Sample) -> Option<Results>| -> String {
+        match v.iter().map(f).collect::<Option<Vec<_>>>() {
+            Some(r) => format!(
+                "{}/{}/{}",
+                r.iter().map(|x| x.ok).sum::<u64>(),
+                r.iter().map(|x| x.not_found).sum::<u64>(),
+                r.iter().map(|x| x.other).sum::<u64>()
+            ),
+            None => "-".into(),
+        }
     };
     let mut reference = None;
     for (i, (mode, name)) in MODES.iter().enumerate() {
@@ -218,7 +334,7 @@ pub fn run(
         let rate = med(s.iter().map(|x| x.rate).collect());
         let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
         if *mode == Mode::Tcpops {
-            reference = Some((rate, cpu));
+            reference = Some((rate, cpu, s[0].offered));
         }
         let failed: u64 = s.iter().map(|x| x.failed).sum();
         let tcpka = s
@@ -230,20 +346,20 @@ pub fn run(
         } else {
             format!("{:.3}", med(tcpka))
         };
-        let enables = match s.iter().map(|x| x.enables_ok).collect::<Option<Vec<_>>>() {
-            Some(v) => format!(
-                "{}/{}",
-                v.iter().sum::<u64>(),
-                s.iter().map(|x| 2 * x.calls).sum::<usize>()
-            ),
+        let holders = match s.iter().map(|x| x.holders_left).collect::<Option<Vec<_>>>() {
+            Some(v) => v.iter().max().copied().unwrap_or(0).to_string(),
             None => "-".into(),
         };
+        let backlog = s.iter().map(|x| x.backlog).max().unwrap_or_default();
         let offered = s[0].offered;
         println!(
-            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>7} {cpu:>16.3} {tcpka:>16} {enables:>12}"
+            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>6} {cpu:>9.3} {tcpka:>10} {:>17} {:>17} {holders:>7} {:>6.1}s",
+            sum(s, &|x| x.enables),
+            sum(s, &|x| x.disables),
+            backlog.as_secs_f64()
         );
     }
-    if let Some((rate0, cpu0)) = reference {
+    if let Some((rate0, cpu0, offered0)) = reference {
         for (i, (mode, name)) in MODES.iter().enumerate() {
             let s = &samples[i];
             if !mode.tcpka() || s.is_empty() {
@@ -251,7 +367,7 @@ pub fn run(
             }
             let rate = med(s.iter().map(|x| x.rate).collect());
             let cpu = med(s.iter().map(|x| x.kamailio_ms_per_call).collect());
-            if s[0].offered == samples[1].first().map_or(0, |t| t.offered) {
+            if s[0].offered == offered0 {
                 println!(
                     "  {name}: {:.2}x tcpops' call rate, {:.2}x its Kamailio CPU per call",
                     rate / rate0,
@@ -259,14 +375,17 @@ pub fn run(
                 );
             } else {
                 println!(
-                    "  {name}: offered {} calls/s (tcpops {}); {:.2}x tcpops' Kamailio CPU per call",
+                    "  {name}: offered {} calls/s (tcpops {offered0}); {:.2}x tcpops' Kamailio CPU per call",
                     s[0].offered,
-                    samples[1].first().map_or(0, |t| t.offered),
                     cpu / cpu0
                 );
             }
         }
     }
+    println!(
+        "  (holders: entries left after the round, of calls that all ended; backlog: how long \
+         serve still worked after the last call; nf: the connection had closed)"
+    );
     println!();
     Ok(())
 }
