@@ -198,6 +198,25 @@ fn kamailio_via_evapi_ends_calls_when_the_callee_dies() {
     ends_calls_when_the_callee_dies(Via::Evapi);
 }
 
+/// Calls answered while tcpka was away (Kamailio's evapi drops what it
+/// relays with no client connected) get their keepalive once it is back.
+#[test]
+fn kamailio_via_evapi_gives_calls_of_a_gap_their_keepalive() {
+    let mut sip = Sip::start(Via::Evapi);
+    sip.stop_tcpka();
+    let _uac = calls_up(&sip, false);
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    sip.start_tcpka();
+    sip.wait(
+        "keepalive on the callee leg for every call of the gap",
+        Duration::from_secs(10),
+        || {
+            sip.connection(&callee)
+                .is_some_and(|c| ka_on(&c) && holders_of(&c).len() == CALLS)
+        },
+    );
+}
+
 /// The example keeps a quiet call's connections open: Kamailio's own idle
 /// timer (120 s by default) would close them under a long call.
 #[test]

@@ -54,6 +54,9 @@ pub(super) struct Sip {
     pub(super) uas: Proc,
     /// None once stopped ([`Sip::stop_tcpka`]).
     pub(super) serve: Option<Serve>,
+    /// How serve was started (for [`Sip::start_tcpka`]).
+    serve_args: Vec<String>,
+    api: String,
     pub(super) caller: NamedNetns,
     pub(super) callee: NamedNetns,
     pub(super) dir: TempDir,
@@ -192,19 +195,19 @@ impl Sip {
                 .unwrap();
             writeln!(f, "{EVENTS_TOKEN}").unwrap();
         }
+        let serve_args: Vec<String> = match via {
+            Via::Evapi => ["--evapi", EVAPI],
+            Via::Exec | Via::Http | Via::HttpPooled => ["--webhook", "http://127.0.0.1:8088/tcpka"],
+        }
+        .into_iter()
+        .chain(["--events-token-file", token_file.to_str().unwrap()])
+        .map(str::to_owned)
+        .collect();
         let serve = Serve::start(
             &e.tcpka,
             &e.cgroup.path,
             &api,
-            &match via {
-                Via::Evapi => ["--evapi", EVAPI],
-                Via::Exec | Via::Http | Via::HttpPooled => {
-                    ["--webhook", "http://127.0.0.1:8088/tcpka"]
-                }
-            }
-            .into_iter()
-            .chain(["--events-token-file", token_file.to_str().unwrap()])
-            .collect::<Vec<_>>(),
+            &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
         let cfg = config(&dir, &api);
         let log = dir.join("kamailio.log");
@@ -255,6 +258,8 @@ impl Sip {
             callee,
             dir,
             serve: Some(serve),
+            serve_args,
+            api: api.clone(),
             kamailio,
             log,
             uas,
@@ -285,6 +290,17 @@ impl Sip {
     /// Stops `tcpka serve`: Kamailio's calls to it fail and no event comes.
     pub(super) fn stop_tcpka(&mut self) {
         drop(self.serve.take());
+    }
+
+    /// Starts `tcpka serve` again, as it was started.
+    pub(super) fn start_tcpka(&mut self) {
+        let args: Vec<&str> = self.serve_args.iter().map(String::as_str).collect();
+        self.serve = Some(Serve::start(
+            &self.e.tcpka,
+            &self.e.cgroup.path,
+            &self.api,
+            &args,
+        ));
     }
 
     /// `calls` calls at once from the caller that never hang up: each one
