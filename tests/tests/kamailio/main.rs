@@ -217,6 +217,44 @@ fn kamailio_via_evapi_gives_calls_of_a_gap_their_keepalive() {
     );
 }
 
+/// Requests the example handles as Kamailio's stock config does: a
+/// malformed one gets 400 before anything is kept for it, and a CANCEL is
+/// never refused as an unknown method (one for no transaction is dropped).
+#[test]
+fn the_example_checks_requests_and_lets_cancel_through() {
+    use std::io::{Read as _, Write as _};
+    let sip = Sip::start(Via::Evapi);
+    let ask = |req: &str| -> String {
+        let mut c = std::net::TcpStream::connect((KAMAILIO_CALLER_SIDE, 5060)).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let head = |method: &str, cseq: &str| {
+        format!(
+            "{method} sip:callee@{CALLEE}:{CALLEE_PORT};transport=tcp SIP/2.0\r\n\
+             Via: SIP/2.0/TCP {CALLER}:5999;branch=z9hG4bK-tcpka-{method}\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:caller@{CALLER}>;tag=1\r\n\
+             To: <sip:callee@{CALLEE}>\r\n\
+             Call-ID: tcpka-sanity-{method}\r\n\
+             CSeq: {cseq}\r\n\
+             Contact: <sip:caller@{CALLER}:5999;transport=tcp>\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+    // The CSeq's method is not the request's: malformed.
+    let reply = ask(&head("INVITE", "1 BYE"));
+    assert!(reply.starts_with("SIP/2.0 400"), "{reply:?}");
+    // A CANCEL for no transaction: dropped, not refused as a method.
+    let reply = ask(&head("CANCEL", "1 CANCEL"));
+    assert!(!reply.contains(" 405 "), "{reply:?}");
+    drop(sip);
+}
+
 /// The example keeps a quiet call's connections open: Kamailio's own idle
 /// timer (120 s by default) would close them under a long call.
 #[test]
