@@ -221,7 +221,7 @@ fn kamailio_via_evapi_gives_calls_of_a_gap_their_keepalive() {
 /// malformed one gets 400 before anything is kept for it, and a CANCEL is
 /// never refused as an unknown method (one for no transaction is dropped).
 #[test]
-fn the_example_checks_requests_and_lets_cancel_through() {
+fn the_example_checks_requests_lets_cancel_through_and_names_real_addresses() {
     use std::io::{Read as _, Write as _};
     let sip = Sip::start(Via::Evapi);
     let ask = |req: &str| -> String {
@@ -252,7 +252,13 @@ fn the_example_checks_requests_and_lets_cancel_through() {
     // A CANCEL for no transaction: dropped, not refused as a method.
     let reply = ask(&head("CANCEL", "1 CANCEL"));
     assert!(!reply.contains(" 405 "), "{reply:?}");
-    drop(sip);
+    // A call: what reaches the callee names a real address of Kamailio's
+    // in its Record-Route and Via, never 0.0.0.0.
+    let mut call = sip.call(0);
+    let _ = call.0.wait();
+    let seen = std::fs::read_to_string(sip.dir.join("uas_messages.log")).unwrap_or_default();
+    assert!(seen.contains("Record-Route:"), "{seen}");
+    assert!(!seen.contains("0.0.0.0"), "{seen}");
 }
 
 /// The example keeps a quiet call's connections open: Kamailio's own idle

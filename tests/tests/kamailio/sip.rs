@@ -105,6 +105,11 @@ pub(super) fn config(dir: &Path, api: &str) -> PathBuf {
         &format!("http://tcpka:{TEST_TOKEN}@{api}"),
     );
     text = subst(text, "TCPKA_TOKEN", TEST_TOKEN);
+    text = subst(
+        text,
+        "SIP_LISTEN",
+        &format!("tcp:{KAMAILIO_CALLER_SIDE}:5060"),
+    );
     // Each command's line, with the Call-ID next to its holder.
     text = subst(text, "KA_LOG", "L_INFO");
     text = subst(
