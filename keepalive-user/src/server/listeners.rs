@@ -32,6 +32,29 @@ impl Drop for SocketFile {
     }
 }
 
+/// A unix listener at `path` whose file has its mode and group before
+/// anyone can connect: bound under a temporary name in the same
+/// directory, secured, then renamed into place.
+pub(super) fn bind_secured(
+    path: &std::path::Path,
+    group: Option<u32>,
+) -> Result<tokio::net::UnixListener, Error> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)
+        .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+    let placed = secure_socket(&tmp, group).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("placing {}", path.display()), e))
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 /// Makes a unix listener's socket file 0600, or 0660 with the API group.
 pub(super) fn secure_socket(path: &std::path::Path, group: Option<u32>) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt as _;

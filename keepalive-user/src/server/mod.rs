@@ -335,10 +335,8 @@ pub async fn run(
             }
             Listen::Unix(path) => {
                 access::claim_socket_path(path)?;
-                let listener = tokio::net::UnixListener::bind(path)
-                    .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
+                let listener = bind_secured(path, config.api_group)?;
                 let _remove = SocketFile::new(path);
-                secure_socket(path, config.api_group)?;
                 tracing::info!("API on unix:{}", path.display());
                 crate::service::notify(&[sd_notify::NotifyState::Ready]);
                 serve_connections(
