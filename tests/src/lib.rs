@@ -62,6 +62,25 @@ pub fn require_root() {
     );
 }
 
+/// Whether the tests run under qemu's TCG (the Debian 12 VM of `cargo
+/// xtask test`), where everything takes about 35 times as long.
+pub fn under_tcg() -> bool {
+    std::env::var_os("TCPKA_TCG").is_some()
+}
+
+/// The most a request may take under a load, given what it took without:
+/// the bar, on a real host; under TCG, whose absolute times say nothing,
+/// the bar or five times the time without the load, whichever is more
+/// (what the bars guard against, a request waiting behind the load,
+/// shows as hundreds of times).
+pub fn latency_bound(bar: Duration, alone: Duration) -> Duration {
+    if under_tcg() {
+        bar.max(alone * 5)
+    } else {
+        bar
+    }
+}
+
 /// Polls `done` every 50 ms; panics naming `what` unless it holds within
 /// `within`.
 pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {

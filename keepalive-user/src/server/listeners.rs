@@ -45,8 +45,7 @@ pub(super) fn bind_secured(
     let listener = tokio::net::UnixListener::bind(&tmp)
         .map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
     let placed = secure_socket(&tmp, group).and_then(|()| {
-        std::fs::rename(&tmp, path)
-            .map_err(|e| Error::io(format!("placing {}", path.display()), e))
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("placing {}", path.display()), e))
     });
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
