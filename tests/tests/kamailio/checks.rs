@@ -141,8 +141,10 @@ pub(super) fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &st
             // sipps each need their own local port: left to choose, they
             // race for the same one.
             let cid = id.replace('%', "%%");
+            // Held long enough for every enable to land first (under TCG
+            // each exec'd command takes about a second).
             sip.call_with(
-                4000,
+                if under_tcg() { 20_000 } else { 4000 },
                 &["-cid_str".into(), cid, "-p".into(), port.to_string()],
             )
         })
@@ -154,7 +156,8 @@ pub(super) fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &st
             .unwrap_or("")
             .starts_with(&format!("{CALLER}:"))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let within = Duration::from_secs(if under_tcg() { 30 } else { 10 });
+    let deadline = Instant::now() + within;
     loop {
         assert!(
             !canary.0.exists(),
@@ -186,7 +189,7 @@ pub(super) fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &st
         assert!(
             Instant::now() < deadline,
             "keepalive on both legs of every call, held by the MD5 of its Call-ID \
-             ({hashes:?} for {ids:?}): not within 10 s\nconnections: {conns:#?}\n\
+             ({hashes:?} for {ids:?}): not within {within:?}\nconnections: {conns:#?}\n\
              kamailio log:\n{}",
             sip.kamailio_log()
         );
@@ -204,7 +207,7 @@ pub(super) fn hostile_call_ids_run_nothing_and_get_keepalive(sip: &Sip, via: &st
     // go once the last call ends.
     sip.wait(
         "keepalive off after the BYEs",
-        Duration::from_secs(5),
+        Duration::from_secs(if under_tcg() { 30 } else { 5 }),
         || {
             sip.connection(&callee)
                 .is_some_and(|c| c["keepalive"]["enabled"] == false && holders_of(&c).is_empty())
