@@ -101,9 +101,13 @@ pub(super) fn measure(
     std::thread::sleep(Duration::from_millis(300));
     let pgrp = kamailio.0.id();
     let serve_pid = serve.as_ref().map(|p| p.0.id());
-    let (commands_before, by_result_before) = match mode {
-        m if m.serve() => (Some(commands_done(api)?), Some(commands_by_result(api)?)),
-        _ => (None, None),
+    let (commands_before, by_result_before, walks_before) = match mode {
+        m if m.serve() => (
+            Some(commands_done(api)?),
+            Some(commands_by_result(api)?),
+            Some(walks(api)?),
+        ),
+        _ => (None, None, None),
     };
     let cpu0 = group_cpu(pgrp);
     let children0 = group_children_cpu(pgrp);
@@ -193,6 +197,10 @@ pub(super) fn measure(
         }
         None => (None, None),
     };
+    let walks = match walks_before {
+        Some(b) => Some(walks(api)? - b),
+        None => None,
+    };
     // Holders of calls that all ended: none should be left once their
     // connections closed (a sweep follows a close within a second).
     let holders_left = if mode.tcpka() {
@@ -218,6 +226,7 @@ pub(super) fn measure(
         disables: by_disable,
         holders_left,
         backlog: lag,
+        walks,
     })
 }
 
@@ -353,4 +362,17 @@ pub(super) fn holders_total(tcpka: &Path, pin_dir: &Path) -> Result<u64> {
     v["holders"]["count"]
         .as_u64()
         .context("no holder count in tcpka info")
+}
+
+/// Walks of the socket table serve did so far (`tcpka_lookups_total{path="walk"}`).
+pub(super) fn walks(api: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
+        .arg(format!("http://{api}/metrics"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tcpka_lookups_total{path=\"walk\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0))
 }

@@ -167,6 +167,9 @@ struct Sample {
     holders_left: Option<u64>,
     /// How long after the last call serve finished its commands.
     backlog: Duration,
+    /// Walks of the socket table during the round (the rest took the
+    /// index).
+    walks: Option<u64>,
 }
 
 /// Commands of one kind by result.
@@ -298,7 +301,7 @@ fn bench_shape(
         }
     }
     println!(
-        "  {:<38} {:>7} {:>8} {:>6} {:>9} {:>10} {:>17} {:>17} {:>7} {:>7}",
+        "  {:<38} {:>7} {:>8} {:>6} {:>9} {:>10} {:>17} {:>17} {:>7} {:>7} {:>6}",
         "",
         "offered",
         "calls/s",
@@ -308,7 +311,8 @@ fn bench_shape(
         "enables ok/nf/ref",
         "disables ok/nf/rf",
         "holders",
-        "backlog"
+        "backlog",
+        "walks"
     );
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -351,9 +355,13 @@ fn bench_shape(
             None => "-".into(),
         };
         let backlog = s.iter().map(|x| x.backlog).max().unwrap_or_default();
+        let walks = match s.iter().map(|x| x.walks).collect::<Option<Vec<_>>>() {
+            Some(v) => v.iter().sum::<u64>().to_string(),
+            None => "-".into(),
+        };
         let offered = s[0].offered;
         println!(
-            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>6} {cpu:>9.3} {tcpka:>10} {:>17} {:>17} {holders:>7} {:>6.1}s",
+            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>6} {cpu:>9.3} {tcpka:>10} {:>17} {:>17} {holders:>7} {:>6.1}s {walks:>6}",
             sum(s, &|x| x.enables),
             sum(s, &|x| x.disables),
             backlog.as_secs_f64()
