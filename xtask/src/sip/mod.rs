@@ -14,11 +14,16 @@
 //! - the tcpka CLI through `exec_cmd` (the config's default), at
 //!   [`CLI_RATE`] calls/s at most and as many calls as last as long.
 //!
-//! Each round runs every variant once, in turn; the figures are medians
-//! over the rounds: calls/s achieved, failed calls, Kamailio's CPU per call
-//! and tcpka's CPU per command (four per call: `tcpka serve`'s, or the CLI
-//! processes'), and whether every enable was applied (serve's own count of
-//! commands that succeeded; the CLI's exit codes are not collected).
+//! In each traffic shape ([`SHAPES`]: a trunk carrying every call, a
+//! connection per phone closed as its call ends, and the same with calls
+//! held 1 s), each round runs every variant once, in turn; the figures are
+//! medians over the rounds: calls/s achieved, failed calls, Kamailio's CPU
+//! per call and tcpka's CPU per command (four per call: `tcpka serve`'s, or
+//! the CLI processes'); and, from serve's own counts, its enables and
+//! disables by result (applied, not found, refused), the holder entries
+//! left once every call ended, how long serve still worked after the last
+//! call, and the walks of the socket table (the CLI's exit codes are not
+//! collected).
 //!
 //! ```text
 //!  caller ns (sipp uac) 10.202.1.2 ── 10.202.1.1 kamailio (this ns, the attached cgroup) 10.202.2.1 ── 10.202.2.2 callee ns (sipp uas)
