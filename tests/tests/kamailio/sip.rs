@@ -110,6 +110,7 @@ pub(super) fn config(dir: &Path, api: &str) -> PathBuf {
         "SIP_LISTEN",
         &format!("tcp:{KAMAILIO_CALLER_SIDE}:5060"),
     );
+    text = subst(text, "UPSTREAM_LISTEN", "tcp:10.201.2.1:5060");
     // Each command's line, with the Call-ID next to its holder.
     text = subst(text, "KA_LOG", "L_INFO");
     text = subst(

@@ -87,6 +87,10 @@ pub(super) fn config(root: &Path, dir: &Path, tcpka: &Path, api: &str) -> Result
         &format!("sip:{CALLEE}:{CALLEE_PORT};transport=tcp"),
     )?;
     subst("SIP_LISTEN", &format!("tcp:{KAMAILIO}:5060"))?;
+    subst(
+        "UPSTREAM_LISTEN",
+        &format!("tcp:{KAMAILIO_CALLEE_SIDE}:5060"),
+    )?;
     subst("CTL_SOCKET", &format!("unix:{}", dir.join("ctl").display()))?;
     let path = dir.join("kamailio.cfg");
     std::fs::write(&path, text)?;
