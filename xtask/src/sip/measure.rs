@@ -134,6 +134,8 @@ pub(super) fn measure(
             "callee",
             "-nostdin",
         ])
+        // sipp refuses tn unless its socket cap is below the open-file limit.
+        .args(["-max_socket", "10000"])
         .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
         .args(["-d", &shape.hold_ms.to_string()])
         .args(["-timeout", "120s", "-trace_stat", "-fd", "1", "-stf"])
