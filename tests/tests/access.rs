@@ -119,32 +119,28 @@ fn tcp_listener_needs_the_token_host_and_json() {
     ]);
     assert_eq!(code(&o), "201", "{o:?}");
     assert_eq!(rules(&e), 1);
+    // A serve with this token file, which must refuse it.
+    let refused = || {
+        let r = e.tcpka.run(&[
+            "serve",
+            "--cgroup",
+            e.cgroup.path.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ]);
+        assert_eq!(r.code, 1, "{r:?}");
+        r
+    };
     // A token file others can read is refused.
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let r = e.tcpka.run(&[
-        "serve",
-        "--cgroup",
-        e.cgroup.path.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--token-file",
-        token_file.to_str().unwrap(),
-    ]);
-    assert_eq!(r.code, 1, "{r:?}");
+    let r = refused();
     assert!(r.stderr.contains("readable by every user"), "{r:?}");
     // So is one another user owns (they could change the secret).
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::chown(&token_file, Some(65534), Some(65534)).unwrap();
-    let r = e.tcpka.run(&[
-        "serve",
-        "--cgroup",
-        e.cgroup.path.to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--token-file",
-        token_file.to_str().unwrap(),
-    ]);
-    assert_eq!(r.code, 1, "{r:?}");
+    let r = refused();
     assert!(r.stderr.contains("owned by uid 65534"), "{r:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

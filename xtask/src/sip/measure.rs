@@ -292,13 +292,18 @@ pub(super) fn group_ticks(pgrp: u32, at: usize) -> Duration {
     Duration::from_secs_f64(ticks as f64 * tick)
 }
 
-/// Every command serve has finished (`tcpka_commands_total`, all results).
-pub(super) fn commands_done(api: &str) -> Result<u64> {
+/// serve's metrics, as text.
+pub(super) fn metrics(api: &str) -> Result<String> {
     let out = Command::new("curl")
         .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
         .arg(format!("http://{api}/metrics"))
         .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every command serve has finished (`tcpka_commands_total`, all results).
+pub(super) fn commands_done(api: &str) -> Result<u64> {
+    Ok(metrics(api)?
         .lines()
         .filter(|l| l.starts_with("tcpka_commands_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
@@ -307,12 +312,7 @@ pub(super) fn commands_done(api: &str) -> Result<u64> {
 
 /// `tcpka_commands_total{op="enable",result="ok"}` from serve's metrics.
 pub(super) fn enables_ok(api: &str) -> Result<u64> {
-    let out = Command::new("curl")
-        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
-        .arg(format!("http://{api}/metrics"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
+    Ok(metrics(api)?
         .lines()
         .filter(|l| {
             l.starts_with("tcpka_commands_total")
@@ -327,12 +327,8 @@ pub(super) fn enables_ok(api: &str) -> Result<u64> {
 pub(super) fn commands_by_result(
     api: &str,
 ) -> Result<std::collections::HashMap<(String, String), u64>> {
-    let out = Command::new("curl")
-        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
-        .arg(format!("http://{api}/metrics"))
-        .output()?;
     let mut by = std::collections::HashMap::new();
-    for l in String::from_utf8_lossy(&out.stdout).lines() {
+    for l in metrics(api)?.lines() {
         let Some(rest) = l.strip_prefix("tcpka_commands_total{") else {
             continue;
         };
@@ -368,11 +364,7 @@ pub(super) fn holders_total(tcpka: &Path, pin_dir: &Path) -> Result<u64> {
 
 /// Walks of the socket table serve did so far (`tcpka_lookups_total{path="walk"}`).
 pub(super) fn walks(api: &str) -> Result<u64> {
-    let out = Command::new("curl")
-        .args(["-s", "-H", &format!("Authorization: Bearer {TOKEN}")])
-        .arg(format!("http://{api}/metrics"))
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(metrics(api)?
         .lines()
         .find(|l| l.starts_with("tcpka_lookups_total{path=\"walk\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
