@@ -62,6 +62,18 @@ pub fn require_root() {
     );
 }
 
+/// A command run as uid and gid `uid` with no supplementary groups (and
+/// no capabilities): `setpriv`, with what to run to be added.
+pub fn as_user(uid: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+    ]);
+    c
+}
+
 /// Whether the tests run under qemu's TCG (the Debian 12 VM of `cargo
 /// xtask test`), where everything takes about 35 times as long.
 pub fn under_tcg() -> bool {

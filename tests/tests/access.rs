@@ -16,11 +16,8 @@ const NOBODY: &str = "65534";
 
 /// curl as uid/gid 65534 with no supplementary groups; `args` follow.
 fn curl_as_nobody(args: &[&str]) -> Output {
-    Command::new("setpriv")
+    as_user(NOBODY)
         .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
             "curl",
             "-s",
             "-m",
@@ -68,12 +65,7 @@ fn tcp_listener_needs_the_token_host_and_json() {
     assert_eq!(code(&o), "401", "{o:?}");
     assert_eq!(rules(&e), 0);
     // That user cannot read the token either.
-    let o = Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-        ])
+    let o = as_user(NOBODY)
         .args(["cat", token_file.to_str().unwrap()])
         .output()
         .unwrap();

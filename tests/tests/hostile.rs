@@ -7,7 +7,7 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     os::fd::AsRawFd as _,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -18,15 +18,8 @@ const CALLER: &str = "65533";
 
 /// `bash -c SCRIPT` as uid/gid `uid`, no supplementary groups; stdout piped.
 fn bash_as(uid: &str, script: &str) -> Child {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "bash",
-            "-c",
-            script,
-        ])
+    as_user(uid)
+        .args(["bash", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -61,11 +54,8 @@ fn stop(mut child: Child) {
 /// An authorized request from uid 65533 with curl: the status and the
 /// request's own time (curl's time_total, without the process start).
 fn authorized(addr: &str) -> (String, Duration) {
-    let o = Command::new("setpriv")
+    let o = as_user(CALLER)
         .args([
-            &format!("--reuid={CALLER}"),
-            &format!("--regid={CALLER}"),
-            "--clear-groups",
             "curl",
             "-s",
             "-m",
@@ -289,15 +279,8 @@ fn a_bad_token_flood_is_cheap_and_summarised_in_the_log() {
     );
     let script = "exec python3 -c \"$FLOOD\"";
     let flood_as_nobody = || {
-        Command::new("setpriv")
-            .args([
-                &format!("--reuid={NOBODY}"),
-                &format!("--regid={NOBODY}"),
-                "--clear-groups",
-                "bash",
-                "-c",
-                script,
-            ])
+        as_user(NOBODY)
+            .args(["bash", "-c", script])
             .env("FLOOD", &flood)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -185,15 +185,15 @@ fn real_main() -> Result<()> {
             setup::run()?;
             build_release()?;
             let tcpka = root.join("target/release/tcpka");
+            let sip = sip::Options {
+                calls: sip_calls,
+                rate: sip_rate,
+                rounds: sip_rounds,
+                modes: sip_modes,
+                shapes: sip_shapes,
+            };
             if sip_only {
-                return bench::sip(
-                    &tcpka,
-                    sip_calls,
-                    sip_rate,
-                    sip_rounds,
-                    &sip_modes,
-                    &sip_shapes,
-                );
+                return bench::sip(&tcpka, &sip);
             }
             if part.as_deref() == Some("fleet") {
                 return bench::fleet(&tcpka);
@@ -222,14 +222,7 @@ fn real_main() -> Result<()> {
                 }
             }
             if !cost_only {
-                bench::sip_here(
-                    &tcpka,
-                    sip_calls,
-                    sip_rate,
-                    sip_rounds,
-                    &sip_modes,
-                    &sip_shapes,
-                )?;
+                bench::sip_here(&tcpka, &sip)?;
                 bench::fleet(&tcpka)?;
             }
             Ok(())

@@ -154,7 +154,9 @@ pub(crate) enum Command {
     /// process owns them (the reference's tcp_keepalive_enable).
     ///
     /// Prints how many connections changed; exits 1 with "no such
-    /// connection" when none matches.
+    /// connection" when none matches. A connection the full connection
+    /// map (load --max-connections) cannot hold is left as it was: a
+    /// warning beside the others, exit 1 when none could be managed.
     Enable(EnableArgs),
     /// Turn keepalive off on live connections now (tcp_keepalive_disable).
     Disable(ConnArgs),

@@ -28,8 +28,7 @@ pub(super) fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
     let command = format!(
         r#"{{"op":"enable","conn":"{peer}","idle":21,"count":3,"interval":4,"holder":"h1"}}"#
     );
-    let stranger = std::process::Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+    let stranger = as_user("65534")
         .args(["/usr/bin/python3", "-c"])
         .arg(format!(
             "import socket,time\n\
@@ -140,8 +139,7 @@ pub(super) fn a_strangers_evapi_server_that_accepts_late_is_refused() {
     let (c, _srv) = connect(&l);
     let port = free_port();
     let command = format!(r#"{{"op":"enable","conn":"{peer}","idle":23,"count":3,"interval":4}}"#);
-    let stranger = std::process::Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+    let stranger = as_user("65534")
         .args(["/usr/bin/python3", "-c"])
         .arg(format!(
             "import socket,time\n\

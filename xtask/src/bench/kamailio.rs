@@ -3,41 +3,17 @@
 use super::*;
 
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
-pub fn sip(
-    tcpka: &Path,
-    calls: usize,
-    rate: usize,
-    rounds: usize,
-    modes: &[String],
-    shapes: &[String],
-) -> Result<()> {
+pub fn sip(tcpka: &Path, o: &crate::sip::Options) -> Result<()> {
     private_netns()?;
-    sip_here(tcpka, calls, rate, rounds, modes, shapes)
+    sip_here(tcpka, o)
 }
 
 /// The Kamailio bench in the current network namespace (the bench's own).
-pub fn sip_here(
-    tcpka: &Path,
-    calls: usize,
-    rate: usize,
-    rounds: usize,
-    modes: &[String],
-    shapes: &[String],
-) -> Result<()> {
+pub fn sip_here(tcpka: &Path, o: &crate::sip::Options) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the workspace")?;
-    crate::sip::run(
-        root,
-        tcpka,
-        &cgroup2_mount()?,
-        &own_cgroup()?,
-        calls,
-        rate,
-        rounds,
-        modes,
-        shapes,
-    )
+    crate::sip::run(root, tcpka, &cgroup2_mount()?, &own_cgroup()?, o)
 }
 
 /// The cgroup v2 directory this process is in.

@@ -81,6 +81,20 @@ const MODES: [(Mode, &str); 6] = [
     (Mode::Cli, "tcpka CLI via exec_cmd"),
 ];
 
+/// What the Kamailio bench runs (`cargo xtask bench --sip-*`).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Calls per variant and round.
+    pub calls: usize,
+    /// Calls per second offered.
+    pub rate: usize,
+    pub rounds: usize,
+    /// Variants by name (all when empty).
+    pub modes: Vec<String>,
+    /// Traffic shapes by name (all when empty).
+    pub shapes: Vec<String>,
+}
+
 /// How the calls reach Kamailio.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Shape {
@@ -188,19 +202,15 @@ struct Results {
 /// Runs the bench in `cgroup_root` (a cgroup of its own below it) and
 /// prints its table. The caller runs in a network namespace of its own.
 #[allow(clippy::too_many_arguments)]
-pub fn run(
-    root: &Path,
-    tcpka: &Path,
-    cgroup_root: &Path,
-    home: &Path,
-    calls: usize,
-    rate: usize,
-    rounds: usize,
-    modes: &[String],
-    shapes: &[String],
-) -> Result<()> {
-    let wanted = parse_modes(modes)?;
-    let shapes = parse_shapes(shapes)?;
+pub fn run(root: &Path, tcpka: &Path, cgroup_root: &Path, home: &Path, o: &Options) -> Result<()> {
+    let Options {
+        calls,
+        rate,
+        rounds,
+        ..
+    } = *o;
+    let wanted = parse_modes(&o.modes)?;
+    let shapes = parse_shapes(&o.shapes)?;
     let id = std::process::id();
     let inst = Installation {
         tcpka: tcpka.to_path_buf(),
