@@ -89,6 +89,11 @@ enum Task {
         /// 1 s) (default: all).
         #[arg(long, value_delimiter = ',')]
         sip_shapes: Vec<String>,
+        /// TIME_WAIT sockets kept in the Kamailio bench's namespace through
+        /// every run, as a host that closes a connection per phone has
+        /// them (every walk of the socket table passes them); 0 for none.
+        #[arg(long, default_value_t = 100_000)]
+        sip_time_wait: usize,
         /// Where the host cost is measured: host (this machine's kernel),
         /// debian12 (Debian 12's 6.1 under qemu: the kernel's statistics
         /// only, as TCG distorts timing ratios) or all.
@@ -178,6 +183,7 @@ fn real_main() -> Result<()> {
             sip_rounds,
             sip_modes,
             sip_shapes,
+            sip_time_wait,
             kernel,
         } => {
             let sip_only = sip_only || part.as_deref() == Some("kamailio");
@@ -191,6 +197,7 @@ fn real_main() -> Result<()> {
                 rounds: sip_rounds,
                 modes: sip_modes,
                 shapes: sip_shapes,
+                time_wait: sip_time_wait,
             };
             if sip_only {
                 return bench::sip(&tcpka, &sip);

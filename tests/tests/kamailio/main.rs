@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Each call: keepalive on both legs from the 200 OK to the INVITE, off
-//! after the 200 OK to the BYE; when the callee's host stops answering, the
+//! at the BYE (or the dialog's timeout); when the callee's host stops answering, the
 //! timeout event reaches Kamailio's xhttp route. Call-IDs made to break out
 //! of a shell word or a JSON string run nothing and add no field: the
 //! config hands tcpka only their MD5, and those calls get keepalive too.
@@ -271,6 +271,66 @@ fn the_example_keeps_idle_connections_for_longer_than_a_call() {
         .and_then(|v| v.parse().ok())
         .expect("kamcmd core.tcp_options: connection_lifetime");
     assert!(lifetime >= 3600, "tcp connection_lifetime {lifetime} s");
+}
+
+/// A call's state lives with its dialog, not in a table that expires: a
+/// call longer than such an expiry would lose it (its BYE could not
+/// release its keepalive, nor a dead connection find the call).
+#[test]
+fn the_example_keeps_a_calls_state_with_its_dialog() {
+    let sip = Sip::start(Via::Evapi);
+    let tables = sip.kamcmd(&["htable.listTables"]);
+    assert!(tables.contains("calls"), "htable.listTables:\n{tables}");
+    assert!(
+        tables
+            .lines()
+            .filter(|l| l.trim().starts_with("expire:"))
+            .all(|l| l.trim() == "expire: 0"),
+        "a table expires its entries:\n{tables}"
+    );
+    let mut uac = sip.call(3000);
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    sip.wait(
+        "both legs kept in the call's dialog",
+        Duration::from_secs(10),
+        || {
+            let d = sip.kamcmd(&["dlg.list"]);
+            d.contains("callerlocal") && d.contains(&callee)
+        },
+    );
+    let status = uac.0.wait().unwrap();
+    assert!(status.success(), "sipp uac: {status}");
+    sip.wait(
+        "the call gone from the list of calls",
+        Duration::from_secs(5),
+        || !sip.kamcmd(&["htable.dump", "calls"]).contains(CALLER),
+    );
+}
+
+/// A call whose BYE never comes (both phones lost, say) still releases its
+/// keepalive: at the dialog's timeout (DIALOG_TIMEOUT, 3 s here).
+#[test]
+fn the_example_releases_keepalive_when_a_dialog_times_out() {
+    let sip = Sip::start_with(Via::Evapi, &[("DIALOG_TIMEOUT", "3")]);
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    let mut uac = sip.call(30_000);
+    sip.wait(
+        "keepalive on the callee leg",
+        Duration::from_secs(10),
+        || sip.connection(&callee).is_some_and(|c| ka_on(&c)),
+    );
+    sip.wait(
+        "keepalive released at the dialog's timeout",
+        Duration::from_secs(10),
+        || {
+            sip.connection(&callee)
+                .is_some_and(|c| c["keepalive"]["enabled"] == false)
+        },
+    );
+    assert!(
+        uac.0.try_wait().unwrap().is_none(),
+        "the call ended before its dialog timed out"
+    );
 }
 
 /// The contrast: the same calls and the same dead callee without tcpka.

@@ -86,7 +86,7 @@ pub(super) fn link(ns: &NamedNetns, ours: &str, theirs: &str, our_ip: &str, thei
 
 /// The shipped config with this test's binary, addresses and short
 /// keepalive values.
-pub(super) fn config(dir: &Path, api: &str) -> PathBuf {
+pub(super) fn config(dir: &Path, api: &str, extra: &[(&str, &str)]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let text = std::fs::read_to_string(root.join("examples/kamailio/kamailio.cfg")).unwrap();
     let subst = |text: String, name: &str, value: &str| -> String {
@@ -128,6 +128,9 @@ pub(super) fn config(dir: &Path, api: &str) -> PathBuf {
         "CTL_SOCKET",
         &format!("unix:{}", dir.join("ctl").display()),
     );
+    for (name, value) in extra {
+        text = subst(text, name, value);
+    }
     let path = dir.join("kamailio.cfg");
     std::fs::write(&path, text).unwrap();
     path
@@ -174,6 +177,11 @@ pub(super) const EVAPI: &str = "127.0.0.1:8448";
 
 impl Sip {
     pub(super) fn start(via: Via) -> Self {
+        Self::start_with(via, &[])
+    }
+
+    /// Starts with more of the example's substdefs set (name, value).
+    pub(super) fn start_with(via: Via, substdefs: &[(&str, &str)]) -> Self {
         for t in ["kamailio", "sipp"] {
             if !tool(t) {
                 // `cargo xtask test` installs both; a bare `cargo test` may not.
@@ -215,7 +223,7 @@ impl Sip {
             &api,
             &serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
-        let cfg = config(&dir, &api);
+        let cfg = config(&dir, &api, substdefs);
         let log = dir.join("kamailio.log");
         let mut k = Command::new("kamailio");
         k.args([
@@ -326,7 +334,6 @@ impl Sip {
         )
     }
 
-    /// Kamailio's count of active dialogs (kamcmd over the ctl socket).
     /// Commands `op` tcpka's serve got so far, whatever their result
     /// (`tcpka_commands_total`).
     pub(super) fn commands(&self, op: &str) -> u64 {
@@ -341,29 +348,31 @@ impl Sip {
             .sum()
     }
 
+    /// What an RPC of the running Kamailio prints (kamcmd over the ctl
+    /// socket), or "" if it cannot be run.
+    pub(super) fn kamcmd(&self, args: &[&str]) -> String {
+        Command::new("kamcmd")
+            .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
     /// One of the running Kamailio's TCP options (`kamcmd
     /// core.tcp_options`), e.g. `connection_lifetime`.
     pub(super) fn tcp_option(&self, name: &str) -> Option<String> {
-        let out = Command::new("kamcmd")
-            .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
-            .arg("core.tcp_options")
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = self.kamcmd(&["core.tcp_options"]);
         text.lines().find_map(|l| {
             let (k, v) = l.trim().split_once(':')?;
             (k == name).then(|| v.trim().to_owned())
         })
     }
 
+    /// Kamailio's count of active dialogs.
     pub(super) fn active_dialogs(&self) -> Option<u64> {
-        let out = Command::new("kamcmd")
-            .args(["-s", &format!("unix:{}", self.dir.join("ctl").display())])
-            .args(["stats.get_statistics", "dialog:"])
-            .output()
-            .ok()?;
         // dialog:active_dialogs = 10, then the group's other counters
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = self.kamcmd(&["stats.get_statistics", "dialog:"]);
         let line = text.lines().find(|l| l.contains("active_dialogs"))?;
         line.split('=')
             .nth(1)?

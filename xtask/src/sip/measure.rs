@@ -144,6 +144,7 @@ pub(super) fn measure(
         .stderr(Stdio::null())
         .status()?;
     let elapsed = start.elapsed();
+    let time_wait = TimeWait::count()?;
     // Let the last commands (the BYE's disables) finish: serve may still
     // be working through a backlog. Waits until all four per call are done
     // or no more finish for 2 s.
@@ -229,6 +230,7 @@ pub(super) fn measure(
         holders_left,
         backlog: lag,
         walks,
+        time_wait,
     })
 }
 

@@ -39,8 +39,10 @@ use anyhow::{bail, Context as _, Result};
 
 mod measure;
 mod setup;
+mod time_wait;
 use measure::*;
 use setup::*;
+use time_wait::TimeWait;
 
 const CALLER: &str = "10.202.1.2";
 const KAMAILIO: &str = "10.202.1.1";
@@ -93,6 +95,9 @@ pub struct Options {
     pub modes: Vec<String>,
     /// Traffic shapes by name (all when empty).
     pub shapes: Vec<String>,
+    /// TIME_WAIT sockets kept in the namespace during every run (0: none
+    /// made).
+    pub time_wait: usize,
 }
 
 /// How the calls reach Kamailio.
@@ -189,6 +194,8 @@ struct Sample {
     /// Walks of the socket table during the round (the rest took the
     /// index).
     walks: Option<u64>,
+    /// TIME_WAIT sockets in the namespace as the last call ended.
+    time_wait: usize,
 }
 
 /// Commands of one kind by result.
@@ -259,10 +266,15 @@ pub fn run(root: &Path, tcpka: &Path, cgroup_root: &Path, home: &Path, o: &Optio
     }
     let api = "127.0.0.1:7177";
     let cfg = config(root, &setup.dir, tcpka, api)?;
+    let mut tw = match o.time_wait {
+        0 => None,
+        n => Some(TimeWait::new(n)?),
+    };
 
     for shape in &shapes {
         bench_shape(
             shape, &wanted, &setup, &cfg, tcpka, pin_dir, cgroup, home, api, calls, rate, rounds,
+            &mut tw,
         )?;
     }
     println!();
@@ -285,10 +297,18 @@ fn bench_shape(
     calls: usize,
     rate: usize,
     rounds: usize,
+    tw: &mut Option<TimeWait>,
 ) -> Result<()> {
+    let tw_line = match tw {
+        Some(t) => format!(
+            "; at least {} TIME_WAIT sockets in the namespace through every run",
+            t.target()
+        ),
+        None => String::new(),
+    };
     println!(
         "Kamailio per call, {} ({calls} calls at {rate} calls/s offered, keepalive on both legs \
-         from the 200 OK to the INVITE to the 200 OK to the BYE; {rounds} rounds, medians):",
+         from the 200 OK to the INVITE to the 200 OK to the BYE{tw_line}; {rounds} rounds, medians):",
         shape.name
     );
     let mut samples: Vec<Vec<Sample>> = MODES.iter().map(|_| Vec::new()).collect();
@@ -302,6 +322,11 @@ fn bench_shape(
                 Mode::Cli if rate > CLI_RATE => ((calls * CLI_RATE / rate).max(1), CLI_RATE),
                 _ => (calls, rate),
             };
+            if let Some(t) = tw.as_mut() {
+                // The calls, with Kamailio's start and serve's last
+                // commands around them.
+                t.top_up(Duration::from_secs_f64(calls as f64 / rate as f64 + 20.0))?;
+            }
             eprint!(
                 "bench: Kamailio, {}, round {}/{rounds}, {name}…",
                 shape.key,
@@ -316,7 +341,7 @@ fn bench_shape(
         }
     }
     println!(
-        "  {:<38} {:>7} {:>8} {:>6} {:>9} {:>10} {:>17} {:>17} {:>7} {:>7} {:>6}",
+        "  {:<38} {:>7} {:>8} {:>6} {:>9} {:>10} {:>17} {:>17} {:>7} {:>7} {:>6} {:>7}",
         "",
         "offered",
         "calls/s",
@@ -327,7 +352,8 @@ fn bench_shape(
         "disables ok/nf/rf",
         "holders",
         "backlog",
-        "walks"
+        "walks",
+        "TW end"
     );
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -375,11 +401,28 @@ fn bench_shape(
             None => "-".into(),
         };
         let offered = s[0].offered;
+        let tw_end = s.iter().map(|x| x.time_wait).min().unwrap_or(0);
         println!(
-            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>6} {cpu:>9.3} {tcpka:>10} {:>17} {:>17} {holders:>7} {:>6.1}s {walks:>6}",
+            "  {name:<38} {offered:>7} {rate:>8.1} {failed:>6} {cpu:>9.3} {tcpka:>10} {:>17} {:>17} {holders:>7} {:>6.1}s {walks:>6} {tw_end:>7}",
             sum(s, &|x| x.enables),
             sum(s, &|x| x.disables),
             backlog.as_secs_f64()
+        );
+    }
+    // Medians hide a drift: serve's cost per command round by round.
+    for (i, (mode, name)) in MODES.iter().enumerate() {
+        let s = &samples[i];
+        if !mode.serve() || s.is_empty() {
+            continue;
+        }
+        let by_round: Vec<String> = s
+            .iter()
+            .filter_map(|x| x.tcpka_ms_per_command)
+            .map(|c| format!("{c:.3}"))
+            .collect();
+        println!(
+            "  {name}: serve ms/command by round: {}",
+            by_round.join(", ")
         );
     }
     if let Some((rate0, cpu0, offered0)) = reference {
@@ -407,7 +450,8 @@ fn bench_shape(
     }
     println!(
         "  (holders: entries left after the round, of calls that all ended; backlog: how long \
-         serve still worked after the last call; nf: the connection had closed)"
+         serve still worked after the last call; nf: the connection had closed; TW end: the fewest TIME_WAIT sockets in the namespace \
+         as a round's last call ended)"
     );
     println!();
     Ok(())
