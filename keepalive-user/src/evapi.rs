@@ -2,8 +2,9 @@
 //! connects to Kamailio's evapi server and keeps that connection up
 //! (reconnecting with backoff). Kamailio relays enable/disable commands to
 //! it with `evapi_relay()`, which does not wait; tcpka sends the events
-//! (timeout, reset, closed, ...) back over the same connection, into
-//! Kamailio's `event_route[evapi:message-received]`.
+//! (timeout, reset, aborted, gap; `closed` too if `--evapi-events` says
+//! so) back over the same connection, into Kamailio's
+//! `event_route[evapi:message-received]`.
 //!
 //! Both directions are netstrings (`LEN:DATA,`, evapi's
 //! `netstring_format`, on by default) holding one JSON object:
@@ -46,6 +47,41 @@ pub struct EvapiConfig {
     pub token: Option<String>,
     /// Uids whose server tcpka accepts (root always).
     pub users: Vec<u32>,
+    /// The kinds of event sent (`--evapi-events`).
+    pub events: Vec<&'static str>,
+}
+
+/// The kinds of event that can go to Kamailio (`applied` never does).
+pub const EVENT_KINDS: [&str; 5] = ["timeout", "reset", "aborted", "gap", "closed"];
+
+/// What Kamailio cannot learn by itself: a dead peer (`timeout`), a reset,
+/// an abort, and events lost (`gap`). A connection's orderly close
+/// (`closed`) it sees on its own; with a connection per phone that is one
+/// event per call, for nothing.
+pub const DEFAULT_EVENTS: [&str; 4] = ["timeout", "reset", "aborted", "gap"];
+
+/// `--evapi-events`: kinds by name, or `all`.
+pub fn parse_events<S: AsRef<str>>(names: &[S]) -> Result<Vec<&'static str>, String> {
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.as_ref().trim();
+        if name == "all" {
+            return Ok(EVENT_KINDS.to_vec());
+        }
+        match EVENT_KINDS.iter().find(|k| **k == name) {
+            Some(k) if !out.contains(k) => out.push(*k),
+            Some(_) => {}
+            None => {
+                return Err(format!(
+                    "unknown event kind {name:?} (timeout, reset, aborted, gap, closed or all)"
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no event kind (timeout, reset, aborted, gap, closed or all)".into());
+    }
+    Ok(out)
 }
 
 /// One command from Kamailio.
@@ -230,6 +266,7 @@ async fn session<C: Commands>(
     let (mut rd, mut wr) = stream.into_split();
     let mut rx = events.subscribe();
     let token = config.token.clone();
+    let events = config.events.clone();
     let writer = async move {
         loop {
             let m = match rx.recv().await {
@@ -239,7 +276,7 @@ async fn session<C: Commands>(
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok::<(), String>(()),
             };
-            if m.kind() == "applied" {
+            if !events.contains(&m.kind()) {
                 continue;
             }
             let frame = netstring(&event_json(&m, token.as_deref()));
@@ -368,5 +405,19 @@ mod tests {
         let bad = br#"[{"op":"disable","conn":"10.0.0.2:5060"},{"op":"rm","conn":"x"}]"#;
         assert!(parse_commands(bad).is_err());
         assert!(parse_commands(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn event_kinds() {
+        assert_eq!(parse_events(&["all"]).unwrap(), EVENT_KINDS.to_vec());
+        assert_eq!(
+            parse_events(&["timeout", " reset", "timeout"]).unwrap(),
+            vec!["timeout", "reset"]
+        );
+        assert!(!DEFAULT_EVENTS.contains(&"closed"));
+        assert!(!DEFAULT_EVENTS.contains(&"applied"));
+        assert!(parse_events(&["applied"]).unwrap_err().contains("applied"));
+        assert!(parse_events(&["closd"]).unwrap_err().contains("closd"));
+        assert!(parse_events::<&str>(&[]).is_err());
     }
 }

@@ -75,6 +75,13 @@ pub(crate) struct ServeArgs {
     /// [default: kamailio].
     #[arg(long, value_name = "USER")]
     pub(crate) evapi_user: Option<String>,
+    /// The kinds of event sent over --evapi, comma-separated: timeout,
+    /// reset, aborted, gap, closed, or all [default:
+    /// timeout,reset,aborted,gap: Kamailio sees a connection close by
+    /// itself, and with a connection per phone `closed` is an event per
+    /// call].
+    #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+    pub(crate) evapi_events: Vec<String>,
     /// Also trust the CA certificate(s) in this PEM file for an https://
     /// webhook (the public web's CAs are trusted already).
     #[arg(long, value_name = "FILE")]
@@ -184,6 +191,11 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
                     "--evapi-user needs --evapi HOST:PORT".into(),
                 )));
             }
+            if !a.evapi_events.is_empty() || file.evapi_events.is_some() {
+                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
+                    "--evapi-events needs --evapi HOST:PORT".into(),
+                )));
+            }
             None
         }
         Some(addr) => {
@@ -197,10 +209,20 @@ pub(crate) fn serve(layout: PinLayout, a: ServeArgs) -> Result<(), Error> {
                 })?],
                 None => tcpka::access::uid_of("kamailio").into_iter().collect(),
             };
+            let events = if !a.evapi_events.is_empty() {
+                tcpka::evapi::parse_events(&a.evapi_events).map_err(|e| {
+                    Error::Invalid(tcpka::InvalidInput::Usage(format!("--evapi-events: {e}")))
+                })?
+            } else {
+                file.evapi_events
+                    .clone()
+                    .unwrap_or_else(|| tcpka::evapi::DEFAULT_EVENTS.to_vec())
+            };
             Some(tcpka::evapi::EvapiConfig {
                 addr,
                 token: events_token.clone(),
                 users,
+                events,
             })
         }
     };

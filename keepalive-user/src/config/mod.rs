@@ -29,6 +29,7 @@
 //! events_token_file = "/etc/tcpka/events-token"  # webhook Bearer, evapi "token"
 //! evapi = "127.0.0.1:8448"              # Kamailio's evapi server
 //! evapi_user = "kamailio"
+//! evapi_events = ["timeout", "reset", "aborted", "gap"]   # or ["all"]
 //! webhook_ca = "/etc/tcpka/controller-ca.pem"
 //! json = false                         # log events as JSON lines
 //! cgroup = "/sys/fs/cgroup/system.slice/kamailio.service"
@@ -338,6 +339,14 @@ user_timeout_ms = 20000
         assert!(e.starts_with("t.toml:1: [serve] index_ports:"), "{e}");
         let e = err_of("[serve]\nport = 1\n");
         assert!(e.contains("unknown field `port`"), "{e}");
+        let c = Config::parse(
+            "[serve]\nevapi_events = [\"timeout\", \"closed\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.serve.evapi_events, Some(vec!["timeout", "closed"]));
+        let e = err_of("[serve]\nevapi_events = [\"closing\"]\n");
+        assert!(e.contains("evapi_events") && e.contains("closing"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub(super) struct ServeEntry {
     webhook_ca: Option<PathBuf>,
     evapi: Option<String>,
     evapi_user: Option<String>,
+    evapi_events: Option<Vec<String>>,
     json: Option<bool>,
     cgroup: Option<PathBuf>,
     holders: Option<String>,
@@ -65,6 +66,8 @@ pub struct ServeSettings {
     pub webhook_ca: Option<PathBuf>,
     pub evapi: Option<SocketAddr>,
     pub evapi_user: Option<String>,
+    /// The kinds of event sent over evapi.
+    pub evapi_events: Option<Vec<&'static str>>,
     pub json: Option<bool>,
     pub cgroup: Option<PathBuf>,
     pub holders: Option<crate::loader::HolderMode>,
@@ -156,6 +159,10 @@ impl ServeEntry {
             webhook_ca: self.webhook_ca,
             evapi,
             evapi_user: self.evapi_user,
+            evapi_events: self
+                .evapi_events
+                .map(|k| crate::evapi::parse_events(&k).map_err(|e| format!("evapi_events: {e}")))
+                .transpose()?,
             json: self.json,
             cgroup: self.cgroup,
             holders,

@@ -61,6 +61,9 @@ pub(super) fn evapi_commands_in_events_out_and_a_stranger_is_refused() {
                 evapi,
                 "--events-token-file",
                 token_file.to_str().unwrap(),
+                // Orderly closes too (not sent by default).
+                "--evapi-events",
+                "closed,timeout,reset",
             ],
         )
     };

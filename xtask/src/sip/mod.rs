@@ -305,7 +305,11 @@ fn miss_cost(tcpka: &Path, pin_dir: &Path) -> Result<()> {
     };
     let (mut index, mut walk) = (Vec::new(), Vec::new());
     for _ in 0..9 {
-        index.push(run(&[&format!("{CALLER}:1"), "--local", &format!("{KAMAILIO}:5060")])?);
+        index.push(run(&[
+            &format!("{CALLER}:1"),
+            "--local",
+            &format!("{KAMAILIO}:5060"),
+        ])?);
         walk.push(run(&[&format!("{CALLER}:1")])?);
     }
     index.sort();
