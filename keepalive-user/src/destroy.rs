@@ -129,6 +129,9 @@ const STATE_OFFSET: usize = 17;
 /// `TCP_SYN_RECV`: sock_diag reports a connection the server has not
 /// finished setting up (a request socket) with this state and uid 0.
 const TCP_SYN_RECV: u8 = 3;
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LISTEN: u8 = 10;
 
 /// The uid that owns the TCP socket with these ends in this network
 /// namespace; `None` when there is none (for a connection, the other end
@@ -166,6 +169,21 @@ pub fn holder_uid(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Opti
     Ok(socket_uid_once(local, remote)?
         .filter(DiagOwner::held)
         .map(|s| s.uid))
+}
+
+/// Whether the TCP connection with these ends (in this namespace) is
+/// closing or gone, from one sock_diag lookup: none has these ends (the
+/// lookup then finds the listener on the local end, if any), or no process
+/// holds its socket and it is past the states a connection waits to be
+/// accepted in (FIN_WAIT, CLOSING, LAST_ACK, TIME_WAIT, ...).
+pub fn closing_or_gone(local: SocketAddr, remote: SocketAddr) -> std::io::Result<bool> {
+    Ok(match socket_uid_once(local, remote)? {
+        None => true,
+        Some(s) if s.state == TCP_LISTEN => true,
+        Some(s) => {
+            s.inode == 0 && !matches!(s.state, TCP_ESTABLISHED | TCP_SYN_RECV | TCP_CLOSE_WAIT)
+        }
+    })
 }
 
 /// What sock_diag says of one socket.

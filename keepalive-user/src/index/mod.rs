@@ -214,8 +214,27 @@ pub fn resolve(
         }
     }
     let mut held = Vec::with_capacity(socks.len());
+    // Whether the connection asked for (both ends given) is closing or gone
+    // by sock_diag's word: asked once, for the first socket no process
+    // holds.
+    let mut closing: Option<bool> = None;
     for ((stream, (cookie, _)), ours) in streams.into_iter().zip(socks).zip(in_netns) {
         let Some(stream) = stream else {
+            // No process holds this socket: its application has closed it
+            // (LAST_ACK, FIN_WAIT, ... as a phone's connection ends), or it
+            // is passing between processes, or waits to be accepted. With
+            // both ends known, one exact sock_diag lookup tells a closing
+            // connection from the others, instead of a walk of the whole
+            // socket table, TIME_WAIT included.
+            let closing = *closing.get_or_insert_with(|| match (conn, local, netns) {
+                (ConnSpec::Peer(peer), Some(l), None) => {
+                    crate::destroy::closing_or_gone(l, peer).unwrap_or(false)
+                }
+                _ => false,
+            });
+            if closing {
+                continue;
+            }
             return Ok(None);
         };
         if !ours {

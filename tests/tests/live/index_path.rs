@@ -66,6 +66,43 @@ pub(super) fn the_index_reaches_connections_made_before_and_after_load() {
     assert_eq!(t.managed_count(), 0);
 }
 
+/// What tells a command for a connection its application has closed (a
+/// phone's, as its call ends) from one the index must walk for, with both
+/// ends named: one exact sock_diag lookup. Closing or gone: no walk.
+#[test]
+pub(super) fn closing_or_gone_tells_a_closing_connection_from_a_held_one() {
+    use tcpka::destroy::closing_or_gone;
+    let _netns = NetNs::new();
+    let l = listen("127.0.0.1:0");
+    let (client, server) = connect(&l);
+    let (c, s) = (client.local_addr().unwrap(), server.local_addr().unwrap());
+    assert!(!closing_or_gone(s, c).unwrap(), "held at both ends");
+    assert!(
+        closing_or_gone(s, "127.0.0.1:1".parse().unwrap()).unwrap(),
+        "no such connection"
+    );
+    // Not accepted yet: established and held by no process, yet live.
+    let waiting = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    assert!(!closing_or_gone(l.local_addr().unwrap(), waiting.local_addr().unwrap()).unwrap());
+    // The server lets go first: its end waits in FIN_WAIT2, no process
+    // holds it; the client's end, in CLOSE_WAIT, is still held.
+    drop(server);
+    wait_until(
+        "the server's end in FIN_WAIT2",
+        Duration::from_secs(5),
+        || {
+            let out = Command::new("ss")
+                .args(["-tnH", "state", "fin-wait-2", "dst", &c.to_string()])
+                .output()
+                .unwrap();
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        },
+    );
+    assert!(closing_or_gone(s, c).unwrap(), "FIN_WAIT2, no holder");
+    assert!(!closing_or_gone(c, s).unwrap(), "CLOSE_WAIT, held");
+    drop(client);
+}
+
 #[test]
 pub(super) fn a_peer_with_more_connections_than_index_slots_is_walked_for() {
     let e = env();
