@@ -22,6 +22,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     unsafe { core::hint::unreachable_unchecked() }
 }
 
+/// The kernel's licence string for these programs: MIT or GPL-2.0, as this
+/// crate declares (the kernel takes "Dual MIT/GPL" as GPL-compatible, which
+/// the tracing helpers these programs use require).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -110,7 +110,7 @@ fn load(cookie: u64) -> Result<OwnedFd, String> {
         insn(0xb7, 0, 0, 0, 0),                                     // 17: r0 = 0
         insn(0x95, 0, 0, 0, 0),                                     // 18: exit
     ];
-    let license = c"GPL";
+    let license = c"Dual MIT/GPL";
     let mut log = vec![0u8; 4096];
     let mut attr = Attr::new()
         .u32(0, BPF_PROG_TYPE_TRACING)

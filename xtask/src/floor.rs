@@ -58,7 +58,7 @@ fn load_empty(attr: Attr, r0: u8, what: &str) -> Result<OwnedFd> {
         u64::from_le_bytes([0xb7, 0, 0, 0, r0, 0, 0, 0]), // r0 = R0
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),  // exit
     ];
-    let license = c"GPL";
+    let license = c"Dual MIT/GPL";
     let mut attr = attr
         .u32(4, insns.len() as u32)
         .u64(8, insns.as_ptr() as u64)
