@@ -40,6 +40,13 @@ pub const FLAG_WATCH_CONNS: u64 = 32;
 /// tracepoint looks up closing connections on index ports only.
 pub const FLAG_WATCH_INDEXED: u64 = 64;
 
+/// [`FLAGS`], bits 32 to 63: the rule generation. Every change a command
+/// or a file makes to the rule table adds one (under the installation
+/// lock); a new installation starts at a value of its own. The fleet agent
+/// reads it to learn, in one lookup, whether the host's own rules changed
+/// beside it. The programs never read it.
+pub const GENERATION_SHIFT: u32 = 32;
+
 /// The word and bit of `port` in a set starting at `base`.
 #[inline(always)]
 pub const fn slot(base: u32, port: u16) -> (u32, u64) {

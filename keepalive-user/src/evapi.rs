@@ -212,7 +212,7 @@ pub async fn run<C: Commands>(
             // It was up a while: start over from the shortest wait.
             backoff = RETRY_FIRST;
         }
-        tokio::time::sleep(jitter(backoff)).await;
+        tokio::time::sleep(crate::jitter(backoff)).await;
         backoff = (backoff * 2).min(RETRY_MAX);
     }
 }
@@ -228,15 +228,6 @@ const RETRY_REPORT: Duration = Duration::from_secs(30);
 
 /// `d` give or take a quarter, so that many daemons (or a restart of
 /// all of them) do not knock at once.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    // 0.75..1.25 of d, from the clock's low bits.
-    let f = 0.75 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(f)
-}
-
 /// One connection, until it ends.
 async fn session<C: Commands>(
     config: &EvapiConfig,

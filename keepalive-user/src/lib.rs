@@ -204,6 +204,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// etcd refused or did not answer; `transient` when another member,
+    /// or the same one a moment later, may answer (no leader, a timeout,
+    /// a member gone).
+    #[error("{what}: {why}")]
+    Etcd {
+        what: String,
+        why: String,
+        transient: bool,
+    },
     #[error("loading the eBPF object")]
     Ebpf(#[source] aya::EbpfError),
     #[error("{what}")]
@@ -212,6 +221,14 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+}
+
+/// A pause of `base` give or take a quarter, so that many agents,
+/// connections or deliveries that failed together do not come back in
+/// step.
+pub fn jitter(base: std::time::Duration) -> std::time::Duration {
+    let spread = (base.as_nanos() / 2).min(u128::from(u64::MAX)) as u64;
+    base - base / 4 + std::time::Duration::from_nanos(fastrand::u64(0..=spread))
 }
 
 /// An error and its causes on one line, each cause once.

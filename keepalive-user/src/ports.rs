@@ -141,6 +141,12 @@ pub fn write_initial<T: BorrowMut<MapData>>(
     if rule_events {
         flags |= FLAG_RULE_EVENTS;
     }
+    // A generation of its own: an agent that saw another installation's
+    // generation reads this one's rules afresh.
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() | 1);
+    flags |= u64::from(start) << ports::GENERATION_SHIFT;
     if flags != 0 {
         map.set(FLAGS, flags, 0)
             .map_err(|e| Error::map("writing the port filter", e))?;
@@ -161,6 +167,67 @@ pub fn set_flag(layout: &PinLayout, flag: u64, on: bool) -> Result<bool> {
             .map_err(|e| Error::map("writing the port filter", e))?;
     }
     Ok(old & flag != 0)
+}
+
+/// The rule generation ([`ports::GENERATION_SHIFT`]).
+pub fn generation(layout: &PinLayout) -> Result<u32> {
+    Ok((flags(&*open(layout)?)? >> ports::GENERATION_SHIFT) as u32)
+}
+
+/// Adds one to the rule generation; the caller holds the installation
+/// lock and has changed the rule table.
+pub fn bump_generation(layout: &PinLayout) -> Result<()> {
+    let mut map = open(layout)?;
+    let old = flags(&map)?;
+    let low = old & u64::from(u32::MAX);
+    let generation = ((old >> ports::GENERATION_SHIFT) as u32).wrapping_add(1);
+    map.set(
+        FLAGS,
+        low | u64::from(generation) << ports::GENERATION_SHIFT,
+        0,
+    )
+    .map_err(|e| Error::map("writing the port filter", e))
+}
+
+/// Widens the rule port filter for rules about to be added, without
+/// reading the rule table: their ports' bits (or the any-port flag) are
+/// set, nothing is cleared. [`sync_rules`] narrows it again. The caller
+/// holds the installation lock.
+pub fn widen_rules(layout: &PinLayout, adding: &[RuleKey]) -> Result<()> {
+    if adding.is_empty() {
+        return Ok(());
+    }
+    let mut map = open(layout)?;
+    let mut words: std::collections::BTreeMap<u32, u64> = Default::default();
+    let mut any_port = false;
+    for k in adding {
+        if k.local_port == 0 && k.remote_port == 0 {
+            any_port = true;
+        }
+        for (base, port) in [(RULES_LOCAL, k.local_port), (RULES_REMOTE, k.remote_port)] {
+            if port != 0 {
+                let (word, bit) = ports::slot(base, port);
+                *words.entry(word).or_default() |= bit;
+            }
+        }
+    }
+    if any_port {
+        let old = flags(&map)?;
+        if old & FLAG_ANY_PORT_RULE == 0 {
+            map.set(FLAGS, old | FLAG_ANY_PORT_RULE, 0)
+                .map_err(|e| Error::map("writing the port filter", e))?;
+        }
+    }
+    for (word, bits) in words {
+        let old = map
+            .get(&word, 0)
+            .map_err(|e| Error::map("reading the port filter", e))?;
+        if old | bits != old {
+            map.set(word, old | bits, 0)
+                .map_err(|e| Error::map("writing the port filter", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether a flag of the filter is on.

@@ -32,9 +32,11 @@ const APT_PACKAGES: &[&str] = &[
     // The service tests verify the unit (systemd-analyze) and run its
     // command in the service's mount namespace (nsenter, util-linux).
     "systemd",
-    // The fleet: etcd-client's build compiles etcd's protos (protoc); the
-    // fleet tests run a 3-member cluster (etcd) and write to it (etcdctl).
+    // The fleet: etcd-client's build compiles etcd's protos (protoc, and
+    // the well-known types they import: libprotobuf-dev); the fleet tests
+    // run a 3-member cluster (etcd) and write to it (etcdctl).
     "protobuf-compiler",
+    "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
     // `cargo xtask test --kernel debian12` boots Debian 12's kernel under

@@ -1,7 +1,7 @@
 //! `tcpka fleet`: the fleet's rules in etcd, and its nodes' status, from
 //! anywhere that reaches etcd.
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use tcpka::fleet::{etcd_error, EtcdOptions, FleetRule, RuleValue, Selector};
 
 use super::*;
@@ -95,51 +95,63 @@ pub(crate) fn fleet(a: FleetArgs) -> Result<(), Error> {
             "tcpka fleet needs etcd: --etcd URL[,URL...] or TCPKA_ETCD".into(),
         ))
     })?;
+    // Every command is read-only or idempotent: run again on another
+    // member while etcd cannot answer (an election, a member gone).
+    let command = std::sync::Arc::new(a.command);
     runtime()?.block_on(async move {
-        let mut client = options.connect().await?;
-        match a.command {
-            FleetCommand::Rule(FleetRuleCommand::Add(r)) => {
-                rule_add(&mut client, &options, r).await
-            }
-            FleetCommand::Rule(FleetRuleCommand::Del { name }) => {
-                let deleted = client
-                    .delete(options.rule_key(&name), None)
-                    .await
-                    .map_err(|e| etcd_error("deleting the rule", e))?;
-                if deleted.deleted() == 0 {
-                    return Err(Error::Io {
-                        what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
-                        source: std::io::ErrorKind::NotFound.into(),
-                    });
-                }
-                let revision = deleted.header().map_or(0, |h| h.revision());
-                tcpka::outln!("deleted fleet rule {name} (revision {revision})");
-                Ok(())
-            }
-            FleetCommand::Rule(FleetRuleCommand::List(j)) => {
-                rule_list(&mut client, &options, j.json).await
-            }
-            FleetCommand::Status(j) => fleet_status(&mut client, &options, j.json).await,
-            FleetCommand::Explain(e) => fleet_explain(&mut client, &options, e).await,
-            FleetCommand::Forget { node } => {
-                let deleted = client
-                    .delete(options.known_key(&node), None)
-                    .await
-                    .map_err(|e| etcd_error("forgetting the node", e))?;
-                if deleted.deleted() == 0 {
-                    return Err(Error::Io {
-                        what: format!("no node {node:?} under {}", options.prefix),
-                        source: std::io::ErrorKind::NotFound.into(),
-                    });
-                }
-                tcpka::outln!("forgot node {node}");
-                Ok(())
-            }
-        }
+        let o = options.clone();
+        options
+            .retrying(tcpka::fleet::RETRY_FOR, move |client| {
+                let (o, command) = (o.clone(), command.clone());
+                Box::pin(async move { run_command(client, &o, &command).await })
+            })
+            .await
     })
 }
 
-async fn rule_add(client: &mut Client, o: &EtcdOptions, r: FleetRuleAddArgs) -> Result<(), Error> {
+async fn run_command(
+    client: &mut Client,
+    options: &EtcdOptions,
+    command: &FleetCommand,
+) -> Result<(), Error> {
+    match command {
+        FleetCommand::Rule(FleetRuleCommand::Add(r)) => rule_add(client, options, r).await,
+        FleetCommand::Rule(FleetRuleCommand::Del { name }) => {
+            let deleted = client
+                .delete(options.rule_key(name), None)
+                .await
+                .map_err(|e| etcd_error("deleting the rule", e))?;
+            if deleted.deleted() == 0 {
+                return Err(Error::Io {
+                    what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+            let revision = deleted.header().map_or(0, |h| h.revision());
+            tcpka::outln!("deleted fleet rule {name} (revision {revision})");
+            Ok(())
+        }
+        FleetCommand::Rule(FleetRuleCommand::List(j)) => rule_list(client, options, j.json).await,
+        FleetCommand::Status(j) => fleet_status(client, options, j.json).await,
+        FleetCommand::Explain(e) => fleet_explain(client, options, e).await,
+        FleetCommand::Forget { node } => {
+            let deleted = client
+                .delete(options.known_key(node), None)
+                .await
+                .map_err(|e| etcd_error("forgetting the node", e))?;
+            if deleted.deleted() == 0 {
+                return Err(Error::Io {
+                    what: format!("no node {node:?} under {}", options.prefix),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+            tcpka::outln!("forgot node {node}");
+            Ok(())
+        }
+    }
+}
+
+async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) -> Result<(), Error> {
     let policy = r.policy.policy()?;
     for n in &r.nodes {
         if !tcpka::fleet::valid_node(n) {
@@ -157,8 +169,8 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: FleetRuleAddArgs) -> 
         interval: policy.interval.into(),
         user_timeout_ms: policy.user_timeout_ms.map(i64::from),
         tracked: r.tracked,
-        nodes: r.nodes,
-        labels: r.labels.into_iter().collect(),
+        nodes: r.nodes.clone(),
+        labels: r.labels.iter().cloned().collect(),
     };
     let json = serde_json::to_string(&value).expect("plain data");
     // The same check every agent makes: a value they would skip is refused.
@@ -183,19 +195,14 @@ pub(crate) async fn fleet_rules(
     client: &mut Client,
     o: &EtcdOptions,
 ) -> Result<Vec<(String, String, Result<FleetRule, String>)>, Error> {
-    let prefix = o.rules_prefix();
-    let all = client
-        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| etcd_error("reading the rules", e))?;
+    let (all, _) =
+        tcpka::fleet::read_prefix(client, &o.rules_prefix(), "reading the rules").await?;
     Ok(all
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let name = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
-            let raw = String::from_utf8_lossy(kv.value()).into_owned();
-            let parsed = FleetRule::parse(&name, kv.value());
-            Some((name, raw, parsed))
+        .into_iter()
+        .map(|(name, value)| {
+            let raw = String::from_utf8_lossy(&value).into_owned();
+            let parsed = FleetRule::parse(&name, &value);
+            (name, raw, parsed)
         })
         .collect())
 }

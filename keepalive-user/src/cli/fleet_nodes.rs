@@ -1,8 +1,8 @@
 //! `tcpka fleet status`, `explain` and `forget`: the fleet's nodes.
 use std::collections::BTreeMap;
 
-use etcd_client::{Client, GetOptions};
-use tcpka::fleet::{etcd_error, EtcdOptions, NodeStatus};
+use etcd_client::Client;
+use tcpka::fleet::{EtcdOptions, NodeStatus};
 
 use super::*;
 
@@ -12,18 +12,7 @@ async fn under(
     prefix: &str,
     what: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, Error> {
-    let got = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| etcd_error(what, e))?;
-    Ok(got
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let name = kv.key_str().ok()?.strip_prefix(prefix)?;
-            Some((name.to_owned(), kv.value().to_vec()))
-        })
-        .collect())
+    Ok(tcpka::fleet::read_prefix(client, prefix, what).await?.0)
 }
 
 /// Live statuses (under a lease) and the labels of every node seen.
@@ -96,6 +85,13 @@ pub(crate) async fn fleet_status(
                 if !s.invalid.is_empty() {
                     notes.push(format!("{} malformed", s.invalid.len()));
                 }
+                if !s.left_out.is_empty() {
+                    notes.push(format!(
+                        "{} left out: rule table full ({} fit)",
+                        s.left_out.len(),
+                        s.fleet_capacity
+                    ));
+                }
                 if let Some(e) = &s.error {
                     notes.push(format!("error: {e}"));
                 }
@@ -123,7 +119,7 @@ pub(crate) async fn fleet_status(
 pub(crate) async fn fleet_explain(
     client: &mut Client,
     o: &EtcdOptions,
-    a: FleetExplainArgs,
+    a: &FleetExplainArgs,
 ) -> Result<(), Error> {
     let nodes = fleet_nodes(client, o).await?;
     let Some((status, labels)) = nodes.get(&a.node) else {
@@ -141,16 +137,30 @@ pub(crate) async fn fleet_explain(
                 .cloned()
         })
     };
+    let left_out: std::collections::HashSet<&str> = status
+        .iter()
+        .flat_map(|s| s.left_out.iter().map(String::as_str))
+        .collect();
+    let full = status.as_ref().map(|s| {
+        format!(
+            "left out: the kernel's rule table is full ({} fleet rule(s) fit beside the node's own; the most specific go in first, then by name)",
+            s.fleet_capacity
+        )
+    });
     let verdicts: Vec<serde_json::Value> = rules
         .iter()
         .map(|(name, _, parsed)| match parsed {
             Err(e) => serde_json::json!({ "rule": name, "selects": false, "why": format!("malformed: {e}") }),
             Ok(r) => {
                 let (selects, why) = r.selector.selects(&a.node, labels);
-                let applied = selects && clash(name).is_none();
+                let out = selects && left_out.contains(name.as_str());
+                let applied = selects && clash(name).is_none() && !out;
                 let mut v = serde_json::json!({ "rule": name, "selects": selects, "why": why, "applied": applied });
                 if let Some(c) = clash(name) {
                     v["clash"] = c.into();
+                } else if out {
+                    v["left_out"] = true.into();
+                    v["clash"] = full.clone().into();
                 }
                 v
             }

@@ -13,12 +13,22 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
         });
     };
     let enforcer = Enforcer::new(layout);
-    let rules = enforcer.rules()?.len();
+    let all_rules = enforcer.rules()?;
+    let rules = all_rules.len();
+    let fleet_rules = all_rules
+        .iter()
+        .filter(|r| {
+            r.name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(tcpka::config::FLEET_PREFIX))
+        })
+        .count();
     let managed = enforcer.managed()?.len();
     let counters = enforcer.counters()?;
     let layout = enforcer.layout();
     let holders = tcpka::holders::total(layout)?;
     let holder_cap = tcpka::pinned::capacity(layout, keepalive_common::maps::HOLDERS)?;
+    let rule_cap = tcpka::pinned::capacity(layout, keepalive_common::maps::RULES)?;
     let conn_cap = tcpka::pinned::capacity(layout, keepalive_common::maps::CONNS)?;
     let index = tcpka::index::state(layout)?;
     let index_ports = tcpka::ports::read_index(layout)?;
@@ -30,6 +40,8 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
             "loaded": true,
             "installation": installation,
             "rules": rules,
+            "rule_capacity": rule_cap,
+            "fleet_rules": fleet_rules,
             "managed_connections": managed,
             "connection_capacity": conn_cap,
             "holders": { "count": holders, "capacity": holder_cap },
@@ -88,7 +100,7 @@ pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
             );
         }
         tcpka::outln!("pins: {}", installation.pin_dir.display());
-        tcpka::outln!("rules: {rules}");
+        tcpka::outln!("rules: {rules} of {rule_cap} ({fleet_rules} from the fleet)");
         tcpka::outln!("managed connections: {managed} of {conn_cap}");
         tcpka::outln!("holders: {holders} of {holder_cap}");
         if index.failures > 0 {

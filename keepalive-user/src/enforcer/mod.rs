@@ -44,6 +44,7 @@ mod walk;
 
 pub use live::Op;
 use live::*;
+pub use rule_table::FleetOp;
 use sock::*;
 use status::*;
 pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome, CONNS_FULL_ERROR};

@@ -75,6 +75,7 @@ impl Enforcer {
             }
             Err(e) => return Err(Error::map("adding the rule", e)),
         }
+        crate::ports::bump_generation(&self.layout)?;
         let mut rule = Rule::new(id, m, policy, tracked);
         rule.name = name.map(str::to_owned);
         Ok(rule)
@@ -101,6 +102,7 @@ impl Enforcer {
         crate::ports::sync_rules(&self.layout, rules, None, Some(&key.data()))?;
         let names = self.rule_names()?;
         let _ = self.names_map()?.remove(&id);
+        crate::ports::bump_generation(&self.layout)?;
         let mut rule = rule_from_entry(&key, &value);
         rule.name = names.get(&id).cloned();
         Ok(rule)
@@ -155,23 +157,133 @@ impl Enforcer {
         })
     }
 
-    /// Brings the fleet's rules (named `@NAME` in the kernel) to `wanted`
-    /// (named without the prefix), leaving every other rule alone. The
-    /// caller has left out what clashes with the host's own rules.
-    pub fn apply_fleet(&self, wanted: &[NamedRule]) -> Result<Vec<ConfigStep>> {
-        let config = Config {
-            rules: wanted
+    /// Every rule (as [`Enforcer::rules`]) and the rule generation read
+    /// before them: a change made while they were read shows as a new
+    /// generation next time.
+    pub fn rules_with_generation(&self) -> Result<(Vec<Rule>, u32)> {
+        let generation = crate::ports::generation(&self.layout)?;
+        Ok((self.rules()?, generation))
+    }
+
+    /// The rule generation: it moves with every change a command or a file
+    /// makes to the rule table (one map lookup).
+    pub fn rule_generation(&self) -> Result<u32> {
+        crate::ports::generation(&self.layout)
+    }
+
+    /// Applies fleet changes (names without the `@`) under one lock, each
+    /// on its own: the result of each op, in order (the rule's id, or why
+    /// it failed). Nothing here reads the whole table: removals are by key
+    /// and id, new ids come from the installation record (and above
+    /// `min_id`), and the port filter is only widened ([`Enforcer::
+    /// narrow_rule_filter`] narrows it). Removals go first, so that a full
+    /// table makes room before additions.
+    pub fn fleet_batch(&self, ops: &[FleetOp], min_id: u32) -> Result<Vec<Result<u32>>> {
+        let _lock = self.lock()?;
+        let mut rules = self.rules_map()?;
+        let mut names = self.names_map()?;
+        let adds = ops.iter().filter(|o| matches!(o, FleetOp::Add(_))).count() as u32;
+        let mut next = 0;
+        if adds > 0 {
+            let mut meta = crate::pinned::read_meta(&self.layout)?;
+            next = meta.next_rule_id.max(min_id).max(1);
+            // The counter moves first: a batch killed half-way skips ids,
+            // and never hands one out twice.
+            meta.next_rule_id = next + adds;
+            crate::pinned::write_meta(&self.layout, &meta)?;
+            let keys: Vec<RuleKey> = ops
                 .iter()
-                .map(|r| NamedRule {
-                    name: format!("{}{}", crate::config::FLEET_PREFIX, r.name),
-                    ..r.clone()
+                .filter_map(|o| match o {
+                    FleetOp::Add(r) => Some(r.matcher.key().1),
+                    _ => None,
                 })
-                .collect(),
-            ..Config::default()
-        };
-        self.apply_owned(&config, false, |name| {
-            name.starts_with(crate::config::FLEET_PREFIX)
-        })
+                .collect();
+            crate::ports::widen_rules(&self.layout, &keys)?;
+        }
+        // Checked when the rule was parsed.
+        let policy = |r: &NamedRule| -> Result<Policy> { Ok(r.policy) };
+        let mut out: Vec<Result<u32>> = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(match op {
+                FleetOp::Remove { id, matcher } => {
+                    let (len, data) = matcher.key();
+                    let key = Key::new(len, data);
+                    match rules.get(&key, 0) {
+                        Ok(v) if v.id == *id => rules
+                            .remove(&key)
+                            .map_err(|e| Error::map(format!("removing rule {id}"), e))
+                            .map(|()| {
+                                let _ = names.remove(id);
+                                *id
+                            }),
+                        // Gone already, or the key is another rule's now.
+                        _ => {
+                            let _ = names.remove(id);
+                            Ok(*id)
+                        }
+                    }
+                }
+                FleetOp::Replace { id, rule } => policy(rule).and_then(|p| {
+                    let (len, data) = rule.matcher.key();
+                    rules
+                        .insert(
+                            &Key::new(len, data),
+                            rule.matcher.value(*id, p, rule.tracked),
+                            BPF_EXIST,
+                        )
+                        .map_err(|e| Error::map(format!("changing rule {id}"), e))
+                        .map(|()| *id)
+                }),
+                FleetOp::Add(rule) => {
+                    let id = next;
+                    next += 1;
+                    policy(rule).and_then(|p| {
+                        let (len, data) = rule.matcher.key();
+                        let key = Key::new(len, data);
+                        let name = format!("{}{}", crate::config::FLEET_PREFIX, rule.name);
+                        names
+                            .insert(id, rule_name(&name), BPF_NOEXIST)
+                            .map_err(|e| Error::map("recording the rule's name", e))?;
+                        let inserted = rules.insert(
+                            &key,
+                            rule.matcher.value(id, p, rule.tracked),
+                            BPF_NOEXIST,
+                        );
+                        if inserted.is_err() {
+                            let _ = names.remove(&id);
+                        }
+                        match inserted {
+                            Ok(()) => Ok(id),
+                            Err(MapError::SyscallError(e))
+                                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                            {
+                                Err(Error::DuplicateRule(
+                                    rules.get(&key, 0).map(|v| v.id).unwrap_or(0),
+                                ))
+                            }
+                            Err(MapError::SyscallError(e))
+                                if matches!(
+                                    e.io_error.raw_os_error(),
+                                    Some(libc::ENOSPC | libc::E2BIG)
+                                ) =>
+                            {
+                                Err(Error::RulesFull(RULES_MAX_ENTRIES))
+                            }
+                            Err(e) => Err(Error::map("adding the rule", e)),
+                        }
+                    })
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Narrows the rule port filter to the rules in the table (a full
+    /// read): after [`Enforcer::fleet_batch`] removed rules.
+    pub fn narrow_rule_filter(&self) -> Result<()> {
+        let _lock = self.lock()?;
+        let rules = self.rules_map()?;
+        crate::ports::sync_rules(&self.layout, &rules, None, None)
     }
 
     fn apply_owned(
@@ -227,6 +339,7 @@ impl Enforcer {
                 rules
                     .insert(&Key::new(len, data), value, BPF_EXIST)
                     .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;
+                crate::ports::bump_generation(&self.layout)?;
             }
             ConfigStep::Change { from, to } => {
                 // A new match: the new rule first, then the old one goes.
@@ -240,6 +353,17 @@ impl Enforcer {
         }
         Ok(())
     }
+}
+
+/// One change of [`Enforcer::fleet_batch`]; rule names without the `@`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetOp {
+    /// Removes rule `id`, found by its match.
+    Remove { id: u32, matcher: RuleMatch },
+    /// New values for rule `id`, match unchanged.
+    Replace { id: u32, rule: NamedRule },
+    /// A new rule.
+    Add(NamedRule),
 }
 
 pub(super) fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {

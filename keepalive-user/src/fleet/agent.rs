@@ -2,6 +2,14 @@
 //! rules equal to the etcd rules that select this node, and publishes the
 //! node's status under a lease.
 //!
+//! Three parts run apart, so that none waits for another:
+//! - the watch (a task) reads etcd's changes and hands them over;
+//! - the applier (a thread of its own) takes every change handed over so
+//!   far, plans it against its view of the kernel's table and applies what
+//!   it touches ([`super::state`]);
+//! - the lease keeper and the status writer (tasks) keep the node alive in
+//!   etcd whatever the size of a change being applied.
+//!
 //! etcd is never in the way of enforcement: the rules last applied are
 //! kept on disk and applied at start before etcd is reached; while etcd is
 //! away, the kernel keeps them and local commands work as ever. On
@@ -11,16 +19,24 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
+        atomic::{AtomicI64, Ordering},
+        mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use etcd_client::{Client, EventType, PutOptions, WatchOptions, WatchStream};
+use tokio::sync::Notify;
 
-use super::{apply::*, cache::*, etcd_error, EtcdOptions, NODE_TTL};
-use crate::{enforcer::Enforcer, Error};
+use super::{
+    cache::Cache,
+    etcd::read_prefix,
+    etcd_error,
+    state::{Verdicts, View},
+    status::{status, Applied, EventCounts},
+    EtcdOptions, NODE_TTL,
+};
+use crate::{enforcer::Enforcer, enforcer::FleetOp, Error};
 
 /// What the agent needs to know.
 #[derive(Clone, Debug)]
@@ -32,269 +48,289 @@ pub struct AgentConfig {
     pub cache: PathBuf,
 }
 
-/// Timeout and reset events seen by serve, for the node's status.
-#[derive(Debug, Default)]
-pub struct EventCounts {
-    pub timeouts: AtomicU64,
-    pub resets: AtomicU64,
-}
-
-impl EventCounts {
-    pub fn count(&self, kind: &str) {
-        match kind {
-            "timeout" => self.timeouts.fetch_add(1, Ordering::Relaxed),
-            "reset" => self.resets.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
-    }
-}
-
-/// How often the lease is renewed and the status written.
+/// How often the lease is renewed.
 const TICK: Duration = Duration::from_secs(3);
+/// The status is written when it changes, not more often than this...
+const STATUS_MIN: Duration = Duration::from_secs(1);
+/// ... and at least this often.
+const STATUS_MAX: Duration = Duration::from_secs(30);
 /// The managed-connection count reads the whole connection map: not more
 /// often than this.
 const MANAGED_EVERY: Duration = Duration::from_secs(15);
+/// The applier looks at the rule generation this often: a rule of the
+/// host's own added or removed beside the fleet is seen within it.
+const GENERATION_EVERY: Duration = Duration::from_secs(3);
+/// ... and reads the whole table this often, whatever the generation says
+/// (a table changed by other means than tcpka).
+const REPAIR_EVERY: Duration = Duration::from_secs(60);
+/// The cache is written at once after a change, then not again within
+/// this while changes keep coming (a stream of 5,000 puts is not 5,000
+/// writes of a growing file); the last of a stream is written when the
+/// stream pauses for [`SAVE_AFTER`].
+const SAVE_EVERY: Duration = Duration::from_secs(3);
+const SAVE_AFTER: Duration = Duration::from_millis(300);
+/// A change of more ops than this is logged as one line of counts.
+const LOG_EACH_UP_TO: usize = 20;
 
-/// What the last kernel update left.
-#[derive(Clone, Debug, Default)]
-pub(super) struct Applied {
-    pub(super) revision: i64,
-    pub(super) fleet_rules: usize,
-    pub(super) clashes: Vec<String>,
-    pub(super) invalid: Vec<String>,
-    pub(super) error: Option<String>,
+/// What the applier and the status writer share.
+#[derive(Default)]
+struct Shared {
+    applied: Mutex<Applied>,
+    changed: Notify,
 }
 
-struct Agent {
+/// What the watch hands to the applier.
+enum Input {
+    /// Rules put (`Some`) or deleted (`None`), up to `revision`.
+    Changes {
+        revision: i64,
+        changes: Vec<(String, Option<String>)>,
+    },
+    /// Every rule, as of `revision` (a full read).
+    All {
+        revision: i64,
+        rules: BTreeMap<String, String>,
+    },
+    /// The daemon stops: write the cache and end.
+    Stop,
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    tx: mpsc::Sender<Input>,
+    applier: Option<std::thread::JoinHandle<()>>,
+    etcd: tokio::task::JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Stops the agent: etcd is let go, and the applier writes the rules
+    /// it has to the cache before it ends (blocking, briefly).
+    pub fn stop(mut self) {
+        self.etcd.abort();
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.applier.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the agent: the applier thread and the etcd task, which run
+/// until [`AgentHandle::stop`].
+pub fn start(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) -> AgentHandle {
+    let prefix = config.etcd.prefix.clone();
+    let cache = Cache::load(&config.cache, &prefix).unwrap_or(Cache {
+        prefix,
+        ..Cache::default()
+    });
+    let revision = Arc::new(AtomicI64::new(cache.revision));
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::channel();
+    let applier = {
+        let (config, enforcer, shared) = (config.clone(), enforcer.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("tcpka-fleet".into())
+            .spawn(move || Applier::new(config, enforcer, shared, cache).run(rx))
+    };
+    let applier = match applier {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!("fleet: cannot start the applier thread: {e}; no fleet rules");
+            None
+        }
+    };
+    let etcd = tokio::spawn(run(config, enforcer, events, shared, tx.clone(), revision));
+    AgentHandle { tx, applier, etcd }
+}
+
+/// Follows etcd until the process ends, one session after another.
+async fn run(
     config: AgentConfig,
     enforcer: Enforcer,
     events: Arc<EventCounts>,
-    cache: Cache,
-    /// What is on disk, so that an unchanged cache is not written again.
-    saved: Option<Cache>,
-    applied: Applied,
-    managed: Option<(Instant, usize)>,
-    /// The member last connected to: tried first next time.
-    member: usize,
-}
-
-/// Runs the agent until the process ends.
-pub async fn run(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) {
-    let mut agent = Agent::new(config.clone(), enforcer.clone(), events.clone());
-    if agent.cache.revision > 0 {
-        tracing::info!(
-            cache = %agent.config.cache.display(),
-            revision = agent.cache.revision,
-            "fleet: applying the {} cached rule(s) before etcd answers",
-            agent.cache.rules.len()
-        );
-        agent.apply().await;
-    }
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Input>,
+    revision: Arc<AtomicI64>,
+) {
+    let mut member = 0;
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        // Each session in a task of its own: a panic in it (the etcd
-        // client's) ends that session, not the agent, which starts again
-        // from its cache.
-        let session = tokio::spawn(async move {
-            let result = agent.session().await;
-            (agent, result)
+        let mut session = Session {
+            config: config.clone(),
+            enforcer: enforcer.clone(),
+            events: events.clone(),
+            shared: shared.clone(),
+            tx: tx.clone(),
+            revision: revision.clone(),
+            member,
+        };
+        // A session in a task of its own: a panic in it (the etcd
+        // client's) ends that session, not the agent.
+        let ended = tokio::spawn(async move {
+            let r = session.run().await;
+            (session.member, r)
         })
         .await;
-        agent = match session {
-            Ok((a, Ok(()))) => a,
-            Ok((a, Err(e))) => {
+        match ended {
+            Ok((m, Ok(()))) => member = m,
+            Ok((m, Err(e))) => {
+                member = m;
                 tracing::warn!(
                     "fleet: {}; enforcement goes on with the rules of revision {}",
                     crate::one_line(&e),
-                    a.applied.revision
+                    revision.load(Ordering::Relaxed)
                 );
-                a
             }
-            Err(e) => {
-                tracing::error!(
-                    "fleet: the etcd session failed ({e}); starting again from the cache"
-                );
-                Agent::new(config.clone(), enforcer.clone(), events.clone())
-            }
-        };
+            Err(e) => tracing::error!("fleet: the etcd session failed ({e}); starting again"),
+        }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(crate::jitter(backoff)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-impl Agent {
-    /// The agent with the rules kept on disk, if any.
-    fn new(config: AgentConfig, enforcer: Enforcer, events: Arc<EventCounts>) -> Self {
-        let prefix = config.etcd.prefix.clone();
-        let cache = Cache::load(&config.cache, &prefix).unwrap_or(Cache {
-            prefix,
-            ..Cache::default()
-        });
-        Self {
-            config,
-            enforcer,
-            events,
-            saved: Some(cache.clone()),
-            cache,
-            applied: Applied::default(),
-            managed: None,
-            member: 0,
-        }
-    }
+/// One connection to etcd.
+struct Session {
+    config: AgentConfig,
+    enforcer: Enforcer,
+    events: Arc<EventCounts>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Input>,
+    /// The last revision handed to the applier.
+    revision: Arc<AtomicI64>,
+    /// The member last connected to: tried first next time.
+    member: usize,
+}
 
-    /// One connection to etcd, until it fails.
-    async fn session(&mut self) -> Result<(), Error> {
+/// Aborts a task when dropped: a session's helpers end with it.
+struct Guard(tokio::task::JoinHandle<Error>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Session {
+    async fn run(&mut self) -> Result<(), Error> {
         let etcd = self.config.etcd.clone();
         let (mut client, member) = etcd.connect_from(self.member).await?;
         self.member = member;
-        let (mut _watcher, mut stream) = self.watch(&mut client).await?;
         let lease = client
             .lease_grant(NODE_TTL.as_secs() as i64, None)
             .await
             .map_err(|e| etcd_error("granting the node's lease", e))?
             .id();
-        let (mut keeper, mut renewals) = client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|e| etcd_error("keeping the node's lease", e))?;
+        let mut keeper = Guard(tokio::spawn(keep_lease(client.clone(), lease)));
         let known = serde_json::json!({ "labels": self.config.labels }).to_string();
         client
             .put(etcd.known_key(&self.config.node), known, None)
             .await
             .map_err(|e| etcd_error("writing the node's labels", e))?;
+        let mut writer = Guard(tokio::spawn(write_status(
+            client.clone(),
+            lease,
+            etcd.node_key(&self.config.node),
+            self.config.clone(),
+            self.enforcer.clone(),
+            self.events.clone(),
+            self.shared.clone(),
+        )));
+        let mut stream = self.watch(&mut client).await?;
         tracing::info!(
             node = %self.config.node,
-            revision = self.cache.revision,
+            revision = self.revision.load(Ordering::Relaxed),
             "fleet: connected to etcd at {}, watching {}",
             etcd.endpoints[member],
             etcd.rules_prefix()
         );
-        self.publish(&mut client, lease).await?;
-        let mut tick = tokio::time::interval(TICK);
-        tick.tick().await;
+        let prefix = etcd.rules_prefix();
         loop {
             tokio::select! {
                 message = stream.message() => {
                     let response = message
                         .map_err(|e| etcd_error("watching the rules", e))?
-                        .ok_or_else(|| Error::Io {
-                            what: "the watch of the rules ended".into(),
-                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        .ok_or_else(|| Error::Etcd {
+                            what: "watching the rules".into(),
+                            why: "the watch ended".into(),
+                            transient: true,
                         })?;
                     if response.compact_revision() > 0 {
                         tracing::warn!(
                             "fleet: revision {} was compacted away; reading every rule again",
-                            self.cache.revision + 1
+                            self.revision.load(Ordering::Relaxed) + 1
                         );
-                        self.cache.revision = 0;
-                        (_watcher, stream) = self.watch(&mut client).await?;
-                        self.publish(&mut client, lease).await?;
+                        self.revision.store(0, Ordering::Relaxed);
+                        stream = self.watch(&mut client).await?;
                         continue;
                     }
                     if response.canceled() {
-                        return Err(Error::Io {
-                            what: format!("etcd cancelled the watch: {}", response.cancel_reason()),
-                            source: std::io::ErrorKind::Other.into(),
+                        return Err(Error::Etcd {
+                            what: "watching the rules".into(),
+                            why: format!("etcd cancelled the watch: {}", response.cancel_reason()),
+                            transient: true,
                         });
                     }
-                    if response.events().is_empty() {
-                        continue;
-                    }
-                    let prefix = etcd.rules_prefix();
+                    let mut changes = Vec::with_capacity(response.events().len());
+                    let mut revision = self.revision.load(Ordering::Relaxed);
                     for event in response.events() {
                         let Some(kv) = event.kv() else { continue };
+                        revision = revision.max(kv.mod_revision());
                         let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
                             continue;
                         };
-                        match event.event_type() {
-                            EventType::Put => {
-                                let value = String::from_utf8_lossy(kv.value()).into_owned();
-                                self.cache.rules.insert(name.to_owned(), value);
-                            }
-                            EventType::Delete => {
-                                self.cache.rules.remove(name);
-                            }
-                        }
-                        self.cache.revision = self.cache.revision.max(kv.mod_revision());
+                        changes.push((
+                            name.to_owned(),
+                            match event.event_type() {
+                                EventType::Put => Some(String::from_utf8_lossy(kv.value()).into_owned()),
+                                EventType::Delete => None,
+                            },
+                        ));
                     }
-                    self.apply().await;
-                    self.publish(&mut client, lease).await?;
-                }
-                _ = tick.tick() => {
-                    keeper
-                        .keep_alive()
-                        .await
-                        .map_err(|e| etcd_error("renewing the node's lease", e))?;
-                    match tokio::time::timeout(TICK, renewals.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        Ok(Ok(Some(_))) => {
-                            return Err(Error::Io {
-                                what: "the node's lease expired".into(),
-                                source: std::io::ErrorKind::TimedOut.into(),
-                            })
-                        }
-                        Ok(Err(e)) => return Err(etcd_error("renewing the node's lease", e)),
-                        _ => {
-                            return Err(Error::Io {
-                                what: "etcd did not renew the node's lease".into(),
-                                source: std::io::ErrorKind::TimedOut.into(),
-                            })
-                        }
+                    if changes.is_empty() {
+                        continue;
                     }
-                    // Repairs what changed beside the fleet: a fleet rule
-                    // deleted by hand, a local rule that now clashes.
-                    self.apply().await;
-                    self.publish(&mut client, lease).await?;
+                    self.hand_over(Input::Changes { revision, changes })?;
+                    self.revision.store(revision, Ordering::Relaxed);
                 }
+                e = &mut keeper.0 => return Err(e.unwrap_or_else(|e| lost("keeping the node's lease", e))),
+                e = &mut writer.0 => return Err(e.unwrap_or_else(|e| lost("writing the node's status", e))),
             }
         }
     }
 
+    fn hand_over(&self, input: Input) -> Result<(), Error> {
+        self.tx.send(input).map_err(|_| Error::Etcd {
+            what: "handing rules to the applier".into(),
+            why: "the applier thread has ended".into(),
+            transient: false,
+        })
+    }
+
     /// Starts watching the rules after the revision seen; with none (or a
-    /// compacted one), reads them all first.
-    async fn watch(
-        &mut self,
-        client: &mut Client,
-    ) -> Result<(etcd_client::Watcher, WatchStream), Error> {
+    /// compacted one), reads them all first, in pages.
+    async fn watch(&mut self, client: &mut Client) -> Result<WatchStream, Error> {
         let prefix = self.config.etcd.rules_prefix();
-        if self.cache.revision > 0 {
-            // etcd-client has read the "created" response; when the revision
-            // was compacted away, the next response says so (see session).
-            let watch = client
-                .watch(
-                    prefix.clone(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(self.cache.revision + 1),
-                    ),
-                )
-                .await
-                .map_err(|e| etcd_error("watching the rules", e))?;
-            tracing::info!("fleet: resuming after revision {}", self.cache.revision);
-            return Ok(watch);
+        let mut revision = self.revision.load(Ordering::Relaxed);
+        if revision > 0 {
+            tracing::info!("fleet: resuming after revision {revision}");
+        } else {
+            let (all, at) = read_prefix(client, &prefix, "reading the rules").await?;
+            let rules = all
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect();
+            self.hand_over(Input::All {
+                revision: at,
+                rules,
+            })?;
+            self.revision.store(at, Ordering::Relaxed);
+            revision = at;
         }
-        let all = client
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| etcd_error("reading the rules", e))?;
-        let revision = all.header().map_or(0, |h| h.revision());
-        let mut rules = BTreeMap::new();
-        for kv in all.kvs() {
-            if let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) {
-                rules.insert(
-                    name.to_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                );
-            }
-        }
-        self.cache.rules = rules;
-        self.cache.revision = revision;
-        self.apply().await;
+        // etcd-client has read the "created" response; when the revision
+        // was compacted away, the next response says so (see run).
         client
             .watch(
                 prefix,
@@ -307,72 +343,417 @@ impl Agent {
             .await
             .map_err(|e| etcd_error("watching the rules", e))
     }
+}
 
-    /// Brings the kernel's fleet rules to the cached rules that select
-    /// this node, then keeps the cache on disk.
-    async fn apply(&mut self) {
-        let (enforcer, cache, node, labels) = (
-            self.enforcer.clone(),
-            self.cache.clone(),
-            self.config.node.clone(),
-            self.config.labels.clone(),
-        );
-        let previous = self.applied.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            apply_rules(&enforcer, &cache, &node, &labels, &previous)
-        })
-        .await
-        .unwrap_or_else(|e| Applied {
-            error: Some(format!("applying the fleet rules: {e}")),
-            ..Applied::default()
-        });
-        if let Some(e) = &applied.error {
-            tracing::error!("fleet: {e}");
+fn lost(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::Etcd {
+        what: what.into(),
+        why: format!("the task ended: {e}"),
+        transient: true,
+    }
+}
+
+/// Renews the node's lease every [`TICK`] until that fails; returns why.
+async fn keep_lease(mut client: Client, lease: i64) -> Error {
+    let what = "renewing the node's lease";
+    let (mut keeper, mut renewals) = match client.lease_keep_alive(lease).await {
+        Ok(k) => k,
+        Err(e) => return etcd_error(what, e),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if let Err(e) = keeper.keep_alive().await {
+            return etcd_error(what, e);
         }
-        self.applied = applied;
-        if self.saved.as_ref() != Some(&self.cache) {
-            match self.cache.save(&self.config.cache) {
-                Ok(()) => self.saved = Some(self.cache.clone()),
-                Err(e) => tracing::warn!(
-                    cache = %self.config.cache.display(),
-                    "fleet: keeping the rules on disk: {e}"
-                ),
+        match tokio::time::timeout(TICK, renewals.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+            Ok(Ok(_)) => {
+                return Error::Etcd {
+                    what: what.into(),
+                    why: "the lease expired".into(),
+                    transient: true,
+                }
+            }
+            Ok(Err(e)) => return etcd_error(what, e),
+            Err(_) => {
+                return Error::Etcd {
+                    what: what.into(),
+                    why: format!("no answer within {} s", TICK.as_secs()),
+                    transient: true,
+                }
             }
         }
     }
+}
 
-    /// Writes the node's status under the lease.
-    async fn publish(&mut self, client: &mut Client, lease: i64) -> Result<(), Error> {
-        let managed = match self.managed {
-            Some((at, n)) if at.elapsed() < MANAGED_EVERY => Some(n),
-            _ => None,
-        };
-        let (enforcer, node, labels, applied) = (
-            self.enforcer.clone(),
-            self.config.node.clone(),
-            self.config.labels.clone(),
-            self.applied.clone(),
+/// Writes the node's status under the lease when it changes (at most every
+/// [`STATUS_MIN`]) and at least every [`STATUS_MAX`]; returns why it
+/// could not.
+async fn write_status(
+    mut client: Client,
+    lease: i64,
+    key: String,
+    config: AgentConfig,
+    enforcer: Enforcer,
+    events: Arc<EventCounts>,
+    shared: Arc<Shared>,
+) -> Error {
+    let mut managed: Option<(Instant, usize)> = None;
+    let mut last: Option<(Instant, super::NodeStatus)> = None;
+    loop {
+        let fresh = managed
+            .filter(|(at, _)| at.elapsed() < MANAGED_EVERY)
+            .map(|(_, n)| n);
+        let (enforcer, node, labels, events) = (
+            enforcer.clone(),
+            config.node.clone(),
+            config.labels.clone(),
+            events.clone(),
         );
-        let events = self.events.clone();
-        let status = tokio::task::spawn_blocking(move || {
-            status(&enforcer, node, labels, &applied, &events, managed)
+        let applied = shared.applied.lock().expect("not poisoned").clone();
+        let s = match tokio::task::spawn_blocking(move || {
+            status(&enforcer, node, labels, &applied, &events, fresh)
         })
         .await
-        .map_err(|e| Error::Io {
-            what: format!("reading the node's status: {e}"),
-            source: std::io::ErrorKind::Other.into(),
-        })?;
-        if managed.is_none() {
-            self.managed = Some((Instant::now(), status.managed_connections));
+        {
+            Ok(s) => s,
+            Err(e) => return lost("reading the node's status", e),
+        };
+        if fresh.is_none() {
+            managed = Some((Instant::now(), s.managed_connections));
         }
-        client
-            .put(
-                self.config.etcd.node_key(&self.config.node),
-                serde_json::to_string(&status).expect("plain data"),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(|e| etcd_error("writing the node's status", e))?;
-        Ok(())
+        let same = last.as_ref().is_some_and(|(at, l)| {
+            at.elapsed() < STATUS_MAX
+                && super::NodeStatus {
+                    updated: String::new(),
+                    ..l.clone()
+                } == super::NodeStatus {
+                    updated: String::new(),
+                    ..s.clone()
+                }
+        });
+        if !same {
+            let body = serde_json::to_string(&s).expect("plain data");
+            if let Err(e) = client
+                .put(key.clone(), body, Some(PutOptions::new().with_lease(lease)))
+                .await
+            {
+                return etcd_error("writing the node's status", e);
+            }
+            last = Some((Instant::now(), s));
+        }
+        tokio::time::sleep(STATUS_MIN).await;
+        let _ = tokio::time::timeout(TICK, shared.changed.notified()).await;
+    }
+}
+
+/// The applier: owns the view and the kernel's fleet rules.
+struct Applier {
+    config: AgentConfig,
+    enforcer: Enforcer,
+    shared: Arc<Shared>,
+    view: View,
+    revision: i64,
+    /// The rule generation the view was read at; `None`: read it again.
+    generation: Option<u32>,
+    read_at: Instant,
+    /// Rules were removed since the port filter was last narrowed.
+    narrow: bool,
+    /// The cache on disk is behind.
+    dirty: bool,
+    saved_at: Option<Instant>,
+    last_input: Instant,
+    previous: Verdicts,
+}
+
+impl Applier {
+    fn new(config: AgentConfig, enforcer: Enforcer, shared: Arc<Shared>, cache: Cache) -> Self {
+        let mut view = View::new(&config.node, &config.labels);
+        let revision = cache.revision;
+        let cached = cache.rules.len();
+        view.reset(cache.rules);
+        if revision > 0 {
+            tracing::info!(
+                cache = %config.cache.display(),
+                revision,
+                "fleet: applying the {cached} cached rule(s) before etcd answers",
+            );
+        }
+        Self {
+            config,
+            enforcer,
+            shared,
+            view,
+            revision,
+            generation: None,
+            read_at: Instant::now(),
+            narrow: false,
+            dirty: false,
+            saved_at: None,
+            last_input: Instant::now(),
+            previous: Verdicts::default(),
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Input>) {
+        if self.revision > 0 {
+            self.apply();
+        }
+        let mut checked = Instant::now();
+        loop {
+            let mut wait = GENERATION_EVERY.saturating_sub(checked.elapsed());
+            if self.dirty {
+                wait = wait.min(SAVE_AFTER / 3);
+            }
+            match rx.recv_timeout(wait) {
+                Ok(Input::Stop) => break,
+                Ok(input) => {
+                    self.take(input);
+                    while let Ok(more) = rx.try_recv() {
+                        if matches!(more, Input::Stop) {
+                            self.apply();
+                            self.saved_at = None;
+                            self.save();
+                            return;
+                        }
+                        self.take(more);
+                    }
+                    self.apply();
+                    checked = Instant::now();
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if checked.elapsed() >= GENERATION_EVERY {
+                        checked = Instant::now();
+                        self.apply();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.save();
+        }
+        self.saved_at = None;
+        self.save();
+    }
+
+    fn take(&mut self, input: Input) {
+        self.last_input = Instant::now();
+        self.dirty = true;
+        match input {
+            Input::Changes { revision, changes } => {
+                for (name, value) in changes {
+                    self.view.set(&name, value);
+                }
+                self.revision = self.revision.max(revision);
+            }
+            Input::All { revision, rules } => {
+                self.view.reset(rules);
+                self.revision = revision;
+            }
+            Input::Stop => {}
+        }
+    }
+
+    /// Reads the kernel's table when it may have changed beside the view,
+    /// plans, and applies the plan. A panic here (a bug) is caught: the
+    /// view is read again next time.
+    fn apply(&mut self) {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_inner()));
+        if outcome.is_err() {
+            self.generation = None;
+            self.publish(Some("applying the fleet rules: internal error".into()));
+        }
+    }
+
+    fn apply_inner(&mut self) {
+        let started = Instant::now();
+        let generation = match self.enforcer.rule_generation() {
+            Ok(g) => g,
+            Err(e) => {
+                self.generation = None;
+                self.publish(Some(format!(
+                    "reading the rule generation: {}",
+                    crate::one_line(&e)
+                )));
+                return;
+            }
+        };
+        if self.generation != Some(generation) || self.read_at.elapsed() > REPAIR_EVERY {
+            match self.enforcer.rules_with_generation() {
+                Ok((rules, g)) => {
+                    self.view.refresh(&rules);
+                    self.generation = Some(g);
+                    self.read_at = Instant::now();
+                }
+                Err(e) => {
+                    self.generation = None;
+                    self.publish(Some(format!(
+                        "reading the installed rules: {}",
+                        crate::one_line(&e)
+                    )));
+                    return;
+                }
+            }
+            if self.narrow {
+                match self.enforcer.narrow_rule_filter() {
+                    Ok(()) => self.narrow = false,
+                    Err(e) => tracing::warn!(
+                        "fleet: narrowing the rule port filter: {}",
+                        crate::one_line(&e)
+                    ),
+                }
+            }
+        }
+        let plan = self.view.plan();
+        let mut error = None;
+        if !plan.ops.is_empty() {
+            match self.enforcer.fleet_batch(&plan.ops, self.view.min_id()) {
+                Ok(results) => {
+                    let failures = self.view.record(&plan.ops, &results);
+                    self.narrow |= plan
+                        .ops
+                        .iter()
+                        .zip(&results)
+                        .any(|(o, r)| matches!(o, FleetOp::Remove { .. }) && r.is_ok());
+                    self.log_ops(&plan.ops, &results, started);
+                    if !failures.is_empty() {
+                        // The view may be wrong: read the table next time.
+                        self.generation = None;
+                        error = Some(format!(
+                            "{} of {} change(s) of revision {} failed: {}",
+                            failures.len(),
+                            plan.ops.len(),
+                            self.revision,
+                            failures.join("; ")
+                        ));
+                    }
+                }
+                Err(e) => {
+                    self.generation = None;
+                    error = Some(format!(
+                        "applying the fleet rules of revision {}: {}",
+                        self.revision,
+                        crate::one_line(&e)
+                    ));
+                }
+            }
+        }
+        self.report(&plan.verdicts);
+        self.previous = plan.verdicts.clone();
+        let (fleet_rules, rules) = self.view.counts();
+        *self.shared.applied.lock().expect("not poisoned") = Applied {
+            revision: self.revision,
+            fleet_rules,
+            rules,
+            verdicts: plan.verdicts,
+            error: error.clone(),
+        };
+        if let Some(e) = &error {
+            tracing::error!("fleet: {e}");
+        }
+        self.shared.changed.notify_one();
+    }
+
+    /// Keeps the last status, with a new error.
+    fn publish(&mut self, error: Option<String>) {
+        if let Some(e) = &error {
+            tracing::error!("fleet: {e}");
+        }
+        self.shared.applied.lock().expect("not poisoned").error = error;
+        self.shared.changed.notify_one();
+    }
+
+    fn log_ops(&self, ops: &[FleetOp], results: &[Result<u32, Error>], started: Instant) {
+        let revision = self.revision;
+        if ops.len() <= LOG_EACH_UP_TO {
+            for (op, r) in ops.iter().zip(results) {
+                if r.is_err() {
+                    continue;
+                }
+                match op {
+                    FleetOp::Add(rule) => {
+                        tracing::info!(revision, "fleet: added rule @{}", rule.name)
+                    }
+                    FleetOp::Replace { id, rule } => {
+                        tracing::info!(revision, "fleet: changed rule {id} (@{})", rule.name)
+                    }
+                    FleetOp::Remove { id, .. } => {
+                        tracing::info!(revision, "fleet: removed rule {id}")
+                    }
+                }
+            }
+            return;
+        }
+        let count = |f: fn(&FleetOp) -> bool| {
+            ops.iter()
+                .zip(results)
+                .filter(|(o, r)| f(o) && r.is_ok())
+                .count()
+        };
+        tracing::info!(
+            revision,
+            "fleet: {} rule(s) added, {} changed, {} removed in {} ms",
+            count(|o| matches!(o, FleetOp::Add(_))),
+            count(|o| matches!(o, FleetOp::Replace { .. })),
+            count(|o| matches!(o, FleetOp::Remove { .. })),
+            started.elapsed().as_millis()
+        );
+    }
+
+    /// Logs what is newly skipped, once each.
+    fn report(&self, v: &Verdicts) {
+        for m in v
+            .invalid
+            .iter()
+            .filter(|m| !self.previous.invalid.contains(m))
+        {
+            tracing::warn!("fleet: rule skipped, malformed: {m}");
+        }
+        for m in v
+            .clashes
+            .iter()
+            .filter(|m| !self.previous.clashes.contains(m))
+        {
+            tracing::warn!("fleet: rule skipped, the local rule wins: {m}");
+        }
+        if v.left_out != self.previous.left_out && !v.left_out.is_empty() {
+            let first: Vec<&str> = v.left_out.iter().take(5).map(String::as_str).collect();
+            tracing::warn!(
+                "fleet: {} selected rule(s) left out: the kernel's rule table holds {} fleet rule(s) beside this host's own (most specific first, then by name); left out first: {}",
+                v.left_out.len(),
+                v.capacity,
+                first.join(", ")
+            );
+        } else if v.left_out.is_empty() && !self.previous.left_out.is_empty() {
+            tracing::info!("fleet: every selected rule fits in the kernel's rule table again");
+        }
+    }
+
+    /// Writes the cache when it is behind: at once after a quiet while,
+    /// else every [`SAVE_EVERY`] and when the changes pause.
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let quiet = self.saved_at.is_none_or(|at| at.elapsed() >= SAVE_EVERY);
+        let paused = self.last_input.elapsed() >= SAVE_AFTER
+            && self.saved_at.is_none_or(|at| self.last_input > at);
+        if !quiet && !paused {
+            return;
+        }
+        let cache = Cache {
+            prefix: self.config.etcd.prefix.clone(),
+            revision: self.revision,
+            rules: self.view.rules.clone(),
+        };
+        self.saved_at = Some(Instant::now());
+        match cache.save(&self.config.cache) {
+            Ok(()) => self.dirty = false,
+            // Tried again in SAVE_EVERY, not in a loop.
+            Err(e) => tracing::warn!(
+                cache = %self.config.cache.display(),
+                "fleet: keeping the rules on disk: {e}"
+            ),
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! How to reach etcd: endpoints, TLS, auth, the keys under the prefix,
 //! and one member per client.
+use etcd_client::GetOptions;
+
 use super::*;
 
 /// How to reach etcd.
@@ -103,9 +105,10 @@ impl EtcdOptions {
                 )),
             }
         }
-        Err(Error::Io {
-            what: format!("no etcd member answers ({})", why.join("; ")),
-            source: std::io::ErrorKind::NotConnected.into(),
+        Err(Error::Etcd {
+            what: "no etcd member answers".into(),
+            why: why.join("; "),
+            transient: true,
         })
     }
 
@@ -134,16 +137,167 @@ impl EtcdOptions {
     }
 }
 
-/// An etcd failure, in one line.
+/// An etcd failure, in one line, and whether it may pass (see
+/// [`Error::Etcd`]).
 pub fn etcd_error(what: &str, e: etcd_client::Error) -> Error {
-    let why = match &e {
-        etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => {
-            format!("{} ({:?})", s.message(), s.code())
+    use etcd_client::Error as E;
+    let (why, transient) = match &e {
+        E::GRpcStatus(s) => {
+            let why = if s.message().is_empty() {
+                format!("{:?}", s.code())
+            } else {
+                format!("{} ({:?})", s.message(), s.code())
+            };
+            let message = s.message();
+            let transient = matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Aborted
+                    | tonic::Code::Unknown
+            ) || message.contains("leader")
+                || message.contains("timed out")
+                || message.contains("too many requests");
+            (why, transient)
         }
-        other => other.to_string(),
+        E::TransportError(_) | E::IoError(_) => (e.to_string(), true),
+        other => (other.to_string(), false),
     };
-    Error::Io {
-        what: format!("{what}: {why}"),
-        source: std::io::ErrorKind::Other.into(),
+    Error::Etcd {
+        what: what.to_owned(),
+        why,
+        transient,
+    }
+}
+
+impl Error {
+    /// Whether etcd may answer if asked again (another member, or later).
+    pub fn is_transient_etcd(&self) -> bool {
+        matches!(
+            self,
+            Error::Etcd {
+                transient: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Pages of a full read: at most this many keys per response, so that a
+/// prefix of any size is read within the client's message limit.
+const PAGE: i64 = 500;
+
+/// The end of the key range of `prefix`: every key that starts with it is
+/// below.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Every key under `prefix` (the part after it) and its value, read in
+/// pages at one revision; and that revision. A page too large for the
+/// client's message limit (values of up to 1.5 MiB each) is asked again
+/// smaller.
+pub async fn read_prefix(
+    client: &mut Client,
+    prefix: &str,
+    what: &str,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), Error> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut limit = PAGE;
+    let mut out = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let page = match client.get(from.clone(), Some(options)).await {
+            Ok(p) => p,
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.code() == tonic::Code::OutOfRange
+                    || (s.code() == tonic::Code::ResourceExhausted && limit > 1) =>
+            {
+                limit = (limit / 8).max(1);
+                continue;
+            }
+            Err(e) => return Err(etcd_error(what, e)),
+        };
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        for kv in page.kvs() {
+            if let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(prefix)) {
+                out.push((name.to_owned(), kv.value().to_vec()));
+            }
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+                limit = PAGE;
+            }
+            _ => return Ok((out, revision)),
+        }
+    }
+}
+
+/// How long `tcpka fleet` keeps trying while etcd cannot answer (a leader
+/// election, a member gone).
+pub const RETRY_FOR: Duration = Duration::from_secs(15);
+
+impl EtcdOptions {
+    /// Runs `op` on a client of one member; while etcd cannot answer
+    /// ([`Error::is_transient_etcd`]), runs it again on the next member,
+    /// with a growing pause, for up to `within`. The error names the last
+    /// cause and how long it was tried.
+    pub async fn retrying<T, F>(&self, within: Duration, mut op: F) -> Result<T, Error>
+    where
+        F: for<'c> FnMut(
+            &'c mut Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, Error>> + Send + 'c>,
+        >,
+    {
+        let started = std::time::Instant::now();
+        let mut member = 0;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let last = match self.connect_from(member).await {
+                Ok((mut client, m)) => {
+                    member = m;
+                    match op(&mut client).await {
+                        Err(e) if e.is_transient_etcd() => e,
+                        done => return done,
+                    }
+                }
+                Err(e) if e.is_transient_etcd() => e,
+                Err(e) => return Err(e),
+            };
+            member += 1;
+            if started.elapsed() + pause > within {
+                return Err(match last {
+                    Error::Etcd { what, why, .. } => Error::Etcd {
+                        what,
+                        why: format!(
+                            "{why} (etcd did not answer for {} s)",
+                            started.elapsed().as_secs()
+                        ),
+                        transient: true,
+                    },
+                    other => other,
+                });
+            }
+            tokio::time::sleep(crate::jitter(pause)).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
     }
 }

@@ -30,15 +30,17 @@ use crate::{
 };
 
 mod agent;
-mod apply;
 mod cache;
 mod etcd;
 mod rules;
+mod state;
+mod status;
 
 pub use crate::node::{check_label, parse_label, valid_node};
-pub use agent::{run as run_agent, AgentConfig, EventCounts};
-pub use etcd::{etcd_error, EtcdOptions};
+pub use agent::{start as start_agent, AgentConfig, AgentHandle};
+pub use etcd::{etcd_error, read_prefix, EtcdOptions, RETRY_FOR};
 pub use rules::{FleetRule, RuleValue, Selector};
+pub use status::EventCounts;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/tcpka";
@@ -64,6 +66,16 @@ pub struct NodeStatus {
     /// Rules in the kernel (all), and the fleet's among them.
     pub rules: usize,
     pub fleet_rules: usize,
+    /// Size of the kernel's rule table, and how many fleet rules it can
+    /// hold beside this host's own.
+    #[serde(default)]
+    pub rule_table: usize,
+    #[serde(default)]
+    pub fleet_capacity: usize,
+    /// Selected rules left out because the table is full: the least
+    /// specific, then the last by name ([`state`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<String>,
     pub managed_connections: usize,
     pub timeouts: u64,
     pub resets: u64,

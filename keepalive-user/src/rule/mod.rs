@@ -17,7 +17,7 @@ pub use explain::{explain, Explanation, Verdict};
 
 /// An address prefix such as `10.0.0.0/8` or `2001:db8::/32`. A bare
 /// address is a host prefix (/32 or /128).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
     addr: IpAddr,
     len: u8,
@@ -110,7 +110,7 @@ impl serde::Serialize for Cidr {
 }
 
 /// Which new connections a rule selects. Unset fields match anything.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleMatch {
     pub local_port: Option<u16>,
     pub remote_port: Option<u16>,

@@ -234,6 +234,7 @@ pub async fn run(
         ended: Arc::default(),
     };
     spawn_feed(&layout, &state, webhook, config.json);
+    let mut fleet_agent = None;
     if let Some(fleet) = config.fleet.clone() {
         tracing::info!(
             node = %fleet.node,
@@ -241,7 +242,7 @@ pub async fn run(
             fleet.etcd.endpoints.join(","),
             fleet.etcd.prefix
         );
-        tokio::spawn(crate::fleet::run_agent(
+        fleet_agent = Some(crate::fleet::start_agent(
             fleet,
             state.enforcer.clone(),
             state.event_counts.clone(),
@@ -361,6 +362,10 @@ pub async fn run(
         r = serving => r,
         _ = grace => Ok(()),
     };
+    // The fleet's rules are kept on disk for the next start.
+    if let Some(agent) = fleet_agent {
+        let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+    }
     // The kernel log goes off with the daemon.
     kernel_log_stop.store(true, Ordering::Relaxed);
     if let Some(t) = kernel_log {

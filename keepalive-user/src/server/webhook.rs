@@ -137,7 +137,7 @@ pub(super) fn spawn_webhook(
                 for attempt in 0..4 {
                     if attempt > 0 {
                         metrics.webhook("retried");
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep(crate::jitter(delay)).await;
                         delay *= 2;
                     }
                     let mut req = client
