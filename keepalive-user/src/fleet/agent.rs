@@ -464,6 +464,8 @@ struct Applier {
     dirty: bool,
     saved_at: Option<Instant>,
     last_input: Instant,
+    /// When the first change not yet applied was handed over.
+    received: Option<Instant>,
     previous: Verdicts,
 }
 
@@ -491,6 +493,7 @@ impl Applier {
             narrow: false,
             dirty: false,
             saved_at: None,
+            received: None,
             last_input: Instant::now(),
             previous: Verdicts::default(),
         }
@@ -538,6 +541,7 @@ impl Applier {
 
     fn take(&mut self, input: Input) {
         self.last_input = Instant::now();
+        self.received.get_or_insert(self.last_input);
         self.dirty = true;
         match input {
             Input::Changes { revision, changes } => {
@@ -566,7 +570,7 @@ impl Applier {
     }
 
     fn apply_inner(&mut self) {
-        let started = Instant::now();
+        let started = self.received.take().unwrap_or_else(Instant::now);
         let generation = match self.enforcer.rule_generation() {
             Ok(g) => g,
             Err(e) => {
@@ -663,8 +667,11 @@ impl Applier {
         self.shared.changed.notify_one();
     }
 
+    /// Logs what changed, with the revision and how long it took from the
+    /// watch handing it over to the kernel having it (`took_us`).
     fn log_ops(&self, ops: &[FleetOp], results: &[Result<u32, Error>], started: Instant) {
         let revision = self.revision;
+        let took_us = started.elapsed().as_micros() as u64;
         if ops.len() <= LOG_EACH_UP_TO {
             for (op, r) in ops.iter().zip(results) {
                 if r.is_err() {
@@ -672,13 +679,16 @@ impl Applier {
                 }
                 match op {
                     FleetOp::Add(rule) => {
-                        tracing::info!(revision, "fleet: added rule @{}", rule.name)
+                        tracing::info!(revision, took_us, "fleet: added rule @{}", rule.name)
                     }
-                    FleetOp::Replace { id, rule } => {
-                        tracing::info!(revision, "fleet: changed rule {id} (@{})", rule.name)
-                    }
+                    FleetOp::Replace { id, rule } => tracing::info!(
+                        revision,
+                        took_us,
+                        "fleet: changed rule {id} (@{})",
+                        rule.name
+                    ),
                     FleetOp::Remove { id, .. } => {
-                        tracing::info!(revision, "fleet: removed rule {id}")
+                        tracing::info!(revision, took_us, "fleet: removed rule {id}")
                     }
                 }
             }
@@ -692,11 +702,11 @@ impl Applier {
         };
         tracing::info!(
             revision,
-            "fleet: {} rule(s) added, {} changed, {} removed in {} ms",
+            took_us,
+            "fleet: {} rule(s) added, {} changed, {} removed",
             count(|o| matches!(o, FleetOp::Add(_))),
             count(|o| matches!(o, FleetOp::Replace { .. })),
             count(|o| matches!(o, FleetOp::Remove { .. })),
-            started.elapsed().as_millis()
         );
     }
 

@@ -25,10 +25,10 @@ use crate::{
     Error,
 };
 
-/// A fleet rule as this node sees it.
+/// A fleet rule as this node sees it; a selected rule with its rank.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Parsed {
-    Selected(NamedRule),
+    Selected(NamedRule, u32),
     NotSelected,
     Invalid(String),
 }
@@ -81,6 +81,14 @@ pub(super) struct View {
     /// Highest rule id seen: new ids go above it.
     highest_id: u32,
     table_size: usize,
+    /// What the last full plan left out.
+    verdicts: Verdicts,
+    /// Rules whose values changed and nothing else since the last plan:
+    /// installed, same match (so the same rank, the same clashes, the same
+    /// place in a full table). Planned without a look at the others.
+    quick: Vec<String>,
+    /// Something else changed: the next plan looks at every rule.
+    full: bool,
 }
 
 /// The kernel's precedence of a match: more fields, then a longer prefix.
@@ -99,6 +107,9 @@ impl View {
             own: Own::default(),
             highest_id: 0,
             table_size: RULES_MAX_ENTRIES as usize,
+            verdicts: Verdicts::default(),
+            quick: Vec::new(),
+            full: true,
         }
     }
 
@@ -112,7 +123,7 @@ impl View {
     pub(super) fn set(&mut self, name: &str, value: Option<String>) {
         match value {
             None => {
-                self.rules.remove(name);
+                self.full |= self.rules.remove(name).is_some();
                 self.parsed.remove(name);
             }
             Some(v) => {
@@ -121,11 +132,24 @@ impl View {
                 }
                 let parsed = match FleetRule::parse(name, v.as_bytes()) {
                     Ok(r) if r.selector.selects(&self.node, &self.labels).0 => {
-                        Parsed::Selected(r.rule)
+                        let rank = rank(&r.rule.matcher);
+                        Parsed::Selected(r.rule, rank)
                     }
                     Ok(_) => Parsed::NotSelected,
                     Err(e) => Parsed::Invalid(e),
                 };
+                let same_match = |p: Option<&Parsed>| {
+                    matches!((p, &parsed), (Some(Parsed::Selected(old, _)), Parsed::Selected(new, _))
+                        if old.matcher == new.matcher)
+                };
+                let installed = self.installed.get(name).is_some_and(
+                    |i| matches!(&parsed, Parsed::Selected(r, _) if r.matcher == i.rule.matcher),
+                );
+                if installed && same_match(self.parsed.get(name)) {
+                    self.quick.push(name.to_owned());
+                } else {
+                    self.full = true;
+                }
                 self.parsed.insert(name.to_owned(), parsed);
                 self.rules.insert(name.to_owned(), v);
             }
@@ -151,6 +175,7 @@ impl View {
 
     /// Takes the kernel's rules as they are (a full read).
     pub(super) fn refresh(&mut self, kernel: &[Rule]) {
+        self.full = true;
         self.own = Own::default();
         self.installed.clear();
         self.highest_id = kernel.iter().map(|r| r.id).max().unwrap_or(0);
@@ -199,17 +224,47 @@ impl View {
     }
 
     /// What the kernel needs to match the selected rules, and what is left
-    /// out. In memory: no map is read.
-    pub(super) fn plan(&self) -> Plan {
+    /// out. In memory: no map is read. When only installed rules' values
+    /// changed, only they are looked at.
+    pub(super) fn plan(&mut self) -> Plan {
+        if self.full {
+            self.full = false;
+            self.quick.clear();
+            let plan = self.full_plan();
+            self.verdicts = plan.verdicts.clone();
+            return plan;
+        }
+        let mut ops = Vec::new();
+        self.quick.sort();
+        self.quick.dedup();
+        for name in self.quick.drain(..) {
+            if let (Some(Parsed::Selected(r, _)), Some(i)) =
+                (self.parsed.get(&name), self.installed.get(&name))
+            {
+                if i.rule != *r {
+                    ops.push(FleetOp::Replace {
+                        id: i.id,
+                        rule: r.clone(),
+                    });
+                }
+            }
+        }
+        Plan {
+            ops,
+            verdicts: self.verdicts.clone(),
+        }
+    }
+
+    fn full_plan(&self) -> Plan {
         let mut verdicts = Verdicts {
             capacity: self.table_size.saturating_sub(self.own.count),
             ..Verdicts::default()
         };
         let mut matchers: HashSet<RuleMatch> = HashSet::new();
-        let mut wanted: Vec<&NamedRule> = Vec::new();
+        let mut wanted: Vec<(u32, &NamedRule)> = Vec::new();
         for (name, parsed) in &self.parsed {
-            let r = match parsed {
-                Parsed::Selected(r) => r,
+            let (r, rank) = match parsed {
+                Parsed::Selected(r, rank) => (r, *rank),
                 Parsed::NotSelected => continue,
                 Parsed::Invalid(e) => {
                     verdicts.invalid.push(format!("{name}: {e}"));
@@ -229,19 +284,20 @@ impl View {
                     .clashes
                     .push(format!("{name}: another fleet rule has the same match"));
             } else {
-                wanted.push(r);
+                wanted.push((rank, r));
             }
         }
-        wanted.sort_by(|a, b| {
-            (Reverse(rank(&a.matcher)), &a.name).cmp(&(Reverse(rank(&b.matcher)), &b.name))
-        });
+        // Already in name order: a stable sort by rank keeps it within a
+        // rank.
+        wanted.sort_by_key(|(rank, _)| Reverse(*rank));
         if wanted.len() > verdicts.capacity {
             verdicts.left_out = wanted
                 .split_off(verdicts.capacity)
                 .into_iter()
-                .map(|r| r.name.clone())
+                .map(|(_, r)| r.name.clone())
                 .collect();
         }
+        let wanted: Vec<&NamedRule> = wanted.into_iter().map(|(_, r)| r).collect();
         verdicts.wanted = wanted.len();
         let mut removes = Vec::new();
         let mut replaces = Vec::new();
@@ -328,6 +384,9 @@ impl View {
                 (op, Err(e)) => failures.push(format!("{}: {}", op_name(op), crate::one_line(e))),
             }
         }
+        if !failures.is_empty() {
+            self.full = true;
+        }
         failures
     }
 
@@ -363,6 +422,8 @@ mod tests {
     /// Applies a plan as a kernel would, ids from 100.
     fn apply(v: &mut View) -> Plan {
         let plan = v.plan();
+        let full = v.full_plan();
+        assert_eq!(plan.verdicts, full.verdicts, "a quick plan's verdicts");
         let mut next = 100 + v.highest_id;
         let results: Vec<Result<u32, Error>> = plan
             .ops
@@ -415,6 +476,36 @@ mod tests {
             p.ops
         );
         assert_eq!(v.counts(), (999, 999));
+    }
+
+    #[test]
+    fn a_value_change_of_an_installed_rule_is_planned_alone() {
+        let mut v = view();
+        for i in 0..100u16 {
+            v.set(&format!("r{i}"), Some(value(10000 + i, 30)));
+        }
+        apply(&mut v);
+        v.set("r1", Some(value(10001, 40)));
+        v.set("r2", Some(value(10002, 40)));
+        v.set("r1", Some(value(10001, 41)));
+        assert!(!v.full, "value changes of installed rules");
+        let p = apply(&mut v);
+        assert_eq!(p.ops.len(), 2, "{:?}", p.ops);
+        assert!(
+            matches!(&p.ops[0], FleetOp::Replace { rule, .. } if rule.name == "r1" && rule.policy.idle == 41)
+        );
+        // A new match, a delete, a new rule, a malformed value: every rule
+        // is looked at.
+        for change in [
+            ("r3", Some(value(20003, 30))),
+            ("r4", None),
+            ("new", Some(value(20000, 30))),
+            ("r5", Some("{".to_owned())),
+        ] {
+            v.set(change.0, change.1);
+            assert!(v.full, "{}", change.0);
+            apply(&mut v);
+        }
     }
 
     #[test]
@@ -472,7 +563,7 @@ mod tests {
         v.set("bad", Some("{".into()));
         v.set("dup-a", Some(value(3, 30)));
         v.set("dup-b", Some(value(3, 31)));
-        let p = v.plan();
+        let p = v.full_plan();
         assert_eq!(
             p.verdicts.clashes,
             [
