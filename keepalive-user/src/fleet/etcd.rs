@@ -185,7 +185,8 @@ impl Error {
 }
 
 /// Pages of a full read: at most this many keys per response, so that a
-/// prefix of any size is read within the client's message limit.
+/// prefix of any size is read in responses of bounded size (a rule's value
+/// is a few hundred bytes; etcd takes values up to 1.5 MiB).
 const PAGE: i64 = 500;
 
 /// The end of the key range of `prefix`: every key that starts with it is
@@ -202,9 +203,8 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// Every key under `prefix` (the part after it) and its value, read in
-/// pages at one revision; and that revision. A page too large for the
-/// client's message limit (values of up to 1.5 MiB each) is asked again
-/// smaller.
+/// pages at one revision; and that revision. A page past the client's
+/// message limit (4 MiB: large values) is asked again smaller.
 pub async fn read_prefix(
     client: &mut Client,
     prefix: &str,
@@ -213,8 +213,8 @@ pub async fn read_prefix(
     let end = prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
-    let mut limit = PAGE;
     let mut out = Vec::new();
+    let mut limit = PAGE;
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
         if revision > 0 {
@@ -223,8 +223,7 @@ pub async fn read_prefix(
         let page = match client.get(from.clone(), Some(options)).await {
             Ok(p) => p,
             Err(etcd_client::Error::GRpcStatus(s))
-                if s.code() == tonic::Code::OutOfRange
-                    || (s.code() == tonic::Code::ResourceExhausted && limit > 1) =>
+                if s.code() == tonic::Code::OutOfRange && limit > 1 =>
             {
                 limit = (limit / 8).max(1);
                 continue;
@@ -243,7 +242,7 @@ pub async fn read_prefix(
             Some(last) if page.more() => {
                 from = last.key().to_vec();
                 from.push(0);
-                limit = PAGE;
+                limit = (limit * 2).min(PAGE);
             }
             _ => return Ok((out, revision)),
         }
@@ -299,5 +298,32 @@ impl EtcdOptions {
             tokio::time::sleep(crate::jitter(pause)).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_past_its_last_key() {
+        assert_eq!(prefix_end("/tcpka/rules/"), b"/tcpka/rules0");
+        assert_eq!(prefix_end("a\u{7f}"), [b'a', 0x80]);
+        let transient = etcd_error(
+            "x",
+            etcd_client::Error::GRpcStatus(tonic::Status::unavailable("no leader")),
+        );
+        assert!(transient.is_transient_etcd());
+        let refused = etcd_error(
+            "x",
+            etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument(
+                "authentication failed",
+            )),
+        );
+        assert!(!refused.is_transient_etcd());
+        assert_eq!(
+            refused.to_string(),
+            "x: authentication failed (InvalidArgument)"
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! host always give the same subset.
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
 };
 
 use keepalive_common::RULES_MAX_ENTRIES;
@@ -83,12 +83,19 @@ pub(super) struct View {
     table_size: usize,
     /// What the last full plan left out.
     verdicts: Verdicts,
-    /// Rules whose values changed and nothing else since the last plan:
-    /// installed, same match (so the same rank, the same clashes, the same
-    /// place in a full table). Planned without a look at the others.
+    /// Rules changed since the last plan in a way that changes nothing for
+    /// any other rule, planned without a look at the others:
+    /// - new values, same match (the same rank, clashes and place);
+    /// - a new rule whose name and match are free, with room in the table;
+    /// - an installed rule deleted, no other rule waiting for its match or
+    ///   for room.
     quick: Vec<String>,
+    /// Quick additions since the last plan.
+    quick_adds: usize,
     /// Something else changed: the next plan looks at every rule.
     full: bool,
+    /// Selected rules by match (several when they clash).
+    by_match: HashMap<RuleMatch, BTreeSet<String>>,
 }
 
 /// The kernel's precedence of a match: more fields, then a longer prefix.
@@ -109,7 +116,9 @@ impl View {
             table_size: RULES_MAX_ENTRIES as usize,
             verdicts: Verdicts::default(),
             quick: Vec::new(),
+            quick_adds: 0,
             full: true,
+            by_match: HashMap::new(),
         }
     }
 
@@ -121,38 +130,88 @@ impl View {
 
     /// A rule put (`Some`) or deleted (`None`) in etcd.
     pub(super) fn set(&mut self, name: &str, value: Option<String>) {
-        match value {
-            None => {
-                self.full |= self.rules.remove(name).is_some();
-                self.parsed.remove(name);
+        let parsed = match &value {
+            None => None,
+            Some(v) if self.rules.get(name) == Some(v) => return,
+            Some(v) => Some(match FleetRule::parse(name, v.as_bytes()) {
+                Ok(r) if r.selector.selects(&self.node, &self.labels).0 => {
+                    let rank = rank(&r.rule.matcher);
+                    Parsed::Selected(r.rule, rank)
+                }
+                Ok(_) => Parsed::NotSelected,
+                Err(e) => Parsed::Invalid(e),
+            }),
+        };
+        if value.is_none() && !self.rules.contains_key(name) {
+            return;
+        }
+        if self.is_quick(name, parsed.as_ref()) {
+            self.quick.push(name.to_owned());
+        } else {
+            self.full = true;
+        }
+        if let Some(Parsed::Selected(old, _)) = self.parsed.get(name) {
+            if let Some(names) = self.by_match.get_mut(&old.matcher) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.by_match.remove(&old.matcher);
+                }
             }
-            Some(v) => {
-                if self.rules.get(name) == Some(&v) {
-                    return;
-                }
-                let parsed = match FleetRule::parse(name, v.as_bytes()) {
-                    Ok(r) if r.selector.selects(&self.node, &self.labels).0 => {
-                        let rank = rank(&r.rule.matcher);
-                        Parsed::Selected(r.rule, rank)
-                    }
-                    Ok(_) => Parsed::NotSelected,
-                    Err(e) => Parsed::Invalid(e),
-                };
-                let same_match = |p: Option<&Parsed>| {
-                    matches!((p, &parsed), (Some(Parsed::Selected(old, _)), Parsed::Selected(new, _))
-                        if old.matcher == new.matcher)
-                };
-                let installed = self.installed.get(name).is_some_and(
-                    |i| matches!(&parsed, Parsed::Selected(r, _) if r.matcher == i.rule.matcher),
-                );
-                if installed && same_match(self.parsed.get(name)) {
-                    self.quick.push(name.to_owned());
-                } else {
-                    self.full = true;
-                }
-                self.parsed.insert(name.to_owned(), parsed);
+        }
+        if let Some(Parsed::Selected(new, _)) = &parsed {
+            self.by_match
+                .entry(new.matcher)
+                .or_default()
+                .insert(name.to_owned());
+        }
+        match (value, parsed) {
+            (Some(v), Some(p)) => {
+                self.parsed.insert(name.to_owned(), p);
                 self.rules.insert(name.to_owned(), v);
             }
+            _ => {
+                self.parsed.remove(name);
+                self.rules.remove(name);
+            }
+        }
+    }
+
+    /// Whether changing `name` to `new` (`None`: deleted) leaves every
+    /// other rule as it is (see [`View::quick`]); called before the change.
+    fn is_quick(&mut self, name: &str, new: Option<&Parsed>) -> bool {
+        if self.full {
+            return false;
+        }
+        let old = self.parsed.get(name);
+        let installed = self.installed.get(name);
+        match (old, new) {
+            // New values, same match, installed.
+            (Some(Parsed::Selected(o, _)), Some(Parsed::Selected(n, _))) => {
+                o.matcher == n.matcher && installed.is_some_and(|i| i.rule.matcher == n.matcher)
+            }
+            // A new rule, its name and match free, room for it.
+            (None, Some(Parsed::Selected(n, _))) => {
+                let room = self.installed.len() + self.quick_adds < self.verdicts.capacity;
+                let free = !self.own.names.contains(name)
+                    && !self.own.matchers.contains_key(&n.matcher)
+                    && !self.by_match.contains_key(&n.matcher);
+                let quick = room && free && self.verdicts.left_out.is_empty();
+                if quick {
+                    self.quick_adds += 1;
+                }
+                quick
+            }
+            // A new rule not for this node: nothing changes.
+            (None, Some(Parsed::NotSelected)) => true,
+            // An installed rule deleted, nothing waiting for its match or
+            // for room.
+            (Some(Parsed::Selected(o, _)), None) => {
+                installed.is_some_and(|i| i.rule.matcher == o.matcher)
+                    && self.verdicts.left_out.is_empty()
+                    && self.by_match.get(&o.matcher).is_some_and(|n| n.len() == 1)
+            }
+            (Some(Parsed::NotSelected), None) => true,
+            _ => false,
         }
     }
 
@@ -230,27 +289,37 @@ impl View {
         if self.full {
             self.full = false;
             self.quick.clear();
+            self.quick_adds = 0;
             let plan = self.full_plan();
             self.verdicts = plan.verdicts.clone();
             return plan;
         }
         let mut ops = Vec::new();
+        let (mut removes, mut adds) = (Vec::new(), Vec::new());
         self.quick.sort();
         self.quick.dedup();
+        self.quick_adds = 0;
         for name in self.quick.drain(..) {
-            if let (Some(Parsed::Selected(r, _)), Some(i)) =
-                (self.parsed.get(&name), self.installed.get(&name))
-            {
-                if i.rule != *r {
+            match (self.parsed.get(&name), self.installed.get(&name)) {
+                (Some(Parsed::Selected(r, _)), Some(i)) if i.rule != *r => {
                     ops.push(FleetOp::Replace {
                         id: i.id,
                         rule: r.clone(),
-                    });
+                    })
                 }
+                (Some(Parsed::Selected(r, _)), None) => adds.push(FleetOp::Add(r.clone())),
+                (None | Some(Parsed::NotSelected), Some(i)) => removes.push(FleetOp::Remove {
+                    id: i.id,
+                    matcher: i.rule.matcher,
+                }),
+                _ => {}
             }
         }
+        self.verdicts.wanted = (self.verdicts.wanted + adds.len()).saturating_sub(removes.len());
+        removes.extend(ops);
+        removes.extend(adds);
         Plan {
-            ops,
+            ops: removes,
             verdicts: self.verdicts.clone(),
         }
     }
@@ -494,17 +563,58 @@ mod tests {
         assert!(
             matches!(&p.ops[0], FleetOp::Replace { rule, .. } if rule.name == "r1" && rule.policy.idle == 41)
         );
-        // A new match, a delete, a new rule, a malformed value: every rule
-        // is looked at.
+        // A new rule with a free match and room, a delete with nothing
+        // waiting: on their own too.
+        v.set("new", Some(value(20000, 30)));
+        v.set("r4", None);
+        assert!(!v.full);
+        let p = apply(&mut v);
+        assert!(
+            matches!(&p.ops[..], [FleetOp::Remove { .. }, FleetOp::Add(r)] if r.name == "new"),
+            "{:?}",
+            p.ops
+        );
+        // A new match, a malformed value, a rule taking a used match, the
+        // delete of one that another waits for: every rule is looked at.
         for change in [
             ("r3", Some(value(20003, 30))),
-            ("r4", None),
-            ("new", Some(value(20000, 30))),
             ("r5", Some("{".to_owned())),
+            ("dup", Some(value(10006, 50))),
+            ("r6", None),
         ] {
             v.set(change.0, change.1);
             assert!(v.full, "{}", change.0);
             apply(&mut v);
+        }
+        assert!(v.installed_names().contains(&"dup".to_owned()));
+    }
+
+    #[test]
+    fn quick_plans_agree_with_full_ones_over_random_changes() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut v = view().with_table_size(12);
+        for step in 0..3000 {
+            let name = format!("n{}", rng.usize(0..30));
+            let value = match rng.usize(0..10) {
+                0..=2 => None,
+                3 => Some("{".to_owned()),
+                4 => Some(format!(
+                    r#"{{"local_port":{},"idle":30,"count":3,"interval":5,"labels":{{"role":"core"}}}}"#,
+                    1000 + rng.u16(0..20)
+                )),
+                5 => Some(format!(
+                    r#"{{"local_port":{},"remote":"10.0.0.{}","idle":30,"count":3,"interval":5}}"#,
+                    1000 + rng.u16(0..20),
+                    rng.u8(1..4)
+                )),
+                _ => Some(value(1000 + rng.u16(0..20), 30 + rng.u32(0..3))),
+            };
+            v.set(&name, value);
+            if rng.usize(0..3) == 0 {
+                apply(&mut v);
+                // Nothing left to do for a plan that looks at every rule.
+                assert!(v.full_plan().ops.is_empty(), "step {step}");
+            }
         }
     }
 

@@ -215,8 +215,52 @@ impl Cluster {
         self.write(&["put", key, value]);
     }
 
+    /// Puts many keys, up to 128 and 1 MB to a transaction (etcd's
+    /// default limits: 128 operations, 1.5 MiB), through the JSON gateway
+    /// of a running member (no TLS).
+    pub(super) fn put_many(&self, kvs: &[(String, String)]) {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let http = reqwest::blocking::Client::new();
+        let mut chunks: Vec<&[(String, String)]> = Vec::new();
+        let (mut from, mut bytes) = (0, 0);
+        for (i, (k, v)) in kvs.iter().enumerate() {
+            if i > from && (i - from == 128 || bytes + k.len() + v.len() > 1_000_000) {
+                chunks.push(&kvs[from..i]);
+                (from, bytes) = (i, 0);
+            }
+            bytes += k.len() + v.len();
+        }
+        chunks.push(&kvs[from..]);
+        for chunk in chunks {
+            let ops: Vec<Value> = chunk
+                .iter()
+                .map(|(k, v)| serde_json::json!({ "requestPut": { "key": b64(k), "value": b64(v) } }))
+                .collect();
+            let body = serde_json::json!({ "success": ops });
+            let start = Instant::now();
+            loop {
+                let running = self.running();
+                let url = format!("{}/v3/kv/txn", running.split(',').next().unwrap());
+                match http.post(&url).json(&body).send() {
+                    Ok(r) if r.status().is_success() => break,
+                    other => assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "etcd txn: {other:?}"
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
     pub(super) fn del(&self, key: &str) {
         self.write(&["del", key]);
+    }
+
+    /// Deletes every key under `prefix` in one request.
+    pub(super) fn del_prefix(&self, prefix: &str) {
+        self.write(&["del", "--prefix", prefix]);
     }
 
     /// Compacts the history up to the current revision.

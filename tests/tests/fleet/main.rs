@@ -185,13 +185,33 @@ fn agents_ride_out_the_leader_and_the_whole_cluster_going_away() {
         x.wait("r1", SECOND, |x| x.has("r1"));
     }
 
-    // The leader goes: the agents keep enforcing and follow the new one.
+    // The leader goes: the agents keep enforcing and follow the new one;
+    // an operator's command during the election waits it out.
     let leader = cluster.leader();
     cluster.stop(leader);
+    let during = Instant::now();
+    let r = fleet(
+        &cluster,
+        &prefix,
+        &[
+            "rule",
+            "add",
+            "r2",
+            "42",
+            "3",
+            "5",
+            "--local-port",
+            &p2.to_string(),
+        ],
+    );
+    eprintln!(
+        "rule add during the election: {:?}, {r:?}",
+        during.elapsed()
+    );
+    assert_eq!(r.code, 0, "{r:?}");
     for x in [&a, &b] {
         assert_eq!(x.keepalive_on(p1), expect(41, 3, 5, 0), "{}", x.name);
     }
-    cluster.put(&format!("{prefix}/rules/r2"), &rule(p2, 42));
     let put = Instant::now();
     for x in [&a, &b] {
         x.wait("r2 through the new leader", Duration::from_secs(15), |x| {
@@ -210,6 +230,22 @@ fn agents_ride_out_the_leader_and_the_whole_cluster_going_away() {
         cluster.stop(i);
     }
     assert_eq!(a.keepalive_on(p2), expect(42, 3, 5, 0));
+    // With no member, `tcpka fleet` gives up after a bounded time, in one
+    // line that names the cause.
+    let tried = Instant::now();
+    let r = fleet(&cluster, &prefix, &["rule", "list"]);
+    let took = tried.elapsed();
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(25),
+        "{took:?}"
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no etcd member answers") && r.stderr.contains("did not answer for"),
+        "{}",
+        r.stderr
+    );
     a.tcpka
         .rule_add(&["--local-port", &p4.to_string(), "44", "4", "4"]);
     assert_eq!(a.keepalive_on(p4), expect(44, 4, 4, 0));
@@ -410,4 +446,128 @@ fn an_agent_back_after_a_compaction_reads_everything_again() {
     assert!(cluster.get(&known).is_none());
     let r = fleet(&cluster, &prefix, &["forget", "c"]);
     assert_eq!(r.code, 1, "{r:?}");
+}
+
+/// A fleet rule of its own match: local port 5060 from one address.
+fn peer_rule(i: usize) -> String {
+    format!(
+        r#"{{"local_port":5060,"remote":"10.9.{}.{}","idle":30,"count":3,"interval":5}}"#,
+        i >> 8,
+        i & 255
+    )
+}
+
+#[test]
+fn thousands_of_rules_fill_the_table_in_order_and_go_in_one_delete() {
+    let _ns = NetNs::new();
+    let cluster = Cluster::start(3);
+    let prefix = prefix();
+    let a = Agent::start("big", &[], &cluster, &prefix);
+    let table = keepalive_common::RULES_MAX_ENTRIES as usize;
+    let n = table + 104;
+    let mut kvs: Vec<(String, String)> = (0..n)
+        .map(|i| (format!("{prefix}/rules/s{i:05}"), peer_rule(i)))
+        .collect();
+    // Less specific than all of them (a port, no address): left out first.
+    let broad = free_port();
+    kvs.push((format!("{prefix}/rules/broad"), rule(broad, 71)));
+    // Five values of 900 kB (malformed): 4.5 MB in all, past a single
+    // read's 4 MiB.
+    for i in 0..5 {
+        kvs.push((format!("{prefix}/rules/huge{i}"), "x".repeat(900_000)));
+    }
+    let put = Instant::now();
+    cluster.put_many(&kvs);
+    let status = |c: &Cluster| -> Value {
+        serde_json::from_str(&c.get(&format!("{prefix}/nodes/big")).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    wait_until(
+        "the node reporting a full table",
+        Duration::from_secs(30),
+        || {
+            let s = status(&cluster);
+            s["fleet_rules"] == table && s["left_out"].as_array().is_some_and(|v| v.len() == 105)
+        },
+    );
+    eprintln!(
+        "{} puts applied and reported within {:?}",
+        kvs.len(),
+        put.elapsed()
+    );
+    // The kernel has the first 4,096 by name of the most specific rules.
+    let mut names: Vec<String> = a.fleet_rules().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    let want: Vec<String> = (0..table).map(|i| format!("s{i:05}")).collect();
+    assert_eq!(names, want);
+    let s = status(&cluster);
+    assert_eq!(s["left_out"][0], "s04096", "{}", s["left_out"]);
+    assert_eq!(s["left_out"][104], "broad");
+    assert_eq!(s["invalid"].as_array().map(Vec::len), Some(5));
+    assert_eq!(s["rule_table"], table);
+    assert_eq!(a.keepalive_on(broad), KERNEL_DEFAULT);
+    // `info` shows the capacity; `explain` says what is left out, as the
+    // kernel has it; `rule list` reads past 4 MiB.
+    let info: Value = serde_json::from_str(&a.tcpka.run(&["info", "--json"]).ok().stdout).unwrap();
+    assert_eq!(info["rule_capacity"], table);
+    assert_eq!(info["fleet_rules"], table);
+    let e = fleet(&cluster, &prefix, &["explain", "big", "--json"]).ok();
+    let e: Value = serde_json::from_str(&e.stdout).unwrap();
+    let verdict = |name: &str| {
+        e["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(verdict("s00000")["applied"], true);
+    assert_eq!(verdict("broad")["applied"], false);
+    assert_eq!(verdict("broad")["left_out"], true);
+    assert!(verdict("broad")["clash"].as_str().unwrap().contains("full"));
+    let list = fleet(&cluster, &prefix, &["rule", "list", "--json"]).ok();
+    let list: Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), kvs.len());
+    // A change that fits is never blocked by those that do not: a delete
+    // makes room for the next in line.
+    fleet(&cluster, &prefix, &["rule", "del", "s00000"]).ok();
+    a.wait("the next rule in line", SECOND * 2, |x| {
+        let names: Vec<String> = x.fleet_rules().into_iter().map(|(n, _)| n).collect();
+        names.contains(&"s04096".to_owned()) && !names.contains(&"s00000".to_owned())
+    });
+    // A new agent with no cache reads all of it (in pages) and applies the
+    // same subset.
+    let b = Agent::start("late", &[], &cluster, &prefix);
+    b.wait("every rule read at start", Duration::from_secs(20), |x| {
+        x.fleet_rules().len() == table
+    });
+    // One delete of everything: the kernels empty within 5 s, and the
+    // nodes stay up throughout.
+    let nodes = |c: &Cluster| {
+        ["big", "late"]
+            .iter()
+            .filter(|n| c.get(&format!("{prefix}/nodes/{n}")).is_some())
+            .count()
+    };
+    cluster.del_prefix(&format!("{prefix}/rules/"));
+    let deleted = Instant::now();
+    for x in [&a, &b] {
+        x.wait("every fleet rule gone", Duration::from_secs(5), |x| {
+            x.fleet_rules().is_empty()
+        });
+    }
+    eprintln!(
+        "one delete of {} rules applied within {:?}",
+        kvs.len(),
+        deleted.elapsed()
+    );
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(12) {
+        assert_eq!(nodes(&cluster), 2, "a node's status went away");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for x in [&a, &b] {
+        assert!(!x.log().contains("lease"), "{}", x.log());
+    }
 }
