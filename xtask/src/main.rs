@@ -204,7 +204,10 @@ fn real_main() -> Result<()> {
                 return bench::sip(&tcpka, &sip);
             }
             if part.as_deref() == Some("fleet") {
-                return bench::fleet(&tcpka);
+                // Another build's agents, for a before-and-after in one
+                // run of this bench.
+                let agents = std::env::var_os("TCPKA_BENCH_FLEET_BIN").map_or(tcpka, PathBuf::from);
+                return bench::fleet(&agents);
             }
             if part.as_deref() == Some("enable") {
                 bench::set_load_args(load_args);
