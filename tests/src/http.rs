@@ -105,9 +105,12 @@ pub fn http_json(addr: &str, method: &str, path: &str, body: Value) -> (u16, Val
 }
 
 /// Polls `GET /healthz` (with `token` as [`request`] takes it) every 50 ms
-/// until it answers with a status `ready` accepts; panics after 10 s.
+/// until it answers with a status `ready` accepts; panics after 10 s (40 s
+/// under TCG, where the kernel's verifier alone takes seconds for serve's
+/// programs).
 pub fn wait_for_healthz(addr: &str, token: Option<&str>, ready: impl Fn(u16) -> bool) {
-    wait_until("tcpka serve up", Duration::from_secs(10), || {
+    let within = Duration::from_secs(if under_tcg() { 40 } else { 10 });
+    wait_until("tcpka serve up", within, || {
         http(addr, "GET", "/healthz", None, token).is_ok_and(|(code, _)| ready(code))
     });
 }
