@@ -43,8 +43,12 @@ pub const WANT: &str = "TCPKA_WANT";
 /// Names of the rules a configuration file manages: rule id ->
 /// [`crate::rules::RuleName`]. User space only.
 pub const RULE_NAMES: &str = "TCPKA_RULE_NAMES";
+/// The rule keys a rule change touched ([`crate::rules::RuleKey`] -> 1):
+/// the rules iterator re-decides the live connections one of them matches.
+/// User space fills it for one pass, under the installation lock.
+pub const CHANGED: &str = "TCPKA_CHANGED";
 /// All maps, in the order they are pinned.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     RULES,
     CONNS,
     STATS,
@@ -63,4 +67,5 @@ pub const ALL: [&str; 18] = [
     PORTS,
     WANT,
     RULE_NAMES,
+    CHANGED,
 ];

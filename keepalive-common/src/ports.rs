@@ -40,6 +40,16 @@ pub const FLAG_WATCH_CONNS: u64 = 32;
 /// tracepoint looks up closing connections on index ports only.
 pub const FLAG_WATCH_INDEXED: u64 = 64;
 
+/// [`FLAGS`], during a pass of the rules iterator: report what it would
+/// change, change nothing.
+pub const FLAG_REAPPLY_DRY_RUN: u64 = 128;
+/// [`FLAGS`], during a pass of the rules iterator: a connection that a
+/// changed rule matched and no rule matches now gets SO_KEEPALIVE off.
+pub const FLAG_REAPPLY_REVERT: u64 = 256;
+/// [`FLAGS`], during a pass of the rules iterator: a changed rule names
+/// no port, so every connection is looked at.
+pub const FLAG_REAPPLY_ANY_PORT: u64 = 512;
+
 /// [`FLAGS`], bits 32 to 63: the rule generation. Every change a command
 /// or a file makes to the rule table adds one (under the installation
 /// lock); a new installation starts at a value of its own. The fleet agent

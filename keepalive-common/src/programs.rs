@@ -2,6 +2,9 @@
 pub const SOCK_OPS: &str = "tcpka_sockops";
 /// iter/tcp program that applies pending requests to live connections.
 pub const ITER_APPLY: &str = "tcpka_iter_apply";
+/// iter/tcp program that gives live connections the values the rules now
+/// decide for them, after a rule change ([`crate::maps::CHANGED`]).
+pub const ITER_RULES: &str = "tcpka_iter_rules";
 /// iter/tcp program that reports managed connections.
 pub const ITER_STATUS: &str = "tcpka_iter_status";
 /// tp_btf/inet_sock_set_state program: indexes established connections

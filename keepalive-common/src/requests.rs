@@ -82,3 +82,12 @@ pub const PORTS_LEN: u32 = 65_536;
 /// Index in the port prefilter that flags pending cookie requests (no
 /// peer has port 0).
 pub const COOKIES_PENDING: u32 = 0;
+/// [`crate::maps::REQ_PORTS`] value bits, during a pass of the rules
+/// iterator: a changed rule has this local port, or this remote port (the
+/// pass's prefilter; apply requests use bit 0).
+pub const REAPPLY_LOCAL: u32 = 2;
+pub const REAPPLY_REMOTE: u32 = 4;
+/// [`ConnRecord::apply_failed`] of the rules iterator: no rule matches the
+/// connection any more (left as it is, or SO_KEEPALIVE turned off with
+/// revert).
+pub const REAPPLY_NO_RULE: u32 = 1 << 8;

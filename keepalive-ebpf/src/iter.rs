@@ -12,27 +12,33 @@
 //! 5.9 (iter/tcp); `bpf_setsockopt` from iterators needs 6.0.
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{
-    bpf_get_socket_cookie,
-    generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
+use aya_ebpf::{
+    helpers::{
+        bpf_get_socket_cookie,
+        generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
+    },
+    maps::lpm_trie::Key,
 };
 use keepalive_common::{
-    conns::{ConnInfo, FLAG_OUTSIDE, FLAG_UNWATCHED, SOURCE_COMMAND},
+    conns::{ConnInfo, FLAG_OUTSIDE, FLAG_UNWATCHED, SOURCE_COMMAND, SOURCE_RULE},
+    policy::FLAG_USER_TIMEOUT,
     ports,
     requests::{
         ConnRecord, PeerKey, Request, APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING,
-        OP_DISABLE, OP_ENABLE,
+        OP_DISABLE, OP_ENABLE, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_REMOTE,
     },
+    rules::{RuleKey, MAX_PREFIX_LEN},
     sockopt::*,
 };
 
 use crate::{
-    apply::{apply_policy, set, setsockopt_int},
+    apply::{apply_policy, best_rule, set, setsockopt_int, Candidates},
     index,
     maps::{
-        count, host_index, index_port, port_flags, CONNS, META, REQ_COOKIE, REQ_PEER, REQ_PORTS,
+        count, host_index, index_port, port_flags, CHANGED, CONNS, META, REQ_COOKIE, REQ_PEER,
+        REQ_PORTS,
     },
-    sock::{ends, in_cgroup, load, Ends, SKC_DPORT},
+    sock::{ends, in_cgroup, load, Ends, SKC_DPORT, SKC_NUM, SKC_STATE},
 };
 
 /// Whether sock_ops runs for this socket (it is in the attached cgroup).
@@ -270,6 +276,182 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// `TCP_ESTABLISHED` in `enum tcp_state`.
+const TCP_ESTABLISHED: u8 = 1;
+
+/// Whether a rule key in [`CHANGED`] matches these ends (the four port
+/// combinations a rule can name, each with the longest address prefix).
+#[inline(never)]
+fn touched(local_port: u16, remote_port: u16, addr: &[u8; 16]) -> bool {
+    let mut key = Key::new(
+        MAX_PREFIX_LEN,
+        RuleKey {
+            local_port,
+            remote_port,
+            addr: *addr,
+        },
+    );
+    if CHANGED.get(&key).is_some() {
+        return true;
+    }
+    key.data.remote_port = 0;
+    if CHANGED.get(&key).is_some() {
+        return true;
+    }
+    key.data.local_port = 0;
+    if CHANGED.get(&key).is_some() {
+        return true;
+    }
+    key.data.remote_port = remote_port;
+    CHANGED.get(&key).is_some()
+}
+
+/// After a rule change: each established connection in the attached
+/// cgroup that a changed rule key matches gets what the rules now decide
+/// for it, as a new connection with the same ends would, unless a command
+/// manages it (commands win over rules). Values already right are left
+/// alone; a connection no rule matches any more is left as it is, or with
+/// [`ports::FLAG_REAPPLY_REVERT`] gets SO_KEEPALIVE off. Reports each
+/// connection it changed (or, with [`ports::FLAG_REAPPLY_DRY_RUN`], would
+/// change), `rule_id` the deciding rule.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
+    let sk = unsafe { (*(ctx as *const IterTcp)).sk_common };
+    if sk.is_null() {
+        return 0;
+    }
+    let state: u8 = load(sk, SKC_STATE);
+    if state != TCP_ESTABLISHED {
+        return 0;
+    }
+    // Prefilter: two array reads for a connection on no changed port.
+    let flags = port_flags();
+    let local_port: u16 = load(sk, SKC_NUM);
+    let dport: u16 = load(sk, SKC_DPORT);
+    let remote_port = u16::from_be(dport);
+    let by_local = REQ_PORTS
+        .get(u32::from(local_port))
+        .is_some_and(|f| *f & REAPPLY_LOCAL != 0);
+    let by_remote = REQ_PORTS
+        .get(u32::from(remote_port))
+        .is_some_and(|f| *f & REAPPLY_REMOTE != 0);
+    if !by_local && !by_remote && flags & ports::FLAG_REAPPLY_ANY_PORT == 0 {
+        return 0;
+    }
+    let Some(Visit {
+        seq,
+        sk,
+        tp,
+        cookie,
+    }) = visit(ctx)
+    else {
+        return 0;
+    };
+    if !covered(sk) {
+        return 0;
+    }
+    let Some(e) = ends(sk) else { return 0 };
+    if !touched(e.local_port, e.remote_port, &e.remote_addr) {
+        return 0;
+    }
+    let managed = CONNS.get_ptr_mut(&cookie);
+    // SAFETY: a pointer into the map's value, read while the entry lives.
+    let source = managed.map(|m| unsafe { (*m).source });
+    if source == Some(SOURCE_COMMAND) {
+        return 0;
+    }
+    let dry_run = flags & ports::FLAG_REAPPLY_DRY_RUN != 0;
+    let candidates = Candidates::new(flags, e.local_port, e.remote_port);
+    let Some(rule) = best_rule(&candidates, e.remote_addr) else {
+        if get(tp, SOL_SOCKET, SO_KEEPALIVE) == 0 {
+            return 0;
+        }
+        let revert = flags & ports::FLAG_REAPPLY_REVERT != 0;
+        let mut failed = REAPPLY_NO_RULE;
+        if revert && !dry_run {
+            if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
+                failed |= APPLY_SETSOCKOPT_FAILED;
+            }
+            if source == Some(SOURCE_RULE) {
+                let _ = CONNS.remove(&cookie);
+            }
+        }
+        report_rule(seq, tp, cookie, &e, u64::from(failed) << 32);
+        return 0;
+    };
+    let p = rule.policy;
+    let same = get(tp, SOL_SOCKET, SO_KEEPALIVE) == 1
+        && get(tp, SOL_TCP, TCP_KEEPIDLE) == p.idle
+        && get(tp, SOL_TCP, TCP_KEEPINTVL) == p.interval
+        && get(tp, SOL_TCP, TCP_KEEPCNT) == p.count
+        && (p.flags & FLAG_USER_TIMEOUT == 0
+            || get(tp, SOL_TCP, TCP_USER_TIMEOUT) == p.user_timeout_ms);
+    if same {
+        return 0;
+    }
+    let mut failed = 0;
+    if !dry_run {
+        if !apply_policy(tp, &p) {
+            failed = APPLY_SETSOCKOPT_FAILED;
+        }
+        // A connection tracked for an earlier rule: its entry follows (its
+        // close is already watched). One not tracked stays so.
+        if let Some(m) = managed {
+            // SAFETY: the map's value, written in place (as sock_ops
+            // writes it: whole fields, no reader relies on a pair).
+            unsafe {
+                (*m).policy = p;
+                (*m).rule_id = rule.id;
+            }
+        }
+    }
+    report_rule(
+        seq,
+        tp,
+        cookie,
+        &e,
+        u64::from(failed) << 32 | u64::from(rule.id),
+    );
+    0
+}
+
+/// A record of the rules iterator: the values the kernel now holds and the
+/// deciding rule (`outcome`: the rule id, and the apply flags in the high
+/// half). A call of its own: its record does not add to the caller's
+/// stack (and BPF calls take at most five arguments).
+#[inline(never)]
+fn report_rule(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, outcome: u64) {
+    let (rule_id, failed) = (outcome as u32, (outcome >> 32) as u32);
+    let mut rec = ConnRecord {
+        cookie,
+        family: e.family as u32,
+        state: e.state as u32,
+        local_addr: e.local_addr,
+        remote_addr: e.remote_addr,
+        local_port: e.local_port,
+        remote_port: e.remote_port,
+        keepalive: get(tp, SOL_SOCKET, SO_KEEPALIVE),
+        idle: get(tp, SOL_TCP, TCP_KEEPIDLE),
+        interval: get(tp, SOL_TCP, TCP_KEEPINTVL),
+        count: get(tp, SOL_TCP, TCP_KEEPCNT),
+        user_timeout_ms: get(tp, SOL_TCP, TCP_USER_TIMEOUT),
+        source: SOURCE_RULE,
+        rule_id,
+        apply_failed: failed,
+        _pad: 0,
+    };
+    // SAFETY: `seq` is the iterator's seq_file; `rec` lives for the call.
+    unsafe {
+        bpf_seq_write(
+            seq.cast(),
+            &mut rec as *mut ConnRecord as *mut c_void,
+            size_of::<ConnRecord>() as u32,
+        )
+    };
+}
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
@@ -302,7 +484,7 @@ pub fn tcpka_seed_peers(ctx: *mut c_void) -> i32 {
         return 0;
     };
     // Listening (10) and closed (7) sockets have no peer to index.
-    let state: u8 = load(sk, crate::sock::SKC_STATE);
+    let state: u8 = load(sk, SKC_STATE);
     if matches!(state, 7 | 10) {
         return 0;
     }

@@ -79,6 +79,10 @@ pub static PORTS: Array<u64> = Array::with_max_entries(ports::LEN, 0);
 #[map(name = "TCPKA_RULE_NAMES")]
 pub static RULE_NAMES: HashMap<u32, RuleName> = HashMap::with_max_entries(RULES_MAX_ENTRIES, 0);
 
+/// Filled by user space for one pass of the rules iterator.
+#[map(name = "TCPKA_CHANGED")]
+pub static CHANGED: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(RULES_MAX_ENTRIES * 2, 0);
+
 #[map(name = "TCPKA_WANT")]
 pub static WANT: HashMap<u64, FdOwner> = HashMap::with_max_entries(index::WANT_MAX_ENTRIES, 0);
 

@@ -74,6 +74,9 @@ pub const ITER_FIND_FDS: &str = "iter_find_fds";
 pub const ITER_APPLY: &str = "iter_apply";
 /// Pin name of the status iterator.
 pub const ITER_STATUS: &str = "iter_status";
+/// Pin name of the rules iterator (a rule change reaching live
+/// connections).
+pub const ITER_RULES: &str = "iter_rules";
 
 /// The pins of one installation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,9 +167,14 @@ impl PinLayout {
         self.dir.join(ITER_STATUS)
     }
 
+    /// Pin of the rules iterator.
+    pub fn iter_rules(&self) -> PathBuf {
+        self.dir.join(ITER_RULES)
+    }
+
     /// Every link pin, the sock_ops link last (its presence means
     /// "loaded", so it is pinned last and removed first).
-    pub fn links(&self) -> [PathBuf; 11] {
+    pub fn links(&self) -> [PathBuf; 12] {
         [
             self.close_link(),
             self.destroy_link(),
@@ -175,6 +183,7 @@ impl PinLayout {
             self.connect_link(),
             self.iter_apply(),
             self.iter_status(),
+            self.iter_rules(),
             self.iter_seed_peers(),
             self.iter_seed_fds(),
             self.iter_find_fds(),

@@ -11,11 +11,23 @@ pub(crate) struct ApplyArgs {
     /// Print the changes as a JSON array.
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) live: LiveArgs,
+    /// Live connections a removed or changed rule matched that no rule
+    /// matches now get SO_KEEPALIVE off.
+    #[arg(long, conflicts_with = "new_only")]
+    pub(crate) revert: bool,
 }
 
 pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
     let config = tcpka::config::Config::load(&a.file)?;
-    let steps = Enforcer::new(layout).apply_config(&config, a.dry_run)?;
+    let reach = (!a.live.new_only).then_some(tcpka::enforcer::Reach {
+        dry_run: false,
+        revert: a.revert,
+    });
+    let (steps, reached) =
+        Enforcer::new(layout).apply_config_reaching(&config, a.dry_run, reach)?;
+    report_live(&a.file.display().to_string(), &reached, a.revert);
     if a.json {
         print_json(&steps);
     } else {

@@ -3,17 +3,28 @@ use super::*;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum RuleCommand {
-    /// Add a rule for connections established from now on; prints its id.
+    /// Add a rule; prints its id. New connections get it, and so do the
+    /// live ones in the attached cgroup it now decides (not those a
+    /// command manages: commands win).
     ///
     /// Arguments in the reference module's order: IDLE COUNT INTERVAL.
     /// The rule with the most fields set wins; among --remote prefixes the
     /// longest wins; on a tie the older rule (lower id) wins.
     Add(RuleAddArgs),
-    /// Delete a rule. Connections that already got its policy keep it.
+    /// Delete a rule. Its live connections get what another rule decides
+    /// for them; those no rule matches keep its values (tcpka cannot know
+    /// whether the application turned keepalive on itself) unless
+    /// --revert.
     Del {
         /// Rule id, as printed by `rule add` and `rule list`.
         #[arg(value_parser = |s: &str| parse_u32("ID", s))]
         id: u32,
+        #[command(flatten)]
+        live: LiveArgs,
+        /// Live connections it matched that no rule matches now get
+        /// SO_KEEPALIVE off.
+        #[arg(long, conflicts_with = "new_only")]
+        revert: bool,
     },
     /// List the rules.
     List(JsonArg),
@@ -55,17 +66,72 @@ pub(crate) struct RuleAddArgs {
     /// The default: only set the values (kept for scripts).
     #[arg(long, hide = true, conflicts_with = "tracked")]
     pub(crate) untracked: bool,
-    /// Print the new rule as JSON.
+    #[command(flatten)]
+    pub(crate) live: LiveArgs,
+    /// Print the new rule as JSON (with `live`: what it did to live
+    /// connections).
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// Whether a rule change reaches the connections that already exist.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub(crate) struct LiveArgs {
+    /// Only connections established from now on see the change; live ones
+    /// keep what they have.
+    #[arg(long)]
+    pub(crate) new_only: bool,
+}
+
+/// Says on stderr what a rule change did to live connections (stdout
+/// stays the command's own output).
+pub(crate) fn report_live(
+    what: &str,
+    reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>,
+    revert: bool,
+) {
+    match reached {
+        None => {}
+        Some(Err(e)) => tcpka::errln!(
+            "tcpka: {what}: live connections not reached: {} (new connections get the change)",
+            tcpka::one_line(e)
+        ),
+        Some(Ok(r)) if r.changed == 0 && r.unmatched == 0 => {}
+        Some(Ok(r)) => {
+            let mut parts = vec![format!(
+                "{} live connection(s) given the values the rules now decide",
+                r.changed
+            )];
+            if r.failed > 0 {
+                parts.push(format!("{} refused a value", r.failed));
+            }
+            if r.unmatched > 0 {
+                parts.push(format!(
+                    "{} no rule matches any more: {}",
+                    r.unmatched,
+                    if revert {
+                        "keepalive turned off"
+                    } else {
+                        "left as they were (--revert turns keepalive off)"
+                    }
+                ));
+            }
+            tcpka::errln!("tcpka: {what}: {}", parts.join("; "));
+        }
+    }
 }
 
 pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error> {
     match command {
         RuleCommand::Add(a) => add(layout, a),
-        RuleCommand::Del { id } => {
-            Enforcer::new(layout).delete_rule(id)?;
+        RuleCommand::Del { id, live, revert } => {
+            let reach = (!live.new_only).then_some(tcpka::enforcer::Reach {
+                dry_run: false,
+                revert,
+            });
+            let (_, reached) = Enforcer::new(layout).delete_rule_reaching(id, reach)?;
             tcpka::outln!("deleted rule {id}");
+            report_live(&format!("rule {id}"), &reached, revert);
             Ok(())
         }
         RuleCommand::List(a) => list(layout, a),
@@ -76,12 +142,20 @@ pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error>
 fn add(layout: PinLayout, a: RuleAddArgs) -> Result<(), Error> {
     let policy = a.policy.policy()?;
     let m = a.matcher.matcher();
-    let rule = Enforcer::new(layout).add_rule(m, policy, a.tracked)?;
+    let reach = (!a.live.new_only).then(tcpka::enforcer::Reach::default);
+    let (rule, reached) = Enforcer::new(layout).add_rule_reaching(m, policy, a.tracked, reach)?;
     if a.json {
-        print_json(&rule);
+        let mut v = serde_json::to_value(&rule).expect("plain data");
+        v["live"] = match &reached {
+            None => serde_json::Value::Null,
+            Some(Ok(r)) => serde_json::to_value(r).expect("plain data"),
+            Some(Err(e)) => serde_json::json!({ "error": tcpka::one_line(e) }),
+        };
+        print_json(&v);
     } else {
         tcpka::outln!("{}", rule.id);
     }
+    report_live(&format!("rule {}", rule.id), &reached, false);
     Ok(())
 }
 

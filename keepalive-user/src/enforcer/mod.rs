@@ -14,7 +14,11 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCp
 use keepalive_common::{
     conns::{source_name, ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
     maps,
-    requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
+    ports::{FLAG_REAPPLY_ANY_PORT, FLAG_REAPPLY_DRY_RUN, FLAG_REAPPLY_REVERT},
+    requests::{
+        ConnRecord, PeerKey, Request, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING, OP_DISABLE,
+        OP_ENABLE, OP_QUERY, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_REMOTE,
+    },
     rules::{self, RuleKey, RuleName, RuleValue},
     stats, RULES_MAX_ENTRIES,
 };
@@ -37,6 +41,7 @@ use crate::{
 mod direct;
 mod holding;
 mod live;
+mod reapply;
 mod rule_table;
 mod sock;
 mod status;
@@ -44,6 +49,7 @@ mod walk;
 
 pub use live::Op;
 use live::*;
+pub use reapply::{Reach, Reached};
 pub use rule_table::FleetOp;
 use sock::*;
 use status::*;

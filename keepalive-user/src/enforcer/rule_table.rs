@@ -18,12 +18,30 @@ impl Enforcer {
         LpmTrie::try_from(map).map_err(|e| Error::map("opening the rule table", e))
     }
 
-    /// Adds a rule for connections established from now on; returns it with
-    /// its new id.
+    /// Adds a rule for new connections and the live ones it now decides
+    /// (see [`Enforcer::add_rule_reaching`]); returns it with its new id.
     pub fn add_rule(&self, m: RuleMatch, policy: Policy, tracked: bool) -> Result<Rule> {
+        Ok(self
+            .add_rule_reaching(m, policy, tracked, Some(Reach::default()))?
+            .0)
+    }
+
+    /// Adds a rule; with `reach`, the live connections in the attached
+    /// cgroup that it now decides get its values too (commands still win),
+    /// else only new connections do. The rule stays added when live
+    /// connections cannot be reached: the second value says why.
+    pub fn add_rule_reaching(
+        &self,
+        m: RuleMatch,
+        policy: Policy,
+        tracked: bool,
+        reach: Option<Reach>,
+    ) -> Result<(Rule, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
-        self.insert_rule(&mut rules, m, policy, tracked, None)
+        let rule = self.insert_rule(&mut rules, m, policy, tracked, None)?;
+        let reached = reach.map(|how| self.reach_locked(&[m.key()], how));
+        Ok((rule, reached))
     }
 
     /// Adds a rule under the lock; with a name, the name is written first
@@ -81,11 +99,25 @@ impl Enforcer {
         Ok(rule)
     }
 
-    /// Removes a rule. Connections that already got its policy keep it.
+    /// Removes a rule; its live connections get what another rule decides
+    /// for them, and keep its values when none does.
     pub fn delete_rule(&self, id: u32) -> Result<Rule> {
+        Ok(self.delete_rule_reaching(id, Some(Reach::default()))?.0)
+    }
+
+    /// Removes a rule; with `reach`, the live connections it matched get
+    /// what the remaining rules decide for them (with `revert`, SO_KEEPALIVE
+    /// off where none matches), else they keep its values.
+    pub fn delete_rule_reaching(
+        &self,
+        id: u32,
+        reach: Option<Reach>,
+    ) -> Result<(Rule, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
-        self.remove_rule(&mut rules, id)
+        let rule = self.remove_rule(&mut rules, id)?;
+        let reached = reach.map(|how| self.reach_locked(&[rule.matcher().key()], how));
+        Ok((rule, reached))
     }
 
     pub(super) fn remove_rule(&self, rules: &mut RuleTable, id: u32) -> Result<Rule> {
@@ -152,9 +184,40 @@ impl Enforcer {
     /// Everything is checked before the first change: a conflict or too
     /// many rules changes nothing.
     pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
-        self.apply_owned(config, dry_run, |name| {
+        let reach = (!dry_run).then(Reach::default);
+        Ok(self.apply_config_reaching(config, dry_run, reach)?.0)
+    }
+
+    /// [`Enforcer::apply_config`]; with `reach`, then the live connections
+    /// the changed rules match get what the rules now decide for them.
+    pub fn apply_config_reaching(
+        &self,
+        config: &Config,
+        dry_run: bool,
+        reach: Option<Reach>,
+    ) -> Result<(Vec<ConfigStep>, Option<Result<Reached>>)> {
+        let _lock = self.lock()?;
+        let steps = self.apply_owned_locked(config, dry_run, |name| {
             !name.starts_with(crate::config::FLEET_PREFIX)
-        })
+        })?;
+        let reached = match reach {
+            Some(how) if !dry_run => {
+                let keys: Vec<(u32, RuleKey)> = steps
+                    .iter()
+                    .flat_map(|s| match s {
+                        ConfigStep::Add { rule } | ConfigStep::Remove { rule } => {
+                            vec![rule.matcher().key()]
+                        }
+                        ConfigStep::Change { from, to } => {
+                            vec![from.matcher().key(), to.matcher().key()]
+                        }
+                    })
+                    .collect();
+                Some(self.reach_locked(&keys, how))
+            }
+            _ => None,
+        };
+        Ok((steps, reached))
     }
 
     /// Every rule (as [`Enforcer::rules`]) and the rule generation read
@@ -179,6 +242,17 @@ impl Enforcer {
     /// narrow_rule_filter`] narrows it). Removals go first, so that a full
     /// table makes room before additions.
     pub fn fleet_batch(&self, ops: &[FleetOp], min_id: u32) -> Result<Vec<Result<u32>>> {
+        Ok(self.fleet_batch_reaching(ops, min_id, None)?.0)
+    }
+
+    /// [`Enforcer::fleet_batch`]; with `reach`, then the live connections
+    /// the changed rules match get what the rules now decide for them.
+    pub fn fleet_batch_reaching(
+        &self,
+        ops: &[FleetOp],
+        min_id: u32,
+        reach: Option<Reach>,
+    ) -> Result<(Vec<Result<u32>>, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let mut names = self.names_map()?;
@@ -275,7 +349,19 @@ impl Enforcer {
                 }
             });
         }
-        Ok(out)
+        let reached = reach.map(|how| {
+            let keys: Vec<(u32, RuleKey)> = ops
+                .iter()
+                .zip(&out)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(op, _)| match op {
+                    FleetOp::Remove { matcher, .. } => matcher.key(),
+                    FleetOp::Replace { rule, .. } | FleetOp::Add(rule) => rule.matcher.key(),
+                })
+                .collect();
+            self.reach_locked(&keys, how)
+        });
+        Ok((out, reached))
     }
 
     /// Narrows the rule port filter to the rules in the table (a full
@@ -286,13 +372,12 @@ impl Enforcer {
         crate::ports::sync_rules(&self.layout, &rules, None, None)
     }
 
-    fn apply_owned(
+    fn apply_owned_locked(
         &self,
         config: &Config,
         dry_run: bool,
         owned: impl Fn(&str) -> bool,
     ) -> Result<Vec<ConfigStep>> {
-        let _lock = self.lock()?;
         let steps =
             crate::config::plan_owned(&self.rules()?, config, owned).map_err(Error::Conflict)?;
         let installed = self.rules()?.len();

@@ -466,6 +466,8 @@ struct Applier {
     last_input: Instant,
     /// When the first change not yet applied was handed over.
     received: Option<Instant>,
+    /// Live connections the last change gave new values, and all changes.
+    live: (usize, u64),
     previous: Verdicts,
 }
 
@@ -494,6 +496,7 @@ impl Applier {
             dirty: false,
             saved_at: None,
             received: None,
+            live: (0, 0),
             last_input: Instant::now(),
             previous: Verdicts::default(),
         }
@@ -611,8 +614,22 @@ impl Applier {
         let plan = self.view.plan();
         let mut error = None;
         if !plan.ops.is_empty() {
-            match self.enforcer.fleet_batch(&plan.ops, self.view.min_id()) {
-                Ok(results) => {
+            let reach = Some(crate::enforcer::Reach::default());
+            match self
+                .enforcer
+                .fleet_batch_reaching(&plan.ops, self.view.min_id(), reach)
+            {
+                Ok((results, reached)) => {
+                    match reached {
+                        Some(Ok(r)) => {
+                            self.live = (r.changed, self.live.1 + r.changed as u64);
+                        }
+                        Some(Err(e)) => tracing::warn!(
+                            "fleet: live connections not reached (new connections get the change): {}",
+                            crate::one_line(&e)
+                        ),
+                        None => {}
+                    }
                     let failures = self.view.record(&plan.ops, &results);
                     self.narrow |= plan
                         .ops
@@ -651,6 +668,8 @@ impl Applier {
             rules,
             verdicts: plan.verdicts,
             error: error.clone(),
+            live_changed_last: self.live.0,
+            live_changed_total: self.live.1,
         };
         if let Some(e) = &error {
             tracing::error!("fleet: {e}");
@@ -672,6 +691,7 @@ impl Applier {
     fn log_ops(&self, ops: &[FleetOp], results: &[Result<u32, Error>], started: Instant) {
         let revision = self.revision;
         let took_us = started.elapsed().as_micros() as u64;
+        let live = self.live.0;
         if ops.len() <= LOG_EACH_UP_TO {
             for (op, r) in ops.iter().zip(results) {
                 if r.is_err() {
@@ -679,16 +699,17 @@ impl Applier {
                 }
                 match op {
                     FleetOp::Add(rule) => {
-                        tracing::info!(revision, took_us, "fleet: added rule @{}", rule.name)
+                        tracing::info!(revision, took_us, live, "fleet: added rule @{}", rule.name)
                     }
                     FleetOp::Replace { id, rule } => tracing::info!(
                         revision,
                         took_us,
+                        live,
                         "fleet: changed rule {id} (@{})",
                         rule.name
                     ),
                     FleetOp::Remove { id, .. } => {
-                        tracing::info!(revision, took_us, "fleet: removed rule {id}")
+                        tracing::info!(revision, took_us, live, "fleet: removed rule {id}")
                     }
                 }
             }
@@ -703,6 +724,7 @@ impl Applier {
         tracing::info!(
             revision,
             took_us,
+            live,
             "fleet: {} rule(s) added, {} changed, {} removed",
             count(|o| matches!(o, FleetOp::Add(_))),
             count(|o| matches!(o, FleetOp::Replace { .. })),

@@ -76,6 +76,13 @@ pub struct NodeStatus {
     /// specific, then the last by name ([`state`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub left_out: Vec<String>,
+    /// Live connections that the last applied change gave new values (the
+    /// values the rules now decide for them), and all changes since the
+    /// agent started.
+    #[serde(default)]
+    pub live_changed_last: usize,
+    #[serde(default)]
+    pub live_changed_total: u64,
     pub managed_connections: usize,
     pub timeouts: u64,
     pub resets: u64,

@@ -32,6 +32,10 @@ pub(super) struct Applied {
     pub(super) rules: usize,
     pub(super) verdicts: Verdicts,
     pub(super) error: Option<String>,
+    /// Live connections the last change gave new values, and all changes
+    /// since the agent started.
+    pub(super) live_changed_last: usize,
+    pub(super) live_changed_total: u64,
 }
 
 /// The node's status (blocking: it reads the pins).
@@ -64,6 +68,8 @@ pub(super) fn status(
         rule_table: keepalive_common::RULES_MAX_ENTRIES as usize,
         fleet_capacity: applied.verdicts.capacity,
         left_out: applied.verdicts.left_out.clone(),
+        live_changed_last: applied.live_changed_last,
+        live_changed_total: applied.live_changed_total,
         managed_connections: managed
             .unwrap_or_else(|| enforcer.managed().map(|m| m.len()).unwrap_or(0)),
         timeouts: events.timeouts.load(Ordering::Relaxed),

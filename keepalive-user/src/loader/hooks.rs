@@ -17,7 +17,7 @@ pub struct Hook {
 
 /// The links this installation has pinned, and what each costs.
 pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
-    let known: [(&str, &'static str, &'static str); 12] = [
+    let known: [(&str, &'static str, &'static str); 13] = [
         (crate::paths::SOCK_OPS_LINK, "cgroup sock_ops", "cgroup"),
         (
             crate::paths::CLOSE_LINK,
@@ -46,6 +46,7 @@ pub fn hooks(layout: &PinLayout) -> Vec<Hook> {
         ),
         (crate::paths::ITER_APPLY, "iter tcp", "on demand"),
         (crate::paths::ITER_STATUS, "iter tcp", "on demand"),
+        (crate::paths::ITER_RULES, "iter tcp", "on demand"),
         (crate::paths::ITER_SEED_PEERS, "iter tcp", "on demand"),
         (crate::paths::ITER_SEED_FDS, "iter task_file", "on demand"),
         (crate::paths::ITER_FIND_FDS, "iter task_file", "on demand"),

@@ -353,6 +353,7 @@ fn load_and_pin(
     for (name, kind, pin) in [
         (programs::ITER_APPLY, "tcp", layout.iter_apply()),
         (programs::ITER_STATUS, "tcp", layout.iter_status()),
+        (programs::ITER_RULES, "tcp", layout.iter_rules()),
         (programs::SEED_PEERS, "tcp", layout.iter_seed_peers()),
         (programs::SEED_FDS, "task_file", layout.iter_seed_fds()),
         (programs::FIND_FDS, "task_file", layout.iter_find_fds()),

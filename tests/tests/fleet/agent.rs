@@ -153,6 +153,28 @@ impl Agent {
     }
 }
 
+/// A connection made in an agent's cgroup and kept open (its listener
+/// closed, so the port can be listened on again).
+pub(super) struct Live {
+    _client: std::net::TcpStream,
+    pub(super) server: std::net::TcpStream,
+}
+
+impl Agent {
+    /// A connection to `port` made now in this agent's cgroup, kept open.
+    pub(super) fn live_on(&self, port: u16) -> Live {
+        self.cgroup.enter();
+        let l = listen(&format!("127.0.0.1:{port}"));
+        let (client, server) = connect(&l);
+        self.cgroup.leave();
+        drop(l);
+        Live {
+            _client: client,
+            server,
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();

@@ -52,15 +52,38 @@ fn a_rule_reaches_the_agents_it_selects_within_a_second() {
     let a = Agent::start("edge-1", &["role=edge"], &cluster, &prefix);
     let b = Agent::start("core-1", &["role=core"], &cluster, &prefix);
     let (p_all, p_edge) = (free_port(), free_port());
+    // Connections made before the rule exists get it too.
+    let before: Vec<_> = [&a, &b].iter().map(|x| x.live_on(p_all)).collect();
 
     cluster.put(&format!("{prefix}/rules/all"), &rule(p_all, 31));
-    for x in [&a, &b] {
+    for (x, live) in [&a, &b].into_iter().zip(&before) {
         let took = x.wait("the rule for every node", SECOND, |x| x.has("all"));
         eprintln!(
             "{}: rule `all` in the kernel {took:?} after the put",
             x.name
         );
         assert_eq!(x.keepalive_on(p_all), expect(31, 3, 5, 0), "{}", x.name);
+        assert_eq!(
+            keepalive(&live.server),
+            expect(31, 3, 5, 0),
+            "{}: live",
+            x.name
+        );
+    }
+    let status = |node: &str| -> Value {
+        serde_json::from_str(
+            &cluster
+                .get(&format!("{prefix}/nodes/{node}"))
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    };
+    for node in ["edge-1", "core-1"] {
+        wait_until(
+            "the live count in the node's status",
+            Duration::from_secs(5),
+            || status(node)["live_changed_total"].as_u64() >= Some(1),
+        );
     }
 
     // A labelled rule: only the edge node.

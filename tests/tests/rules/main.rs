@@ -7,6 +7,7 @@ use std::{
 use tcpka_tests::*;
 
 mod explain;
+mod live;
 
 fn env() -> Env {
     Env::entered()
