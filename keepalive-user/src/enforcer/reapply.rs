@@ -32,8 +32,32 @@ pub struct Reached {
 
 /// Connections listed in [`Reached::sample`].
 const SAMPLE: usize = 10;
+/// Rule keys one pass takes (the changed-rule map's size).
+const REACH_KEYS_MAX: usize = keepalive_common::RULES_MAX_ENTRIES as usize * 2;
 
 impl Enforcer {
+    /// [`Enforcer::reach_locked`] under the installation lock, for rule
+    /// changes made earlier (the fleet's, gathered over a stream of
+    /// changes). Keys beyond one pass's room go in further passes.
+    pub fn reach(&self, keys: &[(u32, RuleKey)], how: Reach) -> Result<Reached> {
+        let _lock = self.lock()?;
+        let mut total = Reached {
+            dry_run: how.dry_run,
+            ..Reached::default()
+        };
+        for chunk in keys.chunks(REACH_KEYS_MAX) {
+            let r = self.reach_locked(chunk, how)?;
+            total.changed += r.changed;
+            total.unmatched += r.unmatched;
+            total.failed += r.failed;
+            if total.sample.len() < SAMPLE {
+                total.sample.extend(r.sample);
+                total.sample.truncate(SAMPLE);
+            }
+        }
+        Ok(total)
+    }
+
     /// Gives the live connections one of `keys` matches what the rules now
     /// decide for them (one walk of this namespace's sockets). The caller
     /// holds the installation lock and has changed the rule table.

@@ -241,18 +241,9 @@ impl Enforcer {
     /// `min_id`), and the port filter is only widened ([`Enforcer::
     /// narrow_rule_filter`] narrows it). Removals go first, so that a full
     /// table makes room before additions.
+    /// Live connections are not reached here: the caller gathers the keys
+    /// of a stream of changes for one [`Enforcer::reach`].
     pub fn fleet_batch(&self, ops: &[FleetOp], min_id: u32) -> Result<Vec<Result<u32>>> {
-        Ok(self.fleet_batch_reaching(ops, min_id, None)?.0)
-    }
-
-    /// [`Enforcer::fleet_batch`]; with `reach`, then the live connections
-    /// the changed rules match get what the rules now decide for them.
-    pub fn fleet_batch_reaching(
-        &self,
-        ops: &[FleetOp],
-        min_id: u32,
-        reach: Option<Reach>,
-    ) -> Result<(Vec<Result<u32>>, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let mut names = self.names_map()?;
@@ -349,19 +340,7 @@ impl Enforcer {
                 }
             });
         }
-        let reached = reach.map(|how| {
-            let keys: Vec<(u32, RuleKey)> = ops
-                .iter()
-                .zip(&out)
-                .filter(|(_, r)| r.is_ok())
-                .map(|(op, _)| match op {
-                    FleetOp::Remove { matcher, .. } => matcher.key(),
-                    FleetOp::Replace { rule, .. } | FleetOp::Add(rule) => rule.matcher.key(),
-                })
-                .collect();
-            self.reach_locked(&keys, how)
-        });
-        Ok((out, reached))
+        Ok(out)
     }
 
     /// Narrows the rule port filter to the rules in the table (a full

@@ -69,6 +69,11 @@ const REPAIR_EVERY: Duration = Duration::from_secs(60);
 /// stream pauses for [`SAVE_AFTER`].
 const SAVE_EVERY: Duration = Duration::from_secs(3);
 const SAVE_AFTER: Duration = Duration::from_millis(300);
+/// Live connections are reached this long after a stream of changes
+/// pauses...
+const REACH_AFTER: Duration = Duration::from_millis(20);
+/// ... or this long into one that does not.
+const REACH_WITHIN: Duration = Duration::from_millis(300);
 /// A change of more ops than this is logged as one line of counts.
 const LOG_EACH_UP_TO: usize = 20;
 
@@ -468,6 +473,10 @@ struct Applier {
     received: Option<Instant>,
     /// Live connections the last change gave new values, and all changes.
     live: (usize, u64),
+    /// Keys of rules changed since live connections were last reached, and
+    /// since when.
+    reach_keys: Vec<(u32, keepalive_common::rules::RuleKey)>,
+    reach_since: Option<Instant>,
     previous: Verdicts,
 }
 
@@ -497,6 +506,8 @@ impl Applier {
             saved_at: None,
             received: None,
             live: (0, 0),
+            reach_keys: Vec::new(),
+            reach_since: None,
             last_input: Instant::now(),
             previous: Verdicts::default(),
         }
@@ -512,6 +523,9 @@ impl Applier {
             if self.dirty {
                 wait = wait.min(SAVE_AFTER / 3);
             }
+            if self.reach_since.is_some() {
+                wait = wait.min(REACH_AFTER);
+            }
             match rx.recv_timeout(wait) {
                 Ok(Input::Stop) => break,
                 Ok(input) => {
@@ -519,6 +533,7 @@ impl Applier {
                     while let Ok(more) = rx.try_recv() {
                         if matches!(more, Input::Stop) {
                             self.apply();
+                            self.reach();
                             self.saved_at = None;
                             self.save();
                             return;
@@ -527,8 +542,16 @@ impl Applier {
                     }
                     self.apply();
                     checked = Instant::now();
+                    // A stream that does not pause is reached now and then.
+                    if self
+                        .reach_since
+                        .is_some_and(|at| at.elapsed() >= REACH_WITHIN)
+                    {
+                        self.reach();
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.reach();
                     if checked.elapsed() >= GENERATION_EVERY {
                         checked = Instant::now();
                         self.apply();
@@ -540,6 +563,57 @@ impl Applier {
         }
         self.saved_at = None;
         self.save();
+    }
+
+    /// Gives the live connections the changed rules match what the rules
+    /// now decide for them: one walk of the namespace's sockets for every
+    /// change since the last.
+    fn reach(&mut self) {
+        if self.reach_since.take().is_none() {
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.reach_keys);
+        keys.sort_by(|a, b| {
+            (a.0, a.1.local_port, a.1.remote_port, a.1.addr).cmp(&(
+                b.0,
+                b.1.local_port,
+                b.1.remote_port,
+                b.1.addr,
+            ))
+        });
+        keys.dedup();
+        match self
+            .enforcer
+            .reach(&keys, crate::enforcer::Reach::default())
+        {
+            Ok(r) => {
+                self.live = (r.changed, self.live.1 + r.changed as u64);
+                if r.changed > 0 || r.failed > 0 {
+                    tracing::info!(
+                        revision = self.revision,
+                        live = r.changed,
+                        "fleet: {} live connection(s) given the values the rules now decide ({} refused a value)",
+                        r.changed,
+                        r.failed
+                    );
+                }
+                self.shared
+                    .applied
+                    .lock()
+                    .expect("not poisoned")
+                    .live_changed_last = r.changed;
+                self.shared
+                    .applied
+                    .lock()
+                    .expect("not poisoned")
+                    .live_changed_total = self.live.1;
+                self.shared.changed.notify_one();
+            }
+            Err(e) => tracing::warn!(
+                "fleet: live connections not reached (new connections get the change): {}",
+                crate::one_line(&e)
+            ),
+        }
     }
 
     fn take(&mut self, input: Input) {
@@ -614,22 +688,21 @@ impl Applier {
         let plan = self.view.plan();
         let mut error = None;
         if !plan.ops.is_empty() {
-            let reach = Some(crate::enforcer::Reach::default());
-            match self
-                .enforcer
-                .fleet_batch_reaching(&plan.ops, self.view.min_id(), reach)
-            {
-                Ok((results, reached)) => {
-                    match reached {
-                        Some(Ok(r)) => {
-                            self.live = (r.changed, self.live.1 + r.changed as u64);
+            match self.enforcer.fleet_batch(&plan.ops, self.view.min_id()) {
+                Ok(results) => {
+                    // Live connections are reached once a stream of changes
+                    // pauses (see `reach`): one pass for many changes.
+                    for (op, r) in plan.ops.iter().zip(&results) {
+                        if r.is_ok() {
+                            self.reach_keys.push(match op {
+                                FleetOp::Remove { matcher, .. } => matcher.key(),
+                                FleetOp::Replace { rule, .. } | FleetOp::Add(rule) => {
+                                    rule.matcher.key()
+                                }
+                            });
                         }
-                        Some(Err(e)) => tracing::warn!(
-                            "fleet: live connections not reached (new connections get the change): {}",
-                            crate::one_line(&e)
-                        ),
-                        None => {}
                     }
+                    self.reach_since.get_or_insert_with(Instant::now);
                     let failures = self.view.record(&plan.ops, &results);
                     self.narrow |= plan
                         .ops
@@ -691,7 +764,6 @@ impl Applier {
     fn log_ops(&self, ops: &[FleetOp], results: &[Result<u32, Error>], started: Instant) {
         let revision = self.revision;
         let took_us = started.elapsed().as_micros() as u64;
-        let live = self.live.0;
         if ops.len() <= LOG_EACH_UP_TO {
             for (op, r) in ops.iter().zip(results) {
                 if r.is_err() {
@@ -699,17 +771,16 @@ impl Applier {
                 }
                 match op {
                     FleetOp::Add(rule) => {
-                        tracing::info!(revision, took_us, live, "fleet: added rule @{}", rule.name)
+                        tracing::info!(revision, took_us, "fleet: added rule @{}", rule.name)
                     }
                     FleetOp::Replace { id, rule } => tracing::info!(
                         revision,
                         took_us,
-                        live,
                         "fleet: changed rule {id} (@{})",
                         rule.name
                     ),
                     FleetOp::Remove { id, .. } => {
-                        tracing::info!(revision, took_us, live, "fleet: removed rule {id}")
+                        tracing::info!(revision, took_us, "fleet: removed rule {id}")
                     }
                 }
             }
@@ -724,7 +795,6 @@ impl Applier {
         tracing::info!(
             revision,
             took_us,
-            live,
             "fleet: {} rule(s) added, {} changed, {} removed",
             count(|o| matches!(o, FleetOp::Add(_))),
             count(|o| matches!(o, FleetOp::Replace { .. })),
