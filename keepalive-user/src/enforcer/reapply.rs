@@ -33,7 +33,7 @@ pub struct Reached {
 /// Connections listed in [`Reached::sample`].
 const SAMPLE: usize = 10;
 /// Rule keys one pass takes (the changed-rule map's size).
-const REACH_KEYS_MAX: usize = keepalive_common::RULES_MAX_ENTRIES as usize * 2;
+const REACH_KEYS_MAX: usize = RULES_MAX_ENTRIES as usize * 2;
 
 impl Enforcer {
     /// [`Enforcer::reach_locked`] under the installation lock, for rule
