@@ -356,17 +356,33 @@ pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
     if !touched(e.local_port, e.remote_port, &e.remote_addr) {
         return 0;
     }
+    let outcome = decide(tp, cookie, &e, flags);
+    if outcome != SKIP {
+        report_rule(seq, tp, cookie, &e, outcome);
+    }
+    0
+}
+
+/// [`decide`]: nothing to report.
+const SKIP: u64 = u64::MAX;
+
+/// What the rules now decide for one connection a changed rule matches,
+/// applied (unless dry): the outcome to report ([`report_rule`]) or
+/// [`SKIP`]. A call of its own, beside [`report_rule`]: the kernel limits
+/// the stack of a chain of calls (512 bytes on 6.1, both frames counted).
+#[inline(never)]
+fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
     let managed = CONNS.get_ptr_mut(&cookie);
     // SAFETY: a pointer into the map's value, read while the entry lives.
     let source = managed.map(|m| unsafe { (*m).source });
     if source == Some(SOURCE_COMMAND) {
-        return 0;
+        return SKIP;
     }
     let dry_run = flags & ports::FLAG_REAPPLY_DRY_RUN != 0;
     let candidates = Candidates::new(flags, e.local_port, e.remote_port);
     let Some(rule) = best_rule(&candidates, e.remote_addr) else {
         if get(tp, SOL_SOCKET, SO_KEEPALIVE) == 0 {
-            return 0;
+            return SKIP;
         }
         let revert = flags & ports::FLAG_REAPPLY_REVERT != 0;
         let mut failed = REAPPLY_NO_RULE;
@@ -378,8 +394,7 @@ pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
                 let _ = CONNS.remove(&cookie);
             }
         }
-        report_rule(seq, tp, cookie, &e, u64::from(failed) << 32);
-        return 0;
+        return u64::from(failed) << 32;
     };
     let p = rule.policy;
     let same = get(tp, SOL_SOCKET, SO_KEEPALIVE) == 1
@@ -389,7 +404,7 @@ pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
         && (p.flags & FLAG_USER_TIMEOUT == 0
             || get(tp, SOL_TCP, TCP_USER_TIMEOUT) == p.user_timeout_ms);
     if same {
-        return 0;
+        return SKIP;
     }
     let mut failed = 0;
     if !dry_run {
@@ -407,14 +422,7 @@ pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
             }
         }
     }
-    report_rule(
-        seq,
-        tp,
-        cookie,
-        &e,
-        u64::from(failed) << 32 | u64::from(rule.id),
-    );
-    0
+    u64::from(failed) << 32 | u64::from(rule.id)
 }
 
 /// A record of the rules iterator: the values the kernel now holds and the
