@@ -110,13 +110,29 @@ fn get(tp: *mut c_void, level: i32, name: i32) -> u32 {
     v as u32
 }
 
-/// Writes one record with the values the kernel now holds.
+/// Writes one record with the values the kernel now holds, and the
+/// connection's source and rule as recorded.
 #[inline(always)]
 fn report(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, apply_failed: u32) {
     let (source, rule_id) = match unsafe { CONNS.get(&cookie) } {
         Some(info) => (info.source, info.rule_id),
         None => (0, 0),
     };
+    write_record(seq, tp, cookie, e, source, rule_id, apply_failed);
+}
+
+/// Writes one [`ConnRecord`]: the ends, the values the kernel now holds
+/// (read back with `bpf_getsockopt`), and what the caller says of it.
+#[inline(always)]
+fn write_record(
+    seq: *mut c_void,
+    tp: *mut c_void,
+    cookie: u64,
+    e: &Ends,
+    source: u32,
+    rule_id: u32,
+    apply_failed: u32,
+) {
     let mut rec = ConnRecord {
         cookie,
         family: e.family as u32,
@@ -432,32 +448,7 @@ fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
 #[inline(never)]
 fn report_rule(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, outcome: u64) {
     let (rule_id, failed) = (outcome as u32, (outcome >> 32) as u32);
-    let mut rec = ConnRecord {
-        cookie,
-        family: e.family as u32,
-        state: e.state as u32,
-        local_addr: e.local_addr,
-        remote_addr: e.remote_addr,
-        local_port: e.local_port,
-        remote_port: e.remote_port,
-        keepalive: get(tp, SOL_SOCKET, SO_KEEPALIVE),
-        idle: get(tp, SOL_TCP, TCP_KEEPIDLE),
-        interval: get(tp, SOL_TCP, TCP_KEEPINTVL),
-        count: get(tp, SOL_TCP, TCP_KEEPCNT),
-        user_timeout_ms: get(tp, SOL_TCP, TCP_USER_TIMEOUT),
-        source: SOURCE_RULE,
-        rule_id,
-        apply_failed: failed,
-        _pad: 0,
-    };
-    // SAFETY: `seq` is the iterator's seq_file; `rec` lives for the call.
-    unsafe {
-        bpf_seq_write(
-            seq.cast(),
-            &mut rec as *mut ConnRecord as *mut c_void,
-            size_of::<ConnRecord>() as u32,
-        )
-    };
+    write_record(seq, tp, cookie, e, SOURCE_RULE, rule_id, failed);
 }
 
 #[unsafe(no_mangle)]

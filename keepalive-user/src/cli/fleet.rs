@@ -117,17 +117,13 @@ async fn run_command(
     match command {
         FleetCommand::Rule(FleetRuleCommand::Add(r)) => rule_add(client, options, r).await,
         FleetCommand::Rule(FleetRuleCommand::Del { name }) => {
-            let deleted = client
-                .delete(options.rule_key(name), None)
-                .await
-                .map_err(|e| etcd_error("deleting the rule", e))?;
-            if deleted.deleted() == 0 {
-                return Err(Error::Io {
-                    what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
-                    source: std::io::ErrorKind::NotFound.into(),
-                });
-            }
-            let revision = deleted.header().map_or(0, |h| h.revision());
+            let revision = delete_one(
+                client,
+                options.rule_key(name),
+                "deleting the rule",
+                format!("no fleet rule {name:?} under {}", options.rules_prefix()),
+            )
+            .await?;
             tcpka::outln!("deleted fleet rule {name} (revision {revision})");
             Ok(())
         }
@@ -135,20 +131,38 @@ async fn run_command(
         FleetCommand::Status(j) => fleet_status(client, options, j.json).await,
         FleetCommand::Explain(e) => fleet_explain(client, options, e).await,
         FleetCommand::Forget { node } => {
-            let deleted = client
-                .delete(options.known_key(node), None)
-                .await
-                .map_err(|e| etcd_error("forgetting the node", e))?;
-            if deleted.deleted() == 0 {
-                return Err(Error::Io {
-                    what: format!("no node {node:?} under {}", options.prefix),
-                    source: std::io::ErrorKind::NotFound.into(),
-                });
-            }
+            delete_one(
+                client,
+                options.known_key(node),
+                "forgetting the node",
+                format!("no node {node:?} under {}", options.prefix),
+            )
+            .await?;
             tcpka::outln!("forgot node {node}");
             Ok(())
         }
     }
+}
+
+/// Deletes one key; returns the revision, or `missing` when there was no
+/// such key.
+async fn delete_one(
+    client: &mut Client,
+    key: String,
+    what: &str,
+    missing: String,
+) -> Result<i64, Error> {
+    let deleted = client
+        .delete(key, None)
+        .await
+        .map_err(|e| etcd_error(what, e))?;
+    if deleted.deleted() == 0 {
+        return Err(Error::Io {
+            what: missing,
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    Ok(deleted.header().map_or(0, |h| h.revision()))
 }
 
 async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) -> Result<(), Error> {

@@ -184,8 +184,9 @@ impl Enforcer {
     /// Everything is checked before the first change: a conflict or too
     /// many rules changes nothing.
     pub fn apply_config(&self, config: &Config, dry_run: bool) -> Result<Vec<ConfigStep>> {
-        let reach = (!dry_run).then(Reach::default);
-        Ok(self.apply_config_reaching(config, dry_run, reach)?.0)
+        Ok(self
+            .apply_config_reaching(config, dry_run, Some(Reach::default()))?
+            .0)
     }
 
     /// [`Enforcer::apply_config`]; with `reach`, then the live connections

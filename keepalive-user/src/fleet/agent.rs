@@ -597,16 +597,9 @@ impl Applier {
                         r.failed
                     );
                 }
-                self.shared
-                    .applied
-                    .lock()
-                    .expect("not poisoned")
-                    .live_changed_last = r.changed;
-                self.shared
-                    .applied
-                    .lock()
-                    .expect("not poisoned")
-                    .live_changed_total = self.live.1;
+                let mut applied = self.shared.applied.lock().expect("not poisoned");
+                (applied.live_changed_last, applied.live_changed_total) = self.live;
+                drop(applied);
                 self.shared.changed.notify_one();
             }
             Err(e) => tracing::warn!(
@@ -641,9 +634,15 @@ impl Applier {
     fn apply(&mut self) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_inner()));
         if outcome.is_err() {
-            self.generation = None;
-            self.publish(Some("applying the fleet rules: internal error".into()));
+            self.failed("applying the fleet rules: internal error".into());
         }
+    }
+
+    /// The view may be wrong: read the kernel's table next time, and keep
+    /// the last status with this error.
+    fn failed(&mut self, error: String) {
+        self.generation = None;
+        self.publish(Some(error));
     }
 
     fn apply_inner(&mut self) {
@@ -651,12 +650,10 @@ impl Applier {
         let generation = match self.enforcer.rule_generation() {
             Ok(g) => g,
             Err(e) => {
-                self.generation = None;
-                self.publish(Some(format!(
+                return self.failed(format!(
                     "reading the rule generation: {}",
                     crate::one_line(&e)
-                )));
-                return;
+                ));
             }
         };
         if self.generation != Some(generation) || self.read_at.elapsed() > REPAIR_EVERY {
@@ -667,12 +664,10 @@ impl Applier {
                     self.read_at = Instant::now();
                 }
                 Err(e) => {
-                    self.generation = None;
-                    self.publish(Some(format!(
+                    return self.failed(format!(
                         "reading the installed rules: {}",
                         crate::one_line(&e)
-                    )));
-                    return;
+                    ));
                 }
             }
             if self.narrow {

@@ -59,8 +59,6 @@ pub(super) struct Verdicts {
     pub(super) left_out: Vec<String>,
     /// Rules the fleet may have in the kernel beside the host's own.
     pub(super) capacity: usize,
-    /// Fleet rules meant to be in the kernel.
-    pub(super) wanted: usize,
 }
 
 /// Kernel changes and what is left out.
@@ -315,7 +313,6 @@ impl View {
                 _ => {}
             }
         }
-        self.verdicts.wanted = (self.verdicts.wanted + adds.len()).saturating_sub(removes.len());
         removes.extend(ops);
         removes.extend(adds);
         Plan {
@@ -367,7 +364,6 @@ impl View {
                 .collect();
         }
         let wanted: Vec<&NamedRule> = wanted.into_iter().map(|(_, r)| r).collect();
-        verdicts.wanted = wanted.len();
         let mut removes = Vec::new();
         let mut replaces = Vec::new();
         let mut adds = Vec::new();
@@ -684,7 +680,13 @@ mod tests {
         );
         assert_eq!(p.verdicts.invalid.len(), 1);
         assert!(p.verdicts.invalid[0].starts_with("bad: "));
-        assert_eq!(p.verdicts.wanted, 1);
+        assert_eq!(
+            p.ops
+                .iter()
+                .filter(|o| matches!(o, FleetOp::Add(_)))
+                .count(),
+            1
+        );
         assert_eq!(p.verdicts.capacity, RULES_MAX_ENTRIES as usize - 1);
         apply(&mut v);
         assert_eq!(v.installed_names(), ["dup-a"]);

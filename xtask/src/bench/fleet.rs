@@ -56,6 +56,16 @@ fn gateway(client: &str, path: &str, body: &str) -> Result<(std::time::SystemTim
     Ok((at, reply))
 }
 
+/// The revision in a reply of etcd's gateway: {"header":{...,
+/// "revision":"N", ...}} (int64 as a string).
+fn revision_of(reply: &str) -> Result<i64> {
+    reply
+        .split_once("\"revision\":\"")
+        .and_then(|(_, rest)| rest.split('"').next())
+        .and_then(|r| r.parse().ok())
+        .with_context(|| format!("no revision in etcd's reply: {reply}"))
+}
+
 /// Puts `key` = `value`; returns when the request went out and the put's
 /// revision.
 fn put(client: &str, key: &str, value: &str) -> Result<(std::time::SystemTime, i64)> {
@@ -65,13 +75,7 @@ fn put(client: &str, key: &str, value: &str) -> Result<(std::time::SystemTime, i
         b64(value.as_bytes())
     );
     let (at, reply) = gateway(client, "/v3/kv/put", &body)?;
-    // The body: {"header":{..., "revision":"N", ...}} (int64 as a string).
-    let revision = reply
-        .split_once("\"revision\":\"")
-        .and_then(|(_, rest)| rest.split('"').next())
-        .and_then(|r| r.parse().ok())
-        .with_context(|| format!("no revision in etcd's reply: {reply}"))?;
-    Ok((at, revision))
+    Ok((at, revision_of(&reply)?))
 }
 
 /// Microseconds since the epoch of an RFC 3339 timestamp, as the agents'
@@ -436,12 +440,7 @@ fn delete_prefix(client: &str, prefix: &str) -> Result<(std::time::SystemTime, i
         b64(&end)
     );
     let (at, reply) = gateway(client, "/v3/kv/deleterange", &body)?;
-    let revision = reply
-        .split_once("\"revision\":\"")
-        .and_then(|(_, rest)| rest.split('"').next())
-        .and_then(|r| r.parse().ok())
-        .with_context(|| format!("no revision in etcd's reply: {reply}"))?;
-    Ok((at, revision))
+    Ok((at, revision_of(&reply)?))
 }
 
 /// The node's status as the agent last wrote it.
