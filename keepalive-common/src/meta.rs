@@ -31,4 +31,4 @@ pub const FLAG_HOST_INDEX: u32 = 4;
 
 /// Changes whenever the maps or programs of an installation change in a
 /// way an older or newer tcpka cannot use.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;

@@ -40,8 +40,8 @@ pub const FLAG_WATCH_CONNS: u64 = 32;
 /// tracepoint looks up closing connections on index ports only.
 pub const FLAG_WATCH_INDEXED: u64 = 64;
 
-/// [`FLAGS`], during a pass of the rules iterator: report what it would
-/// change, change nothing.
+/// [`FLAGS`], during a pass of the rules iterator: change nothing, report
+/// each connection a changed rule matches as it is (a preview).
 pub const FLAG_REAPPLY_DRY_RUN: u64 = 128;
 /// [`FLAGS`], during a pass of the rules iterator: a connection that a
 /// changed rule matched and no rule matches now gets SO_KEEPALIVE off.

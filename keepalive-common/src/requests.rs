@@ -91,3 +91,6 @@ pub const REAPPLY_REMOTE: u32 = 4;
 /// connection any more (left as it is, or SO_KEEPALIVE turned off with
 /// revert).
 pub const REAPPLY_NO_RULE: u32 = 1 << 8;
+/// [`ConnRecord::apply_failed`] of the rules iterator in a dry run: the
+/// connection as it is, for user space to decide (nothing was changed).
+pub const REAPPLY_PEEK: u32 = 1 << 9;

@@ -25,7 +25,7 @@ use keepalive_common::{
     ports,
     requests::{
         ConnRecord, PeerKey, Request, APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING,
-        OP_DISABLE, OP_ENABLE, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_REMOTE,
+        OP_DISABLE, OP_ENABLE, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_PEEK, REAPPLY_REMOTE,
     },
     rules::{RuleKey, MAX_PREFIX_LEN},
     sockopt::*,
@@ -328,8 +328,10 @@ fn touched(local_port: u16, remote_port: u16, addr: &[u8; 16]) -> bool {
 /// manages it (commands win over rules). Values already right are left
 /// alone; a connection no rule matches any more is left as it is, or with
 /// [`ports::FLAG_REAPPLY_REVERT`] gets SO_KEEPALIVE off. Reports each
-/// connection it changed (or, with [`ports::FLAG_REAPPLY_DRY_RUN`], would
-/// change), `rule_id` the deciding rule.
+/// connection it changed, `rule_id` the deciding rule. With
+/// [`ports::FLAG_REAPPLY_DRY_RUN`] it changes nothing and reports every
+/// such connection as it is ([`REAPPLY_PEEK`]): user space decides with
+/// the rules as a change would leave them.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
@@ -390,11 +392,16 @@ const SKIP: u64 = u64::MAX;
 fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
     let managed = CONNS.get_ptr_mut(&cookie);
     // SAFETY: a pointer into the map's value, read while the entry lives.
-    let source = managed.map(|m| unsafe { (*m).source });
-    if source == Some(SOURCE_COMMAND) {
+    // A plain value, 0 when not managed: the verifier refuses the spill of
+    // an `Option`'s undefined payload.
+    let source = managed.map_or(0, |m| unsafe { (*m).source });
+    if source == SOURCE_COMMAND {
         return SKIP;
     }
-    let dry_run = flags & ports::FLAG_REAPPLY_DRY_RUN != 0;
+    if flags & ports::FLAG_REAPPLY_DRY_RUN != 0 {
+        // A preview: user space decides with the rules as they would be.
+        return u64::from(REAPPLY_PEEK) << 32;
+    }
     let candidates = Candidates::new(flags, e.local_port, e.remote_port);
     let Some(rule) = best_rule(&candidates, e.remote_addr) else {
         if get(tp, SOL_SOCKET, SO_KEEPALIVE) == 0 {
@@ -402,11 +409,11 @@ fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
         }
         let revert = flags & ports::FLAG_REAPPLY_REVERT != 0;
         let mut failed = REAPPLY_NO_RULE;
-        if revert && !dry_run {
+        if revert {
             if !set(tp, SOL_SOCKET, SO_KEEPALIVE, 0) {
                 failed |= APPLY_SETSOCKOPT_FAILED;
             }
-            if source == Some(SOURCE_RULE) {
+            if source == SOURCE_RULE {
                 let _ = CONNS.remove(&cookie);
             }
         }
@@ -423,19 +430,17 @@ fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
         return SKIP;
     }
     let mut failed = 0;
-    if !dry_run {
-        if !apply_policy(tp, &p) {
-            failed = APPLY_SETSOCKOPT_FAILED;
-        }
-        // A connection tracked for an earlier rule: its entry follows (its
-        // close is already watched). One not tracked stays so.
-        if let Some(m) = managed {
-            // SAFETY: the map's value, written in place (as sock_ops
-            // writes it: whole fields, no reader relies on a pair).
-            unsafe {
-                (*m).policy = p;
-                (*m).rule_id = rule.id;
-            }
+    if !apply_policy(tp, &p) {
+        failed = APPLY_SETSOCKOPT_FAILED;
+    }
+    // A connection tracked for an earlier rule: its entry follows (its
+    // close is already watched). One not tracked stays so.
+    if let Some(m) = managed {
+        // SAFETY: the map's value, written in place (as sock_ops writes
+        // it: whole fields, no reader relies on a pair).
+        unsafe {
+            (*m).policy = p;
+            (*m).rule_id = rule.id;
         }
     }
     u64::from(failed) << 32 | u64::from(rule.id)

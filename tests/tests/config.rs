@@ -108,8 +108,8 @@ fn apply_adds_changes_and_removes_named_rules_and_keeps_hand_ones() {
     // file is removed; the hand-made rule stays.
     file.write(&rule("sip", 7002, 31));
     let out = e.tcpka.run(&["apply", "--json", file.arg()]).ok().stdout;
-    let steps: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let actions: Vec<&str> = steps
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let actions: Vec<&str> = v["steps"]
         .as_array()
         .unwrap()
         .iter()

@@ -5,10 +5,8 @@ use super::*;
 pub(crate) struct ApplyArgs {
     /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
     pub(crate) file: PathBuf,
-    /// Print what would change, and change nothing.
-    #[arg(long)]
-    pub(crate) dry_run: bool,
-    /// Print the changes as a JSON array.
+    /// Print the changes as JSON: `steps`, and `live` (what they did, or
+    /// with --dry-run would do, to live connections).
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
@@ -21,18 +19,20 @@ pub(crate) struct ApplyArgs {
 
 pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
     let config = tcpka::config::Config::load(&a.file)?;
-    let reach = (!a.live.new_only).then_some(tcpka::enforcer::Reach {
-        dry_run: false,
-        revert: a.revert,
-    });
+    let dry_run = a.live.dry_run;
     let (steps, reached) =
-        Enforcer::new(layout).apply_config_reaching(&config, a.dry_run, reach)?;
-    report_live(&a.file.display().to_string(), &reached, a.revert);
+        Enforcer::new(layout).apply_config_reaching(&config, dry_run, a.live.reach(a.revert))?;
+    if !dry_run {
+        report_live(&a.file.display().to_string(), &reached, a.revert);
+    }
     if a.json {
-        print_json(&steps);
+        print_json(&with_live(&serde_json::json!({ "steps": steps }), &reached));
     } else {
         for s in &steps {
             tcpka::outln!("{s}");
+        }
+        if dry_run && !steps.is_empty() {
+            print_preview(&reached);
         }
         let n = steps.len();
         let changes = if n == 1 {
@@ -40,7 +40,7 @@ pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
         } else {
             format!("{n} changes")
         };
-        match (n, a.dry_run) {
+        match (n, dry_run) {
             (0, _) => tcpka::outln!("rules already match {}", a.file.display()),
             (_, true) => tcpka::outln!("{changes}; nothing changed (--dry-run)"),
             (_, false) => tcpka::outln!("{changes} applied"),

@@ -25,6 +25,10 @@ pub(crate) enum RuleCommand {
         /// SO_KEEPALIVE off.
         #[arg(long, conflicts_with = "new_only")]
         revert: bool,
+        /// Print the deleted rule as JSON (with `live`: what it did to live
+        /// connections).
+        #[arg(long)]
+        json: bool,
     },
     /// List the rules.
     List(JsonArg),
@@ -68,8 +72,8 @@ pub(crate) struct RuleAddArgs {
     pub(crate) untracked: bool,
     #[command(flatten)]
     pub(crate) live: LiveArgs,
-    /// Print the new rule as JSON (with `live`: what it did to live
-    /// connections).
+    /// Print the new rule as JSON (with `live`: what it did, or with
+    /// --dry-run would do, to live connections; the id is 0 in a preview).
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -81,6 +85,70 @@ pub(crate) struct LiveArgs {
     /// keep what they have.
     #[arg(long)]
     pub(crate) new_only: bool,
+    /// Change nothing: say which live connections the change would give
+    /// new values, per rule, with a sample of them (--json lists them).
+    #[arg(long, conflicts_with = "new_only")]
+    pub(crate) dry_run: bool,
+}
+
+impl LiveArgs {
+    /// How the change treats live connections (`None`: it does not).
+    pub(crate) fn reach(self, revert: bool) -> Option<tcpka::enforcer::Reach> {
+        (!self.new_only).then_some(tcpka::enforcer::Reach {
+            dry_run: self.dry_run,
+            revert,
+        })
+    }
+}
+
+/// Prints a preview of what a change would do to live connections (the
+/// command's own output: stdout).
+pub(crate) fn print_preview(reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>) {
+    let r = match reached {
+        None => return,
+        Some(Err(e)) => {
+            tcpka::outln!("live connections: cannot tell: {}", tcpka::one_line(e));
+            return;
+        }
+        Some(Ok(r)) => r,
+    };
+    if r.changed == 0 && r.unmatched == 0 {
+        tcpka::outln!("live connections: none would change");
+        return;
+    }
+    tcpka::outln!(
+        "live connections: {} would get new values, {} would match no rule any more",
+        r.changed,
+        r.unmatched
+    );
+    for rule in &r.rules {
+        let what = match &rule.matcher {
+            Some(m) => format!("{} ({m})", rule.rule),
+            None => rule.rule.clone(),
+        };
+        let mut parts = Vec::new();
+        if rule.changed > 0 {
+            parts.push(format!("{} would get its values", rule.changed));
+        }
+        if rule.unmatched > 0 {
+            parts.push(format!("{} would match no rule", rule.unmatched));
+        }
+        tcpka::outln!("  {what}: {}", parts.join(", "));
+        for c in &rule.sample {
+            let k = &c.keepalive;
+            let now = if k.enabled {
+                format!("idle {} count {} interval {}", k.idle, k.count, k.interval)
+            } else {
+                "keepalive off".to_owned()
+            };
+            tcpka::outln!("    {} -> {}  (now {now})", c.local, c.remote);
+        }
+        let shown = rule.sample.len();
+        let total = rule.changed + rule.unmatched;
+        if total > shown {
+            tcpka::outln!("    ... and {} more", total - shown);
+        }
+    }
 }
 
 /// Says on stderr what a rule change did to live connections (stdout
@@ -124,14 +192,26 @@ pub(crate) fn report_live(
 pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error> {
     match command {
         RuleCommand::Add(a) => add(layout, a),
-        RuleCommand::Del { id, live, revert } => {
-            let reach = (!live.new_only).then_some(tcpka::enforcer::Reach {
-                dry_run: false,
-                revert,
-            });
-            let (_, reached) = Enforcer::new(layout).delete_rule_reaching(id, reach)?;
-            tcpka::outln!("deleted rule {id}");
-            report_live(&format!("rule {id}"), &reached, revert);
+        RuleCommand::Del {
+            id,
+            live,
+            revert,
+            json,
+        } => {
+            let (rule, reached) =
+                Enforcer::new(layout).delete_rule_reaching(id, live.reach(revert))?;
+            if json {
+                print_json(&with_live(&rule, &reached));
+            } else if live.dry_run {
+                tcpka::outln!("would delete rule {id} ({})", rule.describe_match());
+                print_preview(&reached);
+                tcpka::outln!("nothing changed (--dry-run)");
+            } else {
+                tcpka::outln!("deleted rule {id}");
+            }
+            if !live.dry_run {
+                report_live(&format!("rule {id}"), &reached, revert);
+            }
             Ok(())
         }
         RuleCommand::List(a) => list(layout, a),
@@ -142,21 +222,36 @@ pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error>
 fn add(layout: PinLayout, a: RuleAddArgs) -> Result<(), Error> {
     let policy = a.policy.policy()?;
     let m = a.matcher.matcher();
-    let reach = (!a.live.new_only).then(tcpka::enforcer::Reach::default);
+    let reach = a.live.reach(false);
     let (rule, reached) = Enforcer::new(layout).add_rule_reaching(m, policy, a.tracked, reach)?;
     if a.json {
-        let mut v = serde_json::to_value(&rule).expect("plain data");
-        v["live"] = match &reached {
-            None => serde_json::Value::Null,
-            Some(Ok(r)) => serde_json::to_value(r).expect("plain data"),
-            Some(Err(e)) => serde_json::json!({ "error": tcpka::one_line(e) }),
-        };
-        print_json(&v);
+        print_json(&with_live(&rule, &reached));
+    } else if a.live.dry_run {
+        tcpka::outln!("would add a rule: {}", rule.describe_match());
+        print_preview(&reached);
+        tcpka::outln!("nothing changed (--dry-run)");
     } else {
         tcpka::outln!("{}", rule.id);
     }
-    report_live(&format!("rule {}", rule.id), &reached, false);
+    if !a.live.dry_run {
+        report_live(&format!("rule {}", rule.id), &reached, false);
+    }
     Ok(())
+}
+
+/// A value as JSON with a `live` field: what a change did (or would do)
+/// to live connections; null when it did not reach them.
+pub(crate) fn with_live(
+    value: &impl serde::Serialize,
+    reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(value).expect("plain data");
+    v["live"] = match reached {
+        None => serde_json::Value::Null,
+        Some(Ok(r)) => serde_json::to_value(r).expect("plain data"),
+        Some(Err(e)) => serde_json::json!({ "error": tcpka::one_line(e) }),
+    };
+    v
 }
 
 fn list(layout: PinLayout, a: JsonArg) -> Result<(), Error> {

@@ -17,7 +17,7 @@ use keepalive_common::{
     ports::{FLAG_REAPPLY_ANY_PORT, FLAG_REAPPLY_DRY_RUN, FLAG_REAPPLY_REVERT},
     requests::{
         ConnRecord, PeerKey, Request, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING, OP_DISABLE,
-        OP_ENABLE, OP_QUERY, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_REMOTE,
+        OP_ENABLE, OP_QUERY, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_PEEK, REAPPLY_REMOTE,
     },
     rules::{self, RuleKey, RuleName, RuleValue},
     stats, RULES_MAX_ENTRIES,
@@ -49,7 +49,8 @@ mod walk;
 
 pub use live::Op;
 use live::*;
-pub use reapply::{Reach, Reached};
+use reapply::{Pass, PREVIEW_ID};
+pub use reapply::{Reach, Reached, RuleReached};
 pub use rule_table::FleetOp;
 use sock::*;
 use status::*;

@@ -2,12 +2,17 @@
 //! keys it touched go to the kernel for one pass of the rules iterator,
 //! which gives each live connection in the attached cgroup one of them
 //! matches what the rules now decide for it (see `tcpka_iter_rules`).
+//!
+//! A preview (`dry_run`) runs the same pass before the change, and the
+//! kernel only reports the connections as they are: the decision is made
+//! here, with the rules as the change would leave them, by the precedence
+//! sock_ops applies ([`crate::rule::best`]).
 use super::*;
 
 /// How a rule change treats live connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reach {
-    /// Count and report, change nothing.
+    /// Count and report, change nothing (not even the rules).
     pub dry_run: bool,
     /// A connection a changed rule matched and no rule matches now gets
     /// SO_KEEPALIVE off (default: left as it is: tcpka cannot know whether
@@ -26,48 +31,247 @@ pub struct Reached {
     /// Connections the kernel refused a value for.
     pub failed: usize,
     pub dry_run: bool,
-    /// The first connections, for a look.
+    /// Per rule: the rule that now decides the connections it changed
+    /// (or, for those no rule matches any more, the rule they lost).
+    pub rules: Vec<RuleReached>,
+    /// The first connections, for a look (in a preview, as they are now).
     pub sample: Vec<ConnStatus>,
 }
 
-/// Connections listed in [`Reached::sample`].
+/// What one rule does to live connections, in [`Reached::rules`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RuleReached {
+    /// The rule's name, or `rule N` for one added by hand (`new rule` for
+    /// one a preview adds); `no rule` when the rule a connection lost is
+    /// not known.
+    pub rule: String,
+    /// The rule's id (none for a rule a preview adds).
+    pub id: Option<u32>,
+    /// Its match, in `rule add` terms.
+    #[serde(rename = "match")]
+    pub matcher: Option<String>,
+    /// Connections it gives its values (or would).
+    pub changed: usize,
+    /// Connections it matched that no rule matches now.
+    pub unmatched: usize,
+    /// The first of them.
+    pub sample: Vec<ConnStatus>,
+}
+
+/// Connections listed in [`Reached::sample`] and each rule's sample.
 const SAMPLE: usize = 10;
 /// Rule keys one pass takes (the changed-rule map's size).
 const REACH_KEYS_MAX: usize = RULES_MAX_ENTRIES as usize * 2;
+/// Id of the rules a preview adds, in [`Pass::after`] and above: above
+/// every real id, so they lose ties as a new rule would.
+pub(super) const PREVIEW_ID: u32 = u32::MAX / 2;
+
+/// One pass of the rules iterator.
+pub(super) struct Pass<'a> {
+    /// Where to look: the matches of the rules the change touched (as they
+    /// were and as they are).
+    pub keys: Vec<(u32, RuleKey)>,
+    /// The rules the change removed or replaced, as they were: they name
+    /// the rule a connection no rule matches any more lost.
+    pub gone: &'a [Rule],
+    /// For a preview: every rule, as the change would leave the table.
+    pub after: Option<&'a [Rule]>,
+}
+
+impl<'a> Pass<'a> {
+    /// A pass over the matches of `gone` and `new`.
+    pub fn of(gone: &'a [Rule], new: &[Rule]) -> Self {
+        Self {
+            keys: gone.iter().chain(new).map(|r| r.matcher().key()).collect(),
+            gone,
+            after: None,
+        }
+    }
+}
+
+/// How a connection reported by the pass is counted.
+enum Verdict<'r> {
+    /// Given this rule's values (or would be); `None` when only its id is
+    /// known (the kernel decided).
+    Changed(Option<&'r Rule>, u32),
+    /// No rule matches it any more.
+    Unmatched,
+}
+
+/// What the rules as a change leaves them decide for a connection reported
+/// as it is: `None` when nothing would change.
+fn preview<'r>(after: &'r [Rule], r: &ConnRecord) -> Option<Verdict<'r>> {
+    let remote = endpoint(r.family, r.remote_addr, r.remote_port);
+    match crate::rule::best(after, r.local_port, remote) {
+        None => (r.keepalive != 0).then_some(Verdict::Unmatched),
+        Some(rule) => {
+            let same = r.keepalive == 1
+                && r.idle == rule.idle
+                && r.interval == rule.interval
+                && r.count == rule.count
+                && rule
+                    .user_timeout_ms
+                    .is_none_or(|ms| r.user_timeout_ms == ms);
+            (!same).then_some(Verdict::Changed(Some(rule), rule.id))
+        }
+    }
+}
+
+/// How a rule is named in [`RuleReached`].
+fn label(rule: &Rule) -> String {
+    match &rule.name {
+        Some(n) => n.clone(),
+        None if rule.id >= PREVIEW_ID => "new rule".to_owned(),
+        None => format!("rule {}", rule.id),
+    }
+}
+
+impl Reached {
+    fn empty(how: Reach) -> Self {
+        Self {
+            dry_run: how.dry_run,
+            ..Self::default()
+        }
+    }
+
+    /// Adds the connections of another pass.
+    fn merge(&mut self, other: Reached) {
+        self.changed += other.changed;
+        self.unmatched += other.unmatched;
+        self.failed += other.failed;
+        for r in other.rules {
+            match self.rules.iter_mut().find(|m| m.rule == r.rule) {
+                Some(m) => {
+                    m.changed += r.changed;
+                    m.unmatched += r.unmatched;
+                    m.sample.extend(r.sample);
+                    m.sample.truncate(SAMPLE);
+                }
+                None => self.rules.push(r),
+            }
+        }
+        self.sample.extend(other.sample);
+        self.sample.truncate(SAMPLE);
+    }
+
+    /// Counts one connection under its rule.
+    fn count(&mut self, rule: Option<&Rule>, id: u32, unmatched: bool, conn: &ConnStatus) {
+        if unmatched {
+            self.unmatched += 1;
+        } else {
+            self.changed += 1;
+        }
+        let (name, id, matcher) = match rule {
+            Some(r) => (
+                label(r),
+                (r.id < PREVIEW_ID).then_some(r.id),
+                Some(r.describe_match()),
+            ),
+            None if id != 0 => (format!("rule {id}"), Some(id), None),
+            None => ("no rule".to_owned(), None, None),
+        };
+        let i = match self.rules.iter().position(|m| m.rule == name) {
+            Some(i) => i,
+            None => {
+                self.rules.push(RuleReached {
+                    rule: name,
+                    id,
+                    matcher,
+                    ..RuleReached::default()
+                });
+                self.rules.len() - 1
+            }
+        };
+        let entry = &mut self.rules[i];
+        if unmatched {
+            entry.unmatched += 1;
+        } else {
+            entry.changed += 1;
+        }
+        if entry.sample.len() < SAMPLE {
+            entry.sample.push(conn.clone());
+        }
+        if self.sample.len() < SAMPLE {
+            self.sample.push(conn.clone());
+        }
+    }
+}
 
 impl Enforcer {
     /// [`Enforcer::reach_locked`] under the installation lock, for rule
     /// changes made earlier (the fleet's, gathered over a stream of
-    /// changes). Keys beyond one pass's room go in further passes.
+    /// changes): the live connections one of `keys` matches get what the
+    /// rules now decide. Keys beyond one pass's room go in further passes.
     pub fn reach(&self, keys: &[(u32, RuleKey)], how: Reach) -> Result<Reached> {
         let _lock = self.lock()?;
-        let mut total = Reached {
-            dry_run: how.dry_run,
-            ..Reached::default()
-        };
+        let mut total = Reached::empty(how);
         for chunk in keys.chunks(REACH_KEYS_MAX) {
-            let r = self.reach_locked(chunk, how)?;
-            total.changed += r.changed;
-            total.unmatched += r.unmatched;
-            total.failed += r.failed;
-            if total.sample.len() < SAMPLE {
-                total.sample.extend(r.sample);
-                total.sample.truncate(SAMPLE);
-            }
+            let pass = Pass {
+                keys: chunk.to_vec(),
+                gone: &[],
+                after: None,
+            };
+            total.merge(self.reach_locked(&pass, how)?);
         }
         Ok(total)
     }
 
-    /// Gives the live connections one of `keys` matches what the rules now
-    /// decide for them (one walk of this namespace's sockets). The caller
-    /// holds the installation lock and has changed the rule table.
-    pub(super) fn reach_locked(&self, keys: &[(u32, RuleKey)], how: Reach) -> Result<Reached> {
-        if keys.is_empty() {
-            return Ok(Reached {
-                dry_run: how.dry_run,
-                ..Reached::default()
-            });
+    /// Gives the live connections one of the pass's keys matches what the
+    /// rules now decide for them (one walk of this namespace's sockets);
+    /// a preview (`how.dry_run`, with [`Pass::after`]) changes nothing and
+    /// says what the rules in `after` would do. The caller holds the
+    /// installation lock (and, unless previewing, has changed the rules).
+    pub(super) fn reach_locked(&self, pass: &Pass, how: Reach) -> Result<Reached> {
+        if how.dry_run != pass.after.is_some() {
+            return Err(Error::io(
+                "reaching live connections",
+                std::io::Error::other("a preview needs the rules as they would be"),
+            ));
         }
+        let mut out = Reached::empty(how);
+        if pass.keys.is_empty() {
+            return Ok(out);
+        }
+        let records = parse_raw(&self.run_rules_pass(&pass.keys, how)?);
+        // The names of the deciding rules, read only when there is
+        // something to name.
+        let mut table: Option<Vec<Rule>> = None;
+        for r in &records {
+            let verdict = match pass.after {
+                Some(after) if r.apply_failed & REAPPLY_PEEK != 0 => preview(after, r),
+                // A preview pass on a kernel program that decided: never
+                // with a matching installation (the layout version).
+                Some(_) => None,
+                None if r.apply_failed & REAPPLY_NO_RULE != 0 => Some(Verdict::Unmatched),
+                None => Some(Verdict::Changed(None, r.rule_id)),
+            };
+            let Some(verdict) = verdict else { continue };
+            let conn = ConnStatus::from_raw(r);
+            if !how.dry_run && r.apply_failed & APPLY_SETSOCKOPT_FAILED != 0 {
+                out.failed += 1;
+            }
+            match verdict {
+                Verdict::Changed(Some(rule), id) => out.count(Some(rule), id, false, &conn),
+                Verdict::Changed(None, id) => {
+                    if table.is_none() {
+                        table = Some(self.rules().unwrap_or_default());
+                    }
+                    let rule = table.as_deref().and_then(|t| t.iter().find(|x| x.id == id));
+                    out.count(rule, id, false, &conn);
+                }
+                Verdict::Unmatched => {
+                    let remote = endpoint(r.family, r.remote_addr, r.remote_port);
+                    let lost = crate::rule::best(pass.gone, r.local_port, remote);
+                    out.count(lost, 0, true, &conn);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the rules iterator over the connections `keys` match; returns
+    /// its records. Every mark it sets is cleared again, whatever happens.
+    fn run_rules_pass(&self, keys: &[(u32, RuleKey)], how: Reach) -> Result<Vec<u8>> {
         let mut changed: LpmTrie<MapData, RuleKey, u32> =
             LpmTrie::try_from(crate::pinned::open_map(&self.layout, maps::CHANGED)?)
                 .map_err(|e| Error::map("opening the changed-rule map", e))?;
@@ -84,23 +288,6 @@ impl Enforcer {
                 .map_err(|e| Error::map("marking the changed rules' ports", e))?;
             marked.push((i, bit));
             Ok(())
-        };
-        let cleanup = |changed: &mut LpmTrie<MapData, RuleKey, u32>,
-                       ports: &mut Lent<Array<MapData, u32>>,
-                       marked: &[(u32, u32)]| {
-            for (len, k) in keys {
-                let _ = changed.remove(&Key::new(*len, *k));
-            }
-            for (i, bit) in marked {
-                if let Ok(old) = ports.get(i, 0) {
-                    let _ = ports.set(*i, old & !bit, 0);
-                }
-            }
-            let _ = crate::ports::set_flag(
-                &self.layout,
-                FLAG_REAPPLY_DRY_RUN | FLAG_REAPPLY_REVERT | FLAG_REAPPLY_ANY_PORT,
-                false,
-            );
         };
         let prepared = (|| -> Result<()> {
             for (len, k) in keys {
@@ -131,27 +318,19 @@ impl Enforcer {
             Ok(())
         })();
         let found = prepared.and_then(|()| crate::pass::run(&self.layout.iter_rules(), None, None));
-        cleanup(&mut changed, &mut ports, &marked);
-        let records = parse_raw(&found?);
-        let mut out = Reached {
-            dry_run: how.dry_run,
-            ..Reached::default()
-        };
-        for r in &records {
-            if r.apply_failed & REAPPLY_NO_RULE != 0 {
-                out.unmatched += 1;
-            } else {
-                out.changed += 1;
-            }
-            if r.apply_failed & APPLY_SETSOCKOPT_FAILED != 0 {
-                out.failed += 1;
+        for (len, k) in keys {
+            let _ = changed.remove(&Key::new(*len, *k));
+        }
+        for (i, bit) in &marked {
+            if let Ok(old) = ports.get(i, 0) {
+                let _ = ports.set(*i, old & !bit, 0);
             }
         }
-        out.sample = records
-            .iter()
-            .take(SAMPLE)
-            .map(ConnStatus::from_raw)
-            .collect();
-        Ok(out)
+        let _ = crate::ports::set_flag(
+            &self.layout,
+            FLAG_REAPPLY_DRY_RUN | FLAG_REAPPLY_REVERT | FLAG_REAPPLY_ANY_PORT,
+            false,
+        );
+        found
     }
 }

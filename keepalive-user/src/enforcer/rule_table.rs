@@ -39,8 +39,28 @@ impl Enforcer {
     ) -> Result<(Rule, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
+        if let Some(how) = reach.filter(|h| h.dry_run) {
+            // A preview: the checks an insert makes, then a pass with the
+            // table as it would be.
+            let mut after = self.rules()?;
+            if let Some(same) = after.iter().find(|r| r.matcher() == m) {
+                return Err(Error::DuplicateRule(same.id));
+            }
+            if after.len() >= RULES_MAX_ENTRIES as usize {
+                return Err(Error::RulesFull(RULES_MAX_ENTRIES));
+            }
+            let rule = Rule::new(PREVIEW_ID, m, policy, tracked);
+            after.push(rule.clone());
+            let new = [rule.clone()];
+            let pass = Pass {
+                after: Some(&after),
+                ..Pass::of(&[], &new)
+            };
+            let reached = self.reach_locked(&pass, how);
+            return Ok((Rule { id: 0, ..rule }, Some(reached)));
+        }
         let rule = self.insert_rule(&mut rules, m, policy, tracked, None)?;
-        let reached = reach.map(|how| self.reach_locked(&[m.key()], how));
+        let reached = reach.map(|how| self.reach_locked(&Pass::of(&[], &[rule.clone()]), how));
         Ok((rule, reached))
     }
 
@@ -114,9 +134,23 @@ impl Enforcer {
         reach: Option<Reach>,
     ) -> Result<(Rule, Option<Result<Reached>>)> {
         let _lock = self.lock()?;
+        if let Some(how) = reach.filter(|h| h.dry_run) {
+            let mut after = self.rules()?;
+            let Some(i) = after.iter().position(|r| r.id == id) else {
+                return Err(Error::NoSuchRule(id));
+            };
+            let gone = [after.remove(i)];
+            let pass = Pass {
+                after: Some(&after),
+                ..Pass::of(&gone, &[])
+            };
+            let reached = self.reach_locked(&pass, how);
+            let [rule] = gone;
+            return Ok((rule, Some(reached)));
+        }
         let mut rules = self.rules_map()?;
         let rule = self.remove_rule(&mut rules, id)?;
-        let reached = reach.map(|how| self.reach_locked(&[rule.matcher().key()], how));
+        let reached = reach.map(|how| self.reach_locked(&Pass::of(&[rule.clone()], &[]), how));
         Ok((rule, reached))
     }
 
@@ -190,7 +224,8 @@ impl Enforcer {
     }
 
     /// [`Enforcer::apply_config`]; with `reach`, then the live connections
-    /// the changed rules match get what the rules now decide for them.
+    /// the changed rules match get what the rules now decide for them
+    /// (with `dry_run`, a preview of what they would get).
     pub fn apply_config_reaching(
         &self,
         config: &Config,
@@ -201,24 +236,46 @@ impl Enforcer {
         let steps = self.apply_owned_locked(config, dry_run, |name| {
             !name.starts_with(crate::config::FLEET_PREFIX)
         })?;
-        let reached = match reach {
-            Some(how) if !dry_run => {
-                let keys: Vec<(u32, RuleKey)> = steps
-                    .iter()
-                    .flat_map(|s| match s {
-                        ConfigStep::Add { rule } | ConfigStep::Remove { rule } => {
-                            vec![rule.matcher().key()]
-                        }
-                        ConfigStep::Change { from, to } => {
-                            vec![from.matcher().key(), to.matcher().key()]
-                        }
-                    })
-                    .collect();
-                Some(self.reach_locked(&keys, how))
-            }
-            _ => None,
+        let Some(how) = reach else {
+            return Ok((steps, None));
         };
-        Ok((steps, reached))
+        let how = Reach { dry_run, ..how };
+        let (mut gone, mut new) = (Vec::new(), Vec::new());
+        for s in &steps {
+            match s {
+                ConfigStep::Add { rule } => new.push(rule.clone()),
+                ConfigStep::Remove { rule } => gone.push(rule.clone()),
+                ConfigStep::Change { from, to } => {
+                    gone.push(from.clone());
+                    new.push(to.clone());
+                }
+            }
+        }
+        if !dry_run {
+            return Ok((steps, Some(self.reach_locked(&Pass::of(&gone, &new), how))));
+        }
+        // The table as the steps would leave it: the rules they add take
+        // ids above every other, in order, as they would.
+        let reached = self.rules().and_then(|mut after| {
+            after.retain(|r| !gone.iter().any(|g| g.id == r.id));
+            for (i, s) in steps.iter().enumerate() {
+                if let ConfigStep::Add { rule: to } | ConfigStep::Change { to, .. } = s {
+                    let id = match s {
+                        ConfigStep::Change { from, .. } if from.matcher() == to.matcher() => {
+                            from.id
+                        }
+                        _ => PREVIEW_ID + i as u32,
+                    };
+                    after.push(Rule { id, ..to.clone() });
+                }
+            }
+            let pass = Pass {
+                after: Some(&after),
+                ..Pass::of(&gone, &new)
+            };
+            self.reach_locked(&pass, how)
+        });
+        Ok((steps, Some(reached)))
     }
 
     /// Every rule (as [`Enforcer::rules`]) and the rule generation read

@@ -29,6 +29,21 @@ pub struct Explanation {
     pub reason: String,
 }
 
+/// The kernel's order of matching rules: the highest rank first; among
+/// equal ranks the lower id.
+fn precedence(a: &Rule, b: &Rule) -> std::cmp::Ordering {
+    b.rank().cmp(&a.rank()).then(a.id.cmp(&b.id))
+}
+
+/// The rule of `rules` that decides a connection from local port
+/// `local_port` to `remote`, as sock_ops picks it.
+pub fn best(rules: &[Rule], local_port: u16, remote: std::net::SocketAddr) -> Option<&Rule> {
+    rules
+        .iter()
+        .filter(|r| r.mismatch(local_port, remote).is_none())
+        .min_by(|a, b| precedence(a, b))
+}
+
 /// Explains which of `rules` a new connection `local` -> `remote` gets.
 pub fn explain(
     rules: &[Rule],
@@ -51,8 +66,7 @@ pub fn explain(
         .iter()
         .filter(|r| r.mismatch(local.port(), remote).is_none())
         .collect();
-    // Highest rank first; among equal ranks the lower id.
-    matching.sort_by(|a, b| b.rank().cmp(&a.rank()).then(a.id.cmp(&b.id)));
+    matching.sort_by(|a, b| precedence(a, b));
     let reason = match matching.as_slice() {
         [] => "no rule matches: the connection keeps its own settings".to_owned(),
         [only] => format!("rule {} is the only one that matches", only.id),
@@ -114,6 +128,9 @@ mod tests {
         let e = explain(&rules, local, remote);
         // Port and address rules both have one field: the /16 prefix wins.
         assert_eq!(e.winner.as_ref().map(|r| r.id), Some(4));
+        assert_eq!(best(&rules, 5060, remote).map(|r| r.id), Some(4));
+        assert_eq!(best(&rules[..2], 5060, remote).map(|r| r.id), Some(2));
+        assert_eq!(best(&rules[4..5], 5060, remote).map(|r| r.id), None);
         assert_eq!(e.reason, "rule 4 wins over rule 3: as many fields set, and a longer --remote prefix (10.1.0.0/16 against 10.0.0.0/8)");
         let why: Vec<_> = e.rules.iter().map(|v| (v.id, v.matches)).collect();
         assert_eq!(

@@ -13,7 +13,7 @@ use crate::{policy::Policy, InvalidInput};
 
 mod explain;
 
-pub use explain::{explain, Explanation, Verdict};
+pub use explain::{best, explain, Explanation, Verdict};
 
 /// An address prefix such as `10.0.0.0/8` or `2001:db8::/32`. A bare
 /// address is a host prefix (/32 or /128).

@@ -102,3 +102,189 @@ fn a_rule_change_reaches_the_connections_that_exist() {
     );
     drop(other);
 }
+
+/// `rule add`, `rule del` and `apply` with `--dry-run`: the preview counts
+/// exactly the connections the change then gives new values, per rule,
+/// lists them, and changes nothing (no rule, no value).
+#[test]
+fn a_preview_counts_exactly_and_changes_nothing() {
+    let e = env();
+    let l = listen("127.0.0.1:0");
+    let port = l.local_addr().unwrap().port();
+    let p = port.to_string();
+    let pairs: Vec<_> = (0..5).map(|_| connect(&l)).collect();
+    // A command holds a server end.
+    let (_held_client, held) = connect(&l);
+    e.tcpka
+        .run(&[
+            "enable",
+            &format!("cookie:{}", cookie(&held)),
+            "50",
+            "5",
+            "5",
+        ])
+        .ok();
+    // A client in another cgroup (its server end, accepted by the
+    // listener, is in the listener's).
+    let other = CgroupDir::new();
+    other.enter();
+    let (c_other, _s_other) = connect(&l);
+    e.cgroup.enter();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = e.tcpka.run(args).ok().stdout;
+        serde_json::from_str(&out).unwrap_or_else(|err| panic!("{err}: {out}"))
+    };
+    let servers_hold = |k: Keepalive, why: &str| {
+        for (_, s) in &pairs {
+            assert_eq!(keepalive(s), k, "{why}");
+        }
+    };
+
+    // Add: the six server ends that no command holds.
+    let v = json(&[
+        "rule",
+        "add",
+        "--local-port",
+        &p,
+        "--dry-run",
+        "--json",
+        "31",
+        "3",
+        "4",
+    ]);
+    assert_eq!(v["live"]["dry_run"], true, "{v}");
+    assert_eq!(v["live"]["changed"], 6, "{v}");
+    assert_eq!(v["live"]["unmatched"], 0, "{v}");
+    let per_rule = v["live"]["rules"].as_array().unwrap();
+    assert_eq!(per_rule.len(), 1, "{v}");
+    assert_eq!(per_rule[0]["rule"], "new rule", "{v}");
+    assert_eq!(per_rule[0]["changed"], 6, "{v}");
+    let listed: Vec<String> = per_rule[0]["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["remote"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed.len(), 6, "{v}");
+    for (c, _) in &pairs {
+        let a = c.local_addr().unwrap().to_string();
+        assert!(listed.contains(&a), "{a} not in the sample: {v}");
+    }
+    servers_hold(KERNEL_DEFAULT, "a preview changes no value");
+    assert_eq!(
+        e.tcpka.run(&["rule", "list", "--json"]).ok().stdout.trim(),
+        "[]"
+    );
+    let (_c_new, s_new) = connect(&l);
+    assert_eq!(keepalive(&s_new), KERNEL_DEFAULT, "a preview adds no rule");
+    let text = e
+        .tcpka
+        .run(&[
+            "rule",
+            "add",
+            "--local-port",
+            &p,
+            "--dry-run",
+            "31",
+            "3",
+            "4",
+        ])
+        .ok()
+        .stdout;
+    assert!(text.contains("7 would get new values"), "{text}");
+    assert!(text.contains("nothing changed (--dry-run)"), "{text}");
+
+    // The change itself reaches exactly what the preview counted.
+    let v = json(&["rule", "add", "--local-port", &p, "--json", "31", "3", "4"]);
+    assert_eq!(v["live"]["changed"], 7, "{v}");
+    let id = v["id"].as_u64().unwrap().to_string();
+    assert_eq!(v["live"]["rules"][0]["rule"], format!("rule {id}"), "{v}");
+    servers_hold(expect(31, 3, 4, 0), "added");
+    assert_eq!(keepalive(&held), expect(50, 5, 5, 0), "a command wins");
+    assert_eq!(keepalive(&s_new), expect(31, 3, 4, 0), "added");
+    assert_eq!(keepalive(&c_other), KERNEL_DEFAULT, "another cgroup");
+
+    // A value the connections already hold changes nothing.
+    let v = json(&[
+        "rule",
+        "add",
+        "--local-port",
+        &p,
+        "--remote",
+        "127.0.0.1",
+        "--dry-run",
+        "--json",
+        "31",
+        "3",
+        "4",
+    ]);
+    assert_eq!(v["live"]["changed"], 0, "{v}");
+
+    // Delete: the seven would match no rule; with or without --revert, a
+    // preview leaves the rule and the values.
+    for revert in [false, true] {
+        let mut args = vec!["rule", "del", id.as_str(), "--dry-run", "--json"];
+        if revert {
+            args.push("--revert");
+        }
+        let v = json(&args);
+        assert_eq!(v["live"]["unmatched"], 7, "{v}");
+        assert_eq!(v["live"]["changed"], 0, "{v}");
+        assert_eq!(v["live"]["rules"][0]["rule"], format!("rule {id}"), "{v}");
+        servers_hold(expect(31, 3, 4, 0), "a preview of a delete");
+    }
+    let v = json(&["rule", "del", &id, "--revert", "--json"]);
+    assert_eq!(v["live"]["unmatched"], 7, "{v}");
+    for (_, s) in &pairs {
+        assert!(!keepalive(s).enabled, "reverted");
+    }
+
+    // apply: named rules, per rule.
+    let dir = std::env::temp_dir().join(unique("tcpka-preview"));
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("tcpka.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[rule]]\nname = \"servers\"\nlocal_port = {port}\nidle = 41\ncount = 3\ninterval = 4\n\n\
+             [[rule]]\nname = \"clients\"\nremote_port = {port}\nidle = 42\ncount = 3\ninterval = 4\n"
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let v = json(&["apply", "--dry-run", "--json", f]);
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2, "{v}");
+    let count = |v: &serde_json::Value, name: &str| {
+        v["live"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == name)
+            .map_or(0, |r| r["changed"].as_u64().unwrap())
+    };
+    // Seven server ends; seven clients (their peer's port is the
+    // listener's), not the one in another cgroup.
+    assert_eq!(count(&v, "servers"), 7, "{v}");
+    assert_eq!(count(&v, "clients"), 7, "{v}");
+    assert_eq!(v["live"]["changed"], 14, "{v}");
+    assert_eq!(
+        e.tcpka.run(&["rule", "list", "--json"]).ok().stdout.trim(),
+        "[]"
+    );
+    for (c, s) in &pairs {
+        assert!(!keepalive(s).enabled, "a preview of apply");
+        assert_eq!(keepalive(c), KERNEL_DEFAULT, "a preview of apply");
+    }
+    let v = json(&["apply", "--json", f]);
+    assert_eq!(v["live"]["changed"], 14, "{v}");
+    assert_eq!(count(&v, "servers"), 7, "{v}");
+    assert_eq!(count(&v, "clients"), 7, "{v}");
+    for (c, s) in &pairs {
+        assert_eq!(keepalive(s), expect(41, 3, 4, 0));
+        assert_eq!(keepalive(c), expect(42, 3, 4, 0));
+    }
+    assert_eq!(keepalive(&held), expect(50, 5, 5, 0), "a command wins");
+    assert_eq!(keepalive(&c_other), KERNEL_DEFAULT, "another cgroup");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(other);
+}
