@@ -60,7 +60,8 @@ impl Enforcer {
             return Ok((Rule { id: 0, ..rule }, Some(reached)));
         }
         let rule = self.insert_rule(&mut rules, m, policy, tracked, None)?;
-        let reached = reach.map(|how| self.reach_locked(&Pass::of(&[], &[rule.clone()]), how));
+        let reached =
+            reach.map(|how| self.reach_locked(&Pass::of(&[], std::slice::from_ref(&rule)), how));
         Ok((rule, reached))
     }
 
@@ -150,7 +151,8 @@ impl Enforcer {
         }
         let mut rules = self.rules_map()?;
         let rule = self.remove_rule(&mut rules, id)?;
-        let reached = reach.map(|how| self.reach_locked(&Pass::of(&[rule.clone()], &[]), how));
+        let reached =
+            reach.map(|how| self.reach_locked(&Pass::of(std::slice::from_ref(&rule), &[]), how));
         Ok((rule, reached))
     }
 
