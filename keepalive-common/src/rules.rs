@@ -53,6 +53,10 @@ pub struct RuleValue {
 /// connection is not recorded nor watched until it closes, so it is not
 /// listed and its timeout or reset is not reported; it costs the least.
 pub const OPT_UNTRACKED: u32 = 1;
+/// [`RuleValue::opts`]: only connections established after the rule get
+/// it: a rule change never reaches live connections for it, and the rules
+/// iterator leaves a connection it decides as it is.
+pub const OPT_NEW_ONLY: u32 = 2;
 
 /// A rule's name (NUL-padded), for the rules a configuration file
 /// manages; rules added by hand have none.

@@ -27,7 +27,7 @@ use keepalive_common::{
         ConnRecord, PeerKey, Request, APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING,
         OP_DISABLE, OP_ENABLE, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_PEEK, REAPPLY_REMOTE,
     },
-    rules::{RuleKey, MAX_PREFIX_LEN},
+    rules::{RuleKey, MAX_PREFIX_LEN, OPT_NEW_ONLY},
     sockopt::*,
 };
 
@@ -419,6 +419,10 @@ fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
         }
         return u64::from(failed) << 32;
     };
+    if rule.opts & OPT_NEW_ONLY != 0 {
+        // Only for connections established after it.
+        return SKIP;
+    }
     let p = rule.policy;
     let same = get(tp, SOL_SOCKET, SO_KEEPALIVE) == 1
         && get(tp, SOL_TCP, TCP_KEEPIDLE) == p.idle

@@ -59,6 +59,10 @@ pub(crate) struct FleetRuleAddArgs {
     /// Track the connections the rule matches (see `rule add --help`).
     #[arg(long)]
     pub(crate) tracked: bool,
+    /// Only connections established after the rule get it: the agents
+    /// give it (and its later changes) to no live connection.
+    #[arg(long)]
+    pub(crate) new_only: bool,
     /// Only for this node (repeat it for more) [default: every node].
     #[arg(long = "node", value_name = "NODE")]
     pub(crate) nodes: Vec<String>,
@@ -183,6 +187,7 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) ->
         interval: policy.interval.into(),
         user_timeout_ms: policy.user_timeout_ms.map(i64::from),
         tracked: r.tracked,
+        new_only: r.new_only,
         nodes: r.nodes.clone(),
         labels: r.labels.iter().cloned().collect(),
     };

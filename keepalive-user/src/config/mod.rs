@@ -99,6 +99,8 @@ pub struct RuleEntry {
     pub user_timeout_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tracked: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_only: bool,
 }
 
 impl RuleEntry {
@@ -136,6 +138,7 @@ impl RuleEntry {
                 matcher,
                 policy,
                 tracked: self.tracked,
+                new_only: self.new_only,
             })
         })()
         .map_err(field_words)
@@ -149,6 +152,8 @@ pub struct NamedRule {
     pub matcher: RuleMatch,
     pub policy: Policy,
     pub tracked: bool,
+    /// Only new connections get it: its changes never reach live ones.
+    pub new_only: bool,
 }
 
 /// The validated configuration.

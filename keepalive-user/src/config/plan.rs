@@ -74,6 +74,7 @@ pub fn plan_owned(
 ) -> Result<Vec<Step>, String> {
     let to_rule = |w: &NamedRule, id: u32| {
         let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
+        r.new_only = w.new_only;
         r.name = Some(w.name.clone());
         r
     };

@@ -79,10 +79,16 @@ pub(super) struct Pass<'a> {
 }
 
 impl<'a> Pass<'a> {
-    /// A pass over the matches of `gone` and `new`.
+    /// A pass over the matches of `gone` and `new`, but for the rules
+    /// for new connections only (`new_only`).
     pub fn of(gone: &'a [Rule], new: &[Rule]) -> Self {
         Self {
-            keys: gone.iter().chain(new).map(|r| r.matcher().key()).collect(),
+            keys: gone
+                .iter()
+                .chain(new)
+                .filter(|r| !r.new_only)
+                .map(|r| r.matcher().key())
+                .collect(),
             gone,
             after: None,
         }
@@ -104,6 +110,8 @@ fn preview<'r>(after: &'r [Rule], r: &ConnRecord) -> Option<Verdict<'r>> {
     let remote = endpoint(r.family, r.remote_addr, r.remote_port);
     match crate::rule::best(after, r.local_port, remote) {
         None => (r.keepalive != 0).then_some(Verdict::Unmatched),
+        // Only for connections established after it.
+        Some(rule) if rule.new_only => None,
         Some(rule) => {
             let same = r.keepalive == 1
                 && r.idle == rule.idle

@@ -59,7 +59,10 @@ impl Enforcer {
             let reached = self.reach_locked(&pass, how);
             return Ok((Rule { id: 0, ..rule }, Some(reached)));
         }
-        let rule = self.insert_rule(&mut rules, m, policy, tracked, None)?;
+        // Added without reaching live connections: a rule for new ones
+        // only, whose later changes do not reach them either.
+        let new_only = reach.is_none();
+        let rule = self.insert_rule(&mut rules, m, policy, tracked, new_only, None)?;
         let reached =
             reach.map(|how| self.reach_locked(&Pass::of(&[], std::slice::from_ref(&rule)), how));
         Ok((rule, reached))
@@ -74,6 +77,7 @@ impl Enforcer {
         m: RuleMatch,
         policy: Policy,
         tracked: bool,
+        new_only: bool,
         name: Option<&str>,
     ) -> Result<Rule> {
         let mut meta = crate::pinned::read_meta(&self.layout)?;
@@ -97,7 +101,7 @@ impl Enforcer {
                 .map_err(|e| Error::map("recording the rule's name", e))?;
         }
         crate::ports::sync_rules(&self.layout, rules, Some(&data), None)?;
-        let inserted = rules.insert(&key, m.value(id, policy, tracked), BPF_NOEXIST);
+        let inserted = rules.insert(&key, m.value(id, policy, tracked, new_only), BPF_NOEXIST);
         if inserted.is_err() && name.is_some() {
             let _ = self.names_map()?.remove(&id);
         }
@@ -116,6 +120,7 @@ impl Enforcer {
         }
         crate::ports::bump_generation(&self.layout)?;
         let mut rule = Rule::new(id, m, policy, tracked);
+        rule.new_only = new_only;
         rule.name = name.map(str::to_owned);
         Ok(rule)
     }
@@ -330,7 +335,7 @@ impl Enforcer {
         let mut out: Vec<Result<u32>> = Vec::with_capacity(ops.len());
         for op in ops {
             out.push(match op {
-                FleetOp::Remove { id, matcher } => {
+                FleetOp::Remove { id, matcher, .. } => {
                     let (len, data) = matcher.key();
                     let key = Key::new(len, data);
                     match rules.get(&key, 0) {
@@ -353,7 +358,7 @@ impl Enforcer {
                     rules
                         .insert(
                             &Key::new(len, data),
-                            rule.matcher.value(*id, p, rule.tracked),
+                            rule.matcher.value(*id, p, rule.tracked, rule.new_only),
                             BPF_EXIST,
                         )
                         .map_err(|e| Error::map(format!("changing rule {id}"), e))
@@ -371,7 +376,7 @@ impl Enforcer {
                             .map_err(|e| Error::map("recording the rule's name", e))?;
                         let inserted = rules.insert(
                             &key,
-                            rule.matcher.value(id, p, rule.tracked),
+                            rule.matcher.value(id, p, rule.tracked, rule.new_only),
                             BPF_NOEXIST,
                         );
                         if inserted.is_err() {
@@ -454,12 +459,21 @@ impl Enforcer {
         match step {
             ConfigStep::Add { rule } => {
                 let p = policy(rule)?;
-                self.insert_rule(rules, rule.matcher(), p, rule.tracked, rule.name.as_deref())?;
+                self.insert_rule(
+                    rules,
+                    rule.matcher(),
+                    p,
+                    rule.tracked,
+                    rule.new_only,
+                    rule.name.as_deref(),
+                )?;
             }
             ConfigStep::Change { from, to } if from.matcher() == to.matcher() => {
                 // Same key: the value is replaced at once, id kept.
                 let (len, data) = to.matcher().key();
-                let value = to.matcher().value(from.id, policy(to)?, to.tracked);
+                let value = to
+                    .matcher()
+                    .value(from.id, policy(to)?, to.tracked, to.new_only);
                 rules
                     .insert(&Key::new(len, data), value, BPF_EXIST)
                     .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;
@@ -468,7 +482,14 @@ impl Enforcer {
             ConfigStep::Change { from, to } => {
                 // A new match: the new rule first, then the old one goes.
                 let p = policy(to)?;
-                self.insert_rule(rules, to.matcher(), p, to.tracked, to.name.as_deref())?;
+                self.insert_rule(
+                    rules,
+                    to.matcher(),
+                    p,
+                    to.tracked,
+                    to.new_only,
+                    to.name.as_deref(),
+                )?;
                 self.remove_rule(rules, from.id)?;
             }
             ConfigStep::Remove { rule } => {
@@ -482,8 +503,13 @@ impl Enforcer {
 /// One change of [`Enforcer::fleet_batch`]; rule names without the `@`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FleetOp {
-    /// Removes rule `id`, found by its match.
-    Remove { id: u32, matcher: RuleMatch },
+    /// Removes rule `id`, found by its match (`new_only`: it was a rule
+    /// for new connections only).
+    Remove {
+        id: u32,
+        matcher: RuleMatch,
+        new_only: bool,
+    },
     /// New values for rule `id`, match unchanged.
     Replace { id: u32, rule: NamedRule },
     /// A new rule.
@@ -492,10 +518,13 @@ pub enum FleetOp {
 
 pub(super) fn rule_from_entry(key: &Key<RuleKey>, value: &RuleValue) -> Rule {
     let m = RuleMatch::from_key(key.prefix_len(), &key.data(), value.fields);
-    Rule::new(
-        value.id,
-        m,
-        Policy::from_raw(&value.policy),
-        value.opts & rules::OPT_UNTRACKED == 0,
-    )
+    Rule {
+        new_only: value.opts & rules::OPT_NEW_ONLY != 0,
+        ..Rule::new(
+            value.id,
+            m,
+            Policy::from_raw(&value.policy),
+            value.opts & rules::OPT_UNTRACKED == 0,
+        )
+    }
 }

@@ -687,14 +687,21 @@ impl Applier {
                 Ok(results) => {
                     // Live connections are reached once a stream of changes
                     // pauses (see `reach`): one pass for many changes.
+                    // A rule for new connections only reaches none.
                     for (op, r) in plan.ops.iter().zip(&results) {
-                        if r.is_ok() {
-                            self.reach_keys.push(match op {
-                                FleetOp::Remove { matcher, .. } => matcher.key(),
-                                FleetOp::Replace { rule, .. } | FleetOp::Add(rule) => {
-                                    rule.matcher.key()
-                                }
-                            });
+                        if r.is_err() {
+                            continue;
+                        }
+                        match op {
+                            FleetOp::Remove {
+                                matcher, new_only, ..
+                            } if !new_only => self.reach_keys.push(matcher.key()),
+                            FleetOp::Replace { rule, .. } | FleetOp::Add(rule)
+                                if !rule.new_only =>
+                            {
+                                self.reach_keys.push(rule.matcher.key())
+                            }
+                            _ => {}
                         }
                     }
                     self.reach_since.get_or_insert_with(Instant::now);

@@ -62,6 +62,8 @@ pub struct RuleValue {
     pub user_timeout_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tracked: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_only: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -104,6 +106,7 @@ impl FleetRule {
             interval: v.interval,
             user_timeout_ms: v.user_timeout_ms,
             tracked: v.tracked,
+            new_only: v.new_only,
         };
         Ok(Self {
             rule: entry.check()?,

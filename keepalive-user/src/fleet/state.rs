@@ -256,6 +256,7 @@ impl View {
                                 matcher: r.matcher(),
                                 policy,
                                 tracked: r.tracked,
+                                new_only: r.new_only,
                             },
                         },
                     );
@@ -309,6 +310,7 @@ impl View {
                 (None | Some(Parsed::NotSelected), Some(i)) => removes.push(FleetOp::Remove {
                     id: i.id,
                     matcher: i.rule.matcher,
+                    new_only: i.rule.new_only,
                 }),
                 _ => {}
             }
@@ -379,6 +381,7 @@ impl View {
             removes.push(FleetOp::Remove {
                 id: i.id,
                 matcher: i.rule.matcher,
+                new_only: i.rule.new_only,
             });
         }
         for r in wanted {
@@ -393,6 +396,7 @@ impl View {
                     removes.push(FleetOp::Remove {
                         id: i.id,
                         matcher: i.rule.matcher,
+                        new_only: i.rule.new_only,
                     });
                     adds.push(FleetOp::Add(r.clone()));
                 }

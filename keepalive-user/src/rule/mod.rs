@@ -158,7 +158,13 @@ impl RuleMatch {
     }
 
     /// The kernel-side value for a rule with this match.
-    pub fn value(&self, id: u32, policy: Policy, tracked: bool) -> rules::RuleValue {
+    pub fn value(
+        &self,
+        id: u32,
+        policy: Policy,
+        tracked: bool,
+        new_only: bool,
+    ) -> rules::RuleValue {
         let remote_prefix_len = self.remote.map_or(0, |c| c.to_v6().1);
         rules::RuleValue {
             id,
@@ -166,7 +172,8 @@ impl RuleMatch {
             remote_prefix_len,
             rank: rules::rank(self.fields(), remote_prefix_len),
             policy: policy.to_raw(),
-            opts: if tracked { 0 } else { rules::OPT_UNTRACKED },
+            opts: if tracked { 0 } else { rules::OPT_UNTRACKED }
+                | if new_only { rules::OPT_NEW_ONLY } else { 0 },
         }
     }
 }
@@ -194,6 +201,9 @@ pub struct Rule {
     /// timeout, reset or abort reported. An untracked rule only sets the
     /// values, which costs each of its connections the least.
     pub tracked: bool,
+    /// Whether only connections established after it get it: a change of
+    /// the rule never reaches live connections.
+    pub new_only: bool,
     /// The name a configuration file gave it (`tcpka apply`); `None` for a
     /// rule added by hand.
     pub name: Option<String>,
@@ -211,6 +221,7 @@ impl Rule {
             interval: p.interval,
             user_timeout_ms: p.user_timeout_ms,
             tracked,
+            new_only: false,
             name: None,
         }
     }
@@ -318,10 +329,10 @@ mod tests {
         let (len, key) = m.key();
         assert_eq!(len, 32 + 104);
         assert_eq!(RuleMatch::from_key(len, &key, m.fields()), m);
-        let v = m.value(7, Policy::new(1, 2, 3, None).unwrap(), true);
+        let v = m.value(7, Policy::new(1, 2, 3, None).unwrap(), true, false);
         assert_eq!(v.rank, (2 << 8) | 104);
         assert_eq!(v.opts, 0);
-        let untracked = m.value(7, Policy::new(1, 2, 3, None).unwrap(), false);
+        let untracked = m.value(7, Policy::new(1, 2, 3, None).unwrap(), false, false);
         assert_eq!(untracked.opts, rules::OPT_UNTRACKED);
         assert_eq!(
             untracked.rank, v.rank,
@@ -330,7 +341,8 @@ mod tests {
         let any = RuleMatch::default();
         assert_eq!(any.key().0, 32);
         assert_eq!(
-            any.value(1, Policy::new(1, 1, 1, None).unwrap(), true).rank,
+            any.value(1, Policy::new(1, 1, 1, None).unwrap(), true, false)
+                .rank,
             0
         );
     }

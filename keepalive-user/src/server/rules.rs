@@ -20,6 +20,31 @@ pub(super) struct RuleBody {
     user_timeout_ms: Option<u32>,
     /// True for a tracked rule (`rule add --tracked`); false by default.
     tracked: Option<bool>,
+    /// Only new connections get the rule (`rule add --new-only`).
+    new_only: Option<bool>,
+    /// Change nothing: `live` says what the rule would do to live
+    /// connections (`rule add --dry-run`).
+    dry_run: Option<bool>,
+}
+
+/// How a change reaches live connections, from the request's fields; a
+/// preview that would not reach them is a contradiction.
+fn reach(new_only: bool, dry_run: bool, revert: bool) -> Result<Option<Reach>, String> {
+    match (new_only, dry_run, revert) {
+        (true, true, _) => Err("dry_run previews live connections: not with new_only".into()),
+        (true, _, true) => Err("revert is about live connections: not with new_only".into()),
+        (true, false, false) => Ok(None),
+        (false, dry_run, revert) => Ok(Some(Reach { dry_run, revert })),
+    }
+}
+
+/// What a change did (or would do) to live connections, for a reply.
+fn live(reached: &Option<crate::Result<Reached>>) -> Value {
+    match reached {
+        None => Value::Null,
+        Some(Ok(r)) => serde_json::to_value(r).unwrap_or(Value::Null),
+        Some(Err(e)) => json!({ "error": crate::one_line(e) }),
+    }
 }
 
 pub(super) async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
@@ -49,27 +74,81 @@ pub(super) async fn rules_add(State(state): State<AppState>, body: Body) -> Resp
         }
     };
     let tracked = b.tracked.unwrap_or(false);
-    match blocking(&state, move |e| e.add_rule(m, policy, tracked)).await {
-        Ok(rule) => {
+    let dry_run = b.dry_run.unwrap_or(false);
+    let how = match reach(b.new_only.unwrap_or(false), dry_run, false) {
+        Ok(h) => h,
+        Err(e) => {
+            state.metrics.command("rule_add", "invalid");
+            return invalid(e);
+        }
+    };
+    match blocking(&state, move |e| {
+        e.add_rule_reaching(m, policy, tracked, how)
+    })
+    .await
+    {
+        Ok((rule, reached)) => {
             state.metrics.command("rule_add", "ok");
-            reply(StatusCode::CREATED, json!({ "rule": rule }))
+            let code = if dry_run {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            reply(
+                code,
+                json!({ "rule": rule, "dry_run": dry_run, "live": live(&reached) }),
+            )
         }
         Err(e) => failure(&state, "rule_add", &e),
     }
 }
 
+/// `DELETE /v1/rules/{id}` query: how the delete treats live connections.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuleDelQuery {
+    /// Live connections keep the rule's values (`rule del --new-only`).
+    new_only: Option<bool>,
+    /// Those no rule matches any more get SO_KEEPALIVE off.
+    revert: Option<bool>,
+    /// Change nothing: `live` says what the delete would do.
+    dry_run: Option<bool>,
+}
+
 pub(super) async fn rules_del(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
+    q: Result<Query<RuleDelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(id) = id.parse::<u32>() else {
         state.metrics.command("rule_del", "invalid");
         return invalid(format!("rule id must be a whole number, got {id:?}"));
     };
-    match blocking(&state, move |e| e.delete_rule(id)).await {
-        Ok(rule) => {
+    let parsed = q
+        .map_err(|e| format!("bad query string: {}", e.body_text()))
+        .and_then(|Query(q)| {
+            let dry_run = q.dry_run.unwrap_or(false);
+            reach(
+                q.new_only.unwrap_or(false),
+                dry_run,
+                q.revert.unwrap_or(false),
+            )
+            .map(|h| (h, dry_run))
+        });
+    let (how, dry_run) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            state.metrics.command("rule_del", "invalid");
+            return invalid(e);
+        }
+    };
+    match blocking(&state, move |e| e.delete_rule_reaching(id, how)).await {
+        Ok((rule, reached)) => {
             state.metrics.command("rule_del", "ok");
-            reply(StatusCode::OK, json!({ "rule": rule }))
+            reply(
+                StatusCode::OK,
+                json!({ "rule": rule, "dry_run": dry_run, "live": live(&reached) }),
+            )
         }
         Err(e) => failure(&state, "rule_del", &e),
     }

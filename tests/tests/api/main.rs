@@ -86,17 +86,59 @@ fn enable_disable_and_status_over_http() {
 fn rules_over_http() {
     let e = Env::entered();
     let s = serve(&e, &[]);
-    let (code, v) = http_json(
-        &s.addr,
-        "POST",
-        "/v1/rules",
-        json!({"remote": "127.0.0.0/8", "idle": 33, "count": 3, "interval": 3}),
-    );
-    assert_eq!(code, 201, "{v}");
-    let id = v["rule"]["id"].as_u64().unwrap();
     let l = listen("127.0.0.1:0");
+    let (live, _live_server) = connect(&l);
+    let body = json!({"remote": "127.0.0.0/8", "idle": 33, "count": 3, "interval": 3});
+    // A preview: what the rule would do to live connections, nothing done.
+    let mut dry = body.clone();
+    dry["dry_run"] = json!(true);
+    let (code, v) = http_json(&s.addr, "POST", "/v1/rules", dry);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["live"]["dry_run"], true, "{v}");
+    // The two ends of `live` (and of this request's own connection).
+    let previewed = v["live"]["changed"].as_u64().unwrap();
+    assert!(previewed >= 2, "{v}");
+    assert_eq!(
+        keepalive(&live),
+        KERNEL_DEFAULT,
+        "a preview changes nothing"
+    );
+    let (_, rules) = http_json(&s.addr, "GET", "/v1/rules", json!(null));
+    assert_eq!(rules, json!([]), "a preview adds no rule");
+    let mut both = body.clone();
+    both["dry_run"] = json!(true);
+    both["new_only"] = json!(true);
+    assert_eq!(http_json(&s.addr, "POST", "/v1/rules", both).0, 400);
+
+    let (code, v) = http_json(&s.addr, "POST", "/v1/rules", body);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["live"]["changed"].as_u64(), Some(previewed), "{v}");
+    assert_eq!(keepalive(&live), expect(33, 3, 3, 0), "a live connection");
+    let id = v["rule"]["id"].as_u64().unwrap();
     let (c, _s) = connect(&l);
     assert_eq!(keepalive(&c), expect(33, 3, 3, 0));
+    let (code, v) = http_json(
+        &s.addr,
+        "DELETE",
+        &format!("/v1/rules/{id}?dry_run=true&revert=true"),
+        json!(null),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(v["live"]["unmatched"].as_u64().unwrap() >= 4, "{v}");
+    assert_eq!(
+        keepalive(&c),
+        expect(33, 3, 3, 0),
+        "a preview changes nothing"
+    );
+    for bad in ["bogus=1", "dry_run=yes", "new_only=true&revert=true"] {
+        let (code, v) = http_json(
+            &s.addr,
+            "DELETE",
+            &format!("/v1/rules/{id}?{bad}"),
+            json!(null),
+        );
+        assert_eq!(code, 400, "{bad}: {v}");
+    }
     let (code, v) = http_json(&s.addr, "GET", "/v1/rules", json!(null));
     assert_eq!((code, v[0]["id"].as_u64()), (200, Some(id)));
     let (code, _) = http_json(

@@ -288,3 +288,95 @@ fn a_preview_counts_exactly_and_changes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     drop(other);
 }
+
+/// A rule for new connections only (`new_only` in a file, `rule add
+/// --new-only`): neither its add, its changes nor its removal reach a live
+/// connection, and a pass for another rule leaves the connections it
+/// decides as they are.
+#[test]
+fn a_new_only_rule_never_reaches_live_connections() {
+    let e = env();
+    let l = listen("127.0.0.1:0");
+    let port = l.local_addr().unwrap().port();
+    let (_c, s) = connect(&l);
+    let dir = std::env::temp_dir().join(unique("tcpka-new-only"));
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("tcpka.toml");
+    let write = |idle: u32| {
+        std::fs::write(
+            &file,
+            format!(
+                "[[rule]]\nname = \"n\"\nlocal_port = {port}\nidle = {idle}\ncount = 3\ninterval = 4\nnew_only = true\n"
+            ),
+        )
+        .unwrap()
+    };
+    let f = file.to_str().unwrap();
+    let apply = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["apply", "--json"];
+        all.extend_from_slice(args);
+        all.push(f);
+        serde_json::from_str(&e.tcpka.run(&all).ok().stdout).unwrap()
+    };
+
+    write(51);
+    let v = apply(&["--dry-run"]);
+    assert_eq!(v["live"]["changed"], 0, "{v}");
+    let v = apply(&[]);
+    assert_eq!(v["live"]["changed"], 0, "{v}");
+    assert_eq!(keepalive(&s), KERNEL_DEFAULT, "added: not reached");
+    let list: serde_json::Value =
+        serde_json::from_str(&e.tcpka.run(&["rule", "list", "--json"]).ok().stdout).unwrap();
+    assert_eq!(list[0]["new_only"], true, "{list}");
+    let (_c1, s1) = connect(&l);
+    assert_eq!(keepalive(&s1), expect(51, 3, 4, 0), "a new connection");
+
+    write(52);
+    let v = apply(&[]);
+    assert_eq!(v["live"]["changed"], 0, "{v}");
+    assert_eq!(keepalive(&s), KERNEL_DEFAULT, "changed: not reached");
+    assert_eq!(keepalive(&s1), expect(51, 3, 4, 0), "changed: not reached");
+
+    // Another rule, more specific, reaches them; once it is gone, the
+    // new-only rule decides them again and leaves them as they are.
+    let p = port.to_string();
+    let other = e
+        .tcpka
+        .rule_add(&["--local-port", &p, "--remote", "127.0.0.1", "53", "3", "4"]);
+    assert_eq!(keepalive(&s), expect(53, 3, 4, 0));
+    let r = e
+        .tcpka
+        .run(&["rule", "del", &other.to_string(), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (
+            v["live"]["changed"].as_u64(),
+            v["live"]["unmatched"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(keepalive(&s), expect(53, 3, 4, 0), "kept");
+    assert_eq!(keepalive(&s1), expect(53, 3, 4, 0), "kept");
+
+    // Removed, even with --revert: not reached.
+    std::fs::write(&file, "").unwrap();
+    let v = apply(&["--revert"]);
+    assert_eq!(v["live"]["unmatched"], 0, "{v}");
+    assert_eq!(keepalive(&s1), expect(53, 3, 4, 0), "removed: not reached");
+
+    // `rule add --new-only` makes such a rule too.
+    let id = e
+        .tcpka
+        .rule_add(&["--local-port", &p, "--new-only", "54", "3", "4"]);
+    let r = e
+        .tcpka
+        .run(&["rule", "del", &id.to_string(), "--revert", "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["new_only"], true, "{v}");
+    assert_eq!(v["live"]["unmatched"], 0, "{v}");
+    assert_eq!(keepalive(&s1), expect(53, 3, 4, 0), "removed: not reached");
+    let _ = std::fs::remove_dir_all(&dir);
+}
