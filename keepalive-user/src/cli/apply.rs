@@ -32,7 +32,7 @@ pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
             tcpka::outln!("{s}");
         }
         if dry_run && !steps.is_empty() {
-            print_preview(&reached);
+            print_local_preview(&reached);
         }
         let n = steps.len();
         let changes = if n == 1 {

@@ -42,6 +42,11 @@ pub(crate) enum FleetRuleCommand {
     Del {
         /// The rule's name.
         name: String,
+        #[command(flatten)]
+        preview: FleetPreviewArgs,
+        /// With --dry-run: print the agents' answers as JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
     },
     /// List the rules, with their selectors.
     List(JsonArg),
@@ -73,6 +78,21 @@ pub(crate) struct FleetRuleAddArgs {
     /// Print the rule as put, as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) preview: FleetPreviewArgs,
+}
+
+/// A preview of a fleet change, asked of every agent.
+#[derive(Args, Debug, Clone, Copy)]
+pub(crate) struct FleetPreviewArgs {
+    /// Change nothing: ask every node's agent what the change would do to
+    /// the live connections on its host, per rule, with a sample of them.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// With --dry-run: how long to wait for the agents' answers, in
+    /// seconds (nodes without a status are not waited for).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, requires = "dry_run", value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub(crate) wait: u64,
 }
 
 #[derive(Args, Debug)]
@@ -120,7 +140,34 @@ async fn run_command(
 ) -> Result<(), Error> {
     match command {
         FleetCommand::Rule(FleetRuleCommand::Add(r)) => rule_add(client, options, r).await,
-        FleetCommand::Rule(FleetRuleCommand::Del { name }) => {
+        FleetCommand::Rule(FleetRuleCommand::Del {
+            name,
+            preview,
+            json,
+        }) if preview.dry_run => {
+            let key = options.rule_key(name);
+            let found = client
+                .get(key, None)
+                .await
+                .map_err(|e| etcd_error("reading the rule", e))?;
+            if found.kvs().is_empty() {
+                return Err(Error::Io {
+                    what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+            let report = tcpka::fleet::preview(
+                client,
+                options,
+                name,
+                None,
+                std::time::Duration::from_secs(preview.wait),
+            )
+            .await?;
+            print_fleet_preview(&format!("would delete fleet rule {name}"), &report, *json);
+            Ok(())
+        }
+        FleetCommand::Rule(FleetRuleCommand::Del { name, .. }) => {
             let revision = delete_one(
                 client,
                 options.rule_key(name),
@@ -195,6 +242,18 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) ->
     // The same check every agent makes: a value they would skip is refused.
     FleetRule::parse(&r.name, json.as_bytes())
         .map_err(|e| Error::Invalid(tcpka::InvalidInput::Usage(e)))?;
+    if r.preview.dry_run {
+        let report = tcpka::fleet::preview(
+            client,
+            o,
+            &r.name,
+            Some(json),
+            std::time::Duration::from_secs(r.preview.wait),
+        )
+        .await?;
+        print_fleet_preview(&format!("would put fleet rule {}", r.name), &report, r.json);
+        return Ok(());
+    }
     let put = client
         .put(o.rule_key(&r.name), json.clone(), None)
         .await
@@ -368,4 +427,37 @@ impl EtcdArgs {
         o.check()?;
         Ok(Some(o))
     }
+}
+
+/// Prints what every node answered to a preview (stdout: the command's
+/// own output).
+fn print_fleet_preview(what: &str, report: &tcpka::fleet::PreviewReport, json: bool) {
+    if json {
+        print_json(&serde_json::json!({
+            "dry_run": true,
+            "nodes": report.answers,
+            "missing": report.missing,
+        }));
+        return;
+    }
+    tcpka::outln!("{what}");
+    for (node, answer) in &report.answers {
+        match answer.get("live") {
+            Some(live) => {
+                tcpka::outln!("node {node}:");
+                print_preview(live, "  ");
+            }
+            None => tcpka::outln!(
+                "node {node}: cannot tell: {}",
+                answer["error"].as_str().unwrap_or("no answer")
+            ),
+        }
+    }
+    for node in &report.missing {
+        tcpka::outln!("node {node}: no answer in time (an older tcpka, or a busy agent)");
+    }
+    if report.answers.is_empty() && report.missing.is_empty() {
+        tcpka::outln!("no node has a status: no agent to ask");
+    }
+    tcpka::outln!("nothing changed (--dry-run)");
 }

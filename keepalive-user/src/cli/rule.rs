@@ -103,50 +103,62 @@ impl LiveArgs {
 
 /// Prints a preview of what a change would do to live connections (the
 /// command's own output: stdout).
-pub(crate) fn print_preview(reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>) {
-    let r = match reached {
-        None => return,
-        Some(Err(e)) => {
-            tcpka::outln!("live connections: cannot tell: {}", tcpka::one_line(e));
-            return;
-        }
-        Some(Ok(r)) => r,
-    };
-    if r.changed == 0 && r.unmatched == 0 {
-        tcpka::outln!("live connections: none would change");
+pub(crate) fn print_local_preview(reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>) {
+    match reached {
+        None => {}
+        Some(Err(e)) => tcpka::outln!("live connections: cannot tell: {}", tcpka::one_line(e)),
+        Some(Ok(r)) => print_preview(&serde_json::to_value(r).expect("plain data"), ""),
+    }
+}
+
+/// Prints a preview from its JSON (a `Reached`, local or an agent's),
+/// each line after `indent`.
+pub(crate) fn print_preview(r: &serde_json::Value, indent: &str) {
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let (changed, unmatched) = (n(r, "changed"), n(r, "unmatched"));
+    if changed == 0 && unmatched == 0 {
+        tcpka::outln!("{indent}live connections: none would change");
         return;
     }
     tcpka::outln!(
-        "live connections: {} would get new values, {} would match no rule any more",
-        r.changed,
-        r.unmatched
+        "{indent}live connections: {changed} would get new values, {unmatched} would match no rule any more"
     );
-    for rule in &r.rules {
-        let what = match &rule.matcher {
-            Some(m) => format!("{} ({m})", rule.rule),
-            None => rule.rule.clone(),
+    for rule in r["rules"].as_array().into_iter().flatten() {
+        let name = rule["rule"].as_str().unwrap_or("?");
+        let what = match rule["match"].as_str() {
+            Some(m) => format!("{name} ({m})"),
+            None => name.to_owned(),
         };
         let mut parts = Vec::new();
-        if rule.changed > 0 {
-            parts.push(format!("{} would get its values", rule.changed));
+        if n(rule, "changed") > 0 {
+            parts.push(format!("{} would get its values", n(rule, "changed")));
         }
-        if rule.unmatched > 0 {
-            parts.push(format!("{} would match no rule", rule.unmatched));
+        if n(rule, "unmatched") > 0 {
+            parts.push(format!("{} would match no rule", n(rule, "unmatched")));
         }
-        tcpka::outln!("  {what}: {}", parts.join(", "));
-        for c in &rule.sample {
-            let k = &c.keepalive;
-            let now = if k.enabled {
-                format!("idle {} count {} interval {}", k.idle, k.count, k.interval)
+        tcpka::outln!("{indent}  {what}: {}", parts.join(", "));
+        let sample = rule["sample"].as_array().map_or(&[][..], |s| s.as_slice());
+        for c in sample {
+            let k = &c["keepalive"];
+            let now = if k["enabled"].as_bool().unwrap_or(false) {
+                format!(
+                    "idle {} count {} interval {}",
+                    n(k, "idle"),
+                    n(k, "count"),
+                    n(k, "interval")
+                )
             } else {
                 "keepalive off".to_owned()
             };
-            tcpka::outln!("    {} -> {}  (now {now})", c.local, c.remote);
+            tcpka::outln!(
+                "{indent}    {} -> {}  (now {now})",
+                c["local"].as_str().unwrap_or("?"),
+                c["remote"].as_str().unwrap_or("?")
+            );
         }
-        let shown = rule.sample.len();
-        let total = rule.changed + rule.unmatched;
-        if total > shown {
-            tcpka::outln!("    ... and {} more", total - shown);
+        let total = n(rule, "changed") + n(rule, "unmatched");
+        if total > sample.len() as u64 {
+            tcpka::outln!("{indent}    ... and {} more", total - sample.len() as u64);
         }
     }
 }
@@ -204,7 +216,7 @@ pub(crate) fn rule(layout: PinLayout, command: RuleCommand) -> Result<(), Error>
                 print_json(&with_live(&rule, &reached));
             } else if live.dry_run {
                 tcpka::outln!("would delete rule {id} ({})", rule.describe_match());
-                print_preview(&reached);
+                print_local_preview(&reached);
                 tcpka::outln!("nothing changed (--dry-run)");
             } else {
                 tcpka::outln!("deleted rule {id}");
@@ -228,7 +240,7 @@ fn add(layout: PinLayout, a: RuleAddArgs) -> Result<(), Error> {
         print_json(&with_live(&rule, &reached));
     } else if a.live.dry_run {
         tcpka::outln!("would add a rule: {}", rule.describe_match());
-        print_preview(&reached);
+        print_local_preview(&reached);
         tcpka::outln!("nothing changed (--dry-run)");
     } else {
         tcpka::outln!("{}", rule.id);

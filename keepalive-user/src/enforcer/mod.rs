@@ -49,8 +49,8 @@ mod walk;
 
 pub use live::Op;
 use live::*;
-use reapply::{Pass, PREVIEW_ID};
-pub use reapply::{Reach, Reached, RuleReached};
+use reapply::Pass;
+pub use reapply::{Reach, Reached, RuleReached, PREVIEW_ID};
 pub use rule_table::FleetOp;
 use sock::*;
 use status::*;

@@ -64,7 +64,7 @@ const SAMPLE: usize = 10;
 const REACH_KEYS_MAX: usize = RULES_MAX_ENTRIES as usize * 2;
 /// Id of the rules a preview adds, in [`Pass::after`] and above: above
 /// every real id, so they lose ties as a new rule would.
-pub(super) const PREVIEW_ID: u32 = u32::MAX / 2;
+pub const PREVIEW_ID: u32 = u32::MAX / 2;
 
 /// One pass of the rules iterator.
 pub(super) struct Pass<'a> {
@@ -206,6 +206,27 @@ impl Reached {
 }
 
 impl Enforcer {
+    /// What a change would do to live connections, changing nothing:
+    /// `gone` and `new` are the rules it would remove and add (a replaced
+    /// rule in both, as it is and as it would be), `after` the whole table
+    /// as it would leave it (the rules it adds with ids from
+    /// [`PREVIEW_ID`] up).
+    pub fn preview(&self, gone: &[Rule], new: &[Rule], after: &[Rule]) -> Result<Reached> {
+        let _lock = self.lock()?;
+        let pass = Pass {
+            after: Some(after),
+            ..Pass::of(gone, new)
+        };
+        let how = Reach {
+            dry_run: true,
+            revert: false,
+        };
+        if pass.keys.len() > REACH_KEYS_MAX {
+            return Err(Error::RulesFull(RULES_MAX_ENTRIES));
+        }
+        self.reach_locked(&pass, how)
+    }
+
     /// [`Enforcer::reach_locked`] under the installation lock, for rule
     /// changes made earlier (the fleet's, gathered over a stream of
     /// changes): the live connections one of `keys` matches get what the

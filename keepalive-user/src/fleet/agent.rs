@@ -85,7 +85,7 @@ struct Shared {
 }
 
 /// What the watch hands to the applier.
-enum Input {
+pub(super) enum Input {
     /// Rules put (`Some`) or deleted (`None`), up to `revision`.
     Changes {
         revision: i64,
@@ -95,6 +95,13 @@ enum Input {
     All {
         revision: i64,
         rules: BTreeMap<String, String>,
+    },
+    /// What putting (`Some`) or deleting (`None`) a rule would do to live
+    /// connections: planned on a copy of the view, nothing changed.
+    Preview {
+        name: String,
+        value: Option<String>,
+        reply: super::preview::Answer,
     },
     /// The daemon stops: write the cache and end.
     Stop,
@@ -243,6 +250,12 @@ impl Session {
             self.events.clone(),
             self.shared.clone(),
         )));
+        let mut previews = Guard(tokio::spawn(super::preview::answer(
+            client.clone(),
+            etcd.previews_prefix(),
+            self.config.node.clone(),
+            self.tx.clone(),
+        )));
         let mut stream = self.watch(&mut client).await?;
         tracing::info!(
             node = %self.config.node,
@@ -302,6 +315,7 @@ impl Session {
                 }
                 e = &mut keeper.0 => return Err(e.unwrap_or_else(|e| lost("keeping the node's lease", e))),
                 e = &mut writer.0 => return Err(e.unwrap_or_else(|e| lost("writing the node's status", e))),
+                e = &mut previews.0 => return Err(e.unwrap_or_else(|e| lost("answering previews", e))),
             }
         }
     }
@@ -477,6 +491,8 @@ struct Applier {
     /// since when.
     reach_keys: Vec<(u32, keepalive_common::rules::RuleKey)>,
     reach_since: Option<Instant>,
+    /// Previews asked, answered after the next apply.
+    previews: Vec<(String, Option<String>, super::preview::Answer)>,
     previous: Verdicts,
 }
 
@@ -508,6 +524,7 @@ impl Applier {
             live: (0, 0),
             reach_keys: Vec::new(),
             reach_since: None,
+            previews: Vec::new(),
             last_input: Instant::now(),
             previous: Verdicts::default(),
         }
@@ -541,6 +558,7 @@ impl Applier {
                         self.take(more);
                     }
                     self.apply();
+                    self.answer_previews();
                     checked = Instant::now();
                     // A stream that does not pause is reached now and then.
                     if self
@@ -610,6 +628,11 @@ impl Applier {
     }
 
     fn take(&mut self, input: Input) {
+        if let Input::Preview { name, value, reply } = input {
+            // Answered once what came before it is applied.
+            self.previews.push((name, value, reply));
+            return;
+        }
         self.last_input = Instant::now();
         self.received.get_or_insert(self.last_input);
         self.dirty = true;
@@ -624,8 +647,66 @@ impl Applier {
                 self.view.reset(rules);
                 self.revision = revision;
             }
-            Input::Stop => {}
+            Input::Stop | Input::Preview { .. } => {}
         }
+    }
+
+    /// Answers the previews asked: each change planned on a copy of the
+    /// view, the kernel's rules iterator run in a preview pass.
+    fn answer_previews(&mut self) {
+        for (name, value, reply) in std::mem::take(&mut self.previews) {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.preview(&name, value)
+            }))
+            .unwrap_or_else(|_| Err("internal error".into()));
+            let _ = reply.send(outcome);
+        }
+    }
+
+    fn preview(
+        &self,
+        name: &str,
+        value: Option<String>,
+    ) -> Result<crate::enforcer::Reached, String> {
+        let mut view = self.view.clone();
+        view.set(name, value);
+        let plan = view.plan();
+        let mut after = self
+            .enforcer
+            .rules()
+            .map_err(|e| format!("reading the installed rules: {}", crate::one_line(&e)))?;
+        let as_rule = |id: u32, r: &crate::config::NamedRule| crate::rule::Rule {
+            new_only: r.new_only,
+            name: Some(format!("{}{}", crate::config::FLEET_PREFIX, r.name)),
+            ..crate::rule::Rule::new(id, r.matcher, r.policy, r.tracked)
+        };
+        let (mut gone, mut new) = (Vec::new(), Vec::new());
+        let mut next = crate::enforcer::PREVIEW_ID;
+        for op in &plan.ops {
+            match op {
+                FleetOp::Remove { id, .. } => {
+                    if let Some(i) = after.iter().position(|r| r.id == *id) {
+                        gone.push(after.remove(i));
+                    }
+                }
+                FleetOp::Replace { id, rule } => {
+                    if let Some(i) = after.iter().position(|r| r.id == *id) {
+                        gone.push(after[i].clone());
+                        after[i] = as_rule(*id, rule);
+                        new.push(after[i].clone());
+                    }
+                }
+                FleetOp::Add(rule) => {
+                    let r = as_rule(next, rule);
+                    next += 1;
+                    after.push(r.clone());
+                    new.push(r);
+                }
+            }
+        }
+        self.enforcer
+            .preview(&gone, &new, &after)
+            .map_err(|e| crate::one_line(&e))
     }
 
     /// Reads the kernel's table when it may have changed beside the view,

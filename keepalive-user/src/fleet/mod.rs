@@ -14,6 +14,9 @@
 //!                     is gone within that when the agent is
 //! PREFIX/known/NODE   the node's labels, kept: `tcpka fleet status` shows
 //!                     a known node without a status as gone
+//! PREFIX/previews/ID  a preview of a change (`fleet rule add|del
+//!                     --dry-run`) and, at .../ID/NODE, each agent's
+//!                     answer, all under the preview's lease
 //! ```
 //!
 //! In the kernel a fleet rule is named `@NAME`: files and the fleet never
@@ -32,6 +35,7 @@ use crate::{
 mod agent;
 mod cache;
 mod etcd;
+mod preview;
 mod rules;
 mod state;
 mod status;
@@ -39,6 +43,7 @@ mod status;
 pub use crate::node::{check_label, parse_label, valid_node};
 pub use agent::{start as start_agent, AgentConfig, AgentHandle};
 pub use etcd::{etcd_error, read_prefix, EtcdOptions, RETRY_FOR};
+pub use preview::{ask as preview, PreviewReport, PreviewRequest};
 pub use rules::{FleetRule, RuleValue, Selector};
 pub use status::EventCounts;
 

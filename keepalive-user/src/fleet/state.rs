@@ -68,6 +68,7 @@ pub(super) struct Plan {
     pub(super) verdicts: Verdicts,
 }
 
+#[derive(Clone)]
 pub(super) struct View {
     node: String,
     labels: BTreeMap<String, String>,

@@ -281,6 +281,17 @@ impl Cluster {
         (!v.is_empty()).then_some(v)
     }
 
+    /// The keys under `prefix`.
+    pub(super) fn keys(&self, prefix: &str) -> Vec<String> {
+        let o = self.ctl(&self.running(), &["get", "--prefix", "--keys-only", prefix]);
+        assert!(o.status.success(), "etcdctl get --prefix {prefix}: {o:?}");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The index of the member that leads.
     pub(super) fn leader(&self) -> usize {
         let o = self.ctl(&self.running(), &["endpoint", "status", "-w", "json"]);

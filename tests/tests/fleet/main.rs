@@ -55,6 +55,66 @@ fn a_rule_reaches_the_agents_it_selects_within_a_second() {
     // Connections made before the rule exists get it too.
     let before: Vec<_> = [&a, &b].iter().map(|x| x.live_on(p_all)).collect();
 
+    // A preview asks both agents, and changes nothing.
+    let preview = |args: &[&str]| -> Value {
+        let out = fleet(&cluster, &prefix, args).ok().stdout;
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let p = p_all.to_string();
+    let v = preview(&[
+        "rule",
+        "add",
+        "all",
+        "--local-port",
+        &p,
+        "31",
+        "3",
+        "5",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(v["missing"], serde_json::json!([]), "{v}");
+    for node in ["edge-1", "core-1"] {
+        let live = &v["nodes"][node]["live"];
+        assert_eq!(live["changed"], 1, "{node}: {v}");
+        assert_eq!(live["rules"][0]["rule"], "@all", "{node}: {v}");
+    }
+    let text = fleet(
+        &cluster,
+        &prefix,
+        &[
+            "rule",
+            "add",
+            "all",
+            "--local-port",
+            &p,
+            "31",
+            "3",
+            "5",
+            "--dry-run",
+        ],
+    )
+    .ok()
+    .stdout;
+    assert!(
+        text.contains("node edge-1:") && text.contains("1 would get new values"),
+        "{text}"
+    );
+    assert_eq!(
+        cluster.get(&format!("{prefix}/rules/all")),
+        None,
+        "nothing put"
+    );
+    assert_eq!(
+        cluster.keys(&format!("{prefix}/previews/")),
+        Vec::<String>::new(),
+        "the preview's keys are gone"
+    );
+    for (x, live) in [&a, &b].into_iter().zip(&before) {
+        assert!(!x.has("all"), "{}", x.name);
+        assert_eq!(keepalive(&live.server), KERNEL_DEFAULT, "{}", x.name);
+    }
+
     cluster.put(&format!("{prefix}/rules/all"), &rule(p_all, 31));
     for (x, live) in [&a, &b].into_iter().zip(&before) {
         let took = x.wait("the rule for every node", SECOND, |x| x.has("all"));
@@ -111,6 +171,13 @@ fn a_rule_reaches_the_agents_it_selects_within_a_second() {
         "{}",
         e.stdout
     );
+
+    // A preview of the delete: the live connections would match no rule.
+    let v = preview(&["rule", "del", "all", "--dry-run", "--json"]);
+    for node in ["edge-1", "core-1"] {
+        assert_eq!(v["nodes"][node]["live"]["unmatched"], 1, "{node}: {v}");
+    }
+    assert!(a.has("all") && b.has("all"), "a preview deletes nothing");
 
     // Deleting a rule removes it everywhere.
     fleet(&cluster, &prefix, &["rule", "del", "all"]).ok();
