@@ -84,6 +84,7 @@ mod pod {
     unsafe impl aya::Pod for crate::requests::PeerKey {}
     unsafe impl aya::Pod for crate::requests::Request {}
     unsafe impl aya::Pod for crate::requests::ConnRecord {}
+    unsafe impl aya::Pod for crate::requests::Unsent {}
     unsafe impl aya::Pod for crate::index::IndexKey {}
     unsafe impl aya::Pod for crate::index::FdOwner {}
     unsafe impl aya::Pod for crate::index::SlotInfo {}

@@ -47,8 +47,12 @@ pub const RULE_NAMES: &str = "TCPKA_RULE_NAMES";
 /// the rules iterator re-decides the live connections one of them matches.
 /// User space fills it for one pass, under the installation lock.
 pub const CHANGED: &str = "TCPKA_CHANGED";
+/// The report the rules iterator could not write (its output was full):
+/// one [`crate::requests::Unsent`], written with the connection's next
+/// visit, which the kernel makes when the reader asks for more.
+pub const UNSENT: &str = "TCPKA_UNSENT";
 /// All maps, in the order they are pinned.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     RULES,
     CONNS,
     STATS,
@@ -68,4 +72,5 @@ pub const ALL: [&str; 19] = [
     WANT,
     RULE_NAMES,
     CHANGED,
+    UNSENT,
 ];

@@ -94,3 +94,16 @@ pub const REAPPLY_NO_RULE: u32 = 1 << 8;
 /// [`ConnRecord::apply_failed`] of the rules iterator in a dry run: the
 /// connection as it is, for user space to decide (nothing was changed).
 pub const REAPPLY_PEEK: u32 = 1 << 9;
+
+/// A report of the rules iterator that did not fit in the reader's buffer.
+/// The kernel shows that connection again to the next read; by then the
+/// pass has changed it (its values are right: it would be skipped), so the
+/// report kept here is written instead ([`crate::maps::UNSENT`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unsent {
+    /// 0 when none.
+    pub cookie: u64,
+    /// What the pass did: the rule id, the apply flags in the high half.
+    pub outcome: u64,
+}

@@ -36,7 +36,7 @@ use crate::{
     index,
     maps::{
         count, host_index, index_port, port_flags, CHANGED, CONNS, META, REQ_COOKIE, REQ_PEER,
-        REQ_PORTS,
+        REQ_PORTS, UNSENT,
     },
     sock::{ends, in_cgroup, load, Ends, SKC_DPORT, SKC_NUM, SKC_STATE},
 };
@@ -123,6 +123,8 @@ fn report(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, apply_failed
 
 /// Writes one [`ConnRecord`]: the ends, the values the kernel now holds
 /// (read back with `bpf_getsockopt`), and what the caller says of it.
+/// Returns whether it fit in the reader's buffer (when it did not, the
+/// kernel shows the same connection again to the next read).
 #[inline(always)]
 fn write_record(
     seq: *mut c_void,
@@ -132,7 +134,7 @@ fn write_record(
     source: u32,
     rule_id: u32,
     apply_failed: u32,
-) {
+) -> bool {
     let mut rec = ConnRecord {
         cookie,
         family: e.family as u32,
@@ -152,13 +154,14 @@ fn write_record(
         _pad: 0,
     };
     // SAFETY: `seq` is the iterator's seq_file; `rec` lives for the call.
-    unsafe {
+    let written = unsafe {
         bpf_seq_write(
             seq.cast(),
             &mut rec as *mut ConnRecord as *mut c_void,
             size_of::<ConnRecord>() as u32,
         )
     };
+    written == 0
 }
 
 #[inline(always)]
@@ -374,7 +377,16 @@ pub fn tcpka_iter_rules(ctx: *mut c_void) -> i32 {
     if !touched(e.local_port, e.remote_port, &e.remote_addr) {
         return 0;
     }
-    let outcome = decide(tp, cookie, &e, flags);
+    // A connection shown again because its report did not fit: the pass
+    // has changed it already; its report is kept.
+    let unsent = UNSENT
+        .get(0)
+        .filter(|u| u.cookie == cookie)
+        .map(|u| u.outcome);
+    let outcome = match unsent {
+        Some(o) => o,
+        None => decide(tp, cookie, &e, flags),
+    };
     if outcome != SKIP {
         report_rule(seq, tp, cookie, &e, outcome);
     }
@@ -457,7 +469,19 @@ fn decide(tp: *mut c_void, cookie: u64, e: &Ends, flags: u64) -> u64 {
 #[inline(never)]
 fn report_rule(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, outcome: u64) {
     let (rule_id, failed) = (outcome as u32, (outcome >> 32) as u32);
-    write_record(seq, tp, cookie, e, SOURCE_RULE, rule_id, failed);
+    let written = write_record(seq, tp, cookie, e, SOURCE_RULE, rule_id, failed);
+    if let Some(u) = UNSENT.get_ptr_mut(0) {
+        // SAFETY: the map's only value, written in place; one pass at a
+        // time (user space holds the installation lock).
+        unsafe {
+            if !written {
+                (*u).cookie = cookie;
+                (*u).outcome = outcome;
+            } else if (*u).cookie == cookie {
+                (*u).cookie = 0;
+            }
+        }
+    }
 }
 
 #[unsafe(no_mangle)]

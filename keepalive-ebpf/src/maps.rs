@@ -11,7 +11,7 @@ use keepalive_common::{
     index::{self, FdOwner, IndexKey, SlotInfo},
     meta::Meta,
     ports,
-    requests::{self, PeerKey, Request},
+    requests::{self, PeerKey, Request, Unsent},
     rules::{RuleKey, RuleName, RuleValue},
     stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
 };
@@ -82,6 +82,10 @@ pub static RULE_NAMES: HashMap<u32, RuleName> = HashMap::with_max_entries(RULES_
 /// Filled by user space for one pass of the rules iterator.
 #[map(name = "TCPKA_CHANGED")]
 pub static CHANGED: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(RULES_MAX_ENTRIES * 2, 0);
+
+/// The rules iterator's report that did not fit (see `requests::Unsent`).
+#[map(name = "TCPKA_UNSENT")]
+pub static UNSENT: Array<Unsent> = Array::with_max_entries(1, 0);
 
 #[map(name = "TCPKA_WANT")]
 pub static WANT: HashMap<u64, FdOwner> = HashMap::with_max_entries(index::WANT_MAX_ENTRIES, 0);

@@ -45,10 +45,11 @@ enum Task {
     /// change with 0 to 4,000 other rules, 5,000 puts, a 5,000-rule delete,
     /// and a change with 2, 10 and 20 agents,
     /// `bench enable` only the enable latencies (and the kernel's
-    /// statistics of the host cost, without the ratios).
+    /// statistics of the host cost, without the ratios), `bench reach`
+    /// only rule changes reaching 10,000 and 100,000 live connections.
     Bench {
-        /// One part only: kamailio, cost, fleet or enable.
-        #[arg(value_parser = ["kamailio", "cost", "fleet", "enable"])]
+        /// One part only: kamailio, cost, fleet, enable or reach.
+        #[arg(value_parser = ["kamailio", "cost", "fleet", "enable", "reach"])]
         part: Option<String>,
         /// Connection counts to measure at.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
@@ -209,6 +210,14 @@ fn real_main() -> Result<()> {
                 let agents = std::env::var_os("TCPKA_BENCH_FLEET_BIN").map_or(tcpka, PathBuf::from);
                 return bench::fleet(&agents);
             }
+            if part.as_deref() == Some("reach") {
+                let sizes = if sizes == [1000, 10000, 100000] {
+                    vec![10_000, 100_000]
+                } else {
+                    sizes
+                };
+                return bench::reach(&tcpka, &sizes, samples.min(15));
+            }
             if part.as_deref() == Some("enable") {
                 bench::set_load_args(load_args);
                 println!("== this machine's kernel ({})", kernel_release());
@@ -235,6 +244,7 @@ fn real_main() -> Result<()> {
             if !cost_only {
                 bench::sip_here(&tcpka, &sip)?;
                 bench::fleet(&tcpka)?;
+                bench::reach(&tcpka, &[10_000, 100_000], 15)?;
             }
             Ok(())
         }

@@ -31,6 +31,9 @@ pub struct Reached {
     /// Connections the kernel refused a value for.
     pub failed: usize,
     pub dry_run: bool,
+    /// Microseconds the passes took (the walk of the socket table, the
+    /// decisions and their setup), not the rule change itself.
+    pub took_us: u64,
     /// Per rule: the rule that now decides the connections it changed
     /// (or, for those no rule matches any more, the rule they lost).
     pub rules: Vec<RuleReached>,
@@ -147,6 +150,7 @@ impl Reached {
         self.changed += other.changed;
         self.unmatched += other.unmatched;
         self.failed += other.failed;
+        self.took_us += other.took_us;
         for r in other.rules {
             match self.rules.iter_mut().find(|m| m.rule == r.rule) {
                 Some(m) => {
@@ -261,6 +265,7 @@ impl Enforcer {
         if pass.keys.is_empty() {
             return Ok(out);
         }
+        let started = std::time::Instant::now();
         let records = parse_raw(&self.run_rules_pass(&pass.keys, how)?);
         // The names of the deciding rules, read only when there is
         // something to name.
@@ -295,6 +300,7 @@ impl Enforcer {
                 }
             }
         }
+        out.took_us = started.elapsed().as_micros() as u64;
         Ok(out)
     }
 
@@ -319,6 +325,12 @@ impl Enforcer {
             Ok(())
         };
         let prepared = (|| -> Result<()> {
+            // No report kept from a pass that was cut short.
+            let mut unsent: Lent<Array<MapData, keepalive_common::requests::Unsent>> =
+                lend(&self.layout, maps::UNSENT)?;
+            unsent
+                .set(0, keepalive_common::requests::Unsent::default(), 0)
+                .map_err(|e| Error::map("clearing the unsent report", e))?;
             for (len, k) in keys {
                 changed
                     .insert(&Key::new(*len, *k), 1, 0)

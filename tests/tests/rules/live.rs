@@ -380,3 +380,46 @@ fn a_new_only_rule_never_reaches_live_connections() {
     assert_eq!(keepalive(&s1), expect(53, 3, 4, 0), "removed: not reached");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pass that reports more connections than one read of the iterator
+/// holds (the kernel shows the connection whose report did not fit again
+/// to the next read, by then changed): every one is counted, once.
+#[test]
+fn a_pass_counts_every_connection_beyond_one_read() {
+    let e = env();
+    let l = listen("127.0.0.1:0");
+    let port = l.local_addr().unwrap().port().to_string();
+    // About 90 bytes a report, 32 KiB a read: several reads.
+    let conns: Vec<_> = (0..1500).map(|_| connect(&l)).collect();
+    for (idle, how) in [(41, "--dry-run"), (41, "--tracked"), (42, "--untracked")] {
+        let out = e
+            .tcpka
+            .run(&[
+                "rule",
+                "add",
+                "--local-port",
+                &port,
+                how,
+                "--json",
+                &idle.to_string(),
+                "3",
+                "4",
+            ])
+            .ok()
+            .stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["live"]["changed"], 1500,
+            "{how} {idle}: {}",
+            v["live"]["took_us"]
+        );
+        if how != "--dry-run" {
+            e.tcpka
+                .run(&["rule", "del", "--new-only", &v["id"].to_string()])
+                .ok();
+        }
+    }
+    for (_, s) in &conns {
+        assert_eq!(keepalive(s), expect(42, 3, 4, 0));
+    }
+}

@@ -19,11 +19,13 @@ mod api;
 mod fleet;
 mod host_cost;
 mod kamailio;
+mod reach;
 use api::*;
 pub use fleet::fleet;
 use host_cost::*;
 use kamailio::*;
 pub use kamailio::{sip, sip_here};
+pub use reach::reach;
 
 /// The port every measured server listens on: a default index port, like
 /// a SIP server's, so that all connections are indexed (the most the index
