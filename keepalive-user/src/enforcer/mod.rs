@@ -41,6 +41,7 @@ use crate::{
 mod direct;
 mod holding;
 mod live;
+mod probe;
 mod reapply;
 mod rule_table;
 mod sock;

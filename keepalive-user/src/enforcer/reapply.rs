@@ -266,7 +266,12 @@ impl Enforcer {
             return Ok(out);
         }
         let started = std::time::Instant::now();
-        let records = parse_raw(&self.run_rules_pass(&pass.keys, how)?);
+        // No walk when the kernel says no established connection can match.
+        let records = if probe::may_match(&pass.keys) {
+            parse_raw(&self.run_rules_pass(&pass.keys, how)?)
+        } else {
+            Vec::new()
+        };
         // The names of the deciding rules, read only when there is
         // something to name.
         let mut table: Option<Vec<Rule>> = None;
