@@ -16,6 +16,9 @@ use keepalive_common::rules::{RuleKey, PORTS_PREFIX_LEN};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The older request (`struct inet_diag_req`): one dump covers both
+/// families (the kernel asks for `AF_UNSPEC`), one walk of the table.
+const TCPDIAG_GETSOCK: u16 = 18;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
@@ -123,28 +126,62 @@ fn bytecode(keys: &[(u32, RuleKey)]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// `nlmsghdr` + `inet_diag_req_v2` (established TCP sockets of `family`)
-/// + the filter.
-fn request(family: i32, filter: &[u8]) -> Vec<u8> {
-    let attr_len = 4 + filter.len();
-    let len = 16 + 56 + attr_len;
+#[derive(Clone, Copy)]
+/// What one dump asks: `family` (`None`: the older request, both), the
+/// ports the kernel checks before any filter (one key's), and the filter.
+struct Query<'a> {
+    family: Option<i32>,
+    sport: u16,
+    dport: u16,
+    filter: Option<&'a [u8]>,
+}
+
+/// `nlmsghdr` + `inet_diag_req_v2` or `inet_diag_req` (established TCP
+/// sockets) + the filter.
+fn request(q: &Query) -> Vec<u8> {
+    let attr_len = q.filter.map_or(0, |f| 4 + f.len());
+    let body = if q.family.is_some() { 56 } else { 60 };
+    let len = 16 + body + attr_len;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let kind = if q.family.is_some() {
+        SOCK_DIAG_BY_FAMILY
+    } else {
+        TCPDIAG_GETSOCK
+    };
+    m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
-    m.extend_from_slice(&ESTABLISHED.to_ne_bytes());
-    m.extend_from_slice(&[0u8; 48]); // any ends, interface and cookie
-    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-    m.extend_from_slice(filter);
+                                              // `struct inet_diag_sockid`: ports (network order), any addresses,
+                                              // interface and cookie.
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&q.sport.to_be_bytes());
+    id[2..4].copy_from_slice(&q.dport.to_be_bytes());
+    match q.family {
+        Some(family) => {
+            m.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+            m.extend_from_slice(&ESTABLISHED.to_ne_bytes());
+            m.extend_from_slice(&id);
+        }
+        None => {
+            // family, src_len, dst_len, ext; id; states; dbs.
+            m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+            m.extend_from_slice(&id);
+            m.extend_from_slice(&ESTABLISHED.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+        }
+    }
+    if let Some(f) = q.filter {
+        m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+        m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        m.extend_from_slice(f);
+    }
     m
 }
 
 /// Whether one dump finds a socket: stops at the first.
-fn finds(family: i32, filter: &[u8]) -> std::io::Result<bool> {
+fn finds(q: &Query) -> std::io::Result<bool> {
     // SAFETY: plain socket(2).
     let fd = unsafe {
         libc::socket(
@@ -158,7 +195,7 @@ fn finds(family: i32, filter: &[u8]) -> std::io::Result<bool> {
     }
     // SAFETY: a new descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let msg = request(family, filter);
+    let msg = request(q);
     // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
     if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -179,7 +216,8 @@ fn finds(family: i32, filter: &[u8]) -> std::io::Result<bool> {
             let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
             match kind {
-                SOCK_DIAG_BY_FAMILY => return Ok(true),
+                // A socket (the older request's replies carry its type).
+                SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => return Ok(true),
                 NLMSG_DONE => return Ok(false),
                 NLMSG_ERROR => {
                     let code = i32::from_ne_bytes(
@@ -208,9 +246,38 @@ pub(super) fn may_match(keys: &[(u32, RuleKey)]) -> bool {
     let Some(filter) = bytecode(keys) else {
         return true;
     };
-    [libc::AF_INET, libc::AF_INET6]
-        .into_iter()
-        .any(|family| finds(family, &filter).unwrap_or(true))
+    // One key's ports go in the request: the kernel compares them before
+    // it reads more of the socket; the filter is left out when they are
+    // all it says.
+    let (sport, dport, filter) = match keys {
+        [(len, k)] => {
+            let ports_only = len.saturating_sub(PORTS_PREFIX_LEN) == 0
+                || conditions(*len, k).is_some_and(|c| c.iter().all(|c| c.code != BC_D_COND));
+            (
+                k.local_port,
+                k.remote_port,
+                (!ports_only).then_some(&filter[..]),
+            )
+        }
+        _ => (0, 0, Some(&filter[..])),
+    };
+    let both = Query {
+        family: None,
+        sport,
+        dport,
+        filter,
+    };
+    match finds(&both) {
+        Ok(found) => found,
+        // A kernel without the older request: one dump per family.
+        Err(_) => [libc::AF_INET, libc::AF_INET6].into_iter().any(|family| {
+            finds(&Query {
+                family: Some(family),
+                ..both
+            })
+            .unwrap_or(true)
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -264,6 +331,39 @@ mod tests {
         assert!(bytecode(&[key(None, None, None)]).is_none());
         // An IPv6 prefix alone: no condition either (a superset).
         assert!(bytecode(&[key(None, None, Some("2001:db8::/32"))]).is_none());
+    }
+
+    /// Each form of the request: the older one for both families, and one
+    /// per family.
+    fn finds_each_way(keys: &[(u32, RuleKey)]) -> [bool; 3] {
+        let filter = bytecode(keys).unwrap();
+        let q = |family| Query {
+            family,
+            sport: 0,
+            dport: 0,
+            filter: Some(&filter[..]),
+        };
+        [
+            finds(&q(None)).unwrap(),
+            finds(&q(Some(libc::AF_INET))).unwrap(),
+            finds(&q(Some(libc::AF_INET6))).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn each_request_form_filters_alike() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _s = l.accept().unwrap();
+        assert_eq!(
+            finds_each_way(&[key(Some(port), None, None)]),
+            [true, true, false]
+        );
+        let free = TcpListener::bind("127.0.0.1:0").unwrap();
+        let unused = free.local_addr().unwrap().port();
+        drop(free);
+        assert_eq!(finds_each_way(&[key(Some(unused), None, None)]), [false; 3]);
     }
 
     #[test]
