@@ -350,3 +350,115 @@ fn without_tcpka_calls_to_a_dead_callee_stay_up() {
     assert_eq!(sip.active_dialogs(), Some(CALLS as u64));
     eprintln!("without tcpka: {CALLS} calls to a dead callee still up after 12 s");
 }
+
+/// Calls up with no keepalive (tcpka's serve is down, so Kamailio's
+/// commands fail): phones, each on a connection of its own (sipp `-t tn`),
+/// and the callee's trunk, one connection for every call. Rules added
+/// then give those live connections keepalive at once, as the kernel's
+/// timers show; nothing waits for them to reconnect.
+#[test]
+fn a_rule_added_while_calls_are_up_reaches_the_trunk_and_the_phones() {
+    const PHONES: usize = 4;
+    let mut sip = Sip::start(Via::Http);
+    sip.stop_tcpka();
+    let n = PHONES.to_string();
+    let _uac = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &sip.caller.name, "sipp"])
+            .arg(format!("{KAMAILIO_CALLER_SIDE}:5060"))
+            .arg("-sf")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("sipp/uac_until_bye.xml"))
+            .args(["-t", "tn", "-i", CALLER, "-m", &n, "-l", &n, "-r", &n])
+            .args(["-s", "callee", "-nostdin", "-timeout", "120s"])
+            // A socket per call: sipp's default (50,000) is above the open
+            // files limit, which it refuses.
+            .args(["-max_socket", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    sip.wait(
+        "all calls answered and acknowledged",
+        Duration::from_secs(20),
+        || sip.active_dialogs() == Some(PHONES as u64) && sip.acks_at_callee() >= PHONES,
+    );
+    let callee = format!("{CALLEE}:{CALLEE_PORT}");
+    // Kamailio's connections to the phones (its end on 5060), and how many
+    // hold the policy's values (Kamailio sets keepalive of its own).
+    let phones = || -> (usize, usize) {
+        let out = Command::new("ss")
+            .args([
+                "-tnH",
+                "state",
+                "established",
+                "src",
+                &format!("{KAMAILIO_CALLER_SIDE}:5060"),
+            ])
+            .output()
+            .unwrap();
+        let peers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with(&format!("{CALLER}:")))
+            .map(str::to_owned)
+            .collect();
+        let on = peers
+            .iter()
+            .filter(|p| sip.connection(p).is_some_and(|c| ka_on(&c)))
+            .count();
+        (peers.len(), on)
+    };
+    assert_eq!(
+        phones(),
+        (PHONES, 0),
+        "a connection per phone, none with the policy"
+    );
+    assert!(
+        !sip.connection(&callee).is_some_and(|c| ka_on(&c)),
+        "the trunk has not the policy"
+    );
+
+    let (idle, count, interval) = (KA.0.to_string(), KA.1.to_string(), KA.2.to_string());
+    let r = sip
+        .e
+        .tcpka
+        .run(&[
+            "rule",
+            "add",
+            "--local-port",
+            "5060",
+            "--json",
+            &idle,
+            &count,
+            &interval,
+        ])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["live"]["changed"].as_u64(), Some(PHONES as u64), "{v}");
+    let r = sip
+        .e
+        .tcpka
+        .run(&[
+            "rule",
+            "add",
+            "--remote-port",
+            &CALLEE_PORT.to_string(),
+            "--remote",
+            CALLEE,
+            "--json",
+            &idle,
+            &count,
+            &interval,
+        ])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["live"]["changed"].as_u64(), Some(1), "the trunk: {v}");
+    // At once: the commands returned after the kernel changed them.
+    assert_eq!(phones(), (PHONES, PHONES), "every phone's connection");
+    assert!(ss_keepalive(&callee), "the trunk's timer");
+    let trunk = sip.connection(&callee).expect("the trunk");
+    assert!(ka_on(&trunk), "{trunk}");
+    assert_eq!(
+        sip.active_dialogs(),
+        Some(PHONES as u64),
+        "the calls stay up"
+    );
+}
