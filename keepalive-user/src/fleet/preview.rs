@@ -188,9 +188,14 @@ pub(super) async fn answer(
             if id.is_empty() || id.contains('/') {
                 continue;
             }
-            let Ok(request) = serde_json::from_slice::<PreviewRequest>(kv.value()) else {
-                tracing::debug!("fleet: a malformed preview request at {id}: skipped");
-                continue;
+            // An answer goes under the request's lease, so that it goes
+            // with it: a request without one is not answered.
+            let request = match serde_json::from_slice::<PreviewRequest>(kv.value()) {
+                Ok(r) if r.lease != 0 => r,
+                _ => {
+                    tracing::debug!("fleet: a malformed preview request at {id}: skipped");
+                    continue;
+                }
             };
             let (reply, answered) = oneshot::channel();
             let asked = super::agent::Input::Preview {

@@ -389,7 +389,20 @@ fn a_pass_counts_every_connection_beyond_one_read() {
     let e = env();
     let l = listen("127.0.0.1:0");
     let port = l.local_addr().unwrap().port().to_string();
-    // About 90 bytes a report, 32 KiB a read: several reads.
+    // About 90 bytes a report, 32 KiB a read: several reads. 3,000
+    // descriptors: above the usual soft limit of 1,024.
+    let mut room = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with valid pointers (as root:
+    // the hard limit may be raised; it is never lowered here).
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut room), 0);
+        room.rlim_max = room.rlim_max.max(8192);
+        room.rlim_cur = room.rlim_cur.max(8192);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &room), 0);
+    }
     let conns: Vec<_> = (0..1500).map(|_| connect(&l)).collect();
     for (idle, how) in [(41, "--dry-run"), (41, "--tracked"), (42, "--untracked")] {
         let out = e
