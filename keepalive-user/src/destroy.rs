@@ -20,11 +20,18 @@ const NLMSG_ERROR: u16 = 2;
 /// `struct nlmsghdr` + `struct inet_diag_req_v2` to destroy one socket,
 /// by its ends and cookie.
 fn request(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
-    request_of(SOCK_DESTROY, local, remote, cookie)
+    request_of(SOCK_DESTROY, local, remote, cookie, 0)
 }
 
-/// The same for any exact-socket request (`kind`).
-fn request_of(kind: u16, local: SocketAddr, remote: SocketAddr, cookie: u64) -> Vec<u8> {
+/// The same for any exact-socket request (`kind`), with the extensions
+/// `ext` asks for (`1 << (INET_DIAG_* - 1)` bits).
+pub(crate) fn request_of(
+    kind: u16,
+    local: SocketAddr,
+    remote: SocketAddr,
+    cookie: u64,
+    ext: u8,
+) -> Vec<u8> {
     let mut m = Vec::with_capacity(72);
     let family = if local.is_ipv4() {
         libc::AF_INET
@@ -36,7 +43,7 @@ fn request_of(kind: u16, local: SocketAddr, remote: SocketAddr, cookie: u64) -> 
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, ext, 0]);
     m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     m.extend_from_slice(&local.port().to_be_bytes());
     m.extend_from_slice(&remote.port().to_be_bytes());
@@ -59,35 +66,58 @@ fn request_of(kind: u16, local: SocketAddr, remote: SocketAddr, cookie: u64) -> 
     m
 }
 
+/// A sock_diag socket of the current network namespace, for exact
+/// requests one after another.
+pub(crate) struct Diag(OwnedFd);
+
+impl Diag {
+    pub(crate) fn open() -> std::io::Result<Self> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor we own.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends one request and returns the kernel's first reply (at least a
+    /// netlink header and a code); what else it sent (an ACK) is dropped.
+    pub(crate) fn ask(&self, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        let fd = self.0.as_raw_fd();
+        // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
+        if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: recv(2) into a buffer we own.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 20 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        // The ACK that follows a reply: read and dropped, so that the next
+        // request's first reply is its own.
+        if u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
+            let mut ack = [0u8; 64];
+            // SAFETY: recv(2) into a buffer we own, not waiting.
+            unsafe { libc::recv(fd, ack.as_mut_ptr().cast(), ack.len(), libc::MSG_DONTWAIT) };
+        }
+        Ok(buf)
+    }
+}
+
 /// Sends one sock_diag request in the current network namespace and
 /// returns the kernel's first reply (at least a netlink header and a
 /// code).
 fn exchange(msg: &[u8]) -> std::io::Result<Vec<u8>> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
-    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: recv(2) into a buffer we own.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 20 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
+    Diag::open()?.ask(msg)
 }
 
 /// Destroys one connection of the current network namespace with
@@ -202,7 +232,13 @@ impl DiagOwner {
 
 /// [`socket_uid`]'s one look.
 fn socket_uid_once(local: SocketAddr, remote: SocketAddr) -> std::io::Result<Option<DiagOwner>> {
-    let buf = exchange(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, NO_COOKIE))?;
+    let buf = exchange(&request_of(
+        SOCK_DIAG_BY_FAMILY,
+        local,
+        remote,
+        NO_COOKIE,
+        0,
+    ))?;
     let n = buf.len();
     let kind = u16::from_ne_bytes([buf[4], buf[5]]);
     if kind == NLMSG_ERROR {

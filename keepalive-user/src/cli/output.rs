@@ -168,6 +168,19 @@ pub(crate) fn print_status(conns: &[ConnStatus]) {
         if let Some(h) = c.holders.as_ref().filter(|h| !h.is_empty()) {
             tcpka::outln!("{:<18}  holders: {}", "", h.join(", "));
         }
+        if let Some(l) = &c.liveness {
+            tcpka::outln!(
+                "{:<18}  last ack {}ms ago, last data sent {}ms ago, probes unanswered {}, retransmits {} (in a row {}), rto {}ms, rtt {:.1}ms",
+                "",
+                l.last_ack_recv_ms,
+                l.last_data_sent_ms,
+                l.probes_out,
+                l.total_retrans,
+                l.retransmits,
+                l.rto_us / 1000,
+                f64::from(l.rtt_us) / 1000.0
+            );
+        }
         if k.count_ignored {
             tcpka::outln!(
                 "{:<18}  note: TCP_USER_TIMEOUT is set, so the kernel ignores count={} and drops the connection {}ms after data stops being acknowledged",

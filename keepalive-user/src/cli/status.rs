@@ -21,7 +21,7 @@ pub(crate) struct StatusArgs {
 
 pub(crate) fn status(layout: PinLayout, a: StatusArgs) -> Result<(), Error> {
     let enforcer = Enforcer::new(layout);
-    let conns = match a.conn {
+    let mut conns = match a.conn {
         Some(conn) => {
             let mut found = enforcer.apply(conn, a.local, Action::Query, a.netns.as_deref())?;
             enforcer.attach_holders(&mut found)?;
@@ -29,6 +29,7 @@ pub(crate) fn status(layout: PinLayout, a: StatusArgs) -> Result<(), Error> {
         }
         None => enforcer.status(a.netns.as_deref())?,
     };
+    enforcer.add_liveness(&mut conns, a.netns.as_deref())?;
     if a.json {
         print_json(&conns);
     } else if conns.is_empty() {

@@ -41,6 +41,7 @@ use crate::{
 mod direct;
 mod holding;
 mod live;
+mod liveness;
 mod probe;
 mod reapply;
 mod rule_table;
@@ -50,6 +51,7 @@ mod walk;
 
 pub use live::Op;
 use live::*;
+pub use liveness::Liveness;
 use reapply::Pass;
 pub use reapply::{Reach, Reached, RuleReached, PREVIEW_ID};
 pub use rule_table::FleetOp;

@@ -52,6 +52,10 @@ pub struct ConnStatus {
     /// Holders of its keepalive (shown by status).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holders: Option<Vec<String>>,
+    /// Its health as the kernel has it (shown by status, see
+    /// [`Enforcer::add_liveness`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
 }
 
 /// What a command did.
@@ -125,6 +129,7 @@ impl ConnStatus {
             apply_failed: r.apply_failed == APPLY_SETSOCKOPT_FAILED,
             error: (r.apply_failed == APPLY_CONNS_FULL).then(|| CONNS_FULL_ERROR.to_owned()),
             holders: None,
+            liveness: None,
         }
     }
 }

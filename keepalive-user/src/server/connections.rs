@@ -54,21 +54,26 @@ pub(super) async fn connections(
     let netns = q.netns;
     let out = blocking(&state, move |e| {
         let mut conns = match spec {
-            Some(op) => e.apply(op.conn, op.local, Action::Query, netns.as_deref())?,
-            None => return e.status(netns.as_deref()),
+            Some(op) => {
+                let mut found = e.apply(op.conn, op.local, Action::Query, netns.as_deref())?;
+                e.attach_holders(&mut found)?;
+                found
+            }
+            None => e.status(netns.as_deref())?,
         };
-        e.attach_holders(&mut conns)?;
-        Ok(conns)
+        // Pages in cookie order: stable while connections come and go.
+        conns.retain(|c| after.is_none_or(|a| c.cookie > a));
+        conns.sort_unstable_by_key(|c| c.cookie);
+        let next = (conns.len() > limit).then(|| conns[limit - 1].cookie);
+        conns.truncate(limit);
+        // Read for the page only: one lookup per connection.
+        e.add_liveness(&mut conns, netns.as_deref())?;
+        Ok((conns, next))
     })
     .await;
     match out {
-        Ok(mut conns) => {
+        Ok((conns, next)) => {
             state.metrics.command("status", "ok");
-            // Pages in cookie order: stable while connections come and go.
-            conns.retain(|c| after.is_none_or(|a| c.cookie > a));
-            conns.sort_unstable_by_key(|c| c.cookie);
-            let next = (conns.len() > limit).then(|| conns[limit - 1].cookie);
-            conns.truncate(limit);
             let mut r = (StatusCode::OK, Json(conns)).into_response();
             if let Some(n) = next {
                 r.headers_mut().insert(NEXT_PAGE_HEADER, n.into());

@@ -48,6 +48,13 @@ fn enable_disable_and_status_over_http() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v[0]["cookie"].as_u64(), Some(cookie(&c)));
     assert_eq!(v[0]["keepalive"]["count_ignored"], true);
+    // Its health, read from the kernel (`tcp_info`).
+    let l = &v[0]["liveness"];
+    assert_eq!(l["probes_out"], 0, "{v}");
+    assert!(l["rto_us"].as_u64().unwrap() >= 200_000, "{v}");
+    assert!(l["last_ack_recv_ms"].is_u64(), "{v}");
+    let (_, all) = http_json(&s.addr, "GET", "/v1/connections", json!(null));
+    assert!(all[0]["liveness"]["rtt_us"].is_u64(), "{all}");
 
     let (code, v) = http_json(&s.addr, "POST", "/v1/disable", json!({"conn": peer}));
     assert_eq!((code, v["result"].as_i64()), (200, Some(1)), "{v}");

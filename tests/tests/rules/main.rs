@@ -372,3 +372,59 @@ fn dead_peer_times_out() {
     eprintln!("dead peer detected after {took:?} (bound {bound:?})");
     drop(server);
 }
+
+/// `status` reads each managed connection's health from the kernel when
+/// asked: a peer that stops answering shows its keepalive probes
+/// unanswered and the age of its last ACK growing; once it answers again,
+/// they are back to none and a fresh ACK.
+#[test]
+fn status_reads_liveness_from_the_kernel() {
+    let e = env();
+    e.tcpka
+        .rule_add(&["--tracked", "--remote", VethPeer::ADDR, "2", "9", "1"]);
+    let peer = VethPeer::new();
+    let listener = peer.listen();
+    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    server.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    client.read_exact(&mut b).unwrap();
+    let remote = listener.local_addr().unwrap().to_string();
+    let liveness = || -> serde_json::Value {
+        let out = e.tcpka.run(&["status", "--json"]).ok().stdout;
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["remote"] == remote.as_str())
+            .unwrap_or_else(|| panic!("{remote} not in {v}"))["liveness"]
+            .clone()
+    };
+    let l = liveness();
+    assert_eq!(l["probes_out"], 0, "{l}");
+    assert!(l["last_ack_recv_ms"].as_u64().unwrap() < 1500, "{l}");
+    assert!(l["rtt_us"].as_u64().unwrap() > 0, "{l}");
+
+    peer.cut();
+    // Idle 2 s, then a probe a second: by 4.5 s two or more unanswered.
+    std::thread::sleep(Duration::from_millis(4500));
+    let l = liveness();
+    assert!(l["probes_out"].as_u64().unwrap() >= 2, "{l}");
+    assert!(l["last_ack_recv_ms"].as_u64().unwrap() >= 4000, "{l}");
+    let text = e.tcpka.run(&["status"]).ok().stdout;
+    assert!(text.contains("probes unanswered"), "{text}");
+
+    sh(&["ip", "-n", &peer.ns.name, "link", "set", "tka1", "up"]);
+    let start = Instant::now();
+    loop {
+        let l = liveness();
+        if l["probes_out"] == 0 && l["last_ack_recv_ms"].as_u64().unwrap() < 2000 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the peer answers again: {l}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
