@@ -68,7 +68,7 @@ impl Enforcer {
         // or queried when kept).
         enum Reached {
             Held(Held),
-            Walked(ConnStatus),
+            Walked(Box<ConnStatus>),
         }
         let targets: Vec<Reached> = match self.resolve_held(op.conn, op.local, netns)? {
             Some(held) => held
@@ -87,7 +87,7 @@ impl Enforcer {
                 .pop()
                 .unwrap_or_default()
                 .into_iter()
-                .map(Reached::Walked)
+                .map(|c| Reached::Walked(Box::new(c)))
                 .collect(),
         };
         if targets.is_empty() {
@@ -100,7 +100,7 @@ impl Enforcer {
         let hint = remote_hint(op.conn);
         let status = |t: &Reached| -> Result<Option<ConnStatus>> {
             match t {
-                Reached::Walked(c) => Ok(Some(c.clone())),
+                Reached::Walked(c) => Ok(Some((**c).clone())),
                 Reached::Held(h) => self.apply_held_if_open(h, Action::Query, None, hint),
             }
         };
