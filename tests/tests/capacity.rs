@@ -95,7 +95,7 @@ fn a_full_connection_map_leaves_connections_as_they_were_and_says_so() {
     assert!(full > 5, "{full}");
     let (_, metrics) = http(&addr, "GET", "/metrics", None, None).unwrap();
     assert!(
-        metrics.contains("tcpka_errors_total{kind=\"connection_map_full\"}"),
+        metrics.contains("tcpka_kernel_errors_total{kind=\"connection_map_full\"}"),
         "{metrics}"
     );
     assert!(

@@ -9,7 +9,7 @@ use prometheus_client::{
 
 use super::*;
 
-/// The API operations, as counted in `tcpka_errors_total{kind}`.
+/// The API operations, as counted in `tcpka_command_errors_total{op}`.
 pub(super) const API_OPS: [&str; 7] = [
     "enable",
     "disable",
@@ -56,6 +56,17 @@ struct Path {
     path: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Op {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: &'static str,
+    layout: String,
+}
+
 /// Prometheus metrics.
 pub(super) struct Metrics {
     pub(super) registry: Registry,
@@ -74,8 +85,8 @@ pub(super) struct Metrics {
 /// What is read when scraped: the kernel's counters (rules applied,
 /// events and alerts dropped, a full index, setsockopt failures), how
 /// commands found their connections, and whether sock_ops is attached.
-/// `tcpka_connections_applied_total` and `tcpka_errors_total` mix these
-/// with what serve counts itself.
+/// `tcpka_connections_applied_total` mixes these with what serve counts
+/// itself.
 #[derive(Debug)]
 struct Scraped {
     enforcer: Enforcer,
@@ -112,13 +123,26 @@ impl Collector for Scraped {
         let by_command = self.applied_by_command.get();
         counter(&mut f, &Source { source: "command" }, by_command)?;
 
-        let mut f =
-            encoder.encode_descriptor("errors", "Errors by kind", None, MetricType::Counter)?;
-        for kind in API_OPS {
-            if let Some(c) = self.op_errors.get(&Kind { kind }) {
-                counter(&mut f, &Kind { kind }, c.get())?;
-            }
+        let mut f = encoder.encode_descriptor(
+            "command_errors",
+            "API commands that failed on serve's side (not refused input), by operation",
+            None,
+            MetricType::Counter,
+        )?;
+        for op in API_OPS {
+            let c = self
+                .op_errors
+                .get(&Kind { kind: op })
+                .map_or(0, |c| c.get());
+            counter(&mut f, &Op { op }, c)?;
         }
+
+        let mut f = encoder.encode_descriptor(
+            "kernel_errors",
+            "What the kernel side could not do, by kind: events or alerts dropped (a ring full), a table full, a bpf_setsockopt refused",
+            None,
+            MetricType::Counter,
+        )?;
         if let Some(k) = &kernel {
             for (kind, value) in [
                 ("kernel_events_dropped", k.events_dropped),
@@ -194,7 +218,7 @@ impl Collector for Scraped {
             ),
             (
                 "table_capacity",
-                "Most entries each kernel table holds; past it, what does not fit is refused and counted in tcpka_errors_total",
+                "Most entries each kernel table holds; past it, what does not fit is refused and counted in tcpka_kernel_errors_total",
                 1,
             ),
         ] {
@@ -206,6 +230,18 @@ impl Collector for Scraped {
                 }
             }
         }
+
+        let f = encoder.encode_descriptor(
+            "build",
+            "1, labelled with tcpka's version and the layout of its maps and programs",
+            None,
+            MetricType::Info,
+        )?;
+        prometheus_client::metrics::info::Info::new(Build {
+            version: env!("CARGO_PKG_VERSION"),
+            layout: keepalive_common::meta::LAYOUT_VERSION.to_string(),
+        })
+        .encode(f)?;
 
         let f = encoder.encode_descriptor(
             "attached",
@@ -336,7 +372,9 @@ mod tests {
         encode(&mut text, &m.registry).unwrap();
         for line in [
             "tcpka_commands_total{op=\"enable\",result=\"ok\"} 1",
-            "tcpka_errors_total{kind=\"enable\"} 1",
+            "tcpka_command_errors_total{op=\"enable\"} 1",
+            "tcpka_command_errors_total{op=\"rule_del\"} 0",
+            "tcpka_build_info{version=",
             "tcpka_connections_applied_total{source=\"command\"} 3",
             "tcpka_events_total{kind=\"timeout\"} 1",
             "tcpka_webhook_deliveries_total{outcome=\"delivered\"} 1",
@@ -345,7 +383,8 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
-        for family in ["errors", "connections_applied", "lookups"] {
+        assert!(!text.contains("tcpka_errors_total"), "{text}");
+        for family in ["command_errors", "connections_applied", "lookups"] {
             let header = format!("# TYPE tcpka_{family} counter");
             assert_eq!(text.matches(&header).count(), 1, "{text}");
         }
