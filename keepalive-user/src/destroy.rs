@@ -87,27 +87,47 @@ impl Diag {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// Sends one request to the kernel.
+    pub(crate) fn send(&self, msg: &[u8]) -> std::io::Result<()> {
+        // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
+        if unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram into `buf` (`flags`: recv(2)'s).
+    pub(crate) fn recv(&self, buf: &mut [u8], flags: i32) -> std::io::Result<usize> {
+        // SAFETY: recv(2) into a buffer we own.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     /// Sends one request and returns the kernel's first reply (at least a
     /// netlink header and a code); what else it sent (an ACK) is dropped.
     pub(crate) fn ask(&self, msg: &[u8]) -> std::io::Result<Vec<u8>> {
-        let fd = self.0.as_raw_fd();
-        // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
-        if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        self.send(msg)?;
         let mut buf = vec![0u8; 2048];
-        // SAFETY: recv(2) into a buffer we own.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = self.recv(&mut buf, 0)?;
         if n < 20 {
-            return Err(std::io::Error::last_os_error());
+            return Err(std::io::Error::other("a short sock_diag reply"));
         }
-        buf.truncate(n as usize);
+        buf.truncate(n);
         // The ACK that follows a reply: read and dropped, so that the next
         // request's first reply is its own.
         if u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
             let mut ack = [0u8; 64];
-            // SAFETY: recv(2) into a buffer we own, not waiting.
-            unsafe { libc::recv(fd, ack.as_mut_ptr().cast(), ack.len(), libc::MSG_DONTWAIT) };
+            let _ = self.recv(&mut ack, libc::MSG_DONTWAIT);
         }
         Ok(buf)
     }

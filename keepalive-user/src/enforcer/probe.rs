@@ -10,11 +10,8 @@
 //! addresses, which sock_diag's IPv6 condition does not), not the cgroup.
 //! Any doubt (too many keys, a key that matches every connection, an
 //! error) means "walk".
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-
 use keepalive_common::rules::{RuleKey, PORTS_PREFIX_LEN};
 
-const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// The older request (`struct inet_diag_req`): one dump covers both
 /// families (the kernel asks for `AF_UNSPEC`), one walk of the table.
@@ -182,33 +179,12 @@ fn request(q: &Query) -> Vec<u8> {
 
 /// Whether one dump finds a socket: stops at the first.
 fn finds(q: &Query) -> std::io::Result<bool> {
-    // SAFETY: plain socket(2).
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let msg = request(q);
-    // SAFETY: send(2) of a buffer we own; the kernel is the default peer.
-    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let diag = crate::destroy::Diag::open()?;
+    diag.send(&request(q))?;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        // SAFETY: recv(2) into a buffer we own.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let n = diag.recv(&mut buf, 0)?;
         let mut at = 0;
-        let n = n as usize;
         if n == 0 {
             return Ok(false);
         }

@@ -20,25 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{cgroup2_mount, load, own_cgroup, private_netns, sockets_in_netns, unload, Holders};
-
-/// Removes the bench's installation and cgroup.
-struct Cleanup {
-    tcpka: PathBuf,
-    pin_dir: PathBuf,
-    cgroup: PathBuf,
-    home: Option<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        unload(&self.tcpka, &self.pin_dir);
-        if let Some(home) = &self.home {
-            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
-        }
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
-}
+use super::{cgroup2_mount, load, own_cgroup, private_netns, sockets_in_netns, Cleanup, Holders};
 
 /// One `tcpka rule add ... --json`: its wall time, the rule's id, and its
 /// `live` report.
@@ -89,6 +71,8 @@ pub fn reach(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
         tcpka: tcpka.to_path_buf(),
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.clone(),
+        // No floor program here: the same directory, removed once.
+        floor: cgroup.clone(),
         home: None,
     };
     load(tcpka, &pin_dir, &cgroup)?;
