@@ -13,9 +13,9 @@ use crate::{Error, Result};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DESTROY: u16 = 21;
-const NLM_F_REQUEST: u16 = 1;
+pub(crate) const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 
 /// `struct nlmsghdr` + `struct inet_diag_req_v2` to destroy one socket,
 /// by its ends and cookie.
@@ -164,7 +164,7 @@ fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Resu
 }
 
 /// `SOCK_DIAG_BY_FAMILY`: one socket's `inet_diag_msg`.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// Offset of `idiag_uid` in the reply: `nlmsghdr` (16), then
 /// `inet_diag_msg`'s family, state, timer, retrans (4), id (48), expires,
 /// rqueue, wqueue (12).

@@ -258,11 +258,7 @@ pub(crate) fn with_live(
     reached: &Option<tcpka::Result<tcpka::enforcer::Reached>>,
 ) -> serde_json::Value {
     let mut v = serde_json::to_value(value).expect("plain data");
-    v["live"] = match reached {
-        None => serde_json::Value::Null,
-        Some(Ok(r)) => serde_json::to_value(r).expect("plain data"),
-        Some(Err(e)) => serde_json::json!({ "error": tcpka::one_line(e) }),
-    };
+    v["live"] = tcpka::enforcer::live_json(reached);
     v
 }
 

@@ -2,10 +2,8 @@
 //! remembered): its `struct tcp_info`, from one exact sock_diag lookup by
 //! its ends and cookie (`INET_DIAG_INFO`, as `ss -ti` reads it).
 use super::*;
-use crate::destroy::{request_of, Diag};
+use crate::destroy::{request_of, Diag, SOCK_DIAG_BY_FAMILY};
 
-/// `SOCK_DIAG_BY_FAMILY`.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `INET_DIAG_INFO`: the attribute with `struct tcp_info`.
 const INET_DIAG_INFO: u16 = 2;
 /// The reply's attributes start after `nlmsghdr` and `inet_diag_msg`.

@@ -53,7 +53,7 @@ pub use live::Op;
 use live::*;
 pub use liveness::Liveness;
 use reapply::Pass;
-pub use reapply::{Reach, Reached, RuleReached, PREVIEW_ID};
+pub use reapply::{live_json, Reach, Reached, RuleReached, PREVIEW_ID};
 pub use rule_table::FleetOp;
 use sock::*;
 use status::*;

@@ -12,13 +12,12 @@
 //! error) means "walk".
 use keepalive_common::rules::{RuleKey, PORTS_PREFIX_LEN};
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
+use crate::destroy::{Diag, NLMSG_ERROR, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
+
 /// The older request (`struct inet_diag_req`): one dump covers both
 /// families (the kernel asks for `AF_UNSPEC`), one walk of the table.
 const TCPDIAG_GETSOCK: u16 = 18;
-const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 /// `TCP_ESTABLISHED` as a state bit.
@@ -179,7 +178,7 @@ fn request(q: &Query) -> Vec<u8> {
 
 /// Whether one dump finds a socket: stops at the first.
 fn finds(q: &Query) -> std::io::Result<bool> {
-    let diag = crate::destroy::Diag::open()?;
+    let diag = Diag::open()?;
     diag.send(&request(q))?;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -227,8 +226,8 @@ pub(super) fn may_match(keys: &[(u32, RuleKey)]) -> bool {
     // all it says.
     let (sport, dport, filter) = match keys {
         [(len, k)] => {
-            let ports_only = len.saturating_sub(PORTS_PREFIX_LEN) == 0
-                || conditions(*len, k).is_some_and(|c| c.iter().all(|c| c.code != BC_D_COND));
+            let ports_only =
+                conditions(*len, k).is_some_and(|c| c.iter().all(|c| c.code != BC_D_COND));
             (
                 k.local_port,
                 k.remote_port,

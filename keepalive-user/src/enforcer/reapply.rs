@@ -221,14 +221,10 @@ impl Enforcer {
             after: Some(after),
             ..Pass::of(gone, new)
         };
-        let how = Reach {
-            dry_run: true,
-            revert: false,
-        };
         if pass.keys.len() > REACH_KEYS_MAX {
             return Err(Error::RulesFull(RULES_MAX_ENTRIES));
         }
-        self.reach_locked(&pass, how)
+        self.reach_locked(&pass, Reach::default())
     }
 
     /// [`Enforcer::reach_locked`] under the installation lock, for rule
@@ -251,16 +247,15 @@ impl Enforcer {
 
     /// Gives the live connections one of the pass's keys matches what the
     /// rules now decide for them (one walk of this namespace's sockets);
-    /// a preview (`how.dry_run`, with [`Pass::after`]) changes nothing and
-    /// says what the rules in `after` would do. The caller holds the
+    /// a preview (a pass with [`Pass::after`]) changes nothing and says
+    /// what the rules in `after` would do; `how.dry_run` follows the pass. The caller holds the
     /// installation lock (and, unless previewing, has changed the rules).
     pub(super) fn reach_locked(&self, pass: &Pass, how: Reach) -> Result<Reached> {
-        if how.dry_run != pass.after.is_some() {
-            return Err(Error::io(
-                "reaching live connections",
-                std::io::Error::other("a preview needs the rules as they would be"),
-            ));
-        }
+        // A preview is a pass with the rules as they would be.
+        let how = Reach {
+            dry_run: pass.after.is_some(),
+            ..how
+        };
         let mut out = Reached::empty(how);
         if pass.keys.is_empty() {
             return Ok(out);
@@ -378,5 +373,16 @@ impl Enforcer {
             false,
         );
         found
+    }
+}
+
+/// What a change did (or would do) to live connections, as the `live`
+/// field of a reply: null when it did not reach them, `{"error": ...}`
+/// when they could not be reached.
+pub fn live_json(reached: &Option<Result<Reached>>) -> serde_json::Value {
+    match reached {
+        None => serde_json::Value::Null,
+        Some(Ok(r)) => serde_json::to_value(r).unwrap_or(serde_json::Value::Null),
+        Some(Err(e)) => serde_json::json!({ "error": crate::one_line(e) }),
     }
 }

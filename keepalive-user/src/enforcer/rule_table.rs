@@ -246,7 +246,6 @@ impl Enforcer {
         let Some(how) = reach else {
             return Ok((steps, None));
         };
-        let how = Reach { dry_run, ..how };
         let (mut gone, mut new) = (Vec::new(), Vec::new());
         for s in &steps {
             match s {

@@ -39,7 +39,7 @@ use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 use crate::{
     access,
     config::Listen,
-    enforcer::{Action, Enforcer, Op, Outcome, Reach, Reached},
+    enforcer::{Action, Enforcer, Op, Outcome, Reach},
     feed::{self, Gap, Message},
     loader,
     paths::PinLayout,

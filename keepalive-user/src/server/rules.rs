@@ -38,15 +38,6 @@ fn reach(new_only: bool, dry_run: bool, revert: bool) -> Result<Option<Reach>, S
     }
 }
 
-/// What a change did (or would do) to live connections, for a reply.
-fn live(reached: &Option<crate::Result<Reached>>) -> Value {
-    match reached {
-        None => Value::Null,
-        Some(Ok(r)) => serde_json::to_value(r).unwrap_or(Value::Null),
-        Some(Err(e)) => json!({ "error": crate::one_line(e) }),
-    }
-}
-
 pub(super) async fn rules_add(State(state): State<AppState>, body: Body) -> Response {
     let b: RuleBody = match json_body(body).await {
         Ok(b) => b,
@@ -96,7 +87,7 @@ pub(super) async fn rules_add(State(state): State<AppState>, body: Body) -> Resp
             };
             reply(
                 code,
-                json!({ "rule": rule, "dry_run": dry_run, "live": live(&reached) }),
+                json!({ "rule": rule, "dry_run": dry_run, "live": crate::enforcer::live_json(&reached) }),
             )
         }
         Err(e) => failure(&state, "rule_add", &e),
@@ -147,7 +138,7 @@ pub(super) async fn rules_del(
             state.metrics.command("rule_del", "ok");
             reply(
                 StatusCode::OK,
-                json!({ "rule": rule, "dry_run": dry_run, "live": live(&reached) }),
+                json!({ "rule": rule, "dry_run": dry_run, "live": crate::enforcer::live_json(&reached) }),
             )
         }
         Err(e) => failure(&state, "rule_del", &e),
