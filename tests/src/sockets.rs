@@ -75,11 +75,36 @@ pub fn listen(addr: &str) -> TcpListener {
     TcpListener::bind(addr.parse::<SocketAddr>().expect("listen address")).expect("bind")
 }
 
-/// A free TCP port on 127.0.0.1 in the current namespace.
+/// A free TCP port on 127.0.0.1 in the current namespace, for a process
+/// that binds it later.
+///
+/// It is taken below the kernel's ephemeral range (32768 and up by
+/// default), where no connect() can be given it in the meantime: a
+/// port from `bind(0)` is one the next outgoing connection (an etcd
+/// member dialling its peers, a client polling) may take before the
+/// server binds it. Each call in a process returns a different port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Start at a point that differs per process, so test binaries run one
+    // after another do not reuse each other's TIME_WAIT ports first.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()))
+            % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }

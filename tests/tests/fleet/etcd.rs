@@ -126,14 +126,29 @@ impl Cluster {
         m.child = Some(child);
     }
 
-    fn wait_healthy(&self, which: &[usize]) {
+    fn wait_healthy(&mut self, which: &[usize]) {
         for &i in which {
             let ep = self.members[i].client.clone();
-            wait_until(
-                &format!("etcd member {} healthy", self.members[i].name),
-                Duration::from_secs(20),
-                || self.ctl(&ep, &["endpoint", "health"]).status.success(),
-            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !self.ctl(&ep, &["endpoint", "health"]).status.success() {
+                if Instant::now() >= deadline {
+                    let m = &mut self.members[i];
+                    let exited = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    let log = std::fs::read_to_string(self.root.join(format!("{}.log", m.name)))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    panic!(
+                        "etcd member {} ({}, peer {}) not healthy within 20 s; process: {}; \
+                         its log ends:\n{}",
+                        m.name,
+                        m.client,
+                        m.peer,
+                        exited.map_or("running".into(), |s| format!("exited, {s}")),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -319,7 +334,7 @@ impl Cluster {
         self.spawn(i, "existing");
     }
 
-    pub(super) fn wait_all_healthy(&self) {
+    pub(super) fn wait_all_healthy(&mut self) {
         self.wait_healthy(&(0..self.members.len()).collect::<Vec<_>>());
     }
 }
