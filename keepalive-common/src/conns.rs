@@ -42,4 +42,7 @@ pub struct ConnInfo {
     pub flags: u32,
     /// `bpf_ktime_get_ns()` when the policy was applied.
     pub applied_ns: u64,
+    /// Early-warning thresholds.
+    pub risk: crate::risk::Risk,
+    pub _pad: u32,
 }

@@ -15,6 +15,17 @@ pub const KIND_TIMEOUT: u32 = 4;
 pub const KIND_ABORTED: u32 = 5;
 /// A managed connection was ended by `tcpka close` (`POST /v1/close`).
 pub const KIND_CLOSED_BY_TCPKA: u32 = 6;
+/// A watched connection shows trouble: [`Event::detail`] is the
+/// [`crate::risk`] `REASON_*` that started.
+pub const KIND_AT_RISK: u32 = 7;
+/// The trouble of an earlier [`KIND_AT_RISK`] ended: [`Event::detail`] is
+/// the reason that cleared.
+pub const KIND_RECOVERED: u32 = 8;
+/// What sock_ops saw of a managed connection's health
+/// ([`crate::risk`] `SIGNAL_*` in [`Event::detail`]): read by `tcpka
+/// serve`, which makes [`KIND_AT_RISK`] and [`KIND_RECOVERED`] of them;
+/// never shown.
+pub const KIND_SIGNAL: u32 = 9;
 
 /// Names a `KIND_*` value.
 pub fn kind_name(kind: u32) -> &'static str {
@@ -25,6 +36,9 @@ pub fn kind_name(kind: u32) -> &'static str {
         KIND_TIMEOUT => "timeout",
         KIND_ABORTED => "aborted",
         KIND_CLOSED_BY_TCPKA => "closed_by_tcpka",
+        KIND_AT_RISK => "at_risk",
+        KIND_RECOVERED => "recovered",
+        KIND_SIGNAL => "signal",
         _ => "unknown",
     }
 }
@@ -56,9 +70,18 @@ pub struct Event {
     pub policy: Policy,
     /// [`crate::conns`] `SOURCE_*`.
     pub source: u32,
-    /// The socket's error (`sk_err`) when it closed, else 0.
+    /// The socket's error (`sk_err`) when it closed, else 0; for a
+    /// signal, its value (see [`crate::risk`] `SIGNAL_*`).
     pub error: u32,
-    pub _pad: u32,
+    /// For `at_risk` and `recovered`: the [`crate::risk`] `REASON_*`; for
+    /// a signal, its `SIGNAL_*`.
+    pub detail: u32,
+    /// Milliseconds since the peer last acknowledged anything
+    /// (`rcv_tstamp`), for signals and a managed connection's end;
+    /// `u32::MAX` when not known.
+    pub ack_age_ms: u32,
+    /// The connection's early-warning thresholds (signals).
+    pub risk: crate::risk::Risk,
 }
 
 /// Ring buffer size in bytes (a power of two, multiple of the page size).

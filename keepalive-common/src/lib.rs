@@ -65,6 +65,9 @@ pub mod events;
 /// The installation record, written by the loader.
 pub mod meta;
 
+/// Early warning: thresholds, reasons and the signals sock_ops sends.
+pub mod risk;
+
 /// Capacity of the connection map. Entries exist only while a managed
 /// connection is open.
 pub const CONNS_MAX_ENTRIES: u32 = 262_144;
@@ -90,6 +93,7 @@ mod pod {
     unsafe impl aya::Pod for crate::index::SlotInfo {}
     unsafe impl aya::Pod for crate::holders::HolderKey {}
     unsafe impl aya::Pod for crate::offsets::Offsets {}
+    unsafe impl aya::Pod for crate::risk::Risk {}
 }
 
 #[cfg(test)]
@@ -103,15 +107,16 @@ mod tests {
         assert_eq!(size_of::<policy::Policy>(), 20);
         assert_eq!(size_of::<rules::RuleKey>(), 20);
         assert_eq!(size_of::<rules::RuleValue>(), 16 + 20 + 4);
-        assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8);
-        assert_eq!(size_of::<events::Event>(), 96);
-        assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX + 8);
+        assert_eq!(size_of::<conns::ConnInfo>(), 20 + 12 + 8 + 16);
+        assert_eq!(size_of::<events::Event>(), 112);
+        assert_eq!(size_of::<risk::Risk>(), 12);
+        assert_eq!(size_of::<meta::Meta>(), 16 + meta::PATH_MAX + 16);
         assert_eq!(size_of::<requests::PeerKey>(), 20);
         assert_eq!(size_of::<index::IndexKey>(), 24);
         assert_eq!(size_of::<index::FdOwner>(), 8);
-        assert_eq!(size_of::<requests::Request>(), 48);
+        assert_eq!(size_of::<requests::Request>(), 60);
         assert_eq!(size_of::<requests::ConnRecord>(), 84 + 4);
-        assert_eq!(size_of::<offsets::Offsets>(), 18 * 4);
+        assert_eq!(size_of::<offsets::Offsets>(), 24 * 4);
     }
 
     #[test]

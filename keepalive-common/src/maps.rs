@@ -51,8 +51,11 @@ pub const CHANGED: &str = "TCPKA_CHANGED";
 /// one [`crate::requests::Unsent`], written with the connection's next
 /// visit, which the kernel makes when the reader asks for more.
 pub const UNSENT: &str = "TCPKA_UNSENT";
+/// Early-warning thresholds of rules that have their own: rule id ->
+/// [`crate::risk::Risk`].
+pub const RISK: &str = "TCPKA_RISK";
 /// All maps, in the order they are pinned.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 21] = [
     RULES,
     CONNS,
     STATS,
@@ -73,4 +76,5 @@ pub const ALL: [&str; 20] = [
     RULE_NAMES,
     CHANGED,
     UNSENT,
+    RISK,
 ];

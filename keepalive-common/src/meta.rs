@@ -17,6 +17,10 @@ pub struct Meta {
     pub flags: u32,
     /// [`LAYOUT_VERSION`] of the tcpka that loaded the installation.
     pub version: u32,
+    /// Nanoseconds per jiffy (1e9 / the kernel's HZ), measured at load:
+    /// the kernel keeps TCP timestamps in jiffies.
+    pub jiffy_ns: u32,
+    pub _pad: u32,
 }
 
 /// The index was seeded with what existed at load: the load finished.
@@ -31,4 +35,4 @@ pub const FLAG_HOST_INDEX: u32 = 4;
 
 /// Changes whenever the maps or programs of an installation change in a
 /// way an older or newer tcpka cannot use.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;

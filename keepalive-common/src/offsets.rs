@@ -44,6 +44,20 @@ pub struct Offsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`.
     pub kernfs_id: u32,
+    /// `inet_connection_sock.icsk_probes_out` (u8): keepalive or
+    /// zero-window probes sent since the peer last answered.
+    pub icsk_probes_out: u32,
+    /// `inet_connection_sock.icsk_backoff` (u8).
+    pub icsk_backoff: u32,
+    /// `inet_connection_sock.icsk_ack` + `lrcvtime` (u32 jiffies): the
+    /// last data received.
+    pub icsk_ack_lrcvtime: u32,
+    /// `tcp_sock.snd_wnd` (u32): the peer's receive window.
+    pub snd_wnd: u32,
+    /// `tcp_sock.rcv_tstamp` (u32 jiffies): the last ACK received.
+    pub rcv_tstamp: u32,
+    /// `tcp_sock.keepalive_time` (u32 jiffies, 0: the sysctl's).
+    pub keepalive_time: u32,
 }
 
 impl Offsets {
@@ -69,5 +83,11 @@ impl Offsets {
         cgroup_ancestors: 0,
         cgroup_kn: 0,
         kernfs_id: 0,
+        icsk_probes_out: 0,
+        icsk_backoff: 0,
+        icsk_ack_lrcvtime: 0,
+        snd_wnd: 0,
+        rcv_tstamp: 0,
+        keepalive_time: 0,
     };
 }

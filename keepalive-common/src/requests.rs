@@ -33,6 +33,8 @@ pub struct Request {
     pub _pad: u16,
     /// Values for [`OP_ENABLE`].
     pub policy: Policy,
+    /// Early-warning thresholds for [`OP_ENABLE`].
+    pub risk: crate::risk::Risk,
 }
 
 /// What the iterators write for each connection they report, read back

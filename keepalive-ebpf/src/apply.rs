@@ -4,8 +4,8 @@ use core::ffi::c_void;
 use aya_ebpf::{helpers::generated::bpf_setsockopt, maps::lpm_trie::Key};
 use keepalive_common::{
     events::{
-        Event, KIND_ABORTED, KIND_APPLIED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT,
-        RING_BYTES,
+        Event, KIND_ABORTED, KIND_APPLIED, KIND_AT_RISK, KIND_CLOSED_BY_TCPKA, KIND_RECOVERED,
+        KIND_RESET, KIND_TIMEOUT, RING_BYTES,
     },
     policy::{Policy, FLAG_USER_TIMEOUT},
     ports::FLAG_ANY_PORT_RULE,
@@ -20,26 +20,42 @@ use crate::maps::{count, rule_local, rule_remote, ALERTS, EVENTS, RULES};
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
 /// Sends an event to user space; a full ring buffer is counted, not fatal.
-/// Timeouts, resets and aborts (and `tcpka close`) have a ring of their own; `applied` events
-/// give way once their ring is half full, so `closed` ones still fit.
+/// Timeouts, resets, aborts, early warnings (and `tcpka close`) have a ring
+/// of their own; `applied` events give way once their ring is half full,
+/// so `closed` ones still fit.
+///
+/// The event is written straight into the ring: `fill` sets every field
+/// but `kind` through the pointer. Built on the stack, an event would
+/// count against the 512 bytes a program and the functions it calls share.
 #[inline(always)]
-pub fn emit(event: &Event) {
-    match event.kind {
-        KIND_TIMEOUT | KIND_RESET | KIND_ABORTED | KIND_CLOSED_BY_TCPKA => {
-            if ALERTS.output::<Event>(event, 0).is_err() {
-                count(stats::ALERTS_DROPPED);
-            }
-        }
-        kind => {
-            if kind == KIND_APPLIED && EVENTS.query(BPF_RB_AVAIL_DATA) > u64::from(RING_BYTES / 2) {
-                count(stats::EVENTS_DROPPED);
-                return;
-            }
-            if EVENTS.output::<Event>(event, 0).is_err() {
-                count(stats::EVENTS_DROPPED);
-            }
-        }
+pub fn emit_with<F: FnOnce(*mut Event)>(kind: u32, fill: F) {
+    let alert = matches!(
+        kind,
+        KIND_TIMEOUT
+            | KIND_RESET
+            | KIND_ABORTED
+            | KIND_CLOSED_BY_TCPKA
+            | KIND_AT_RISK
+            | KIND_RECOVERED
+    );
+    if kind == KIND_APPLIED && EVENTS.query(BPF_RB_AVAIL_DATA) > u64::from(RING_BYTES / 2) {
+        count(stats::EVENTS_DROPPED);
+        return;
     }
+    let ring = if alert { &ALERTS } else { &EVENTS };
+    let Some(mut entry) = ring.reserve::<Event>(0) else {
+        count(if alert {
+            stats::ALERTS_DROPPED
+        } else {
+            stats::EVENTS_DROPPED
+        });
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved slot of the size of an Event.
+    unsafe { (*e).kind = kind };
+    fill(e);
+    entry.submit(0);
 }
 
 /// The port combinations (both, local only, remote only, none) that some

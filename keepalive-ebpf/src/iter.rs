@@ -15,7 +15,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::{
         bpf_get_socket_cookie,
-        generated::{bpf_getsockopt, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock},
+        generated::{
+            bpf_getsockopt, bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write, bpf_skc_to_tcp_sock,
+        },
     },
     maps::lpm_trie::Key,
 };
@@ -38,6 +40,7 @@ use crate::{
         count, host_index, index_port, port_flags, CHANGED, CONNS, META, REQ_COOKIE, REQ_PEER,
         REQ_PORTS, UNSENT,
     },
+    risk,
     sock::{ends, in_cgroup, load, Ends, SKC_DPORT, SKC_NUM, SKC_STATE},
 };
 
@@ -62,16 +65,13 @@ fn watch_close(tp: *mut c_void) -> bool {
     if port_flags() & ports::FLAG_CLOSE_BY_TRACEPOINT != 0 {
         return false;
     }
+    // With the early-warning callbacks (`risk.rs`).
+    let want = STATE_CB_FLAG | risk::CB_FLAGS as i32;
     let flags = get(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) as i32;
-    if flags & STATE_CB_FLAG != 0 {
+    if flags & want == want {
         return true;
     }
-    if !setsockopt_int(
-        tp,
-        SOL_TCP,
-        TCP_BPF_SOCK_OPS_CB_FLAGS,
-        flags | STATE_CB_FLAG,
-    ) {
+    if !setsockopt_int(tp, SOL_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS, flags | want) {
         count(stats::CLOSE_WATCH_ERRORS);
     }
     true
@@ -276,6 +276,8 @@ pub fn tcpka_iter_apply(ctx: *mut c_void) -> i32 {
             flags,
             // SAFETY: helper without arguments.
             applied_ns: unsafe { bpf_ktime_get_ns() },
+            risk: req.risk,
+            _pad: 0,
         };
         // Recorded first: a connection the full map cannot hold is left as
         // it was, and said so.
@@ -487,6 +489,21 @@ fn report_rule(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, outcome
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn tcpka_iter_status(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_iter__tcp`.
+    let (sk, seq) = unsafe {
+        let c = ctx as *const IterTcp;
+        ((*c).sk_common, (*(*c).meta).seq)
+    };
+    if sk.is_null() {
+        // The call after the last socket: both clocks, after the records
+        // (a reader of whole records ignores them), from which the loader
+        // measures the kernel's HZ.
+        // SAFETY: helpers without arguments.
+        let mut clocks = unsafe { [bpf_ktime_get_ns(), bpf_jiffies64()] };
+        // SAFETY: the iterator's seq_file; `clocks` lives for the call.
+        unsafe { bpf_seq_write(seq.cast(), clocks.as_mut_ptr().cast(), 16) };
+        return 0;
+    }
     let Some(Visit {
         seq,
         sk,

@@ -10,6 +10,7 @@ mod iter;
 mod lookup;
 mod maps;
 mod offsets;
+mod risk;
 mod sock;
 mod sockops;
 mod state;

@@ -12,6 +12,7 @@ use keepalive_common::{
     meta::Meta,
     ports,
     requests::{self, PeerKey, Request, Unsent},
+    risk::Risk,
     rules::{RuleKey, RuleName, RuleValue},
     stats, CONNS_MAX_ENTRIES, RULES_MAX_ENTRIES,
 };
@@ -86,6 +87,10 @@ pub static CHANGED: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(RULES_MAX_
 /// The rules iterator's report that did not fit (see `requests::Unsent`).
 #[map(name = "TCPKA_UNSENT")]
 pub static UNSENT: Array<Unsent> = Array::with_max_entries(1, 0);
+
+/// Rules' own early-warning thresholds, written by user space.
+#[map(name = "TCPKA_RISK")]
+pub static RISK: HashMap<u32, Risk> = HashMap::with_max_entries(RULES_MAX_ENTRIES, 1);
 
 #[map(name = "TCPKA_WANT")]
 pub static WANT: HashMap<u64, FdOwner> = HashMap::with_max_entries(index::WANT_MAX_ENTRIES, 0);

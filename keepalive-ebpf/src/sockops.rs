@@ -13,8 +13,10 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -25,17 +27,18 @@ use aya_ebpf::{
 };
 use keepalive_common::{
     conns::{ConnInfo, SOURCE_RULE},
-    events::{Event, KIND_APPLIED},
+    events::KIND_APPLIED,
     ports::{FLAG_RULE_EVENTS, FLAG_TRACE},
+    risk::Risk,
     rules::OPT_UNTRACKED,
     stats,
 };
 
 use crate::{
-    apply::{apply_policy, best_rule, emit, Candidates},
+    apply::{apply_policy, best_rule, emit_with, Candidates},
     index,
-    maps::{count, host_index, index_port, port_flags, CONNS},
-    state,
+    maps::{count, host_index, index_port, port_flags, CONNS, RISK},
+    risk, state,
 };
 
 const AF_INET: u32 = 2;
@@ -65,6 +68,22 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             established(ops)
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            risk::on_send(ops);
+            Ok(())
+        }
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB => {
+            risk::on_receive(ops);
+            Ok(())
+        }
+        BPF_SOCK_OPS_RTO_CB => {
+            risk::on_rto(ops);
+            Ok(())
+        }
+        BPF_SOCK_OPS_RETRANS_CB => {
+            risk::on_retrans(ops);
+            Ok(())
         }
         BPF_SOCK_OPS_STATE_CB => {
             // args[1] is the new state; the callback runs before the change.
@@ -148,11 +167,21 @@ fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool, cookie: u64) {
     if !host {
         let cb = field!(ops, bpf_sock_ops_cb_flags);
         // SAFETY: sock_ops context is a valid argument for the helper.
-        if unsafe { bpf_sock_ops_cb_flags_set(ops, (cb | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) } != 0
-        {
+        // With the early-warning callbacks (`risk.rs`): they run only for
+        // these connections, and cost nothing until a probe or a
+        // retransmission.
+        let flags = cb | BPF_SOCK_OPS_STATE_CB_FLAG | risk::CB_FLAGS;
+        if unsafe { bpf_sock_ops_cb_flags_set(ops, flags as i32) } != 0 {
             count(stats::CLOSE_WATCH_ERRORS);
         }
     }
+}
+
+/// A rule's own early-warning thresholds (defaults when it has none).
+#[inline(always)]
+fn rule_risk(id: u32) -> Risk {
+    // SAFETY: read-only lookup.
+    unsafe { RISK.get(&id) }.copied().unwrap_or_default()
 }
 
 fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
@@ -234,6 +263,8 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
         rule_id: rule.id,
         flags: 0,
         applied_ns: now,
+        risk: rule_risk(rule.id),
+        _pad: 0,
     };
     if CONNS.insert(&cookie, &info, 0).is_err() {
         count(stats::CONNS_FULL);
@@ -249,20 +280,23 @@ fn established(ops: *mut bpf_sock_ops) -> Result<(), ()> {
     if flags & FLAG_RULE_EVENTS == 0 {
         return Ok(());
     }
-    emit(&Event {
-        kind: KIND_APPLIED,
-        family,
-        cookie,
-        ts_ns: now,
-        local_addr: addr!(ops, family, local_ip4, local_ip6),
-        remote_addr: addr,
-        local_port,
-        remote_port,
-        rule_id: rule.id,
-        policy,
-        source: SOURCE_RULE,
-        error: 0,
-        _pad: 0,
+    let local_addr = addr!(ops, family, local_ip4, local_ip6);
+    // SAFETY: `e` is a reserved ring slot; every field is written.
+    emit_with(KIND_APPLIED, |e| unsafe {
+        (*e).family = family;
+        (*e).cookie = cookie;
+        (*e).ts_ns = now;
+        (*e).local_addr = local_addr;
+        (*e).remote_addr = addr;
+        (*e).local_port = local_port;
+        (*e).remote_port = remote_port;
+        (*e).rule_id = rule.id;
+        (*e).policy = policy;
+        (*e).source = SOURCE_RULE;
+        (*e).error = 0;
+        (*e).detail = 0;
+        (*e).ack_age_ms = u32::MAX;
+        (*e).risk = info.risk;
     });
     Ok(())
 }

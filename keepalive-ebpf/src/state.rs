@@ -16,12 +16,12 @@ use aya_ebpf::{
 };
 use keepalive_common::{
     conns::{ConnInfo, FLAGS_TRACEPOINT_CLOSE, FLAG_CLOSING, SOURCE_COMMAND, SOURCE_RULE},
-    events::{Event, KIND_ABORTED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT},
+    events::{KIND_ABORTED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_TIMEOUT},
     ports, stats,
 };
 
 use crate::{
-    apply::emit,
+    apply::emit_with,
     index,
     maps::{count, host_index, index_port, port_flags, CONNS, HOLDER_COUNT, SLOTS},
     offsets::offset,
@@ -177,20 +177,22 @@ fn report_end(sk: *const u8, cookie: u64, info: &ConnInfo) {
     }
     let Some(e) = ends(sk) else { return };
     let sport: u16 = read(sk, sport_off);
-    emit(&Event {
-        kind,
-        family: e.family as u32,
-        cookie,
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        local_addr: e.local_addr,
-        remote_addr: e.remote_addr,
-        local_port: u16::from_be(sport),
-        remote_port: e.remote_port,
-        rule_id: info.rule_id,
-        policy: info.policy,
-        source: info.source,
-        error,
-        _pad: 0,
+    let ack_age_ms = crate::risk::ack_age_ms(sk);
+    // SAFETY: `ev` is a reserved ring slot; every field is written.
+    emit_with(kind, |ev| unsafe {
+        (*ev).family = e.family as u32;
+        (*ev).cookie = cookie;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).local_addr = e.local_addr;
+        (*ev).remote_addr = e.remote_addr;
+        (*ev).local_port = u16::from_be(sport);
+        (*ev).remote_port = e.remote_port;
+        (*ev).rule_id = info.rule_id;
+        (*ev).policy = info.policy;
+        (*ev).source = info.source;
+        (*ev).error = error;
+        (*ev).detail = 0;
+        (*ev).ack_age_ms = ack_age_ms;
+        (*ev).risk = info.risk;
     });
 }

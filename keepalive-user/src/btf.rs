@@ -144,6 +144,39 @@ impl Btf {
             .ok_or_else(not_found)
     }
 
+    /// Byte offset of `inner` in the struct-typed member `outer` of
+    /// `struct strukt` (e.g. `icsk_ack.lrcvtime`, whose struct has no
+    /// name).
+    pub fn nested_offset(&self, strukt: &str, outer: &str, inner: &str) -> Result<u32, BtfError> {
+        let not_found = || BtfError::NotFound {
+            strukt: strukt.into(),
+            member: format!("{outer}.{inner}"),
+        };
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == strukt.as_bytes())
+            .ok_or_else(not_found)?;
+        let &(_, type_id, offset) = t
+            .members
+            .iter()
+            .find(|(name, _, _)| self.name(*name) == outer.as_bytes())
+            .ok_or_else(not_found)?;
+        let bits = if t.kind_flag {
+            offset & 0xff_ffff
+        } else {
+            offset
+        };
+        let inner_t = self
+            .types
+            .get(type_id as usize)
+            .filter(|t| matches!(t.kind, KIND_STRUCT | KIND_UNION))
+            .ok_or_else(not_found)?;
+        self.find_in(inner_t, inner.as_bytes(), bits)
+            .map(|b| b / 8)
+            .ok_or_else(not_found)
+    }
+
     fn find_in(&self, t: &Type, member: &[u8], base_bits: u32) -> Option<u32> {
         for &(name_off, type_id, offset) in &t.members {
             let bits = base_bits
@@ -191,6 +224,25 @@ mod tests {
             .unwrap();
         assert_eq!(s, d + 16);
         assert!(btf.member_offset("sock_common", "no_such_field").is_err());
+    }
+
+    #[test]
+    fn finds_a_member_of_an_unnamed_struct_member() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let ack = btf
+            .member_offset("inet_connection_sock", "icsk_ack")
+            .unwrap();
+        let lrcv = btf
+            .nested_offset("inet_connection_sock", "icsk_ack", "lrcvtime")
+            .unwrap();
+        // `lrcvtime` lies inside `icsk_ack`, a few words in.
+        assert!(lrcv > ack && lrcv < ack + 64, "{ack} {lrcv}");
+        assert!(btf
+            .nested_offset("inet_connection_sock", "icsk_ack", "nope")
+            .is_err());
+        assert!(btf
+            .nested_offset("inet_connection_sock", "nope", "lrcvtime")
+            .is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use keepalive_common::{
     conns::source_name,
-    events::{kind_name, Event},
+    events::{kind_name, Event, KIND_APPLIED, KIND_AT_RISK, KIND_RECOVERED},
+    risk::reason_name,
 };
 
 use crate::{conn::endpoint, policy::Policy};
@@ -13,8 +14,8 @@ use crate::{conn::endpoint, policy::Policy};
 /// An event, decoded.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Record {
-    /// `"applied"`, `"closed"`, `"reset"`, `"timeout"`, `"aborted"` or
-    /// `"closed_by_tcpka"`.
+    /// `"applied"`, `"closed"`, `"reset"`, `"timeout"`, `"aborted"`,
+    /// `"closed_by_tcpka"`, `"at_risk"` or `"recovered"`.
     pub kind: &'static str,
     pub cookie: u64,
     pub local: String,
@@ -30,6 +31,15 @@ pub struct Record {
     /// The socket error that ended the connection (e.g. 110 ETIMEDOUT).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<u32>,
+    /// For `at_risk` and `recovered`: `"probe"`, `"backoff"`,
+    /// `"zero_window"` or `"retrans"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// Milliseconds since the peer last acknowledged anything, for
+    /// `at_risk`, `recovered` and a managed connection's end (for a
+    /// `timeout`, how long detection took).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_age_ms: Option<u32>,
 }
 
 /// Converts a CLOCK_MONOTONIC time to wall-clock RFC 3339 (UTC).
@@ -64,6 +74,9 @@ impl Record {
             monotonic_ns: e.ts_ns,
             time: rfc3339_from_monotonic(e.ts_ns),
             error: (e.error != 0).then_some(e.error),
+            reason: matches!(e.kind, KIND_AT_RISK | KIND_RECOVERED).then(|| reason_name(e.detail)),
+            ack_age_ms: (e.ack_age_ms != u32::MAX && e.kind != KIND_APPLIED)
+                .then_some(e.ack_age_ms),
         }
     }
 }
@@ -75,6 +88,12 @@ impl fmt::Display for Record {
             "{} {} -> {} cookie={:#x}: {}",
             self.kind, self.local, self.remote, self.cookie, self.policy
         )?;
+        if let Some(r) = self.reason {
+            write!(f, " reason={r}")?;
+        }
+        if let Some(ms) = self.ack_age_ms {
+            write!(f, " last_ack={ms}ms_ago")?;
+        }
         match self.rule {
             Some(id) => write!(f, " (rule {id})"),
             None => write!(f, " ({})", self.source),

@@ -19,12 +19,21 @@ use std::{
 };
 
 use aya::maps::{MapInfo, PerCpuArray, RingBuf};
-use keepalive_common::{events::Event, maps, stats};
+use keepalive_common::{
+    events::{
+        Event, KIND_ABORTED, KIND_CLOSED, KIND_CLOSED_BY_TCPKA, KIND_RESET, KIND_SIGNAL,
+        KIND_TIMEOUT,
+    },
+    maps, stats,
+};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
+    destroy::Diag,
+    enforcer::liveness::{health, TIMER_PROBE0},
     events::{rfc3339, Record},
     paths::PinLayout,
+    risk_tracker::{Seen, Tracker},
     Error, Result,
 };
 
@@ -212,7 +221,7 @@ impl Rings {
     }
 }
 
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, sinks: &Sinks) {
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, sinks: &Sinks, tracker: &mut Tracker) {
     while let Some(item) = ring.next() {
         if item.len() < size_of::<Event>() {
             continue;
@@ -220,9 +229,55 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, sinks: &Sinks) {
         // SAFETY: the programs write whole `Event`s; read unaligned.
         let raw: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
         drop(item);
+        match raw.kind {
+            // Signals make early-warning events; they are not shown.
+            KIND_SIGNAL => {
+                for r in tracker.signal(&raw) {
+                    sinks.send(Message::Event(r));
+                }
+                continue;
+            }
+            KIND_CLOSED | KIND_RESET | KIND_TIMEOUT | KIND_ABORTED | KIND_CLOSED_BY_TCPKA => {
+                tracker.forget(raw.cookie);
+            }
+            _ => {}
+        }
         sinks.send(Message::Event(Record::from_raw(&raw)));
     }
 }
+
+/// CLOCK_MONOTONIC, the clock of the kernel's event times.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
+
+/// Asks the kernel about one connection for the early warning (in serve's
+/// network namespace); the sock_diag socket is opened on first use.
+fn look(diag: &mut Option<Diag>, e: &Event) -> Seen {
+    if diag.is_none() {
+        *diag = Diag::open().ok();
+    }
+    let Some(d) = diag.as_ref() else {
+        return Seen::Unknown;
+    };
+    let local = crate::conn::endpoint(e.family, e.local_addr, e.local_port);
+    let remote = crate::conn::endpoint(e.family, e.remote_addr, e.remote_port);
+    match health(d, local, remote, e.cookie) {
+        Some(h) => Seen::Health {
+            probes_out: h.liveness.probes_out,
+            backoff: h.liveness.backoff,
+            zero_window: h.timer == TIMER_PROBE0,
+            last_ack_ms: h.liveness.last_ack_recv_ms,
+        },
+        None => Seen::Unknown,
+    }
+}
+
+/// How often the early warning looks at what has come due: an unanswered
+/// probe's `at_risk` is at most this late.
+const RISK_TICK: Duration = Duration::from_millis(50);
 
 /// How often the feed checks the drop counters and that its rings are
 /// still the installed ones.
@@ -231,6 +286,8 @@ const CHECK: Duration = Duration::from_secs(1);
 /// Runs the feed until the process ends.
 pub async fn run(layout: PinLayout, sinks: Sinks) {
     let mut reported_missing = false;
+    let mut tracker = Tracker::default();
+    let mut diag = None;
     loop {
         let mut rings = match Rings::open(&layout) {
             Ok(r) => {
@@ -251,18 +308,26 @@ pub async fn run(layout: PinLayout, sinks: Sinks) {
         };
         // The first check after a period: what is in the rings is read first.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + CHECK, CHECK);
+        let mut risk_tick = tokio::time::interval(RISK_TICK);
+        risk_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeps = 0u32;
         loop {
             tokio::select! {
                 biased;
                 g = rings.alerts.readable_mut() => {
                     let Ok(mut g) = g else { break };
-                    drain(g.get_inner_mut(), &sinks);
+                    drain(g.get_inner_mut(), &sinks, &mut tracker);
                     g.clear_ready();
                 }
                 g = rings.events.readable_mut() => {
                     let Ok(mut g) = g else { break };
-                    drain(g.get_inner_mut(), &sinks);
+                    drain(g.get_inner_mut(), &sinks, &mut tracker);
                     g.clear_ready();
+                }
+                _ = risk_tick.tick() => {
+                    for r in tracker.tick(monotonic_ns(), &mut |e| look(&mut diag, e)) {
+                        sinks.send(Message::Event(r));
+                    }
                 }
                 _ = tick.tick() => {
                     let now = rings.read_dropped();
@@ -274,10 +339,14 @@ pub async fn run(layout: PinLayout, sinks: Sinks) {
                     if e > 0 {
                         sinks.send(Message::Gap(Gap::new(e, "kernel_events")));
                     }
+                    sweeps += 1;
+                    if sweeps.is_multiple_of(60) {
+                        tracker.sweep(monotonic_ns());
+                    }
                     if !rings.current(&layout) {
                         // Drain what is left of the old rings first.
-                        drain(rings.alerts.get_mut(), &sinks);
-                        drain(rings.events.get_mut(), &sinks);
+                        drain(rings.alerts.get_mut(), &sinks, &mut tracker);
+                        drain(rings.events.get_mut(), &sinks, &mut tracker);
                         tracing::info!("events: the installation was unloaded or reloaded");
                         break;
                     }

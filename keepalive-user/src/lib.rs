@@ -46,6 +46,8 @@ pub mod pinned;
 pub use pinned::lend;
 pub mod policy;
 pub mod ports;
+pub mod risk;
+pub mod risk_tracker;
 pub mod rule;
 pub mod server;
 pub mod service;

@@ -3,7 +3,7 @@ use std::fmt;
 
 use keepalive_common::{limits, policy::FLAG_USER_TIMEOUT};
 
-use crate::InvalidInput;
+use crate::{risk::Thresholds, InvalidInput};
 
 /// Keepalive values checked against the kernel's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -16,6 +16,9 @@ pub struct Policy {
     pub interval: u32,
     /// TCP_USER_TIMEOUT in milliseconds, when set.
     pub user_timeout_ms: Option<u32>,
+    /// Early-warning thresholds (`at_risk` events).
+    #[serde(rename = "at_risk", skip_serializing_if = "Thresholds::is_default")]
+    pub risk: Thresholds,
 }
 
 impl Policy {
@@ -37,7 +40,13 @@ impl Policy {
             count,
             interval,
             user_timeout_ms,
+            risk: Thresholds::default(),
         })
+    }
+
+    /// The same values with these early-warning thresholds.
+    pub fn with_risk(self, risk: Thresholds) -> Self {
+        Self { risk, ..self }
     }
 
     /// Seconds after the last data until the kernel gives up on a silent
@@ -69,6 +78,7 @@ impl Policy {
             count: raw.count,
             interval: raw.interval,
             user_timeout_ms: (raw.flags & FLAG_USER_TIMEOUT != 0).then_some(raw.user_timeout_ms),
+            risk: Thresholds::default(),
         }
     }
 }
@@ -82,6 +92,9 @@ impl fmt::Display for Policy {
         )?;
         if let Some(ms) = self.user_timeout_ms {
             write!(f, " user_timeout={ms}ms")?;
+        }
+        if !self.risk.is_default() {
+            write!(f, " at_risk={}", self.risk)?;
         }
         Ok(())
     }

@@ -141,6 +141,11 @@ impl VethPeer {
     pub fn cut(&self) {
         sh(&["ip", "-n", &self.ns.name, "link", "set", "tka1", "down"]);
     }
+
+    /// The peer answers again.
+    pub fn restore(&self) {
+        sh(&["ip", "-n", &self.ns.name, "link", "set", "tka1", "up"]);
+    }
 }
 
 impl Default for VethPeer {

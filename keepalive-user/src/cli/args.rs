@@ -426,16 +426,23 @@ pub(crate) struct PolicyArgs {
     /// A non-zero value makes the kernel ignore COUNT.
     #[arg(long, value_name = "MS", value_parser = |s: &str| parse_u32("user timeout (ms)", s))]
     pub(crate) user_timeout: Option<u32>,
+    /// Early-warning thresholds for `at_risk` events on tracked and
+    /// command-managed connections: comma-separated NAME=VALUE, where NAME
+    /// is `probe` (a keepalive probe unanswered this long; default half
+    /// the interval, at most 1s), `backoff` (retransmission backoff level;
+    /// 3), `zero-window` (the peer's window at zero this long; 5s) or
+    /// `retrans` (retransmits per 10 s; 10), and VALUE a number (ms, or
+    /// with `ms`/`s`) or `off`. `off` alone turns early warning off.
+    #[arg(long, value_name = "SPEC", value_parser = |s: &str| tcpka::risk::Thresholds::parse(s))]
+    pub(crate) at_risk: Option<tcpka::risk::Thresholds>,
 }
 
 impl PolicyArgs {
     pub(crate) fn policy(&self) -> Result<Policy, Error> {
-        Ok(Policy::new(
-            self.idle,
-            self.count,
-            self.interval,
-            self.user_timeout,
-        )?)
+        Ok(
+            Policy::new(self.idle, self.count, self.interval, self.user_timeout)?
+                .with_risk(self.at_risk.unwrap_or_default()),
+        )
     }
 }
 

@@ -218,6 +218,13 @@ async fn delete_one(
 
 async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) -> Result<(), Error> {
     let policy = r.policy.policy()?;
+    if r.policy.at_risk.is_some() {
+        return Err(tcpka::InvalidInput::Usage(
+            "--at-risk is not carried by fleet rules yet: set it with `tcpka rule add` on each host"
+                .into(),
+        )
+        .into());
+    }
     for n in &r.nodes {
         if !tcpka::fleet::valid_node(n) {
             return Err(Error::Invalid(tcpka::InvalidInput::Usage(format!(

@@ -21,8 +21,10 @@ pub struct Liveness {
     pub last_data_recv_ms: u32,
     /// Keepalive (or zero-window) probes sent and not answered.
     pub probes_out: u8,
-    /// Retransmission timeouts in a row for the same data (the backoff).
+    /// Retransmission timeouts in a row for the same data.
     pub retransmits: u8,
+    /// The retransmission (or zero-window probe) backoff level.
+    pub backoff: u8,
     /// Segments retransmitted over the connection's life.
     pub total_retrans: u32,
     /// The current retransmission timeout, in microseconds.
@@ -42,6 +44,7 @@ fn parse_tcp_info(info: &[u8]) -> Option<Liveness> {
     Some(Liveness {
         retransmits: u8_at(2)?,
         probes_out: u8_at(3)?,
+        backoff: u8_at(6)?,
         rto_us: u32_at(8)?,
         last_data_sent_ms: u32_at(44)?,
         last_data_recv_ms: u32_at(52)?,
@@ -82,6 +85,37 @@ fn read(diag: &Diag, local: SocketAddr, remote: SocketAddr, cookie: u64) -> Opti
         .ask(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, cookie, ext))
         .ok()?;
     parse_tcp_info(info_of(&reply)?)
+}
+
+/// `idiag_timer`: the zero-window probe timer runs.
+pub(crate) const TIMER_PROBE0: u8 = 4;
+
+/// What the early warning looks at: the connection's health and which
+/// timer the kernel runs for it (`idiag_timer`: 1 retransmission, 2
+/// keepalive, 4 zero-window probe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Health {
+    pub(crate) liveness: Liveness,
+    pub(crate) timer: u8,
+}
+
+/// [`read`], with the timer; `None` when the connection is gone.
+pub(crate) fn health(
+    diag: &Diag,
+    local: SocketAddr,
+    remote: SocketAddr,
+    cookie: u64,
+) -> Option<Health> {
+    let ext = 1u8 << (INET_DIAG_INFO - 1);
+    let reply = diag
+        .ask(&request_of(SOCK_DIAG_BY_FAMILY, local, remote, cookie, ext))
+        .ok()?;
+    // `inet_diag_msg.idiag_timer`, after the netlink header.
+    let timer = *reply.get(16 + 2)?;
+    Some(Health {
+        liveness: parse_tcp_info(info_of(&reply)?)?,
+        timer,
+    })
 }
 
 impl Enforcer {

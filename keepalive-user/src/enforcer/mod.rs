@@ -41,7 +41,7 @@ use crate::{
 mod direct;
 mod holding;
 mod live;
-mod liveness;
+pub(crate) mod liveness;
 mod probe;
 mod reapply;
 mod rule_table;

@@ -100,8 +100,18 @@ impl Enforcer {
                 .insert(id, rule_name(n), 0)
                 .map_err(|e| Error::map("recording the rule's name", e))?;
         }
+        // Its thresholds before the rule: sock_ops reads them when the
+        // rule first matches.
+        if !policy.risk.is_default() {
+            self.risk_map()?
+                .insert(id, policy.risk.to_raw(), 0)
+                .map_err(|e| Error::map("recording the rule's at-risk thresholds", e))?;
+        }
         crate::ports::sync_rules(&self.layout, rules, Some(&data), None)?;
         let inserted = rules.insert(&key, m.value(id, policy, tracked, new_only), BPF_NOEXIST);
+        if inserted.is_err() && !policy.risk.is_default() {
+            let _ = self.risk_map()?.remove(&id);
+        }
         if inserted.is_err() && name.is_some() {
             let _ = self.names_map()?.remove(&id);
         }
@@ -175,10 +185,21 @@ impl Enforcer {
         crate::ports::sync_rules(&self.layout, rules, None, Some(&key.data()))?;
         let names = self.rule_names()?;
         let _ = self.names_map()?.remove(&id);
-        crate::ports::bump_generation(&self.layout)?;
         let mut rule = rule_from_entry(&key, &value);
+        let mut risk = self.risk_map()?;
+        if let Ok(r) = risk.get(&id, 0) {
+            rule.risk = crate::risk::Thresholds::from_raw(r);
+            let _ = risk.remove(&id);
+        }
+        crate::ports::bump_generation(&self.layout)?;
         rule.name = names.get(&id).cloned();
         Ok(rule)
+    }
+
+    /// Rules' own early-warning thresholds, by rule id.
+    pub(super) fn risk_map(&self) -> Result<HashMap<MapData, u32, keepalive_common::risk::Risk>> {
+        HashMap::try_from(crate::pinned::open_map(&self.layout, maps::RISK)?)
+            .map_err(|e| Error::map("opening the rules' at-risk thresholds", e))
     }
 
     pub(super) fn names_map(&self) -> Result<HashMap<MapData, u32, RuleName>> {
@@ -209,11 +230,15 @@ impl Enforcer {
     pub fn rules(&self) -> Result<Vec<Rule>> {
         let rules = self.rules_map()?;
         let names = self.rule_names()?;
+        let risk = self.risk_map()?;
         let mut out = Vec::new();
         for entry in rules.iter() {
             let (key, value) = entry.map_err(|e| Error::map("reading the rule table", e))?;
             let mut rule = rule_from_entry(&key, &value);
             rule.name = names.get(&rule.id).cloned();
+            if let Ok(r) = risk.get(&rule.id, 0) {
+                rule.risk = crate::risk::Thresholds::from_raw(r);
+            }
             out.push(rule);
         }
         out.sort_by_key(|r| r.id);

@@ -89,6 +89,11 @@ impl Enforcer {
                     0
                 },
                 applied_ns: monotonic_ns(),
+                risk: match action {
+                    Action::Enable(p) => p.risk.to_raw(),
+                    _ => Default::default(),
+                },
+                _pad: 0,
             };
             match conns.insert(h.cookie, info, 0) {
                 Ok(()) => {}

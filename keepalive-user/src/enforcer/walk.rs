@@ -29,10 +29,10 @@ pub(super) fn same_key(a: ConnSpec, b: ConnSpec) -> bool {
 }
 
 pub(super) fn request_for(action: Action, local: Option<SocketAddr>) -> Request {
-    let (op, policy) = match action {
-        Action::Enable(p) => (OP_ENABLE, p.to_raw()),
-        Action::Disable => (OP_DISABLE, Default::default()),
-        Action::Query => (OP_QUERY, Default::default()),
+    let (op, policy, risk) = match action {
+        Action::Enable(p) => (OP_ENABLE, p.to_raw(), p.risk.to_raw()),
+        Action::Disable => (OP_DISABLE, Default::default(), Default::default()),
+        Action::Query => (OP_QUERY, Default::default(), Default::default()),
     };
     Request {
         op,
@@ -41,6 +41,7 @@ pub(super) fn request_for(action: Action, local: Option<SocketAddr>) -> Request 
         local_port: local.map_or(0, |l| l.port()),
         _pad: 0,
         policy,
+        risk,
     }
 }
 

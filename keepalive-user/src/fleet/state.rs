@@ -247,6 +247,7 @@ impl View {
                             count: 0,
                             interval: 0,
                             user_timeout_ms: None,
+                            risk: Default::default(),
                         });
                     self.installed.insert(
                         name.to_owned(),

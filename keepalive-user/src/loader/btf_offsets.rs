@@ -39,5 +39,11 @@ pub(super) fn kernel_offsets(btf: &crate::btf::Btf, index: IndexMode) -> Result<
         cgroup_ancestors,
         cgroup_kn,
         kernfs_id,
+        icsk_probes_out: at("inet_connection_sock", "icsk_probes_out")?,
+        icsk_backoff: at("inet_connection_sock", "icsk_backoff")?,
+        icsk_ack_lrcvtime: btf.nested_offset("inet_connection_sock", "icsk_ack", "lrcvtime")?,
+        snd_wnd: at("tcp_sock", "snd_wnd")?,
+        rcv_tstamp: at("tcp_sock", "rcv_tstamp")?,
+        keepalive_time: at("tcp_sock", "keepalive_time")?,
     })
 }

@@ -223,6 +223,8 @@ fn load_and_pin(
             0
         },
         version: keepalive_common::meta::LAYOUT_VERSION,
+        jiffy_ns: 0,
+        _pad: 0,
     };
     set_meta_cgroup(&mut meta, cgroup);
     {
@@ -405,6 +407,7 @@ fn load_and_pin(
         source: e,
     })?;
     pin_link(link, &layout.sock_ops_link())?;
+    record_hz(layout)?;
 
     // Index what existed before: who holds each socket (all processes),
     // and the connections of our own namespace (others are indexed when
@@ -453,6 +456,15 @@ pub fn repair_seed(layout: &PinLayout) -> Result<bool> {
     tracing::warn!("completing a load that was interrupted: indexing existing connections");
     seed(layout)?;
     Ok(true)
+}
+
+/// Measures the kernel's HZ with the status iterator and records it: the
+/// programs turn TCP's jiffies into milliseconds with it.
+fn record_hz(layout: &PinLayout) -> Result<()> {
+    let jiffy_ns = crate::risk::measure_jiffy_ns(&layout.iter_status())?;
+    let mut meta = read_meta(layout)?;
+    meta.jiffy_ns = jiffy_ns;
+    write_meta(layout, &meta)
 }
 
 fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut T>

@@ -207,6 +207,9 @@ pub struct Rule {
     /// The name a configuration file gave it (`tcpka apply`); `None` for a
     /// rule added by hand.
     pub name: Option<String>,
+    /// Early-warning thresholds of its tracked connections.
+    #[serde(rename = "at_risk")]
+    pub risk: crate::risk::Thresholds,
 }
 
 impl Rule {
@@ -223,6 +226,7 @@ impl Rule {
             tracked,
             new_only: false,
             name: None,
+            risk: p.risk,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `POST /v1/enable`, `/v1/disable` and `/v1/close`, and evapi's
 //! commands, run like the API's: through the batch worker.
 use super::*;
+use crate::risk::Thresholds;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -11,6 +12,8 @@ pub(super) struct EnableBody {
     interval: u32,
     local: Option<String>,
     user_timeout_ms: Option<u32>,
+    /// Early-warning thresholds (`enable --at-risk`).
+    at_risk: Option<String>,
     holder: Option<String>,
     netns: Option<PathBuf>,
 }
@@ -69,6 +72,7 @@ impl crate::evapi::Commands for EvapiCommands {
                         interval,
                         local,
                         user_timeout_ms,
+                        at_risk: None,
                         holder: holder.clone(),
                         netns: None,
                     };
@@ -140,12 +144,15 @@ pub(super) fn enable_op(state: &AppState, b: EnableBody) -> Result<Op, Box<Respo
     let parsed =
         Op::parse(&b.conn, b.local.as_deref(), b.holder.as_deref(), b.netns).and_then(|op| {
             Ok(Op {
-                action: Action::Enable(Policy::new(
-                    b.idle,
-                    b.count,
-                    b.interval,
-                    b.user_timeout_ms,
-                )?),
+                action: Action::Enable(
+                    Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?.with_risk(
+                        b.at_risk
+                            .as_deref()
+                            .map(Thresholds::parse)
+                            .transpose()?
+                            .unwrap_or_default(),
+                    ),
+                ),
                 ..op
             })
         });

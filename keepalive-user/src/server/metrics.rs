@@ -32,6 +32,11 @@ pub(super) struct Kind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct Delivery {
     pub(super) outcome: &'static str,
 }
@@ -80,6 +85,9 @@ pub(super) struct Metrics {
     /// kernel's counters.
     pub(super) applied_by_command: Counter,
     op_errors: Family<Kind, Counter>,
+    at_risk: Family<Reason, Counter>,
+    recovered: Family<Reason, Counter>,
+    detection_seconds: Histogram,
 }
 
 /// What is read when scraped: the kernel's counters (rules applied,
@@ -294,6 +302,30 @@ impl Metrics {
         );
         let applied_by_command = Counter::default();
         let op_errors = Family::default();
+        let (at_risk, recovered) = (Family::<Reason, Counter>::default(), Family::default());
+        for reason in crate::risk::reason_names() {
+            let _ = at_risk.get_or_create(&Reason { reason });
+            let _ = recovered.get_or_create(&Reason { reason });
+        }
+        registry.register(
+            "at_risk",
+            "at_risk events: a watched connection showed trouble, by reason",
+            at_risk.clone(),
+        );
+        registry.register(
+            "recovered",
+            "recovered events: the trouble of an at_risk event ended, by reason",
+            recovered.clone(),
+        );
+        let detection_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.5, 2.0, 14),
+        );
+        registry.register(
+            "detection_seconds",
+            "From the peer's last acknowledgement to the timeout event, per timed-out connection",
+            detection_seconds.clone(),
+        );
+
         registry.register_collector(Box::new(Scraped {
             enforcer: enforcer.clone(),
             applied_by_command: applied_by_command.clone(),
@@ -309,6 +341,9 @@ impl Metrics {
             reattached,
             applied_by_command,
             op_errors,
+            at_risk,
+            recovered,
+            detection_seconds,
         }
     }
 
@@ -322,8 +357,24 @@ impl Metrics {
         self.op_errors.get_or_create(&Kind { kind: op }).inc();
     }
 
-    pub(super) fn event(&self, kind: &'static str) {
+    /// One message of the event feed: counted by kind; `at_risk` and
+    /// `recovered` by reason; a timeout's detection time observed.
+    pub(super) fn event(&self, m: &Message) {
+        let kind = m.kind();
         self.events.get_or_create(&Kind { kind }).inc();
+        let Message::Event(r) = m else {
+            return;
+        };
+        match (r.kind, r.reason, r.ack_age_ms) {
+            ("at_risk", Some(reason), _) => {
+                self.at_risk.get_or_create(&Reason { reason }).inc();
+            }
+            ("recovered", Some(reason), _) => {
+                self.recovered.get_or_create(&Reason { reason }).inc();
+            }
+            ("timeout", _, Some(ms)) => self.detection_seconds.observe(f64::from(ms) / 1000.0),
+            _ => {}
+        }
     }
 
     pub(super) fn webhook(&self, outcome: &'static str) {
@@ -366,7 +417,21 @@ mod tests {
         m.command("enable", "ok");
         m.error("enable");
         m.applied_by_command.inc_by(3);
-        m.event("timeout");
+        let raw = |kind, detail, ack_age_ms| keepalive_common::events::Event {
+            kind,
+            detail,
+            ack_age_ms,
+            ..Default::default()
+        };
+        use keepalive_common::{events as ev, risk};
+        for e in [
+            raw(ev::KIND_TIMEOUT, 0, 12_500),
+            raw(ev::KIND_AT_RISK, risk::REASON_PROBE, 3000),
+            raw(ev::KIND_AT_RISK, risk::REASON_PROBE, 3000),
+            raw(ev::KIND_RECOVERED, risk::REASON_ZERO_WINDOW, 0),
+        ] {
+            m.event(&Message::Event(crate::events::Record::from_raw(&e)));
+        }
         m.webhook("delivered");
         let mut text = String::new();
         encode(&mut text, &m.registry).unwrap();
@@ -377,6 +442,11 @@ mod tests {
             "tcpka_build_info{version=",
             "tcpka_connections_applied_total{source=\"command\"} 3",
             "tcpka_events_total{kind=\"timeout\"} 1",
+            "tcpka_at_risk_total{reason=\"probe\"} 2",
+            "tcpka_at_risk_total{reason=\"backoff\"} 0",
+            "tcpka_recovered_total{reason=\"zero_window\"} 1",
+            "tcpka_detection_seconds_count 1",
+            "tcpka_detection_seconds_sum 12.5",
             "tcpka_webhook_deliveries_total{outcome=\"delivered\"} 1",
             "tcpka_lookups_total{path=\"index\"} 0",
             "tcpka_attached 0",

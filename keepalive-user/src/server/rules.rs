@@ -18,6 +18,9 @@ pub(super) struct RuleBody {
     count: u32,
     interval: u32,
     user_timeout_ms: Option<u32>,
+    /// Early-warning thresholds of its tracked connections (`rule add
+    /// --at-risk`).
+    at_risk: Option<String>,
     /// True for a tracked rule (`rule add --tracked`); false by default.
     tracked: Option<bool>,
     /// Only new connections get the rule (`rule add --new-only`).
@@ -54,7 +57,13 @@ pub(super) async fn rules_add(State(state): State<AppState>, body: Body) -> Resp
                 remote_port: port(b.remote_port)?,
                 remote: b.remote.as_deref().map(str::parse::<Cidr>).transpose()?,
             },
-            Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?,
+            Policy::new(b.idle, b.count, b.interval, b.user_timeout_ms)?.with_risk(
+                b.at_risk
+                    .as_deref()
+                    .map(crate::risk::Thresholds::parse)
+                    .transpose()?
+                    .unwrap_or_default(),
+            ),
         ))
     })();
     let (m, policy) = match parsed {

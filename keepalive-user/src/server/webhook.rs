@@ -59,10 +59,11 @@ pub(super) fn spawn_feed(
     let counts = state.event_counts.clone();
     let ended = state.ended.clone();
     let each = move |m: &Arc<Message>| {
-        metrics.event(m.kind());
+        metrics.event(m);
         counts.count(m.kind());
         if let Message::Event(r) = &**m {
-            if r.source == "command" && r.kind != "applied" {
+            let ends = !matches!(r.kind, "applied" | "at_risk" | "recovered");
+            if r.source == "command" && ends {
                 ended.notify_one();
             }
         }

@@ -12,6 +12,7 @@ use tcpka_tests::*;
 
 mod evapi;
 mod events;
+mod risk;
 
 fn serve(e: &Env, extra: &[&str]) -> Serve {
     let addr = format!("127.0.0.1:{}", free_port());
