@@ -232,6 +232,13 @@ fn drain(ring: &mut RingBuf<aya::maps::MapData>, sinks: &Sinks, tracker: &mut Tr
         match raw.kind {
             // Signals make early-warning events; they are not shown.
             KIND_SIGNAL => {
+                tracing::trace!(
+                    "signal {} value {} for cookie {:#x} at {}",
+                    raw.detail,
+                    raw.error,
+                    raw.cookie,
+                    raw.ts_ns
+                );
                 for r in tracker.signal(&raw) {
                     sinks.send(Message::Event(r));
                 }

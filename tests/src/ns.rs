@@ -146,6 +146,34 @@ impl VethPeer {
     pub fn restore(&self) {
         sh(&["ip", "-n", &self.ns.name, "link", "set", "tka1", "up"]);
     }
+
+    /// The peer's answers are dropped on its side (a blackhole route to
+    /// us): the link stays up, so what we send leaves and is counted
+    /// (retransmits), and nothing comes back.
+    pub fn drop_answers(&self) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns.name,
+            "route",
+            "add",
+            "blackhole",
+            "10.199.0.1/32",
+        ]);
+    }
+
+    /// Undoes [`VethPeer::drop_answers`].
+    pub fn answer_again(&self) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns.name,
+            "route",
+            "del",
+            "blackhole",
+            "10.199.0.1/32",
+        ]);
+    }
 }
 
 impl Default for VethPeer {

@@ -224,7 +224,7 @@ pub(super) fn backoff_retransmits_and_a_zero_window_are_reported() {
     let (mut c, _srv) = talk(&l);
     enable(&s, &c, 600, 9, 60, Some("retrans=3,backoff=3"));
     let ck = cookie(&c);
-    peer.cut();
+    peer.drop_answers();
     let from = events.len();
     c.write_all(b"lost").unwrap();
     let slack = if under_tcg() { 3.0 } else { 1.0 };
@@ -242,7 +242,7 @@ pub(super) fn backoff_retransmits_and_a_zero_window_are_reported() {
         std::thread::sleep(Duration::from_millis(50));
     };
     eprintln!("data into a cut: at_risk {reasons:?}");
-    peer.restore();
+    peer.answer_again();
     // Acknowledged at the next retransmission: backoff clears.
     let rec = events.wait("recovered", ck, from, Duration::from_secs_f64(8.0 * slack));
     assert_eq!(rec["reason"], "backoff", "{rec}");
