@@ -52,13 +52,22 @@ pub struct EvapiConfig {
 }
 
 /// The kinds of event that can go to Kamailio (`applied` never does).
-pub const EVENT_KINDS: [&str; 5] = ["timeout", "reset", "aborted", "gap", "closed"];
+pub const EVENT_KINDS: [&str; 7] = [
+    "timeout",
+    "reset",
+    "aborted",
+    "gap",
+    "closed",
+    "at_risk",
+    "recovered",
+];
 
 /// What Kamailio cannot learn by itself: a dead peer (`timeout`), a reset,
-/// an abort, and events lost (`gap`). A connection's orderly close
-/// (`closed`) it sees on its own; with a connection per phone that is one
-/// event per call, for nothing.
-pub const DEFAULT_EVENTS: [&str; 4] = ["timeout", "reset", "aborted", "gap"];
+/// an abort, trouble before it (`at_risk`, `recovered`), and events lost
+/// (`gap`). A connection's orderly close (`closed`) it sees on its own;
+/// with a connection per phone that is one event per call, for nothing.
+pub const DEFAULT_EVENTS: [&str; 6] =
+    ["timeout", "reset", "aborted", "gap", "at_risk", "recovered"];
 
 /// `--evapi-events`: kinds by name, or `all`.
 pub fn parse_events<S: AsRef<str>>(names: &[S]) -> Result<Vec<&'static str>, String> {
@@ -73,13 +82,16 @@ pub fn parse_events<S: AsRef<str>>(names: &[S]) -> Result<Vec<&'static str>, Str
             Some(_) => {}
             None => {
                 return Err(format!(
-                    "unknown event kind {name:?} (timeout, reset, aborted, gap, closed or all)"
+                    "unknown event kind {name:?} (timeout, reset, aborted, gap, closed, at_risk, recovered or all)"
                 ))
             }
         }
     }
     if out.is_empty() {
-        return Err("no event kind (timeout, reset, aborted, gap, closed or all)".into());
+        return Err(
+            "no event kind (timeout, reset, aborted, gap, closed, at_risk, recovered or all)"
+                .into(),
+        );
     }
     Ok(out)
 }
@@ -95,6 +107,8 @@ pub enum Command {
         count: u32,
         interval: u32,
         user_timeout_ms: Option<u32>,
+        /// Early-warning thresholds, as `enable --at-risk` takes them.
+        at_risk: Option<String>,
         holder: Option<String>,
     },
     Disable {

@@ -74,6 +74,17 @@ pub fn as_user(uid: &str) -> Command {
     c
 }
 
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 /// Whether the tests run under qemu's TCG (the Debian 12 VM of `cargo
 /// xtask test`), where everything takes about 35 times as long.
 pub fn under_tcg() -> bool {

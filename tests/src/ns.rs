@@ -134,7 +134,14 @@ impl VethPeer {
 
     /// A listener on the peer.
     pub fn listen(&self) -> TcpListener {
-        in_netns(&self.ns.path(), || listen(&format!("{}:0", Self::ADDR)))
+        self.listen_on(0)
+    }
+
+    /// A listener on the peer, on `port` (0: any).
+    pub fn listen_on(&self, port: u16) -> TcpListener {
+        in_netns(&self.ns.path(), || {
+            listen(&format!("{}:{port}", Self::ADDR))
+        })
     }
 
     /// The peer stops answering.

@@ -92,6 +92,9 @@ pub(crate) async fn fleet_status(
                         s.fleet_capacity
                     ));
                 }
+                if s.at_risk > 0 {
+                    notes.push(format!("{} at_risk, {} recovered", s.at_risk, s.recovered));
+                }
                 if let Some(e) = &s.error {
                     notes.push(format!("error: {e}"));
                 }

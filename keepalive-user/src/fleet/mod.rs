@@ -91,6 +91,11 @@ pub struct NodeStatus {
     pub managed_connections: usize,
     pub timeouts: u64,
     pub resets: u64,
+    /// `at_risk` and `recovered` events since serve started.
+    #[serde(default)]
+    pub at_risk: u64,
+    #[serde(default)]
+    pub recovered: u64,
     /// Fleet rules not applied because a rule of this host has their name
     /// or match.
     #[serde(default)]

@@ -7,11 +7,14 @@ use std::{
 use super::{state::Verdicts, NodeStatus};
 use crate::{enforcer::Enforcer, loader};
 
-/// Timeout and reset events seen by serve, for the node's status.
+/// Timeout, reset and early-warning events seen by serve, for the node's
+/// status.
 #[derive(Debug, Default)]
 pub struct EventCounts {
     pub timeouts: AtomicU64,
     pub resets: AtomicU64,
+    pub at_risk: AtomicU64,
+    pub recovered: AtomicU64,
 }
 
 impl EventCounts {
@@ -19,6 +22,8 @@ impl EventCounts {
         match kind {
             "timeout" => self.timeouts.fetch_add(1, Ordering::Relaxed),
             "reset" => self.resets.fetch_add(1, Ordering::Relaxed),
+            "at_risk" => self.at_risk.fetch_add(1, Ordering::Relaxed),
+            "recovered" => self.recovered.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
     }
@@ -74,6 +79,8 @@ pub(super) fn status(
             .unwrap_or_else(|| enforcer.managed().map(|m| m.len()).unwrap_or(0)),
         timeouts: events.timeouts.load(Ordering::Relaxed),
         resets: events.resets.load(Ordering::Relaxed),
+        at_risk: events.at_risk.load(Ordering::Relaxed),
+        recovered: events.recovered.load(Ordering::Relaxed),
         clashes: applied.verdicts.clashes.clone(),
         invalid: applied.verdicts.invalid.clone(),
         error: applied.error.clone(),

@@ -63,6 +63,7 @@ impl crate::evapi::Commands for EvapiCommands {
                     count,
                     interval,
                     user_timeout_ms,
+                    at_risk,
                     holder,
                 } => {
                     let b = EnableBody {
@@ -72,7 +73,7 @@ impl crate::evapi::Commands for EvapiCommands {
                         interval,
                         local,
                         user_timeout_ms,
-                        at_risk: None,
+                        at_risk,
                         holder: holder.clone(),
                         netns: None,
                     };

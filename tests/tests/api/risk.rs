@@ -101,7 +101,9 @@ fn ns(v: &serde_json::Value) -> i128 {
 pub(super) fn at_risk_comes_before_the_timeout_and_recovered_after_the_peer_returns() {
     let e = Env::entered();
     let peer = VethPeer::new();
-    let l = peer.listen();
+    // An index port: sock_ops indexes and watches these connections as
+    // they connect, so commands get early warning on every kernel.
+    let l = peer.listen_on(5060);
     let l_rule = peer.listen();
     let rule_port = l_rule.local_addr().unwrap().port().to_string();
     e.tcpka.rule_add(&[
@@ -218,9 +220,11 @@ pub(super) fn backoff_retransmits_and_a_zero_window_are_reported() {
     let s = serve(&e, &[]);
     let mut events = Events::new(event_stream(&s.addr));
 
-    // Data into a cut: backoff and retransmits.
+    // Data into a cut: backoff and retransmits. A connection on no index
+    // port: a command asks sock_ops to watch it (Linux 6.12+); before, only
+    // connections on an index port are watched.
     let peer = VethPeer::new();
-    let l = peer.listen();
+    let l = peer.listen_on(if kernel_at_least(6, 12) { 0 } else { 5060 });
     let (mut c, _srv) = talk(&l);
     enable(&s, &c, 600, 9, 60, Some("retrans=3,backoff=3"));
     let ck = cookie(&c);
@@ -248,7 +252,11 @@ pub(super) fn backoff_retransmits_and_a_zero_window_are_reported() {
     assert_eq!(rec["reason"], "backoff", "{rec}");
 
     // A reader that stops: the window closes.
-    let lo = listen("127.0.0.1:0");
+    let lo = listen(if kernel_at_least(6, 12) {
+        "127.0.0.1:0"
+    } else {
+        "127.0.0.1:5061"
+    });
     let (w, srv) = connect(&lo);
     enable(&s, &w, 600, 9, 60, Some("zero-window=1s"));
     let wk = cookie(&w);
@@ -295,7 +303,8 @@ pub(super) fn backoff_retransmits_and_a_zero_window_are_reported() {
 pub(super) fn no_at_risk_on_healthy_idle_connections_over_five_minutes() {
     let e = Env::entered();
     let peer = VethPeer::new();
-    let l = peer.listen();
+    // Index ports: watched on every kernel (see above).
+    let l = peer.listen_on(5060);
     let l_rule = peer.listen();
     let rule_port = l_rule.local_addr().unwrap().port().to_string();
     e.tcpka
@@ -304,7 +313,7 @@ pub(super) fn no_at_risk_on_healthy_idle_connections_over_five_minutes() {
     let mut events = Events::new(event_stream(&s.addr));
     let (a, _a) = talk(&l);
     let (r, _r) = talk(&l_rule);
-    let lo = listen("127.0.0.1:0");
+    let lo = listen("127.0.0.1:5061");
     let (b, _b) = connect(&lo);
     enable(&s, &a, 1, 3, 1, None);
     enable(&s, &b, 1, 3, 1, Some("probe=100ms"));

@@ -84,6 +84,21 @@ pub(super) fn ends_calls_when_the_callee_dies(via: Via) {
     sh(&["ip", "-n", &sip.callee.name, "link", "set", "kb1", "down"]);
     let down = Instant::now();
     let bound = Duration::from_secs(10);
+    // Before the timeout, tcpka's early warning takes the callee out of
+    // rotation: a new call is refused (503) at once.
+    sip.wait("Kamailio heard at_risk for the callee", bound, || {
+        sip.kamailio_log()
+            .contains("at risk (probe): out of rotation")
+    });
+    let heard = down.elapsed();
+    let mut refused = sip.call(0);
+    let status = refused.0.wait().unwrap();
+    assert!(
+        !status.success() && sip.kamailio_log().contains("at risk: call"),
+        "a call while the callee was at risk: sipp {status}\nkamailio log:\n{}",
+        sip.kamailio_log()
+    );
+    eprintln!("{via:?}: at_risk {heard:?} after the link went down; a new call was refused");
     let status = loop {
         if let Some(s) = uac.0.try_wait().unwrap() {
             break s;

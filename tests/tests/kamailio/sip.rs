@@ -118,6 +118,7 @@ pub(super) fn config(dir: &Path, api: &str, extra: &[(&str, &str)]) -> PathBuf {
         "CALLEE",
         &format!("sip:{CALLEE}:{CALLEE_PORT};transport=tcp"),
     );
+    text = subst(text, "CALLEE_HOSTPORT", &format!("{CALLEE}:{CALLEE_PORT}"));
     text = subst(text, "KA_IDLE", &KA.0.to_string());
     text = subst(text, "KA_COUNT", &KA.1.to_string());
     text = subst(text, "KA_INTERVAL", &KA.2.to_string());
