@@ -46,10 +46,12 @@ enum Task {
     /// and a change with 2, 10 and 20 agents,
     /// `bench enable` only the enable latencies (and the kernel's
     /// statistics of the host cost, without the ratios), `bench reach`
-    /// only rule changes reaching 10,000 and 100,000 live connections.
+    /// only rule changes reaching 10,000 and 100,000 live connections,
+    /// `bench risk` only what the early warning costs a watched
+    /// connection's traffic.
     Bench {
-        /// One part only: kamailio, cost, fleet, enable or reach.
-        #[arg(value_parser = ["kamailio", "cost", "fleet", "enable", "reach"])]
+        /// One part only: kamailio, cost, fleet, enable, reach or risk.
+        #[arg(value_parser = ["kamailio", "cost", "fleet", "enable", "reach", "risk"])]
         part: Option<String>,
         /// Connection counts to measure at.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
@@ -218,6 +220,9 @@ fn real_main() -> Result<()> {
                 };
                 return bench::reach(&tcpka, &sizes, samples.min(15));
             }
+            if part.as_deref() == Some("risk") {
+                return bench::risk(&tcpka, pairs.max(5));
+            }
             if part.as_deref() == Some("enable") {
                 bench::set_load_args(load_args);
                 println!("== this machine's kernel ({})", kernel_release());
@@ -245,6 +250,7 @@ fn real_main() -> Result<()> {
                 bench::sip_here(&tcpka, &sip)?;
                 bench::fleet(&tcpka)?;
                 bench::reach(&tcpka, &[10_000, 100_000], 15)?;
+                bench::risk(&tcpka, pairs.max(5))?;
             }
             Ok(())
         }

@@ -20,12 +20,14 @@ mod fleet;
 mod host_cost;
 mod kamailio;
 mod reach;
+mod risk;
 use api::*;
 pub use fleet::fleet;
 use host_cost::*;
 use kamailio::*;
 pub use kamailio::{sip, sip_here};
 pub use reach::reach;
+pub use risk::risk;
 
 /// The port every measured server listens on: a default index port, like
 /// a SIP server's, so that all connections are indexed (the most the index
