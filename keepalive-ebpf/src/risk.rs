@@ -15,7 +15,7 @@
 //!
 //! # Minimum kernel version
 //! 5.10 (header-option callbacks and their packet pointers).
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     bindings::{
@@ -41,9 +41,7 @@ use keepalive_common::{
 use crate::{
     maps::{count, CONNS, EVENTS, META},
     offsets::offset,
-    sock::{
-        load, read, v4_mapped, AF_INET, SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SKC_RCV_SADDR,
-    },
+    sock::{load, read, AF_INET, SKC_DADDR, SKC_DPORT, SKC_FAMILY, SKC_NUM, SKC_RCV_SADDR},
 };
 
 /// `bpf_ringbuf_query` flag: bytes not yet consumed.
@@ -205,10 +203,8 @@ fn signal(ops: *mut bpf_sock_ops, sk: *const u8, what: u32, value: u32) -> bool 
         (*ev).cookie = cookie;
         (*ev).ts_ns = bpf_ktime_get_ns();
         if family == AF_INET {
-            let l: u32 = load(sk, SKC_RCV_SADDR);
-            let r: u32 = load(sk, SKC_DADDR);
-            (*ev).local_addr = v4_mapped(l.to_ne_bytes());
-            (*ev).remote_addr = v4_mapped(r.to_ne_bytes());
+            put_v4(addr_of_mut!((*ev).local_addr), load(sk, SKC_RCV_SADDR));
+            put_v4(addr_of_mut!((*ev).remote_addr), load(sk, SKC_DADDR));
         } else {
             read_into(&mut (*ev).local_addr, sk, offset!(skc_v6_rcv_saddr));
             read_into(&mut (*ev).remote_addr, sk, offset!(skc_v6_daddr));
@@ -216,15 +212,41 @@ fn signal(ops: *mut bpf_sock_ops, sk: *const u8, what: u32, value: u32) -> bool 
         (*ev).local_port = load(sk, SKC_NUM);
         (*ev).remote_port = u16::from_be(load(sk, SKC_DPORT));
         (*ev).rule_id = info.rule_id;
-        (*ev).policy = info.policy;
+        // Field by field: a copy of the struct is a call to memcpy.
+        (*ev).policy.idle = info.policy.idle;
+        (*ev).policy.count = info.policy.count;
+        (*ev).policy.interval = info.policy.interval;
+        (*ev).policy.user_timeout_ms = info.policy.user_timeout_ms;
+        (*ev).policy.flags = info.policy.flags;
         (*ev).source = info.source;
         (*ev).error = value;
         (*ev).detail = what;
         (*ev).ack_age_ms = ack_age_ms(sk);
-        (*ev).risk = info.risk;
+        (*ev).risk.probe_ms = info.risk.probe_ms;
+        (*ev).risk.zero_window_ms = info.risk.zero_window_ms;
+        (*ev).risk.retrans = info.risk.retrans;
+        (*ev).risk.backoff = info.risk.backoff;
+        (*ev).risk.off = info.risk.off;
     }
     entry.submit(0);
     true
+}
+
+/// Writes an IPv4 address (network order, as the socket has it) IPv4-mapped
+/// into `dst`, word by word: an array written whole is a call to memset
+/// and memmove, subprograms whose frames (32 bytes each on Linux 6.1) the
+/// verifier adds to this callback's and the sock_ops program's.
+#[inline(always)]
+unsafe fn put_v4(dst: *mut [u8; 16], ip: u32) {
+    let w = dst as *mut u32;
+    // SAFETY: `dst` is 16 writable bytes, 4-aligned in the event.
+    unsafe {
+        w.write_volatile(0);
+        w.add(1).write_volatile(0);
+        w.add(2)
+            .write_volatile(u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+        w.add(3).write_volatile(ip);
+    }
 }
 
 /// Reads 16 bytes of the socket into `dst` (a ring slot's field).

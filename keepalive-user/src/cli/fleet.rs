@@ -218,13 +218,7 @@ async fn delete_one(
 
 async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) -> Result<(), Error> {
     let policy = r.policy.policy()?;
-    if r.policy.at_risk.is_some() {
-        return Err(tcpka::InvalidInput::Usage(
-            "--at-risk is not carried by fleet rules yet: set it with `tcpka rule add` on each host"
-                .into(),
-        )
-        .into());
-    }
+
     for n in &r.nodes {
         if !tcpka::fleet::valid_node(n) {
             return Err(Error::Invalid(tcpka::InvalidInput::Usage(format!(
@@ -240,6 +234,7 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) ->
         count: policy.count.into(),
         interval: policy.interval.into(),
         user_timeout_ms: policy.user_timeout_ms.map(i64::from),
+        at_risk: (!policy.risk.is_default()).then(|| policy.risk.to_string()),
         tracked: r.tracked,
         new_only: r.new_only,
         nodes: r.nodes.clone(),

@@ -97,6 +97,9 @@ pub struct RuleEntry {
     pub interval: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_timeout_ms: Option<i64>,
+    /// Early-warning thresholds, as `rule add --at-risk` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_risk: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tracked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -132,7 +135,14 @@ impl RuleEntry {
                 self.user_timeout_ms
                     .map(|v| num("user_timeout_ms", v))
                     .transpose()?,
-            )?;
+            )?
+            .with_risk(
+                self.at_risk
+                    .as_deref()
+                    .map(crate::risk::Thresholds::parse)
+                    .transpose()?
+                    .unwrap_or_default(),
+            );
             Ok(NamedRule {
                 name: self.name.clone(),
                 matcher,
@@ -302,6 +312,25 @@ user_timeout_ms = 20000
         assert_eq!(c.rules[1].policy.user_timeout_ms, Some(20000));
         assert!(!c.rules[1].tracked);
         assert_eq!(Config::parse("", "t.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_rule_has_its_early_warning_thresholds() {
+        let c = Config::parse(
+            "[[rule]]\nname = \"trunk\"\nremote_port = 5060\nidle = 30\ncount = 3\n\
+             interval = 5\ntracked = true\nat_risk = \"probe=800ms,retrans=off\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.rules[0].policy.risk.to_string(),
+            "probe=800ms,retrans=off"
+        );
+        let e = err_of(
+            "[[rule]]\nname = \"trunk\"\nidle = 30\ncount = 3\ninterval = 5\nat_risk = \"probe=soon\"\n",
+        );
+        assert!(e.contains("at-risk") && e.contains("probe"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -196,6 +196,22 @@ impl Enforcer {
         Ok(rule)
     }
 
+    /// Records rule `id`'s own thresholds, or forgets them when it has the
+    /// defaults.
+    pub(super) fn set_rule_risk(
+        &self,
+        risk: &mut HashMap<MapData, u32, keepalive_common::risk::Risk>,
+        id: u32,
+        policy: &Policy,
+    ) -> Result<()> {
+        if policy.risk.is_default() {
+            let _ = risk.remove(&id);
+            return Ok(());
+        }
+        risk.insert(id, policy.risk.to_raw(), 0)
+            .map_err(|e| Error::map("recording the rule's at-risk thresholds", e))
+    }
+
     /// Rules' own early-warning thresholds, by rule id.
     pub(super) fn risk_map(&self) -> Result<HashMap<MapData, u32, keepalive_common::risk::Risk>> {
         HashMap::try_from(crate::pinned::open_map(&self.layout, maps::RISK)?)
@@ -336,6 +352,7 @@ impl Enforcer {
         let _lock = self.lock()?;
         let mut rules = self.rules_map()?;
         let mut names = self.names_map()?;
+        let mut risk = self.risk_map()?;
         let adds = ops.iter().filter(|o| matches!(o, FleetOp::Add(_))).count() as u32;
         let mut next = 0;
         if adds > 0 {
@@ -368,16 +385,19 @@ impl Enforcer {
                             .map_err(|e| Error::map(format!("removing rule {id}"), e))
                             .map(|()| {
                                 let _ = names.remove(id);
+                                let _ = risk.remove(id);
                                 *id
                             }),
                         // Gone already, or the key is another rule's now.
                         _ => {
                             let _ = names.remove(id);
+                            let _ = risk.remove(id);
                             Ok(*id)
                         }
                     }
                 }
                 FleetOp::Replace { id, rule } => policy(rule).and_then(|p| {
+                    self.set_rule_risk(&mut risk, *id, &p)?;
                     let (len, data) = rule.matcher.key();
                     rules
                         .insert(
@@ -398,6 +418,7 @@ impl Enforcer {
                         names
                             .insert(id, rule_name(&name), BPF_NOEXIST)
                             .map_err(|e| Error::map("recording the rule's name", e))?;
+                        self.set_rule_risk(&mut risk, id, &p)?;
                         let inserted = rules.insert(
                             &key,
                             rule.matcher.value(id, p, rule.tracked, rule.new_only),
@@ -405,6 +426,7 @@ impl Enforcer {
                         );
                         if inserted.is_err() {
                             let _ = names.remove(&id);
+                            let _ = risk.remove(&id);
                         }
                         match inserted {
                             Ok(()) => Ok(id),
@@ -479,7 +501,9 @@ impl Enforcer {
     }
 
     pub(super) fn apply_step(&self, rules: &mut RuleTable, step: &ConfigStep) -> Result<()> {
-        let policy = |r: &Rule| Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms);
+        let policy = |r: &Rule| {
+            Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms).map(|p| p.with_risk(r.risk))
+        };
         match step {
             ConfigStep::Add { rule } => {
                 let p = policy(rule)?;
@@ -493,11 +517,12 @@ impl Enforcer {
                 )?;
             }
             ConfigStep::Change { from, to } if from.matcher() == to.matcher() => {
-                // Same key: the value is replaced at once, id kept.
+                // Same key: the value is replaced at once, id kept (its
+                // thresholds first: sock_ops reads them with the rule).
                 let (len, data) = to.matcher().key();
-                let value = to
-                    .matcher()
-                    .value(from.id, policy(to)?, to.tracked, to.new_only);
+                let p = policy(to)?;
+                self.set_rule_risk(&mut self.risk_map()?, from.id, &p)?;
+                let value = to.matcher().value(from.id, p, to.tracked, to.new_only);
                 rules
                     .insert(&Key::new(len, data), value, BPF_EXIST)
                     .map_err(|e| Error::map(format!("changing rule {}", from.id), e))?;

@@ -167,8 +167,19 @@ mod tests {
         assert_eq!(r.rule.name, "sip-in");
         assert_eq!(r.rule.matcher.local_port, Some(5060));
         assert_eq!(r.selector.labels["role"], "edge");
+        let r = FleetRule::parse(
+            "trunk",
+            br#"{"remote_port":5060,"idle":30,"count":3,"interval":5,"tracked":true,"at_risk":"probe=800ms"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.rule.policy.risk.to_string(), "probe=800ms");
         for (name, value, want) in [
-            ("x", &br#"{"idle":30,"count":3}"#[..], "interval"),
+            (
+                "x",
+                &br#"{"idle":30,"count":3,"interval":5,"at_risk":"probe=never"}"#[..],
+                "at-risk",
+            ),
+            ("x", br#"{"idle":30,"count":3}"#, "interval"),
             ("x", br#"{"idle":0,"count":3,"interval":5}"#, "idle"),
             (
                 "x",

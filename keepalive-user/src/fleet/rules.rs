@@ -60,6 +60,9 @@ pub struct RuleValue {
     pub interval: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_timeout_ms: Option<i64>,
+    /// Early-warning thresholds, as `rule add --at-risk` takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_risk: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tracked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -105,6 +108,7 @@ impl FleetRule {
             count: v.count,
             interval: v.interval,
             user_timeout_ms: v.user_timeout_ms,
+            at_risk: v.at_risk.clone(),
             tracked: v.tracked,
             new_only: v.new_only,
         };

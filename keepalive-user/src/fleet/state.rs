@@ -242,6 +242,7 @@ impl View {
                 Some(name) => {
                     // A rule with values no parse would give is replaced.
                     let policy = Policy::new(r.idle, r.count, r.interval, r.user_timeout_ms)
+                        .map(|p| p.with_risk(r.risk))
                         .unwrap_or(Policy {
                             idle: 0,
                             count: 0,
