@@ -79,6 +79,16 @@ fn set_cb_flags(ops: *mut bpf_sock_ops, flags: u32) {
     let _ = unsafe { bpf_sock_ops_cb_flags_set(ops, flags as i32) };
 }
 
+/// The connection is closing at this end: the early-warning callbacks stop.
+#[inline(always)]
+pub fn stop(ops: *mut bpf_sock_ops) {
+    let cb = field!(ops, bpf_sock_ops_cb_flags);
+    let risk = CB_FLAGS | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG;
+    if cb & risk != 0 {
+        set_cb_flags(ops, cb & !risk);
+    }
+}
+
 /// A segment goes out. A bare ACK with nothing in flight, on a connection
 /// idle for its keepalive time (or whose peer's window is zero), is a
 /// probe: signalled, and the answer watched for.

@@ -16,7 +16,7 @@ use aya_ebpf::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, BPF_TCP_LAST_ACK,
     },
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -87,7 +87,13 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         BPF_SOCK_OPS_STATE_CB => {
             // args[1] is the new state; the callback runs before the change.
-            if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE && !host_index() {
+            let new = field!(ops, __bindgen_anon_1.args[1]);
+            if new == BPF_TCP_FIN_WAIT1 || new == BPF_TCP_LAST_ACK || new == BPF_TCP_CLOSE {
+                // This end closes: its FIN or RST and what follows need no
+                // early warning (the callbacks would run for each of them).
+                risk::stop(ops);
+            }
+            if new == BPF_TCP_CLOSE && !host_index() {
                 let sk = full_sock(ops).ok_or(())?;
                 // SAFETY: sock_ops context is a valid argument for the helper.
                 let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };

@@ -284,8 +284,13 @@ fn list(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
         );
         let any = |v: Option<String>| v.unwrap_or_else(|| "*".into());
         for r in rules {
+            let risk = if r.risk.is_default() {
+                String::new()
+            } else {
+                format!("  at_risk={}", r.risk)
+            };
             tcpka::outln!(
-                "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}",
+                "{:>4}  {:>10}  {:>11}  {:<24}  {:>5}  {:>5}  {:>8}  {:>14}  {:<7}  {}{}",
                 r.id,
                 any(r.local_port.map(|p| p.to_string())),
                 any(r.remote_port.map(|p| p.to_string())),
@@ -296,6 +301,7 @@ fn list(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
                 r.user_timeout_ms.map_or("-".into(), |ms| format!("{ms}ms")),
                 if r.tracked { "yes" } else { "no" },
                 r.name.as_deref().unwrap_or("- (by hand)"),
+                risk,
             );
         }
     }
