@@ -42,8 +42,13 @@ const MAX_TRACKED: usize = 1 << 20;
 /// How often a connection at risk is looked at for its recovery.
 pub const RECOVERY_POLL_NS: u64 = 250 * MS;
 /// Lookups that found nothing before a connection is forgotten (it ended
-/// without a reported end, or lives in another network namespace).
+/// without a reported end), if it has not signalled for [`QUIET_NS`]
+/// either (one in another network namespace still does).
 const UNSEEN_LIMIT: u32 = 40;
+const QUIET_NS: u64 = 10 * 1_000 * MS;
+/// The longest gap between zero-window probes (`TCP_RTO_MAX`, 2 minutes,
+/// and some).
+const ZERO_WINDOW_GAP_NS: u64 = 130 * 1_000 * MS;
 
 /// What a lookup of one connection found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +72,9 @@ struct Watched {
     reasons: u32,
     /// When an unanswered first probe becomes `at_risk`.
     probe_due: Option<u64>,
-    /// When the window was first seen at zero.
+    /// When the window was first seen at zero, and last.
     zero_since: Option<u64>,
+    zero_last: u64,
     /// Times of the most recent retransmits (at most the threshold).
     retrans: VecDeque<u64>,
     last_total: Option<u32>,
@@ -145,6 +151,7 @@ impl Tracker {
             reasons: 0,
             probe_due: None,
             zero_since: None,
+            zero_last: 0,
             retrans: VecDeque::new(),
             last_total: None,
             unseen: 0,
@@ -156,6 +163,12 @@ impl Tracker {
         let mut due = Vec::new();
         match e.detail {
             SIGNAL_PROBE if e.error & SIGNAL_ZERO_WINDOW != 0 => {
+                // Zero-window probes back off to 2 minutes apart: a longer
+                // silence means the window opened in between.
+                if ts.saturating_sub(w.zero_last) > ZERO_WINDOW_GAP_NS {
+                    w.zero_since = None;
+                }
+                w.zero_last = ts;
                 let since = *w.zero_since.get_or_insert(ts);
                 if ts >= since + lim.zero_window_ns {
                     raise(w, &lim, REASON_ZERO_WINDOW, ts, &mut out);
@@ -165,6 +178,11 @@ impl Tracker {
             }
             SIGNAL_PROBE => {
                 let unanswered_before = e.error & 0xff;
+                if unanswered_before == 0 {
+                    // The probe before this one was answered (the kernel
+                    // counts from zero again).
+                    clear(w, REASON_PROBE, ts, None, &mut out);
+                }
                 if unanswered_before >= 1 {
                     // The previous probe went a whole interval unanswered.
                     w.probe_due = None;
@@ -296,7 +314,7 @@ impl Tracker {
             match look(&w.last) {
                 Seen::Unknown => {
                     w.unseen += 1;
-                    if w.unseen >= UNSEEN_LIMIT {
+                    if w.unseen >= UNSEEN_LIMIT && now.saturating_sub(w.last.ts_ns) > QUIET_NS {
                         gone.push(cookie);
                     }
                 }
@@ -508,7 +526,12 @@ mod tests {
         assert!(t.tick(10 * S, &mut |_| Seen::Unknown).is_empty());
         let at = t.signal(&sig(SIGNAL_PROBE, 1, 11 * S, r));
         assert_eq!(kinds(&at), [("at_risk", "probe")]);
-        // Never found again: forgotten after a while, without a word.
+        // Its next probe counts from zero: the one before was answered.
+        let rec = t.signal(&sig(SIGNAL_PROBE, 0, 15 * S, r));
+        assert_eq!(kinds(&rec), [("recovered", "probe")]);
+        // At risk again, then never found nor heard from: forgotten after
+        // a while, without a word.
+        t.signal(&sig(SIGNAL_PROBE, 1, 16 * S, r));
         for i in 0..UNSEEN_LIMIT as u64 {
             assert!(t.tick(20 * S + i * S, &mut |_| Seen::Unknown).is_empty());
         }

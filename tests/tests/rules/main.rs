@@ -280,9 +280,11 @@ fn rule_list_json_has_documented_fields() {
         v,
         serde_json::json!([
             {"id": 1, "local_port": 5060, "remote_port": 5061, "remote": "192.0.2.0/24",
-             "idle": 60, "count": 5, "interval": 4, "user_timeout_ms": 9000, "tracked": true, "new_only": false, "name": null},
+             "idle": 60, "count": 5, "interval": 4, "user_timeout_ms": 9000, "tracked": true, "new_only": false, "name": null,
+             "at_risk": "default"},
             {"id": 2, "local_port": null, "remote_port": null, "remote": null,
-             "idle": 1, "count": 2, "interval": 3, "user_timeout_ms": null, "tracked": false, "new_only": false, "name": null},
+             "idle": 1, "count": 2, "interval": 3, "user_timeout_ms": null, "tracked": false, "new_only": false, "name": null,
+             "at_risk": "default"},
         ])
     );
 }
