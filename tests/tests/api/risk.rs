@@ -1,5 +1,5 @@
 //! Early warning: `at_risk` before the kernel gives up on a peer, and
-//! `recovered` when it answers again, from the risk pass of `tcpka serve`.
+//! `recovered` when it answers again, from `tcpka serve`'s early warning.
 use std::sync::mpsc::Receiver;
 
 use super::*;
