@@ -354,13 +354,53 @@ fn load(tcpka: &Path, pin_dir: &Path, cgroup: &Path) -> Result<()> {
 /// CPU time, unlike wall time, do not count the time the machine gave to
 /// others (a busy neighbour, a VM's steal time).
 fn thread_cpu() -> f64 {
+    cpu_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// A CPU-time clock (this thread's, or the whole process's), in seconds.
+fn cpu_seconds(clock: libc::clockid_t) -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// A bench's own installation: a cgroup and a pin directory named after
+/// `what` and this process, loaded, and this process in the cgroup once
+/// the caller has added what it needs ([`Cleanup::enter`]). Dropping the
+/// guard unloads and removes both.
+fn bench_installation(tcpka: &Path, what: &str) -> Result<(PathBuf, PathBuf, Cleanup)> {
+    let cgroup = cgroup2_mount()?.join(format!("tcpka-bench-{what}-{}", std::process::id()));
+    std::fs::create_dir(&cgroup).context("create bench cgroup")?;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/tcpka-bench-{what}-{}",
+        std::process::id()
+    ));
+    let guard = Cleanup {
+        tcpka: tcpka.to_path_buf(),
+        pin_dir: pin_dir.clone(),
+        cgroup: cgroup.clone(),
+        // No floor program here: the same directory, removed once.
+        floor: cgroup.clone(),
+        home: None,
+    };
+    load(tcpka, &pin_dir, &cgroup)?;
+    Ok((cgroup, pin_dir, guard))
+}
+
+impl Cleanup {
+    /// Moves this process into the bench's cgroup (and back when dropped).
+    fn enter(&mut self) -> Result<()> {
+        self.home = Some(own_cgroup()?);
+        std::fs::write(
+            self.cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .context("entering the bench cgroup")
+    }
 }
 
 /// Runs one tcpka command, failing the bench if it fails; returns its

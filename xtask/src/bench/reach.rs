@@ -16,11 +16,11 @@
 //!
 //! Each rule goes again with `rule del --new-only`. Printed: the pass's own
 //! time (`live.took_us`) and the command's wall time, medians and p90.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{cgroup2_mount, load, own_cgroup, private_netns, sockets_in_netns, Cleanup, Holders};
+use super::{bench_installation, private_netns, sockets_in_netns, Holders};
 
 /// One `tcpka rule add ... --json`: its wall time, the rule's id, and its
 /// `live` report.
@@ -60,25 +60,8 @@ fn spread(mut v: Vec<f64>) -> (f64, f64) {
 
 pub fn reach(tcpka: &Path, sizes: &[usize], samples: usize) -> Result<()> {
     private_netns()?;
-    let cg_root = cgroup2_mount()?;
-    let cgroup = cg_root.join(format!("tcpka-bench-reach-{}", std::process::id()));
-    std::fs::create_dir(&cgroup).context("create bench cgroup")?;
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/tcpka-bench-reach-{}",
-        std::process::id()
-    ));
-    let mut guard = Cleanup {
-        tcpka: tcpka.to_path_buf(),
-        pin_dir: pin_dir.clone(),
-        cgroup: cgroup.clone(),
-        // No floor program here: the same directory, removed once.
-        floor: cgroup.clone(),
-        home: None,
-    };
-    load(tcpka, &pin_dir, &cgroup)?;
-    guard.home = Some(own_cgroup()?);
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-        .context("entering the bench cgroup")?;
+    let (_cgroup, pin_dir, mut guard) = bench_installation(tcpka, "reach")?;
+    guard.enter()?;
     println!(
         "rule changes reaching live connections ({samples} alternating samples of each; \
          a fifth of the connections match; ms, median / p90):"

@@ -12,14 +12,13 @@
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{Context as _, Result};
 
 use super::{
-    cgroup2_mount, enable_bpf_stats, load, median, own_cgroup, programs_runtime, range, time_cmd,
-    Cleanup,
+    bench_installation, cpu_seconds, enable_bpf_stats, median, programs_runtime, range, time_cmd,
 };
 
 const TRACKED_PORT: u16 = 5094;
@@ -47,13 +46,7 @@ fn pair(port: u16) -> Result<(TcpStream, std::thread::JoinHandle<()>)> {
 
 /// CPU time of the whole process (both ends' threads), seconds.
 fn process_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID)
 }
 
 /// Exchanges per CPU second (both ends, softirq work included) over `c`.
@@ -69,21 +62,7 @@ fn exchanges(c: &mut TcpStream, n: usize) -> Result<f64> {
 }
 
 pub fn risk(tcpka: &Path, pairs: usize) -> Result<()> {
-    let cg_root = cgroup2_mount()?;
-    let cgroup = cg_root.join(format!("tcpka-bench-risk-{}", std::process::id()));
-    std::fs::create_dir(&cgroup).context("create bench cgroup")?;
-    let pin_dir = PathBuf::from(format!(
-        "/sys/fs/bpf/tcpka-bench-risk-{}",
-        std::process::id()
-    ));
-    let mut guard = Cleanup {
-        tcpka: tcpka.to_path_buf(),
-        pin_dir: pin_dir.clone(),
-        cgroup: cgroup.clone(),
-        floor: cgroup.clone(),
-        home: None,
-    };
-    load(tcpka, &pin_dir, &cgroup)?;
+    let (_cgroup, pin_dir, mut guard) = bench_installation(tcpka, "risk")?;
     let port = |p: u16| p.to_string();
     time_cmd(
         tcpka,
@@ -112,9 +91,7 @@ pub fn risk(tcpka: &Path, pairs: usize) -> Result<()> {
             "5",
         ],
     )?;
-    guard.home = Some(own_cgroup()?);
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-        .context("entering the bench cgroup")?;
+    guard.enter()?;
     let (mut tracked, t_echo) = pair(TRACKED_PORT)?;
     let (mut untracked, u_echo) = pair(UNTRACKED_PORT)?;
     // Warm up both.
