@@ -30,6 +30,7 @@ mod cli {
     pub(crate) use super::*;
     pub(crate) mod apply;
     pub(crate) mod args;
+    pub(crate) mod check;
     pub(crate) mod close;
     pub(crate) mod completions;
     pub(crate) mod doctor;
@@ -47,8 +48,9 @@ mod cli {
     pub(crate) mod watch;
 }
 use cli::{
-    apply::*, args::*, close::*, completions::*, doctor::*, enable::*, fleet::*, fleet_nodes::*,
-    info::*, load::*, output::*, rule::*, run::*, serve::*, status::*, trace::*, watch::*,
+    apply::*, args::*, check::*, close::*, completions::*, doctor::*, enable::*, fleet::*,
+    fleet_nodes::*, info::*, load::*, output::*, rule::*, run::*, serve::*, status::*, trace::*,
+    watch::*,
 };
 
 fn main() -> ExitCode {

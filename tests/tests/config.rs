@@ -167,6 +167,81 @@ fn an_invalid_or_conflicting_file_is_refused_and_changes_nothing() {
     assert_eq!(rules(&e.tcpka), before);
 }
 
+/// A file is checked before a deploy, where nothing is loaded and by a
+/// user without privilege: `tcpka check`, and `apply --dry-run` where
+/// tcpka is not loaded. Neither touches the pin directory.
+#[test]
+fn a_file_is_checked_offline_without_an_installation_or_privilege() {
+    let t = Tcpka::new();
+    let file = ConfigFile::new(&format!("{}{}", rule("a", 7020, 20), rule("b", 7021, 30)));
+    let r = t.run(&["check", file.arg()]).ok();
+    assert!(
+        r.stdout
+            .contains("+ a: --local-port 7020 idle 20 count 4 interval 6"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains(&format!("{} is valid: 2 rules", file.arg())),
+        "{r:?}"
+    );
+    let r = t.run(&["check", "--json", file.arg()]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["rules"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["rules"][1]["name"], "b", "{v}");
+    assert_eq!(v["rules"][1]["idle"], 30, "{v}");
+    assert!(v["rules"][0].get("id").is_none(), "{v}");
+    assert_eq!(v["serve"], false, "{v}");
+
+    // As nobody, with no capability.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tcpka_bin())
+        .args(["check", file.arg()])
+        .env("TCPKA_PIN_DIR", &t.pin_dir)
+        .output()
+        .unwrap();
+    let r = Run::from(out);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("is valid: 2 rules"), "{r:?}");
+
+    // Invalid: exit 2, one line with the file and line; missing: exit 1.
+    file.write(&format!("{}[[rule\n", rule("a", 7020, 20)));
+    let r = t.run(&["check", file.arg()]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains(&format!("{}:8:", file.arg())), "{r:?}");
+    assert_eq!(r.stderr.trim_end().lines().count(), 1, "{r:?}");
+    assert!(r.stdout.is_empty(), "{r:?}");
+    let r = t.run(&["check", "/nonexistent/tcpka.toml"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("reading /nonexistent/tcpka.toml"),
+        "{r:?}"
+    );
+
+    // apply --dry-run where nothing is loaded: the steps from no rules.
+    file.write(&rule("a", 7020, 20));
+    let r = t.run(&["apply", "--dry-run", file.arg()]).ok();
+    assert!(r.stdout.contains("+ a: --local-port 7020"), "{r:?}");
+    assert!(r.stdout.contains("is not loaded at"), "{r:?}");
+    let r = t.run(&["apply", "--dry-run", "--json", file.arg()]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["loaded"], false, "{v}");
+    assert_eq!(v["steps"][0]["action"], "add", "{v}");
+    // Without --dry-run it needs the installation.
+    let r = t.run(&["apply", file.arg()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not loaded"), "{r:?}");
+    assert!(!t.pin_dir.exists(), "the pin directory was made");
+}
+
 /// What a reboot leaves: no pins. `serve --config` brings the rules back,
 /// and `tcpka reload` applies the edited file to the running daemon.
 #[test]

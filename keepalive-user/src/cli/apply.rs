@@ -5,8 +5,9 @@ use super::*;
 pub(crate) struct ApplyArgs {
     /// The configuration file, e.g. /etc/tcpka/tcpka.toml.
     pub(crate) file: PathBuf,
-    /// Print the changes as JSON: `steps`, and `live` (what they did, or
-    /// with --dry-run would do, to live connections).
+    /// Print the changes as JSON: `steps`, `live` (what they did, or
+    /// with --dry-run would do, to live connections) and `loaded` (false:
+    /// --dry-run where tcpka is not loaded).
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
@@ -20,13 +21,18 @@ pub(crate) struct ApplyArgs {
 pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
     let config = tcpka::config::Config::load(&a.file)?;
     let dry_run = a.live.dry_run;
+    if dry_run && !loader::is_loaded(&layout)? {
+        return apply_offline(&layout, &a, &config);
+    }
     let (steps, reached) =
         Enforcer::new(layout).apply_config_reaching(&config, dry_run, a.live.reach(a.revert))?;
     if !dry_run {
         report_live(&a.file.display().to_string(), &reached, a.revert);
     }
     if a.json {
-        print_json(&with_live(&serde_json::json!({ "steps": steps }), &reached));
+        let mut v = with_live(&serde_json::json!({ "steps": steps }), &reached);
+        v["loaded"] = true.into();
+        print_json(&v);
     } else {
         for s in &steps {
             tcpka::outln!("{s}");
@@ -46,6 +52,32 @@ pub(crate) fn apply(layout: PinLayout, a: ApplyArgs) -> Result<(), Error> {
             (_, false) => tcpka::outln!("{changes} applied"),
         }
     }
+    Ok(())
+}
+
+/// `apply --dry-run` where nothing is loaded: the file is checked, and its
+/// steps are those that would bring an empty rule table to it. Touches
+/// nothing (no lock, no pin directory).
+fn apply_offline(
+    layout: &PinLayout,
+    a: &ApplyArgs,
+    config: &tcpka::config::Config,
+) -> Result<(), Error> {
+    let steps = tcpka::config::plan(&[], config).map_err(Error::Conflict)?;
+    let dir = layout.dir().display();
+    if a.json {
+        print_json(&serde_json::json!({ "steps": steps, "live": null, "loaded": false }));
+        return Ok(());
+    }
+    for s in &steps {
+        tcpka::outln!("{s}");
+    }
+    let n = steps.len();
+    tcpka::outln!(
+        "{n} change{}; nothing changed (--dry-run; tcpka is not loaded at {dir}, so these \
+         are the steps from no rules)",
+        if n == 1 { "" } else { "s" }
+    );
     Ok(())
 }
 

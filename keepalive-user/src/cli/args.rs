@@ -195,13 +195,20 @@ pub(crate) enum Command {
     /// longer has. Rules added by hand are kept, and so are the fleet's
     /// (`@NAME`, from `serve --etcd`), except one with the match of a rule
     /// in the file: the file's wins. An invalid file is refused with its
-    /// line and reason, changing nothing.
+    /// line and reason, changing nothing. With --dry-run where tcpka is not
+    /// loaded, the file is checked and the steps shown are those from no
+    /// rules (see also `tcpka check`).
     ///
     /// The file (TOML): one [[rule]] table per rule, with name (1 to 32 of
     /// A-Z a-z 0-9 . _ -), idle, count, interval, and optionally
     /// local_port, remote_port, remote (CIDR), user_timeout_ms and
     /// tracked (true: `rule add --tracked`).
     Apply(ApplyArgs),
+    /// Check a configuration file offline, as `apply` and `serve --config`
+    /// would read it: prints its rules and exits 0 when it is valid, or
+    /// prints its first error with the line and exits 2. Needs no
+    /// installation and no privilege (for CI, or before a deploy).
+    Check(CheckArgs),
     /// Make the running `tcpka serve` apply its --config file again
     /// (sends it SIGHUP, like `systemctl reload tcpka`).
     Reload,

@@ -17,6 +17,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Error> {
         Command::Serve(a) => serve(layout, *a),
         Command::Watch(a) => runtime()?.block_on(watch(&layout, a)),
         Command::Apply(a) => apply(layout, a),
+        Command::Check(a) => check(a),
         Command::Reload => reload(&layout),
         Command::Trace(a) => trace(layout, a),
         Command::Fleet(a) => fleet(*a),

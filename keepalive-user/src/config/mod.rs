@@ -61,7 +61,7 @@ use crate::{
 mod plan;
 mod serve;
 
-pub use plan::{plan, plan_owned, Step};
+pub use plan::{file_rules, plan, plan_owned, Step};
 use serve::ServeEntry;
 pub use serve::{FleetSettings, Listen, ServeSettings};
 
@@ -203,7 +203,7 @@ impl Config {
         };
         let file: File = toml::from_str(text).map_err(|e| {
             let line = e.span().map_or(1, |s| line_of(text, s.start));
-            err(line, e.message().to_owned())
+            err(line, one_line_message(e.message()))
         })?;
         let serve = match file.serve {
             None => ServeSettings::default(),
@@ -245,6 +245,17 @@ impl Config {
         }
         Ok(Self { rules, serve })
     }
+}
+
+/// A parser's message on one line: TOML's syntax errors come on several
+/// ("invalid table header\nexpected `.`, `]]`").
+fn one_line_message(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A value error in the file's words: its fields are lower case.
@@ -426,6 +437,7 @@ user_timeout_ms = 20000
         assert!(e.contains("missing field `count`"), "{e}");
         let e = err_of("[[rule\n");
         assert!(e.starts_with("t.toml:1:"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e:?}");
         let two = "[[rule]]\nname = \"a\"\nidle = 1\ncount = 1\ninterval = 1\n";
         let e = err_of(&format!("{two}{two}"));
         assert!(

@@ -65,6 +65,19 @@ pub fn plan(installed: &[Rule], wanted: &Config) -> Result<Vec<Step>, String> {
     Ok(steps)
 }
 
+/// A file's rule as the kernel's table would hold it, with id `id`.
+fn to_rule(w: &NamedRule, id: u32) -> Rule {
+    let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
+    r.new_only = w.new_only;
+    r.name = Some(w.name.clone());
+    r
+}
+
+/// A file's rules as `apply` would add them to an empty table (id 0).
+pub fn file_rules(wanted: &Config) -> Vec<Rule> {
+    wanted.rules.iter().map(|w| to_rule(w, 0)).collect()
+}
+
 /// [`plan`] for the named rules `owned` says are the caller's: only those
 /// are changed or removed.
 pub fn plan_owned(
@@ -72,12 +85,6 @@ pub fn plan_owned(
     wanted: &Config,
     owned: impl Fn(&str) -> bool,
 ) -> Result<Vec<Step>, String> {
-    let to_rule = |w: &NamedRule, id: u32| {
-        let mut r = Rule::new(id, w.matcher, w.policy, w.tracked);
-        r.new_only = w.new_only;
-        r.name = Some(w.name.clone());
-        r
-    };
     let mut steps = Vec::new();
     for w in &wanted.rules {
         let current = installed
