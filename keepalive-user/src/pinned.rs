@@ -55,7 +55,7 @@ pub enum IndexMode {
     Ports,
     /// The `inet_sock_set_state` tracepoint indexes every connection on
     /// the host: any connection is reached directly, and every connection
-    /// on the host pays for it (see the README's figures).
+    /// on the host pays for it (see the figures in docs/performance.md).
     Host,
 }
 

@@ -63,8 +63,8 @@ pub(crate) struct RuleAddArgs {
     /// their timeout, reset or abort is reported as an event. Without it
     /// (the default) the rule only sets the values, which costs each new
     /// connection the least; the kernel still ends a dead one. Tracking
-    /// costs about 1 µs more per connection setup (see the README's
-    /// Performance section).
+    /// costs about 1 µs more per connection setup (see
+    /// docs/performance.md).
     #[arg(long)]
     pub(crate) tracked: bool,
     /// The default: only set the values (kept for scripts).
