@@ -2,7 +2,10 @@
 //! anywhere that reaches etcd.
 
 use etcd_client::Client;
-use tcpka::fleet::{etcd_error, EtcdOptions, FleetRule, RuleValue, Selector};
+use tcpka::{
+    config::RuleSpec,
+    fleet::{etcd_error, EtcdOptions, FleetRule, Selector},
+};
 
 use super::*;
 
@@ -226,7 +229,8 @@ async fn rule_add(client: &mut Client, o: &EtcdOptions, r: &FleetRuleAddArgs) ->
             ))));
         }
     }
-    let value = RuleValue {
+    let value = RuleSpec {
+        name: None,
         local_port: r.matcher.local_port.map(i64::from),
         remote_port: r.matcher.remote_port.map(i64::from),
         remote: r.matcher.remote.map(|c| c.to_string()),

@@ -76,16 +76,20 @@ pub const NAME_MAX: usize = 32;
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
-    rule: Vec<toml::Spanned<RuleEntry>>,
+    rule: Vec<toml::Spanned<RuleSpec>>,
     serve: Option<toml::Spanned<ServeEntry>>,
 }
 
-/// A rule as written: in the file's `[[rule]]` tables, and in the fleet's
-/// etcd values (where the name is the key's last part).
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+/// A rule as written, in a file's `[[rule]]` tables and in the fleet's etcd
+/// values (`PREFIX/rules/NAME`): one type for both, so that a field means
+/// the same in each. A file's rule has a `name` and no selector; a fleet
+/// rule's name is its key, and `nodes` and `labels` select the nodes it is
+/// for. [`RuleSpec::check`] and [`RuleSpec::for_file`] say which is which.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuleEntry {
-    pub name: String,
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_port: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -104,13 +108,33 @@ pub struct RuleEntry {
     pub tracked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub new_only: bool,
+    /// Fleet rules only: the nodes it is for (every node when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Fleet rules only: the labels a node must have.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
-impl RuleEntry {
-    /// The rule, checked: its values in range, its match well formed. The
-    /// error is in the file's words (lower-case fields). The name is not
-    /// checked here.
-    pub fn check(&self) -> Result<NamedRule, String> {
+impl RuleSpec {
+    /// The rule as a file's rule: it has a name and no selector.
+    fn for_file(&self) -> Result<NamedRule, String> {
+        let Some(name) = &self.name else {
+            return Err("missing field `name`".into());
+        };
+        if !self.nodes.is_empty() || !self.labels.is_empty() {
+            return Err(format!(
+                "rule {name:?}: nodes and labels select the nodes of a fleet rule \
+                 (`tcpka fleet rule add`); a file's rules are for this host"
+            ));
+        }
+        self.check(name)
+    }
+
+    /// The rule named `name`, checked: its values in range, its match well
+    /// formed. The error is in the written words (lower-case fields).
+    /// Neither the name nor the selector is checked here.
+    pub fn check(&self, name: &str) -> Result<NamedRule, String> {
         let port = |p: Option<i64>| -> Result<Option<u16>, InvalidInput> {
             p.map(|p| parse_port(&p.to_string())).transpose()
         };
@@ -144,7 +168,7 @@ impl RuleEntry {
                     .unwrap_or_default(),
             );
             Ok(NamedRule {
-                name: self.name.clone(),
+                name: name.to_owned(),
                 matcher,
                 policy,
                 tracked: self.tracked,
@@ -220,22 +244,33 @@ impl Config {
         for spanned in file.rule {
             let line = line_of(text, spanned.span().start);
             let r = spanned.into_inner();
-            let what = format!("rule {:?}", r.name);
-            if !valid_name(&r.name) {
+            let name = r.name.clone().unwrap_or_default();
+            let what = format!("rule {name:?}");
+            if r.name.is_none() {
+                return Err(err(line, "rule: missing field `name`".into()));
+            }
+            if !valid_name(&name) {
                 return Err(err(
                     line,
                     format!("{what}: a name is 1 to {NAME_MAX} of A-Z a-z 0-9 . _ -"),
                 ));
             }
-            if let Some(first) = names.insert(r.name.clone(), line) {
+            if let Some(first) = names.insert(name.clone(), line) {
                 return Err(err(line, format!("{what} is also on line {first}")));
             }
-            let checked = r
-                .check()
-                .map_err(|reason| err(line, format!("{what}: {reason}")))?;
+            let checked = r.for_file().map_err(|reason| {
+                err(
+                    line,
+                    if reason.starts_with(&what) {
+                        reason
+                    } else {
+                        format!("{what}: {reason}")
+                    },
+                )
+            })?;
             let (len, key) = checked.matcher.key();
             let key = (len, bytes_of(&key));
-            if let Some((other, at)) = keys.insert(key, (r.name.clone(), line)) {
+            if let Some((other, at)) = keys.insert(key, (name.clone(), line)) {
                 return Err(err(
                     line,
                     format!("{what} has the same match as rule {other:?} on line {at}"),
@@ -435,6 +470,16 @@ user_timeout_ms = 20000
         );
         let e = err_of("[[rule]]\nname = \"a\"\nidle = 1\n");
         assert!(e.contains("missing field `count`"), "{e}");
+        let e = err_of("\n[[rule]]\nidle = 1\ncount = 1\ninterval = 1\n");
+        assert!(e.starts_with("t.toml:2: rule: missing field `name`"), "{e}");
+        let e =
+            err_of("[[rule]]\nname = \"a\"\nidle = 1\ncount = 1\ninterval = 1\nnodes = [\"n1\"]\n");
+        assert!(
+            e.starts_with(
+                "t.toml:1: rule \"a\": nodes and labels select the nodes of a fleet rule"
+            ),
+            "{e}"
+        );
         let e = err_of("[[rule\n");
         assert!(e.starts_with("t.toml:1:"), "{e}");
         assert!(!e.contains('\n'), "one line: {e:?}");

@@ -28,7 +28,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{valid_name, NamedRule, RuleEntry, NAME_MAX},
+    config::{valid_name, NamedRule, RuleSpec, NAME_MAX},
     Error, InvalidInput,
 };
 
@@ -44,7 +44,7 @@ pub use crate::node::{check_label, parse_label, valid_node};
 pub use agent::{start as start_agent, AgentConfig, AgentHandle};
 pub use etcd::{etcd_error, read_prefix, EtcdOptions, RETRY_FOR};
 pub use preview::{ask as preview, PreviewReport, PreviewRequest};
-pub use rules::{FleetRule, RuleValue, Selector};
+pub use rules::{FleetRule, Selector};
 pub use status::EventCounts;
 
 /// The default key prefix.
@@ -211,6 +211,11 @@ mod tests {
                 "x",
                 br#"{"idle":30,"count":3,"interval":5,"labels":{"k":""}}"#,
                 "label",
+            ),
+            (
+                "x",
+                br#"{"name":"y","idle":30,"count":3,"interval":5}"#,
+                "its key",
             ),
         ] {
             let e = FleetRule::parse(name, value).unwrap_err();

@@ -45,40 +45,13 @@ impl Selector {
     }
 }
 
-/// The JSON value of `PREFIX/rules/NAME`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleValue {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub local_port: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote_port: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote: Option<String>,
-    pub idle: i64,
-    pub count: i64,
-    pub interval: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_timeout_ms: Option<i64>,
-    /// Early-warning thresholds, as `rule add --at-risk` takes them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at_risk: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub tracked: bool,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub new_only: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nodes: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-}
-
 /// A fleet rule, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetRule {
     pub rule: NamedRule,
     pub selector: Selector,
-    pub value: RuleValue,
+    /// The value as written (a [`RuleSpec`] without a name).
+    pub value: RuleSpec,
 }
 
 impl FleetRule {
@@ -90,7 +63,10 @@ impl FleetRule {
                 "rule name {name:?}: 1 to {FLEET_NAME_MAX} of A-Z a-z 0-9 . _ -"
             ));
         }
-        let v: RuleValue = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        let v: RuleSpec = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        if v.name.is_some() {
+            return Err("name: a fleet rule's name is its key (PREFIX/rules/NAME)".into());
+        }
         for n in &v.nodes {
             if !valid_node(n) {
                 return Err(format!("nodes: {n:?} is not a node name"));
@@ -99,21 +75,8 @@ impl FleetRule {
         for (k, val) in &v.labels {
             check_label(k, val)?;
         }
-        let entry = RuleEntry {
-            name: name.to_owned(),
-            local_port: v.local_port,
-            remote_port: v.remote_port,
-            remote: v.remote.clone(),
-            idle: v.idle,
-            count: v.count,
-            interval: v.interval,
-            user_timeout_ms: v.user_timeout_ms,
-            at_risk: v.at_risk.clone(),
-            tracked: v.tracked,
-            new_only: v.new_only,
-        };
         Ok(Self {
-            rule: entry.check()?,
+            rule: v.check(name)?,
             selector: Selector {
                 nodes: v.nodes.clone(),
                 labels: v.labels.clone(),
