@@ -12,7 +12,6 @@ use clap::{Args, Parser, Subcommand};
 use tcpka::{
     cgroup::Cgroup,
     config::Listen,
-    config::ServeSettings,
     conn::{parse_endpoint, ConnSpec},
     enforcer::{Action, ConnStatus, Enforcer},
     holders::parse_holder,

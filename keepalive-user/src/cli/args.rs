@@ -187,7 +187,7 @@ pub(crate) enum Command {
     /// API: POST /v1/enable, POST /v1/disable, POST /v1/close, GET /v1/connections,
     /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
     /// stream), GET /metrics (Prometheus), GET /healthz.
-    Serve(Box<ServeArgs>),
+    Serve(Box<tcpka::config::ServeOptions>),
     /// Print events as they happen (from a running `tcpka serve`).
     Watch(WatchArgs),
     /// Bring the installed rules to a configuration file's named rules: add
@@ -242,118 +242,6 @@ pub(crate) enum Command {
     /// directory and the fleet cache handed to USER, whichever of root's
     /// commands made them first. Changes nothing else; safe to run again.
     Prepare(PrepareArgs),
-}
-
-/// How the kernel side learns which process holds each socket.
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
-pub(crate) enum Holders {
-    /// On demand: a command that meets a socket whose holder is unknown
-    /// searches every process's descriptors for it, and stops when it is
-    /// found (well under a millisecond per 10,000 descriptors). Costs the
-    /// rest of the host nothing.
-    #[default]
-    Scan,
-    /// Syscall tracepoints on accept/accept4/connect: every command takes
-    /// the direct path at once, but every syscall of every process on the
-    /// host then takes the kernel's slow path (about 25% on a cheap
-    /// syscall).
-    Syscalls,
-}
-
-impl From<Holders> for loader::HolderMode {
-    fn from(h: Holders) -> Self {
-        match h {
-            Holders::Scan => loader::HolderMode::Scan,
-            Holders::Syscalls => loader::HolderMode::Syscalls,
-        }
-    }
-}
-
-/// Who keeps the connection index that lets a command reach one
-/// connection without walking every socket.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub(crate) enum Index {
-    /// sock_ops indexes the cgroup's connections on an index port
-    /// (--index-ports) and watches them, and those a --tracked rule matched, until
-    /// they close; other connections cost five array reads, and commands
-    /// for them walk the socket table. Before Linux 6.12 the state
-    /// tracepoint watches the connections from before the load until they
-    /// close.
-    Ports,
-    /// A state tracepoint indexes every connection on the host: any
-    /// connection is reached directly, and every connection on the host
-    /// pays for it (about 15% slower connection setup).
-    Host,
-}
-
-/// How the kernel side is set up when loading.
-#[derive(Args, Debug)]
-pub(crate) struct KernelArgs {
-    /// How socket holders are learned [default: scan].
-    #[arg(long, value_enum)]
-    pub(crate) holders: Option<Holders>,
-    /// Who keeps the connection index [default: ports].
-    #[arg(long, value_enum)]
-    pub(crate) index: Option<Index>,
-    /// With --index ports: connections with either end on one of these
-    /// ports are indexed (comma-separated, or `all` for every connection in
-    /// the cgroup, or `` for none) [default: 5060,5061].
-    #[arg(long, value_parser = tcpka::ports::IndexPorts::parse)]
-    pub(crate) index_ports: Option<tcpka::ports::IndexPorts>,
-    /// Report `applied` and `closed` events for the connections rules
-    /// match (off: a rule costs each connection no event). Timeouts, resets
-    /// and aborts are always reported, and every event of connections
-    /// enabled by command.
-    #[arg(long)]
-    pub(crate) rule_events: bool,
-    /// Capacity of the managed-connection table [default: 262144]. Past it,
-    /// rules still apply but their connections are not tracked.
-    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
-    pub(crate) max_connections: Option<u32>,
-    /// Capacity of the connection index, in sockets [default: 1048576]. Past
-    /// it, commands walk the socket table.
-    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
-    pub(crate) max_indexed: Option<u32>,
-    /// Capacity of the holder table, holders on all connections together
-    /// [default: 131072]. Past it, `enable --holder` is refused.
-    #[arg(long, value_name = "N", value_parser = loader::parse_map_size)]
-    pub(crate) max_holders: Option<u32>,
-}
-
-impl KernelArgs {
-    pub(crate) fn options(&self) -> loader::LoadOptions {
-        self.options_over(&ServeSettings::default())
-    }
-
-    /// These options over a configuration file's: an option given here
-    /// wins.
-    pub(crate) fn options_over(&self, file: &ServeSettings) -> loader::LoadOptions {
-        loader::LoadOptions {
-            holders: self
-                .holders
-                .map(Into::into)
-                .or(file.holders)
-                .unwrap_or_default(),
-            index: self
-                .index
-                .map(|i| match i {
-                    Index::Ports => loader::IndexMode::Ports,
-                    Index::Host => loader::IndexMode::Host,
-                })
-                .or(file.index),
-            index_ports: self
-                .index_ports
-                .clone()
-                .or_else(|| file.index_ports.clone())
-                .unwrap_or_default(),
-            rule_events: self.rule_events || file.rule_events.unwrap_or(false),
-            sizes: loader::MapSizes {
-                connections: self.max_connections.or(file.sizes.connections),
-                indexed: self.max_indexed.or(file.sizes.indexed),
-                holders: self.max_holders.or(file.sizes.holders),
-            },
-        }
-    }
 }
 
 /// CONN: the peer endpoint `IP:PORT` or `[IPv6]:PORT` (Kamailio's

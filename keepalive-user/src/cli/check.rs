@@ -17,7 +17,7 @@ pub(crate) struct CheckArgs {
 pub(crate) fn check(a: CheckArgs) -> Result<(), Error> {
     let config = tcpka::config::Config::load(&a.file)?;
     let rules = tcpka::config::file_rules(&config);
-    let serve = config.serve != ServeSettings::default();
+    let serve = config.serve != tcpka::config::ServeOptions::default();
     let file = a.file.display().to_string();
     if a.json {
         let rules: Vec<serde_json::Value> = rules

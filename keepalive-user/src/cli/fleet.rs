@@ -12,7 +12,7 @@ use super::*;
 #[derive(Args, Debug)]
 pub(crate) struct FleetArgs {
     #[command(flatten)]
-    pub(crate) etcd: EtcdArgs,
+    pub(crate) etcd: tcpka::config::EtcdSettings,
     #[command(subcommand)]
     pub(crate) command: FleetCommand,
 }
@@ -117,7 +117,7 @@ pub(crate) fn fleet(a: FleetArgs) -> Result<(), Error> {
             etcd.etcd = Some(env);
         }
     }
-    let options = etcd.options_over(&Default::default())?.ok_or_else(|| {
+    let options = EtcdOptions::from_settings(&etcd)?.ok_or_else(|| {
         Error::Invalid(tcpka::InvalidInput::Usage(
             "tcpka fleet needs etcd: --etcd URL[,URL...] or TCPKA_ETCD".into(),
         ))
@@ -360,79 +360,6 @@ async fn rule_list(client: &mut Client, o: &EtcdOptions, json: bool) -> Result<(
         }
     }
     Ok(())
-}
-
-/// How to reach etcd: shared by `serve --etcd` and `tcpka fleet`.
-#[derive(Args, Debug, Clone, Default)]
-pub(crate) struct EtcdArgs {
-    /// etcd's members, URL[,URL...]: http://HOST:PORT, or https:// with
-    /// --etcd-ca (and --etcd-cert/--etcd-key for client certificates).
-    #[arg(long, value_name = "URL[,URL...]", value_parser = |s: &str| tcpka::node::parse_etcd_endpoints(s).map(|_| s.to_owned()))]
-    pub(crate) etcd: Option<String>,
-    /// Key prefix of this fleet [default: /tcpka].
-    #[arg(long, value_name = "PREFIX")]
-    pub(crate) etcd_prefix: Option<String>,
-    /// CA certificate (PEM) of the etcd members.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM), for members that require one.
-    #[arg(long, value_name = "FILE", requires = "etcd_key")]
-    pub(crate) etcd_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
-    pub(crate) etcd_key: Option<PathBuf>,
-    /// etcd user (etcd auth); the password is read from
-    /// --etcd-password-file.
-    #[arg(long, value_name = "USER", requires = "etcd_password_file")]
-    pub(crate) etcd_user: Option<String>,
-    /// File whose first line is the etcd user's password (not readable by
-    /// others).
-    #[arg(long, value_name = "FILE", requires = "etcd_user")]
-    pub(crate) etcd_password_file: Option<PathBuf>,
-}
-
-impl EtcdArgs {
-    /// The options given here over the configuration file's; `None` without
-    /// endpoints.
-    pub(crate) fn options_over(
-        &self,
-        file: &tcpka::config::FleetSettings,
-    ) -> Result<Option<EtcdOptions>, Error> {
-        let given = self
-            .etcd
-            .as_deref()
-            .map(tcpka::node::parse_etcd_endpoints)
-            .transpose()
-            .map_err(|e| Error::Invalid(tcpka::InvalidInput::Usage(format!("--etcd: {e}"))))?;
-        let Some(endpoints) = given.or(file.etcd.clone()) else {
-            let set = self.etcd_prefix.is_some()
-                || self.etcd_ca.is_some()
-                || self.etcd_cert.is_some()
-                || self.etcd_user.is_some();
-            if set {
-                return Err(Error::Invalid(tcpka::InvalidInput::Usage(
-                    "the --etcd-* options need --etcd URL".into(),
-                )));
-            }
-            return Ok(None);
-        };
-        let pick = |a: &Option<PathBuf>, b: &Option<PathBuf>| a.clone().or(b.clone());
-        let o = EtcdOptions {
-            endpoints,
-            prefix: self
-                .etcd_prefix
-                .clone()
-                .or(file.etcd_prefix.clone())
-                .unwrap_or_else(|| tcpka::fleet::DEFAULT_PREFIX.into()),
-            ca: pick(&self.etcd_ca, &file.etcd_ca),
-            cert: pick(&self.etcd_cert, &file.etcd_cert),
-            key: pick(&self.etcd_key, &file.etcd_key),
-            user: self.etcd_user.clone().or(file.etcd_user.clone()),
-            password_file: pick(&self.etcd_password_file, &file.etcd_password_file),
-        };
-        o.check()?;
-        Ok(Some(o))
-    }
 }
 
 /// Prints what every node answered to a preview (stdout: the command's

@@ -8,7 +8,7 @@ pub(crate) struct LoadArgs {
     #[arg(long)]
     pub(crate) cgroup: Option<PathBuf>,
     #[command(flatten)]
-    pub(crate) kernel: KernelArgs,
+    pub(crate) kernel: tcpka::config::KernelOptions,
     /// Print the result as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -16,7 +16,7 @@ pub(crate) struct LoadArgs {
 
 pub(crate) fn load(layout: &PinLayout, args: LoadArgs) -> Result<(), Error> {
     let cgroup = target_cgroup(layout, args.cgroup.as_deref())?;
-    let outcome = loader::load(layout, &cgroup, &args.kernel.options())?;
+    let outcome = loader::load(layout, &cgroup, &args.kernel.load_options())?;
     let i = outcome.installation();
     let loaded = matches!(outcome, LoadOutcome::Loaded(_));
     let reattached = matches!(outcome, LoadOutcome::Reattached(_));

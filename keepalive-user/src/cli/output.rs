@@ -89,13 +89,6 @@ pub(crate) fn print_explanation(conn: Option<&ConnStatus>, e: &tcpka::rule::Expl
     }
 }
 
-pub(crate) fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    match s {
-        "error" | "warn" | "info" | "debug" => Ok(s.parse().expect("a level name")),
-        _ => Err(format!("{s:?} is not error, warn, info or debug")),
-    }
-}
-
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     tcpka::outln!(
         "{}",

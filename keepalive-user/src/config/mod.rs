@@ -62,8 +62,7 @@ mod plan;
 mod serve;
 
 pub use plan::{file_rules, plan, plan_owned, Step};
-use serve::ServeEntry;
-pub use serve::{FleetSettings, Listen, ServeSettings};
+pub use serve::{parse_level, EtcdSettings, KernelOptions, Listen, ServeOptions};
 
 /// Named rules from the fleet (etcd) carry this prefix in the kernel: a
 /// file's name cannot start with it, and files never change or remove them.
@@ -77,7 +76,7 @@ pub const NAME_MAX: usize = 32;
 struct File {
     #[serde(default)]
     rule: Vec<toml::Spanned<RuleSpec>>,
-    serve: Option<toml::Spanned<ServeEntry>>,
+    serve: Option<toml::Spanned<ServeOptions>>,
 }
 
 /// A rule as written, in a file's `[[rule]]` tables and in the fleet's etcd
@@ -194,7 +193,8 @@ pub struct NamedRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub rules: Vec<NamedRule>,
-    pub serve: ServeSettings,
+    /// The `[serve]` table (its keys are `serve`'s options).
+    pub serve: ServeOptions,
 }
 
 /// Whether `name` can name a rule.
@@ -230,12 +230,13 @@ impl Config {
             err(line, one_line_message(e.message()))
         })?;
         let serve = match file.serve {
-            None => ServeSettings::default(),
+            None => ServeOptions::default(),
             Some(s) => {
                 let line = line_of(text, s.span().start);
-                s.into_inner()
-                    .check()
-                    .map_err(|reason| err(line, format!("[serve] {reason}")))?
+                let s = s.into_inner();
+                s.check_file()
+                    .map_err(|reason| err(line, format!("[serve] {reason}")))?;
+                s
             }
         };
         let mut rules = Vec::new();
@@ -393,7 +394,9 @@ user_timeout_ms = 20000
         let c = Config::parse(&text, "examples").unwrap();
         assert_eq!(c.rules.len(), 2);
         assert!(
-            c.serve.listen.is_some() && c.serve.index_ports.is_some() && c.serve.evapi.is_some()
+            c.serve.listen.is_some()
+                && c.serve.kernel.index_ports.is_some()
+                && c.serve.evapi.is_some()
         );
     }
 
@@ -405,16 +408,18 @@ user_timeout_ms = 20000
         )
         .unwrap();
         assert!(matches!(c.serve.listen, Some(Listen::Unix(_))));
-        assert_eq!(c.serve.index, Some(crate::loader::IndexMode::Ports));
-        assert_eq!(c.serve.index_ports.unwrap().to_string(), "5060,5080");
-        assert_eq!(c.serve.rule_events, Some(true));
+        assert_eq!(c.serve.kernel.index, Some(crate::loader::IndexMode::Ports));
+        assert_eq!(c.serve.kernel.index_ports.unwrap().to_string(), "5060,5080");
+        assert_eq!(c.serve.kernel.rule_events, Some(true));
         let e = err_of("\n[serve]\nindex = \"everything\"\n");
         assert!(
             e.starts_with("t.toml:2: [serve] index: \"everything\""),
             "{e}"
         );
+        // A key of the table's own: its line; one of a group it shares
+        // with `load` or `fleet` (index, etcd...): the table's.
         let e = err_of("[serve]\nlisten = \"nowhere\"\n");
-        assert!(e.starts_with("t.toml:1: [serve] listen:"), "{e}");
+        assert!(e.starts_with("t.toml:2: [serve] listen:"), "{e}");
         let e = err_of("[serve]\nindex_ports = \"0\"\n");
         assert!(e.starts_with("t.toml:1: [serve] index_ports:"), "{e}");
         let e = err_of("[serve]\nport = 1\n");
@@ -424,7 +429,7 @@ user_timeout_ms = 20000
             "t.toml",
         )
         .unwrap();
-        assert_eq!(c.serve.evapi_events, Some(vec!["timeout", "closed"]));
+        assert_eq!(c.serve.evapi_kinds(), ["timeout", "closed"]);
         let e = err_of("[serve]\nevapi_events = [\"closing\"]\n");
         assert!(e.contains("evapi_events") && e.contains("closing"), "{e}");
     }
@@ -436,17 +441,20 @@ user_timeout_ms = 20000
             "t.toml",
         )
         .unwrap();
-        let f = &c.serve.fleet;
-        assert_eq!(f.etcd.as_ref().unwrap().len(), 2);
+        let f = &c.serve;
+        assert_eq!(
+            f.etcd.etcd.as_deref(),
+            Some("http://10.0.0.1:2379,http://10.0.0.2:2379")
+        );
         assert_eq!(f.node.as_deref(), Some("edge-1"));
-        assert_eq!(f.labels["dc"], "fra");
+        assert_eq!(f.label_map()["dc"], "fra");
         for (text, want) in [
-            ("[serve]\netcd = \"10.0.0.1:2379\"\n", "[serve] etcd:"),
-            ("[serve]\nnode = \"a b\"\n", "[serve] node:"),
-            ("[serve]\nlabels = { role = \"\" }\n", "[serve] labels:"),
+            ("[serve]\netcd = \"10.0.0.1:2379\"\n", "1: [serve] etcd:"),
+            ("[serve]\nnode = \"a b\"\n", "2: [serve] node:"),
+            ("[serve]\nlabels = { role = \"\" }\n", "2: [serve] labels:"),
         ] {
             let e = err_of(text);
-            assert!(e.starts_with(&format!("t.toml:1: {want}")), "{e}");
+            assert!(e.starts_with(&format!("t.toml:{want}")), "{e}");
         }
     }
 

@@ -21,6 +21,39 @@ pub struct EtcdOptions {
 }
 
 impl EtcdOptions {
+    /// The client's options from `tcpka fleet`'s or `tcpka serve`'s
+    /// settings; `None` without endpoints (then no other setting may be
+    /// given).
+    pub fn from_settings(s: &crate::config::EtcdSettings) -> Result<Option<Self>, Error> {
+        let usage = |m: String| Error::Invalid(InvalidInput::Usage(m));
+        let Some(etcd) = &s.etcd else {
+            let set = s.etcd_prefix.is_some()
+                || s.etcd_ca.is_some()
+                || s.etcd_cert.is_some()
+                || s.etcd_user.is_some();
+            if set {
+                return Err(usage("the --etcd-* options need --etcd URL".into()));
+            }
+            return Ok(None);
+        };
+        let endpoints =
+            crate::node::parse_etcd_endpoints(etcd).map_err(|e| usage(format!("--etcd: {e}")))?;
+        let o = Self {
+            endpoints,
+            prefix: s
+                .etcd_prefix
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PREFIX.into()),
+            ca: s.etcd_ca.clone(),
+            cert: s.etcd_cert.clone(),
+            key: s.etcd_key.clone(),
+            user: s.etcd_user.clone(),
+            password_file: s.etcd_password_file.clone(),
+        };
+        o.check()?;
+        Ok(Some(o))
+    }
+
     /// Checks what can be checked before connecting: the prefix, the files
     /// (read here, so that a bad one changes nothing), the pairs.
     pub fn check(&self) -> Result<(), Error> {
