@@ -223,6 +223,53 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+    /// The running kernel lacks something tcpka needs (a filesystem, a
+    /// hook, a structure's layout).
+    #[error("{what}: this kernel lacks {needs}")]
+    Unsupported { what: String, needs: String },
+    /// A file or object that should be there is not (a fleet rule, a node,
+    /// a loaded program, a cgroup).
+    #[error("{what}")]
+    NotFound { what: String },
+    /// A record tcpka reads back (a pinned record, a map value, what an
+    /// iterator wrote) is not what this version wrote.
+    #[error("{what}: {why}")]
+    BadRecord { what: String, why: String },
+    /// A file or directory tcpka will not use as it is (its owner, mode or
+    /// type, or what it holds); `why` says what is wrong and what to do.
+    #[error("{what}: {why}")]
+    Refused { what: String, why: String },
+    /// Another process holds what this one needs (a serve's lock, a socket
+    /// path).
+    #[error("{what}")]
+    Busy { what: String },
+    /// The eBPF object built into tcpka lacks a map or program: a broken
+    /// build.
+    #[error("the eBPF object built into tcpka has no {missing}; rebuild tcpka")]
+    Object { missing: String },
+    /// An HTTP request that did not get an answer (`tcpka serve`'s API, a
+    /// webhook receiver).
+    #[error("{what}")]
+    Http {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// `tcpka serve`'s API answered with an error status; `why` is the
+    /// reply's error, else the status's reason.
+    #[error("{url}: HTTP {status}: {why}")]
+    Api {
+        url: String,
+        status: u16,
+        why: String,
+    },
+    /// A thread or task of tcpka's own stopped or failed.
+    #[error("{0}")]
+    Internal(String),
+    /// The failure of a step that several commands of one batch shared
+    /// (taking the lock, one walk), told to each of them.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// A pause of `base` give or take a quarter, so that many agents,
@@ -256,6 +303,31 @@ impl Error {
             // A namespace path that cannot be used is a bad argument.
             Error::Invalid(_) | Error::Netns { .. } => 2,
             _ => 1,
+        }
+    }
+
+    /// The same failure again, for another command that shared the step
+    /// that failed: the variant itself where it can be copied, else its
+    /// message with every cause ([`Error::Shared`]).
+    pub fn again(&self) -> Self {
+        match self {
+            Error::Invalid(i) => Error::Invalid(i.clone()),
+            Error::NoPrivilege { what } => Error::NoPrivilege { what: what.clone() },
+            Error::NotLoaded { pin_dir } => Error::NotLoaded {
+                pin_dir: pin_dir.clone(),
+            },
+            Error::LockBusy { path, waited_ms } => Error::LockBusy {
+                path: path.clone(),
+                waited_ms: *waited_ms,
+            },
+            Error::Netns { path, source } => Error::Netns {
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            other => Error::Shared(one_line(other)),
         }
     }
 
