@@ -347,3 +347,158 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an `io::ErrorKind` made up as a cause would add to a message.
+    fn kind_texts() -> Vec<String> {
+        use std::io::ErrorKind as K;
+        [
+            K::Other,
+            K::NotFound,
+            K::InvalidData,
+            K::InvalidInput,
+            K::PermissionDenied,
+            K::AddrInUse,
+            K::AlreadyExists,
+            K::Unsupported,
+            K::UnexpectedEof,
+        ]
+        .into_iter()
+        .map(|k| std::io::Error::from(k).to_string())
+        .collect()
+    }
+
+    fn new_variants() -> Vec<Error> {
+        let reqwest_error = reqwest::Client::new()
+            .get("no scheme")
+            .build()
+            .expect_err("not a URL");
+        vec![
+            Error::Unsupported {
+                what: "/sys/kernel/tracing has no events directory".into(),
+                needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS)".into(),
+            },
+            Error::NotFound {
+                what: "no fleet rule \"a\" under /tcpka/rules/".into(),
+            },
+            Error::BadRecord {
+                what: "the installation in /sys/fs/bpf/tcpka".into(),
+                why: "it was loaded by another version of tcpka".into(),
+            },
+            Error::Refused {
+                what: "/etc/tcpka/token".into(),
+                why: "readable by every user (mode 644); chmod o-rwx it".into(),
+            },
+            Error::Busy {
+                what: "another tcpka serve (pid 7) already serves /sys/fs/bpf/tcpka".into(),
+            },
+            Error::Object {
+                missing: "map TCPKA_CONNS".into(),
+            },
+            Error::Http {
+                what: "connecting to http://127.0.0.1:1/v1/events".into(),
+                source: reqwest_error,
+            },
+            Error::Api {
+                url: "http://127.0.0.1:1/v1/events".into(),
+                status: 401,
+                why: "bad token".into(),
+            },
+            Error::Internal("the command worker stopped".into()),
+            Error::Shared("tcpka is not loaded".into()),
+        ]
+    }
+
+    #[test]
+    fn new_variants_say_what_happened_on_one_line() {
+        let kinds = kind_texts();
+        for e in new_variants() {
+            let line = one_line(&e);
+            assert!(!line.contains('\n'), "{line}");
+            assert!(!line.ends_with('.'), "{line}");
+            assert!(
+                !line.starts_with(|c: char| c.is_ascii_uppercase()),
+                "{line}"
+            );
+            for k in &kinds {
+                assert!(!line.ends_with(k.as_str()), "{line} ends in {k:?}");
+            }
+            assert_eq!(e.exit_code(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn messages_read_as_documented() {
+        let e = Error::Unsupported {
+            what: "pinning /sys/fs/bpf/tcpka/link_sockops".into(),
+            needs: "a BPF link for this attachment".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "pinning /sys/fs/bpf/tcpka/link_sockops: this kernel lacks a BPF link for this attachment"
+        );
+        let e = Error::Object {
+            missing: "program tcpka_sockops".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "the eBPF object built into tcpka has no program tcpka_sockops; rebuild tcpka"
+        );
+        let e = Error::Api {
+            url: "http://h/v1/events".into(),
+            status: 503,
+            why: "Service Unavailable".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "http://h/v1/events: HTTP 503: Service Unavailable"
+        );
+    }
+
+    #[test]
+    fn a_shared_failure_keeps_its_variant_or_its_causes() {
+        let e = Error::NotLoaded {
+            pin_dir: "/sys/fs/bpf/tcpka".into(),
+        };
+        assert!(matches!(e.again(), Error::NotLoaded { .. }));
+        assert_eq!(e.again().to_string(), e.to_string());
+
+        let e = Error::LockBusy {
+            path: "/run/tcpka/lock".into(),
+            waited_ms: 5000,
+        };
+        assert!(matches!(
+            e.again(),
+            Error::LockBusy {
+                waited_ms: 5000,
+                ..
+            }
+        ));
+
+        let e = Error::Invalid(InvalidInput::Port("x".into()));
+        assert_eq!(e.again().exit_code(), 2);
+
+        let e = Error::Netns {
+            path: "/run/netns/a".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let again = e.again();
+        assert!(matches!(again, Error::Netns { .. }));
+        assert_eq!(one_line(&again), one_line(&e));
+        assert_eq!(again.exit_code(), 2);
+
+        // Anything else: its message with every cause, not a made-up one.
+        let e = Error::io(
+            "opening /sys/fs/bpf/tcpka/TCPKA_CONNS",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        let again = e.again();
+        assert!(matches!(again, Error::Shared(_)));
+        assert_eq!(one_line(&again), one_line(&e));
+        assert!(one_line(&again).ends_with("(os error 13)"));
+        assert_eq!(again.exit_code(), 1);
+    }
+}
