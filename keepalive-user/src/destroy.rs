@@ -157,10 +157,10 @@ fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Resu
             what: format!("closing {remote}: no such socket any more (it closed meanwhile)"),
         }),
         (NLMSG_ERROR, e) => Err(err("SOCK_DESTROY", std::io::Error::from_raw_os_error(-e))),
-        _ => Err(err(
-            "SOCK_DESTROY",
-            std::io::Error::other(format!("unexpected netlink reply type {kind}")),
-        )),
+        _ => Err(Error::BadRecord {
+            what: format!("closing {remote}: SOCK_DESTROY"),
+            why: format!("unexpected netlink reply type {kind}"),
+        }),
     }
 }
 
