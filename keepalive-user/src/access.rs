@@ -42,11 +42,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// file that others than its owner and group can read.
 pub fn read_token_file(path: &Path) -> Result<String> {
     let token = read_secret_file(path)?;
-    check_token(&token).map_err(|what| {
-        Error::io(
-            format!("{}: {what}", path.display()),
-            std::io::ErrorKind::InvalidData.into(),
-        )
+    check_token(&token).map_err(|why| Error::Refused {
+        what: path.display().to_string(),
+        why: why.into(),
     })?;
     Ok(token)
 }
@@ -57,13 +55,10 @@ pub fn read_password_file(path: &Path) -> Result<String> {
     let text = read_secret_file(path)?;
     let first = text.lines().next().unwrap_or_default().to_owned();
     if first.is_empty() || first.len() > 1024 {
-        return Err(Error::io(
-            format!(
-                "{}: the first line must hold the password (1 to 1024 bytes)",
-                path.display()
-            ),
-            std::io::ErrorKind::InvalidData.into(),
-        ));
+        return Err(Error::Refused {
+            what: path.display().to_string(),
+            why: "the first line must hold the password (1 to 1024 bytes)".into(),
+        });
     }
     Ok(first)
 }
@@ -79,10 +74,10 @@ fn read_secret_file(path: &Path) -> Result<String> {
     // runs as (the service user's own files).
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
-        return Err(Error::io(
-            format!(
-                "{} is owned by uid {}, who could change the secret: it must be owned by root{}",
-                path.display(),
+        return Err(Error::Refused {
+            what: path.display().to_string(),
+            why: format!(
+                "owned by uid {}, who could change the secret; it must be owned by root{}",
                 meta.uid(),
                 if me == 0 {
                     String::new()
@@ -90,18 +85,16 @@ fn read_secret_file(path: &Path) -> Result<String> {
                     format!(" or uid {me}")
                 }
             ),
-            std::io::ErrorKind::PermissionDenied.into(),
-        ));
+        });
     }
     if meta.mode() & 0o007 != 0 {
-        return Err(Error::io(
-            format!(
-                "{} is readable by every user (mode {:o}); chmod o-rwx it",
-                path.display(),
+        return Err(Error::Refused {
+            what: path.display().to_string(),
+            why: format!(
+                "readable by every user (mode {:o}); chmod o-rwx it",
                 meta.mode() & 0o777
             ),
-            std::io::ErrorKind::PermissionDenied.into(),
-        ));
+        });
     }
     // The file checked, not whatever is at the path now.
     let mut text = String::new();
@@ -343,19 +336,15 @@ pub fn claim_socket_path(path: &Path) -> Result<()> {
         Err(e) => return Err(Error::io(format!("checking {}", path.display()), e)),
     };
     if !meta.file_type().is_socket() {
-        return Err(Error::io(
-            format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ),
-            std::io::ErrorKind::AlreadyExists.into(),
-        ));
+        return Err(Error::Refused {
+            what: path.display().to_string(),
+            why: "it exists and is not a socket; refusing to replace it".into(),
+        });
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(Error::io(
-            format!("another process is listening on {}", path.display()),
-            std::io::ErrorKind::AddrInUse.into(),
-        ));
+        return Err(Error::Busy {
+            what: format!("another process is listening on {}", path.display()),
+        });
     }
     std::fs::remove_file(path)
         .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))

@@ -149,17 +149,18 @@ fn sock_diag_destroy(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Resu
     let code = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
     match (kind, code) {
         (NLMSG_ERROR, 0) => Ok(()),
-        (NLMSG_ERROR, e) if -e == libc::EOPNOTSUPP => Err(Error::io(
-            format!(
-                "closing {remote}: the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY)"
-            ),
-            std::io::Error::from_raw_os_error(-e),
-        )),
+        (NLMSG_ERROR, e) if -e == libc::EOPNOTSUPP => Err(Error::Unsupported {
+            what: format!("closing {remote}"),
+            needs: "sock_diag's SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY)".into(),
+        }),
+        (NLMSG_ERROR, e) if -e == libc::ENOENT => Err(Error::NotFound {
+            what: format!("closing {remote}: no such socket any more (it closed meanwhile)"),
+        }),
         (NLMSG_ERROR, e) => Err(err("SOCK_DESTROY", std::io::Error::from_raw_os_error(-e))),
-        _ => Err(err(
-            "SOCK_DESTROY",
-            std::io::Error::other(format!("unexpected netlink reply type {kind}")),
-        )),
+        _ => Err(Error::BadRecord {
+            what: format!("closing {remote}: SOCK_DESTROY"),
+            why: format!("unexpected netlink reply type {kind}"),
+        }),
     }
 }
 
@@ -311,13 +312,13 @@ fn probe_sock_diag() -> std::result::Result<(), String> {
     let none: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
     match sock_diag_destroy(none, none, 0) {
         Ok(()) => Ok(()),
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-            Err("sock_diag cannot destroy sockets (a kernel built without \
-                 CONFIG_INET_DIAG_DESTROY)"
-                .into())
+        Err(Error::NotFound { .. }) => Ok(()),
+        Err(Error::Unsupported { .. }) => {
+            let why = "sock_diag cannot destroy sockets (a kernel built without \
+                       CONFIG_INET_DIAG_DESTROY)";
+            Err(why.into())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(crate::one_line(&e)),
     }
 }
 
@@ -346,20 +347,19 @@ pub fn method() -> std::result::Result<Method, String> {
 /// Destroys one connection of the current network namespace, the way
 /// [`method`] picks.
 fn destroy_here(local: SocketAddr, remote: SocketAddr, cookie: u64) -> Result<()> {
-    let unavailable = |why: String| {
-        Error::io(
-            format!("closing {remote}: this host cannot end connections: {why}"),
-            std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-        )
+    let unavailable = |why: String| Error::Unsupported {
+        what: format!("closing {remote}: this host cannot end connections"),
+        needs: format!("a way tcpka can use ({why})"),
     };
     match method().map_err(unavailable)? {
         Method::SockDiag => sock_diag_destroy(local, remote, cookie),
         Method::BpfSockDestroy => match crate::sock_destroy::destroy(cookie) {
             Ok(true) => Ok(()),
-            Ok(false) => Err(Error::io(
-                format!("closing {remote}: bpf_sock_destroy"),
-                std::io::Error::from_raw_os_error(libc::ENOENT),
-            )),
+            Ok(false) => Err(Error::NotFound {
+                what: format!(
+                    "closing {remote}: no socket has cookie {cookie} any more (it closed meanwhile)"
+                ),
+            }),
             Err(e) => Err(Error::io(format!("closing {remote}: bpf_sock_destroy"), e)),
         },
     }

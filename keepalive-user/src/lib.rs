@@ -223,6 +223,53 @@ pub enum Error {
         #[source]
         source: aya::pin::PinError,
     },
+    /// The running kernel lacks something tcpka needs (a filesystem, a
+    /// hook, a structure's layout).
+    #[error("{what}: this kernel lacks {needs}")]
+    Unsupported { what: String, needs: String },
+    /// A file or object that should be there is not (a fleet rule, a node,
+    /// a loaded program, a cgroup).
+    #[error("{what}")]
+    NotFound { what: String },
+    /// A record tcpka reads back (a pinned record, a map value, what an
+    /// iterator wrote) is not what this version wrote.
+    #[error("{what}: {why}")]
+    BadRecord { what: String, why: String },
+    /// A file or directory tcpka will not use as it is (its owner, mode or
+    /// type, or what it holds); `why` says what is wrong and what to do.
+    #[error("{what}: {why}")]
+    Refused { what: String, why: String },
+    /// Another process holds what this one needs (a serve's lock, a socket
+    /// path).
+    #[error("{what}")]
+    Busy { what: String },
+    /// The eBPF object built into tcpka lacks a map or program: a broken
+    /// build.
+    #[error("the eBPF object built into tcpka has no {missing}; rebuild tcpka")]
+    Object { missing: String },
+    /// An HTTP request that did not get an answer (`tcpka serve`'s API, a
+    /// webhook receiver).
+    #[error("{what}")]
+    Http {
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// `tcpka serve`'s API answered with an error status; `why` is the
+    /// reply's error, else the status's reason.
+    #[error("{url}: HTTP {status}: {why}")]
+    Api {
+        url: String,
+        status: u16,
+        why: String,
+    },
+    /// A thread or task of tcpka's own stopped or failed.
+    #[error("{0}")]
+    Internal(String),
+    /// The failure of a step that several commands of one batch shared
+    /// (taking the lock, one walk), told to each of them.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// A pause of `base` give or take a quarter, so that many agents,
@@ -259,6 +306,31 @@ impl Error {
         }
     }
 
+    /// The same failure again, for another command that shared the step
+    /// that failed: the variant itself where it can be copied, else its
+    /// message with every cause ([`Error::Shared`]).
+    pub fn again(&self) -> Self {
+        match self {
+            Error::Invalid(i) => Error::Invalid(i.clone()),
+            Error::NoPrivilege { what } => Error::NoPrivilege { what: what.clone() },
+            Error::NotLoaded { pin_dir } => Error::NotLoaded {
+                pin_dir: pin_dir.clone(),
+            },
+            Error::LockBusy { path, waited_ms } => Error::LockBusy {
+                path: path.clone(),
+                waited_ms: *waited_ms,
+            },
+            Error::Netns { path, source } => Error::Netns {
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            other => Error::Shared(one_line(other)),
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             what: what.into(),
@@ -275,3 +347,158 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an `io::ErrorKind` made up as a cause would add to a message.
+    fn kind_texts() -> Vec<String> {
+        use std::io::ErrorKind as K;
+        [
+            K::Other,
+            K::NotFound,
+            K::InvalidData,
+            K::InvalidInput,
+            K::PermissionDenied,
+            K::AddrInUse,
+            K::AlreadyExists,
+            K::Unsupported,
+            K::UnexpectedEof,
+        ]
+        .into_iter()
+        .map(|k| std::io::Error::from(k).to_string())
+        .collect()
+    }
+
+    fn new_variants() -> Vec<Error> {
+        let reqwest_error = reqwest::Client::new()
+            .get("no scheme")
+            .build()
+            .expect_err("not a URL");
+        vec![
+            Error::Unsupported {
+                what: "/sys/kernel/tracing has no events directory".into(),
+                needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS)".into(),
+            },
+            Error::NotFound {
+                what: "no fleet rule \"a\" under /tcpka/rules/".into(),
+            },
+            Error::BadRecord {
+                what: "the installation in /sys/fs/bpf/tcpka".into(),
+                why: "it was loaded by another version of tcpka".into(),
+            },
+            Error::Refused {
+                what: "/etc/tcpka/token".into(),
+                why: "readable by every user (mode 644); chmod o-rwx it".into(),
+            },
+            Error::Busy {
+                what: "another tcpka serve (pid 7) already serves /sys/fs/bpf/tcpka".into(),
+            },
+            Error::Object {
+                missing: "map TCPKA_CONNS".into(),
+            },
+            Error::Http {
+                what: "connecting to http://127.0.0.1:1/v1/events".into(),
+                source: reqwest_error,
+            },
+            Error::Api {
+                url: "http://127.0.0.1:1/v1/events".into(),
+                status: 401,
+                why: "bad token".into(),
+            },
+            Error::Internal("the command worker stopped".into()),
+            Error::Shared("tcpka is not loaded".into()),
+        ]
+    }
+
+    #[test]
+    fn new_variants_say_what_happened_on_one_line() {
+        let kinds = kind_texts();
+        for e in new_variants() {
+            let line = one_line(&e);
+            assert!(!line.contains('\n'), "{line}");
+            assert!(!line.ends_with('.'), "{line}");
+            assert!(
+                !line.starts_with(|c: char| c.is_ascii_uppercase()),
+                "{line}"
+            );
+            for k in &kinds {
+                assert!(!line.ends_with(k.as_str()), "{line} ends in {k:?}");
+            }
+            assert_eq!(e.exit_code(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn messages_read_as_documented() {
+        let e = Error::Unsupported {
+            what: "pinning /sys/fs/bpf/tcpka/link_sockops".into(),
+            needs: "a BPF link for this attachment".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "pinning /sys/fs/bpf/tcpka/link_sockops: this kernel lacks a BPF link for this attachment"
+        );
+        let e = Error::Object {
+            missing: "program tcpka_sockops".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "the eBPF object built into tcpka has no program tcpka_sockops; rebuild tcpka"
+        );
+        let e = Error::Api {
+            url: "http://h/v1/events".into(),
+            status: 503,
+            why: "Service Unavailable".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            "http://h/v1/events: HTTP 503: Service Unavailable"
+        );
+    }
+
+    #[test]
+    fn a_shared_failure_keeps_its_variant_or_its_causes() {
+        let e = Error::NotLoaded {
+            pin_dir: "/sys/fs/bpf/tcpka".into(),
+        };
+        assert!(matches!(e.again(), Error::NotLoaded { .. }));
+        assert_eq!(e.again().to_string(), e.to_string());
+
+        let e = Error::LockBusy {
+            path: "/run/tcpka/lock".into(),
+            waited_ms: 5000,
+        };
+        assert!(matches!(
+            e.again(),
+            Error::LockBusy {
+                waited_ms: 5000,
+                ..
+            }
+        ));
+
+        let e = Error::Invalid(InvalidInput::Port("x".into()));
+        assert_eq!(e.again().exit_code(), 2);
+
+        let e = Error::Netns {
+            path: "/run/netns/a".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let again = e.again();
+        assert!(matches!(again, Error::Netns { .. }));
+        assert_eq!(one_line(&again), one_line(&e));
+        assert_eq!(again.exit_code(), 2);
+
+        // Anything else: its message with every cause, not a made-up one.
+        let e = Error::io(
+            "opening /sys/fs/bpf/tcpka/TCPKA_CONNS",
+            std::io::Error::from_raw_os_error(libc::EACCES),
+        );
+        let again = e.again();
+        assert!(matches!(again, Error::Shared(_)));
+        assert_eq!(one_line(&again), one_line(&e));
+        assert!(one_line(&again).ends_with("(os error 13)"));
+        assert_eq!(again.exit_code(), 1);
+    }
+}

@@ -159,14 +159,13 @@ impl ServeLock {
         if file.try_lock().is_err() {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
-            return Err(Error::io(
-                format!(
+            return Err(Error::Busy {
+                what: format!(
                     "another tcpka serve (pid {}) already serves {}; stop it first",
                     pid.trim(),
                     layout.dir().display()
                 ),
-                std::io::ErrorKind::AddrInUse.into(),
-            ));
+            });
         }
         let _ = file.set_len(0);
         let _ = file.rewind();
@@ -241,11 +240,11 @@ fn open_lock_file(path: &Path) -> Result<File> {
                 what: format!("using {}", dir.display()),
             });
         }
-        return Err(Error::io(
-            format!(
-                "{} must be a directory owned by uid {me} (it is {} owned by uid {}); \
+        return Err(Error::Refused {
+            what: format!("using {}", dir.display()),
+            why: format!(
+                "it must be a directory owned by uid {me} (it is {} owned by uid {}); \
                  `tcpka prepare --user {me}` as root hands it over (the unit runs it), or remove it",
-                dir.display(),
                 if meta.is_dir() {
                     "a directory"
                 } else {
@@ -253,8 +252,7 @@ fn open_lock_file(path: &Path) -> Result<File> {
                 },
                 meta.uid()
             ),
-            std::io::ErrorKind::PermissionDenied.into(),
-        ));
+        });
     }
     if meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -279,13 +277,18 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .metadata()
         .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
     if !meta.is_file() || !trusted(meta.uid()) {
-        return Err(Error::io(
-            format!(
-                "{} is not a regular file owned by uid {me}; remove it",
-                path.display()
+        return Err(Error::Refused {
+            what: format!("using {}", path.display()),
+            why: format!(
+                "it must be a regular file owned by uid {me} (it is {} owned by uid {}); remove it",
+                if meta.is_file() {
+                    "a regular file"
+                } else {
+                    "not a regular file"
+                },
+                meta.uid()
             ),
-            std::io::ErrorKind::PermissionDenied.into(),
-        ));
+        });
     }
     if meta.mode() & 0o777 != 0o600 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))

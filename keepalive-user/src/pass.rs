@@ -26,10 +26,10 @@ pub fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Res
         })
         .join()
         .unwrap_or_else(|_| {
-            Err(Error::io(
-                format!("working in {}", ns.display()),
-                std::io::Error::other("the namespace thread panicked"),
-            ))
+            Err(Error::Internal(format!(
+                "working in {}: the namespace thread panicked",
+                ns.display()
+            )))
         })
     })
 }

@@ -335,14 +335,11 @@ mod map_cache {
 }
 
 pub(crate) fn read_meta(layout: &PinLayout) -> Result<Meta> {
-    let stale = || {
-        Error::Io {
-        what: format!(
-            "the installation in {} was loaded by another version of tcpka; run `tcpka unload` and `tcpka load` (connections keep their keepalive)",
-            layout.dir().display()
-        ),
-        source: std::io::ErrorKind::InvalidData.into(),
-    }
+    let stale = || Error::BadRecord {
+        what: format!("the installation in {}", layout.dir().display()),
+        why: "it was loaded by another version of tcpka; run `tcpka unload` and `tcpka load` \
+              (connections keep their keepalive)"
+            .into(),
     };
     // A record of another size is another version's layout.
     let array = match lend::lend::<Array<aya::maps::MapData, Meta>>(layout, maps::META) {

@@ -181,9 +181,12 @@ fn clocks(pin: &std::path::Path) -> crate::Result<(u64, u64)> {
         .checked_sub(16)
         .filter(|at| at % size_of::<keepalive_common::requests::ConnRecord>() == 0)
         .map(|at| &out[at..])
-        .ok_or_else(|| crate::Error::Io {
-            what: format!("the iterator {} wrote no clocks", pin.display()),
-            source: std::io::ErrorKind::UnexpectedEof.into(),
+        .ok_or_else(|| crate::Error::BadRecord {
+            what: format!("the iterator {}", pin.display()),
+            why: format!(
+                "wrote {} bytes, not whole records followed by the two clocks",
+                out.len()
+            ),
         })?;
     let word = |i: usize| u64::from_ne_bytes(tail[i..i + 8].try_into().expect("8 bytes"));
     Ok((word(0), word(8)))

@@ -59,10 +59,13 @@ pub fn prepare(layout: &PinLayout, owner: Owner) -> Result<Steps> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !crate::loader::is_bpffs(dir) && !crate::loader::is_bpffs(parent) {
         if parent != Path::new(crate::paths::BPFFS) {
-            return Err(Error::io(
-                format!("{} is not on a bpffs mount", parent.display()),
-                std::io::ErrorKind::InvalidInput.into(),
-            ));
+            return Err(Error::Refused {
+                what: parent.display().to_string(),
+                why: format!(
+                    "not on a bpffs mount, and tcpka mounts bpffs only on {}; mount one there or choose a pin directory under {0}",
+                    crate::paths::BPFFS
+                ),
+            });
         }
         crate::loader::mount_bpffs(parent)?;
         steps.push(format!("bpffs on {}", parent.display()));

@@ -14,11 +14,14 @@ pub fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
 
 const BPF_OBJ_GET: libc::c_long = 7;
 
+/// Why a path cannot be handed to the kernel.
+const NUL_IN_PATH: &str = "the path holds a NUL byte";
+
 /// Opens a pinned BPF object (`BPF_OBJ_GET`).
 pub fn obj_get(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::ffi::OsStrExt as _;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, NUL_IN_PATH))?;
     // union bpf_attr { struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }; }
     let mut attr = [0u8; 128];
     attr[..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
@@ -107,7 +110,7 @@ pub fn link_create_cgroup(
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, NUL_IN_PATH))?;
     let mut attr = [0u8; 128];
     attr[..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
     attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());

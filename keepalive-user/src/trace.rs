@@ -25,11 +25,11 @@ fn sockops_program_id(layout: &PinLayout) -> Result<u32> {
                     .is_some_and(|ids| ids.contains(&conns))
         })
         .map(|p| p.id())
-        .ok_or_else(|| {
-            Error::io(
-                "finding the installation's sock_ops program",
-                std::io::ErrorKind::NotFound.into(),
-            )
+        .ok_or_else(|| Error::NotFound {
+            what: format!(
+                "no loaded tcpka_sockops program uses the connection map of {}",
+                layout.dir().display()
+            ),
         })
 }
 
@@ -77,11 +77,18 @@ fn start(
     sink: &'static dyn log::Log,
 ) -> Result<Logger> {
     let id = sockops_program_id(layout)?;
-    let logger = aya_log::EbpfLogger::init_from_id_with_logger(id, sink).map_err(|e| {
-        Error::io(
-            format!("opening the kernel log: {e}"),
-            std::io::ErrorKind::NotFound.into(),
-        )
+    let logger = aya_log::EbpfLogger::init_from_id_with_logger(id, sink).map_err(|e| match e {
+        aya_log::Error::MapError(source) => Error::map("opening the kernel log", source),
+        aya_log::Error::ProgramError(source) => Error::Program {
+            what: "opening the kernel log".into(),
+            source,
+        },
+        aya_log::Error::ProgramNotFound => Error::NotFound {
+            what: format!("opening the kernel log: program {id} was unloaded meanwhile"),
+        },
+        aya_log::Error::MapNotFound => Error::NotFound {
+            what: format!("opening the kernel log: program {id} has no log map (AYA_LOGS)"),
+        },
     })?;
     if enforcer.set_trace(true)? {
         return Err(Error::Conflict(

@@ -154,9 +154,8 @@ async fn run_command(
                 .await
                 .map_err(|e| etcd_error("reading the rule", e))?;
             if found.kvs().is_empty() {
-                return Err(Error::Io {
+                return Err(Error::NotFound {
                     what: format!("no fleet rule {name:?} under {}", options.rules_prefix()),
-                    source: std::io::ErrorKind::NotFound.into(),
                 });
             }
             let report = tcpka::fleet::preview(
@@ -211,10 +210,7 @@ async fn delete_one(
         .await
         .map_err(|e| etcd_error(what, e))?;
     if deleted.deleted() == 0 {
-        return Err(Error::Io {
-            what: missing,
-            source: std::io::ErrorKind::NotFound.into(),
-        });
+        return Err(Error::NotFound { what: missing });
     }
     Ok(deleted.header().map_or(0, |h| h.revision()))
 }

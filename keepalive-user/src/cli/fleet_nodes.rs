@@ -126,9 +126,8 @@ pub(crate) async fn fleet_explain(
 ) -> Result<(), Error> {
     let nodes = fleet_nodes(client, o).await?;
     let Some((status, labels)) = nodes.get(&a.node) else {
-        return Err(Error::Io {
+        return Err(Error::NotFound {
             what: format!("no node {:?} under {} (never seen)", a.node, o.prefix),
-            source: std::io::ErrorKind::NotFound.into(),
         });
     };
     let rules = fleet_rules(client, o).await?;

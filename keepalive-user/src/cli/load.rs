@@ -64,12 +64,11 @@ pub(crate) fn unload(layout: &PinLayout) -> Result<(), Error> {
 pub(crate) fn target_cgroup(layout: &PinLayout, named: Option<&Path>) -> Result<Cgroup, Error> {
     if named.is_none() {
         if let Ok(Some(i)) = loader::installed(layout) {
-            return Cgroup::open(&i.cgroup).map_err(|e| Error::Io {
+            return Cgroup::open(&i.cgroup).map_err(|e| Error::NotFound {
                 what: format!(
                     "tcpka is loaded for cgroup {}, which no longer exists ({e}); start the service again, or `tcpka unload` and load elsewhere",
                     i.cgroup.display()
                 ),
-                source: std::io::ErrorKind::NotFound.into(),
             });
         }
     }

@@ -21,9 +21,9 @@ pub(crate) struct WatchArgs {
 /// Streams `GET /v1/events` and prints each event.
 pub(crate) async fn watch(layout: &PinLayout, a: WatchArgs) -> Result<(), Error> {
     let url = format!("http://{}/v1/events", a.api);
-    let fail = |what: String| Error::Io {
+    let fail = |what: String, e: reqwest::Error| Error::Http {
         what,
-        source: std::io::ErrorKind::Other.into(),
+        source: e.without_url(),
     };
     let token = match (&a.token, &a.token_file) {
         (Some(t), _) => Some(t.clone()),
@@ -41,18 +41,34 @@ pub(crate) async fn watch(layout: &PinLayout, a: WatchArgs) -> Result<(), Error>
         req = req.bearer_auth(t);
     }
     let mut resp = req.send().await.map_err(|e| {
-        fail(format!(
-            "connecting to {url} (is `tcpka serve` running?): {e}"
-        ))
+        fail(
+            format!("connecting to {url} (is `tcpka serve` running?)"),
+            e,
+        )
     })?;
     if !resp.status().is_success() {
-        return Err(fail(format!("{url}: HTTP {}", resp.status())));
+        let status = resp.status();
+        // The API's replies say why in "error".
+        let body = resp.text().await.unwrap_or_default();
+        let why = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v["error"]
+                    .as_str()
+                    .map(|s| tcpka::logs::escape_controls(s).into_owned())
+            })
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("no reason").to_owned());
+        return Err(Error::Api {
+            url,
+            status: status.as_u16(),
+            why,
+        });
     }
     let mut pending = Vec::new();
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| fail(format!("reading {url}: {e}")))?
+        .map_err(|e| fail(format!("reading {url}"), e))?
     {
         pending.extend_from_slice(&chunk);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {

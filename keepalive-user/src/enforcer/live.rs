@@ -111,11 +111,9 @@ impl Enforcer {
             }));
         }
         let parse = |s: &str| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                Error::io(
-                    format!("reading the endpoint {s}"),
-                    std::io::ErrorKind::InvalidData.into(),
-                )
+            s.parse::<SocketAddr>().map_err(|_| Error::BadRecord {
+                what: format!("closing {conn}"),
+                why: format!("the endpoint {s:?} the walk gave is not an address"),
             })
         };
         let mut conns = lend::<HashMap<MapData, u64, ConnInfo>>(&self.layout, maps::CONNS)?;
@@ -191,18 +189,8 @@ impl Enforcer {
         let _lock = match self.lock() {
             Ok(l) => l,
             Err(e) => {
-                let again = |e: &Error| match e {
-                    Error::LockBusy { path, waited_ms } => Error::LockBusy {
-                        path: path.clone(),
-                        waited_ms: *waited_ms,
-                    },
-                    other => Error::Io {
-                        what: other.to_string(),
-                        source: std::io::ErrorKind::Other.into(),
-                    },
-                };
                 let mut out: Vec<Result<Outcome>> =
-                    (1..ops.len()).map(|_| Err(again(&e))).collect();
+                    (1..ops.len()).map(|_| Err(e.again())).collect();
                 out.push(Err(e));
                 return out;
             }
@@ -276,12 +264,8 @@ impl Enforcer {
                     }
                 }
                 Err(e) => {
-                    let msg = e.to_string();
                     for &i in &group {
-                        results[i] = Some(Err(Error::Io {
-                            what: msg.clone(),
-                            source: std::io::ErrorKind::Other.into(),
-                        }));
+                        results[i] = Some(Err(e.again()));
                     }
                 }
             }

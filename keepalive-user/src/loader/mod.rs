@@ -147,16 +147,13 @@ fn load_and_pin(
     for (member, want) in [("type", 4), ("file", 16), ("sk", 24)] {
         let got = kernel_btf.member_offset("socket", member)?;
         if got != want {
-            return Err(Error::Io {
-                what: format!("struct socket.{member} is at {got} in this kernel, not {want}"),
-                source: std::io::ErrorKind::Unsupported.into(),
+            return Err(Error::Unsupported {
+                what: format!("struct socket.{member} is at offset {got}"),
+                needs: format!("the layout tcpka's programs read (offset {want})"),
             });
         }
     }
-    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Io {
-        what: format!("reading kernel BTF: {e}"),
-        source: std::io::ErrorKind::NotFound.into(),
-    })?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Ebpf(e.into()))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .override_global(offsets::GLOBAL, &offsets, true)
@@ -199,9 +196,8 @@ fn load_and_pin(
         .load(crate::EBPF_OBJECT)
         .map_err(Error::Ebpf)?;
     for name in maps::ALL {
-        let map = ebpf.map(name).ok_or_else(|| Error::Io {
-            what: format!("the eBPF object has no map {name}"),
-            source: std::io::ErrorKind::NotFound.into(),
+        let map = ebpf.map(name).ok_or_else(|| Error::Object {
+            missing: format!("map {name}"),
         })?;
         map.pin(layout.map(name)).map_err(|e| Error::Pin {
             what: format!("pinning map {name}"),
@@ -378,9 +374,8 @@ fn load_and_pin(
 
     let prog: &mut SockOps = ebpf
         .program_mut(programs::SOCK_OPS)
-        .ok_or_else(|| Error::Io {
-            what: format!("the eBPF object has no program {}", programs::SOCK_OPS),
-            source: std::io::ErrorKind::NotFound.into(),
+        .ok_or_else(|| Error::Object {
+            missing: format!("program {}", programs::SOCK_OPS),
         })?
         .try_into()
         .map_err(|e| Error::Program {
@@ -472,9 +467,8 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or_else(|| Error::Io {
-            what: format!("the eBPF object has no program {name}"),
-            source: std::io::ErrorKind::NotFound.into(),
+        .ok_or_else(|| Error::Object {
+            missing: format!("program {name}"),
         })?
         .try_into()
         .map_err(|e| Error::Program {
@@ -488,9 +482,9 @@ where
     FdLink: TryFrom<L>,
     <FdLink as TryFrom<L>>::Error: std::fmt::Display,
 {
-    let link = FdLink::try_from(link).map_err(|e| Error::Io {
-        what: format!("{}: not a BPF link: {e}", path.display()),
-        source: std::io::ErrorKind::Unsupported.into(),
+    let link = FdLink::try_from(link).map_err(|e| Error::Unsupported {
+        what: format!("pinning {}", path.display()),
+        needs: format!("a BPF link for this attachment ({e})"),
     })?;
     link.pin(path).map_err(|e| Error::Pin {
         what: format!("pinning {}", path.display()),

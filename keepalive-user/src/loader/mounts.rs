@@ -22,10 +22,13 @@ pub(super) fn ensure_bpffs(layout: &PinLayout) -> Result<()> {
         mount_bpffs(parent)?;
         return check_pin_dir(layout);
     }
-    Err(Error::io(
-        format!("{} is not on a bpffs mount", parent.display()),
-        std::io::ErrorKind::InvalidInput.into(),
-    ))
+    Err(Error::Refused {
+        what: parent.display().to_string(),
+        why: format!(
+            "not on a bpffs mount, and tcpka mounts bpffs only on {}; mount one there or choose a pin directory under {0}",
+            crate::paths::BPFFS
+        ),
+    })
 }
 
 /// Mounts a bpffs instance on `dir` unless one is there, once however many
@@ -100,10 +103,10 @@ pub fn ensure_tracefs() -> Result<()> {
     if has_events(TRACEFS) {
         Ok(())
     } else {
-        Err(Error::io(
-            format!("{TRACEFS} has no events directory: this kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"),
-            std::io::ErrorKind::NotFound.into(),
-        ))
+        Err(Error::Unsupported {
+            what: format!("{TRACEFS} has no events directory"),
+            needs: "syscall tracepoints (CONFIG_FTRACE_SYSCALLS)".into(),
+        })
     }
 }
 
@@ -112,10 +115,12 @@ pub fn ensure_tracefs() -> Result<()> {
 pub(super) fn check_pin_dir(layout: &PinLayout) -> Result<()> {
     let dir = layout.dir();
     if std::fs::symlink_metadata(dir).is_ok() && !is_bpffs(dir) {
-        return Err(Error::io(
-            format!("{} is not on a bpffs mount", dir.display()),
-            std::io::ErrorKind::InvalidInput.into(),
-        ));
+        return Err(Error::Refused {
+            what: dir.display().to_string(),
+            why: "not on a bpffs mount, so it holds no pins of tcpka's (and tcpka removes \
+                  nothing there); unmount what is mounted on it, or choose another pin directory"
+                .into(),
+        });
     }
     Ok(())
 }

@@ -121,10 +121,7 @@ impl Waiting {
 }
 
 pub(super) fn worker_gone() -> Error {
-    Error::Io {
-        what: "the command worker stopped".into(),
-        source: std::io::ErrorKind::Other.into(),
-    }
+    Error::Internal("the command worker stopped".into())
 }
 
 /// Hands one command to the batch worker at once (commands run in the

@@ -71,9 +71,12 @@ pub(super) fn failure(state: &AppState, op: &'static str, e: &Error) -> Response
     let (status, result) = match e {
         Error::Invalid(_) | Error::Netns { .. } => (StatusCode::BAD_REQUEST, "invalid"),
         Error::NotLoaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_loaded"),
-        Error::NoSuchConnection(_) | Error::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Error::NoSuchConnection(_) | Error::NoSuchRule(_) | Error::NotFound { .. } => {
+            (StatusCode::NOT_FOUND, "not_found")
+        }
         Error::DuplicateRule(_) => (StatusCode::CONFLICT, "conflict"),
-        Error::LockBusy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        Error::LockBusy { .. } | Error::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        Error::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
         Error::HoldersFull(_) | Error::RulesFull(_) | Error::ConnsFull(_) => {
             (StatusCode::INSUFFICIENT_STORAGE, "full")
         }
@@ -111,12 +114,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     let start = Instant::now();
     let out = tokio::task::spawn_blocking(move || f(enforcer))
         .await
-        .unwrap_or_else(|e| {
-            Err(Error::Io {
-                what: format!("worker failed: {e}"),
-                source: std::io::ErrorKind::Other.into(),
-            })
-        });
+        .unwrap_or_else(|e| Err(Error::Internal(format!("the worker thread failed: {e}"))));
     state
         .metrics
         .pass_seconds
@@ -176,12 +174,11 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
             pin_dir: layout.dir().into(),
         })?;
         if !i.attached {
-            return Err(Error::Io {
+            return Err(Error::NotFound {
                 what: format!(
                     "detached: cgroup {} was removed; re-attaching when it is back",
                     i.cgroup.display()
                 ),
-                source: std::io::ErrorKind::NotFound.into(),
             });
         }
         // Commands need the lock: a lock nobody can take is an outage.

@@ -113,11 +113,9 @@ pub(super) fn spawn_webhook(
             builder = builder.add_root_certificate(c);
         }
     }
-    let client = builder.build().map_err(|e| {
-        Error::io(
-            format!("the webhook client: {e}"),
-            std::io::ErrorKind::Other.into(),
-        )
+    let client = builder.build().map_err(|e| Error::Http {
+        what: "building the webhook client".into(),
+        source: e,
     })?;
     let url = config.url;
     let secret = config.secret;
