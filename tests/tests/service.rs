@@ -610,14 +610,28 @@ fn two_loads_at_once_mount_bpffs_once() {
     }
 }
 
-/// Purges the package on drop if a test left it installed.
-struct Installed;
+/// Undoes, on drop, what the package test made, if it failed halfway:
+/// purges the package, and removes the system user and group tcpka, which
+/// the package's postinst created (the test checked that none existed
+/// before) and which purging keeps, as Debian's convention is.
+struct PackageTrial;
 
-impl Drop for Installed {
+impl Drop for PackageTrial {
     fn drop(&mut self) {
-        if package_status().contains("installed") {
+        if package_present() {
             let _ = Command::new("dpkg").args(["--purge", "tcpka"]).output();
         }
+        remove_user_and_group();
+    }
+}
+
+fn remove_user_and_group() {
+    if user_exists("tcpka", "passwd") {
+        let _ = Command::new("userdel").arg("tcpka").output();
+    }
+    // (userdel removes a user's own group too, where login.defs says so.)
+    if user_exists("tcpka", "group") {
+        let _ = Command::new("groupdel").arg("tcpka").output();
     }
 }
 
@@ -627,6 +641,13 @@ fn package_status() -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether dpkg knows the package in any state but purged (installed,
+/// half-configured, its configuration files left, …).
+fn package_present() -> bool {
+    let status = package_status();
+    !status.is_empty() && !status.ends_with("not-installed")
 }
 
 fn user_exists(name: &str, db: &str) -> bool {
@@ -639,48 +660,223 @@ fn user_exists(name: &str, db: &str) -> bool {
 }
 
 /// What the package installs.
-const PACKAGE_FILES: [&str; 8] = [
+const PACKAGE_FILES: [&str; 10] = [
     "/usr/bin/tcpka",
-    "/lib/systemd/system/tcpka.service",
+    "/usr/lib/systemd/system/tcpka.service",
     "/etc/tcpka/tcpka.toml",
     "/usr/share/man/man8/tcpka.8.gz",
     "/usr/share/man/man8/tcpka-apply.8.gz",
     "/usr/share/bash-completion/completions/tcpka",
     "/usr/share/zsh/vendor-completions/_tcpka",
     "/usr/share/doc/tcpka/examples/kamailio.cfg",
+    "/usr/share/doc/tcpka/copyright",
+    "/usr/share/doc/tcpka/changelog.Debian.gz",
 ];
 
+/// What systemd's side of the package may leave on the host: the links
+/// `systemctl enable` (or deb-systemd-helper) makes, the mask postrm puts
+/// on a removed package's unit, and deb-systemd-helper's records of both.
+/// None may exist before the test, nor after the purge.
+const SYSTEMD_TRACES: [&str; 4] = [
+    "/etc/systemd/system/multi-user.target.wants/tcpka.service",
+    "/etc/systemd/system/tcpka.service",
+    "/var/lib/systemd/deb-systemd-helper-enabled/tcpka.service.dsh-also",
+    "/var/lib/systemd/deb-systemd-helper-masked/tcpka.service",
+];
+
+/// A stand-in for systemd, to run dpkg against: the test machines do not
+/// run systemd as PID 1, and the package's maintainer scripts act on
+/// systemd only where `/run/systemd/system` exists (as Debian's do).
+///
+/// Each run of dpkg is in a private mount namespace with a fresh /run
+/// holding `/run/systemd/system` (so the scripts take their systemd
+/// branch; the machine's own /run is untouched; a fresh /run rather than a
+/// tmpfs on /run/systemd, which `cargo xtask test`'s empty /run lacks),
+/// with a recording
+/// `systemctl` first on PATH that logs every call and answers
+/// `is-active`/`is-enabled` for the unit as told (running and enabled, or
+/// stopped and disabled), and with a `policy-rc.d` that allows every
+/// action (a container's forbids them all, and deb-systemd-invoke asks it
+/// before calling systemctl).
+///
+/// What this proves: what the maintainer scripts built into this package
+/// ask systemd to do, through deb-systemd-invoke and deb-systemd-helper as
+/// installed here, on installation, upgrade and removal. What it does not:
+/// that systemd does it (no unit is started, stopped or restarted here),
+/// nor that a restarted service runs the new binary.
+struct FakeSystemd {
+    dir: TempDir,
+}
+
+/// One recorded `systemctl` call: its verb and the units it names (the
+/// options left out).
+#[derive(Debug)]
+struct SystemctlCall {
+    verb: String,
+    units: Vec<String>,
+}
+
+impl SystemctlCall {
+    fn is(&self, verbs: &[&str], unit: &str) -> bool {
+        verbs.contains(&self.verb.as_str()) && self.units.iter().any(|u| u == unit)
+    }
+}
+
+impl FakeSystemd {
+    fn new() -> Self {
+        let dir = TempDir::new("tcpka-fake-systemd");
+        std::fs::create_dir(dir.0.join("bin")).unwrap();
+        let policy = dir.0.join("policy-rc.d");
+        std::fs::write(&policy, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir }
+    }
+
+    /// Runs `dpkg ARGS` against systemd reporting tcpka.service as running
+    /// and enabled (`running`) or stopped and disabled; returns the
+    /// `systemctl` calls made, in order.
+    fn dpkg(&self, args: &[&str], running: bool) -> Vec<SystemctlCall> {
+        let log = self.dir.0.join(unique("systemctl-log"));
+        let (active, enabled) = if running {
+            ("exit 0", "echo enabled; exit 0")
+        } else {
+            ("exit 3", "echo disabled; exit 1")
+        };
+        let systemctl = self.dir.0.join("bin/systemctl");
+        std::fs::write(
+            &systemctl,
+            format!(
+                "#!/bin/sh\n\
+                 # Records every call; answers for tcpka.service as the test says.\n\
+                 echo \"$*\" >>'{}'\n\
+                 case \" $* \" in\n\
+                 *' is-active '*tcpka.service*) {active} ;;\n\
+                 *' is-enabled '*tcpka.service*) {enabled} ;;\n\
+                 esac\n\
+                 exit 0\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = "set -e; \
+             mount -t tmpfs -o mode=0755,nosuid,nodev tcpka-test /run; \
+             install -d -m 1777 /run/lock; mkdir -p /run/systemd/system; \
+             if [ -e /usr/sbin/policy-rc.d ]; then \
+                 mount --bind \"$FAKE/policy-rc.d\" /usr/sbin/policy-rc.d; fi; \
+             PATH=\"$FAKE/bin:$PATH\" exec dpkg \"$@\"";
+        let out = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+            .args(args)
+            .env("FAKE", &self.dir.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dpkg {args:?}: {out:?}");
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let mut words = l.split_whitespace().filter(|w| !w.starts_with('-'));
+                SystemctlCall {
+                    verb: words.next().unwrap_or_default().to_owned(),
+                    units: words.map(str::to_owned).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
 /// The Debian package (`cargo xtask deb`; `cargo xtask test` builds it and
-/// names it in TCPKA_DEB): installs, runs, verifies as a unit, and purges
-/// leaving nothing behind.
+/// names it in TCPKA_DEB): installs without starting or enabling the
+/// service, runs, verifies as a unit, asks systemd to restart a running
+/// service on upgrade and to stop it on removal (see `FakeSystemd` for
+/// what that shows), and purges leaving nothing behind but the system
+/// user and group (which the test then removes).
+///
+/// One test, so that nothing else works on the package at the same time.
 #[test]
 fn debian_package_installs_runs_and_purges_without_a_trace() {
     require_root();
     let deb = std::env::var("TCPKA_DEB")
         .expect("TCPKA_DEB names the package to test: run the tests with `cargo xtask test`");
     assert!(
-        !package_status().contains("installed"),
+        !package_present(),
         "a tcpka package is installed on this machine: this test would replace it; remove it first"
     );
     assert!(
         !user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"),
         "a user or group tcpka exists already: this test would remove it"
     );
-    let _guard = Installed;
+    for p in SYSTEMD_TRACES {
+        assert!(
+            std::fs::symlink_metadata(p).is_err(),
+            "{p} exists already: this test would remove it"
+        );
+    }
+    let _trial = PackageTrial;
+    let systemd = FakeSystemd::new();
     let run = |cmd: &str, args: &[&str]| {
         let out = Command::new(cmd).args(args).output().unwrap();
         assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    run("dpkg", &["-i", &deb]);
+
+    // Installed: neither started nor enabled (the operator configures it
+    // first). Only calls that change no unit's state are allowed.
+    let calls = systemd.dpkg(&["-i", &deb], false);
+    assert!(
+        calls
+            .iter()
+            .all(|c| ["daemon-reload", "is-active", "is-enabled"].contains(&c.verb.as_str())),
+        "installation: {calls:?}"
+    );
+    assert!(
+        calls.iter().any(|c| c.verb == "daemon-reload"),
+        "installation: the scripts never reached systemd: {calls:?}"
+    );
+    assert!(
+        std::fs::symlink_metadata(SYSTEMD_TRACES[0]).is_err(),
+        "installation enabled the unit"
+    );
     for f in PACKAGE_FILES {
         assert!(Path::new(f).exists(), "{f} not installed");
     }
+    // The unit is the package's at /usr/lib (not only through a /lib link).
+    let listed = run("dpkg", &["-L", "tcpka"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == "/usr/lib/systemd/system/tcpka.service")
+            && !listed.lines().any(|l| l.starts_with("/lib/")),
+        "{listed}"
+    );
     assert!(user_exists("tcpka", "passwd") && user_exists("tcpka", "group"));
+    let passwd = run("getent", &["passwd", "tcpka"]);
+    let fields: Vec<&str> = passwd.trim().split(':').collect();
+    assert_eq!(fields[5], "/nonexistent", "{passwd}");
     let version = run("/usr/bin/tcpka", &["--version"]);
     assert_eq!(
         version.trim(),
         format!("tcpka {}", env!("CARGO_PKG_VERSION"))
+    );
+    // The changelog's version is the package's; the copyright file is
+    // Debian's machine-readable one.
+    let deb_version = run("dpkg-query", &["-W", "-f=${Version}", "tcpka"]);
+    assert!(
+        deb_version.starts_with(&format!("{}-", env!("CARGO_PKG_VERSION"))),
+        "{deb_version}"
+    );
+    let changelog = run("gzip", &["-dc", "/usr/share/doc/tcpka/changelog.Debian.gz"]);
+    assert!(
+        changelog.starts_with(&format!("tcpka ({deb_version}) ")),
+        "{changelog}"
+    );
+    let copyright = std::fs::read_to_string("/usr/share/doc/tcpka/copyright").unwrap();
+    assert!(
+        copyright.starts_with(
+            "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        ),
+        "{copyright}"
     );
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("tcpka-deb"));
     let out = Command::new("/usr/bin/tcpka")
@@ -695,22 +891,72 @@ fn debian_package_installs_runs_and_purges_without_a_trace() {
     );
     // Installed, the unit verifies as it is.
     let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "/lib/systemd/system/tcpka.service"])
+        .args([
+            "verify",
+            "--man=no",
+            "/usr/lib/systemd/system/tcpka.service",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 
-    run("dpkg", &["--purge", "tcpka"]);
-    assert!(!package_status().contains("installed"));
+    // Upgraded (the same package again: postinst gets `configure
+    // <installed version>`) while the service runs: restarted, so that the
+    // new binary runs; never left stopped.
+    let calls = systemd.dpkg(&["-i", &deb], true);
+    let restart = ["restart", "try-restart"];
+    assert!(
+        calls.iter().any(|c| c.is(&restart, "tcpka.service")),
+        "upgrade: no restart: {calls:?}"
+    );
+    for (i, c) in calls.iter().enumerate() {
+        if c.is(&["stop"], "tcpka.service") {
+            assert!(
+                calls[i + 1..]
+                    .iter()
+                    .any(|c| c.is(&["start", "restart", "try-restart"], "tcpka.service")),
+                "upgrade: stopped and not started again: {calls:?}"
+            );
+        }
+    }
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.is(&["enable", "reenable"], "tcpka.service")),
+        "upgrade: {calls:?}"
+    );
+
+    // Purged while running: stopped, and nothing left but the user and
+    // group.
+    let calls = systemd.dpkg(&["--purge", "tcpka"], true);
+    assert!(
+        calls.iter().any(|c| c.is(&["stop"], "tcpka.service")),
+        "removal: not stopped: {calls:?}"
+    );
+    assert!(!package_present(), "{}", package_status());
+    let info = std::fs::read_dir("/var/lib/dpkg/info")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tcpka."))
+        .collect::<Vec<_>>();
+    assert!(info.is_empty(), "dpkg's records left behind: {info:?}");
     for f in PACKAGE_FILES {
         assert!(!Path::new(f).exists(), "{f} left behind");
     }
     for d in ["/etc/tcpka", "/usr/share/doc/tcpka"] {
         assert!(!Path::new(d).exists(), "{d} left behind");
     }
-    assert!(!user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"));
+    for p in SYSTEMD_TRACES {
+        assert!(std::fs::symlink_metadata(p).is_err(), "{p} left behind");
+    }
     assert!(!pin_dir.exists());
+    // Debian keeps a purged package's system user and group; they are the
+    // test's to remove.
+    assert!(user_exists("tcpka", "passwd") && user_exists("tcpka", "group"));
+    remove_user_and_group();
+    assert!(!user_exists("tcpka", "passwd") && !user_exists("tcpka", "group"));
 }
 
 /// Logs go to the journal only when stderr is the stream that systemd's
