@@ -660,7 +660,7 @@ fn user_exists(name: &str, db: &str) -> bool {
 }
 
 /// What the package installs.
-const PACKAGE_FILES: [&str; 10] = [
+const PACKAGE_FILES: [&str; 12] = [
     "/usr/bin/tcpka",
     "/usr/lib/systemd/system/tcpka.service",
     "/etc/tcpka/tcpka.toml",
@@ -671,6 +671,8 @@ const PACKAGE_FILES: [&str; 10] = [
     "/usr/share/doc/tcpka/examples/kamailio.cfg",
     "/usr/share/doc/tcpka/copyright",
     "/usr/share/doc/tcpka/changelog.Debian.gz",
+    "/usr/share/doc/tcpka/docs/operations.md",
+    "/usr/share/doc/tcpka/docs/kamailio.md",
 ];
 
 /// What systemd's side of the package may leave on the host: the links
