@@ -1,5 +1,29 @@
 //! The command line: every subcommand's arguments and their --help.
-use super::*;
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use tcpka::{
+    config::ServeSettings,
+    conn::{parse_endpoint, ConnSpec},
+    holders::parse_holder,
+    loader,
+    policy::{parse_u32, Policy},
+    rule::{parse_port, Cidr, RuleMatch},
+    Error,
+};
+
+use super::{
+    apply::ApplyArgs,
+    close::CloseArgs,
+    enable::EnableArgs,
+    fleet::FleetArgs,
+    load::{LoadArgs, PrepareArgs},
+    rule::RuleCommand,
+    serve::ServeArgs,
+    status::StatusArgs,
+    trace::TraceArgs,
+    watch::WatchArgs,
+};
 
 /// Kernel-side TCP keepalive policy enforcer.
 ///

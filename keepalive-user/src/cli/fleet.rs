@@ -1,10 +1,21 @@
 //! `tcpka fleet`: the fleet's rules in etcd, and its nodes' status, from
 //! anywhere that reaches etcd.
 
-use etcd_client::Client;
-use tcpka::fleet::{etcd_error, EtcdOptions, FleetRule, RuleValue, Selector};
+use std::path::PathBuf;
 
-use super::*;
+use clap::{Args, Subcommand};
+use etcd_client::Client;
+use tcpka::{
+    fleet::{etcd_error, EtcdOptions, FleetRule, RuleValue, Selector},
+    Error,
+};
+
+use super::{
+    args::{JsonArg, MatchArgs, PolicyArgs},
+    fleet_nodes::{fleet_explain, fleet_status},
+    output::{print_json, runtime},
+    rule::print_preview,
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct FleetArgs {

@@ -1,5 +1,10 @@
 //! `tcpka load` and `tcpka unload`.
-use super::*;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use tcpka::{cgroup::Cgroup, loader, loader::LoadOutcome, paths::PinLayout, Error};
+
+use super::{args::KernelArgs, output::print_json};
 
 #[derive(Args, Debug)]
 pub(crate) struct LoadArgs {

@@ -1,6 +1,23 @@
 //! `tcpka serve`: the daemon's options (the command line over the
 //! configuration file's `[serve]`), then the server.
-use super::*;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use clap::Args;
+use tcpka::{
+    config::{Listen, ServeSettings},
+    paths::PinLayout,
+    server, Error,
+};
+
+use super::{
+    args::KernelArgs,
+    fleet::EtcdArgs,
+    load::target_cgroup,
+    output::{parse_level, runtime},
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
