@@ -1,8 +1,10 @@
 //! How to reach etcd: endpoints, TLS, auth, the keys under the prefix,
 //! and one member per client.
-use etcd_client::GetOptions;
+use std::{path::PathBuf, time::Duration};
 
-use super::*;
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+
+use crate::{Error, InvalidInput};
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
