@@ -1,6 +1,19 @@
 //! One variant's round: Kamailio between the sipp caller and callee, the
 //! call counts, and the CPU of Kamailio and of tcpka.
-use super::*;
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    setup::{spawn, Setup},
+    time_wait::TimeWait,
+    Mode, Results, Sample, Shape, CALLEE, CALLEE_PORT, CALLER, EVAPI, KAMAILIO, TOKEN,
+};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure(

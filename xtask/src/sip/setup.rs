@@ -1,5 +1,13 @@
 //! The namespaces, links, processes and configuration a round runs in.
-use super::*;
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{CALLEE, CALLEE_PORT, KAMAILIO, KAMAILIO_CALLEE_SIDE, TOKEN};
 
 /// A child killed with its process group on drop.
 pub(super) struct Proc(pub(super) Child);
