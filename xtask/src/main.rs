@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod deny;
 mod floor;
+mod harness;
 mod setup;
 mod sip;
 mod vm;

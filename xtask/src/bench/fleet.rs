@@ -24,7 +24,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::{cgroup2_mount, private_netns, unload};
+use super::{cgroup2_mount, private_netns};
+use crate::harness::unload;
 
 /// A rule change every agent must apply, per round.
 const ROUNDS: usize = 15;

@@ -114,7 +114,7 @@ pub(super) struct Installation {
 
 impl Drop for Installation {
     fn drop(&mut self) {
-        crate::bench::unload(&self.tcpka, &self.pin_dir);
+        crate::harness::unload(&self.tcpka, &self.pin_dir);
         // Kamailio's processes may still be exiting: end what is left
         // (cgroup.kill, Linux 5.14+) and retry until the cgroup is empty.
         for _ in 0..100 {
