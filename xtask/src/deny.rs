@@ -173,14 +173,29 @@ fn crate_name(v: &toml::Value) -> Option<(String, Option<String>)> {
     })
 }
 
+/// `cargo metadata` from the lock file, offline. The resolve names a few
+/// packages a build never fetches (optional dependencies that only a weak
+/// feature such as reqwest's `quinn?/ring` names): on a machine whose
+/// registry cache lacks one, cargo fetches it (manifests only matter here),
+/// still held to Cargo.lock.
 fn metadata(root: &Path, targets: &[String]) -> Result<Value> {
-    let mut cmd = Command::new(crate::cargo_bin());
-    cmd.current_dir(root)
-        .args(["metadata", "--format-version", "1", "--offline", "--locked"]);
-    for t in targets {
-        cmd.args(["--filter-platform", t]);
+    let run = |offline: bool| -> Result<std::process::Output> {
+        let mut cmd = Command::new(crate::cargo_bin());
+        cmd.current_dir(root)
+            .args(["metadata", "--format-version", "1", "--locked"]);
+        if offline {
+            cmd.arg("--offline");
+        }
+        for t in targets {
+            cmd.args(["--filter-platform", t]);
+        }
+        cmd.output().context("starting cargo metadata")
+    };
+    let mut out = run(true)?;
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--offline") {
+        eprintln!("xtask: deny: packages missing from the registry cache; fetching them");
+        out = run(false)?;
     }
-    let out = cmd.output().context("starting cargo metadata")?;
     if !out.status.success() {
         bail!(
             "cargo metadata failed ({}): {}",
