@@ -76,23 +76,49 @@ pub const RULES_MAX_ENTRIES: u32 = 4096;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are #[repr(C)] with only integer fields and no padding.
+    // Each type is #[repr(C)] with only integer and byte-array fields, so
+    // every bit pattern is a valid value, and its fields leave no padding
+    // (so no uninitialised bytes are read when it is viewed as bytes);
+    // `tests::layouts_have_no_padding` checks their sizes.
+    // SAFETY: five u32s (20 bytes): plain data, no padding.
     unsafe impl aya::Pod for crate::policy::Policy {}
+    // SAFETY: two u16s and a [u8; 16] (20 bytes, align 2): plain data, no padding.
     unsafe impl aya::Pod for crate::rules::RuleKey {}
+    // SAFETY: four u32s, a Policy and a u32 (40 bytes, align 4): plain data, no padding.
     unsafe impl aya::Pod for crate::rules::RuleValue {}
+    // SAFETY: a [u8; 32]: plain data, no padding.
     unsafe impl aya::Pod for crate::rules::RuleName {}
+    // SAFETY: a Policy and three u32s (32 bytes), then a u64 at offset 32, a Risk and an explicit
+    // u32 pad (56 bytes, align 8): plain data, no padding.
     unsafe impl aya::Pod for crate::conns::ConnInfo {}
+    // SAFETY: u32s, u64s at offsets 8 and 16, byte arrays, u16s, a Policy and a Risk laid out
+    // without gaps (112 bytes, align 8): plain data, no padding.
     unsafe impl aya::Pod for crate::events::Event {}
+    // SAFETY: a u64, two u32s, a [u8; 256] and four u32s (the last an explicit pad): 288 bytes,
+    // align 8: plain data, no padding.
     unsafe impl aya::Pod for crate::meta::Meta {}
+    // SAFETY: a [u8; 16], a u16 and an explicit u16 pad (20 bytes): plain data, no padding.
     unsafe impl aya::Pod for crate::requests::PeerKey {}
+    // SAFETY: two u32s, a [u8; 16], a u16 and an explicit u16 pad, a Policy and a Risk (60 bytes,
+    // align 4): plain data, no padding.
     unsafe impl aya::Pod for crate::requests::Request {}
+    // SAFETY: a u64, two u32s, two [u8; 16], two u16s and nine u32s, the last an explicit pad (88
+    // bytes, align 8): plain data, no padding.
     unsafe impl aya::Pod for crate::requests::ConnRecord {}
+    // SAFETY: two u64s: plain data, no padding.
     unsafe impl aya::Pod for crate::requests::Unsent {}
+    // SAFETY: a u32, a [u8; 16] and two u16s (24 bytes, align 4): plain data, no padding.
     unsafe impl aya::Pod for crate::index::IndexKey {}
+    // SAFETY: two u32s: plain data, no padding.
     unsafe impl aya::Pod for crate::index::FdOwner {}
+    // SAFETY: an IndexKey (24 bytes) then a u64 at offset 24 (32 bytes, align 8): plain data, no
+    // padding.
     unsafe impl aya::Pod for crate::index::SlotInfo {}
+    // SAFETY: a u64 and a [u8; 64] (72 bytes, align 8): plain data, no padding.
     unsafe impl aya::Pod for crate::holders::HolderKey {}
+    // SAFETY: 24 u32s: plain data, no padding.
     unsafe impl aya::Pod for crate::offsets::Offsets {}
+    // SAFETY: two u32s, a u16 and two u8s (12 bytes, align 4): plain data, no padding.
     unsafe impl aya::Pod for crate::risk::Risk {}
 }
 
@@ -117,6 +143,10 @@ mod tests {
         assert_eq!(size_of::<requests::Request>(), 60);
         assert_eq!(size_of::<requests::ConnRecord>(), 84 + 4);
         assert_eq!(size_of::<offsets::Offsets>(), 24 * 4);
+        assert_eq!(size_of::<rules::RuleName>(), 32);
+        assert_eq!(size_of::<requests::Unsent>(), 16);
+        assert_eq!(size_of::<index::SlotInfo>(), 24 + 8);
+        assert_eq!(size_of::<holders::HolderKey>(), 8 + holders::ID_MAX);
     }
 
     #[test]

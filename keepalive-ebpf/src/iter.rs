@@ -114,6 +114,9 @@ fn get(tp: *mut c_void, level: i32, name: i32) -> u32 {
 /// connection's source and rule as recorded.
 #[inline(always)]
 fn report(seq: *mut c_void, tp: *mut c_void, cookie: u64, e: &Ends, apply_failed: u32) {
+    // SAFETY: a lookup whose two u32 fields are copied out at once; the map
+    // value stays valid memory for this program's run even if another CPU
+    // deletes or rewrites the entry (a stale copy only misreports them).
     let (source, rule_id) = match unsafe { CONNS.get(&cookie) } {
         Some(info) => (info.source, info.rule_id),
         None => (0, 0),

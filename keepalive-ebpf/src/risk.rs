@@ -246,6 +246,11 @@ fn signal(ops: *mut bpf_sock_ops, sk: *const u8, what: u32, value: u32) -> bool 
 /// into `dst`, word by word: an array written whole is a call to memset
 /// and memmove, subprograms whose frames (32 bytes each on Linux 6.1) the
 /// verifier adds to this callback's and the sock_ops program's.
+///
+/// # Safety
+///
+/// `dst` must point to 16 writable bytes, 4-aligned (a field of a reserved
+/// ring slot).
 #[inline(always)]
 unsafe fn put_v4(dst: *mut [u8; 16], ip: u32) {
     let w = dst as *mut u32;

@@ -172,11 +172,12 @@ fn watch(ops: *mut bpf_sock_ops, host: bool, indexed: bool, cookie: u64) {
     }
     if !host {
         let cb = field!(ops, bpf_sock_ops_cb_flags);
-        // SAFETY: sock_ops context is a valid argument for the helper.
         // With the early-warning callbacks (`risk.rs`): they run only for
         // these connections, and cost nothing until a probe or a
         // retransmission.
         let flags = cb | BPF_SOCK_OPS_STATE_CB_FLAG | risk::CB_FLAGS;
+        // SAFETY: `ops` is this program's sock_ops context, a valid
+        // argument for the helper.
         if unsafe { bpf_sock_ops_cb_flags_set(ops, flags as i32) } != 0 {
             count(stats::CLOSE_WATCH_ERRORS);
         }

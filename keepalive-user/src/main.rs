@@ -2,31 +2,18 @@
 //! library and prints; nothing else.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 invalid arguments.
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use tcpka::{
-    cgroup::Cgroup,
-    config::Listen,
-    conn::{parse_endpoint, ConnSpec},
-    enforcer::{Action, ConnStatus, Enforcer},
-    holders::parse_holder,
-    loader::{self, LoadOutcome},
-    paths::PinLayout,
-    policy::{parse_u32, Policy},
-    rule::{parse_port, Cidr, RuleMatch},
-    server, Error,
+use clap::Parser;
+use cli::{
+    args::{init_logs, Cli, Command},
+    run::run,
 };
 
 /// One module per subcommand (`load.rs` has load and unload, `enable.rs`
 /// enable and disable, `apply.rs` apply and reload); `args.rs` the
 /// command line and the argument groups they share; `output.rs` printing.
 mod cli {
-    pub(crate) use super::*;
     pub(crate) mod apply;
     pub(crate) mod args;
     pub(crate) mod check;
@@ -46,11 +33,6 @@ mod cli {
     pub(crate) mod trace;
     pub(crate) mod watch;
 }
-use cli::{
-    apply::*, args::*, check::*, close::*, completions::*, doctor::*, enable::*, fleet::*,
-    fleet_nodes::*, info::*, load::*, output::*, rule::*, run::*, serve::*, status::*, trace::*,
-    watch::*,
-};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -13,7 +13,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deny;
 mod floor;
+mod harness;
 mod setup;
 mod sip;
 mod vm;
@@ -132,6 +134,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The lint gates alone, as `test` runs them first: formatting, clippy
+    /// with warnings as errors, the kernel programs' unsafe blocks
+    /// documented, then `deny`.
+    Lint,
+    /// Licences and duplicate crates against deny.toml (cargo-deny's
+    /// format), offline from `cargo metadata`.
+    Deny,
     /// (internal) Boot the Debian 12 kernel VM and run one shell command
     /// line in it; exits with the command's code.
     #[command(hide = true)]
@@ -270,14 +279,11 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Lint => lint(&root),
+        Task::Deny => step("deny", || deny::run(&root)),
         Task::Test { kernel, args } => {
             setup::run()?;
-            // Lint gates first: formatting, then clippy with warnings as
-            // errors, on every target.
-            step("fmt", || cargo(&["fmt", "--all", "--check"]))?;
-            step("clippy", || {
-                cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
-            })?;
+            lint(&root)?;
             step("build", || {
                 cargo(&["build", "-p", "keepalive-user", "--bin", "tcpka"])
             })?;
@@ -308,6 +314,45 @@ fn real_main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The lint gates: formatting, then clippy with warnings as errors on every
+/// target, then the kernel programs (a BPF target, outside the default
+/// members) checked for undocumented unsafe blocks only, then licences and
+/// duplicate crates.
+fn lint(root: &Path) -> Result<()> {
+    step("fmt", || cargo(&["fmt", "--all", "--check"]))?;
+    step("clippy", || {
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+    })?;
+    step("clippy (kernel programs' unsafe blocks)", || {
+        // The same stable toolchain that builds them (see
+        // keepalive-user/build.rs): RUSTC_BOOTSTRAP for -Z build-std.
+        let args = [
+            "clippy",
+            "-p",
+            "keepalive-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-A",
+            "warnings",
+            "-D",
+            "clippy::undocumented_unsafe_blocks",
+        ];
+        let status = Command::new(cargo_bin())
+            .args(args)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .status()
+            .context("starting cargo clippy")?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    })?;
+    step("deny", || deny::run(root))
 }
 
 /// Every test on this machine's kernel. Kernel tests move the test process

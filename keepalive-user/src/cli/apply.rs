@@ -1,5 +1,13 @@
 //! `tcpka apply` and `tcpka reload`: rules from a configuration file.
-use super::*;
+use std::path::PathBuf;
+
+use clap::Args;
+use tcpka::{enforcer::Enforcer, loader, paths::PinLayout, Error};
+
+use super::{
+    output::print_json,
+    rule::{print_local_preview, report_live, with_live, LiveArgs},
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct ApplyArgs {

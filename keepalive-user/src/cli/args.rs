@@ -1,5 +1,28 @@
 //! The command line: every subcommand's arguments and their --help.
-use super::*;
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use tcpka::{
+    config::ServeOptions,
+    conn::{parse_endpoint, ConnSpec},
+    holders::parse_holder,
+    policy::{parse_u32, Policy},
+    rule::{parse_port, Cidr, RuleMatch},
+    Error,
+};
+
+use super::{
+    apply::ApplyArgs,
+    check::CheckArgs,
+    close::CloseArgs,
+    enable::EnableArgs,
+    fleet::FleetArgs,
+    load::{LoadArgs, PrepareArgs},
+    rule::RuleCommand,
+    status::StatusArgs,
+    trace::TraceArgs,
+    watch::WatchArgs,
+};
 
 /// Kernel-side TCP keepalive policy enforcer.
 ///
@@ -187,7 +210,7 @@ pub(crate) enum Command {
     /// API: POST /v1/enable, POST /v1/disable, POST /v1/close, GET /v1/connections,
     /// GET|POST /v1/rules, DELETE /v1/rules/{id}, GET /v1/events (NDJSON
     /// stream), GET /metrics (Prometheus), GET /healthz.
-    Serve(Box<tcpka::config::ServeOptions>),
+    Serve(Box<ServeOptions>),
     /// Print events as they happen (from a running `tcpka serve`).
     Watch(WatchArgs),
     /// Bring the installed rules to a configuration file's named rules: add

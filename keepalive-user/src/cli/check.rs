@@ -1,5 +1,10 @@
 //! `tcpka check FILE`: a configuration file validated offline.
-use super::*;
+use std::path::PathBuf;
+
+use clap::Args;
+use tcpka::{config::ServeOptions, Error};
+
+use super::output::print_json;
 
 #[derive(Args, Debug)]
 pub(crate) struct CheckArgs {
@@ -17,7 +22,7 @@ pub(crate) struct CheckArgs {
 pub(crate) fn check(a: CheckArgs) -> Result<(), Error> {
     let config = tcpka::config::Config::load(&a.file)?;
     let rules = tcpka::config::file_rules(&config);
-    let serve = config.serve != tcpka::config::ServeOptions::default();
+    let serve = config.serve != ServeOptions::default();
     let file = a.file.display().to_string();
     if a.json {
         let rules: Vec<serde_json::Value> = rules

@@ -1,5 +1,8 @@
 //! `tcpka close`: end live connections from the kernel side.
-use super::*;
+use clap::Args;
+use tcpka::{enforcer::Enforcer, paths::PinLayout, Error};
+
+use super::{args::Which, output::print_json};
 
 #[derive(Args, Debug)]
 pub(crate) struct CloseArgs {

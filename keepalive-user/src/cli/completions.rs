@@ -1,5 +1,9 @@
 //! `tcpka completions` and the hidden `tcpka manpages`.
-use super::*;
+use std::path::Path;
+
+use tcpka::Error;
+
+use super::{args::Cli, output::write_man_pages};
 
 pub(crate) fn completions(shell: clap_complete::Shell) -> Result<(), Error> {
     let mut cmd = <Cli as clap::CommandFactory>::command();

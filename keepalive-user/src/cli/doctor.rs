@@ -1,5 +1,7 @@
 //! `tcpka doctor`: what this host gives tcpka, one line per check.
-use super::*;
+use tcpka::{paths::PinLayout, Error};
+
+use super::{args::JsonArg, output::print_json};
 
 pub(crate) fn doctor(layout: &PinLayout, a: JsonArg) -> Result<(), Error> {
     let checks = tcpka::doctor::run(layout);

@@ -1,5 +1,15 @@
 //! `tcpka enable` and `tcpka disable`: keepalive on live connections now.
-use super::*;
+use clap::Args;
+use tcpka::{
+    enforcer::{ConnStatus, Enforcer},
+    paths::PinLayout,
+    Error,
+};
+
+use super::{
+    args::{ConnArgs, PolicyArgs},
+    output::{print_json, report_changed},
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct EnableArgs {

@@ -1,18 +1,25 @@
 //! `tcpka fleet`: the fleet's rules in etcd, and its nodes' status, from
 //! anywhere that reaches etcd.
 
+use clap::{Args, Subcommand};
 use etcd_client::Client;
 use tcpka::{
-    config::RuleSpec,
+    config::{EtcdSettings, RuleSpec},
     fleet::{etcd_error, EtcdOptions, FleetRule, Selector},
+    Error,
 };
 
-use super::*;
+use super::{
+    args::{JsonArg, MatchArgs, PolicyArgs},
+    fleet_nodes::{fleet_explain, fleet_status},
+    output::{print_json, runtime},
+    rule::print_preview,
+};
 
 #[derive(Args, Debug)]
 pub(crate) struct FleetArgs {
     #[command(flatten)]
-    pub(crate) etcd: tcpka::config::EtcdSettings,
+    pub(crate) etcd: EtcdSettings,
     #[command(subcommand)]
     pub(crate) command: FleetCommand,
 }

@@ -2,9 +2,15 @@
 use std::collections::BTreeMap;
 
 use etcd_client::Client;
-use tcpka::fleet::{EtcdOptions, NodeStatus};
+use tcpka::{
+    fleet::{EtcdOptions, NodeStatus},
+    Error,
+};
 
-use super::*;
+use super::{
+    fleet::{fleet_rules, FleetExplainArgs},
+    output::print_json,
+};
 
 /// The keys under `prefix` (their last part) and values.
 async fn under(

@@ -1,6 +1,8 @@
 //! `tcpka info`: whether tcpka is loaded, where, how, and its kernel-side
 //! counters.
-use super::*;
+use tcpka::{enforcer::Enforcer, loader, paths::PinLayout, Error};
+
+use super::{args::JsonArg, output::print_json};
 
 pub(crate) fn info(layout: PinLayout, a: JsonArg) -> Result<(), Error> {
     let installation = loader::installed(&layout)?;

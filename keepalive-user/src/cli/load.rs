@@ -1,5 +1,12 @@
 //! `tcpka load` and `tcpka unload`.
-use super::*;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use tcpka::{
+    cgroup::Cgroup, config::KernelOptions, loader, loader::LoadOutcome, paths::PinLayout, Error,
+};
+
+use super::output::print_json;
 
 #[derive(Args, Debug)]
 pub(crate) struct LoadArgs {
@@ -8,7 +15,7 @@ pub(crate) struct LoadArgs {
     #[arg(long)]
     pub(crate) cgroup: Option<PathBuf>,
     #[command(flatten)]
-    pub(crate) kernel: tcpka::config::KernelOptions,
+    pub(crate) kernel: KernelOptions,
     /// Print the result as JSON.
     #[arg(long)]
     pub(crate) json: bool,

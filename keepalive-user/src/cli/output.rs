@@ -1,6 +1,10 @@
 //! How results are printed: tables for people, `--json` for scripts, and
 //! the man pages.
-use super::*;
+use std::path::Path;
+
+use tcpka::{enforcer::ConnStatus, Error};
+
+use super::args::Cli;
 
 /// tcpka.8, then tcpka-COMMAND.8 for each command and tcpka-rule-add.8
 /// and so on for their own commands, from the clap definitions.

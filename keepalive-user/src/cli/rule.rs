@@ -1,5 +1,19 @@
 //! `tcpka rule`: add, delete, list and explain the rules for new connections.
-use super::*;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use tcpka::{
+    conn::{parse_endpoint, ConnSpec},
+    enforcer::{Action, Enforcer},
+    paths::PinLayout,
+    policy::parse_u32,
+    Error,
+};
+
+use super::{
+    args::{JsonArg, MatchArgs, PolicyArgs},
+    output::{print_explanation, print_json},
+};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum RuleCommand {

@@ -1,6 +1,25 @@
 //! Dispatch: each subcommand is a function in its own module, which calls
 //! the library and prints its result.
-use super::*;
+use tcpka::{paths::PinLayout, Error};
+
+use super::{
+    apply::{apply, reload},
+    args::{Cli, Command},
+    check::check,
+    close::close,
+    completions::{completions, manpages},
+    doctor::doctor,
+    enable::{disable, enable},
+    fleet::fleet,
+    info::info,
+    load::{load, prepare, unload},
+    output::runtime,
+    rule::rule,
+    serve::serve,
+    status::status,
+    trace::trace,
+    watch::watch,
+};
 
 pub(crate) fn run(cli: Cli) -> Result<(), Error> {
     let layout = PinLayout::new(cli.pin_dir);

@@ -1,9 +1,15 @@
 //! `tcpka serve`: the daemon's options (the command line over the
 //! configuration file's `[serve]`, one type: `tcpka::config::ServeOptions`),
 //! then the server.
-use tcpka::config::ServeOptions;
+use std::path::{Path, PathBuf};
 
-use super::*;
+use tcpka::{
+    config::{Listen, ServeOptions},
+    paths::PinLayout,
+    server, Error,
+};
+
+use super::{load::target_cgroup, output::runtime};
 
 pub(crate) fn serve(layout: PinLayout, options: ServeOptions) -> Result<(), Error> {
     // The configuration file's [serve] settings, under the options

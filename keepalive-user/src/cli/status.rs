@@ -1,6 +1,16 @@
 //! `tcpka status`: managed connections, or the ones CONN names, with the
 //! values read back from the kernel.
-use super::*;
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+use tcpka::{
+    conn::{parse_endpoint, ConnSpec},
+    enforcer::{Action, Enforcer},
+    paths::PinLayout,
+    Error,
+};
+
+use super::output::{print_json, print_status};
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {

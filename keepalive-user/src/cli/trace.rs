@@ -1,5 +1,6 @@
 //! `tcpka trace`: what the kernel programs decide, as they decide it.
-use super::*;
+use clap::Args;
+use tcpka::{enforcer::Enforcer, paths::PinLayout, Error};
 
 #[derive(Args, Debug)]
 pub(crate) struct TraceArgs {

@@ -1,5 +1,8 @@
 //! `tcpka watch`: the event stream of a running `tcpka serve`.
-use super::*;
+use std::path::PathBuf;
+
+use clap::Args;
+use tcpka::{paths::PinLayout, Error};
 
 #[derive(Args, Debug)]
 pub(crate) struct WatchArgs {

@@ -54,7 +54,7 @@ use serde::Deserialize;
 
 use crate::{
     policy::Policy,
-    rule::{parse_port, Cidr, Rule, RuleMatch},
+    rule::{parse_port, Cidr, RuleMatch},
     InvalidInput,
 };
 

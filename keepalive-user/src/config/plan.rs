@@ -1,5 +1,6 @@
 //! What to change so that the installed rules' named part equals a file's.
-use super::*;
+use super::{Config, NamedRule, FLEET_PREFIX};
+use crate::rule::Rule;
 
 /// One step of bringing the installed rules to the file.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -130,6 +131,7 @@ pub fn plan_owned(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{policy::Policy, rule::RuleMatch};
 
     fn installed(id: u32, name: Option<&str>, lp: u16, idle: u32) -> Rule {
         let m = RuleMatch {

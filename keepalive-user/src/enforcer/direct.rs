@@ -1,6 +1,9 @@
 //! The direct path: a command reaches its connections through the
 //! connection index (see `crate::index`), or learns that it must walk.
-use super::*;
+use std::{net::SocketAddr, path::Path, sync::atomic::Ordering};
+
+use super::{live::remote_hint, status::ConnStatus, Action, Enforcer};
+use crate::{conn::ConnSpec, index::Held, Result};
 
 impl Enforcer {
     /// The direct path: `None` when the connection index cannot vouch for

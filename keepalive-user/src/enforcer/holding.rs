@@ -1,7 +1,23 @@
 //! Holders: the calls (e.g. SIP dialogs) that share a connection. An
 //! enable records its holder, a disable by a holder turns keepalive off
 //! only when the last one is gone; closed connections are swept.
-use super::*;
+use aya::maps::{HashMap, MapData};
+use keepalive_common::{conns::ConnInfo, maps};
+
+use super::{
+    live::{no_such, remote_hint, Op},
+    sock::is_connected,
+    status::{ConnStatus, Kept, Outcome},
+    Action, Enforcer,
+};
+use crate::{
+    conn::ConnSpec,
+    holders::Holders,
+    index::Held,
+    journal::{Entry, Journal, Step},
+    lend::lend,
+    Error, InvalidInput, Result,
+};
 
 impl Enforcer {
     /// Records holders after an enable, forgets them after a plain disable.

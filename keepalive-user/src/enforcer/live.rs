@@ -1,7 +1,30 @@
 //! Live connections: enable, disable, close and status, and batches of
 //! commands; each goes the direct path (`direct.rs`) or walks the socket
 //! table (`walk.rs`); holders are in `holding.rs`.
-use super::*;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, MapData};
+use keepalive_common::{
+    conns::{ConnInfo, FLAG_CLOSING},
+    maps,
+};
+
+use super::{
+    status::{parse_records, ConnStatus, Outcome},
+    walk::same_key,
+    Action, Enforcer, BPF_EXIST,
+};
+use crate::{
+    conn::{parse_endpoint, ConnSpec},
+    holders::Holders,
+    lend::lend,
+    loader,
+    policy::Policy,
+    Error, InvalidInput, Result,
+};
 
 pub(super) fn no_such(conn: ConnSpec, local: Option<SocketAddr>) -> Error {
     let mut what = conn.to_string();

@@ -1,8 +1,13 @@
 //! How healthy a connection is, read from the kernel when asked (never
 //! remembered): its `struct tcp_info`, from one exact sock_diag lookup by
 //! its ends and cookie (`INET_DIAG_INFO`, as `ss -ti` reads it).
-use super::*;
-use crate::destroy::{request_of, Diag, SOCK_DIAG_BY_FAMILY};
+use std::{net::SocketAddr, path::Path};
+
+use super::{status::ConnStatus, Enforcer};
+use crate::{
+    destroy::{request_of, Diag, SOCK_DIAG_BY_FAMILY},
+    Error, Result,
+};
 
 /// `INET_DIAG_INFO`: the attribute with `struct tcp_info`.
 const INET_DIAG_INFO: u16 = 2;

@@ -1,41 +1,23 @@
 //! Operations on a loaded installation: rules and managed connections. The
 //! CLI, the daemon and the tests all go through here.
-use std::{
-    net::SocketAddr,
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
-use keepalive_common::{
-    conns::{source_name, ConnInfo, FLAG_CLOSING, SOURCE_COMMAND},
-    maps,
-    ports::{FLAG_REAPPLY_ANY_PORT, FLAG_REAPPLY_DRY_RUN, FLAG_REAPPLY_REVERT},
-    requests::{
-        ConnRecord, PeerKey, Request, APPLY_SETSOCKOPT_FAILED, COOKIES_PENDING, OP_DISABLE,
-        OP_ENABLE, OP_QUERY, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_PEEK, REAPPLY_REMOTE,
-    },
-    rules::{self, RuleKey, RuleName, RuleValue},
-    stats, RULES_MAX_ENTRIES,
-};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use keepalive_common::{conns::ConnInfo, maps, stats};
 
 use crate::{
-    config::{Config, NamedRule, Step as ConfigStep},
-    conn::{endpoint, parse_endpoint, peer_key, v6_bytes, ConnSpec},
+    conn::ConnSpec,
     holders::Holders,
-    index::Held,
-    journal::{Entry, Journal, Step},
+    journal::{Journal, Step},
     lend::{lend, Lent},
     loader,
     lock::Lock,
     paths::PinLayout,
     policy::Policy,
-    rule::{Rule, RuleMatch},
-    Error, InvalidInput, Result,
+    Error, Result,
 };
 
 mod direct;
@@ -50,15 +32,10 @@ mod status;
 mod walk;
 
 pub use live::Op;
-use live::*;
 pub use liveness::Liveness;
-use reapply::Pass;
 pub use reapply::{live_json, Reach, Reached, RuleReached, PREVIEW_ID};
 pub use rule_table::FleetOp;
-use sock::*;
-use status::*;
 pub use status::{phase, state_name, ConnStatus, KeepaliveState, Kept, Outcome, CONNS_FULL_ERROR};
-use walk::*;
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;

@@ -7,7 +7,25 @@
 //! kernel only reports the connections as they are: the decision is made
 //! here, with the rules as the change would leave them, by the precedence
 //! sock_ops applies ([`crate::rule::best`]).
-use super::*;
+use aya::maps::{lpm_trie::Key, Array, LpmTrie, MapData};
+use keepalive_common::{
+    maps,
+    ports::{FLAG_REAPPLY_ANY_PORT, FLAG_REAPPLY_DRY_RUN, FLAG_REAPPLY_REVERT},
+    requests::{
+        ConnRecord, APPLY_SETSOCKOPT_FAILED, REAPPLY_LOCAL, REAPPLY_NO_RULE, REAPPLY_PEEK,
+        REAPPLY_REMOTE,
+    },
+    rules::RuleKey,
+    RULES_MAX_ENTRIES,
+};
+
+use super::{probe, status::ConnStatus, walk::parse_raw, Enforcer};
+use crate::{
+    conn::endpoint,
+    lend::{lend, Lent},
+    rule::Rule,
+    Error, Result,
+};
 
 /// How a rule change treats live connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

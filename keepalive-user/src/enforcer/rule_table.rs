@@ -1,6 +1,22 @@
 //! Rules for new connections: add, delete, list, names, and `apply` of a
 //! configuration file, in the pinned rule table.
-use super::*;
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError};
+use keepalive_common::{
+    maps, rules,
+    rules::{RuleKey, RuleName, RuleValue},
+    RULES_MAX_ENTRIES,
+};
+
+use super::{
+    reapply::{Pass, Reach, Reached, PREVIEW_ID},
+    Enforcer, BPF_EXIST, BPF_NOEXIST,
+};
+use crate::{
+    config::{Config, NamedRule, Step as ConfigStep},
+    policy::Policy,
+    rule::{Rule, RuleMatch},
+    Error, Result,
+};
 
 pub(super) type RuleTable = LpmTrie<MapData, RuleKey, RuleValue>;
 

@@ -1,8 +1,18 @@
 //! One held connection: the socket options set and read back through the
 //! owner's borrowed descriptor, and its record in the connection map.
+use std::{net::SocketAddr, os::fd::AsFd};
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use keepalive_common::{
+    conns::{ConnInfo, SOURCE_COMMAND},
+    maps,
+    requests::{ConnRecord, Request},
+    stats,
+};
 use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
 
-use super::*;
+use super::{status::ConnStatus, walk::request_for, Action, Enforcer};
+use crate::{conn::v6_bytes, index::Held, lend::lend, loader, Error, Result};
 use keepalive_common::requests::{APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED};
 
 pub(super) const TCP_CLOSE: u8 = 7;

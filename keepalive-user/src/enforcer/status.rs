@@ -1,7 +1,11 @@
 //! What a command reports of a connection: its state and keepalive values
 //! as the kernel has them, and what a batch changed or kept.
-use super::*;
-use keepalive_common::requests::{APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED};
+use super::{liveness::Liveness, walk::parse_raw};
+use crate::conn::endpoint;
+use keepalive_common::{
+    conns::source_name,
+    requests::{ConnRecord, APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED},
+};
 
 /// A connection an enable could not manage: the connection map is full.
 pub const CONNS_FULL_ERROR: &str =

@@ -1,6 +1,22 @@
 //! The walk of the socket table: requests queued for the apply iterator,
 //! one pass for a group of commands, and what it found.
-use super::*;
+use std::{net::SocketAddr, sync::atomic::Ordering};
+
+use aya::maps::{Array, HashMap, MapData};
+use keepalive_common::{
+    conns::ConnInfo,
+    maps,
+    requests::{ConnRecord, PeerKey, Request, COOKIES_PENDING, OP_DISABLE, OP_ENABLE, OP_QUERY},
+};
+
+use super::{live::Op, status::ConnStatus, Action, Enforcer};
+use crate::{
+    conn::{peer_key, v6_bytes, ConnSpec},
+    lend::{lend, Lent},
+    loader,
+    paths::PinLayout,
+    Error, Result,
+};
 
 /// Parses what an iterator pass wrote.
 pub(super) fn parse_raw(buf: &[u8]) -> Vec<ConnRecord> {

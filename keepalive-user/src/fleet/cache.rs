@@ -1,5 +1,7 @@
 //! The rules an agent last saw, kept on disk across restarts.
-use super::*;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 /// The rules as etcd has them (raw values, malformed ones included) and
 /// the revision they are at.

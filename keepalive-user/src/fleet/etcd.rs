@@ -1,8 +1,11 @@
 //! How to reach etcd: endpoints, TLS, auth, the keys under the prefix,
 //! and one member per client.
-use etcd_client::GetOptions;
+use std::{path::PathBuf, time::Duration};
 
-use super::*;
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+
+use super::DEFAULT_PREFIX;
+use crate::{config::EtcdSettings, Error, InvalidInput};
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -24,7 +27,7 @@ impl EtcdOptions {
     /// The client's options from `tcpka fleet`'s or `tcpka serve`'s
     /// settings; `None` without endpoints (then no other setting may be
     /// given).
-    pub fn from_settings(s: &crate::config::EtcdSettings) -> Result<Option<Self>, Error> {
+    pub fn from_settings(s: &EtcdSettings) -> Result<Option<Self>, Error> {
         let usage = |m: String| Error::Invalid(InvalidInput::Usage(m));
         let Some(etcd) = &s.etcd else {
             let set = s.etcd_prefix.is_some()

@@ -22,15 +22,11 @@
 //! In the kernel a fleet rule is named `@NAME`: files and the fleet never
 //! change each other's rules. A host's own named rule wins over a fleet
 //! rule of the same name or match; the agent reports the clash.
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    config::{valid_name, NamedRule, RuleSpec, NAME_MAX},
-    Error, InvalidInput,
-};
+use crate::config::NAME_MAX;
 
 mod agent;
 mod cache;

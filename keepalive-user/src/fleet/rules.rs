@@ -1,6 +1,14 @@
 //! The fleet's rules: the JSON value of `PREFIX/rules/NAME`, checked, and
 //! the selector that says which nodes a rule is for.
-use super::*;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::FLEET_NAME_MAX;
+use crate::{
+    config::{valid_name, NamedRule, RuleSpec},
+    node::{check_label, valid_node},
+};
 
 /// Which nodes a rule is for: every node when empty; else a node listed in
 /// `nodes` (when given) whose labels include all of `labels` (when given).

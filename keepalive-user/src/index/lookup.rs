@@ -1,7 +1,19 @@
 //! Reading the index: one run of the lookup program (`tcpka_lookup`) for
 //! all the lookups of a command, or, on an installation without it, the
 //! maps one lookup at a time.
-use super::*;
+use std::net::SocketAddr;
+
+use aya::maps::{HashMap, MapData};
+use keepalive_common::{
+    index::{
+        FdOwner, Found, IndexKey, Query, SlotInfo, FOUND_OWNER, FOUND_SLOT, PEER_SLOTS,
+        SLOT_OVERFLOW,
+    },
+    maps,
+};
+
+use super::peer_slot;
+use crate::{paths::PinLayout, Result};
 
 /// Runs the index lookup program on `q` (one system call for the lookups
 /// of a command); `None` when the installation has no such program (loaded

@@ -18,13 +18,10 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use keepalive_common::{
-    index::{
-        FdOwner, Found, IndexKey, Query, SlotInfo, FOUND_OWNER, FOUND_SLOT, PEER_SLOTS,
-        SLOT_OVERFLOW,
-    },
-    maps, stats,
+    index::{FdOwner, Found, IndexKey, Query, SlotInfo, FOUND_OWNER, FOUND_SLOT},
+    maps,
 };
 
 use crate::{
@@ -36,8 +33,8 @@ use crate::{
 mod lookup;
 mod state;
 
-use lookup::*;
-use state::*;
+use lookup::{lookup, read_found, read_peer};
+use state::index_overflowed;
 pub use state::{kernel_counter, overflow_epoch, state, try_clear_overflow, IndexState};
 
 /// Inode number of a network namespace (`--netns PATH`, or the calling

@@ -1,6 +1,15 @@
 //! How complete the index is: its fill, the kernel's failure counters,
 //! and the overflow mark of peers with more connections than slots.
-use super::*;
+use std::{net::SocketAddr, path::Path};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use keepalive_common::{
+    index::{IndexKey, SlotInfo, PEER_SLOTS, SLOT_OVERFLOW},
+    maps, stats,
+};
+
+use super::{netns_inode, peer_slot};
+use crate::{paths::PinLayout, Error, Result};
 
 /// How complete the connection index is.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]

@@ -1,6 +1,17 @@
 //! What is installed and where it is attached; re-attaching an
 //! installation whose cgroup was removed and is back.
-use super::*;
+use std::{fs::File, os::fd::AsFd, path::PathBuf};
+
+use keepalive_common::meta::Meta;
+
+use super::Installation;
+use crate::{
+    cgroup::Cgroup,
+    lock::Lock,
+    paths::PinLayout,
+    pinned::{holder_mode, index_mode, read_meta, write_meta},
+    sys, Error, Result,
+};
 
 /// Whether the installation's sock_ops link is pinned. A pin directory we
 /// may not look into is an error that says which privilege is missing,

@@ -1,6 +1,8 @@
 //! The kernel struct offsets the programs read, from the running
 //! kernel's BTF (`keepalive_common::offsets`).
-use super::*;
+use keepalive_common::offsets::Offsets;
+
+use crate::{pinned::IndexMode, Result};
 
 /// Where the members the programs read are in the running kernel.
 pub(super) fn kernel_offsets(btf: &crate::btf::Btf, index: IndexMode) -> Result<Offsets> {

@@ -1,7 +1,16 @@
 //! The hooks an installation has attached, what each costs the host, and
 //! the state tracepoint attached only while connections outside the
 //! cgroup are managed.
-use super::*;
+use std::{os::fd::AsFd, path::Path};
+
+use keepalive_common::maps;
+
+use crate::{
+    lock::Lock,
+    paths::PinLayout,
+    pinned::{index_mode_of, open_map, IndexMode},
+    sys, Error, Result,
+};
 
 /// What one pinned link attaches, for `info`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -2,7 +2,7 @@
 //! on. Before 6.12, sock_ops cannot be asked (from an iterator) to watch
 //! the connections it did not see connect: the state tracepoint watches
 //! those, attached only while any is left ([`iterators_set_cb_flags`]).
-use super::*;
+use crate::{pinned::IndexMode, Result};
 
 /// The first kernel whose `bpf_setsockopt` sets sock_ops callback flags.
 pub(super) const CB_FLAGS_KERNEL: (u32, u32) = (6, 12);

@@ -26,17 +26,12 @@ use aya::{
     },
     EbpfLoader,
 };
-use keepalive_common::{
-    maps,
-    meta::Meta,
-    offsets::{self, Offsets},
-    programs,
-};
+use keepalive_common::{maps, meta::Meta, offsets, programs};
 
 use crate::lock::Lock;
-use crate::pinned::{holder_mode, index_mode, index_mode_of, open_map, read_meta, write_meta};
+use crate::pinned::{read_meta, write_meta};
 pub use crate::pinned::{HolderMode, IndexMode};
-use crate::{cgroup::Cgroup, paths::PinLayout, sys, Error, Result};
+use crate::{cgroup::Cgroup, paths::PinLayout, Error, Result};
 
 mod attach;
 mod btf_offsets;
@@ -46,14 +41,24 @@ mod mounts;
 mod options;
 mod unload;
 
-pub use attach::*;
-use btf_offsets::*;
-pub use hooks::*;
-pub use index_choice::*;
-pub use mounts::*;
-pub use options::*;
+pub use attach::{installed, is_loaded, repair_attachment};
+use attach::{reattach, set_meta_cgroup};
+use btf_offsets::kernel_offsets;
+pub use hooks::{
+    close_by_tracepoint, hooks, unwatch_outside, unwatch_outside_locked, unwatched_indexed,
+    watch_outside, Hook, Watch,
+};
+pub use index_choice::{
+    choose_index, default_index, index_reason, iterators_set_cb_flags, kernel_release,
+    kernel_version, CLOSE_BY_TRACEPOINT_ENV,
+};
+use mounts::ensure_bpffs;
+pub use mounts::{ensure_tracefs, is_bpffs, mount_bpffs};
+pub use options::{
+    parse_map_size, Installation, LoadOptions, LoadOutcome, MapSizes, MAP_SIZE_MAX, MAP_SIZE_MIN,
+};
 pub use unload::unload;
-use unload::*;
+use unload::{detach_and_remove, remove_pin_dir, remove_pins};
 
 /// Loads, attaches and pins everything, or adopts what is already pinned
 /// for the same cgroup. Never attaches a second time.

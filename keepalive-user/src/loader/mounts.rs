@@ -1,6 +1,8 @@
 //! The filesystems a load needs: bpffs for the pins (mounted when
 //! missing), tracefs for the syscall tracepoints.
-use super::*;
+use std::{fs::File, path::Path};
+
+use crate::{paths::PinLayout, Error, Result};
 
 /// Makes sure the pin directory is on bpffs, mounting bpffs at its usual
 /// place `/sys/fs/bpf` when nothing is mounted there (as `bpftool` does).

@@ -1,6 +1,8 @@
 //! What a load is asked for (options, table sizes) and what it gives (the
 //! installation, and whether it was loaded, adopted or re-attached).
-use super::*;
+use std::path::PathBuf;
+
+use crate::pinned::{HolderMode, IndexMode};
 
 /// How to load.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,7 +38,7 @@ pub const MAP_SIZE_MIN: u32 = 1024;
 pub const MAP_SIZE_MAX: u32 = 1 << 24;
 
 /// Parses a table capacity (1024..=16777216).
-pub fn parse_map_size(s: &str) -> std::result::Result<u32, String> {
+pub fn parse_map_size(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if (MAP_SIZE_MIN..=MAP_SIZE_MAX).contains(&n) => Ok(n),
         _ => Err(format!(

@@ -1,5 +1,10 @@
 //! Unloading: detaching the programs and removing every pin.
-use super::*;
+use std::os::fd::AsFd;
+
+use keepalive_common::maps;
+
+use super::mounts::check_pin_dir;
+use crate::{lock::Lock, paths::PinLayout, sys, Error, Result};
 
 /// Detaches the programs and removes every pin. Returns whether anything
 /// was there.

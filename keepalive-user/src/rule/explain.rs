@@ -1,6 +1,6 @@
 //! `tcpka rule explain`: which rule a new connection gets, and why, by the
 //! precedence sock_ops applies.
-use super::*;
+use super::Rule;
 
 /// What one rule does with a connection, for `rule explain`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -99,6 +99,7 @@ pub fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{policy::Policy, rule::RuleMatch};
 
     fn rule(id: u32, lp: Option<u16>, rp: Option<u16>, remote: Option<&str>) -> Rule {
         Rule::new(

@@ -1,7 +1,16 @@
 //! Who may call the API: the Host check against DNS rebinding, the token
 //! (Bearer, or Basic with the token as password), unix-socket peer
 //! credentials, and JSON bodies only.
-use super::*;
+use axum::{
+    extract::{Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::Next,
+    response::Response,
+};
+use serde_json::json;
+
+use super::{handlers::reply, AppState, REQUEST_TIMEOUT};
+use crate::access;
 
 /// The token an `Authorization` header carries: `Bearer TOKEN`, or
 /// `Basic` with the token as the password (any user name), for clients that

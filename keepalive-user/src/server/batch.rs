@@ -1,7 +1,16 @@
 //! The one command worker: commands from the API and evapi run in batches
 //! (one lock, shared walks): each channel's in the order it queued them,
 //! the API's ahead of an evapi backlog.
-use super::*;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::{metrics::Metrics, AppState};
+use crate::{
+    enforcer::{Enforcer, Op, Outcome},
+    Error,
+};
 
 /// What is done with a command's result, on the batch worker's thread.
 pub(super) type Done = Box<dyn FnOnce(Result<Outcome, Error>) + Send>;

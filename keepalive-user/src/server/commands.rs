@@ -1,7 +1,27 @@
 //! `POST /v1/enable`, `/v1/disable` and `/v1/close`, and evapi's
 //! commands, run like the API's: through the batch worker.
-use super::*;
-use crate::risk::Thresholds;
+use std::{path::PathBuf, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{
+    batch::{queue, submit, Done},
+    handlers::{blocking, failure, invalid, json_body, log_command, reply},
+    AppState,
+};
+use crate::{
+    enforcer::{Action, Op, Outcome},
+    policy::Policy,
+    risk::Thresholds,
+    Error,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,6 +1,20 @@
 //! `GET /v1/connections`: managed connections, or the ones `conn` names,
 //! a page at a time.
-use super::*;
+use std::path::PathBuf;
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Deserialize;
+
+use super::{
+    handlers::{blocking, failure, invalid},
+    AppState,
+};
+use crate::enforcer::{Action, Op};
 
 #[derive(Deserialize)]
 pub(super) struct ConnQuery {

@@ -1,7 +1,32 @@
 //! What the API's handlers share: replies, the log line per command,
 //! errors as statuses, JSON bodies, blocking work off the async threads;
 //! and the event stream and health check.
-use super::*;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
+
+use super::{
+    auth::refuse,
+    listeners::{Caller, SlotHandle},
+    AppState, BODY_LIMIT,
+};
+use crate::{
+    enforcer::Enforcer,
+    feed::{Gap, Message},
+    loader, Error,
+};
 
 /// A JSON reply with the reference's result code.
 pub(super) fn reply(status: StatusCode, mut body: Value) -> Response {

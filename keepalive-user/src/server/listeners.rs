@@ -1,6 +1,11 @@
 //! Listening: the unix socket file and its permissions, and serving
 //! connections in per-caller slots, under limits of time and size.
-use super::*;
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{body::Body, Router};
+
+use super::{auth::ConnInfo, HEADER_TIMEOUT, HEAD_LIMIT, MAX_CONNECTIONS, PER_CALLER, RESERVED};
+use crate::Error;
 
 /// The socket file of a unix listener, removed when serving ends if it is
 /// still the one we bound.

@@ -1,13 +1,26 @@
 //! Prometheus metrics: commands, events, webhook deliveries, batch sizes
 //! and pass times, counted here; the kernel's counters, the lookups and
 //! the attachment, read when scraped (a [`Collector`]).
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+        MetricType,
+    },
+    registry::Registry,
 };
 
-use super::*;
+use super::AppState;
+use crate::{enforcer::Enforcer, feed::Message, loader};
 
 /// The API operations, as counted in `tcpka_command_errors_total{op}`.
 pub(super) const API_OPS: [&str; 7] = [
@@ -406,6 +419,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::PinLayout;
 
     /// With nothing loaded the kernel's families are empty, not an error;
     /// serve's own counts are there, each family once.

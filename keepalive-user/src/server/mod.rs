@@ -7,45 +7,23 @@
 //! connection or rule), 503 (not loaded) or 500.
 use std::{
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use axum::{
-    body::{Body, Bytes},
-    extract::{Path as UrlPath, Query, Request, State},
-    http::{header, HeaderMap, StatusCode},
-    middleware::{self, Next},
-    response::{IntoResponse, Response},
+    middleware,
     routing::{delete, get, post},
-    Json, Router,
+    Router,
 };
-use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
-};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::{
-    signal::unix::{signal, Signal, SignalKind},
-    sync::{broadcast, mpsc},
+    signal::unix::{signal, SignalKind},
+    sync::broadcast,
 };
-use tokio_stream::{wrappers::BroadcastStream, StreamExt as _};
 
 use crate::{
-    access,
-    config::Listen,
-    enforcer::{Action, Enforcer, Op, Outcome, Reach},
-    feed::{self, Gap, Message},
-    loader,
-    paths::PinLayout,
-    policy::Policy,
-    rule::{parse_port, Cidr, RuleMatch},
-    Error, InvalidInput,
+    access, config::Listen, enforcer::Enforcer, feed::Message, loader, paths::PinLayout, Error,
+    InvalidInput,
 };
 
 mod auth;
@@ -59,17 +37,21 @@ mod rules;
 mod tasks;
 mod webhook;
 
-use auth::*;
-use batch::*;
-use commands::*;
-use connections::*;
-use handlers::*;
-use listeners::*;
-use metrics::*;
-use rules::*;
-use tasks::*;
-use webhook::*;
+use auth::{guard, ConnInfo};
+use batch::{spawn_batcher, Job};
+use commands::{close, disable, enable, EvapiCommands};
+use connections::connections;
+use handlers::{events, healthz};
+use listeners::{
+    bind_secured, keep_alive, loopback_caller, serve_connections, Caller, Slots, SocketFile,
+};
+use metrics::{metrics, Metrics};
+use rules::{rules_add, rules_del, rules_list};
+use tasks::{
+    apply_rules_file, spawn_attach_watch, spawn_holder_sweep, spawn_log_report, spawn_reload,
+};
 pub use webhook::{sign, webhook_keeps_secrets, WebhookConfig};
+use webhook::{spawn_feed, spawn_webhook};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;

@@ -1,5 +1,24 @@
 //! `GET|POST /v1/rules` and `DELETE /v1/rules/{id}`.
-use super::*;
+use axum::{
+    body::Body,
+    extract::{Path as UrlPath, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{
+    handlers::{blocking, failure, invalid, json_body, reply},
+    AppState,
+};
+use crate::{
+    enforcer::Reach,
+    policy::Policy,
+    rule::{parse_port, Cidr, RuleMatch},
+    InvalidInput,
+};
 
 pub(super) async fn rules_list(State(state): State<AppState>) -> Response {
     match blocking(&state, |e| e.rules()).await {

@@ -1,6 +1,11 @@
 //! What serve runs beside the API: the holder sweep, the attachment
 //! watch, the report of log lines left out, and the rules file applied at start and on SIGHUP.
-use super::*;
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::signal::unix::Signal;
+
+use super::metrics::Metrics;
+use crate::{enforcer::Enforcer, loader, paths::PinLayout, Error};
 
 /// Sweeps the holder entries of closed connections: within a second of a
 /// command-managed connection's end (`closed`), and once a minute in any

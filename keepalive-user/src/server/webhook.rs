@@ -1,6 +1,23 @@
 //! The webhook: events POSTed to a controller, signed, in order, with a
 //! bounded queue; and the feed from the kernel's ring buffers.
-use super::*;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::http::header;
+use tokio::sync::mpsc;
+
+use super::{metrics::Metrics, AppState, WEBHOOK_QUEUE};
+use crate::{
+    feed,
+    feed::{Gap, Message},
+    paths::PinLayout,
+    Error, InvalidInput,
+};
 
 /// Where and how events are POSTed.
 #[derive(Clone, Debug)]

@@ -1,5 +1,14 @@
 //! The API's throughput: commands per second through `tcpka serve`.
-use super::*;
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::SIP_PORT;
 
 /// Connection count at which the HTTP API is measured.
 pub(super) const API_AT: usize = 10_000;

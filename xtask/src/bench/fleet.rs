@@ -13,7 +13,19 @@
 //! process, its time taken just before the request is written; an agent's
 //! time is the timestamp of its log line for the change, written once the
 //! kernel's rule table has it.
-use super::*;
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{cgroup2_mount, private_netns};
+use crate::harness::unload;
 
 /// A rule change every agent must apply, per round.
 const ROUNDS: usize = 15;

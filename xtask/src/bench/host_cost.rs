@@ -1,6 +1,15 @@
 //! `cargo xtask bench cost`: what tcpka costs every other process on the
 //! host, as ratios to no program and to an empty one.
-use super::*;
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{cookie, kamailio::own_cgroup, load, thread_cpu, time_cmd, SIP_PORT};
 
 /// What tcpka costs the rest of the host, as ratios of CPU time from
 /// alternating pairs in one run.

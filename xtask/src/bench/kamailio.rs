@@ -1,6 +1,10 @@
 //! `cargo xtask bench kamailio`: the Kamailio bench, in a cgroup of its
 //! own.
-use super::*;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::{cgroup2_mount, private_netns};
 
 /// The Kamailio bench ([`crate::sip`]) in a network namespace of its own.
 pub fn sip(tcpka: &Path, o: &crate::sip::Options) -> Result<()> {

@@ -15,16 +15,18 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::harness::unload;
+
 mod api;
 mod fleet;
 mod host_cost;
 mod kamailio;
 mod reach;
 mod risk;
-use api::*;
+use api::{api_throughput, API_AT};
 pub use fleet::fleet;
-use host_cost::*;
-use kamailio::*;
+use host_cost::{host_cost, program_time, tracepoint_time};
+use kamailio::own_cgroup;
 pub use kamailio::{sip, sip_here};
 pub use reach::reach;
 pub use risk::risk;
@@ -462,23 +464,6 @@ impl Drop for Cleanup {
         }
         let _ = std::fs::remove_dir(&self.cgroup);
         let _ = std::fs::remove_dir(&self.floor);
-    }
-}
-
-/// `tcpka unload` of a bench's installation, and its lock files (see
-/// keepalive-user paths.rs).
-pub fn unload(tcpka: &Path, pin_dir: &Path) {
-    let _ = Command::new(tcpka)
-        .env("TCPKA_PIN_DIR", pin_dir)
-        .arg("unload")
-        .output();
-    let name: String = pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    for ext in ["lock", "serve", "journal"] {
-        let _ = std::fs::remove_file(format!("/run/tcpka/locks/{name}.{ext}"));
     }
 }
 

@@ -18,7 +18,9 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{
-    bench_installation, cpu_seconds, enable_bpf_stats, median, programs_runtime, range, time_cmd,
+    bench_installation, cpu_seconds,
+    host_cost::{enable_bpf_stats, median, programs_runtime, range},
+    time_cmd,
 };
 
 const TRACKED_PORT: u16 = 5094;

@@ -1,6 +1,19 @@
 //! One variant's round: Kamailio between the sipp caller and callee, the
 //! call counts, and the CPU of Kamailio and of tcpka.
-use super::*;
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    setup::{spawn, Setup},
+    time_wait::TimeWait,
+    Mode, Results, Sample, Shape, CALLEE, CALLEE_PORT, CALLER, EVAPI, KAMAILIO, TOKEN,
+};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn measure(
@@ -273,6 +286,8 @@ pub(super) fn group_children_cpu(pgrp: u32) -> Duration {
 /// Fields `at` and `at + 1` of /proc/PID/stat (after the command), summed
 /// over the processes of `pgrp`.
 pub(super) fn group_ticks(pgrp: u32, at: usize) -> Duration {
+    // SAFETY: sysconf(3) takes a plain integer name and touches no memory of
+    // ours.
     let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut ticks = 0u64;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {

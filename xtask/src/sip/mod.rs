@@ -29,9 +29,8 @@
 //!  caller ns (sipp uac) 10.202.1.2 ── 10.202.1.1 kamailio (this ns, the attached cgroup) 10.202.2.1 ── 10.202.2.2 callee ns (sipp uas)
 //! ```
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -40,8 +39,8 @@ use anyhow::{bail, Context as _, Result};
 mod measure;
 mod setup;
 mod time_wait;
-use measure::*;
-use setup::*;
+use measure::measure;
+use setup::{config, link, sh, Installation, Setup};
 use time_wait::TimeWait;
 
 const CALLER: &str = "10.202.1.2";

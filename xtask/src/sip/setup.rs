@@ -1,5 +1,13 @@
 //! The namespaces, links, processes and configuration a round runs in.
-use super::*;
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{CALLEE, CALLEE_PORT, KAMAILIO, KAMAILIO_CALLEE_SIDE, TOKEN};
 
 /// A child killed with its process group on drop.
 pub(super) struct Proc(pub(super) Child);
@@ -106,7 +114,7 @@ pub(super) struct Installation {
 
 impl Drop for Installation {
     fn drop(&mut self) {
-        crate::bench::unload(&self.tcpka, &self.pin_dir);
+        crate::harness::unload(&self.tcpka, &self.pin_dir);
         // Kamailio's processes may still be exiting: end what is left
         // (cgroup.kill, Linux 5.14+) and retry until the cgroup is empty.
         for _ in 0..100 {

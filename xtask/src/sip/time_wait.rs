@@ -2,9 +2,12 @@
 //! namespace (where Kamailio and serve run): connections on loopback that
 //! this side closed first, as a proxy that closes phones' connections
 //! leaves them. Every walk of the socket table passes them.
-use std::net::{TcpListener, TcpStream};
+use std::{
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
 
-use super::*;
+use anyhow::{bail, Context, Result};
 
 /// TIME_WAIT sockets kept at a target count.
 pub(super) struct TimeWait {
