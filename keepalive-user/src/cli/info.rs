@@ -111,8 +111,16 @@ fn gather(layout: PinLayout, installation: loader::Installation) -> Result<Info,
     })
 }
 
-/// Prints `info` as text, one line per fact.
+/// Prints `info` as text, one line per fact: how it is loaded, then its
+/// tables and counters.
 fn print_text(i: &Info) {
+    print_setup(i);
+    print_figures(i);
+}
+
+/// The text lines of how the installation is loaded: its cgroup, holder
+/// and index modes, events, trace, and whether it is complete and attached.
+fn print_setup(i: &Info) {
     tcpka::outln!("loaded: cgroup {}", i.installation.cgroup.display());
     match i.installation.holders {
         loader::HolderMode::Scan => tcpka::outln!(
@@ -157,6 +165,11 @@ fn print_text(i: &Info) {
             "attached: NO: the cgroup was removed (a service restart?); new connections get no rules until `tcpka load` (or a running `tcpka serve`) attaches again"
         );
     }
+}
+
+/// The text lines of the pins, how full each table is, and the kernel's
+/// counters.
+fn print_figures(i: &Info) {
     tcpka::outln!("pins: {}", i.installation.pin_dir.display());
     tcpka::outln!(
         "rules: {} of {} ({} from the fleet)",
