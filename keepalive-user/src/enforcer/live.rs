@@ -211,16 +211,27 @@ impl Enforcer {
     pub fn run_batch(&self, ops: Vec<Op>) -> Vec<Result<Outcome>> {
         let _lock = match self.lock() {
             Ok(l) => l,
-            Err(e) => {
-                let mut out: Vec<Result<Outcome>> =
-                    (1..ops.len()).map(|_| Err(e.again())).collect();
-                out.push(Err(e));
-                return out;
-            }
+            Err(e) => return lock_failed(ops.len(), e),
         };
         let mut results: Vec<Option<Result<Outcome>>> = ops.iter().map(|_| None).collect();
         // Before any walk: see index::try_clear_overflow.
         let epoch = crate::index::overflow_epoch(&self.layout).ok();
+        let mut walk = self.run_direct(&ops, &mut results);
+        while !walk.is_empty() {
+            let group = next_walk_group(&ops, &mut walk);
+            self.run_walk(&ops, &group, epoch, &mut results);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every command has a result"))
+            .collect()
+    }
+
+    /// The first pass of [`Self::run_batch`]: a holder's disable, the
+    /// room check of a holder's enable, and each command the index
+    /// reaches directly get their result in `results`. Returns the indexes
+    /// of the commands left for a walk. Call with the lock held.
+    fn run_direct(&self, ops: &[Op], results: &mut [Option<Result<Outcome>>]) -> Vec<usize> {
         let mut walk: Vec<usize> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             if matches!(op.action, Action::Disable) && op.holder.is_some() {
@@ -241,62 +252,50 @@ impl Enforcer {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        // Group what needs walking: same namespace, same kind of key (a
-        // socket matched by a cookie request would hide it from a peer
-        // request in the same pass), distinct keys.
-        while !walk.is_empty() {
-            let first = &ops[walk[0]];
-            let mut group: Vec<usize> = Vec::new();
-            let mut rest = Vec::new();
-            for &i in &walk {
-                let op = &ops[i];
-                let same_kind = matches!(
-                    (op.conn, first.conn),
-                    (ConnSpec::Cookie(_), ConnSpec::Cookie(_))
-                        | (ConnSpec::Peer(_), ConnSpec::Peer(_))
-                );
-                let clash = group.iter().any(|&g| same_key(ops[g].conn, op.conn));
-                if same_kind && op.netns == first.netns && !clash {
-                    group.push(i);
-                } else {
-                    rest.push(i);
+        walk
+    }
+
+    /// Walks the socket table once for the commands `group` (see
+    /// [`next_walk_group`]) and puts their results in `results`; a walk
+    /// that fails fails each of them. A walk for a whole peer lets an
+    /// overflowed peer go back to the index (from `epoch`). Call with the
+    /// lock held.
+    fn run_walk(
+        &self,
+        ops: &[Op],
+        group: &[usize],
+        epoch: Option<u64>,
+        results: &mut [Option<Result<Outcome>>],
+    ) {
+        let items: Vec<&Op> = group.iter().map(|&i| &ops[i]).collect();
+        match self.walk(&items) {
+            Ok(found) => {
+                for (&i, found) in group.iter().zip(found) {
+                    // A walk for a whole peer sees all its connections:
+                    // an overflowed peer may go back to the index.
+                    if let (ConnSpec::Peer(peer), None, Some(epoch)) =
+                        (ops[i].conn, ops[i].local, epoch)
+                    {
+                        let cookies: Vec<u64> = found.iter().map(|c| c.cookie).collect();
+                        if let Err(e) = crate::index::try_clear_overflow(
+                            &self.layout,
+                            peer,
+                            ops[i].netns.as_deref(),
+                            &cookies,
+                            epoch,
+                        ) {
+                            tracing::warn!("re-indexing {peer}: {e}");
+                        }
+                    }
+                    results[i] = Some(self.finish(&ops[i], found));
                 }
             }
-            walk = rest;
-            let items: Vec<&Op> = group.iter().map(|&i| &ops[i]).collect();
-            match self.walk(&items) {
-                Ok(found) => {
-                    for (&i, found) in group.iter().zip(found) {
-                        // A walk for a whole peer sees all its connections:
-                        // an overflowed peer may go back to the index.
-                        if let (ConnSpec::Peer(peer), None, Some(epoch)) =
-                            (ops[i].conn, ops[i].local, epoch)
-                        {
-                            let cookies: Vec<u64> = found.iter().map(|c| c.cookie).collect();
-                            if let Err(e) = crate::index::try_clear_overflow(
-                                &self.layout,
-                                peer,
-                                ops[i].netns.as_deref(),
-                                &cookies,
-                                epoch,
-                            ) {
-                                tracing::warn!("re-indexing {peer}: {e}");
-                            }
-                        }
-                        results[i] = Some(self.finish(&ops[i], found));
-                    }
-                }
-                Err(e) => {
-                    for &i in &group {
-                        results[i] = Some(Err(e.again()));
-                    }
+            Err(e) => {
+                for &i in group {
+                    results[i] = Some(Err(e.again()));
                 }
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.expect("every command has a result"))
-            .collect()
     }
 
     pub(super) fn apply_locked(
@@ -333,4 +332,37 @@ impl Enforcer {
         self.attach_holders(&mut out)?;
         Ok(out)
     }
+}
+
+/// The results of a batch of `n` commands that could not take the lock:
+/// the lock's error for each (the last gets `e` itself).
+fn lock_failed(n: usize, e: Error) -> Vec<Result<Outcome>> {
+    let mut out: Vec<Result<Outcome>> = (1..n).map(|_| Err(e.again())).collect();
+    out.push(Err(e));
+    out
+}
+
+/// Takes from `walk` the commands one walk of the socket table serves
+/// together: same namespace, same kind of key (a socket matched by a
+/// cookie request would hide it from a peer request in the same pass),
+/// distinct keys. The others stay in `walk`, in order.
+fn next_walk_group(ops: &[Op], walk: &mut Vec<usize>) -> Vec<usize> {
+    let first = &ops[walk[0]];
+    let mut group: Vec<usize> = Vec::new();
+    let mut rest = Vec::new();
+    for &i in walk.iter() {
+        let op = &ops[i];
+        let same_kind = matches!(
+            (op.conn, first.conn),
+            (ConnSpec::Cookie(_), ConnSpec::Cookie(_)) | (ConnSpec::Peer(_), ConnSpec::Peer(_))
+        );
+        let clash = group.iter().any(|&g| same_key(ops[g].conn, op.conn));
+        if same_kind && op.netns == first.netns && !clash {
+            group.push(i);
+        } else {
+            rest.push(i);
+        }
+    }
+    *walk = rest;
+    group
 }

@@ -369,6 +369,32 @@ impl Enforcer {
         let mut rules = self.rules_map()?;
         let mut names = self.names_map()?;
         let mut risk = self.risk_map()?;
+        let mut next = self.reserve_fleet_ids(ops, min_id)?;
+        let mut out: Vec<Result<u32>> = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(match op {
+                FleetOp::Remove { id, matcher, .. } => {
+                    fleet_remove(&mut rules, &mut names, &mut risk, *id, matcher)
+                }
+                FleetOp::Replace { id, rule } => {
+                    self.fleet_replace(&mut rules, &mut risk, *id, rule)
+                }
+                FleetOp::Add(rule) => {
+                    let id = next;
+                    next += 1;
+                    self.fleet_add(&mut rules, &mut names, &mut risk, id, rule)
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// For the additions of a fleet batch: moves the installation record's
+    /// rule id counter past them (above `min_id`), then widens the rule port
+    /// filter to their keys. Returns the first of their ids (0 without
+    /// additions). On failure nothing is added; a counter moved stays
+    /// moved (ids skipped, never handed out twice).
+    fn reserve_fleet_ids(&self, ops: &[FleetOp], min_id: u32) -> Result<u32> {
         let adds = ops.iter().filter(|o| matches!(o, FleetOp::Add(_))).count() as u32;
         let mut next = 0;
         if adds > 0 {
@@ -387,87 +413,76 @@ impl Enforcer {
                 .collect();
             crate::ports::widen_rules(&self.layout, &keys)?;
         }
+        Ok(next)
+    }
+
+    /// A fleet batch's new values for rule `id` (its match unchanged): its
+    /// at-risk thresholds, then its entry. On failure the thresholds may be
+    /// the new ones already.
+    fn fleet_replace(
+        &self,
+        rules: &mut RuleTable,
+        risk: &mut HashMap<MapData, u32, keepalive_common::risk::Risk>,
+        id: u32,
+        rule: &NamedRule,
+    ) -> Result<u32> {
         // Checked when the rule was parsed.
-        let policy = |r: &NamedRule| -> Result<Policy> { Ok(r.policy) };
-        let mut out: Vec<Result<u32>> = Vec::with_capacity(ops.len());
-        for op in ops {
-            out.push(match op {
-                FleetOp::Remove { id, matcher, .. } => {
-                    let (len, data) = matcher.key();
-                    let key = Key::new(len, data);
-                    match rules.get(&key, 0) {
-                        Ok(v) if v.id == *id => rules
-                            .remove(&key)
-                            .map_err(|e| Error::map(format!("removing rule {id}"), e))
-                            .map(|()| {
-                                let _ = names.remove(id);
-                                let _ = risk.remove(id);
-                                *id
-                            }),
-                        // Gone already, or the key is another rule's now.
-                        _ => {
-                            let _ = names.remove(id);
-                            let _ = risk.remove(id);
-                            Ok(*id)
-                        }
-                    }
-                }
-                FleetOp::Replace { id, rule } => policy(rule).and_then(|p| {
-                    self.set_rule_risk(&mut risk, *id, &p)?;
-                    let (len, data) = rule.matcher.key();
-                    rules
-                        .insert(
-                            &Key::new(len, data),
-                            rule.matcher.value(*id, p, rule.tracked, rule.new_only),
-                            BPF_EXIST,
-                        )
-                        .map_err(|e| Error::map(format!("changing rule {id}"), e))
-                        .map(|()| *id)
-                }),
-                FleetOp::Add(rule) => {
-                    let id = next;
-                    next += 1;
-                    policy(rule).and_then(|p| {
-                        let (len, data) = rule.matcher.key();
-                        let key = Key::new(len, data);
-                        let name = format!("{}{}", crate::config::FLEET_PREFIX, rule.name);
-                        names
-                            .insert(id, rule_name(&name), BPF_NOEXIST)
-                            .map_err(|e| Error::map("recording the rule's name", e))?;
-                        self.set_rule_risk(&mut risk, id, &p)?;
-                        let inserted = rules.insert(
-                            &key,
-                            rule.matcher.value(id, p, rule.tracked, rule.new_only),
-                            BPF_NOEXIST,
-                        );
-                        if inserted.is_err() {
-                            let _ = names.remove(&id);
-                            let _ = risk.remove(&id);
-                        }
-                        match inserted {
-                            Ok(()) => Ok(id),
-                            Err(MapError::SyscallError(e))
-                                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                            {
-                                Err(Error::DuplicateRule(
-                                    rules.get(&key, 0).map(|v| v.id).unwrap_or(0),
-                                ))
-                            }
-                            Err(MapError::SyscallError(e))
-                                if matches!(
-                                    e.io_error.raw_os_error(),
-                                    Some(libc::ENOSPC | libc::E2BIG)
-                                ) =>
-                            {
-                                Err(Error::RulesFull(RULES_MAX_ENTRIES))
-                            }
-                            Err(e) => Err(Error::map("adding the rule", e)),
-                        }
-                    })
-                }
-            });
+        let p = rule.policy;
+        self.set_rule_risk(risk, id, &p)?;
+        let (len, data) = rule.matcher.key();
+        rules
+            .insert(
+                &Key::new(len, data),
+                rule.matcher.value(id, p, rule.tracked, rule.new_only),
+                BPF_EXIST,
+            )
+            .map_err(|e| Error::map(format!("changing rule {id}"), e))
+            .map(|()| id)
+    }
+
+    /// A fleet batch's new rule, as `id`: its name, its at-risk thresholds,
+    /// then its entry. A rule whose entry is refused (a duplicate, a full
+    /// table) leaves no name or thresholds behind.
+    fn fleet_add(
+        &self,
+        rules: &mut RuleTable,
+        names: &mut HashMap<MapData, u32, RuleName>,
+        risk: &mut HashMap<MapData, u32, keepalive_common::risk::Risk>,
+        id: u32,
+        rule: &NamedRule,
+    ) -> Result<u32> {
+        // Checked when the rule was parsed.
+        let p = rule.policy;
+        let (len, data) = rule.matcher.key();
+        let key = Key::new(len, data);
+        let name = format!("{}{}", crate::config::FLEET_PREFIX, rule.name);
+        names
+            .insert(id, rule_name(&name), BPF_NOEXIST)
+            .map_err(|e| Error::map("recording the rule's name", e))?;
+        self.set_rule_risk(risk, id, &p)?;
+        let inserted = rules.insert(
+            &key,
+            rule.matcher.value(id, p, rule.tracked, rule.new_only),
+            BPF_NOEXIST,
+        );
+        if inserted.is_err() {
+            let _ = names.remove(&id);
+            let _ = risk.remove(&id);
         }
-        Ok(out)
+        match inserted {
+            Ok(()) => Ok(id),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Err(Error::DuplicateRule(
+                    rules.get(&key, 0).map(|v| v.id).unwrap_or(0),
+                ))
+            }
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::ENOSPC | libc::E2BIG)) =>
+            {
+                Err(Error::RulesFull(RULES_MAX_ENTRIES))
+            }
+            Err(e) => Err(Error::map("adding the rule", e)),
+        }
     }
 
     /// Narrows the rule port filter to the rules in the table (a full
@@ -562,6 +577,36 @@ impl Enforcer {
             }
         }
         Ok(())
+    }
+}
+
+/// A fleet batch's removal of rule `id`, found by its match: its entry
+/// (when the key is still that rule's), then its name and thresholds. A
+/// rule gone already counts as removed; on failure nothing is removed.
+fn fleet_remove(
+    rules: &mut RuleTable,
+    names: &mut HashMap<MapData, u32, RuleName>,
+    risk: &mut HashMap<MapData, u32, keepalive_common::risk::Risk>,
+    id: u32,
+    matcher: &RuleMatch,
+) -> Result<u32> {
+    let (len, data) = matcher.key();
+    let key = Key::new(len, data);
+    match rules.get(&key, 0) {
+        Ok(v) if v.id == id => rules
+            .remove(&key)
+            .map_err(|e| Error::map(format!("removing rule {id}"), e))
+            .map(|()| {
+                let _ = names.remove(&id);
+                let _ = risk.remove(&id);
+                id
+            }),
+        // Gone already, or the key is another rule's now.
+        _ => {
+            let _ = names.remove(&id);
+            let _ = risk.remove(&id);
+            Ok(id)
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use keepalive_common::{
 use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
 
 use super::{status::ConnStatus, walk::request_for, Action, Enforcer};
-use crate::{conn::v6_bytes, index::Held, lend::lend, loader, Error, Result};
+use crate::{conn::v6_bytes, index::Held, lend::lend, loader, policy::Policy, Error, Result};
 use keepalive_common::requests::{APPLY_CONNS_FULL, APPLY_SETSOCKOPT_FAILED};
 
 pub(super) const TCP_CLOSE: u8 = 7;
@@ -41,6 +41,56 @@ pub(super) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
     })
+}
+
+/// Sets the socket options of `action` (none for an enable the full
+/// connection map refused, nor for a query). Returns whether the kernel
+/// refused any; the options it took stay set.
+fn set_options(fd: &std::net::TcpStream, action: Action, full: bool) -> bool {
+    let mut failed = false;
+    match action {
+        Action::Enable(_) if full => {}
+        Action::Enable(p) => {
+            failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
+            failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
+            failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
+            if let Some(ms) = p.user_timeout_ms {
+                failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
+            }
+            failed |= !set(fd, sockopt::KeepAlive, &true);
+        }
+        Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
+        Action::Query => {}
+    }
+    failed
+}
+
+/// The connection's keepalive, idle, interval, count and user timeout
+/// for its record. An enable the kernel accepted in full holds exactly
+/// its values (setsockopt stores them as given); anything else
+/// (`not_in_full`: refused in part, or not recorded) is read back.
+fn keepalive_values(
+    fd: &std::net::TcpStream,
+    action: Action,
+    not_in_full: bool,
+) -> (u32, u32, u32, u32, u32) {
+    match action {
+        Action::Enable(p) if !not_in_full => (
+            1,
+            p.idle,
+            p.interval,
+            p.count,
+            p.user_timeout_ms
+                .unwrap_or_else(|| get(fd, sockopt::TcpUserTimeout)),
+        ),
+        _ => (
+            u32::from(getsockopt(fd, sockopt::KeepAlive).unwrap_or(false)),
+            get(fd, sockopt::TcpKeepIdle),
+            get(fd, sockopt::TcpKeepInterval),
+            get(fd, sockopt::TcpKeepCount),
+            get(fd, sockopt::TcpUserTimeout),
+        ),
+    }
 }
 
 impl Enforcer {
@@ -79,56 +129,11 @@ impl Enforcer {
         // set and the state is read: a close after the insert runs the
         // close program, which removes the entry; one before it leaves
         // TCP_CLOSE to see here. A full map leaves the connection as it was.
-        let mut full = false;
-        if let Action::Enable(_) = action {
-            // Before 6.12, one indexed at load is a connection sock_ops did
-            // not see connect, and will not see close: the state tracepoint
-            // reports its end (attached first, so no close goes unseen).
-            let unwatched = loader::close_by_tracepoint(&self.layout)?
-                && crate::index::is_unwatched(&self.layout, h.cookie)?;
-            if unwatched {
-                loader::watch_outside(&self.layout, loader::Watch::IndexedConns)?;
-            }
-            let info = ConnInfo {
-                policy: request.policy,
-                source: SOURCE_COMMAND,
-                rule_id: 0,
-                flags: if unwatched {
-                    keepalive_common::conns::FLAG_UNWATCHED
-                } else {
-                    0
-                },
-                applied_ns: monotonic_ns(),
-                risk: match action {
-                    Action::Enable(p) => p.risk.to_raw(),
-                    _ => Default::default(),
-                },
-                _pad: 0,
-            };
-            match conns.insert(h.cookie, info, 0) {
-                Ok(()) => {}
-                Err(e) if map_full(&e) => {
-                    full = true;
-                    self.count_conns_full();
-                }
-                Err(e) => return Err(Error::map("recording the connection", e)),
-            }
-        }
-        let mut failed = false;
-        match action {
-            Action::Enable(_) if full => {}
-            Action::Enable(p) => {
-                failed |= !set(fd, sockopt::TcpKeepIdle, &p.idle);
-                failed |= !set(fd, sockopt::TcpKeepInterval, &p.interval);
-                failed |= !set(fd, sockopt::TcpKeepCount, &p.count);
-                if let Some(ms) = p.user_timeout_ms {
-                    failed |= !set(fd, sockopt::TcpUserTimeout, &ms);
-                }
-                failed |= !set(fd, sockopt::KeepAlive, &true);
-            }
-            Action::Disable => failed |= !set(fd, sockopt::KeepAlive, &false),
-            Action::Query => {}
-        }
+        let full = match action {
+            Action::Enable(p) => self.record_enable(&mut conns, h.cookie, p, request)?,
+            Action::Disable | Action::Query => false,
+        };
+        let failed = set_options(fd, action, full);
         let state = tcp_state(fd);
         match action {
             Action::Enable(_) if state == Some(TCP_CLOSE) => {
@@ -155,25 +160,8 @@ impl Enforcer {
             (Err(_), Some(hint)) => hint,
             (Err(e), None) => return Err(Error::io("reading the remote end", e)),
         };
-        // An enable the kernel accepted in full holds exactly its values
-        // (setsockopt stores them as given); anything else is read back.
-        let (keepalive, idle, interval, count, user_timeout_ms) = match action {
-            Action::Enable(p) if !failed && !full => (
-                1,
-                p.idle,
-                p.interval,
-                p.count,
-                p.user_timeout_ms
-                    .unwrap_or_else(|| get(fd, sockopt::TcpUserTimeout)),
-            ),
-            _ => (
-                u32::from(getsockopt(fd, sockopt::KeepAlive).unwrap_or(false)),
-                get(fd, sockopt::TcpKeepIdle),
-                get(fd, sockopt::TcpKeepInterval),
-                get(fd, sockopt::TcpKeepCount),
-                get(fd, sockopt::TcpUserTimeout),
-            ),
-        };
+        let (keepalive, idle, interval, count, user_timeout_ms) =
+            keepalive_values(fd, action, failed || full);
         let rec = ConnRecord {
             cookie: h.cookie,
             family: if local.is_ipv4() { 2 } else { 10 },
@@ -199,6 +187,50 @@ impl Enforcer {
             _pad: 0,
         };
         Ok(ConnStatus::from_raw(&rec))
+    }
+
+    /// Records an enable by command of connection `cookie` in the
+    /// connection map, before its options are set (see
+    /// [`Self::apply_held`]). Returns whether the map was full: the
+    /// connection is then left as it was, and the refusal counted. Before
+    /// 6.12, one sock_ops does not watch gets the close watch first; on
+    /// failure that watch stays attached, and nothing is recorded.
+    fn record_enable(
+        &self,
+        conns: &mut HashMap<MapData, u64, ConnInfo>,
+        cookie: u64,
+        p: Policy,
+        request: &Request,
+    ) -> Result<bool> {
+        // Before 6.12, one indexed at load is a connection sock_ops did
+        // not see connect, and will not see close: the state tracepoint
+        // reports its end (attached first, so no close goes unseen).
+        let unwatched = loader::close_by_tracepoint(&self.layout)?
+            && crate::index::is_unwatched(&self.layout, cookie)?;
+        if unwatched {
+            loader::watch_outside(&self.layout, loader::Watch::IndexedConns)?;
+        }
+        let info = ConnInfo {
+            policy: request.policy,
+            source: SOURCE_COMMAND,
+            rule_id: 0,
+            flags: if unwatched {
+                keepalive_common::conns::FLAG_UNWATCHED
+            } else {
+                0
+            },
+            applied_ns: monotonic_ns(),
+            risk: p.risk.to_raw(),
+            _pad: 0,
+        };
+        match conns.insert(cookie, info, 0) {
+            Ok(()) => Ok(false),
+            Err(e) if map_full(&e) => {
+                self.count_conns_full();
+                Ok(true)
+            }
+            Err(e) => Err(Error::map("recording the connection", e)),
+        }
     }
 
     /// Counts an enable the full connection map refused on the direct path

@@ -726,12 +726,30 @@ impl Applier {
         self.publish(Some(error));
     }
 
+    /// [`Self::apply`] without its guard: refreshes the view, applies the
+    /// plan, and publishes the outcome.
     fn apply_inner(&mut self) {
         let started = self.received.take().unwrap_or_else(Instant::now);
+        if let Err(e) = self.refresh_view() {
+            return self.failed(e);
+        }
+        let plan = self.view.plan();
+        let mut error = None;
+        if !plan.ops.is_empty() {
+            error = self.apply_plan(&plan.ops, started);
+        }
+        self.record_applied(plan.verdicts, error);
+    }
+
+    /// Reads the installed rules into the view when the table changed
+    /// under it (or it is due for repair), then narrows the rule port
+    /// filter if removals asked for it (a failure there is only logged).
+    /// On failure, why (for [`Self::failed`]); the view is left as it was.
+    fn refresh_view(&mut self) -> Result<(), String> {
         let generation = match self.enforcer.rule_generation() {
             Ok(g) => g,
             Err(e) => {
-                return self.failed(format!(
+                return Err(format!(
                     "reading the rule generation: {}",
                     crate::one_line(&e)
                 ));
@@ -745,7 +763,7 @@ impl Applier {
                     self.read_at = Instant::now();
                 }
                 Err(e) => {
-                    return self.failed(format!(
+                    return Err(format!(
                         "reading the installed rules: {}",
                         crate::one_line(&e)
                     ));
@@ -761,68 +779,76 @@ impl Applier {
                 }
             }
         }
-        let plan = self.view.plan();
+        Ok(())
+    }
+
+    /// Applies the plan's changes in one batch, records their results in
+    /// the view, and gathers the keys of the live connections to reach.
+    /// Returns the error to report, if any change (or the batch) failed;
+    /// the view is then read from the kernel next time.
+    fn apply_plan(&mut self, ops: &[FleetOp], started: Instant) -> Option<String> {
         let mut error = None;
-        if !plan.ops.is_empty() {
-            match self.enforcer.fleet_batch(&plan.ops, self.view.min_id()) {
-                Ok(results) => {
-                    // Live connections are reached once a stream of changes
-                    // pauses (see `reach`): one pass for many changes.
-                    // A rule for new connections only reaches none.
-                    for (op, r) in plan.ops.iter().zip(&results) {
-                        if r.is_err() {
-                            continue;
-                        }
-                        match op {
-                            FleetOp::Remove {
-                                matcher, new_only, ..
-                            } if !new_only => self.reach_keys.push(matcher.key()),
-                            FleetOp::Replace { rule, .. } | FleetOp::Add(rule)
-                                if !rule.new_only =>
-                            {
-                                self.reach_keys.push(rule.matcher.key())
-                            }
-                            _ => {}
-                        }
+        match self.enforcer.fleet_batch(ops, self.view.min_id()) {
+            Ok(results) => {
+                // Live connections are reached once a stream of changes
+                // pauses (see `reach`): one pass for many changes.
+                // A rule for new connections only reaches none.
+                for (op, r) in ops.iter().zip(&results) {
+                    if r.is_err() {
+                        continue;
                     }
-                    self.reach_since.get_or_insert_with(Instant::now);
-                    let failures = self.view.record(&plan.ops, &results);
-                    self.narrow |= plan
-                        .ops
-                        .iter()
-                        .zip(&results)
-                        .any(|(o, r)| matches!(o, FleetOp::Remove { .. }) && r.is_ok());
-                    self.log_ops(&plan.ops, &results, started);
-                    if !failures.is_empty() {
-                        // The view may be wrong: read the table next time.
-                        self.generation = None;
-                        error = Some(format!(
-                            "{} of {} change(s) of revision {} failed: {}",
-                            failures.len(),
-                            plan.ops.len(),
-                            self.revision,
-                            failures.join("; ")
-                        ));
+                    match op {
+                        FleetOp::Remove {
+                            matcher, new_only, ..
+                        } if !new_only => self.reach_keys.push(matcher.key()),
+                        FleetOp::Replace { rule, .. } | FleetOp::Add(rule) if !rule.new_only => {
+                            self.reach_keys.push(rule.matcher.key())
+                        }
+                        _ => {}
                     }
                 }
-                Err(e) => {
+                self.reach_since.get_or_insert_with(Instant::now);
+                let failures = self.view.record(ops, &results);
+                self.narrow |= ops
+                    .iter()
+                    .zip(&results)
+                    .any(|(o, r)| matches!(o, FleetOp::Remove { .. }) && r.is_ok());
+                self.log_ops(ops, &results, started);
+                if !failures.is_empty() {
+                    // The view may be wrong: read the table next time.
                     self.generation = None;
                     error = Some(format!(
-                        "applying the fleet rules of revision {}: {}",
+                        "{} of {} change(s) of revision {} failed: {}",
+                        failures.len(),
+                        ops.len(),
                         self.revision,
-                        crate::one_line(&e)
+                        failures.join("; ")
                     ));
                 }
             }
+            Err(e) => {
+                self.generation = None;
+                error = Some(format!(
+                    "applying the fleet rules of revision {}: {}",
+                    self.revision,
+                    crate::one_line(&e)
+                ));
+            }
         }
-        self.report(&plan.verdicts);
-        self.previous = plan.verdicts.clone();
+        error
+    }
+
+    /// Reports the verdicts that changed, and publishes what this revision
+    /// applied (with `error`, logged) for the node status.
+    fn record_applied(&mut self, verdicts: Verdicts, error: Option<String>) {
+        self.report(&verdicts);
+        self.previous = verdicts.clone();
         let (fleet_rules, rules) = self.view.counts();
         *self.shared.applied.lock().expect("not poisoned") = Applied {
             revision: self.revision,
             fleet_rules,
             rules,
-            verdicts: plan.verdicts,
+            verdicts,
             error: error.clone(),
             live_changed_last: self.live.0,
             live_changed_total: self.live.1,

@@ -126,15 +126,38 @@ pub fn resolve(
     netns: Option<&Path>,
 ) -> Result<Option<Vec<Held>>> {
     let inode = netns_inode(netns)?;
+    let Some(found) = indexed(layout, conn, local, inode)? else {
+        return Ok(None);
+    };
+    // A cookie the index never saw is walked for.
+    if found.iter().any(|f| f.flags & FOUND_SLOT == 0) {
+        return Ok(None);
+    }
+    let socks: Vec<(u64, u64)> = found.iter().map(|f| (f.cookie, f.sk)).collect();
+    // The namespace the kernel indexed each socket in (a socket never
+    // changes namespace; the cookie is checked on the borrowed fd).
+    let in_netns: Vec<bool> = found.iter().map(|f| f.netns == inode as u32).collect();
+    let streams = borrow_holders(layout, &found, &socks)?;
+    keep_asked(streams, socks, in_netns, conn, local, netns)
+}
+
+/// Each connection the index holds for `conn`, with its socket and
+/// holder: from one run of the lookup program, or (an installation
+/// without one) from the maps, a lookup each. `None` when the index
+/// cannot vouch for the complete answer (it overflowed, or, with the ports
+/// index, the ports asked for are not all index ports). Reads only.
+fn indexed(
+    layout: &PinLayout,
+    conn: ConnSpec,
+    local: Option<SocketAddr>,
+    inode: u64,
+) -> Result<Option<Vec<Found>>> {
     let mode = crate::pinned::index_mode_of(layout);
     // With the ports index, a connection with no index port at either end
     // is indexed only if a rule matched it: an empty answer proves nothing.
     let covered = |port: u16| -> Result<bool> {
         Ok(mode == crate::pinned::IndexMode::Host || crate::ports::is_index_port(layout, port)?)
     };
-    // Each connection the index holds, with its socket and holder: from
-    // one run of the lookup program, or (an installation without one) from
-    // the maps, a lookup each.
     let found: Vec<Found> = match conn {
         ConnSpec::Cookie(cookie) => {
             let q = Query {
@@ -175,14 +198,19 @@ pub fn resolve(
             found
         }
     };
-    // A cookie the index never saw is walked for.
-    if found.iter().any(|f| f.flags & FOUND_SLOT == 0) {
-        return Ok(None);
-    }
-    let socks: Vec<(u64, u64)> = found.iter().map(|f| (f.cookie, f.sk)).collect();
-    // The namespace the kernel indexed each socket in (a socket never
-    // changes namespace; the cookie is checked on the borrowed fd).
-    let in_netns: Vec<bool> = found.iter().map(|f| f.netns == inode as u32).collect();
+    Ok(Some(found))
+}
+
+/// Borrows each socket of `found` (`socks`: cookie and `struct sock`)
+/// from its holder; where the holder is unknown or gone, after one search
+/// of every process's descriptors. `None` for a socket no process holds.
+/// Call with the installation lock held (see [`find_holders`]); what it
+/// borrowed is closed again on failure.
+fn borrow_holders(
+    layout: &PinLayout,
+    found: &[Found],
+    socks: &[(u64, u64)],
+) -> Result<Vec<Option<TcpStream>>> {
     let mut streams: Vec<Option<TcpStream>> = found
         .iter()
         .map(|f| {
@@ -204,12 +232,27 @@ pub fn resolve(
         tracing::debug!("{} holder(s) unknown; searching descriptors", missing.len());
         find_holders(layout, &missing)?;
         let fds = crate::lend::lend::<HashMap<MapData, u64, FdOwner>>(layout, maps::FDS)?;
-        for (s, &(cookie, sk)) in streams.iter_mut().zip(&socks) {
+        for (s, &(cookie, sk)) in streams.iter_mut().zip(socks) {
             if s.is_none() {
                 *s = fds.get(&sk, 0).ok().and_then(|o| borrow(o, cookie));
             }
         }
     }
+    Ok(streams)
+}
+
+/// Of the borrowed sockets, those `conn` asks for: in namespace `netns`
+/// (`in_netns`), with the local end asked for, and connected (for a
+/// cookie). `None` when a socket no process holds may be one asked for
+/// (the walk finds it). The sockets left out are closed again.
+fn keep_asked(
+    streams: Vec<Option<TcpStream>>,
+    socks: Vec<(u64, u64)>,
+    in_netns: Vec<bool>,
+    conn: ConnSpec,
+    local: Option<SocketAddr>,
+    netns: Option<&Path>,
+) -> Result<Option<Vec<Held>>> {
     let mut held = Vec::with_capacity(socks.len());
     // Whether the connection asked for (both ends given) is closing or gone
     // by sock_diag's word: asked once, for the first socket no process

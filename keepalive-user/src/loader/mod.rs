@@ -4,10 +4,10 @@
 //! A load that fails halfway removes whatever it pinned: the host is left
 //! as it was.
 //!
-//! `load_and_pin` is long on purpose: it is one sequence of steps in the
-//! order the kernel needs them (maps before the programs that use them,
-//! the state tracepoint before sock_ops, sock_ops attached last), and
-//! reads best in that order (this file is over 400 lines for it). The
+//! `load_and_pin` is one sequence of steps in the order the kernel needs
+//! them (maps before the programs that use them, the state tracepoint
+//! before sock_ops, sock_ops attached last), each a function of its own
+//! below it, in that order. The
 //! options and what a load returns (`options.rs`), the kernel offsets
 //! (`btf_offsets.rs`), which index a load gets, what is attached, the
 //! hooks, the filesystems a load needs, and unloading are in the
@@ -26,7 +26,7 @@ use aya::{
     },
     EbpfLoader,
 };
-use keepalive_common::{maps, meta::Meta, offsets, programs};
+use keepalive_common::{maps, meta::Meta, offsets, offsets::Offsets, programs};
 
 use crate::lock::Lock;
 use crate::pinned::{read_meta, write_meta};
@@ -129,6 +129,12 @@ impl Drop for Undo<'_> {
     }
 }
 
+/// Loads the eBPF object, pins its maps, attaches its programs and indexes
+/// the connections that exist already, in the order the kernel needs them
+/// (maps before the programs that use them, the state tracepoint before
+/// sock_ops, sock_ops attached last). Call with the lock held. A step that
+/// fails leaves what the steps before it pinned; the caller's [`Undo`]
+/// removes it.
 fn load_and_pin(
     layout: &PinLayout,
     cgroup: &Cgroup,
@@ -136,15 +142,57 @@ fn load_and_pin(
     index: IndexMode,
 ) -> Result<Installation> {
     let holders = options.holders;
-    let host_index = u32::from(index == IndexMode::Host);
-    {
-        use std::os::unix::fs::DirBuilderExt as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(layout.dir())
-            .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))?;
+    create_pin_dir(layout)?;
+    let offsets = checked_kernel_offsets(index)?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Ebpf(e.into()))?;
+    let mut ebpf = open_object(&btf, &offsets, options, index)?;
+    pin_maps(&ebpf, layout)?;
+    write_meta_record(&mut ebpf, cgroup, holders, index)?;
+    // Before sock_ops runs: which connections it looks at.
+    write_port_filter(&mut ebpf, options, index)?;
+    load_state_tracepoint(&mut ebpf, &btf, layout, index)?;
+    // Before 6.12, the destroy tracepoint forgets index entries sock_ops
+    // does not watch; pinned, attached while any is left.
+    if index == IndexMode::Ports {
+        pin_destroy_tracepoint(&mut ebpf, &btf, layout)?;
     }
+    pin_lookup_program(&mut ebpf, layout)?;
+    attach_syscall_hooks(&mut ebpf, layout, holders)?;
+    attach_iterators(&mut ebpf, &btf, layout)?;
+    attach_sock_ops(&mut ebpf, layout, cgroup)?;
+    record_hz(layout)?;
+
+    // Index what existed before: who holds each socket (all processes),
+    // and the connections of our own namespace (others are indexed when
+    // first asked about). fd_install and the state tracepoint are attached
+    // already, so nothing falls between the two.
+    seed(layout)?;
+    Ok(Installation {
+        pin_dir: layout.dir().to_path_buf(),
+        cgroup: cgroup.path.clone(),
+        cgroup_id: cgroup.id,
+        attached: true,
+        seeded: true,
+        holders,
+        index,
+    })
+}
+
+/// Creates the pin directory (mode 0700, with its parents). On failure
+/// nothing is pinned yet.
+fn create_pin_dir(layout: &PinLayout) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(layout.dir())
+        .map_err(|e| Error::io(format!("creating {}", layout.dir().display()), e))
+}
+
+/// Reads the kernel's BTF for the offsets the programs read at, and checks
+/// that `struct socket` is laid out as the fd programs expect. Touches
+/// nothing, so a failure leaves only the (empty) pin directory.
+fn checked_kernel_offsets(index: IndexMode) -> Result<Offsets> {
     let kernel_btf = crate::btf::Btf::from_sys_fs()?;
     let offsets = kernel_offsets(&kernel_btf, index)?;
     // The fd programs read `struct socket` at fixed offsets; refuse a kernel
@@ -158,10 +206,22 @@ fn load_and_pin(
             });
         }
     }
-    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Ebpf(e.into()))?;
-    let mut ebpf = EbpfLoader::new()
-        .btf(Some(&btf))
-        .override_global(offsets::GLOBAL, &offsets, true)
+    Ok(offsets)
+}
+
+/// Opens the eBPF object, patched with the kernel's offsets, the index
+/// mode and the map sizes asked for, and creates its maps. Nothing is
+/// pinned yet: on failure the maps go with the object.
+fn open_object(
+    btf: &aya::Btf,
+    offsets: &Offsets,
+    options: &LoadOptions,
+    index: IndexMode,
+) -> Result<aya::Ebpf> {
+    let host_index = u32::from(index == IndexMode::Host);
+    EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global(offsets::GLOBAL, offsets, true)
         .override_global(programs::GLOBAL_HOST_INDEX, &host_index, true)
         .map_max_entries(
             maps::CONNS,
@@ -199,7 +259,12 @@ fn load_and_pin(
                 .unwrap_or(keepalive_common::holders::MAX_ENTRIES),
         )
         .load(crate::EBPF_OBJECT)
-        .map_err(Error::Ebpf)?;
+        .map_err(Error::Ebpf)
+}
+
+/// Pins every map of the object in the pin directory. On failure the maps
+/// pinned before the one that failed stay pinned (for [`Undo`]).
+fn pin_maps(ebpf: &aya::Ebpf, layout: &PinLayout) -> Result<()> {
     for name in maps::ALL {
         let map = ebpf.map(name).ok_or_else(|| Error::Object {
             missing: format!("map {name}"),
@@ -209,6 +274,18 @@ fn load_and_pin(
             source: e,
         })?;
     }
+    Ok(())
+}
+
+/// Writes the installation record (the cgroup, the holder and index modes,
+/// the layout version) into the META map. Call after [`pin_maps`]; on
+/// failure the maps stay pinned (for [`Undo`]).
+fn write_meta_record(
+    ebpf: &mut aya::Ebpf,
+    cgroup: &Cgroup,
+    holders: HolderMode,
+    index: IndexMode,
+) -> Result<()> {
     let mut meta = Meta {
         cgroup_id: cgroup.id,
         next_rule_id: 1,
@@ -228,87 +305,108 @@ fn load_and_pin(
         _pad: 0,
     };
     set_meta_cgroup(&mut meta, cgroup);
-    {
-        let map = ebpf.map_mut(maps::META).expect("checked above");
-        let mut array: Array<_, Meta> =
-            Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
-        array
-            .set(0, meta, 0)
-            .map_err(|e| Error::map("writing the installation record", e))?;
-    }
+    let map = ebpf.map_mut(maps::META).expect("checked above");
+    let mut array: Array<_, Meta> =
+        Array::try_from(map).map_err(|e| Error::map("opening the installation record", e))?;
+    array
+        .set(0, meta, 0)
+        .map_err(|e| Error::map("writing the installation record", e))
+}
 
-    // Before sock_ops runs: which connections it looks at.
-    {
-        let map = ebpf.map_mut(maps::PORTS).expect("checked above");
-        let mut ports: Array<_, u64> =
-            Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))?;
-        crate::ports::write_initial(
-            &mut ports,
-            &options.index_ports,
-            options.rule_events,
-            index == IndexMode::Ports && !iterators_set_cb_flags(),
-        )?;
-    }
+/// Writes the port filter sock_ops reads (the index ports, whether rules
+/// report events). Call after [`pin_maps`]; on failure the maps stay
+/// pinned (for [`Undo`]).
+fn write_port_filter(ebpf: &mut aya::Ebpf, options: &LoadOptions, index: IndexMode) -> Result<()> {
+    let map = ebpf.map_mut(maps::PORTS).expect("checked above");
+    let mut ports: Array<_, u64> =
+        Array::try_from(map).map_err(|e| Error::map("opening the port filter", e))?;
+    crate::ports::write_initial(
+        &mut ports,
+        &options.index_ports,
+        options.rule_events,
+        index == IndexMode::Ports && !iterators_set_cb_flags(),
+    )
+}
 
-    // The state tracepoint: with a host-wide index attached first, so
-    // nothing the other programs record can outlive its connection. With
-    // the ports index, sock_ops watches each connection it records, and
-    // the tracepoint is only pinned, to be attached while connections
-    // outside the cgroup are managed (see `watch_outside`).
-    {
-        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::STATE)?;
-        prog.load("inet_sock_set_state", &btf)
-            .map_err(|e| Error::Program {
-                what: "loading the close tracepoint program".into(),
-                source: e,
-            })?;
-        if index == IndexMode::Host {
-            let id = prog.attach().map_err(|e| Error::Program {
-                what: "attaching to tracepoint inet_sock_set_state".into(),
-                source: e,
-            })?;
-            let link = prog.take_link(id).map_err(|e| Error::Program {
-                what: "taking the tracepoint link".into(),
-                source: e,
-            })?;
-            pin_link(link, &layout.close_link())?;
-        } else {
-            prog.pin(layout.close_prog()).map_err(|e| Error::Pin {
-                what: "pinning the close tracepoint program".into(),
-                source: e,
-            })?;
-        }
-    }
-    // Before 6.12, the destroy tracepoint forgets index entries sock_ops
-    // does not watch; pinned, attached while any is left.
-    if index == IndexMode::Ports {
-        let prog: &mut BtfTracePoint = program(&mut ebpf, programs::DESTROY)?;
-        prog.load("tcp_destroy_sock", &btf)
-            .map_err(|e| Error::Program {
-                what: "loading the destroy tracepoint program".into(),
-                source: e,
-            })?;
-        prog.pin(layout.destroy_prog()).map_err(|e| Error::Pin {
-            what: "pinning the destroy tracepoint program".into(),
+/// Loads the state tracepoint: with a host-wide index attached first, so
+/// nothing the other programs record can outlive its connection. With
+/// the ports index, sock_ops watches each connection it records, and
+/// the tracepoint is only pinned, to be attached while connections
+/// outside the cgroup are managed (see `watch_outside`). On failure what
+/// was pinned before stays pinned (for [`Undo`]).
+fn load_state_tracepoint(
+    ebpf: &mut aya::Ebpf,
+    btf: &aya::Btf,
+    layout: &PinLayout,
+    index: IndexMode,
+) -> Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, programs::STATE)?;
+    prog.load("inet_sock_set_state", btf)
+        .map_err(|e| Error::Program {
+            what: "loading the close tracepoint program".into(),
+            source: e,
+        })?;
+    if index == IndexMode::Host {
+        let id = prog.attach().map_err(|e| Error::Program {
+            what: "attaching to tracepoint inet_sock_set_state".into(),
+            source: e,
+        })?;
+        let link = prog.take_link(id).map_err(|e| Error::Program {
+            what: "taking the tracepoint link".into(),
+            source: e,
+        })?;
+        pin_link(link, &layout.close_link())?;
+    } else {
+        prog.pin(layout.close_prog()).map_err(|e| Error::Pin {
+            what: "pinning the close tracepoint program".into(),
             source: e,
         })?;
     }
-    // The index lookups of a command in one system call (see
-    // crate::index::resolve); pinned, never attached.
-    {
-        let prog: &mut aya::programs::Xdp = program(&mut ebpf, programs::LOOKUP)?;
-        prog.load().map_err(|e| Error::Program {
-            what: "loading the index lookup program".into(),
+    Ok(())
+}
+
+/// Loads and pins the destroy tracepoint (ports index only), never
+/// attaching it here. On failure what was pinned before stays pinned (for
+/// [`Undo`]).
+fn pin_destroy_tracepoint(ebpf: &mut aya::Ebpf, btf: &aya::Btf, layout: &PinLayout) -> Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, programs::DESTROY)?;
+    prog.load("tcp_destroy_sock", btf)
+        .map_err(|e| Error::Program {
+            what: "loading the destroy tracepoint program".into(),
             source: e,
         })?;
-        prog.pin(layout.lookup_prog()).map_err(|e| Error::Pin {
-            what: "pinning the index lookup program".into(),
-            source: e,
-        })?;
-    }
-    // Who holds each socket: accepted and connecting ones from now on, when
-    // asked for (see HolderMode). Attaching a tracepoint reads its id from
-    // tracefs.
+    prog.pin(layout.destroy_prog()).map_err(|e| Error::Pin {
+        what: "pinning the destroy tracepoint program".into(),
+        source: e,
+    })?;
+    Ok(())
+}
+
+/// Loads and pins the index lookups of a command in one system call (see
+/// crate::index::resolve); never attached. On failure what was pinned
+/// before stays pinned (for [`Undo`]).
+fn pin_lookup_program(ebpf: &mut aya::Ebpf, layout: &PinLayout) -> Result<()> {
+    let prog: &mut aya::programs::Xdp = program(ebpf, programs::LOOKUP)?;
+    prog.load().map_err(|e| Error::Program {
+        what: "loading the index lookup program".into(),
+        source: e,
+    })?;
+    prog.pin(layout.lookup_prog()).map_err(|e| Error::Pin {
+        what: "pinning the index lookup program".into(),
+        source: e,
+    })?;
+    Ok(())
+}
+
+/// Who holds each socket: attaches and pins the accept and connect
+/// tracepoints, when asked for (see HolderMode); does nothing otherwise.
+/// Attaching a tracepoint reads its id from tracefs. On failure the links
+/// pinned so far stay pinned (for [`Undo`]).
+fn attach_syscall_hooks(
+    ebpf: &mut aya::Ebpf,
+    layout: &PinLayout,
+    holders: HolderMode,
+) -> Result<()> {
     let syscall_hooks: &[(&str, &str, &str, PathBuf)] = &[
         (
             programs::ACCEPT_EXIT,
@@ -336,7 +434,7 @@ fn load_and_pin(
         &[]
     };
     for &(name, category, event, ref pin) in syscall_hooks {
-        let prog: &mut TracePoint = program(&mut ebpf, name)?;
+        let prog: &mut TracePoint = program(ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(|e| Error::Program {
                 what: format!("loading {name}"),
@@ -353,6 +451,13 @@ fn load_and_pin(
         })?;
         pin_link(link, pin)?;
     }
+    Ok(())
+}
+
+/// Loads, attaches and pins the iterators (apply, status, rules, and the
+/// seeding and holder searches). On failure the links pinned so far stay
+/// pinned (for [`Undo`]).
+fn attach_iterators(ebpf: &mut aya::Ebpf, btf: &aya::Btf, layout: &PinLayout) -> Result<()> {
     for (name, kind, pin) in [
         (programs::ITER_APPLY, "tcp", layout.iter_apply()),
         (programs::ITER_STATUS, "tcp", layout.iter_status()),
@@ -361,8 +466,8 @@ fn load_and_pin(
         (programs::SEED_FDS, "task_file", layout.iter_seed_fds()),
         (programs::FIND_FDS, "task_file", layout.iter_find_fds()),
     ] {
-        let prog: &mut Iter = program(&mut ebpf, name)?;
-        prog.load(kind, &btf).map_err(|e| Error::Program {
+        let prog: &mut Iter = program(ebpf, name)?;
+        prog.load(kind, btf).map_err(|e| Error::Program {
             what: format!("loading iterator {name}"),
             source: e,
         })?;
@@ -376,7 +481,14 @@ fn load_and_pin(
         })?;
         pin_link(link, &pin)?;
     }
+    Ok(())
+}
 
+/// Loads sock_ops, attaches it to the cgroup and pins its link: from here
+/// on the cgroup's connections are enforced. On failure what was pinned
+/// before stays pinned (for [`Undo`]); once its link is pinned, [`Undo`]
+/// detaches it too.
+fn attach_sock_ops(ebpf: &mut aya::Ebpf, layout: &PinLayout, cgroup: &Cgroup) -> Result<()> {
     let prog: &mut SockOps = ebpf
         .program_mut(programs::SOCK_OPS)
         .ok_or_else(|| Error::Object {
@@ -406,23 +518,7 @@ fn load_and_pin(
         what: "taking the sock_ops link".into(),
         source: e,
     })?;
-    pin_link(link, &layout.sock_ops_link())?;
-    record_hz(layout)?;
-
-    // Index what existed before: who holds each socket (all processes),
-    // and the connections of our own namespace (others are indexed when
-    // first asked about). fd_install and the state tracepoint are attached
-    // already, so nothing falls between the two.
-    seed(layout)?;
-    Ok(Installation {
-        pin_dir: layout.dir().to_path_buf(),
-        cgroup: cgroup.path.clone(),
-        cgroup_id: cgroup.id,
-        attached: true,
-        seeded: true,
-        holders,
-        index,
-    })
+    pin_link(link, &layout.sock_ops_link())
 }
 
 /// Indexes what existed before the programs were attached, then records

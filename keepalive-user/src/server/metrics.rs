@@ -132,18 +132,40 @@ impl Collector for Scraped {
             .flatten()
             .is_some_and(|i| i.attached);
 
+        self.encode_applied(&mut encoder, kernel.as_ref())?;
+        self.encode_command_errors(&mut encoder)?;
+        encode_kernel_errors(&mut encoder, kernel.as_ref())?;
+        encode_log_lines_lost(&mut encoder)?;
+        self.encode_lookups(&mut encoder)?;
+        self.encode_tables(&mut encoder)?;
+        encode_build(&mut encoder)?;
+        encode_attached(&mut encoder, attached)
+    }
+}
+
+impl Scraped {
+    /// `connections_applied`: by rule (when the kernel's counters could be
+    /// read) and by command.
+    fn encode_applied(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        kernel: Option<&crate::enforcer::Counters>,
+    ) -> std::fmt::Result {
         let mut f = encoder.encode_descriptor(
             "connections_applied",
             "Connections given a policy, by source (rule or command)",
             None,
             MetricType::Counter,
         )?;
-        if let Some(k) = &kernel {
+        if let Some(k) = kernel {
             counter(&mut f, &Source { source: "rule" }, k.applied_by_rule)?;
         }
         let by_command = self.applied_by_command.get();
-        counter(&mut f, &Source { source: "command" }, by_command)?;
+        counter(&mut f, &Source { source: "command" }, by_command)
+    }
 
+    /// `command_errors`: one sample for each API operation.
+    fn encode_command_errors(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let mut f = encoder.encode_descriptor(
             "command_errors",
             "API commands that failed on serve's side (not refused input), by operation",
@@ -157,45 +179,11 @@ impl Collector for Scraped {
                 .map_or(0, |c| c.get());
             counter(&mut f, &Op { op }, c)?;
         }
+        Ok(())
+    }
 
-        let mut f = encoder.encode_descriptor(
-            "kernel_errors",
-            "What the kernel side could not do, by kind: events or alerts dropped (a ring full), a table full, a bpf_setsockopt refused",
-            None,
-            MetricType::Counter,
-        )?;
-        if let Some(k) = &kernel {
-            for (kind, value) in [
-                ("kernel_events_dropped", k.events_dropped),
-                ("kernel_alerts_dropped", k.alerts_dropped),
-                ("index_full", k.index_full),
-                ("connection_map_full", k.conns_map_full),
-                ("index_peer_overflow", k.peer_overflows),
-                ("setsockopt", k.setsockopt_errors),
-            ] {
-                counter(&mut f, &Kind { kind }, value)?;
-            }
-        }
-
-        let mut f = encoder.encode_descriptor(
-            "log_lines_lost",
-            "Log lines not written: dropped (stderr or the journal fell behind) or left out (more than 20 a second of one kind; each second's count is logged)",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(
-            &mut f,
-            &Outcome { outcome: "dropped" },
-            crate::logs::dropped_lines(),
-        )?;
-        counter(
-            &mut f,
-            &Outcome {
-                outcome: "left_out",
-            },
-            crate::logs::THROTTLE.suppressed(),
-        )?;
-
+    /// `lookups`: how commands found their connections.
+    fn encode_lookups(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let (index, walks) = self.enforcer.lookups();
         let mut f = encoder.encode_descriptor(
             "lookups",
@@ -204,8 +192,12 @@ impl Collector for Scraped {
             MetricType::Counter,
         )?;
         counter(&mut f, &Path { path: "index" }, index)?;
-        counter(&mut f, &Path { path: "walk" }, walks)?;
+        counter(&mut f, &Path { path: "walk" }, walks)
+    }
 
+    /// `table_entries` and `table_capacity`: how full each kernel table
+    /// is; a table whose figure cannot be read is left out.
+    fn encode_tables(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         // How full each kernel table is: used and most, per table.
         let layout = self.enforcer.layout();
         let cap = |name: &str| crate::pinned::capacity(layout, name).ok().map(i64::from);
@@ -251,27 +243,83 @@ impl Collector for Scraped {
                 }
             }
         }
-
-        let f = encoder.encode_descriptor(
-            "build",
-            "1, labelled with tcpka's version and the layout of its maps and programs",
-            None,
-            MetricType::Info,
-        )?;
-        prometheus_client::metrics::info::Info::new(Build {
-            version: env!("CARGO_PKG_VERSION"),
-            layout: keepalive_common::meta::LAYOUT_VERSION.to_string(),
-        })
-        .encode(f)?;
-
-        let f = encoder.encode_descriptor(
-            "attached",
-            "1 while the sock_ops program is attached to its cgroup, 0 after the cgroup was removed",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::from(attached)).encode(f)
+        Ok(())
     }
+}
+
+/// `kernel_errors`: what the kernel side could not do, by kind (none when
+/// its counters could not be read).
+fn encode_kernel_errors(
+    encoder: &mut DescriptorEncoder,
+    kernel: Option<&crate::enforcer::Counters>,
+) -> std::fmt::Result {
+    let mut f = encoder.encode_descriptor(
+        "kernel_errors",
+        "What the kernel side could not do, by kind: events or alerts dropped (a ring full), a table full, a bpf_setsockopt refused",
+        None,
+        MetricType::Counter,
+    )?;
+    if let Some(k) = kernel {
+        for (kind, value) in [
+            ("kernel_events_dropped", k.events_dropped),
+            ("kernel_alerts_dropped", k.alerts_dropped),
+            ("index_full", k.index_full),
+            ("connection_map_full", k.conns_map_full),
+            ("index_peer_overflow", k.peer_overflows),
+            ("setsockopt", k.setsockopt_errors),
+        ] {
+            counter(&mut f, &Kind { kind }, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// `log_lines_lost`: dropped and left out.
+fn encode_log_lines_lost(encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    let mut f = encoder.encode_descriptor(
+        "log_lines_lost",
+        "Log lines not written: dropped (stderr or the journal fell behind) or left out (more than 20 a second of one kind; each second's count is logged)",
+        None,
+        MetricType::Counter,
+    )?;
+    counter(
+        &mut f,
+        &Outcome { outcome: "dropped" },
+        crate::logs::dropped_lines(),
+    )?;
+    counter(
+        &mut f,
+        &Outcome {
+            outcome: "left_out",
+        },
+        crate::logs::THROTTLE.suppressed(),
+    )
+}
+
+/// `build`: tcpka's version and its layout, as labels.
+fn encode_build(encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    let f = encoder.encode_descriptor(
+        "build",
+        "1, labelled with tcpka's version and the layout of its maps and programs",
+        None,
+        MetricType::Info,
+    )?;
+    prometheus_client::metrics::info::Info::new(Build {
+        version: env!("CARGO_PKG_VERSION"),
+        layout: keepalive_common::meta::LAYOUT_VERSION.to_string(),
+    })
+    .encode(f)
+}
+
+/// `attached`: 1 while sock_ops is attached to its cgroup, else 0.
+fn encode_attached(encoder: &mut DescriptorEncoder, attached: bool) -> std::fmt::Result {
+    let f = encoder.encode_descriptor(
+        "attached",
+        "1 while the sock_ops program is attached to its cgroup, 0 after the cgroup was removed",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(i64::from(attached)).encode(f)
 }
 
 impl Metrics {

@@ -51,7 +51,7 @@ use tasks::{
     apply_rules_file, spawn_attach_watch, spawn_holder_sweep, spawn_log_report, spawn_reload,
 };
 pub use webhook::{sign, webhook_keeps_secrets, WebhookConfig};
-use webhook::{spawn_feed, spawn_webhook};
+use webhook::{spawn_feed, spawn_webhook, Webhook};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -149,11 +149,7 @@ pub async fn run(
     cgroup: crate::cgroup::Cgroup,
     config: Config,
 ) -> Result<(), Error> {
-    if matches!(config.listen, Listen::Tcp(_)) && config.token.is_none() {
-        return Err(Error::Invalid(InvalidInput::Listen(
-            "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
-        )));
-    }
+    check_listen(&config)?;
     // Everything the configuration can get wrong is found before anything
     // is loaded.
     let enforcer = Enforcer::for_daemon(layout.clone());
@@ -170,9 +166,47 @@ pub async fn run(
     // been applied the first time (until here it was ignored: main).
     let hup = signal(SignalKind::hangup()).map_err(|e| Error::io("installing SIGHUP", e))?;
     let _serving = crate::lock::ServeLock::acquire(&layout)?;
+    load_installation(&layout, cgroup, &config.load).await?;
+    write_token_file(&config)?;
+    let (events_tx, _) = broadcast::channel(4096);
+    if let Some(path) = &config.rules_file {
+        apply_rules_file(&enforcer, path).await?;
+    }
+    spawn_reload(hup, enforcer.clone(), config.rules_file.clone());
+    let state = app_state(enforcer, events_tx, metrics.clone(), &config);
+    let background = spawn_background(&layout, &state, webhook, metrics, &config)?;
+    let app = router(state);
+
+    let stop_rx = stop_on_signals()?;
+    let result = serve(&config, app, stop_rx).await;
+    background.stop().await;
+    result?;
+    tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
+    Ok(())
+}
+
+/// Refuses a TCP listener without a token. Checked before anything else:
+/// nothing is loaded or spawned yet.
+fn check_listen(config: &Config) -> Result<(), Error> {
+    if matches!(config.listen, Listen::Tcp(_)) && config.token.is_none() {
+        return Err(Error::Invalid(InvalidInput::Listen(
+            "a TCP listener needs a token (--token-file FILE or TCPKA_TOKEN)".into(),
+        )));
+    }
+    Ok(())
+}
+
+/// Loads, adopts or re-attaches the installation (see [`loader::load`]),
+/// and logs which. A load that fails removes what it pinned; an adopted
+/// installation is left as it was.
+async fn load_installation(
+    layout: &PinLayout,
+    cgroup: crate::cgroup::Cgroup,
+    options: &loader::LoadOptions,
+) -> Result<(), Error> {
     let outcome = {
         let layout = layout.clone();
-        let options = config.load.clone();
+        let options = options.clone();
         tokio::task::spawn_blocking(move || loader::load(&layout, &cgroup, &options))
             .await
             .expect("load task")?
@@ -188,6 +222,12 @@ pub async fn run(
         pin_dir = %i.pin_dir.display(),
         "{verb} the installation"
     );
+    Ok(())
+}
+
+/// Writes the API token where `--token-file` asks for it, when there is
+/// both a file and a token. On failure the installation stays loaded.
+fn write_token_file(config: &Config) -> Result<(), Error> {
     if let (Some(path), Some(token)) = (&config.token_file, &config.token) {
         access::write_token_file(path, token, config.api_group)?;
         crate::errln!(
@@ -195,16 +235,21 @@ pub async fn run(
             path.display()
         );
     }
-    let (events_tx, _) = broadcast::channel(4096);
-    if let Some(path) = &config.rules_file {
-        apply_rules_file(&enforcer, path).await?;
-    }
-    spawn_reload(hup, enforcer.clone(), config.rules_file.clone());
-    let state = AppState {
+    Ok(())
+}
+
+/// The handlers' shared state; starts the batcher, the one task it spawns.
+fn app_state(
+    enforcer: Enforcer,
+    events: broadcast::Sender<Arc<Message>>,
+    metrics: Arc<Metrics>,
+    config: &Config,
+) -> AppState {
+    AppState {
         batcher: spawn_batcher(enforcer.clone(), metrics.clone()),
         enforcer,
-        events: events_tx,
-        metrics: metrics.clone(),
+        events,
+        metrics,
         streams: Slots::with(
             "event streams",
             EVENT_STREAMS,
@@ -214,8 +259,29 @@ pub async fn run(
         token: config.token.as_deref().map(Arc::from),
         event_counts: Arc::default(),
         ended: Arc::default(),
-    };
-    spawn_feed(&layout, &state, webhook, config.json);
+    }
+}
+
+/// The background work that is stopped, not just dropped, when serving
+/// ends: the fleet agent and the kernel log.
+struct Background {
+    fleet_agent: Option<crate::fleet::AgentHandle>,
+    kernel_log_stop: Arc<std::sync::atomic::AtomicBool>,
+    kernel_log: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Spawns the daemon's tasks: the event feed (and webhook), the fleet
+/// agent, evapi, the holder sweep, the attach watch, the log report and
+/// the kernel log. A kernel log that cannot start fails it with the other
+/// tasks already running (they end with the runtime).
+fn spawn_background(
+    layout: &PinLayout,
+    state: &AppState,
+    webhook: Option<Webhook>,
+    metrics: Arc<Metrics>,
+    config: &Config,
+) -> Result<Background, Error> {
+    spawn_feed(layout, state, webhook, config.json);
     let mut fleet_agent = None;
     if let Some(fleet) = config.fleet.clone() {
         tracing::info!(
@@ -242,20 +308,44 @@ pub async fn run(
         ));
     }
     spawn_holder_sweep(state.enforcer.clone(), state.ended.clone());
-    spawn_attach_watch(layout.clone(), metrics.clone());
+    spawn_attach_watch(layout.clone(), metrics);
     spawn_log_report();
     let kernel_log_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kernel_log = match config.kernel_log {
         Some(max) => Some(crate::trace::spawn_into_log(
             state.enforcer.clone(),
-            &layout,
+            layout,
             max,
             kernel_log_stop.clone(),
         )?),
         None => None,
     };
-    let app = router(state);
+    Ok(Background {
+        fleet_agent,
+        kernel_log_stop,
+        kernel_log,
+    })
+}
 
+impl Background {
+    /// Stops the fleet agent and the kernel log, waiting for both.
+    async fn stop(self) {
+        // The fleet's rules are kept on disk for the next start.
+        if let Some(agent) = self.fleet_agent {
+            let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
+        }
+        // The kernel log goes off with the daemon.
+        self.kernel_log_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.kernel_log {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Installs the SIGTERM and SIGINT handlers; the receiver turns true on
+/// either (systemd is told the daemon is stopping). On failure nothing is
+/// spawned.
+fn stop_on_signals() -> Result<tokio::sync::watch::Receiver<bool>, Error> {
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| Error::io("installing SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT", e))?;
@@ -268,6 +358,17 @@ pub async fn run(
         crate::service::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = stop_tx.send(true);
     });
+    Ok(stop_rx)
+}
+
+/// Serves the API on the configured listener until told to stop, plus
+/// [`SHUTDOWN_GRACE`] for requests in flight. A listener that cannot be
+/// bound fails it; a unix socket's file is removed when it returns.
+async fn serve(
+    config: &Config,
+    app: Router,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Error> {
     let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -282,78 +383,84 @@ pub async fn run(
     };
     let serving = async {
         match &config.listen {
-            Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
-                tracing::info!("API on http://{addr}");
-                crate::service::notify(&[sd_notify::NotifyState::Ready]);
-                let info = ConnInfo {
-                    peer: None,
-                    loopback_port: addr.ip().is_loopback().then_some(addr.port()),
-                };
-                let local = listener
-                    .local_addr()
-                    .map_err(|e| Error::io("reading the API's address", e))?;
-                serve_connections(
-                    || async {
-                        let (io, peer) = listener.accept().await?;
-                        keep_alive(&io);
-                        // A local client is known by its uid (one sock_diag
-                        // lookup); one on another host by its address.
-                        let caller = if peer.ip().is_loopback() {
-                            tokio::task::spawn_blocking(move || loopback_caller(local, peer))
-                                .await
-                                .unwrap_or(Caller::Addr(peer.ip()))
-                        } else {
-                            Caller::Addr(peer.ip())
-                        };
-                        Ok((io, info, caller))
-                    },
-                    app,
-                    stop_rx.clone(),
-                )
-                .await;
-                Ok(())
-            }
-            Listen::Unix(path) => {
-                access::claim_socket_path(path)?;
-                let listener = bind_secured(path, config.api_group)?;
-                let _remove = SocketFile::new(path);
-                tracing::info!("API on unix:{}", path.display());
-                crate::service::notify(&[sd_notify::NotifyState::Ready]);
-                serve_connections(
-                    || async {
-                        let (io, _) = listener.accept().await?;
-                        let peer = access::Peer::of_socket(&io, config.api_group)?;
-                        let info = ConnInfo {
-                            peer: Some(peer),
-                            loopback_port: None,
-                        };
-                        Ok((io, info, Caller::Uid(peer.uid)))
-                    },
-                    app,
-                    stop_rx.clone(),
-                )
-                .await;
-                Ok(())
-            }
+            Listen::Tcp(addr) => serve_tcp(*addr, app, stop_rx.clone()).await,
+            Listen::Unix(path) => serve_unix(path, config.api_group, app, stop_rx.clone()).await,
         }
     };
-    let result: Result<(), Error> = tokio::select! {
+    tokio::select! {
         r = serving => r,
         _ = grace => Ok(()),
+    }
+}
+
+/// Binds the TCP listener and serves it (see [`serve`]); tells systemd
+/// the daemon is ready once bound.
+async fn serve_tcp(
+    addr: std::net::SocketAddr,
+    app: Router,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("listening on {addr}"), e))?;
+    tracing::info!("API on http://{addr}");
+    crate::service::notify(&[sd_notify::NotifyState::Ready]);
+    let info = ConnInfo {
+        peer: None,
+        loopback_port: addr.ip().is_loopback().then_some(addr.port()),
     };
-    // The fleet's rules are kept on disk for the next start.
-    if let Some(agent) = fleet_agent {
-        let _ = tokio::task::spawn_blocking(move || agent.stop()).await;
-    }
-    // The kernel log goes off with the daemon.
-    kernel_log_stop.store(true, Ordering::Relaxed);
-    if let Some(t) = kernel_log {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
-    result?;
-    tracing::info!("stopped; enforcement stays in place (tcpka unload removes it)");
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the API's address", e))?;
+    serve_connections(
+        || async {
+            let (io, peer) = listener.accept().await?;
+            keep_alive(&io);
+            // A local client is known by its uid (one sock_diag
+            // lookup); one on another host by its address.
+            let caller = if peer.ip().is_loopback() {
+                tokio::task::spawn_blocking(move || loopback_caller(local, peer))
+                    .await
+                    .unwrap_or(Caller::Addr(peer.ip()))
+            } else {
+                Caller::Addr(peer.ip())
+            };
+            Ok((io, info, caller))
+        },
+        app,
+        stop_rx,
+    )
+    .await;
+    Ok(())
+}
+
+/// Claims and binds the unix socket (mode and group from `api_group`) and
+/// serves it (see [`serve`]); tells systemd the daemon is ready once
+/// bound. The socket file is removed when it returns.
+async fn serve_unix(
+    path: &std::path::Path,
+    api_group: Option<u32>,
+    app: Router,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Error> {
+    access::claim_socket_path(path)?;
+    let listener = bind_secured(path, api_group)?;
+    let _remove = SocketFile::new(path);
+    tracing::info!("API on unix:{}", path.display());
+    crate::service::notify(&[sd_notify::NotifyState::Ready]);
+    serve_connections(
+        || async {
+            let (io, _) = listener.accept().await?;
+            let peer = access::Peer::of_socket(&io, api_group)?;
+            let info = ConnInfo {
+                peer: Some(peer),
+                loopback_port: None,
+            };
+            Ok((io, info, Caller::Uid(peer.uid)))
+        },
+        app,
+        stop_rx,
+    )
+    .await;
     Ok(())
 }
