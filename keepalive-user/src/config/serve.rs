@@ -384,17 +384,8 @@ macro_rules! size_key {
     };
 }
 
-parsed_key!(holders, HolderMode, |s| one_of(
-    s,
-    &[
-        ("scan", HolderMode::Scan),
-        ("syscalls", HolderMode::Syscalls)
-    ]
-));
-parsed_key!(index, IndexMode, |s| one_of(
-    s,
-    &[("ports", IndexMode::Ports), ("host", IndexMode::Host)]
-));
+parsed_key!(holders, HolderMode, value_of);
+parsed_key!(index, IndexMode, value_of);
 parsed_key!(index_ports, IndexPorts, IndexPorts::parse);
 parsed_key!(listen, Listen, Listen::from_str);
 parsed_key!(evapi, SocketAddr, |a| a.parse::<SocketAddr>().map_err(
@@ -424,16 +415,17 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::E
     Ok(map.into_iter().collect())
 }
 
-/// `s` if it is one of `choices`' names.
-fn one_of<T: Copy>(s: &str, choices: &[(&str, T)]) -> Result<T, String> {
-    choices
-        .iter()
-        .find(|(name, _)| *name == s)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
-            format!("{s:?} is not {}", names.join(" or "))
-        })
+/// The value named `s`, by the names its `--help` lists (clap's
+/// `ValueEnum`, the one place they are written).
+fn value_of<T: clap::ValueEnum>(s: &str) -> Result<T, String> {
+    T::from_str(s, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|p| format!("{:?}", p.get_name()))
+            .collect();
+        format!("{s:?} is not {}", names.join(" or "))
+    })
 }
 
 fn etcd_endpoints(s: &str) -> Result<String, String> {
